@@ -99,11 +99,17 @@ def test_browser_next_changes_record(tmp_path):
                 img = page.locator("img.llavamed-image")
                 sync_api.expect(img).to_be_visible()
                 assert img.evaluate("e => e.naturalWidth") > 0, "the image did not load"
+                src0 = img.get_attribute("src")
                 page.screenshot(path=str(art / "conversation_browser_first.png"))
                 page.locator("button.llavamed-next").click()
                 sync_api.expect(ident).to_contain_text("PMC1_F1", timeout=30_000)
                 sync_api.expect(page.locator(".llavamed-turns")).to_contain_text("green disc")
+                sync_api.expect(img).not_to_have_attribute("src", src0)  # the picture changed with the record
                 page.screenshot(path=str(art / "conversation_browser_next.png"))
+                search = page.get_by_placeholder("search text")  # the text search, committed with Enter
+                search.fill("blue"); search.press("Enter")
+                sync_api.expect(ident).to_contain_text("PMC2_F1", timeout=30_000)
+                sync_api.expect(ident).to_contain_text("1/1 (of 3)")
             finally: browser.close()
     except Exception:
         log.flush(); print((tmp_path / "voila.log").read_text()[-4000:]); raise
