@@ -181,3 +181,22 @@ def test_leakage_exact_near_and_clean(tmp_path, llavamed_cmd):
     assert r.returncode == 0, r.stderr
     assert "1 exact copies, 1 near-duplicates" in r.stdout
     assert load(tmp_path / "rep.json")["near"] == json.loads(json.dumps(rep["near"]))
+
+
+def test_pathvqa_parquet_release(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    import io
+    d = tmp_path / "path-vqa/data"; d.mkdir(parents=True)
+    png = io.BytesIO(); picture(1, 32).save(png, "PNG")
+    jpg = io.BytesIO(); picture(2, 32).save(jpg, "JPEG")
+    for name, n in (("train-00000-of-00002", 3), ("train-00001-of-00002", 2), ("validation-00000-of-00001", 1),
+                    ("test-00000-of-00001", 2)):
+        rows = [{"image": {"bytes": (png if i % 2 else jpg).getvalue(), "path": None}, "question": f"Q{i}?",
+                 "answer": "no" if i % 2 else "fibrin"} for i in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows), d / f"{name}.parquet")
+    c = convert_vqa("pathvqa", str(tmp_path / "path-vqa"), str(tmp_path / "o"))
+    assert {k: v["total"] for k, v in c.items() if k != "skipped"} == {"train": 5, "val": 1, "test": 2}
+    recs = load(tmp_path / "o/train.json")
+    assert [r["image"] for r in recs[3:]] == ["train/pathvqa_train_3.jpg", "train/pathvqa_train_4.png"]
+    assert (tmp_path / "o/images/train/pathvqa_train_4.png").read_bytes() == png.getvalue()
+    assert recs[4]["answer_type"] == "CLOSED" and recs[3]["answer_type"] == "OPEN"
