@@ -324,3 +324,30 @@ def test_import_is_light():
     code = "import sys, llavamed.widgets; print([m for m in ('ipywidgets', 'matplotlib', 'torch') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_checkpoint_rows_of_the_request_runner(tmp_path):
+    write_jsonl(tmp_path / "x.raw.jsonl", [
+        {"id": "a", "status": "failed", "text": None, "reason": "HTTP 503", "attempts": 1},
+        {"id": "a", "status": "done", "text": "User: Q?\nGPT: A.", "parsed": [["Q?", "A."]], "reason": None},
+        {"id": "b", "status": "failed", "text": None, "reason": "timeout after 60 s"},
+        {"id": "c", "status": "unparsed", "text": "Sorry, I cannot see the image.", "reason": "no turns"}])
+    assert read_raw_replies(tmp_path / "x.raw.jsonl") == {
+        "a": "User: Q?\nGPT: A.", "b": "[failed: timeout after 60 s]", "c": "[unparsed: no turns]\nSorry, I cannot see the image."}
+
+
+def test_on_the_synthetic_corpus_and_self_instruct_output(tmp_path):
+    "The real files of the pipeline: synthetic corpus, template-teacher self-instruct output with its sidecar."
+    synth = pytest.importorskip("llavamed.synth"); instruct = pytest.importorskip("llavamed.instruct")
+    d = tmp_path / "corpus"
+    synth.make_corpus(str(d), n_train=6, n_test=3, size=32, n_chat=2, quiet=True)
+    instruct.self_instruct(str(d / "instruct_captions.json"), str(d / "instruct.jsonl"), quiet=True)
+    for name in ("alignment.json", "instruct.jsonl", "vqa_test.json", "chat_eval.jsonl", "instruct_captions.json"):
+        b = ConversationBrowser(d / name)
+        assert b.items and all(b.image_path(it) is not None for it in b.items), name  # every image found
+        b.widget
+        assert b.w_image.value[:4] == b"\x89PNG" and b.w_msg.value == "" and b.items[0].id in b.w_id.value
+        assert b.next().current_id == b.items[min(1, len(b.items) - 1)].id
+    b = ConversationBrowser(d / "instruct.jsonl")
+    assert b.n_raw == len(b.items) > 0  # each cleaned record beside the teacher's reply it came from
+    assert ConversationBrowser(d / "vqa_test.json").kinds.keys() == {"OPEN", "CLOSED"}
