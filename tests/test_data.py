@@ -388,3 +388,29 @@ def test_bombs_truncation_and_mismatched_extensions(tmp_path):
         (tmp_path / name).write_bytes(src.read_bytes())
         assert image_format(tmp_path / name) == fmt
         assert np.array_equal(arr(load_image(tmp_path / name)), arr(load_image(src))), name
+
+
+def test_quick_path_never_passes_a_bad_record():
+    "The allocation-free fast check may only call a record valid when the full check agrees."
+    import copy
+    base = [rec(1), rec(2, q="<image>\nDescribe.", answer_type="CLOSED", domain={"mri": True}),
+            {"id": "t", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                                          {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}]
+    values = ["", " ", "<image>", "x <image>", "<image><image> y", "text", None, 3, [], {}, "human", "gpt", True]
+    keys = ["id", "image", "conversations", "conversatons", "answer_type", "domain", "from", "value"]
+    rng, seen = random.Random(0), {True: 0, False: 0}
+    for _ in range(5000):
+        r = copy.deepcopy(rng.choice(base))
+        for _ in range(rng.randint(1, 2)):
+            conv = r.get("conversations")
+            target = rng.choice([r, r] + (conv if isinstance(conv, list) and conv else []))
+            if not isinstance(target, dict): continue
+            op, k = rng.random(), rng.choice(keys)
+            if op < 0.3: target.pop(k, None)
+            elif op < 0.8: target[k] = rng.choice(values)
+            elif isinstance(conv, list) and conv: conv.pop(rng.randrange(len(conv)))
+        for req in (False, True):
+            quick = data._quick_ok(r, req)
+            seen[quick] += 1
+            if quick: assert data._full_check(r, req) == [], r
+    assert seen[True] > 200 and seen[False] > 2000, seen
