@@ -1,0 +1,221 @@
+"Mechanism tests of llavamed.model: composition vs transformers' reference, templates, save/load, stage 0."
+import json, os, subprocess, sys, textwrap
+from pathlib import Path
+import pytest
+
+torch = pytest.importorskip("torch")
+from PIL import Image
+from llavamed.core import IMAGE_TOKEN, Sample
+from llavamed.model import (PRESETS, ModelConfig, TEMPLATES, build_model, load_model, save_model, sample_to_messages,
+                            set_template, template_name, pretrain_tower, train_tokenizer)
+
+TEXTS = ["The chest X-ray shows a nodule in the left lung.", "Is there a pleural effusion? No.",
+         "Axial CT of the abdomen with a mass on the right side.", "What modality is this? MRI of the brain."] * 5
+
+
+def _img(colour=(200, 30, 30), size=(80, 60)):
+    im = Image.new("RGB", size, colour)
+    im.paste((255, 255, 255), (0, 0, size[0] // 2, size[1] // 3))
+    return im
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "Tiny models run fastest on one thread, above all on a shared, oversubscribed CPU."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(one_thread):
+    torch.manual_seed(0)
+    return build_model("tiny", tokenizer_texts=TEXTS)
+
+
+def _inputs(proc, img=None, template=None):
+    rec = {"id": "1", "image": "1.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
+                                                          {"from": "gpt", "value": "A chest X-ray."}]}
+    msgs = sample_to_messages(rec, image=img or _img())
+    return proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt",
+                                    return_assistant_tokens_mask=True)
+
+
+def test_forward_equals_reference(tiny):
+    "Our composed model == transformers' Llava on the same weights == a hand-spliced tower/projector/LM forward."
+    from transformers import LlavaForConditionalGeneration
+    model, proc = tiny
+    enc = _inputs(proc)
+    ids, pix = enc["input_ids"], enc["pixel_values"]
+    ref = LlavaForConditionalGeneration(model.config).eval()
+    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        ours = model(input_ids=ids, pixel_values=pix).logits
+        theirs = ref(input_ids=ids, pixel_values=pix).logits
+        # by hand: layer -2 of the tower, CLS dropped, MLP projector, spliced at the image tokens
+        hs = model.model.vision_tower(pix, output_hidden_states=True).hidden_states[-2][:, 1:]  # (1, 64, d_v)
+        p = model.model.multi_modal_projector
+        feats = p.linear_2(torch.nn.functional.gelu(p.linear_1(hs)))  # (1, 64, d_lm)
+        emb = model.model.language_model.embed_tokens(ids).clone()
+        pos = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
+        assert len(pos) == 64 and bool((pos.diff() == 1).all())
+        emb[0, pos] = feats[0]
+        manual = model.lm_head(model.model.language_model(inputs_embeds=emb).last_hidden_state)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours, manual, rtol=1e-4, atol=1e-5)
+
+
+def test_image_token_count_error_names_both_counts(tiny):
+    from llavamed.model import check_image_tokens
+    model, proc = tiny
+    enc = _inputs(proc)
+    ids = torch.cat([enc["input_ids"], enc["input_ids"][:, :-5]], 1)[:, : enc["input_ids"].shape[1] + 5]
+    check_image_tokens(enc["input_ids"], 1, model.config)
+    with pytest.raises(ValueError, match=r"sample 'b': 64 image tokens, expected 128 \(2 image\(s\) x 64 features\)"):
+        check_image_tokens(torch.cat([enc["input_ids"]] * 2), [1, 2], model.config, ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"sample 0: 61 image tokens, expected 64"):
+        check_image_tokens(enc["input_ids"][:, 11:], 1, model.config)
+    with pytest.raises(Exception, match=r"tokens: 61"):  # transformers' own check fires too
+        model(input_ids=enc["input_ids"][:, 11:], pixel_values=enc["pixel_values"])
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_assistant_mask_covers_replies_only(tiny, name):
+    model, proc = tiny
+    old = proc.chat_template
+    try:
+        set_template(proc, name)
+        rec = Sample.from_json({"id": "2", "image": "2.jpg", "conversations": [
+            {"from": "human", "value": "Describe the image.\n<image>"}, {"from": "gpt", "value": "A CT scan."},
+            {"from": "human", "value": "Which side?"}, {"from": "gpt", "value": "The left side."}]})
+        msgs = sample_to_messages(rec, image=_img())
+        if name == "plain": msgs = msgs[:2]
+        enc = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt",
+                                       return_assistant_tokens_mask=True)
+        ids, mask = enc["input_ids"][0], enc["assistant_masks"][0].bool()
+        text = proc.tokenizer.decode(ids[mask])
+        expect = {"plain": "A CT scan.</s>"}.get(name, " A CT scan.</s> The left side.</s>")
+        assert text == expect
+        assert int((ids == model.config.image_token_id).sum()) == 64
+        assert not bool(mask[ids == model.config.image_token_id].any())
+    finally: proc.chat_template = old
+
+
+def test_sample_to_messages_rejects_misplaced_image():
+    bad = {"id": "x9", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a <image>"}]}
+    with pytest.raises(ValueError, match="record 'x9' turn 1"): sample_to_messages(bad)
+    text_only = sample_to_messages({"id": "t", "conversations": [{"from": "human", "value": "q"},
+                                                                  {"from": "gpt", "value": "a"}]})
+    assert text_only[0]["content"] == [{"type": "text", "text": "q"}]
+
+
+NO_LLAVAMED = textwrap.dedent("""
+    import sys, torch, numpy as np
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration, AutoProcessor
+    d = sys.argv[1]
+    model = LlavaForConditionalGeneration.from_pretrained(d).eval()
+    proc = AutoProcessor.from_pretrained(d)
+    img = Image.open(d + "/probe.png")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    enc = proc(text=prompt, images=img, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad(): logits = model(**enc).logits
+    torch.testing.assert_close(logits, torch.from_numpy(np.load(d + "/expected.npy")))
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    assert not any(m.startswith("llavamed") for m in sys.modules), "llavamed was imported"
+    print("OK", type(proc).__name__, proc.image_processor.do_pad, prompt.count("[INST]"))
+""")
+
+
+def test_save_load_without_llavamed(tiny, tmp_path):
+    import numpy as np
+    model, proc = tiny
+    save_model(model, proc, tmp_path)
+    img = _img(size=(70, 50)); img.save(tmp_path / "probe.png")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    enc = proc(text=proc.apply_chat_template(msgs, add_generation_prompt=True), images=img, return_tensors="pt",
+               add_special_tokens=False)
+    with torch.no_grad(): np.save(tmp_path / "expected.npy", model(**enc).logits.numpy())
+    assert (tmp_path / "model.safetensors").exists()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["llavamed"] == {"projector": "mlp2x_gelu", "template": "mistral_instruct", "aspect": "pad"}
+    env = {**os.environ, "PYTHONPATH": ""}
+    r = subprocess.run([sys.executable, "-c", NO_LLAVAMED, str(tmp_path)], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK LlavaProcessor True 1" in r.stdout
+
+
+def test_linear_projector_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model, proc = build_model("tiny", tokenizer_texts=TEXTS, projector="linear", template="vicuna_v1", aspect="crop")
+    assert not hasattr(model.model.multi_modal_projector, "linear_2")
+    enc = _inputs(proc)
+    enc.pop("assistant_masks")
+    with torch.no_grad(): before = model(**enc).logits
+    save_model(model, proc, tmp_path)
+    m2, p2 = load_model(tmp_path, device="cpu")
+    assert type(m2).__name__ == "LlavaLinearForConditionalGeneration"
+    assert template_name(p2) == "vicuna_v1" and p2.image_processor.do_pad is False
+    with torch.no_grad(): torch.testing.assert_close(m2(**enc).logits, before)
+
+
+def test_build_from_paths_adds_tokens_with_mean_rows(tmp_path):
+    "Real-size presets load parts from paths: a tokenizer without <image>/<pad> gains them, new rows = mean row."
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    # a tokenizer as released LMs ship it: no <image> token, no pad
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=350, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert IMAGE_TOKEN not in tok.get_vocab() and tok.pad_token is None
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    lm.save_pretrained(tmp_path / "lm"); tok.save_pretrained(tmp_path / "lm")
+    CLIPVisionModel(CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=2)).save_pretrained(tmp_path / "clip")
+    n0 = len(tok)
+    emb0 = lm.get_input_embeddings().weight.detach().clone()
+    cfg = ModelConfig(vision=str(tmp_path / "clip"), lm=str(tmp_path / "lm"), dtype="float32")
+    model, proc = build_model(cfg)
+    n1 = len(proc.tokenizer)
+    emb = model.get_input_embeddings().weight.detach()
+    assert emb.shape[0] == n1 and model.config.image_token_id >= n0
+    torch.testing.assert_close(emb[:n0], emb0)
+    assert proc.tokenizer.pad_token is not None
+    assert model.config.image_seq_length == 4
+    # mean-initialised new rows sit at the mean of the old rows (transformers samples around it)
+    assert float((emb[n0:] - emb0.mean(0)).norm(dim=-1).max()) < float((emb0 - emb0.mean(0)).norm(dim=-1).mean())
+
+
+def test_pretrain_tower_learns_and_freezes(tiny, tmp_path):
+    model, proc = tiny
+    labels = {}
+    for i in range(48):
+        c, box = i % 2, (i // 2) % 2
+        im = Image.new("RGB", (64, 64), (220, 20, 20) if c else (20, 20, 220))
+        if box: im.paste((255, 255, 255), (8, 8, 40, 40))
+        im.save(tmp_path / f"p{i}.png")
+        labels[f"p{i}"] = {"colour": c, "box": box} if i % 7 else {"colour": c}  # a missing head is ignored
+    before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    try:
+        h = pretrain_tower(model, tmp_path, labels, steps=40, lr=1e-3, batch_size=16, processor=proc, progress=False)
+        assert h["classes"] == {"box": 2, "colour": 2}
+        assert h["accuracy"]["colour"] >= 0.95 and h["accuracy"]["box"] >= 0.95, h["accuracy"]
+        assert all(not p.requires_grad for p in model.model.vision_tower.parameters())
+        assert any(not torch.equal(before[k], v) for k, v in model.model.vision_tower.state_dict().items())
+    finally: model.model.vision_tower.load_state_dict(before)
+
+
+def test_presets_are_valid_and_named():
+    assert set(PRESETS) >= {"llava-med-v1.5", "llava-med-v1", "tiny"}
+    v15 = PRESETS["llava-med-v1.5"]
+    assert (v15.projector, v15.aspect, v15.template) == ("mlp2x_gelu", "pad", "mistral_instruct")
+    assert (PRESETS["llava-med-v1"].projector, PRESETS["llava-med-v1"].template) == ("linear", "vicuna_v1")
+    with pytest.raises(ValueError, match="ModelConfig.projector='mlp3x'"): ModelConfig(vision={}, lm={}, projector="mlp3x")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"): build_model("huge")
