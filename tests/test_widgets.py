@@ -135,10 +135,22 @@ def test_widget_buttons_and_boxes_drive_the_state(corpus):
     b.w_jump.value = "nope"
     assert "no record with id" in b.w_msg.value and b.current_id == "p3_F1"
     b.w_jump.value = "p0_F1"
-    assert b.current_id == "p0_F1" and b.w_msg.value == "" and b.w_search.value == "iodinated"
-    assert b.query == "" and len(b.view) == 4
+    assert b.current_id == "p0_F1" and b.w_msg.value == "" and b.query == "" and len(b.view) == 4
+    assert b.w_search.value == "" and b.w_jump.value == ""  # the controls show the cleared filters
+    b.filter(domain="mri")  # state changed from code: the controls follow
+    assert b.w_domain.value == "mri" and b.current_id == "p1_F1" and "p1_F1" in b.w_id.value
     opts = dict((v, k) for k, v in b.w_domain.options)
     assert opts["mri"] == "MRI (1)" and opts[""] == "all"
+
+
+def test_unreadable_image_is_reported_not_fatal(corpus):
+    (corpus / "images" / "fig1.png").write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
+    b = ConversationBrowser(corpus / "alignment.json")
+    b.widget
+    b.w_next.click()
+    assert b.current_id == "A1" and "cannot show image fig1.png" in b.w_msg.value and b.w_image.value == b""
+    b.w_next.click()
+    assert b.current_id == "A2" and b.w_msg.value == "" and _center(b.w_image.value) == COLORS["fig2.png"]
 
 
 def test_images_shrunk_and_medical_formats(tmp_path, corpus):
@@ -222,6 +234,10 @@ def test_prediction_filters_and_ablations(vqa):
     assert pv.current_id == "o1" and pv.w_next.disabled and not pv.w_prev.disabled
     pv.w_prev.click()
     assert pv.current_id == "o0" and "score (official)" in pv.w_body.value and "o0" in pv.w_id.value
+    pv.w_jump.value = "o2"
+    assert "no answered question with id 'o2'" in pv.w_msg.value and pv.current_id == "o0"
+    pv.w_jump.value = "c1"  # hidden by the type filter: cleared, and the controls say so
+    assert pv.current_id == "c1" and pv.w_kind.value == "" and pv.w_verdict.value == "all" and pv.w_msg.value == ""
 
 
 def test_prediction_given_scores_and_judge_reviews(corpus):
@@ -239,8 +255,9 @@ def test_prediction_given_scores_and_judge_reviews(corpus):
     assert pv.summary() == {"model": None, "judge_relative": 116.67}
     assert [pv.items[i].id for i in pv.filter(verdict="right").view] == ["1", "2"]
     assert [pv.items[i].id for i in pv.filter(verdict="all", kind="detailed_description").view] == ["0", "3"]
+    assert [pv.items[i].id for i in pv.filter(kind=None, domain="mri").view] == ["1"]
     pv.widget
-    assert "relative 50.0" in pv.w_body.value
+    assert "relative 100.0" in pv.w_body.value and pv.w_domain.value == "mri"
 
 
 # ---------------------------------------------------------------- TrainingCurves
