@@ -1,0 +1,288 @@
+"Mechanism tests of llavamed.train: label masks, truncation, batching, frozen parts, LoRA, CLI, DeepSpeed, resume."
+import json, os, random, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+
+torch = pytest.importorskip("torch")
+from PIL import Image, ImageDraw
+from llavamed.core import IGNORE_INDEX, IMAGE_TOKEN, Sample, Turn, read_jsonl
+from llavamed.model import build_model, save_model, TEMPLATES, sample_to_messages
+from llavamed import train as T
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+torch.set_num_threads(1)  # 2 shared cores: one thread per process is faster than two contending
+
+
+def make_data(root: Path, n_img: int = 24, n_text: int = 8, seed: int = 0) -> Path:
+    "Small LLaVA instruction file with 64 px figures (a bright disc on the left or right) and text-only records."
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i in range(n_img):
+        side = rng.choice(["left", "right"])
+        im = Image.new("RGB", (80, 64), (rng.randint(0, 60),) * 3)
+        x = 12 if side == "left" else 52
+        ImageDraw.Draw(im).ellipse([x, 24, x + 16, 40], fill=(230, 230, 230))
+        im.save(root / "images" / f"fig{i}.png")
+        conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\nDescribe the figure."},
+                {"from": "gpt", "value": f"A chest X-ray with a nodule in the {side} lung."}]
+        for _ in range(i % 3):
+            conv += [{"from": "human", "value": "Which side is the nodule on?"}, {"from": "gpt", "value": f"The {side} side."}]
+        recs.append({"id": f"fig{i}", "image": f"fig{i}.png", "conversations": conv})
+    for i in range(n_text):
+        recs.append({"id": f"txt{i}", "conversations": [{"from": "human", "value": "What is a pulmonary nodule?"},
+                                                        {"from": "gpt", "value": "A small round opacity in the lung. " * (1 + i % 3)}]})
+    rng.shuffle(recs)
+    (root / "train.json").write_text(json.dumps(recs))
+    return root / "train.json"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def tiny(data):
+    texts = [t["value"] for r in json.loads(data.read_text()) for t in r["conversations"]]
+    torch.manual_seed(0)
+    return build_model("tiny", tokenizer_texts=texts)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny, tmp_path_factory):
+    "The tiny model saved once, so every run (single and multi-process) starts from identical weights."
+    return str(save_model(*tiny, tmp_path_factory.mktemp("base")))
+
+
+def _sd(model): return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------- label masks and truncation
+
+def test_tokens_equal_processor_and_labels_are_assistant_text(tiny, data):
+    "Our ids equal the processor's own chat-template tokenisation with the image; labels are exactly the replies."
+    model, proc = tiny
+    recs = T.load_records(data)
+    r = next(r for r in recs if r.image and len(r.conversations) == 4)
+    item, why = T.tokenize_sample(r, proc, 2048)
+    assert why is None
+    img = Image.open(data.parent / "images" / r.image).convert("RGB")
+    ref = proc.apply_chat_template(sample_to_messages(r, image=img), tokenize=True, return_dict=True,
+                                   return_assistant_tokens_mask=True)
+    assert item["input_ids"] == list(ref["input_ids"][0])
+    sup = [t for t in item["labels"] if t != IGNORE_INDEX]
+    assert sup == [t for t, m in zip(ref["input_ids"][0], ref["assistant_masks"][0]) if m]
+    eos = proc.tokenizer.eos_token
+    assert proc.tokenizer.decode(sup) == "".join(f" {t.text}{eos}" for t in r.conversations[1::2])
+    n_img = sum(t == proc.image_token_id for t in item["input_ids"])
+    assert n_img == model.config.image_seq_length
+    assert all(l == IGNORE_INDEX for t, l in zip(item["input_ids"], item["labels"]) if t == proc.image_token_id)
+
+
+def test_plain_template_supervises_caption_only(tiny, data):
+    _, proc = tiny
+    r = next(r for r in T.load_records(data) if r.image)
+    item, _ = T.tokenize_sample(r, proc, 2048, template="plain")
+    sup = [t for t in item["labels"] if t != IGNORE_INDEX]
+    assert proc.tokenizer.decode(sup) == r.conversations[1].text + proc.tokenizer.eos_token
+    assert "Describe" not in proc.tokenizer.decode(item["input_ids"])  # plain: image then caption
+
+
+def test_truncation_drops_later_turns_never_image_tokens(tiny, data):
+    _, proc = tiny
+    r = next(r for r in T.load_records(data) if r.image and len(r.conversations) == 6)
+    full, _ = T.tokenize_sample(r, proc, 2048)
+    first, _ = T.tokenize_sample(Sample(r.id, r.conversations[:2], r.image), proc, 2048)
+    cut, why = T.tokenize_sample(r, proc, len(full["input_ids"]) - 1)
+    assert why is None and cut["n_turns"] == 4 and len(cut["input_ids"]) < len(full["input_ids"])
+    assert cut["input_ids"] == full["input_ids"][:len(cut["input_ids"])]  # a prefix made of whole exchanges
+    none, why = T.tokenize_sample(r, proc, len(first["input_ids"]) - 1)
+    assert none is None and why.startswith("too long") and str(len(first["input_ids"])) in why
+    n_img = sum(t == proc.image_token_id for t in cut["input_ids"])
+    assert n_img == sum(t == proc.image_token_id for t in full["input_ids"])
+
+
+def test_vanished_supervision_is_counted_and_stops_the_run(tiny, data):
+    _, proc = tiny
+    recs = T.load_records(data)
+    bad = Sample("two_images", [Turn("human", f"{IMAGE_TOKEN} {IMAGE_TOKEN} hi"), Turn("gpt", "ok")], image="fig0.png")
+    ds = T.SupervisedDataset(recs + [bad], proc, data.parent / "images", max_dropped_share=0.5)
+    assert len(ds) == len(recs) and ds.dropped == {"2 <image> tokens with image='fig0.png'": 1}
+    with pytest.raises(T.DroppedError, match="1 of 33 records dropped"):
+        T.SupervisedDataset(recs + [bad], proc, data.parent / "images", max_dropped_share=0.0)
+    no_gen = TEMPLATES["mistral_instruct"].replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    with pytest.raises(T.DroppedError, match="no supervised tokens x32"):
+        T.SupervisedDataset(recs, proc, data.parent / "images", template=no_gen)
+    short = T.SupervisedDataset(recs, proc, data.parent / "images", max_length=40, max_dropped_share=1.0)
+    assert short.dropped["too long"] >= sum(r.image is not None for r in recs)  # 64 image tokens are never cut
+    assert all(it["image"] is None for it in short.items)
+
+
+# ---------------------------------------------------------------- batching
+
+def test_collator_batch_runs_through_model(tiny, data):
+    model, proc = tiny
+    ds = T.SupervisedDataset(data, proc, data.parent / "images")
+    items = [ds[i] for i in range(6)]
+    b = T.Collator(proc)(items)
+    n_img = sum(it["image"] is not None for it in items)
+    assert b["pixel_values"].shape == (n_img, 3, 64, 64)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+    assert b["attention_mask"].sum().item() == sum(len(it["input_ids"]) for it in items)
+    assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert torch.isfinite(model(**b).loss)
+    assert "pixel_values" not in T.Collator(proc)([it for it in items if it["image"] is None][:2])
+
+
+def test_grouped_order_is_a_deterministic_permutation_with_less_padding():
+    rng = random.Random(1)
+    lens = [rng.randint(10, 500) for _ in range(1000)]; img = [rng.random() < 0.7 for _ in lens]
+    a = T.grouped_order(lens, img, 16, world_size=2, seed=3)
+    assert sorted(a) == list(range(1000)) and a == T.grouped_order(lens, img, 16, world_size=2, seed=3)
+    assert a != T.grouped_order(lens, img, 16, world_size=2, seed=4)
+    pure = [len({img[i] for i in a[s:s + 32]}) == 1 for s in range(0, 1000, 32)]
+    assert sum(not p for p in pure) <= 1  # only the leftovers' batch may mix modalities
+    rand = list(range(1000)); rng.shuffle(rand)
+    assert T.padding_share(a, lens, 16) < 0.25 * T.padding_share(rand, lens, 16)
+    s = T.GroupedSampler(lens, img, 16, seed=3); s.set_epoch(1)
+    assert list(s) == T.grouped_order(lens, img, 16, seed=4)
+
+
+# ---------------------------------------------------------------- stages, frozen parts, outputs
+
+def test_stage_config_validation_names_fields(tmp_path):
+    with pytest.raises(ValueError, match="StageConfig.lr"): T.StageConfig(lr=0)
+    with pytest.raises(ValueError, match="StageConfig.warmup_ratio"): T.StageConfig(warmup_ratio=1.5)
+    with pytest.raises(ValueError, match="per_device_batch_size 16 x 3 processes"): T.StageConfig().accumulation(3)
+    for n, stage, lr, epochs in ((1, "align", 2e-3, 1), (2, "instruct", 2e-5, 3), (3, "finetune", 2e-5, 3)):
+        rec = next((ROOT / "configs").glob(f"stage{n}_*.yaml"))
+        c = T.stage_config(rec)
+        assert (c.name, c.lr, c.epochs, c.global_batch_size, c.warmup_ratio, c.weight_decay) == (stage, lr, epochs, 128, 0.03, 0)
+        assert os.access(ROOT / "configs" / f"launch_stage{n}.sh", os.X_OK)
+    for name, cfg in T.DEEPSPEED_CONFIGS.items():  # the shipped JSON files are these dicts
+        assert json.loads((ROOT / "configs" / f"{name}.json").read_text()) == cfg
+
+
+def test_projector_gets_its_own_learning_rate(tiny, data, tmp_path):
+    from transformers import TrainingArguments
+    model, proc = tiny
+    cfg = T.stage_config("instruct", projector_lr=1e-3, per_device_batch_size=4, global_batch_size=4)
+    T.set_trainable(model, cfg.train)
+    args = TrainingArguments(str(tmp_path), learning_rate=cfg.lr, weight_decay=0.0, report_to=[], use_cpu=True)
+    tr = T._trainer_class()(model=model, args=args, stage=cfg, train_dataset=T.SupervisedDataset(data, proc, data.parent / "images"),
+                            data_collator=T.Collator(proc))
+    opt = tr.create_optimizer()
+    groups = {g["lr"]: sum(p.numel() for p in g["params"]) for g in opt.param_groups}
+    n_proj = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    assert groups[1e-3] == n_proj and groups[2e-5] == sum(p.numel() for p in model.parameters() if p.requires_grad) - n_proj
+    assert isinstance(tr._get_train_sampler(), T.GroupedSampler)
+
+
+def test_align_then_instruct_frozen_parts_bit_identical(base_dir, data, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    kw = dict(data=str(data), images=str(data.parent / "images"), max_steps=3, global_batch_size=4,
+              per_device_batch_size=4, num_workers=0, save_steps=100)
+    r1 = T.train("align", base_dir, out=str(tmp_path / "s1"), **kw)
+    s1 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "s1")
+    r2 = T.train("instruct", str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw)
+    s2 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "s2")
+    b, a1, a2 = _sd(base), _sd(s1), _sd(s2)
+    for k in b:
+        part = T.part_of(k)
+        if part == "projector": assert not torch.equal(b[k], a1[k]), k  # stage 1 trains the projector
+        else: assert torch.equal(b[k], a1[k]), k  # vision + LLM bit-identical after stage 1
+        if part == "vision": assert torch.equal(a1[k], a2[k]), k
+    assert any(not torch.equal(a1[k], a2[k]) for k in a1 if T.part_of(k) == "llm")
+    rows = list(read_jsonl(tmp_path / "s2" / "log_history.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3] and set(rows[0]) == {"step", "epoch", "loss", "learning_rate"}
+    assert (tmp_path / "s2" / "loss.png").stat().st_size > 1000
+    sc = json.loads((tmp_path / "s1" / "stage_config.json").read_text())
+    assert sc["train"] == ["projector"] and sc["template"] == "plain" and sc["trainable"].keys() == {"projector"}
+    assert (tmp_path / "s2" / "chat_template.jinja").read_text() == TEMPLATES["mistral_instruct"]  # stage 1 kept the model's template
+    assert r1["steps"] == r2["steps"] == 3 and r2["final_loss"] == rows[-1]["loss"]
+    with pytest.raises(ValueError, match="already holds checkpoint-3"):
+        T.train("instruct", str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw)
+
+
+def test_lora_stage_merges_into_plain_checkpoint(base_dir, data, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    kw = dict(data=str(data), images=str(data.parent / "images"), max_steps=2, global_batch_size=4,
+              per_device_batch_size=4, num_workers=0, save_steps=100, lr=1e-3, projector_lr=1e-3)
+    T.train("instruct", base_dir, out=str(tmp_path / "lora"), lora=True, **kw)
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    base, merged = (_sd(LlavaForConditionalGeneration.from_pretrained(p)) for p in (base_dir, tmp_path / "lora"))
+    assert base.keys() == merged.keys()  # a plain checkpoint: no lora_ or modules_to_save keys
+    changed = {T.part_of(k) for k in base if not torch.equal(base[k], merged[k])}
+    assert changed == {"projector", "llm"}
+    assert all(torch.equal(base[k], merged[k]) for k in base if "embed_tokens" in k or "norm" in k)  # LoRA: linear layers only
+
+
+def test_cli_train_runs_stage(base_dir, data, tmp_path):
+    from llavamed.cli import main
+    rc = main(["train", "--stage", "finetune", "--model", base_dir, "--data", str(data), "--images", str(data.parent / "images"),
+               "--out", str(tmp_path / "cli"), "--max-steps", "1", "--global-batch-size", "2", "--per-device-batch-size", "2",
+               "--num-workers", "0"])
+    assert rc in (0, None)
+    assert json.loads((tmp_path / "cli" / "stage_config.json").read_text())["name"] == "finetune"
+
+
+# ---------------------------------------------------------------- multi-process (real processes, CPU, gloo)
+
+def _run(args, out, nproc=1, timeout=170):
+    exe = [str(BIN / "llavamed")] if nproc == 1 else [str(BIN / "torchrun"), "--nproc_per_node", str(nproc),
+                                                      "--master_port", str(29500 + random.randint(0, 400)), str(BIN / "llavamed")]
+    p = subprocess.run(exe + ["train", *args, "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return [r["loss"] for r in read_jsonl(Path(out) / "log_history.jsonl")]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_zero3_match_single_process(base_dir, data, tmp_path):
+    """Same global batch (8) and seed: 1 process x 2 accumulation steps vs 2 processes x 1, ZeRO-2 and ZeRO-3.
+    Both see the same samples per step (the grouped order is shared; rank r takes micro-batch r), and the loss
+    is a token-weighted mean across micro-batches and ranks, so only float summation order differs: fp32
+    reductions agree to ~1e-6 relative, and 4 Adam steps at lr 1e-3 keep that well below the 1e-3 we allow."""
+    args = ["--stage", "instruct", "--model", base_dir, "--data", str(data), "--images", str(data.parent / "images"),
+            "--max-steps", "4", "--global-batch-size", "8", "--per-device-batch-size", "4", "--num-workers", "0",
+            "--save-steps", "100", "--lr", "1e-3"]
+    single = _run(args, tmp_path / "single")
+    z2 = _run(args + ["--deepspeed", "zero2"], tmp_path / "z2", nproc=2)
+    z3 = _run(args + ["--deepspeed", "zero3"], tmp_path / "z3", nproc=2)
+    assert len(single) == len(z2) == len(z3) == 4
+    assert single[0] != single[-1]  # it trains
+    for curve in (z2, z3): assert curve == pytest.approx(single, rel=1e-3), (single, curve)
+    ranks = [json.loads((tmp_path / "z3" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    total = ranks[0]["params_total"]
+    for r in ranks: assert 0.45 < r["params_held"] / total < 0.55, ranks  # ZeRO-3: about half per rank
+    z2r = json.loads((tmp_path / "z2" / "ranks" / "rank0.json").read_text())
+    assert z2r["params_held"] == z2r["params_total"]  # ZeRO-2 keeps whole parameters
+    from transformers import LlavaForConditionalGeneration
+    m = LlavaForConditionalGeneration.from_pretrained(tmp_path / "z3")  # gathered on save: a whole checkpoint
+    assert sum(p.numel() for p in m.parameters()) == total
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_at_same_loss(base_dir, data, tmp_path):
+    """Kill -9 after the step-4 checkpoint, resume, and compare with an uninterrupted run. The checkpoint holds
+    weights, optimizer, scheduler, RNG states and the data position, and the grouped order depends only on seed and
+    epoch, so the resumed run replays the same batches: losses agree to float noise (rel 1e-4)."""
+    args = ["--stage", "instruct", "--model", base_dir, "--data", str(data), "--images", str(data.parent / "images"),
+            "--max-steps", "10", "--global-batch-size", "4", "--per-device-batch-size", "4", "--num-workers", "0",
+            "--save-steps", "4", "--lr", "1e-3"]
+    full = _run(args, tmp_path / "full")
+    out = tmp_path / "killed"
+    p = subprocess.Popen([str(BIN / "llavamed"), "train", *args, "--out", str(out)], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert p.poll() is None and time.time() - t0 < 120, "run ended or stalled before its first checkpoint"
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    assert not (out / "checkpoint-8" / "trainer_state.json").exists(), "killed too late to test resume"
+    resumed = _run(args + ["--resume"], out)
+    assert len(resumed) == 10 and resumed[-1] == pytest.approx(full[-1], rel=1e-4), (full, resumed)
+    assert resumed == pytest.approx(full, rel=1e-4)
