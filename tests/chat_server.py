@@ -47,6 +47,7 @@ def default_reply(messages: list[dict], key: str) -> str:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # the default backlog of 5 drops connections when 32 clients connect at once
 
     def __init__(self, addr, config: dict, reply_fn=None):
         super().__init__(addr, _Handler)
@@ -64,6 +65,7 @@ class _Server(ThreadingHTTPServer):
         with self.lock:
             self.by_key, self.by_action = collections.Counter(), collections.Counter()
             self.log: list[tuple[str, str]] = []
+            self.inflight = self.max_inflight = 0
             self.rng = random.Random(self.config["seed"])
 
     def decide(self, key: str) -> tuple[str, float]:
@@ -83,7 +85,13 @@ class _Server(ThreadingHTTPServer):
     def stats(self) -> dict:
         with self.lock:
             return {"requests": sum(self.by_key.values()), "by_key": dict(self.by_key),
-                    "by_action": dict(self.by_action)}
+                    "by_action": dict(self.by_action), "max_inflight": self.max_inflight}
+
+    def enter(self):
+        with self.lock: self.inflight += 1; self.max_inflight = max(self.max_inflight, self.inflight)
+
+    def leave(self):
+        with self.lock: self.inflight -= 1
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -134,6 +142,11 @@ class _Handler(BaseHTTPRequestHandler):
             last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
             key = hashlib.sha1(json.dumps(last).encode()).hexdigest()[:12]
         act, jitter = srv.decide(key)
+        srv.enter()
+        try: self._answer(srv, cfg, req, messages, key, act, jitter)
+        finally: srv.leave()
+
+    def _answer(self, srv, cfg, req, messages, key, act, jitter):
         auth = self.headers.get("Authorization", "")
         if cfg["require_key"] and auth != f"Bearer {cfg['require_key']}": act = "401"
         time.sleep(cfg["latency"] + jitter)

@@ -1,0 +1,111 @@
+"""Benchmark of `llavamed instruct` against the loopback chat-completions server (tests/chat_server.py).
+
+Measures, in one run:
+  1. 500 captions, 200 ms server latency: wall time at concurrency 32 vs concurrency 1 (target >= 20x) and
+     requests sent per caption (target 1.00 without faults);
+  2. the same with 10% injected faults (429 + Retry-After, 500, slow past the timeout, dropped connection,
+     unparseable reply): every caption ends done or failed with a reason, no id twice in the output, retries;
+  3. SIGKILL of a `llavamed instruct` process halfway, then a rerun: requests for already-saved captions (target 0).
+
+    .venv/bin/python bench/bench_instruct.py [--n 500] [--latency 0.2] [--c1-n 500]
+"""
+from __future__ import annotations
+import argparse, collections, os, signal, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from chat_server import ChatServerProcess  # noqa: E402
+from teacher_input import pair_ids, write_teacher_input  # noqa: E402
+from llavamed.client import load_checkpoint  # noqa: E402
+from llavamed.core import read_jsonl  # noqa: E402
+from llavamed.instruct import self_instruct, sidecar_path  # noqa: E402
+
+KEY_ENV = "LLAVAMED_BENCH_KEY"
+
+
+def timed_run(cap, out, srv, **kw):
+    srv.reset()
+    t0 = time.perf_counter()
+    rep = self_instruct(str(cap), str(out), teacher="openai", base_url=srv.base_url, model="bench",
+                        api_key_env=KEY_ENV, quiet=True, price_prompt=2.5, price_completion=10.0, **kw)
+    return time.perf_counter() - t0, rep, srv.stats()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=500, help="captions")
+    ap.add_argument("--latency", type=float, default=0.2, help="server seconds per reply")
+    ap.add_argument("--c1-n", type=int, default=None, help="captions for the concurrency-1 run (default: --n)")
+    ap.add_argument("--fault-rate", type=float, default=0.1)
+    a = ap.parse_args()
+    c1_n = a.c1_n or a.n
+    os.environ[KEY_ENV] = "sk-bench-not-a-real-key-000"
+    tmp = Path(tempfile.mkdtemp(prefix="bench_instruct_"))
+    cap = write_teacher_input(tmp / "captions.json", a.n, facts=False)
+    cap1 = write_teacher_input(tmp / "captions_c1.json", c1_n, facts=False)
+    print(f"captions: {a.n}, server latency {a.latency * 1000:.0f} ms, server in a child process; work dir {tmp}")
+
+    import openai  # noqa: F401  (import once up front: a one-off cost, not a cost of either concurrency)
+    with ChatServerProcess(latency=a.latency) as srv:
+        # 1. concurrency 32 vs 1
+        t32, rep32, st32 = timed_run(cap, tmp / "c32.jsonl", srv, concurrency=32)
+        t1, rep1, st1 = timed_run(cap1, tmp / "c1.jsonl", srv, concurrency=1)
+        per32, per1 = t32 / a.n, t1 / c1_n
+        print("\n[1] throughput, no faults")
+        print(f"  concurrency 32: {a.n} captions in {t32:.2f} s ({a.n / t32:.1f}/s), {rep32['records']} records, "
+              f"requests/caption {st32['requests'] / a.n:.2f}, peak in flight {st32['max_inflight']}, "
+              f"cost ${rep32['run']['cost']:.4f} at $2.50/$10 per 1M tokens")
+        print(f"  concurrency 1:  {c1_n} captions in {t1:.2f} s ({c1_n / t1:.1f}/s), {rep1['records']} records, "
+              f"requests/caption {st1['requests'] / c1_n:.2f}")
+        note = "" if c1_n == a.n else f" (concurrency 1 measured on {c1_n} captions, compared per caption)"
+        print(f"  speed-up 32 vs 1: {per1 / per32:.1f}x (target >= 20x){note}")
+
+        # 2. 10% faults
+        srv.configure(fault_rate=a.fault_rate, faults=["429", "500", "slow", "drop", "garbage"],
+                      retry_after=0.2, slow_seconds=2.0)
+        tf, repf, stf = timed_run(cap, tmp / "faults.jsonl", srv, concurrency=32, timeout=1.0, backoff=0.05, max_attempts=6)
+        srv.configure(fault_rate=0.0)
+        ck = load_checkpoint(sidecar_path(tmp / "faults.jsonl"))
+        out_ids = [r["id"] for r in read_jsonl(tmp / "faults.jsonl")]
+        ids = set(pair_ids(cap))
+        status = collections.Counter(r["status"] for r in ck.values())
+        no_reason = [k for k, r in ck.items() if r["status"] != "done" and not r.get("reason")]
+        raw_lines = sum(1 for _ in read_jsonl(sidecar_path(tmp / "faults.jsonl")))
+        print(f"\n[2] {a.fault_rate:.0%} injected faults (timeout 1 s, slow replies 2 s, Retry-After 0.2 s)")
+        print(f"  {tf:.2f} s; server actions: {stf['by_action']}")
+        print(f"  every caption accounted for: {set(ck) == ids} ({dict(status)}); failed without a reason: {len(no_reason)}")
+        print(f"  output: {len(out_ids)} records, duplicated ids: {len(out_ids) - len(set(out_ids))}; "
+              f"checkpoint lines: {raw_lines} for {len(ck)} captions")
+        print(f"  requests {stf['requests']} = {stf['requests'] / a.n:.2f}/caption; retries {repf['run']['retries']}; "
+              f"failed attempts by reason: {repf['run']['reasons']}")
+
+        # 3. SIGKILL halfway, rerun
+        out = tmp / "kill.jsonl"
+        raw = sidecar_path(out)
+        cmd = [str(Path(sys.executable).parent / "llavamed"), "instruct", "--captions", str(cap), "--out", str(out),
+               "--teacher", "openai", "--base-url", srv.base_url, "--model", "bench", "--api-key-env", KEY_ENV,
+               "--concurrency", "8", "--quiet"]
+        srv.reset()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while p.poll() is None and (not raw.exists() or sum(1 for _ in open(raw)) < a.n // 2): time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL); p.wait()
+        saved = {k for k, r in load_checkpoint(raw).items() if r["status"] == "done"}
+        first = srv.stats()
+        srv.reset()
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        tr = time.perf_counter() - t0
+        second = srv.stats()
+        again = sum(n for k, n in second["by_key"].items() if k in saved)
+        out_ids = [x["id"] for x in read_jsonl(out)]
+        print(f"\n[3] SIGKILL halfway (concurrency 8), then rerun")
+        print(f"  killed after {first['requests']} requests with {len(saved)} captions saved "
+              f"({first['requests'] - len(saved)} in flight, lost)")
+        print(f"  rerun: exit {r.returncode}, {tr:.2f} s, {second['requests']} requests; "
+              f"requests for already-saved captions: {again} (target 0)")
+        print(f"  final output: {len(out_ids)} records, {len(set(out_ids))} distinct ids, all captions: {set(out_ids) == ids}")
+
+
+if __name__ == "__main__":
+    main()
