@@ -240,6 +240,19 @@ def test_prediction_filters_and_ablations(vqa):
     assert pv.current_id == "c1" and pv.w_kind.value == "" and pv.w_verdict.value == "all" and pv.w_msg.value == ""
 
 
+def test_answer_files_named_by_their_image_ablation(vqa):
+    for abl, texts in (("none", {"c0": "yes", "c1": "no"}), ("blank", {"c0": "no", "c1": "no"}), ("noise", {"c0": "no"})):
+        rows = _answers(texts)
+        for r in rows: r["metadata"] = {"image_ablation": abl, "decoding": {"do_sample": False}}
+        write_jsonl(vqa / f"answers_{abl}.jsonl", rows)
+    pv = PredictionViewer(vqa / "vqa_test.json", [vqa / f"answers_{a}.jsonl" for a in ("none", "blank", "noise")])
+    assert pv.names == ["image", "blank", "noise"] and [p.id for p in pv.items] == ["c0", "c1"]
+    assert pv.summary() == {"image": 100.0, "blank": 50.0, "noise": 0.0}
+    assert [(a["set"], a["answer"]) for a in pv.jump("c1").ablations()] == [("image", "no"), ("blank", "no"), ("noise", None)]
+    assert PredictionViewer(vqa / "vqa_test.json", vqa / "answers_blank.jsonl").names == ["blank"]
+    assert PredictionViewer(vqa / "vqa_test.json", vqa / "ans_image.jsonl").names == ["model"]  # no ablation recorded
+
+
 def test_prediction_given_scores_and_judge_reviews(corpus):
     qa = corpus / "qa50.jsonl"
     ans = _answers({k: f"Answer {k}." for k in range(5)})
