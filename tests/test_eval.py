@@ -149,3 +149,95 @@ def test_console_command(files, llavamed_cmd):
 
 def test_bad_mode_names_it(files):
     with pytest.raises(ValueError, match="mode='loose'"): score(*files, mode="loose")
+
+
+# ---------------------------------------------------------------- judged conversation benchmark
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).parent))
+from chat_server import ChatServer
+from llavamed.judge import judge, build_requests, load_benchmark, judge_messages, parse_scores
+
+QA = [{"question_id": 1, "image": "a.png", "pair_id": "a", "text": "What does the image show?\n<image>",
+       "gpt4_answer": "A right pleural effusion.", "fig_caption": "Chest X-ray with a right pleural effusion.",
+       "fig_label": "Figure 1", "in_text_mention": [{"tokens": "Figure 1 shows the effusion.", "entities": ["effusion"]}],
+       "domain": {"chest_xray": True, "mri": False, "histology": False, "gross": False, "ct_scan": True}, "type": "conversation"},
+      {"question_id": 2, "image": "b.png", "pair_id": "b", "text": "Describe the image.\n<image>",
+       "gpt4_answer": "An MRI of the brain with a ring-enhancing lesion.", "fig_caption": "Brain MRI, ring-enhancing lesion.",
+       "fig_label": "Figure 2", "in_text_mention": "", "domain": {"mri": True}, "type": "detailed_description"},
+      {"question_id": 3, "image": "c.png", "pair_id": "c", "text": "Which stain?\n<image>",
+       "gpt4_answer": "H&E stain.", "fig_caption": "Histology, H&E.", "fig_label": "Figure 3", "in_text_mention": None,
+       "domain": {"histology": True}, "type": "conversation"}]
+MODEL_ANS = {1: "An effusion on the right side.", 2: "A brain scan.", 3: "Unsure."}
+
+def _judge_files(tmp_path, answers=MODEL_ANS):
+    q, a = tmp_path / "qa.jsonl", tmp_path / "answers.jsonl"
+    q.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    a.write_text("".join(json.dumps({"question_id": k, "text": v}) + "\n" for k, v in answers.items()))
+    return q, a
+
+def _reply(messages, key):
+    "Reference first: '8 4'; model first: '6 9' -> reference 8.5, model 5 after averaging both orders."
+    user = messages[-1]["content"]
+    ref_first = any(f"[Assistant 1]\n{r['gpt4_answer']}" in user for r in QA)
+    return "8 4\nThe first answer is better." if ref_first else "6 9\nThe second answer is better."
+
+def test_judge_both_orders_averaged(tmp_path, capsys):
+    q, a = _judge_files(tmp_path)
+    with ChatServer(reply_fn=_reply) as srv:
+        s = judge(str(q), str(a), str(tmp_path / "rev.jsonl"), model="judge-x", base_url=srv.base_url, progress=False)
+        assert srv.stats()["requests"] == 6  # 3 questions x 2 orders
+    rows = [json.loads(l) for l in (tmp_path / "rev.jsonl").read_text().splitlines()]
+    assert [(r["reference_score"], r["model_score"]) for r in rows] == [(8.5, 5.0)] * 3
+    g = s["groups"]
+    assert g["overall"]["relative_score"] == pytest.approx(5 / 8.5 * 100)
+    assert (g["conversation"]["n"], g["description"]["n"], g["chest_xray"]["n"], g["mri"]["n"], g["histology"]["n"]) == (2, 1, 1, 1, 1)
+    assert g["ct_scan"]["n"] == 0  # question 1 is filed under its first true domain (chest X-ray)
+    assert json.loads((tmp_path / "rev.summary.json").read_text())["groups"] == g
+    assert "Conversation benchmark | judge: openai:judge-x" in capsys.readouterr().out
+
+def test_judge_cache_sends_nothing_twice(tmp_path):
+    q, a = _judge_files(tmp_path)
+    with ChatServer(reply_fn=_reply) as srv:
+        judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, progress=False)
+        judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, progress=False)
+        assert srv.stats()["requests"] == 6
+        _judge_files(tmp_path, {**MODEL_ANS, 3: "Haematoxylin and eosin."})  # one changed answer: 2 new requests
+        judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, progress=False)
+        assert srv.stats()["requests"] == 8
+
+def test_judge_retries_then_records_unparsed(tmp_path):
+    q, a = _judge_files(tmp_path)
+    qs = load_benchmark(q)
+    reqs, keys = build_requests(qs, {k: v for k, v in ((str(k), v) for k, v in MODEL_ANS.items())}, "official", "m")
+    script = {keys[("1", "official")]: ["garbage", "ok"], keys[("2", "official")]: ["garbage"] * 5}
+    with ChatServer(reply_fn=_reply, script=script) as srv:
+        s = judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, order="official",
+                  max_attempts=2, backoff=0.01, progress=False)
+        assert srv.stats()["requests"] == 2 + 2 + 1
+    rows = {r["question_id"]: r for r in map(json.loads, (tmp_path / "r.jsonl").read_text().splitlines())}
+    assert rows["1"]["status"] == "done" and rows["1"]["reference_score"] == 8.0
+    assert rows["2"]["status"] == "unparsed" and rows["2"]["ratio"] is None
+    assert s["n_unparsed"] == 1 and s["groups"]["overall"]["n"] == 2 and s["groups"]["overall"]["unparsed"] == 1
+
+def test_judge_prompt_renders_mentions_as_text(tmp_path):
+    q, _ = _judge_files(tmp_path)
+    user = judge_messages(load_benchmark(q)[0], "ref", "model")[1]["content"]
+    assert "- Figure 1 shows the effusion." in user and "{'tokens'" not in user and "Chest X-ray with a right" in user
+    assert "[Assistant 1]\nref\n" in user and "[Assistant 2]\nmodel\n" in user
+
+def test_parse_scores_formats():
+    assert parse_scores("9 7\nexplanation") == (9.0, 7.0)
+    assert parse_scores("Assistant 1: 6\nAssistant 2: 8") == (6.0, 8.0)
+    for bad in ("no scores", "0 5", "7"):
+        with pytest.raises(ValueError): parse_scores(bad)
+
+def test_overlap_proxy_judge_cli(tmp_path, capsys):
+    q, a = _judge_files(tmp_path, {1: "A right pleural effusion is visible.", 2: "Nothing."})
+    assert main(["judge", "--questions", str(q), "--answers", str(a), "--out", str(tmp_path / "o.jsonl"),
+                 "--judge", "overlap", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert "proxy" in s["judge"] and s["n_missing_answers"] == 1 and s["missing_ids"] == ["3"]
+    rows = [json.loads(l) for l in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert all("proxy" in r["judge"] for r in rows)
+    assert rows[0]["model_score"] > rows[1]["model_score"]  # the answer that repeats the caption's finding scores higher
