@@ -192,6 +192,20 @@ def test_validate_array_file_structure(tmp_path, capsys):
     assert validate_file(str(tmp_path / "missing.json")) == 2
 
 
+def test_non_utf8_bytes_are_reported(tmp_path, capsys):
+    good = json.dumps(rec(1)).encode()
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + json.dumps(rec(2, a="caf\u00e9")).encode().replace(b"\\u00e9", b"\xe9")
+                  + b"\n" + json.dumps(rec(3)).encode() + b"\n")
+    assert validate_file(str(p)) == 1
+    out = capsys.readouterr().out
+    assert "record 1 (no id, line 2): not UTF-8 text" in out and "3 records, 1 invalid" in out
+    q = tmp_path / "latin1.json"
+    q.write_bytes(b"[\n" + good + b",\n" + b'{"id": "caf\xe9"}' + b"\n]\n")
+    assert validate_file(str(q)) == 1
+    assert "not UTF-8 text" in capsys.readouterr().out
+
+
 def test_validate_command_line(tmp_path, llavamed_cmd):
     good = write_jsonl(tmp_path / "good.jsonl", [rec(i) for i in range(5)])
     bad = write_jsonl(tmp_path / "bad.jsonl", [rec(1), rec(2, q="no token")])
