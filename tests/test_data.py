@@ -203,7 +203,8 @@ def test_non_utf8_bytes_are_reported(tmp_path, capsys):
     q = tmp_path / "latin1.json"
     q.write_bytes(b"[\n" + good + b",\n" + b'{"id": "caf\xe9"}' + b"\n]\n")
     assert validate_file(str(q)) == 1
-    assert "not UTF-8 text" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "record 1 (no id, line 3): not UTF-8 text" in out and "2 records, 1 invalid" in out
 
 
 def test_validate_command_line(tmp_path, llavamed_cmd):
