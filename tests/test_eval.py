@@ -241,3 +241,33 @@ def test_overlap_proxy_judge_cli(tmp_path, capsys):
     rows = [json.loads(l) for l in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert all("proxy" in r["judge"] for r in rows)
     assert rows[0]["model_score"] > rows[1]["model_score"]  # the answer that repeats the caption's finding scores higher
+
+
+# ---------------------------------------------------------------- report
+from llavamed.report import report, ablation_deltas, load_inputs
+
+def test_report_from_cli_outputs(files, tmp_path, capsys):
+    pred, gt = files
+    rad = tmp_path / "vqa_rad"; rad.mkdir()
+    (rad / "test.json").write_text(gt.read_text())
+    blank = tmp_path / "blank.jsonl"  # the same answers file, relabelled as a blank-image run with every answer 'no'
+    blank.write_text("".join(json.dumps({**json.loads(l), "text": "no", "metadata": {"decoding": {"do_sample": False,
+                     "max_new_tokens": 32}, "image_ablation": "blank"}}) + "\n" for l in pred.read_text().splitlines()))
+    assert main(["score", "--pred", str(pred), "--gt", str(rad / "test.json"), "--mode", "all", "--out", str(tmp_path / "s_none.json")]) == 0
+    assert main(["score", "--pred", str(blank), "--gt", str(rad / "test.json"), "--mode", "all", "--out", str(tmp_path / "s_blank.json")]) == 0
+    q, a = _judge_files(tmp_path)
+    assert main(["judge", "--questions", str(q), "--answers", str(a), "--out", str(tmp_path / "rev.jsonl"), "--judge", "overlap"]) == 0
+    assert main(["report", "--inputs", f"{tmp_path}/s_*.json,{tmp_path}/rev.summary.json", "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    for png in ("vqa_metrics.png", "ablation_deltas.png", "chat_relative_scores.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in text
+    assert "| VQA-RAD | paper: LLaVA-Med (from LLaVA) | 61.52 | 84.19 |" in text  # dataset matched by its folder name
+    assert "| VQA-RAD | this run (greedy, max_new_tokens=32) | 70.00 | 50.00 |" in text
+    assert "proxy" in text and "paper (GPT-4 judge)" not in text  # proxy rows never sit beside the paper's judge
+    d = ablation_deltas(load_inputs(f"{tmp_path}/s_*.json")[0])
+    # blank answers 'no' everywhere: closed official = q1 (no) + q3 (no) hit of 4 -> 50 (unchanged); strict 25 -> 50
+    assert d[0]["official open"] == pytest.approx(-70.0) and d[0]["strict closed"] == pytest.approx(25.0)
+
+def test_report_rejects_unknown_inputs(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="neither a score result"): report(str(tmp_path / "x.json"), out=str(tmp_path / "r"))
