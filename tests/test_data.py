@@ -316,8 +316,10 @@ def test_dicom_rescale_and_windows(tmp_path):
 
 
 def test_dicom_frames_colour_and_palette():
-    dose = get_testdata_file("rtdose.dcm")  # 15 frames
-    mid, first = arr(load_image(dose)), arr(load_image(dose, frame=0))
+    dose = get_testdata_file("rtdose.dcm")  # 15 frames of 10 x 10: the pixel limit applies per decoded frame
+    mid, first = arr(load_image(dose, max_pixels=100)), arr(load_image(dose, frame=0))
+    with pytest.raises(ImageTooLargeError):
+        load_image(dose, max_pixels=99)
     assert np.array_equal(mid, arr(load_image(dose, frame=7))) and not np.array_equal(mid, first)
     with pytest.raises(CorruptImageError, match="no frame 15"):
         load_image(dose, frame=15)
@@ -357,6 +359,16 @@ def test_nifti(tmp_path):
         a = arr(load_image(tmp_path / "v.nii.gz", frame=k, percentiles=(0, 100)))
         assert a.shape == (5, 6, 3) and len(np.unique(a)) == 1
     assert arr(load_image(tmp_path / "v.nii.gz")).shape == (5, 6, 3)
+    # axes stored in another order and flipped: each slice matches nibabel's canonical reorientation
+    from llavamed.images import to_uint8
+    vol = np.random.default_rng(0).random((4, 6, 5)).astype(np.float32)
+    aff = np.array([[0, 0, -2, 10], [0, 1.5, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(vol, aff), tmp_path / "perm.nii")
+    canon = np.asanyarray(nib.as_closest_canonical(nib.load(tmp_path / "perm.nii")).dataobj)
+    assert canon.shape == (5, 6, 4)
+    for k in range(4):
+        want = to_uint8(np.rot90(canon[:, :, k]))
+        assert np.array_equal(arr(load_image(tmp_path / "perm.nii", frame=k))[..., 0], want), k
 
 
 def test_nifti_bad_files(tmp_path):
