@@ -271,3 +271,76 @@ def test_report_from_cli_outputs(files, tmp_path, capsys):
 def test_report_rejects_unknown_inputs(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(ValueError, match="neither a score result"): report(str(tmp_path / "x.json"), out=str(tmp_path / "r"))
+
+
+# ---------------------------------------------------------------- predict (tiny model on the synthetic corpus)
+from llavamed.predict import predict, load_questions, shuffled_images
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    "A synthetic corpus (8 test questions) and a saved tiny model."
+    pytest.importorskip("llavamed.generate")
+    from llavamed.synth import make_corpus, corpus_texts
+    from llavamed.model import build_model, save_model
+    d = tmp_path_factory.mktemp("tiny")
+    make_corpus(str(d / "corpus"), n_train=8, n_test=4, size=48, n_chat=2, quiet=True)
+    qs = json.loads((d / "corpus" / "vqa_test.json").read_text())[:8]
+    (d / "test8.json").write_text(json.dumps(qs))
+    m, p = build_model("tiny", tokenizer_texts=corpus_texts(str(d / "corpus")))
+    save_model(m, p, d / "model")
+    return d
+
+def _rows(p): return [json.loads(l) for l in Path(p).read_text().splitlines()]
+
+def test_predict_refuses_to_mix_settings(tmp_path):
+    (tmp_path / "vqa.json").write_text(json.dumps(GT))
+    md = {"decoding": {"do_sample": False, "max_new_tokens": 8, "seed": 0}, "image_ablation": "none",
+          "prompt_suffix": None, "model": "m"}
+    (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": "q1", "text": "no", "metadata": md}) + "\n")
+    with pytest.raises(ValueError, match="other settings"):
+        predict("m", str(tmp_path / "vqa.json"), str(tmp_path), str(tmp_path / "a.jsonl"), max_new_tokens=8, image_ablation="blank")
+    with pytest.raises(ValueError, match="image_ablation='grey'"):
+        predict("m", str(tmp_path / "vqa.json"), str(tmp_path), str(tmp_path / "x.jsonl"), image_ablation="grey")
+
+def test_shuffle_never_returns_own_image(tmp_path):
+    qs = [{"id": str(i), "image": f"{i % 5}.png", "question": "?"} for i in range(20)]  # 5 images, 4 questions each
+    m = shuffled_images(qs, seed=3)
+    assert all(m[q["id"]] != q["image"] for q in qs) and sorted(m.values()) == sorted(q["image"] for q in qs)
+
+@pytest.mark.slow
+def test_predict_resumes_and_scores(tiny, tmp_path):
+    out, kw = tmp_path / "a.jsonl", dict(images=str(tiny / "corpus" / "images"), batch_size=4, max_new_tokens=4, progress=False)
+    r1 = predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(out), limit=3, **kw)
+    assert r1["answered"] == 3 and len(_rows(out)) == 3
+    r2 = predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(out), **kw)
+    rows = _rows(out)
+    assert (r2["skipped"], r2["answered"]) == (3, 5)
+    assert sorted(r["question_id"] for r in rows) == sorted(q["id"] for q in load_questions(tiny / "test8.json"))
+    assert set(rows[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert rows[0]["metadata"]["decoding"] == {"do_sample": False, "max_new_tokens": 4, "seed": 0}
+    res = score(str(out), str(tiny / "test8.json"), mode="all", json=True)
+    assert res["n_missing"] == 0 and res["decoding"] == "greedy, max_new_tokens=4"
+    # greedy answers do not depend on the batch size
+    predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(tmp_path / "b1.jsonl"), **{**kw, "batch_size": 1})
+    assert {r["question_id"]: r["text"] for r in _rows(tmp_path / "b1.jsonl")} == {r["question_id"]: r["text"] for r in rows}
+
+@pytest.mark.slow
+def test_predict_ablations_change_the_image(tiny, tmp_path):
+    kw = dict(images=str(tiny / "corpus" / "images"), batch_size=8, max_new_tokens=2, progress=False)
+    predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(tmp_path / "s.jsonl"), image_ablation="shuffle", **kw)
+    own = {q["id"]: q["image"] for q in load_questions(tiny / "test8.json")}
+    rows = _rows(tmp_path / "s.jsonl")
+    assert all(r["metadata"]["image_ablation"] == "shuffle" for r in rows)
+    assert len(set(own.values())) > 1 and all(r["metadata"]["image"] != own[r["question_id"]] for r in rows)
+    predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(tmp_path / "bl.jsonl"), image_ablation="blank", **kw)
+    assert len(_rows(tmp_path / "bl.jsonl")) == 8
+
+@pytest.mark.slow
+def test_vqa_eval_writes_report_with_blank_ablation(tiny, tmp_path):
+    from llavamed.report import vqa_eval
+    res = vqa_eval(str(tiny / "model"), str(tiny / "test8.json"), str(tiny / "corpus" / "images"), str(tmp_path / "ev"),
+                   ablations="none,blank", batch_size=8, max_new_tokens=2, chat=str(tiny / "corpus" / "chat_eval.jsonl"),
+                   progress=False)
+    text = Path(res["report"]).read_text()
+    assert "| none |" in text and "| blank |" in text and "### Image ablations" in text and "proxy" in text
+    assert set(res["scores"]) == {"none", "blank"} and res["scores"]["none"]["n_missing"] == 0
