@@ -7,7 +7,7 @@ Docs: https://llavamed.github.io/llavamed/synth.html.md"""
 
 # %% ../nbs/01c_synth.ipynb #7ad03b73
 from __future__ import annotations
-import io, random
+import functools, random
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -54,13 +54,12 @@ def labels_of(f: dict,  # a figure's findings (`findings` of a caption record)
             "size": LABEL_HEADS["size"].index(f["size"] or "none"), "count": f["count"]}
 
 # %% ../nbs/01c_synth.ipynb #d6105963
-_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
+@functools.lru_cache(maxsize=8)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    if size not in _GRIDS:
-        t = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
-        _GRIDS[size] = np.meshgrid(t, t)  # X, Y: (size, size)
-    return _GRIDS[size]
+    t = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    X, Y = np.meshgrid(t, t)  # (size, size) each; read-only, shared by every figure of this size
+    X.flags.writeable = Y.flags.writeable = False
+    return X, Y
 
 def _ellipse(X, Y, cx, cy, rx, ry, soft=0.08, wobble=None):
     "Soft mask (0..1) of an ellipse; `wobble` = (amplitude, lobes, phase) makes the border irregular."
