@@ -339,7 +339,10 @@ def test_curves_live_thread_updates_widget(tmp_path):
 
 def test_curves_start_interval(tmp_path):
     _log(tmp_path / "log_history.jsonl", 1)
-    tc = TrainingCurves(tmp_path).start(interval=0.05)
+    tc = TrainingCurves(tmp_path)
+    tc.widget
+    tc.start(interval=0.05)
+    assert tc.w_live.value  # started from code: the toggle shows it
     try:
         assert tc.start() is tc and tc.live  # a second start does not start a second thread
         _log(tmp_path / "log_history.jsonl", 2)
@@ -347,7 +350,7 @@ def test_curves_start_interval(tmp_path):
         while time.time() < deadline and len(tc.steps(tmp_path.name)) < 2: time.sleep(0.05)
         assert tc.steps(tmp_path.name) == [1, 2]
     finally: tc.stop()
-    assert not tc.live
+    assert not tc.live and not tc.w_live.value
 
 
 def test_import_is_light():

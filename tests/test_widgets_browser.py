@@ -1,12 +1,14 @@
 """The widgets in a real browser: a ConversationBrowser on fixture data, rendered by Voilà in headless
-Chromium (driven by Playwright), must show the first record with its image, and clicking "next" must
-change the record on screen. A screenshot goes to $LLAVAMED_ARTIFACTS (default tests/artifacts/).
+Chromium (driven by Playwright), must show the first record with its image, clicking "next" must
+change the record on screen, and TrainingCurves polling on a kernel thread must show lines appended to
+a log while the page is open. A screenshot goes to $LLAVAMED_ARTIFACTS (default tests/artifacts/).
 
 Needs the `voila` and `playwright` Python packages and Debian's `chromium` (installed here with apt when
 /usr/bin/chromium is missing and we run as root); Playwright's own browser download is never used."""
 import os, shutil, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
+from llavamed.core import append_jsonl
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
@@ -53,9 +55,11 @@ def _fixture(d: Path) -> Path:
                                {"from": "gpt", "value": f"A {color} disc on a black background ({dom})."}]}
             for k, (color, dom) in enumerate([("red", "chest_xray"), ("green", "mri"), ("blue", "histology")])]
     write_json(d / "records.json", recs)
+    for s in (1, 2, 3): append_jsonl(d / "run" / "stage1" / "log_history.jsonl", {"step": s, "epoch": s / 10, "loss": 3 / s, "learning_rate": 1e-3})
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("from llavamed.widgets import ConversationBrowser"),
-                nbformat.v4.new_code_cell(f"ConversationBrowser({str(d / 'records.json')!r}).widget")]
+    nb.cells = [nbformat.v4.new_code_cell("from llavamed.widgets import ConversationBrowser, TrainingCurves"),
+                nbformat.v4.new_code_cell(f"ConversationBrowser({str(d / 'records.json')!r}).widget"),
+                nbformat.v4.new_code_cell(f"TrainingCurves({str(d / 'run')!r}, figsize=(3, 2)).start(interval=0.5)")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, d / "browse.ipynb")
     return d / "browse.ipynb"
@@ -110,6 +114,16 @@ def test_browser_next_changes_record(tmp_path):
                 search.fill("blue"); search.press("Enter")
                 sync_api.expect(ident).to_contain_text("PMC2_F1", timeout=30_000)
                 sync_api.expect(ident).to_contain_text("1/1 (of 3)")
+                # live training curves: the kernel's polling thread picks up lines appended by a running job
+                status = page.locator(".llavamed-curves-status")
+                sync_api.expect(status).to_contain_text("3 points, step 3", timeout=30_000)
+                curves = page.locator("img.llavamed-curves")
+                src1 = curves.get_attribute("src")
+                for s in (4, 5): append_jsonl(tmp_path / "run" / "stage1" / "log_history.jsonl",
+                                              {"step": s, "epoch": s / 10, "loss": 3 / s, "learning_rate": 1e-3})
+                sync_api.expect(status).to_contain_text("5 points, step 5", timeout=30_000)
+                sync_api.expect(curves).not_to_have_attribute("src", src1)
+                page.screenshot(path=str(art / "widgets_live_curves.png"), full_page=True)
             finally: browser.close()
     except Exception:
         log.flush(); print((tmp_path / "voila.log").read_text()[-4000:]); raise
