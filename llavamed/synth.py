@@ -17,7 +17,7 @@ from .data import align_prompts, alignment_record
 # %% auto #0
 __all__ = ['FINDINGS', 'LABEL_HEADS', 'SPLITS', 'labels_of', 'finding_mask', 'render_figure', 'sample_findings', 'describe',
            'caption', 'mention', 'detailed_description', 'facts', 'vqa_questions', 'caption_record', 'chat_questions',
-           'make_corpus', 'corpus_texts']
+           'chat_benchmark', 'make_corpus', 'corpus_texts']
 
 # %% ../nbs/01c_synth.ipynb #47f9483b
 FINDINGS: dict[str, dict[str, tuple[str, str, str, str]]] = {  # domain: {finding: (polarity, singular, plural, appearance)}
@@ -415,6 +415,21 @@ def chat_questions(rec: dict,  # a caption record
                     "text": f"{x['question']}\n{IMAGE_TOKEN}", "gpt4_answer": x["answer"], "type": typ})
     return out
 
+# %% ../nbs/01c_synth.ipynb #a2829a63
+def chat_benchmark(recs: list[tuple[dict, str]],  # (caption record, image file name) of the test figures
+                   n_figures: int = 50,  # figures to ask about
+                   seed: int = 0,  # corpus seed
+                  ) -> list[dict]:
+    "The conversation benchmark: `chat_questions` for up to `n_figures` figures, domains taken in turn."
+    seen, rank = {}, []
+    for rec, _ in recs:
+        d = rec["findings"]["domain"]; seen[d] = seen.get(d, 0) + 1
+        rank.append((seen[d], DOMAINS.index(d)))
+    rng, out = random.Random(f"{seed}-chat"), []
+    for i in sorted(range(len(recs)), key=rank.__getitem__)[:n_figures]:
+        out += chat_questions(*recs[i], rng, first_id=len(out))
+    return out
+
 # %% ../nbs/01c_synth.ipynb #4c51dc32
 def _save(arr: np.ndarray, path: Path, fmt: str) -> None:
     im = Image.fromarray(arr)
@@ -440,7 +455,7 @@ def make_corpus(out: str = "synth_corpus",  # output folder (created; figures of
     keep = {f"{f['pair_id']}.{fmt}" for fl in figs.values() for f in fl}
     for p in imgs.glob("SYN*_F*.*"):
         if p.name not in keep: p.unlink()
-    caps = {d: [] for d in DOMAINS}; align, chat, prompts = [], [], align_prompts()
+    caps = {d: [] for d in DOMAINS}; align, prompts = [], align_prompts()
     vqa, labels, test_recs = {"train": [], "test": []}, {"train": {}, "test": {}}, []
     for split, fl in figs.items():
         turn: dict[str, int] = {}
@@ -456,14 +471,7 @@ def make_corpus(out: str = "synth_corpus",  # output folder (created; figures of
             for j, (kind, at, q, a) in enumerate(vqa_questions(f, rng, turn)):
                 vqa[split].append(Sample(id=f"{f['pair_id']}_q{j}", image=image, domain=rec["domain"], answer_type=at,
                                          question_type=kind, conversations=[Turn(HUMAN, _with_image(q, rng)), Turn(GPT, a)]).to_json())
-    # the benchmark takes test figures domain by domain in turn, so small benchmarks cover every domain
-    seen, rank = {}, []
-    for rec, _ in test_recs:
-        d = rec["findings"]["domain"]; seen[d] = seen.get(d, 0) + 1
-        rank.append((seen[d], DOMAINS.index(d)))
-    order = sorted(range(len(test_recs)), key=rank.__getitem__)
-    crng = random.Random(f"{seed}-chat")
-    for i in order[:n_chat]: chat += chat_questions(*test_recs[i], crng, first_id=len(chat))
+    chat = chat_benchmark(test_recs, n_chat, seed)
     write_json(out / "instruct_captions.json", caps); write_json(out / "alignment.json", align)
     write_json(out / "vqa_train.json", vqa["train"]); write_json(out / "vqa_test.json", vqa["test"])
     write_jsonl(out / "chat_eval.jsonl", chat)

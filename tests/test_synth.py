@@ -181,3 +181,7 @@ def test_cli_writes_the_corpus(tmp_path, llavamed_cmd):
     assert r.returncode == 0, r.stderr
     assert "vqa_test" in r.stdout and all((out / f).is_file() for f in FILES)
     assert read_json(out / "meta.json")["seed"] == 4
+
+def test_import_is_light():
+    code = "import sys, llavamed.synth; print([m for m in ('torch', 'transformers', 'matplotlib', 'pydicom') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
