@@ -65,20 +65,24 @@ def main():
         srv.configure(fault_rate=a.fault_rate, faults=["429", "500", "slow", "drop", "garbage"],
                       retry_after=0.2, slow_seconds=2.0)
         tf, repf, stf = timed_run(cap, tmp / "faults.jsonl", srv, concurrency=32, timeout=1.0, backoff=0.05, max_attempts=6)
+        tf2, repf2, stf2 = timed_run(cap, tmp / "faults2.jsonl", srv, concurrency=32, timeout=1.0, backoff=0.05, max_attempts=2)
         srv.configure(fault_rate=0.0)
-        ck = load_checkpoint(sidecar_path(tmp / "faults.jsonl"))
-        out_ids = [r["id"] for r in read_jsonl(tmp / "faults.jsonl")]
         ids = set(pair_ids(cap))
-        status = collections.Counter(r["status"] for r in ck.values())
-        no_reason = [k for k, r in ck.items() if r["status"] != "done" and not r.get("reason")]
-        raw_lines = sum(1 for _ in read_jsonl(sidecar_path(tmp / "faults.jsonl")))
         print(f"\n[2] {a.fault_rate:.0%} injected faults (timeout 1 s, slow replies 2 s, Retry-After 0.2 s)")
-        print(f"  {tf:.2f} s; server actions: {stf['by_action']}")
-        print(f"  every caption accounted for: {set(ck) == ids} ({dict(status)}); failed without a reason: {len(no_reason)}")
-        print(f"  output: {len(out_ids)} records, duplicated ids: {len(out_ids) - len(set(out_ids))}; "
-              f"checkpoint lines: {raw_lines} for {len(ck)} captions")
-        print(f"  requests {stf['requests']} = {stf['requests'] / a.n:.2f}/caption; retries {repf['run']['retries']}; "
-              f"failed attempts by reason: {repf['run']['reasons']}")
+        for label, name, t, rep, st in (("max 6 attempts", "faults", tf, repf, stf), ("max 2 attempts", "faults2", tf2, repf2, stf2)):
+            ck = load_checkpoint(sidecar_path(tmp / f"{name}.jsonl"))
+            out_ids = [r["id"] for r in read_jsonl(tmp / f"{name}.jsonl")]
+            status = collections.Counter(r["status"] for r in ck.values())
+            no_reason = [k for k, r in ck.items() if r["status"] != "done" and not r.get("reason")]
+            final = collections.Counter(r["reason"] for r in ck.values() if r["status"] != "done")
+            raw_lines = sum(1 for _ in read_jsonl(sidecar_path(tmp / f"{name}.jsonl")))
+            print(f"  {label}: {t:.2f} s; server actions: {st['by_action']}")
+            print(f"    every caption accounted for: {set(ck) == ids} ({dict(status)}); not done without a reason: {len(no_reason)}"
+                  + (f"; final reasons: {dict(final)}" if final else ""))
+            print(f"    output: {len(out_ids)} records, duplicated ids: {len(out_ids) - len(set(out_ids))}; "
+                  f"checkpoint lines: {raw_lines} for {len(ck)} captions")
+            print(f"    requests {st['requests']} = {st['requests'] / a.n:.2f}/caption; retries {rep['run']['retries']}; "
+                  f"failed attempts by reason: {rep['run']['reasons']}")
 
         # 3. SIGKILL halfway, rerun
         out = tmp / "kill.jsonl"

@@ -40,9 +40,9 @@ def test_openai_teacher_one_request_per_caption(tmp_path, key):
     assert rep["records"] == len(recs) == 20 and len({r["id"] for r in recs}) == 20
     assert [record_problems(r) for r in recs] == [[]] * 20
     assert rep["run"]["prompt_tokens"] > 0 and rep["run"]["completion_tokens"] > 0
-    # domain round robin: the first five figures cover the five domains
     raw = lines(sidecar_path(tmp_path / "out.jsonl"))
     assert all(r["status"] == "done" and r["usage"]["completion_tokens"] > 0 for r in raw)
+    assert raw[0]["meta"] == {"prompt": "v1", "inline_mentions": False} and raw[0]["model"] == "openai:any"
 
 
 def test_each_fault_is_retried_or_recorded(tmp_path, key):
