@@ -177,7 +177,7 @@ REASONS = {  # reason code: what it means
     "bad_role": "a turn's 'from' is neither 'human' nor 'gpt'",
     "not_alternating": "turns do not alternate human/gpt starting with human",
     "not_ending_gpt": "the last turn is not a gpt answer",
-    "empty_question": "a human turn has no text besides <image>",
+    "empty_question": "a human turn is empty (a turn holding only <image> is a valid captioning prompt)",
     "empty_answer": "a gpt turn is empty",
     "image_token_count": "the number of <image> tokens is not 1 (or not 0 for a text-only record)",
     "image_token_position": "the <image> token is not in the first human turn",
@@ -199,7 +199,7 @@ def _turn_problems(conv) -> list[tuple[str, str]]:
         elif role != want: out.append(("not_alternating", f"turn {j} is from {role!r}, expected {want!r}"))
         text = t["value"]
         if role == GPT and not text.strip(): out.append(("empty_answer", f"turn {j} (gpt) is empty"))
-        if role == HUMAN and not text.replace(IMAGE_TOKEN, "").strip(): out.append(("empty_question", f"turn {j} (human) has no text"))
+        if role == HUMAN and not text.strip(): out.append(("empty_question", f"turn {j} (human) is empty"))
     last = conv[-1]
     if isinstance(last, dict) and last.get("from") != GPT:
         out.append(("not_ending_gpt", f"the last turn ({len(conv) - 1}) is from {last.get('from')!r}, expected 'gpt'"))
@@ -235,7 +235,7 @@ def _quick_ok(d: dict, require_image: bool) -> bool:
         if type(v) is not str: return False
         if role is HUMAN:
             n = v.count(IMAGE_TOKEN)
-            if n != want or (n and not v.replace(IMAGE_TOKEN, "").strip()) or not v.strip(): return False
+            if n != want or not v.strip(): return False
             want, role = 0, GPT
         elif IMAGE_TOKEN in v or not v.strip(): return False
         else: role = HUMAN

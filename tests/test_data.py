@@ -105,7 +105,7 @@ def test_iter_samples_raises_or_yields_bad(tmp_path):
 # ---------------------------------------------------------------- validation
 
 def test_validate_clean_file_exits_0(tmp_path, capsys):
-    p = write_array(tmp_path / "clean.json", [rec(i, q="<image>\nDescribe." if i % 2 else "Describe.\n<image>",
+    p = write_array(tmp_path / "clean.json", [rec(i, q="<image>\nDescribe." if i % 3 == 1 else "Describe.\n<image>" if i % 3 else "<image>",
                                                   answer_type="OPEN", domain={"mri": True, "ct_scan": False})
                                               for i in range(50)] + [{"id": "t1", "conversations": [
         {"from": "human", "value": "text only?"}, {"from": "gpt", "value": "yes"}]}])
@@ -128,7 +128,9 @@ DEFECTS = {  # id -> (record, reason expected in the report)
                                                                        {"from": "gpt", "value": "a"},
                                                                        {"from": "human", "value": "more?"}]}, "not_ending_gpt"),
     "emptyans": (rec("emptyans", a="  "), "empty_answer"),
-    "emptyq": (rec("emptyq", q="<image>\n "), "empty_question"),
+    "emptyq": ({"id": "emptyq", "image": "a.jpg", "conversations": [
+        {"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"},
+        {"from": "human", "value": " \n"}, {"from": "gpt", "value": "b"}]}, "empty_question"),
     "role": ({"id": "role", "conversations": [{"from": "user", "value": "q"}, {"from": "gpt", "value": "a"}]}, "bad_role"),
     "turn": ({"id": "turn", "conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, "bad_turn"),
     "noimgfield": ({"id": "noimgfield", "conversations": [{"from": "human", "value": "<image> q"},
