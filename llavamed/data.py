@@ -314,16 +314,62 @@ class ValidationReport:
         return "\n".join([head, *rows])
 
 # %% ../nbs/01_data.ipynb #a689caac
-def _image_problem(root: Path, name: str, cache: dict) -> tuple[str, str] | None:
-    "Why the image `name` under `root` is missing or unreadable, or None; results cached per name."
-    if name in cache: return cache[name]
+def _check_image(root: Path, name: str) -> tuple[str, str] | None:
+    "Why the image `name` under `root` is missing or unreadable, or None when it decodes."
     p = root / name
-    if not p.is_file(): res = ("image_missing", f"image {name!r} not found in {root}")
-    else:
-        try: load_image(p); res = None
-        except (ImageError, OSError, ImportError) as e: res = ("image_unreadable", f"image {name!r} unreadable: {getattr(e, 'msg', e)}")
-    cache[name] = res
-    return res
+    if not p.is_file(): return ("image_missing", f"image {name!r} not found in {root}")
+    try: load_image(p)
+    except (ImageError, OSError, ImportError) as e: return ("image_unreadable", f"image {name!r} unreadable: {getattr(e, 'msg', e)}")
+    return None
+
+_PENDING = object()
+
+class _ImageChecker:
+    "Check each distinct image once, on `workers` threads, handing back problems as checks finish."
+    def __init__(self, root: Path, workers: int):
+        "Serial when `workers` <= 1."
+        from concurrent.futures import ThreadPoolExecutor
+        self.root, self.cache, self.waiting, self.futures = root, {}, {}, {}
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="llavamed-image") if workers > 1 else None
+        self.limit = 4 * max(workers, 1)
+
+    def check(self, name: str, who):
+        "The problem of image `name` (or None) when known now, else `_PENDING` (it will come from `ready`/`finish`)."
+        if name in self.cache: return self.cache[name]
+        if self.pool is None:
+            self.cache[name] = res = _check_image(self.root, name)
+            return res
+        if name not in self.waiting:
+            self.futures[self.pool.submit(_check_image, self.root, name)] = name
+            self.waiting[name] = []
+        self.waiting[name].append(who)
+        return _PENDING
+
+    def _collect(self, futs) -> list:
+        "Record finished checks; (who, problem) for each waiting record whose image has a problem."
+        out = []
+        for f in futs:
+            name = self.futures.pop(f)
+            self.cache[name] = res = f.result()
+            for who in self.waiting.pop(name):
+                if res is not None: out.append((who, res))
+        return out
+
+    def ready(self) -> list:
+        "Finished problems, waiting for one check to finish only when too many are in flight."
+        if len(self.futures) < self.limit: return []
+        from concurrent.futures import FIRST_COMPLETED, wait
+        return self._collect(wait(self.futures, return_when=FIRST_COMPLETED).done)
+
+    def finish(self) -> list:
+        "Wait for every check and return the remaining problems."
+        out = self._collect(list(self.futures))
+        self.close()
+        return out
+
+    def close(self):
+        "Stop the threads (cancelling checks not started)."
+        if self.pool is not None: self.pool.shutdown(wait=True, cancel_futures=True)
 
 # %% ../nbs/01_data.ipynb #116a1169
 def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or `(line, value)` pairs from `iter_json`
@@ -332,10 +378,11 @@ def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or 
                      max_problems: int = 100_000,  # keep at most this many `Problem`s in the report (counts stay exact)
                      on_problem: Callable[[Problem], Any] | None = None,  # called with each problem as it is found
                      source: str = "<records>",  # name used in the summary
+                     workers: int = 8,  # threads decoding images (1: in order, on this thread)
                     ) -> ValidationReport:
     "Check every record and return a `ValidationReport`; nothing is printed unless `on_problem` prints."
-    rep, seen, cache = ValidationReport(source=source), {}, {}
-    root = Path(images) if images is not None else None
+    rep, seen = ValidationReport(source=source), {}
+    checker = _ImageChecker(Path(images), workers) if images is not None else None
     def add(i, rid, line, reason, msg):
         "Count, keep (up to the cap) and announce one problem."
         p = Problem(i, rid, line, reason, msg)
@@ -343,7 +390,20 @@ def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or 
         if len(rep.problems) < max_problems: rep.problems.append(p)
         else: rep.n_unlisted += 1
         if on_problem: on_problem(p)
-    i = 0
+    def settle(found):
+        "Report image problems that finished after their record was seen."
+        for (j, rid_j, line_j, was_invalid), (reason, msg) in found:
+            add(j, rid_j, line_j, reason, msg)
+            if not was_invalid: rep.n_invalid += 1
+    try: _validate_loop(records, rep, seen, checker, require_image, add, settle)
+    except BaseException:
+        if checker is not None: checker.close()
+        raise
+    if checker is not None: settle(checker.finish())
+    return rep
+
+def _validate_loop(records, rep, seen, checker, require_image, add, settle):
+    "The per-record pass of `validate_records`."
     for item in records:
         line, d = item if isinstance(item, tuple) else (None, item)
         if isinstance(d, Sample): d = d.to_json()
@@ -358,17 +418,19 @@ def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or 
         if rid is not None and rid.strip():
             if rid in seen: probs.append(("duplicate_id", f"id {rid!r} already used by record {seen[rid]}"))
             else: seen[rid] = i
-        if root is not None and isinstance(d, dict) and isinstance(d.get("image"), str) and d["image"].strip():
-            if (ip := _image_problem(root, d["image"], cache)): probs.append(ip)
+        if checker is not None and isinstance(d, dict) and isinstance(d.get("image"), str) and d["image"].strip():
+            ip = checker.check(d["image"], (i, rid, line, bool(probs)))
+            if ip is not None and ip is not _PENDING: probs.append(ip)
         for reason, msg in probs: add(i, rid, line, reason, msg)
         if probs: rep.n_invalid += 1
-    return rep
+        if checker is not None: settle(checker.ready())
 
 # %% ../nbs/01_data.ipynb #bd6d135d
 def validate_file(path: str,  # a LLaVA conversation file: JSON array or JSON Lines
                   images: str = None,  # folder with the images: also check that each exists and decodes
                   require_image: bool = False,  # treat records without an 'image' field as invalid
                   quiet: bool = False,  # print only the summary, not each problem
+                  workers: int = 8,  # threads decoding images with --images
                  ) -> int:
     "Check a LLaVA conversation file, print every bad record and a summary; exit status 0 clean, 1 invalid."
     if not Path(path).is_file(): print(f"llavamed validate: no such file: {path}", file=sys.stderr); return 2
@@ -379,7 +441,7 @@ def validate_file(path: str,  # a LLaVA conversation file: JSON array or JSON Li
     with tqdm(iter_json(path), unit=" records", desc="validate", disable=True if quiet else None, leave=False) as bar:
         show = None if quiet else (lambda p: bar.write(f"{path}: {p}", file=sys.stdout))
         rep = validate_records(bar, images=images, require_image=require_image,
-                               max_problems=0, on_problem=show, source=str(path))
+                               max_problems=0, on_problem=show, source=str(path), workers=workers)
     print(rep.summary(note_unlisted=False))
     return 0 if rep.ok else 1
 

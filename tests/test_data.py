@@ -186,6 +186,23 @@ def test_validate_images(tmp_path, capsys):
     assert main(["validate", str(p)]) == 0  # without --images only the text is checked
 
 
+def test_threaded_image_checks_match_serial(tmp_path):
+    "Images decoded on a thread pool give the same problems and counts as one thread, each image decoded once."
+    img = tmp_path / "img"; img.mkdir()
+    jpg = (SKD / "retina.jpg").read_bytes()
+    for k in range(40):
+        if k % 5 == 0: (img / f"{k}.jpg").write_bytes(jpg[:2000 + k])  # truncated
+        elif k % 7 == 0: continue  # missing
+        else: Image.new("L", (16 + k, 16), k).save(img / f"{k}.jpg", "PNG" if k % 2 else "JPEG")
+    rows = [rec(i, image=f"{i % 40}.jpg", a="" if i % 11 == 0 else "ok") for i in range(200)]
+    serial = validate_records(rows, images=img, workers=1)
+    threaded = validate_records(rows, images=img, workers=4)
+    key = lambda r: sorted((p.index, p.reason, p.message) for p in r.problems)
+    assert key(serial) == key(threaded) and serial.counts == threaded.counts
+    assert serial.n_invalid == threaded.n_invalid == len({p.index for p in serial.problems})
+    assert serial.counts["image_unreadable"] == 40 and serial.counts["image_missing"] == 20  # 8 and 4 images, 5 records each
+
+
 def test_validate_array_file_structure(tmp_path, capsys):
     p = tmp_path / "cut.json"
     p.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, ')
