@@ -460,3 +460,15 @@ def test_quick_path_never_passes_a_bad_record():
             seen[quick] += 1
             if quick: assert data._full_check(r, req) == [], r
     assert seen[True] > 200 and seen[False] > 2000, seen
+
+
+def test_synthetic_corpus_validates_clean(tmp_path):
+    "Acceptance: every LLaVA file of the synthetic corpus passes `llavamed validate` with its images."
+    from llavamed.synth import make_corpus
+    make_corpus(str(tmp_path / "c"), n_train=12, n_test=4, n_chat=2, quiet=True)
+    for name in ("alignment.json", "vqa_train.json", "vqa_test.json"):
+        f = tmp_path / "c" / name
+        assert main(["validate", str(f), "--images", str(tmp_path / "c" / "images"), "--require-image", "--quiet"]) == 0, name
+    out = tmp_path / "realign.json"
+    assert build_alignment(str(tmp_path / "c" / "instruct_captions.json"), str(out), quiet=True)["written"] == 12
+    assert main(["validate", str(out), "--images", str(tmp_path / "c" / "images"), "--quiet"]) == 0
