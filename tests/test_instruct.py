@@ -196,7 +196,8 @@ def test_leaky_turns_are_cleaned_and_counted(tmp_path, key):
     assert [t["value"] for t in recs[ids[0]]["conversations"]][1] == "A chest X-ray."
     assert recs[ids[2]]["conversations"][1]["value"] == "On the left."
     assert rep["rule_hits"] == {"strip:based_on_caption": 1, "drop:cannot_see": 1, "drop:cites_caption": 1, "strip:as_mentioned": 1}
-    assert rep["samples_dropped"] == {"no usable turn after cleaning": 1}
+    assert rep["samples_dropped"] == {"no usable turn after cleaning (dropped by cites_caption)": 1}
+    assert rep["pairs_in"] == 4 and rep["pairs_out"] == 2
 
 
 def test_split_turns_formats():
