@@ -130,6 +130,16 @@ class _ArrayStream:
             yield None, self.err("expected ',' or ']' after a record" if c else "file ends inside the array (missing ']')")
             if not c or not self.resync(): return
 
+# %% ../nbs/01_data.ipynb #760230de
+def _second_line_is_json(path) -> bool:
+    "Whether the second non-blank line of `path` is a complete JSON value by itself."
+    with open(path, "rb") as f:
+        lines = (l for l in f if l.strip())
+        next(lines, None)
+        second = next(lines, None)
+    try: return second is not None and second.lstrip()[:1] in (b"{", b"[") and json.loads(second) is not None
+    except ValueError: return False
+
 # %% ../nbs/01_data.ipynb #3b702ed4
 def iter_json(path: str | Path,  # a JSON array, JSON Lines, or single-document JSON file
               max_record_chars: int = 64 << 20,  # a record longer than this is reported instead of buffered
@@ -137,10 +147,11 @@ def iter_json(path: str | Path,  # a JSON array, JSON Lines, or single-document 
     "Stream `(line, value)` pairs from a JSON array or JSONL file; malformed input yields `RecordError` values."
     layout = json_layout(path)
     if layout == "object":
-        try: yield 1, read_json(path)
-        except RecordError as e: yield e.line, e
-        except UnicodeDecodeError as e: yield 1, RecordError(path, 1, f"not UTF-8 text (byte {e.start})")
-        return
+        try: yield 1, read_json(path); return
+        except RecordError as e: err = e
+        except UnicodeDecodeError as e: err = RecordError(path, 1, f"not UTF-8 text (byte {e.start})")
+        if not _second_line_is_json(path): yield err.line, err; return
+        # JSON Lines whose first line is cut short: read it line by line after all
     if layout == "array":
         # bytes that are not UTF-8 become lone surrogates, which the stream reports per record
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:

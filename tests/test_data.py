@@ -51,6 +51,17 @@ def test_array_and_jsonl_stream_the_same_records(tmp_path):
         assert [s.id for s in iter_samples(p)] == [r["id"] for r in rows]
 
 
+def test_jsonl_with_a_cut_first_line_loses_only_that_line(tmp_path):
+    p = tmp_path / "cut.jsonl"
+    p.write_text('{"id": "a", "conversations": [{"from": "hu\n' + json.dumps(rec(2)) + "\n" + json.dumps(rec(3)) + "\n")
+    got = list(iter_json(p))
+    assert [l for l, _ in got] == [1, 2, 3] and isinstance(got[0][1], RecordError) and got[2][1] == rec(3)
+    q = tmp_path / "broken_doc.json"  # a damaged multi-line document is one error, not one per line
+    q.write_text('{\n  "mri": [\n    {"pair_id": "1_F1",, }\n  ]\n}\n')
+    got = list(iter_json(q))
+    assert len(got) == 1 and isinstance(got[0][1], RecordError) and got[0][0] == 3
+
+
 def test_tiny_chunks_give_identical_results(tmp_path, monkeypatch):
     rows = [{"id": str(i), "n": i * 123457, "f": i / 7, "s": "x\"y\\" * (i % 5), "z": None, "b": [True, {}]}
             for i in range(200)]
