@@ -416,7 +416,14 @@ def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or 
 def _validate_loop(records, rep, seen, checker, require_image, add, settle):
     "The per-record pass of `validate_records`."
     for item in records:
-        line, d = item if isinstance(item, tuple) else (None, item)
+        line, d = item if type(item) is tuple else (None, item)
+        if type(d) is dict and checker is None and _quick_ok(d, require_image):  # the common case, in one step
+            i, rep.n_records = rep.n_records, rep.n_records + 1
+            rid = d["id"]  # _quick_ok guarantees a non-blank string
+            if rid in seen:
+                add(i, rid, line, "duplicate_id", f"id {rid!r} already used by record {seen[rid]}"); rep.n_invalid += 1
+            else: seen[rid] = i
+            continue
         if isinstance(d, Sample): d = d.to_json()
         if isinstance(d, RecordError) and getattr(d, "file_level", False):
             add(None, None, d.line, "malformed_json", d.msg); rep.n_file_errors += 1; continue
