@@ -344,3 +344,11 @@ def test_vqa_eval_writes_report_with_blank_ablation(tiny, tmp_path):
     text = Path(res["report"]).read_text()
     assert "| none |" in text and "| blank |" in text and "### Image ablations" in text and "proxy" in text
     assert set(res["scores"]) == {"none", "blank"} and res["scores"]["none"]["n_missing"] == 0
+
+def test_details_file_has_every_scored_question(files, tmp_path):
+    score(*files, mode="all", details=str(tmp_path / "d.jsonl"))
+    rows = [json.loads(l) for l in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"q{i}" for i in range(1, 9)]  # the VQA file's order, missing q8 included
+    r1 = rows[0]
+    assert (r1["pred"], r1["official"]["closed_hit"], r1["strict"]["closed_hit"]) == ("There is a nodule.", 1.0, 0.0)
+    assert rows[3]["official"]["recall"] == pytest.approx(0.8) and rows[7]["pred"] == ""
