@@ -18,7 +18,7 @@ from .images import ImageError, load_image
 # %% auto #0
 __all__ = ['REASONS', 'json_layout', 'iter_json', 'iter_samples', 'check_record', 'Problem', 'ValidationReport',
            'validate_records', 'validate_file', 'align_prompts', 'iter_caption_pairs', 'alignment_record',
-           'build_alignment']
+           'write_records', 'build_alignment']
 
 # %% ../nbs/01_data.ipynb #1811aa75
 def json_layout(path: str | Path) -> str:
@@ -510,14 +510,16 @@ def alignment_record(pair: dict,  # {pair_id or id, caption or fig_caption, imag
     return rec
 
 # %% ../nbs/01_data.ipynb #a34a5cbd
-def _write_records(out: Path, rows: Iterable[dict]) -> int:
-    "Stream `rows` atomically to `out`, one record per line (JSON array, or JSONL for .jsonl)."
-    n = 0
+def write_records(out: str | Path,  # a .json file (array, one record per line) or .jsonl file
+                  rows: Iterable[dict | Sample],  # records as dicts or `Sample`s; consumed as a stream
+                 ) -> int:
+    "Atomically stream LLaVA records to a JSON array with one record per line, or JSON Lines for .jsonl."
+    out, n = Path(out), 0
     with atomic_write(out) as f:
         jsonl = out.suffix == ".jsonl"
         if not jsonl: f.write("[")
         for r in rows:
-            s = json.dumps(r, ensure_ascii=False)
+            s = json.dumps(r.to_json() if isinstance(r, Sample) else r, ensure_ascii=False)
             f.write(f"{s}\n" if jsonl else f"{',' if n else ''}\n{s}"); n += 1
         if not jsonl: f.write("\n]\n")
     return n
@@ -553,7 +555,7 @@ def build_alignment(captions: str = None,  # figure-caption pairs: teacher-input
             if prob is None: yield alignment_record(pair, prompts, seed, key); continue
             skipped[prob[0]] += 1
             if not quiet: pairs.write(f"{captions}: pair {i} (line {line}): skipped, {prob[1]} [{prob[0]}]", file=sys.stderr)
-    n = _write_records(Path(out), rows())
+    n = write_records(out, rows())
     res = {"out": str(out), "written": n, "skipped": dict(skipped)}
     print(f"wrote {n:,} alignment records to {out}" + (f"; skipped {sum(skipped.values()):,}: {dict(skipped)}" if skipped else ""))
     return res

@@ -96,6 +96,21 @@ def test_streaming_memory_is_bounded(tmp_path):
     assert stream_peak < 8 * 2**20 < p.stat().st_size < load_peak, (stream_peak, p.stat().st_size, load_peak)
 
 
+def test_write_records_round_trip_and_atomic(tmp_path):
+    from llavamed.data import write_records
+    rows = [rec(i, domain={"mri": i % 2 == 0}) for i in range(20)]
+    for name in ("o.json", "o.jsonl"):
+        assert write_records(tmp_path / name, (Sample.from_json(r) for r in rows)) == 20
+        assert [s.to_json() for s in iter_samples(tmp_path / name)] == rows
+        assert len((tmp_path / name).read_text().splitlines()) == 20 + 2 * name.endswith(".json")
+    def failing():
+        yield rows[0]; raise RuntimeError("stop")
+    with pytest.raises(RuntimeError):
+        write_records(tmp_path / "o.json", failing())
+    assert len(list(iter_json(tmp_path / "o.json"))) == 20  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
 def test_conversatons_misspelling_is_accepted(tmp_path):
     r = rec(1)
     r["conversatons"] = r.pop("conversations")
