@@ -219,3 +219,90 @@ def test_presets_are_valid_and_named():
     assert (PRESETS["llava-med-v1"].projector, PRESETS["llava-med-v1"].template) == ("linear", "vicuna_v1")
     with pytest.raises(ValueError, match="ModelConfig.projector='mlp3x'"): ModelConfig(vision={}, lm={}, projector="mlp3x")
     with pytest.raises(ValueError, match="unknown preset 'huge'"): build_model("huge")
+
+
+def _reference_llava_med(src, pil_image, prompt):
+    """The release's forward, rebuilt from its files: LLaVA's pad-to-square, CLIP preprocessing, tokens split at
+    <image> with index -200, features of layer -2 without CLS through mm_projector, spliced where -200 stood."""
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM)
+    cfg = json.loads((src / "config.json").read_text())
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")): sd.update(load_file(f))
+    pre = "model.vision_tower.vision_tower.vision_model."
+    tower_sd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=128, intermediate_size=256,
+                                             num_hidden_layers=3, num_attention_heads=2, hidden_act="quick_gelu"))
+    tower.load_state_dict(tower_sd, strict=False)
+    mlp = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    mlp.load_state_dict({k[len("model.mm_projector."):]: v for k, v in sd.items() if k.startswith("model.mm_projector.")})
+    lm_cfg = MistralConfig(**{k: v for k, v in cfg.items() if not k.startswith(("mm_", "model_type", "architectures"))})
+    lm = MistralForCausalLM(lm_cfg)
+    lm.load_state_dict({k: v for k, v in sd.items() if k.startswith(("model.layers", "model.embed", "model.norm", "lm_head"))})
+    lm.eval(); tower.eval()
+    # LLaVA's expand2square with the mean colour, then CLIP: shortest edge 32 (bicubic), centre crop, normalise
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    w, h = pil_image.size
+    side = max(w, h)
+    sq = Image.new("RGB", (side, side), tuple(int(x * 255) for x in mean))
+    sq.paste(pil_image, ((side - w) // 2, (side - h) // 2))
+    arr = np.asarray(sq.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255.0
+    pix = torch.from_numpy(((arr - mean) / std).astype(np.float32)).permute(2, 0, 1)[None]  # (1, 3, 32, 32)
+    tok = AutoTokenizer.from_pretrained(src)
+    chunks = [tok(c, add_special_tokens=False).input_ids for c in prompt.split("<image>")]
+    ids = [tok.bos_token_id] + chunks[0] + [-200] + chunks[1]
+    with torch.no_grad():
+        feats = mlp(tower(pix, output_hidden_states=True).hidden_states[-2][:, 1:])[0]  # (16, 64)
+        at = ids.index(-200)
+        emb = lm.get_input_embeddings()
+        x = torch.cat([emb(torch.tensor(ids[:at])), feats, emb(torch.tensor(ids[at + 1:]))])[None]
+        logits = lm(inputs_embeds=x).logits
+    return ids, pix, logits
+
+
+def test_convert_release_checkpoint_matches_reference_forward(tmp_path):
+    from llavamed.model import convert_checkpoint, tiny_release_checkpoint
+    from llavamed.cli import main
+    src = tiny_release_checkpoint(tmp_path / "release", seed=3)
+    assert main(["convert", "--src", str(src), "--out", str(tmp_path / "hf")]) == 0
+    model, proc = load_model(tmp_path / "hf", device="cpu")
+    img = _img(size=(50, 30))
+    prompt = "[INST] <image>\nIs there a nodule? [/INST]"
+    ref_ids, ref_pix, ref_logits = _reference_llava_med(src, img, prompt)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a nodule?"}]}]
+    rendered = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    assert rendered == "<s>" + prompt
+    enc = proc(text=rendered, images=img, return_tensors="pt", add_special_tokens=False)
+    torch.testing.assert_close(enc["pixel_values"], ref_pix, atol=1e-5, rtol=1e-5)
+    at = ref_ids.index(-200)
+    n = model.config.image_seq_length
+    expect_ids = ref_ids[:at] + [model.config.image_token_id] * n + ref_ids[at + 1:]
+    assert enc["input_ids"][0].tolist() == expect_ids  # same tokens as the release's tokenizer_image_token
+    with torch.no_grad(): ours = model(input_ids=enc["input_ids"], pixel_values=ref_pix).logits
+    vocab = ref_logits.shape[-1]  # the converted vocabulary adds <image> and <pad> at the end
+    torch.testing.assert_close(ours[..., :vocab], ref_logits, rtol=1e-4, atol=1e-5)
+    assert model.config.llavamed["converted_from"] == "tiny/llava-med-v1.5-layout"
+    # and the converted checkpoint is plain transformers
+    from transformers import LlavaForConditionalGeneration
+    assert type(model) is LlavaForConditionalGeneration
+
+
+def test_convert_rejects_non_llava(tmp_path):
+    from llavamed.model import convert_checkpoint
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert' is not a LLaVA checkpoint"):
+        convert_checkpoint(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_infer_clip_config_vit_l14_336():
+    "The release's tower geometry (CLIP ViT-L/14-336) comes back from weight shapes alone (meta tensors: no memory)."
+    from llavamed.model import infer_clip_config
+    m = torch.device("meta")
+    tower = {"embeddings.patch_embedding.weight": torch.empty(1024, 3, 14, 14, device=m),
+             "embeddings.position_embedding.weight": torch.empty(577, 1024, device=m),
+             "encoder.layers.0.mlp.fc1.weight": torch.empty(4096, 1024, device=m),
+             **{f"encoder.layers.{i}.layer_norm1.weight": torch.empty(1024, device=m) for i in range(24)}}
+    c = infer_clip_config(tower)
+    assert (c["image_size"], c["patch_size"], c["num_attention_heads"], c["num_hidden_layers"], c["intermediate_size"]) \
+        == (336, 14, 16, 24, 4096)
