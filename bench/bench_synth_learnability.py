@@ -35,6 +35,7 @@ def TinyViT(size: int, patch: int = 8, dim: int = 128, layers: int = 3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30, help="training time budget")
+    ap.add_argument("--steps", type=int, default=0, help="train the tower this many steps instead of for --seconds")
     ap.add_argument("--n-train", type=int, default=3000)
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--size", type=int, default=64)
@@ -64,7 +65,7 @@ def main():
     opt = torch.optim.AdamW([*body.parameters(), *heads.parameters()], lr=2e-3 if a.arch == "cnn" else 5e-4)
     xtr, ytr = data["train"]
     t0, step = time.perf_counter(), 0
-    while time.perf_counter() - t0 < a.seconds:
+    while (step < a.steps) if a.steps else (time.perf_counter() - t0 < a.seconds):
         idx = torch.randint(0, len(xtr), (64,))
         z = body(xtr[idx])
         loss = sum(F.cross_entropy(heads[h](z), ytr[h][idx]) for h in heads)

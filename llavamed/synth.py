@@ -227,11 +227,11 @@ def sample_findings(n: int,  # number of figures
         if present[i]:
             sx, sy = (-1, 1)[side[i]], (-1, 1)[region[i]]
             cx = sx * g.uniform(0.38, 0.46)
-            cy = g.uniform(-0.42, -0.32) if sy < 0 else g.uniform(0.26, 0.34)
+            cy = g.uniform(-0.44, -0.36) if sy < 0 else g.uniform(0.34, 0.4)
             if shape[i] == 3:  # two small findings in the same quadrant
-                lesions = [[cx - 0.12, cy - 0.06, g.uniform(0.12, 0.13)], [cx + 0.12, cy + 0.06, g.uniform(0.12, 0.13)]]
+                lesions = [[cx - 0.14, cy - 0.07, g.uniform(0.14, 0.15)], [cx + 0.14, cy + 0.07, g.uniform(0.14, 0.15)]]
             else:
-                lesions = [[cx, cy, g.uniform(0.22, 0.25) if shape[i] < 2 else g.uniform(0.13, 0.15)]]
+                lesions = [[cx, cy, g.uniform(0.26, 0.29) if shape[i] < 2 else g.uniform(0.16, 0.18)]]
             f.update(finding=list(FINDINGS[d])[kind[i]], side=("left", "right")[side[i]],
                      region=("upper", "lower")[region[i]], size="large" if shape[i] < 2 else "small",
                      count=2 if shape[i] == 3 else 1, lesions=[[round(float(v), 4) for v in l] for l in lesions])
