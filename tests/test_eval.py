@@ -194,6 +194,8 @@ def test_judge_both_orders_averaged(tmp_path, capsys):
     assert (g["conversation"]["n"], g["description"]["n"], g["chest_xray"]["n"], g["mri"]["n"], g["histology"]["n"]) == (2, 1, 1, 1, 1)
     assert g["ct_scan"]["n"] == 0  # question 1 is filed under its first true domain (chest X-ray)
     assert json.loads((tmp_path / "rev.summary.json").read_text())["groups"] == g
+    # official (ref 8, model 4): model - ref = -4; swapped (model 6, ref 9): -3; effect = -3 - (-4) = +1
+    assert s["position_effect"] == pytest.approx(1.0)
     assert "Conversation benchmark | judge: openai:judge-x" in capsys.readouterr().out
 
 def test_judge_cache_sends_nothing_twice(tmp_path):
