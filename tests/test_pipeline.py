@@ -1,0 +1,105 @@
+"""`llavamed demo` at toy size: every step runs through the real modules, every artefact is written, and
+a rerun reuses finished steps (a removed marker reruns that step and the ones after it; --fresh reruns all)."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llavamed.cli import main
+from llavamed.pipeline import STEP_NAMES, DemoConfig, Steps, run_pipeline
+
+TOY = dict(n_train=40, n_test=10, n_chat=3, tower_steps=4, align_epochs=0.5, instruct_epochs=0.5, batch_size=8,
+           max_new_tokens=4, chat_max_new_tokens=8, eval_batch_size=16, threads=1)
+KEYS = ("closed_accuracy", "open_recall", "closed_accuracy_blank_image", "strict_closed_accuracy", "train_seconds",
+        "total_seconds", "seeds", "sizes", "config", "tower", "per_domain", "chat_groups")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    "One toy demo run through the CLI, as `make demo` starts it."
+    d = tmp_path_factory.mktemp("demo")
+    cfg = d / "toy.yaml"
+    cfg.write_text(yaml.safe_dump(TOY))
+    assert main(["demo", "--out", str(d / "out"), "--config", str(cfg), "--seed", "1", "--quiet"]) == 0
+    return d / "out"
+
+
+def _markers(root: Path) -> dict:
+    return {n: json.loads((root / "steps" / f"{n}.json").read_text()) for n in STEP_NAMES}
+
+
+def test_every_artefact_and_report_key(demo_dir):
+    rep = json.loads((demo_dir / "report.json").read_text())
+    for k in KEYS: assert k in rep, k
+    for k in ("closed_accuracy", "closed_accuracy_blank_image", "strict_closed_accuracy", "open_recall"):
+        assert 0 <= rep[k] <= 100, (k, rep[k])
+    assert rep["seeds"]["corpus"] == 1 and rep["config"]["n_train"] == 40
+    assert rep["sizes"]["train_figures"] == 40 and rep["sizes"]["test_figures"] == 10
+    assert rep["train_seconds"] > 0 and rep["total_seconds"] >= rep["train_seconds"]
+    assert "labels.json" in rep["tower"]["how"] and "frozen" in rep["tower"]["how"]
+    md = (demo_dir / "report.md").read_text()
+    for name in ("loss.png", "metrics.png", "ablation.png", "domains.png", "example_1.png", "example_2.png", "example_3.png"):
+        f = demo_dir / "report_files" / name
+        assert f.stat().st_size > 500, name
+        assert f"report_files/{name}" in md, name
+    assert "strict mode" in md and "blank image" in md and "PROXY" in md
+    for n in STEP_NAMES: assert (demo_dir / n).is_dir() and not (demo_dir / f".{n}.tmp").exists()
+    for stage in ("stage1", "stage2"):
+        rows = [json.loads(l) for l in (demo_dir / stage / "log_history.jsonl").read_text().splitlines()]
+        assert rows and {"step", "loss"} <= set(rows[0])
+        assert (demo_dir / stage / "config.json").exists()
+
+
+def test_answer_files_are_official_format_and_cover_the_test_split(demo_dir):
+    n_test = len(json.loads((demo_dir / "corpus" / "vqa_test.json").read_text()))
+    for abl in ("none", "blank"):
+        rows = [json.loads(l) for l in (demo_dir / "evaluate" / f"answers_{abl}.jsonl").read_text().splitlines()]
+        assert len(rows) == n_test
+        assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(rows[0])
+    scores = json.loads((demo_dir / "evaluate" / "scores_none.json").read_text())
+    assert scores["official"]["n_closed"] + scores["official"]["n_open"] == n_test
+
+
+def test_tower_frozen_through_stages_1_and_2(demo_dir):
+    from safetensors.torch import load_file
+    w0, w2 = (load_file(str(demo_dir / d / "model.safetensors")) for d in ("tower", "stage2"))
+    vis = [k for k in w0 if "vision_tower" in k]
+    assert vis and all(w0[k].equal(w2[k]) for k in vis)
+    assert any(not w0[k].equal(w2[k]) for k in w0 if "multi_modal_projector" in k)
+
+
+def test_rerun_reuses_steps_and_a_missing_marker_reruns_from_there(demo_dir, capsys):
+    cfg = DemoConfig(**{**TOY, "seed": 1})
+    before = _markers(demo_dir)
+    rep = run_pipeline(cfg, demo_dir)
+    assert rep["steps_run_now"] == [] and _markers(demo_dir) == before
+    assert "reused" in capsys.readouterr().out
+    (demo_dir / "steps" / "evaluate.json").unlink()
+    rep = run_pipeline(cfg, demo_dir, quiet=True)
+    assert rep["steps_run_now"] == ["evaluate", "judge"]
+    after = _markers(demo_dir)
+    assert after["stage2"] == before["stage2"] and after["judge"]["finished"] >= before["judge"]["finished"]
+
+
+def test_failed_step_leaves_no_marker_and_no_output(tmp_path):
+    s = Steps(tmp_path, {"a": 1}, quiet=True)
+    def fails(d):
+        (d / "partial.bin").write_bytes(b"x")
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError): s.run("stage1", fails)
+    assert not (tmp_path / "stage1").exists() and not s.marker("stage1").exists()
+    assert Steps(tmp_path, {"a": 1}, quiet=True).done("stage1") is None
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="DemoConfig.batch_size"): DemoConfig(batch_size=0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n_trian: 10\n")
+    with pytest.raises(ValueError, match="n_trian"): main(["demo", "--out", str(tmp_path / "o"), "--config", str(bad)])
+
+
+def test_demo_help_lists_options(capsys):
+    with pytest.raises(SystemExit): main(["demo", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--out", "--fresh", "--seed", "--config"): assert opt in out
