@@ -354,3 +354,16 @@ def test_details_file_has_every_scored_question(files, tmp_path):
     r1 = rows[0]
     assert (r1["pred"], r1["official"]["closed_hit"], r1["strict"]["closed_hit"]) == ("There is a nodule.", 1.0, 0.0)
     assert rows[3]["official"]["recall"] == pytest.approx(0.8) and rows[7]["pred"] == ""
+
+def test_bleu_matches_nltk_when_installed():
+    "Bit-for-bit agreement with nltk's sentence_bleu (the official script's) on random word sequences."
+    nltk_bleu = pytest.importorskip("nltk.translate.bleu_score").sentence_bleu
+    import random, warnings
+    rng, words = random.Random(0), "a b c d e f".split()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2000):
+            ref = [rng.choice(words) for _ in range(rng.randint(0, 6))]
+            hyp = [rng.choice(words) for _ in range(rng.randint(0, 9))]
+            for w in ((0.25, 0.25, 0.25, 0.25), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0)):
+                assert sentence_bleu(ref, hyp, w) == nltk_bleu([ref], hyp, weights=w), (ref, hyp, w)
