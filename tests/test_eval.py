@@ -196,7 +196,9 @@ def test_judge_both_orders_averaged(tmp_path, capsys):
     assert json.loads((tmp_path / "rev.summary.json").read_text())["groups"] == g
     # official (ref 8, model 4): model - ref = -4; swapped (model 6, ref 9): -3; effect = -3 - (-4) = +1
     assert s["position_effect"] == pytest.approx(1.0)
-    assert "Conversation benchmark | judge: openai:judge-x" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Conversation benchmark | judge: openai:judge-x" in printed
+    assert f"sha256 {hashlib.sha256(q.read_bytes()).hexdigest()}" in printed and "decoding: unknown" in printed
 
 def test_judge_cache_sends_nothing_twice(tmp_path):
     q, a = _judge_files(tmp_path)
