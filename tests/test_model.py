@@ -306,3 +306,29 @@ def test_infer_clip_config_vit_l14_336():
     c = infer_clip_config(tower)
     assert (c["image_size"], c["patch_size"], c["num_attention_heads"], c["num_hidden_layers"], c["intermediate_size"]) \
         == (336, 14, 16, 24, 4096)
+
+
+def test_start_from_existing_llava_checkpoint(tiny, tmp_path):
+    "The paper's best setting starts from a general LLaVA: a checkpoint dir is a valid `build_model` source."
+    model, proc = tiny
+    save_model(model, proc, tmp_path / "general")
+    m2, p2 = build_model(str(tmp_path / "general"), template="plain", aspect="crop")
+    assert template_name(p2) == "plain" and p2.image_processor.do_pad is False
+    assert m2.config.llavamed["template"] == "plain" and m2.config.llavamed["aspect"] == "crop"
+    for (k, a), b in zip(model.state_dict().items(), m2.state_dict().values()): assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match=r"only template/aspect overrides, got \['projector'\]"):
+        build_model(str(tmp_path / "general"), projector="linear")
+
+
+def test_saved_metadata_follows_processor_and_configs_are_shared(tiny, tmp_path):
+    model, proc = tiny
+    old = proc.chat_template
+    try:
+        save_model(model, set_template(proc, "plain"), tmp_path)
+        assert json.loads((tmp_path / "config.json").read_text())["llavamed"]["template"] == "plain"
+    finally:
+        proc.chat_template = old
+        model.config.llavamed = {**model.config.llavamed, "template": "mistral_instruct"}
+    # one config object per part: an attention switch reaches the LM's layers
+    assert model.config.text_config is model.model.language_model.config
+    assert model.config.vision_config is model.model.vision_tower.config
