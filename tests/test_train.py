@@ -297,3 +297,14 @@ def test_resume_after_sigkill_ends_at_same_loss(base_dir, data, tmp_path):
     resumed = _run(args + ["--resume"], out)
     assert len(resumed) == 10 and resumed[-1] == pytest.approx(full[-1], rel=1e-4), (full, resumed)
     assert resumed == pytest.approx(full, rel=1e-4)
+
+
+# ---------------------------------------------------------------- benchmark scripts run at tiny size
+
+def test_gpu_step_tiny_reports_both_checkpointing_modes():
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_step.py"), "--tiny", "--steps", "1", "--batch", "2"],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout[p.stdout.index("{"):])
+    assert res["image_tokens"] == 16 and res["flops_per_token"] > 6 * 0.5 * res["params"]
+    for k in ("no_checkpointing", "checkpointing"): assert res["runs"][k]["tokens_per_s"] > 0
