@@ -112,3 +112,24 @@ def test_chat_interactive_multi_turn(tiny, tmp_path, monkeypatch, capsys):
              {"role": "assistant", "content": [{"type": "text", "text": answers[0]}]},
              {"role": "user", "content": [{"type": "text", "text": "And the side?"}]}]
     assert answers[1] == generate_batch(model, proc, [first], [img], max_new_tokens=5)[0]
+
+
+def test_cpu_float32_and_never_fp16_on_cpu(tiny, tmp_path):
+    from llavamed.model import load_model
+    model, proc = tiny
+    save_model(model, proc, tmp_path)
+    m, _ = load_model(tmp_path, device="cpu")
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="float16 on CPU"): load_model(tmp_path, device="cpu", dtype="float16")
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_generation(tiny, tmp_path):
+    from llavamed.model import load_model
+    model, proc = tiny
+    save_model(model, proc, tmp_path)
+    m, p = load_model(tmp_path, device="cuda")
+    assert {q.dtype for q in m.parameters()} == {torch.bfloat16} and m.device.type == "cuda"
+    convs, imgs = [_conv(q) for q in QS[:4]], _imgs()[:4]
+    out = generate_batch(m, p, convs, imgs, max_new_tokens=8)
+    assert len(out) == 4 and all(isinstance(t, str) for t in out)
