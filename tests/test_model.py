@@ -332,3 +332,17 @@ def test_saved_metadata_follows_processor_and_configs_are_shared(tiny, tmp_path)
     # one config object per part: an attention switch reaches the LM's layers
     assert model.config.text_config is model.model.language_model.config
     assert model.config.vision_config is model.model.vision_tower.config
+
+
+def test_convert_release_without_tower_weights_takes_a_tower_path(tmp_path):
+    from llavamed.model import convert_checkpoint, tiny_release_checkpoint
+    full = tiny_release_checkpoint(tmp_path / "full", seed=5)
+    bare = tiny_release_checkpoint(tmp_path / "bare", seed=5, with_tower=False)
+    with pytest.raises(ValueError, match="pass --tower DIR, a local copy of openai/clip-vit-large-patch14-336"):
+        convert_checkpoint(str(bare), str(tmp_path / "x"))
+    convert_checkpoint(str(full), str(tmp_path / "a"))
+    convert_checkpoint(str(bare), str(tmp_path / "b"), tower=str(bare / "clip"))
+    (ma, pa), (mb, _) = load_model(tmp_path / "a", device="cpu"), load_model(tmp_path / "b", device="cpu")
+    enc = _inputs(pa, _img(size=(40, 40)))
+    enc.pop("assistant_masks")
+    with torch.no_grad(): torch.testing.assert_close(ma(**enc).logits, mb(**enc).logits)
