@@ -204,7 +204,8 @@ def test_pretrain_tower_learns_and_freezes(tiny, tmp_path):
         labels[f"p{i}"] = {"colour": c, "box": box} if i % 7 else {"colour": c}  # a missing head is ignored
     before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     try:
-        h = pretrain_tower(model, tmp_path, labels, steps=40, lr=1e-3, batch_size=16, processor=proc, progress=False)
+        (tmp_path / "labels.json").write_text(json.dumps(labels))
+        h = pretrain_tower(model, tmp_path, str(tmp_path / "labels.json"), steps=40, lr=1e-3, batch_size=16, processor=proc, progress=False)
         assert h["classes"] == {"box": 2, "colour": 2}
         assert h["accuracy"]["colour"] >= 0.95 and h["accuracy"]["box"] >= 0.95, h["accuracy"]
         assert all(not p.requires_grad for p in model.model.vision_tower.parameters())
