@@ -97,6 +97,9 @@ def test_chat_cli_answers_a_dicom_question(tiny, tmp_path, capsys):
                "--max-new-tokens", "8", "--device", "cpu"])
     assert rc == 0
     assert capsys.readouterr().out.strip() == expected
+    assert main(["chat", "--model", str(tmp_path / "m"), "--image", dcm, "--question", "What does the CT show?",
+                 "--max-new-tokens", "8", "--device", "cpu", "--no-stream"]) == 0
+    assert capsys.readouterr().out.strip() == expected
 
 
 def test_chat_interactive_multi_turn(tiny, tmp_path, monkeypatch, capsys):
