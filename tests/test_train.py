@@ -235,9 +235,20 @@ def test_cli_train_runs_stage(base_dir, data, tmp_path):
 def _run(args, out, nproc=1, timeout=170):
     exe = [str(BIN / "llavamed")] if nproc == 1 else [str(BIN / "torchrun"), "--nproc_per_node", str(nproc),
                                                       "--master_port", str(29500 + random.randint(0, 400)), str(BIN / "llavamed")]
-    p = subprocess.run(exe + ["train", *args, "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=timeout)
+    p = _run_group(exe + ["train", *args, "--out", str(out)], ENV, timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return [r["loss"] for r in read_jsonl(Path(out) / "log_history.jsonl")]
+
+
+def _run_group(cmd, env, timeout):
+    "Run `cmd` in its own process group and kill the whole group on timeout (torchrun's workers included)."
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try: out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL); out, err = p.communicate()
+        # a stale torch-extensions lock (a DeepSpeed op build that was killed) makes every later run wait forever
+        pytest.fail(f"timed out after {timeout} s (stale ~/.cache/torch_extensions/*/lock?): {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 DIST_ARGS = ["--stage", "instruct", "--max-steps", "3", "--global-batch-size", "8", "--per-device-batch-size", "4",
@@ -308,3 +319,15 @@ def test_gpu_step_tiny_reports_both_checkpointing_modes():
     res = json.loads(p.stdout[p.stdout.index("{"):])
     assert res["image_tokens"] == 16 and res["flops_per_token"] > 6 * 0.5 * res["params"]
     for k in ("no_checkpointing", "checkpointing"): assert res["runs"][k]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_launch_script_runs_recipe_with_two_processes(base_dir, data, tmp_path):
+    "configs/launch_stage2.sh end to end with torchrun on CPU (the deepspeed launcher needs GPUs), recipe + ZeRO-2."
+    env = {**ENV, "PATH": f"{BIN}:{os.environ['PATH']}", "NGPU": "2", "LAUNCHER": "torchrun", "DS": "zero2",
+           "MODEL": base_dir, "DATA": str(data), "IMAGES": str(data.parent / "images"), "OUT": str(tmp_path / "s2")}
+    p = _run_group(["bash", str(ROOT / "configs" / "launch_stage2.sh"), "--max-steps", "1", "--global-batch-size", "8",
+                    "--num-workers", "0"], env, 170)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    sc = json.loads((tmp_path / "s2" / "stage_config.json").read_text())
+    assert (sc["lr"], sc["epochs"], sc["world_size"], sc["gradient_accumulation_steps"]) == (2e-5, 3, 2, 1)
