@@ -356,10 +356,8 @@ def _resolve_images(images, keys):
 
 def _open_image(x):
     "A PIL image from a path (PNG/JPEG/DICOM/NIfTI via `llavamed.images`) or the object itself."
-    from PIL import Image
     if not isinstance(x, (str, Path)): return x
-    try: from llavamed.images import load_image  # DICOM/NIfTI aware
-    except ImportError: return Image.open(x).convert("RGB")
+    from llavamed.images import load_image  # DICOM/NIfTI aware
     return load_image(x)
 
 # %% ../nbs/03_model.ipynb #5d567f3c

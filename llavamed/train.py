@@ -16,9 +16,9 @@ from .core import (IMAGE_TOKEN, IGNORE_INDEX, HUMAN, GPT, Sample, read_json, rea
 
 # %% auto #0
 __all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'StageConfig', 'stage_config', 'sample_messages', 'resolve_template',
-           'image_token_count', 'tokenize_sample', 'load_records', 'open_image', 'DroppedError', 'SupervisedDataset',
-           'Collator', 'grouped_order', 'GroupedSampler', 'padding_share', 'part_of', 'set_trainable', 'add_lora',
-           'plot_loss', 'deepspeed_config', 'last_checkpoint', 'train', 'merge_lora']
+           'image_token_count', 'tokenize_sample', 'load_records', 'DroppedError', 'SupervisedDataset', 'Collator',
+           'grouped_order', 'GroupedSampler', 'padding_share', 'part_of', 'set_trainable', 'add_lora', 'plot_loss',
+           'deepspeed_config', 'last_checkpoint', 'train', 'merge_lora']
 
 # %% ../nbs/04_train.ipynb #61bcdf9c
 log = get_logger("llavamed.train")
@@ -206,18 +206,8 @@ def tokenize_sample(sample: Sample,  # one LLaVA record
 # %% ../nbs/04_train.ipynb #696bd5b7
 def load_records(path: str | Path) -> list[Sample]:
     "LLaVA records from a JSON array or a JSONL file."
-    path = Path(path)
-    rows = list(read_jsonl(path)) if path.suffix == ".jsonl" else read_json(path)
-    if not isinstance(rows, list): raise ValueError(f"{path}: expected a JSON array of records, got {type(rows).__name__}")
-    return [Sample.from_json(r) for r in rows]
-
-def open_image(path: str | Path):
-    "An RGB PIL image from PNG/JPEG (DICOM/NIfTI through `llavamed.data` when present)."
-    try: from llavamed.images import load_image
-    except ImportError: load_image = None
-    if load_image is not None: return load_image(path)
-    from PIL import Image
-    with Image.open(path) as im: return im.convert("RGB")
+    from llavamed.data import iter_samples  # the one streaming reader; a bad record raises with its line
+    return list(iter_samples(path))
 
 # %% ../nbs/04_train.ipynb #e07d6962
 class DroppedError(ValueError):
@@ -271,8 +261,9 @@ class SupervisedDataset:
         return [it["image"] is not None for it in self.items]
 
     def __getitem__(self, i: int) -> dict:
+        from llavamed.images import load_image  # PNG/JPEG/DICOM/NIfTI, checked by content
         it = self.items[i]
-        img = open_image(self.images / it["image"]) if it["image"] else None
+        img = load_image(self.images / it["image"]) if it["image"] else None
         return {"input_ids": it["input_ids"], "labels": it["labels"], "image": img}
 
     def summary(self) -> dict:

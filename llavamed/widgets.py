@@ -14,8 +14,8 @@ from fastcore.basics import patch
 from .core import DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, RecordError, Sample, get_logger, read_json, read_jsonl
 
 # %% auto #0
-__all__ = ['load_rows', 'Item', 'to_item', 'load_any_image', 'image_png', 'resolve_image', 'read_raw_replies', 'raw_sidecar',
-           'ConversationBrowser', 'default_metric', 'Prediction', 'PredictionViewer', 'TrainingCurves']
+__all__ = ['load_rows', 'Item', 'to_item', 'image_png', 'resolve_image', 'read_raw_replies', 'raw_sidecar', 'ConversationBrowser',
+           'default_metric', 'Prediction', 'PredictionViewer', 'TrainingCurves']
 
 # %% ../nbs/06_widgets.ipynb #13cb6675
 def load_rows(src: str | Path | Iterable[dict]) -> list[dict]:
@@ -79,23 +79,14 @@ def to_item(row: dict,  # one record of any supported file
     raise RecordError("<records>", i, f"unknown record layout, keys {sorted(row)[:8]}")
 
 # %% ../nbs/06_widgets.ipynb #add16b73
-def load_any_image(path: str | Path):
-    "An RGB PIL image from `path` through the project's loader (PNG/JPEG/DICOM/NIfTI), or PIL where it is missing."
-    try: from llavamed.images import load_image
-    except ImportError:
-        try: from llavamed.data import load_image
-        except ImportError: load_image = None
-    if load_image is not None: return load_image(path)
-    from PIL import Image
-    return Image.open(path).convert("RGB")
-
 def image_png(path: str | Path,  # any image file the project reads
               max_size: int = 384,  # longest side of the displayed image, in pixels
               min_size: int = 0,  # enlarge smaller images by a whole factor (nearest pixel) up to about this
              ) -> bytes:
     "PNG bytes of the image at `path`, shrunk to fit `max_size` (tiny figures enlarged to `min_size`)."
     from PIL import Image
-    img = load_any_image(path)
+    from llavamed.images import load_image  # PNG/JPEG/DICOM/NIfTI, one loader for the whole project
+    img = load_image(path)
     img = img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
     img.thumbnail((max_size, max_size))
     if (f := min_size // max(img.size)) > 1: img = img.resize((img.width * f, img.height * f), Image.Resampling.NEAREST)
@@ -375,19 +366,11 @@ def _redraw(self: ConversationBrowser):
     self.w_next.disabled = self.pos >= len(self.view) - 1
 
 # %% ../nbs/06_widgets.ipynb #3bfdd4d5
-def _simple_score(pred: str, ref: str, kind: str | None) -> float:
-    "Fallback metric: closed = the reference's words all in the prediction; open = recall of reference words."
-    p, r = pred.lower().replace(".", " ").replace(",", " ").split(), ref.lower().replace(".", " ").replace(",", " ").split()
-    if not r: return float(not p)
-    hit = sum(w in p for w in r) / len(r)
-    return float(hit == 1.0) if (kind or "").upper() == "CLOSED" else hit
-
 def default_metric(mode: str = "official",  # 'official' or 'strict' (`llavamed.eval`'s two modes)
                   ) -> tuple[str, Callable[[str, str, str | None], float]]:
-    "(name, per-question metric): closed hit for CLOSED, recall otherwise, from `llavamed.eval` (else a simple fallback)."
+    "(name, per-question metric): closed hit for CLOSED, recall otherwise, from `llavamed.eval`."
     if mode not in ("official", "strict"): raise ValueError(f"mode must be 'official' or 'strict', got {mode!r}")
-    try: from llavamed import eval as E
-    except ImportError: return "simple", _simple_score
+    from llavamed import eval as E
     fn = E.official_question if mode == "official" else E.strict_question
     def metric(pred, ref, kind):
         kind = "CLOSED" if (kind or "").upper() == "CLOSED" else "OPEN"
