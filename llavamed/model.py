@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from .core import IMAGE_TOKEN, HUMAN, GPT, Sample, get_logger, pick_device, pick_dtype
+from .images import pixel_values
 
 # %% auto #0
 __all__ = ['log', 'VICUNA_SYSTEM', 'TEMPLATES', 'PROJECTORS', 'ASPECTS', 'TINY_VISION', 'TINY_LM', 'PRESETS', 'SPECIALS',
@@ -385,7 +386,7 @@ def pretrain_tower(model,  # a LLaVA model whose vision tower is trained (in pla
     else:
         if processor is None: raise ValueError("pretrain_tower needs `processor` to preprocess images")
         imgs = [_open_image(x) for x in _resolve_images(images, keys)]
-        pixels = processor.image_processor(imgs, return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
+        pixels = pixel_values(imgs, processor.image_processor)  # (N, 3, H, W)
     if len(pixels) != len(y): raise ValueError(f"{len(pixels)} images but {len(y)} label records")
     tower, cfg = model.model.vision_tower, model.config
     dev, dt = tower.device, tower.dtype

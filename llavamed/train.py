@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from .core import (IMAGE_TOKEN, IGNORE_INDEX, HUMAN, GPT, Sample, read_json, read_jsonl, write_json,
                            append_jsonl, get_logger, seed_everything, pick_device)
+from .images import pixel_values
 
 # %% auto #0
 __all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'StageConfig', 'stage_config', 'sample_messages', 'resolve_template',
@@ -292,7 +293,7 @@ class Collator:
         batch = {"input_ids": ids, "attention_mask": attn, "labels": labels}
         imgs = [it["image"] for it in items if it.get("image") is not None]
         if imgs:
-            batch["pixel_values"] = self.processor.image_processor(imgs, return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
+            batch["pixel_values"] = pixel_values(imgs, self.processor.image_processor)  # (N, 3, H, W)
         return batch
 
 # %% ../nbs/04_train.ipynb #cce8fec9
@@ -363,6 +364,27 @@ def add_lora(model, cfg: StageConfig):
     return get_peft_model(model, lcfg)
 
 # %% ../nbs/04_train.ipynb #f009ffb4
+def _zero_missing_grads(optimizer, args, kwargs):
+    "Give every trainable parameter without a gradient a zero one, as DeepSpeed's flat gradient buffers do."
+    import torch
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if p.requires_grad and p.grad is None: p.grad = torch.zeros_like(p)
+
+def _trainable_projector(model):
+    "The (possibly wrapped) projector module of `model` when any of its weights train, else None."
+    for name, m in model.named_modules():
+        if name.endswith("multi_modal_projector"):
+            return m if any(p.requires_grad for p in m.parameters()) else None
+    return None
+
+def _zero_touch(projector):
+    "`0 x` the projector's output on one zero feature vector: a scalar 0 whose backward reaches every projector weight."
+    import torch
+    lin = next(m for m in projector.modules() if isinstance(m, torch.nn.Linear))
+    w = next(p for p in projector.parameters())
+    return 0.0 * projector(torch.zeros(1, 1, lin.in_features, device=w.device, dtype=w.dtype)).sum()
+
 def _trainer_class():
     "`LlavaTrainer`, built on first use so that importing this module does not import transformers."
     from transformers import Trainer
@@ -385,7 +407,16 @@ def _trainer_class():
                 cls, kw = self.get_optimizer_cls_and_kwargs(self.args, m)
                 kw.pop("lr", None)
                 self.optimizer = cls(params, lr=lr, **kw)
+                self.optimizer.register_step_pre_hook(_zero_missing_grads)  # DeepSpeed's rule, in every mode
             return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            proj = None if "pixel_values" in inputs else _trainable_projector(model)
+            if proj is None: return out
+            loss = out[0] if return_outputs else out
+            loss = loss + _zero_touch(proj)  # the projector joins the backward pass with a zero gradient
+            return (loss, *out[1:]) if return_outputs else loss
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             # `save_pretrained` writes LLaVA's original key layout ('language_model.model.*'), which `Trainer`
