@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/pipeline.html.md"""
 
 # %% ../nbs/07a_pipeline.ipynb #7c6291e8
 from __future__ import annotations
-import contextlib, dataclasses, io, json, math, os, random, shutil, time
+import contextlib, dataclasses, io, json, math, os, random, shutil, time, uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +14,8 @@ from typing import Any, Callable
 from .core import DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, read_json, read_jsonl, write_json, write_jsonl, get_logger
 
 # %% auto #0
-__all__ = ['log', 'STEP_NAMES', 'DemoConfig', 'Steps', 'group_vqa', 'vqa_questions', 'vqa_groups', 'plot_losses', 'plot_bars',
-           'pick_examples', 'write_report', 'run_pipeline', 'demo']
+__all__ = ['log', 'STEP_NAMES', 'STEP_KEYS', 'STEP_INPUTS', 'DemoConfig', 'Steps', 'group_vqa', 'vqa_questions', 'vqa_groups',
+           'plot_losses', 'plot_bars', 'pick_examples', 'write_report', 'run_pipeline', 'demo']
 
 # %% ../nbs/07a_pipeline.ipynb #c898fcf0
 log = get_logger("llavamed.pipeline")
@@ -44,6 +44,7 @@ class DemoConfig:
     vqa_in_instruct: bool = True  # add the VQA train split, grouped per image into multi-turn records, to stage 2
     vqa_repeats: int = 3  # copies of the VQA records in stage 2 (grouped ones each with their own question order)
     vqa_grouped: bool = True  # one multi-turn record per image (cheaper) instead of one record per question (as tested)
+    vqa_single_kinds: list = field(default_factory=list)  # closed question kinds kept as one-question records when grouping
     max_new_tokens: int = 16  # VQA answer length limit
     chat_max_new_tokens: int = 96  # conversation-benchmark answer length limit
     eval_batch_size: int = 32  # questions per generation batch
@@ -70,32 +71,43 @@ class DemoConfig:
 class Steps:
     "Named pipeline steps whose outputs are renamed into place and marked done only when complete."
     def __init__(self, root: str | Path,  # the demo folder
-                 settings: dict,  # the settings every marker records; a mismatch reruns the step
+                 settings: dict,  # all settings; each step's marker records the ones it names (or all)
                  quiet: bool = False):  # print nothing
         self.root, self.settings, self.quiet = Path(root), settings, quiet
-        self.ran, self.summaries, self.seconds, self._dirty, self._n = [], {}, {}, False, 0
+        self.ran, self.summaries, self.seconds, self._n = [], {}, {}, 0
         (self.root / "steps").mkdir(parents=True, exist_ok=True)
 
     def marker(self, name: str) -> Path:
         "The done-marker file of step `name`."
         return self.root / "steps" / f"{name}.json"
 
-    def done(self, name: str) -> dict | None:
-        "The marker of a finished step with the current settings, else None."
+    def _read(self, name: str) -> dict | None:
         p = self.marker(name)
-        if not p.exists(): return None
-        m = read_json(p)
-        return m if m.get("settings") == self.settings else None
+        return read_json(p) if p.exists() else None
 
-    def run(self, name: str, fn: Callable[[Path], dict], title: str = "") -> dict:
+    def _expect(self, keys, after) -> tuple[dict, dict]:
+        "The settings and input run ids a marker must record to be reused."
+        settings = self.settings if keys is None else {k: self.settings[k] for k in keys}
+        return settings, {a: (self._read(a) or {}).get("run_id") for a in after}
+
+    def done(self, name: str, keys: tuple | None = None, after: tuple = ()) -> dict | None:
+        "The marker of step `name` if it finished with these settings from the current inputs, else None."
+        m = self._read(name)
+        if m is None: return None
+        settings, inputs = self._expect(keys, after)
+        return m if m.get("settings") == settings and m.get("inputs", {}) == inputs and None not in inputs.values() else None
+
+    def run(self, name: str, fn: Callable[[Path], dict], title: str = "",
+            keys: tuple | None = None,  # the settings this step depends on (None: all)
+            after: tuple = (),  # the steps whose outputs it reads
+           ) -> dict:
         "Run `fn(folder)` for step `name` unless it is done; returns the step's summary."
         self._n += 1
-        final, tmp, m = self.root / name, self.root / f".{name}.tmp", self.done(name)
-        if m is not None and not self._dirty and final.exists():
+        final, tmp, m = self.root / name, self.root / f".{name}.tmp", self.done(name, keys, after)
+        if m is not None and final.exists():
             self._say(f"[{self._n}] {title or name}: done before ({m['seconds']:.1f} s), reused")
             self.summaries[name], self.seconds[name] = m["summary"], m["seconds"]
             return m["summary"]
-        self._dirty = True
         self.marker(name).unlink(missing_ok=True)
         for p in (tmp, final): shutil.rmtree(p, ignore_errors=True)
         self._say(f"[{self._n}] {title or name} ...")
@@ -104,9 +116,10 @@ class Steps:
         summary = fn(tmp)
         os.replace(tmp, final)
         sec = time.perf_counter() - t0
+        settings, inputs = self._expect(keys, after)
         write_json(self.marker(name), {"step": name, "summary": summary, "seconds": sec,
                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                       "settings": self.settings})
+                                       "run_id": uuid.uuid4().hex, "settings": settings, "inputs": inputs})
         self.ran.append(name); self.summaries[name], self.seconds[name] = summary, sec
         self._say(f"[{self._n}] {title or name}: {sec:.1f} s")
         return summary
@@ -140,6 +153,10 @@ def _synth_step(cfg: DemoConfig, quiet: bool):
                            n_chat=cfg.n_chat, quiet=quiet)
     return step
 
+def _single(r: dict, kinds) -> bool:
+    "Whether VQA record `r` is a closed question of one of `kinds` (kept as its own record)."
+    return r.get("answer_type") == "CLOSED" and r.get("question_type") in kinds
+
 def _instruct_step(cfg: DemoConfig, corpus: Path, quiet: bool):
     def step(d: Path) -> dict:
         from llavamed.instruct import self_instruct
@@ -150,7 +167,9 @@ def _instruct_step(cfg: DemoConfig, corpus: Path, quiet: bool):
         if cfg.vqa_in_instruct:
             vqa = read_json(corpus / "vqa_train.json")
             for k in range(cfg.vqa_repeats):
-                mix += [{**r, "id": f"{r['id']}_r{k}"} for r in (group_vqa(vqa, cfg.seed + k) if cfg.vqa_grouped else vqa)]
+                single = [r for r in vqa if not cfg.vqa_grouped or _single(r, cfg.vqa_single_kinds)]
+                grouped = group_vqa([r for r in vqa if not _single(r, cfg.vqa_single_kinds)], cfg.seed + k) if cfg.vqa_grouped else []
+                mix += [{**r, "id": f"{r['id']}_r{k}"} for r in grouped + single]
         random.Random(cfg.seed).shuffle(mix)
         write_json(d / "stage2_data.json", mix, indent=None)
         return {"teacher": rep["teacher"], "conversations": n_conv, "qa_pairs": rep["pairs_out"],
@@ -454,6 +473,16 @@ def _write_md(root: Path, rep: dict, examples: list[dict], cfg: DemoConfig, imag
 
 # %% ../nbs/07a_pipeline.ipynb #d27e01c5
 STEP_NAMES = ("corpus", "instruct", "tower", "stage1", "stage2", "evaluate", "judge")
+STEP_KEYS = {  # the settings each step depends on (every DemoConfig field is somebody's)
+    "corpus": ("seed", "n_train", "n_test", "n_chat", "size"),
+    "instruct": ("vqa_in_instruct", "vqa_repeats", "vqa_grouped", "vqa_single_kinds"),
+    "tower": ("vocab_size", "patch", "vision", "lm", "tower_steps", "tower_lr", "tower_batch", "threads"),
+    "stage1": ("align_epochs", "align_lr", "batch_size", "threads"),
+    "stage2": ("instruct_epochs", "instruct_lr", "batch_size", "threads"),
+    "evaluate": ("max_new_tokens", "eval_batch_size", "threads"),
+    "judge": ("chat_max_new_tokens", "eval_batch_size", "threads")}
+STEP_INPUTS = {"corpus": (), "instruct": ("corpus",), "tower": ("corpus",), "stage1": ("tower",),
+               "stage2": ("stage1", "instruct"), "evaluate": ("stage2",), "judge": ("stage2",)}
 
 def run_pipeline(cfg: DemoConfig | None = None,  # the settings (default: `DemoConfig()`)
                  out: str | Path = "demo_out",  # the demo folder
@@ -469,15 +498,17 @@ def run_pipeline(cfg: DemoConfig | None = None,  # the settings (default: `DemoC
         for n in ("report.md", "report.json"): (root / n).unlink(missing_ok=True)
     steps = Steps(root, cfg.to_json(), quiet)
     corpus, stage2_data = root / "corpus", root / "instruct" / "stage2_data.json"
-    steps.run("corpus", _synth_step(cfg, quiet), "synthesise the figure corpus")
-    steps.run("instruct", _instruct_step(cfg, corpus, quiet), "self-instruct with the template teacher")
-    steps.run("tower", _tower_step(cfg, corpus, quiet), "stage 0: pretrain the tiny tower on labels.json, then freeze it")
-    steps.run("stage1", _train_step(cfg, "align", root / "tower", corpus / "alignment.json", corpus / "images", quiet),
-              "stage 1: concept alignment (projector only)")
-    steps.run("stage2", _train_step(cfg, "instruct", root / "stage1", stage2_data, corpus / "images", quiet),
-              "stage 2: instruction tuning (projector + LM)")
-    steps.run("evaluate", _eval_step(cfg, root / "stage2", corpus, quiet), "VQA test split: predict and score, image and blank image")
-    steps.run("judge", _judge_step(cfg, root / "stage2", corpus, quiet), "conversation benchmark with the offline proxy judge")
+    for name, fn, title in [
+            ("corpus", _synth_step(cfg, quiet), "synthesise the figure corpus"),
+            ("instruct", _instruct_step(cfg, corpus, quiet), "self-instruct with the template teacher"),
+            ("tower", _tower_step(cfg, corpus, quiet), "stage 0: pretrain the tiny tower on labels.json, then freeze it"),
+            ("stage1", _train_step(cfg, "align", root / "tower", corpus / "alignment.json", corpus / "images", quiet),
+             "stage 1: concept alignment (projector only)"),
+            ("stage2", _train_step(cfg, "instruct", root / "stage1", stage2_data, corpus / "images", quiet),
+             "stage 2: instruction tuning (projector + LM)"),
+            ("evaluate", _eval_step(cfg, root / "stage2", corpus, quiet), "VQA test split: predict and score, image and blank image"),
+            ("judge", _judge_step(cfg, root / "stage2", corpus, quiet), "conversation benchmark with the offline proxy judge")]:
+        steps.run(name, fn, title, keys=STEP_KEYS[name], after=STEP_INPUTS[name])
     rep = write_report(root, cfg, steps, time.perf_counter() - t0)
     if not quiet:
         print(f"closed accuracy {rep['closed_accuracy']:.1f} (strict {rep['strict_closed_accuracy']:.1f}), blank image "

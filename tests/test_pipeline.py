@@ -1,5 +1,6 @@
 """`llavamed demo` at toy size: every step runs through the real modules, every artefact is written, and
-a rerun reuses finished steps (a removed marker reruns that step and the ones after it; --fresh reruns all)."""
+a rerun reuses finished steps (a removed marker or a changed setting reruns that step and the steps built
+on it; --fresh reruns all)."""
 import json
 from pathlib import Path
 
@@ -7,7 +8,8 @@ import pytest
 import yaml
 
 from llavamed.cli import main
-from llavamed.pipeline import STEP_NAMES, DemoConfig, Steps, run_pipeline
+import dataclasses
+from llavamed.pipeline import STEP_INPUTS, STEP_KEYS, STEP_NAMES, DemoConfig, Steps, run_pipeline
 
 TOY = dict(n_train=40, n_test=10, n_chat=3, tower_steps=4, align_epochs=0.5, instruct_epochs=0.5, batch_size=8,
            max_new_tokens=4, chat_max_new_tokens=8, eval_batch_size=16, threads=1)
@@ -69,7 +71,7 @@ def test_tower_frozen_through_stages_1_and_2(demo_dir):
     assert any(not w0[k].equal(w2[k]) for k in w0 if "multi_modal_projector" in k)
 
 
-def test_rerun_reuses_steps_and_a_missing_marker_reruns_from_there(demo_dir, capsys):
+def test_rerun_reuses_steps_and_reruns_only_what_a_change_touches(demo_dir, capsys):
     cfg = DemoConfig(**{**TOY, "seed": 1})
     before = _markers(demo_dir)
     rep = run_pipeline(cfg, demo_dir)
@@ -77,9 +79,21 @@ def test_rerun_reuses_steps_and_a_missing_marker_reruns_from_there(demo_dir, cap
     assert "reused" in capsys.readouterr().out
     (demo_dir / "steps" / "evaluate.json").unlink()
     rep = run_pipeline(cfg, demo_dir, quiet=True)
-    assert rep["steps_run_now"] == ["evaluate", "judge"]
+    assert rep["steps_run_now"] == ["evaluate"]  # judging does not read the evaluation
     after = _markers(demo_dir)
-    assert after["stage2"] == before["stage2"] and after["judge"]["finished"] >= before["judge"]["finished"]
+    assert after["stage2"] == before["stage2"] and after["judge"] == before["judge"]
+    # a stage-2 setting: stage 2 and what reads its model rerun; data, tower and stage 1 are reused
+    rep = run_pipeline(dataclasses.replace(cfg, instruct_lr=cfg.instruct_lr / 2), demo_dir, quiet=True)
+    assert rep["steps_run_now"] == ["stage2", "evaluate", "judge"]
+    now = _markers(demo_dir)
+    assert all(now[n] == after[n] for n in ("corpus", "instruct", "tower", "stage1"))
+    assert now["stage2"]["inputs"] == {"stage1": after["stage1"]["run_id"], "instruct": after["instruct"]["run_id"]}
+
+
+def test_every_setting_belongs_to_a_step_and_inputs_come_first():
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    assert set().union(*STEP_KEYS.values()) == fields and set(STEP_KEYS) == set(STEP_INPUTS) == set(STEP_NAMES)
+    assert all(STEP_NAMES.index(a) < STEP_NAMES.index(n) for n in STEP_NAMES for a in STEP_INPUTS[n])
 
 
 def test_failed_step_leaves_no_marker_and_no_output(tmp_path):
