@@ -188,7 +188,7 @@ class RunStats:
         "One line for logs and progress output."
         rate = (self.done + self.failed + self.unparsed) / self.seconds if self.seconds else 0.0
         return (f"{self.done} done, {self.failed} failed, {self.unparsed} unparsed, {self.skipped} skipped; "
-                f"{self.requests} requests ({self.retries} retries), {self.prompt_tokens}+{self.completion_tokens} tokens, "
+                f"{self.requests} requests ({self.retries} {'retry' if self.retries == 1 else 'retries'}), {self.prompt_tokens}+{self.completion_tokens} tokens, "
                 f"${self.cost:.4f}, {self.seconds:.1f}s ({rate:.1f}/s)")
 
 # %% ../nbs/02a_client.ipynb #dbd80c60

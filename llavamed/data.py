@@ -161,7 +161,7 @@ def iter_json(path: str | Path,  # a JSON array, JSON Lines, or single-document 
         for i, raw in enumerate(f, 1):
             if not raw.strip(): continue
             try: yield i, json.loads(raw)
-            except json.JSONDecodeError as e: yield i, RecordError(path, i, f"malformed JSON ({e.msg} at column {e.colno})")
+            except json.JSONDecodeError as e: yield i, RecordError(path, i, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
             except UnicodeDecodeError as e: yield i, RecordError(path, i, f"not UTF-8 text (byte {e.start} of the line)")
 
 # %% ../nbs/01_data.ipynb #f058ea04
