@@ -2,9 +2,11 @@
 
 1. padding share of tokens per batch of 16, modality/length grouping vs random order, on synthetic
    instruction-style conversations (target <= 10% with grouping);
-2. Trainer overhead: steady-state samples/s of `llavamed.train.train` (steps 3..N; collating in the loop, one
-   process) vs a bare forward/backward/step loop over the same batches collated beforehand, tiny preset
-   (target ratio >= 0.9);
+2. Trainer overhead: steady-state speed of `llavamed.train.train` (steps 3..N; collating in the loop, one
+   process) vs a bare forward/backward/step loop over the same batches in the same order, collated
+   beforehand, tiny preset. The figure is the median over steps of (bare step time / trainer step time),
+   pairing each batch with itself, since a shared machine stalls a few steps of either loop at random
+   (target >= 0.9); the ratios of median and of mean step times are printed beside it;
 3. collator throughput at 336 px in one DataLoader worker process (target >= 100 samples/s), beside the same
    collator calling transformers' image processor instead of `llavamed.images.pixel_values`.
 
@@ -72,8 +74,10 @@ def overhead(root: Path, steps=20, bs=8):
     train("instruct", str(root / "base"), str(root / "train.json"), str(root / "images"), str(root / "run"),
           max_steps=steps, global_batch_size=bs, per_device_batch_size=bs, num_workers=0, save_steps=10_000,
           lr=1e-4, epochs=1, callbacks=[Clock()])
-    # steady state: from the end of step 2 to the end of the last step (start-up excluded on both sides)
-    trainer_sps = (steps - 2) * bs / (stamps[-1] - stamps[1])
+    # steady state: step times after step 2 (start-up excluded on both sides); the median step time is
+    # the figure, since a shared machine stalls a few steps of either loop at random
+    import statistics
+    trainer_dt = [b - a for a, b in zip(stamps[1:], stamps[2:])]
     # the bare loop: same model, same order, batches collated before the clock starts
     model = LlavaForConditionalGeneration.from_pretrained(root / "base").train()
     model.model.vision_tower.requires_grad_(False)
@@ -87,9 +91,13 @@ def overhead(root: Path, steps=20, bs=8):
         loss = model(**b).loss
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         ends.append(time.perf_counter())
-    bare_sps = (steps - 2) * bs / (ends[-1] - ends[1])
+    bare_dt = [b - a for a, b in zip(ends[1:], ends[2:])]
+    trainer_sps, bare_sps = bs / statistics.median(trainer_dt), bs / statistics.median(bare_dt)
+    mean_ratio = (sum(bare_dt) / len(bare_dt)) / (sum(trainer_dt) / len(trainer_dt))
+    paired = statistics.median(b / t for b, t in zip(bare_dt, trainer_dt))  # same batch, same position in both loops
     return {"steps": steps, "batch": bs, "trainer_samples_per_s": round(trainer_sps, 2),
-            "bare_loop_samples_per_s": round(bare_sps, 2), "ratio": round(trainer_sps / bare_sps, 3)}
+            "bare_loop_samples_per_s": round(bare_sps, 2), "ratio": round(paired, 3),
+            "ratio_of_medians": round(trainer_sps / bare_sps, 3), "ratio_of_means": round(mean_ratio, 3)}
 
 
 def collator(root: Path, n=320, bs=16):
@@ -136,7 +144,7 @@ def main(argv=None):
         print(json.dumps({"padding": out["padding"]}), flush=True)
         out["collator"] = collator(d, n=48 if a.quick else 320)
         print(json.dumps({"collator": out["collator"]}), flush=True)
-        out["trainer_overhead"] = overhead(d, steps=4 if a.quick else 20)
+        out["trainer_overhead"] = overhead(d, steps=4 if a.quick else 40)
         print(json.dumps({"trainer_overhead": out["trainer_overhead"]}), flush=True)
     return out
 
