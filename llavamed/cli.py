@@ -6,13 +6,13 @@ Docs: https://llavamed.github.io/llavamed/cli.html.md"""
 
 # %% ../nbs/10_cli.ipynb #732c61a2
 from __future__ import annotations
-import difflib, importlib, sys
+import dataclasses, difflib, importlib, json, sys
 from fastcore.script import anno_parser
 from . import __version__
-from .core import get_logger, set_verbosity
+from .core import Result, get_logger, set_verbosity
 
 # %% auto #0
-__all__ = ['COMMANDS', 'info', 'command_parser', 'main', 'entry']
+__all__ = ['COMMANDS', 'Info', 'info', 'command_parser', 'main', 'entry']
 
 # %% ../nbs/10_cli.ipynb #1c7e0330
 COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-line help)
@@ -26,10 +26,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-li
     "convert": ("llavamed.model", "convert_checkpoint", "Convert a released LLaVA-Med v1.5 checkpoint to the transformers format"),
     "chat": ("llavamed.generate", "chat", "Talk with a model about an image (PNG/JPEG/DICOM/NIfTI)"),
     "train": ("llavamed.train", "train", "Train a curriculum stage: align, instruct or finetune"),
-    "predict": ("llavamed.eval", "predict", "Answer a VQA file with a model (batched, resumable, with image ablations)"),
+    "predict": ("llavamed.predict", "predict", "Answer a VQA file with a model (batched, resumable, with image ablations)"),
     "score": ("llavamed.eval", "score", "Score VQA answers in the official and strict modes"),
-    "judge": ("llavamed.eval", "judge", "Judge conversation-benchmark answers against reference answers"),
-    "report": ("llavamed.eval", "report", "Write a Markdown report with figures from scores and reviews"),
+    "judge": ("llavamed.judge", "judge", "Judge conversation-benchmark answers against reference answers"),
+    "report": ("llavamed.report", "report", "Write a Markdown report with figures from scores and reviews"),
     "info": ("llavamed.cli", "info", "Show versions, devices and which optional features are installed"),
     "demo": ("llavamed.pipeline", "demo", "Run the whole pipeline on the built-in synthetic corpus (what `make demo` runs)"),
 }
@@ -38,7 +38,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-li
 _OPTIONAL = {"pydicom": "DICOM images", "nibabel": "NIfTI images", "openai": "OpenAI-compatible teachers and judges",
              "deepspeed": "DeepSpeed training", "peft": "LoRA", "ipywidgets": "Jupyter widgets"}
 
-def info() -> dict:
+@dataclasses.dataclass
+class Info(Result):
+    "What `llavamed info` found: versions, the device, and which optional features are installed."
+    values: dict  # {name: version, device, or whether the feature is installed}
+
+    def rows(self): return list(self.values.items())
+    def __str__(self): return "\n".join(f"{k:45} {v}" for k, v in self.rows())
+
+def info() -> Info:
     "Versions of llavamed, Python and torch, the device it would use, and the optional features present."
     import importlib.util, platform
     out = {"llavamed": __version__, "python": platform.python_version()}
@@ -49,17 +57,20 @@ def info() -> dict:
     except ImportError: out["torch"] = None
     for mod, what in _OPTIONAL.items():
         out[f"{mod} ({what})"] = importlib.util.find_spec(mod) is not None
-    for k, v in out.items(): print(f"{k:45} {v}")
-    return out
+    return Info(out)
 
 # %% ../nbs/10_cli.ipynb #f1b0e976
+_GLOBAL_OPTIONS = {"-v, --verbose": "log progress messages", "--json": "print the result as JSON",
+                   "--version": "show the version"}
+
 def _usage() -> str:
+    "The text of `llavamed --help`: the commands and the global options."
     w = max(map(len, COMMANDS))
     rows = "\n".join(f"  {k:{w}}  {h}" for k, (_, _, h) in COMMANDS.items())
-    return (f"usage: llavamed [-v] [--version] COMMAND [options]\n\n"
+    opts = "\n".join(f"  {k:13}  {h}" for k, h in _GLOBAL_OPTIONS.items())
+    return (f"usage: llavamed [-v] [--json] [--version] COMMAND [options]\n\n"
             f"LLaVA-Med style biomedical vision-language assistants, from data to evaluation.\n\n"
-            f"commands:\n{rows}\n\noptions:\n  -v, --verbose  log progress messages\n  --version      show the version\n\n"
-            f"`llavamed COMMAND --help` describes a command's options.")
+            f"commands:\n{rows}\n\noptions:\n{opts}\n\n`llavamed COMMAND --help` describes a command's options.")
 
 def command_parser(name: str):
     "The `argparse` parser of subcommand `name`, built from its function's signature and docments."
@@ -70,12 +81,13 @@ def command_parser(name: str):
 # %% ../nbs/10_cli.ipynb #ae913a71
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `llavamed` console command."
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, as_json = list(sys.argv[1:] if argv is None else argv), False
     while argv and argv[0].startswith("-"):
         flag = argv.pop(0)
         if flag in ("-h", "--help"): print(_usage()); return 0
         if flag == "--version": print(f"llavamed {__version__}"); return 0
         if flag in ("-v", "--verbose"): set_verbosity("INFO"); continue
+        if flag == "--json": as_json = True; continue
         print(f"llavamed: unknown option {flag}\n\n{_usage()}", file=sys.stderr); return 2
     if not argv: print(_usage()); return 2
     name, rest = argv[0], argv[1:]
@@ -89,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     try: res = func(**args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
+    if isinstance(res, Result):
+        text = json.dumps(res.to_json(), ensure_ascii=False) if as_json else str(res)
+        if text: print(text)
+        return res.exit_code
     return res if isinstance(res, int) and not isinstance(res, bool) else 0
 
 def entry():

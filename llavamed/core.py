@@ -1,4 +1,4 @@
-"""Constants, the LLaVA conversation record, safe JSON/JSONL I/O, seeding, device choice and logging.
+"""Constants, the shared types (conversation record, question, result), the one streaming reader of JSON / JSONL / parquet, atomic writes, seeding, device choice, logging and plotting.
 
 Docs: https://llavamed.github.io/llavamed/core.html.md"""
 
@@ -6,15 +6,17 @@ Docs: https://llavamed.github.io/llavamed/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #a677b29c
 from __future__ import annotations
-import contextlib, dataclasses, json, logging, os, random, tempfile
+import contextlib, dataclasses, json, logging, os, random, re, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'IGNORE_INDEX', 'HUMAN', 'GPT', 'DOMAINS', 'DOMAIN_NAMES', 'Turn', 'Sample', 'RecordError',
-           'read_jsonl', 'read_json', 'atomic_write', 'write_json', 'write_jsonl', 'append_jsonl', 'seed_everything',
-           'pick_device', 'pick_dtype', 'get_logger', 'set_verbosity', 'asset_path']
+           'read_jsonl', 'read_json', 'json_layout', 'iter_records', 'iter_samples', 'domain_flags', 'primary_domain',
+           'Question', 'question_from_json', 'load_questions', 'atomic_write', 'write_json', 'write_jsonl',
+           'append_jsonl', 'seed_everything', 'pick_device', 'pick_dtype', 'get_logger', 'set_verbosity', 'asset_path',
+           'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure', 'plot_losses']
 
 # %% ../nbs/00_core.ipynb #ffad75ed
 IMAGE_TOKEN = "<image>"  # placeholder for the image in a human turn
@@ -34,11 +36,11 @@ class Turn:
     def to_json(self) -> dict: return {"from": self.role, "value": self.text}
 
 # %% ../nbs/00_core.ipynb #7cb28e9f
-_KNOWN = ("id", "image", "conversations", "conversatons", "domain", "answer_type", "question_type")
+_KNOWN = ("id", "image", "conversations", "domain", "answer_type", "question_type")
 
 @dataclass
 class Sample:
-    "A LLaVA conversation record (REFERENCE.md section 2), with unknown keys kept in `extra`."
+    "A LLaVA conversation record, with unknown keys kept in `extra`."
     id: str  # stable record id, e.g. a PMC pair id '32432162_F1'
     conversations: list[Turn]  # alternating human/gpt turns, human first
     image: str | None = None  # image file name relative to the images folder; None for text-only
@@ -49,9 +51,9 @@ class Sample:
 
     @classmethod
     def from_json(cls, d: dict) -> "Sample":
-        "Build from a JSON dict, accepting the `conversatons` misspelling of some released files."
+        "Build from a JSON dict as `iter_records` yields it."
         if not isinstance(d, dict): raise TypeError(f"record must be a JSON object, got {type(d).__name__}")
-        conv = d.get("conversations", d.get("conversatons"))
+        conv = d.get("conversations")
         if conv is None: raise KeyError(f"record {d.get('id')!r}: no 'conversations' key")
         turns = [Turn(t["from"], t["value"]) for t in conv]
         return cls(id=str(d.get("id", "")), conversations=turns, image=d.get("image"),
@@ -106,6 +108,258 @@ def read_json(path: str | Path) -> Any:
         try: return json.load(f)
         except json.JSONDecodeError as e:
             raise RecordError(path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
+
+# %% ../nbs/00_core.ipynb #1811aa75
+def json_layout(path: str | Path) -> str:
+    "How a JSON file is laid out: 'array', 'jsonl' or 'object' (one multi-line JSON document)."
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # only deciding the layout here
+        head = f.read(4096)
+        while head and not head.strip():
+            head = f.read(4096)
+        if head.lstrip().startswith("["): return "array"  # decided before reading a possibly huge first line
+        f.seek(0)
+        for line in f:
+            s = line.strip()
+            if not s: continue
+            try: json.loads(s); return "jsonl"
+            except json.JSONDecodeError as e:
+                # running out of text on the first line means the value continues on the next ones
+                return "object" if s.startswith("{") and e.pos >= len(s) - 1 else "jsonl"
+    return "jsonl"
+
+# %% ../nbs/00_core.ipynb #1981f8cf
+_CHUNK = 1 << 20  # characters read per refill
+_WS = re.compile(r"\s*")
+_SEP = re.compile(r"\s*,\s*")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+
+class _ArrayStream:
+    "Iterate the elements of a JSON array file as (line, value | RecordError) without loading the array."
+    def __init__(self, path, f, max_record_chars: int):
+        "Read the open text file `f` (named `path`) in chunks."
+        self.path, self.f, self.max = path, f, max_record_chars
+        self.buf, self.pos, self.eof, self.bad_bytes = "", 0, False, False
+        self.line, self.lpos = 1, 0  # line number at buffer offset `lpos`
+        self.dec = json.JSONDecoder()
+
+    def fill(self) -> bool:
+        "Append a chunk, dropping text already consumed; False at end of file."
+        if self.eof: return False
+        chunk = self.f.read(_CHUNK)
+        if not chunk: self.eof = True; return False
+        if not self.bad_bytes and not chunk.isascii():  # once per chunk, not per record
+            try: chunk.encode("utf-8")
+            except UnicodeEncodeError: self.bad_bytes = True  # lone surrogates: bytes that were not UTF-8
+        self.line_at(self.pos)
+        self.buf, self.lpos, self.pos = self.buf[self.pos:] + chunk, 0, 0
+        return True
+
+    def line_at(self, pos: int) -> int:
+        "The 1-based line number of buffer offset `pos` (offsets must not go backwards)."
+        self.line += self.buf.count("\n", self.lpos, pos); self.lpos = pos
+        return self.line
+
+    def skip_ws(self) -> str:
+        "Skip blanks and return the next character ('' at end of file)."
+        while True:
+            self.pos = _WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf): return self.buf[self.pos]
+            if not self.fill(): return ""
+
+    def err(self, msg: str) -> RecordError:
+        "An error about the file's structure rather than one record (`file_level` is set)."
+        e = RecordError(self.path, self.line_at(self.pos), msg); e.file_level = True
+        return e
+
+    def decode(self):
+        "Decode the value at `pos`, refilling until it is complete."
+        while True:
+            try:
+                val, end = self.dec.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof: return val, end
+            except json.JSONDecodeError as e:
+                if self.eof or len(self.buf) - self.pos > self.max: return e, None
+            self.fill()
+
+    def resync(self) -> bool:
+        "After a bad element, move to the next line starting a record at the same indentation."
+        start = self.buf.rfind("\n", 0, self.pos) + 1
+        indent = self.buf[start:self.pos]
+        if indent.strip(): return False  # the element did not start its line: nowhere safe to resume
+        pat = re.compile("\n" + re.escape(indent) + r"\{")
+        while True:
+            m = pat.search(self.buf, self.pos + 1)
+            if m: self.pos = m.end() - 1; return True
+            if not self.fill(): return False
+
+    def __iter__(self):
+        "Yield `(line, value)` per element, `(line, RecordError)` per malformed one."
+        if self.skip_ws() != "[": yield None, self.err("expected '[' at the start of a JSON array"); return
+        self.pos += 1
+        if self.skip_ws() == "]": return
+        while True:
+            if self.skip_ws() == "": yield None, self.err("file ends inside the array (missing ']')"); return
+            line = self.line_at(self.pos)
+            val, end = self.decode()
+            if end is None:
+                e = val
+                msg = f"malformed JSON ({e.msg})" if e.pos - self.pos <= self.max else f"record longer than {self.max:,} characters"
+                yield line, RecordError(self.path, line, msg)
+                if not self.resync():
+                    yield None, self.err("cannot resume after the malformed record; the rest of the file was not read"); return
+                continue
+            if self.bad_bytes and _NOT_UTF8.search(self.buf, self.pos, end): val = RecordError(self.path, line, "not UTF-8 text")
+            yield line, val
+            m = _SEP.match(self.buf, end)
+            if m is not None and m.end() < len(self.buf): self.pos = m.end(); continue  # the usual ',\n{' in one step
+            self.pos = end
+            c = self.skip_ws()
+            if c == ",": self.pos += 1; continue
+            if c == "]": return
+            yield None, self.err("expected ',' or ']' after a record" if c else "file ends inside the array (missing ']')")
+            if not c or not self.resync(): return
+
+# %% ../nbs/00_core.ipynb #760230de
+def _second_line_is_json(path) -> bool:
+    "Whether the second non-blank line of `path` is a complete JSON value by itself."
+    with open(path, "rb") as f:
+        lines = (l for l in f if l.strip())
+        next(lines, None)
+        second = next(lines, None)
+    try: return second is not None and second.lstrip()[:1] in (b"{", b"[") and json.loads(second) is not None
+    except ValueError: return False
+
+# %% ../nbs/00_core.ipynb #3b702ed4
+_RENAMED = {"conversatons": "conversations"}  # misspelled keys of released files: the key they mean
+
+def _fix_keys(v):
+    "A record with the misspelled keys of `_RENAMED` spelled right (a correctly spelled key wins)."
+    if not isinstance(v, dict) or v.keys().isdisjoint(_RENAMED): return v
+    return {(_RENAMED[k] if k in _RENAMED and _RENAMED[k] not in v else k): x for k, x in v.items()}
+
+def _iter_parquet(path, batch_rows: int = 256) -> Iterator[tuple[int | None, Any]]:
+    "`(row, dict)` pairs of a parquet file, one record batch in memory at a time."
+    try: import pyarrow.parquet as pq
+    except ImportError: raise ImportError("reading parquet needs pyarrow: pip install 'llavamed[parquet]'") from None
+    try: pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for a damaged file
+        err = RecordError(path, 1, f"not a readable parquet file ({e})"); err.file_level = True
+        yield None, err; return
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        for rec in batch.to_pylist():
+            row += 1; yield row, rec
+
+def _iter_json_text(path, max_record_chars: int) -> Iterator[tuple[int | None, Any]]:
+    "`(line, value)` pairs of a JSON array, JSON Lines or single-document JSON file."
+    layout = json_layout(path)
+    if layout == "object":
+        try: yield 1, read_json(path); return
+        except RecordError as e: err = e
+        except UnicodeDecodeError as e: err = RecordError(path, 1, f"not UTF-8 text (byte {e.start})")
+        if not _second_line_is_json(path): yield err.line, err; return
+        # JSON Lines whose first line is cut short: read it line by line after all
+    if layout == "array":
+        # bytes that are not UTF-8 become lone surrogates, which the stream reports per record
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+            yield from _ArrayStream(path, f, max_record_chars)
+        return
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any malformed line
+        for i, raw in enumerate(f, 1):
+            if not raw.strip(): continue
+            try: yield i, json.loads(raw)
+            except json.JSONDecodeError as e:
+                yield i, RecordError(path, i, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
+            except UnicodeDecodeError as e: yield i, RecordError(path, i, f"not UTF-8 text (byte {e.start} of the line)")
+
+def iter_records(path: str | Path,  # a JSON array, JSON Lines, single-document JSON or parquet file
+                 max_record_chars: int = 64 << 20,  # a JSON record longer than this is reported, not buffered
+                ) -> Iterator[tuple[int | None, Any]]:
+    "Stream `(line, value)` pairs from a data file; malformed input yields `RecordError` values."
+    rows = _iter_parquet(path) if Path(path).suffix == ".parquet" else _iter_json_text(path, max_record_chars)
+    for line, v in rows: yield line, _fix_keys(v)
+
+# %% ../nbs/00_core.ipynb #f058ea04
+def iter_samples(path: str | Path,  # a LLaVA conversation file (JSON array, JSONL or parquet)
+                 skip_bad: bool = False,  # yield `RecordError`s for bad records instead of raising
+                ) -> Iterator[Sample | RecordError]:
+    "Stream `Sample`s from a LLaVA conversation file."
+    for i, (line, v) in enumerate(iter_records(path)):
+        if not isinstance(v, RecordError):
+            try: yield Sample.from_json(v); continue
+            except (TypeError, KeyError, AttributeError) as e:
+                v = RecordError(path, line if line is not None else i, f"record {i}: not a conversation record ({e})")
+        if not skip_bad: raise v
+        yield v
+
+# %% ../nbs/00_core.ipynb #2e6644a2
+def domain_flags(value, fallback: str | None = None) -> dict[str, bool]:
+    "The five domain flags from a flag dict, a domain name, or the `fallback` name."
+    if isinstance(value, dict): return {d: bool(value.get(d, False)) for d in DOMAINS}
+    name = value if isinstance(value, str) and value in DOMAINS else fallback
+    return {d: d == name for d in DOMAINS}
+
+def primary_domain(flags: dict[str, bool]) -> str:
+    "The first true domain in the benchmark's order, or 'other'."
+    return next((d for d in DOMAINS if flags.get(d)), "other")
+
+# %% ../nbs/00_core.ipynb #27f6276d
+@dataclass
+class Question:
+    "One evaluation question: VQA (open or closed), multiple choice, or a benchmark conversation turn."
+    id: str  # unique within its file: the record's `id` or the benchmark's `question_id`
+    question: str  # the question text, without the image token
+    image: str | None = None  # image file name relative to the images folder
+    answer: str | None = None  # the reference answer; None when the file has none
+    answer_type: str = ""  # 'OPEN', 'CLOSED', or '' (a benchmark question or an unknown type)
+    kind: str = "vqa"  # 'vqa', 'choice' or 'benchmark'
+    options: list[str] | None = None  # the choices of a multiple-choice question, in order
+    domain: str | None = None  # the figure's first true domain (`DOMAINS` order, else 'other'), when the file says
+    question_type: str | None = None  # a free-form category (VQA) or the benchmark's `type`
+    extra: dict[str, Any] = field(default_factory=dict)  # everything else: caption, mentions, flags, ...
+
+    def to_json(self) -> dict:
+        "A JSON-ready dict of every field."
+        return dataclasses.asdict(self)
+
+# %% ../nbs/00_core.ipynb #62992305
+_QUESTION_KEYS = {"id", "image", "conversations", "answer_type", "question_type", "domain", "options",
+                  "question_id", "text", "gpt4_answer", "type"}
+
+def question_from_json(d: Any) -> Question:
+    "A `Question` from a LLaVA VQA record or a benchmark line; `ValueError` when it is neither."
+    if not isinstance(d, dict): raise ValueError(f"a {type(d).__name__}, expected a JSON object")
+    dom, opts = d.get("domain"), d.get("options")
+    common = dict(options=list(opts) if isinstance(opts, (list, tuple)) else None,
+                  domain=None if dom is None else primary_domain(domain_flags(dom)),
+                  extra={k: v for k, v in d.items() if k not in _QUESTION_KEYS})
+    if "conversations" in d:
+        try: s = Sample.from_json(d)
+        except (TypeError, KeyError, AttributeError) as e: raise ValueError(f"not a conversation record ({e})") from None
+        turns = s.conversations
+        answer = turns[1].text if len(turns) > 1 and turns[1].role == GPT else None
+        return Question(s.id, s.question, s.image, answer, str(d.get("answer_type") or "").upper(),
+                        "choice" if common["options"] else "vqa", question_type=d.get("question_type"), **common)
+    if "question_id" in d and isinstance(d.get("text"), str):
+        return Question(str(d["question_id"]), d["text"].replace(IMAGE_TOKEN, "").strip(), d.get("image"),
+                        d.get("gpt4_answer"), "", "benchmark", question_type=d.get("type", "conversation"), **common)
+    raise ValueError("neither a LLaVA record ('conversations') nor a benchmark question ('question_id', 'text')")
+
+# %% ../nbs/00_core.ipynb #48855927
+def load_questions(path: str | Path,  # a VQA file (JSON array, JSONL or parquet of LLaVA records) or benchmark JSONL
+                   need_answer: bool = False,  # every question must have a reference answer (for scoring)
+                  ) -> list[Question]:
+    "Every question of an evaluation file, ids unique; a bad record raises `ValueError` naming it."
+    out, seen = [], set()
+    for i, (line, v) in enumerate(iter_records(path)):
+        if isinstance(v, RecordError): raise v
+        where = f"{path}: record {i} (id {v.get('id', v.get('question_id')) if isinstance(v, dict) else None})"
+        try: q = question_from_json(v)
+        except ValueError as e: raise ValueError(f"{where}: {e}") from None
+        if need_answer and q.answer is None: raise ValueError(f"{where}: no answer turn after the question")
+        if q.id in seen: raise ValueError(f"{where}: duplicate id {q.id!r}")
+        seen.add(q.id); out.append(q)
+    return out
 
 # %% ../nbs/00_core.ipynb #6a77a126
 @contextlib.contextmanager
@@ -206,3 +460,80 @@ def asset_path(*parts: str) -> Path:
     "Path of a file shipped inside the package (`llavamed/assets/...`)."
     import llavamed
     return Path(llavamed.__file__).parent.joinpath("assets", *parts)
+
+# %% ../nbs/00_core.ipynb #ed50473a
+def fmt_num(v: Any,  # a number (or None, or anything else, shown as `str`)
+            digits: int = 1,  # decimals of a float
+           ) -> str:
+    "A number for tables and the terminal: '-' for None, thousands separators, `digits` decimals for floats."
+    if v is None: return "-"
+    if isinstance(v, bool) or not isinstance(v, (int, float)): return str(v)
+    return f"{v:,}" if isinstance(v, int) else f"{v:,.{digits}f}"
+
+# %% ../nbs/00_core.ipynb #60ada327
+def to_jsonable(v: Any) -> Any:
+    "`v` with dataclasses, paths and tuples turned into JSON types, recursively."
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: to_jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, Path): return str(v)
+    if isinstance(v, dict): return {str(k): to_jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)): return [to_jsonable(x) for x in v]
+    return v
+
+class Result:
+    "Base of every command's result (subclasses are dataclasses): terminal text, Markdown and JSON."
+    exit_code: int = 0  # the CLI's exit status for this result
+
+    def rows(self) -> list[tuple[str, Any]]:
+        "(label, value) pairs shown by `str` and Markdown: the dataclass fields that are plain values."
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), (str, int, float, bool, Path, type(None)))]
+
+    def __str__(self) -> str:
+        "One 'label: value' line per row."
+        return "\n".join(f"{k}: {fmt_num(v)}" for k, v in self.rows())
+
+    def _repr_markdown_(self) -> str:
+        "The rows as a two-column Markdown table."
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {fmt_num(v)} |" for k, v in self.rows())
+
+    def to_json(self) -> dict:
+        "Every field as JSON types."
+        return to_jsonable(self)
+
+# %% ../nbs/00_core.ipynb #3cd325fb
+def pyplot():
+    "matplotlib's `pyplot` on the Agg backend (files only; imported on first use)."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+# %% ../nbs/00_core.ipynb #bdcf7220
+def loss_figure(history: dict[str, list[dict]],  # {panel title: logged rows with 'step', 'loss', maybe 'learning_rate'}
+                panel_size: tuple[float, float] = (5, 3.2),  # inches per panel
+               ):
+    "Training-loss curves, one panel per run, the learning rate on a second axis: a matplotlib `Figure`."
+    from matplotlib.figure import Figure  # not pyplot: no global state, so safe from a widget's thread
+    runs = {k: v for k, v in history.items() if v} or {"(no log yet)": []}
+    fig = Figure(figsize=(panel_size[0] * len(runs), panel_size[1]), layout="constrained")
+    for ax, (title, rows) in zip(fig.subplots(1, len(runs), squeeze=False)[0], runs.items()):
+        pts = [r for r in rows if r.get("loss") is not None]
+        ax.plot([r.get("step") for r in pts], [r["loss"] for r in pts], lw=1.2)
+        lr = [(r.get("step"), r["learning_rate"]) for r in rows if r.get("learning_rate") is not None]
+        if lr:  # the schedule on a second axis: warm-up and decay explain bends in the loss
+            ax2 = ax.twinx(); ax2.plot(*zip(*lr), color="tab:orange", lw=.8, ls="--")
+            ax2.set_ylabel("learning rate", color="tab:orange", fontsize=8); ax2.tick_params(labelsize=7)
+        last = f" (loss {pts[-1]['loss']:.3g} at step {pts[-1].get('step')})" if pts else ""
+        ax.set_title(title + last, fontsize=9)
+        ax.set(xlabel="optimiser step", ylabel="training loss"); ax.grid(alpha=.3)
+    return fig
+
+def plot_losses(runs: dict[str, str | Path],  # {panel title: run folder holding `log_history.jsonl`}
+                path: str | Path,  # the PNG to write
+               ) -> Path:
+    "Write the loss curves of training runs, side by side, to a PNG; returns its path."
+    fig = loss_figure({k: [r for r in read_jsonl(Path(d) / "log_history.jsonl", skip_bad=True) if isinstance(r, dict)]
+                       for k, d in runs.items()})
+    with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=100)
+    return Path(path)

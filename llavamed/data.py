@@ -12,170 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Sample, asset_path,
-                           atomic_write, read_json)
+                           atomic_write, iter_records, read_json)
 from .images import ImageError, load_image
 
 # %% auto #0
-__all__ = ['REASONS', 'json_layout', 'iter_json', 'iter_samples', 'check_record', 'Problem', 'ValidationReport',
-           'validate_records', 'validate_file', 'align_prompts', 'iter_caption_pairs', 'alignment_record',
-           'write_records', 'build_alignment']
-
-# %% ../nbs/02_data.ipynb #1811aa75
-def json_layout(path: str | Path) -> str:
-    "How a JSON file is laid out: 'array', 'jsonl' or 'object' (one multi-line JSON document)."
-    with open(path, encoding="utf-8-sig", errors="replace") as f:  # only deciding the layout here
-        head = f.read(4096)
-        while head and not head.strip():
-            head = f.read(4096)
-        if head.lstrip().startswith("["): return "array"  # decided before reading a possibly huge first line
-        f.seek(0)
-        for line in f:
-            s = line.strip()
-            if not s: continue
-            try: json.loads(s); return "jsonl"
-            except json.JSONDecodeError as e:
-                # running out of text on the first line means the value continues on the next ones
-                return "object" if s.startswith("{") and e.pos >= len(s) - 1 else "jsonl"
-    return "jsonl"
-
-# %% ../nbs/02_data.ipynb #1981f8cf
-_CHUNK = 1 << 20  # characters read per refill
-_WS = re.compile(r"\s*")
-_SEP = re.compile(r"\s*,\s*")
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
-
-class _ArrayStream:
-    "Iterate the elements of a JSON array file as (line, value | RecordError) without loading the array."
-    def __init__(self, path, f, max_record_chars: int):
-        "Read the open text file `f` (named `path`) in chunks."
-        self.path, self.f, self.max = path, f, max_record_chars
-        self.buf, self.pos, self.eof, self.bad_bytes = "", 0, False, False
-        self.line, self.lpos = 1, 0  # line number at buffer offset `lpos`
-        self.dec = json.JSONDecoder()
-
-    def fill(self) -> bool:
-        "Append a chunk, dropping text already consumed; False at end of file."
-        if self.eof: return False
-        chunk = self.f.read(_CHUNK)
-        if not chunk: self.eof = True; return False
-        if not self.bad_bytes and not chunk.isascii():  # once per chunk, not per record
-            try: chunk.encode("utf-8")
-            except UnicodeEncodeError: self.bad_bytes = True  # lone surrogates: bytes that were not UTF-8
-        self.line_at(self.pos)
-        self.buf, self.lpos, self.pos = self.buf[self.pos:] + chunk, 0, 0
-        return True
-
-    def line_at(self, pos: int) -> int:
-        "The 1-based line number of buffer offset `pos` (offsets must not go backwards)."
-        self.line += self.buf.count("\n", self.lpos, pos); self.lpos = pos
-        return self.line
-
-    def skip_ws(self) -> str:
-        "Skip blanks and return the next character ('' at end of file)."
-        while True:
-            self.pos = _WS.match(self.buf, self.pos).end()
-            if self.pos < len(self.buf): return self.buf[self.pos]
-            if not self.fill(): return ""
-
-    def err(self, msg: str) -> RecordError:
-        "An error about the file's structure rather than one record (`file_level` is set)."
-        e = RecordError(self.path, self.line_at(self.pos), msg); e.file_level = True
-        return e
-
-    def decode(self):
-        "Decode the value at `pos`, refilling until it is complete."
-        while True:
-            try:
-                val, end = self.dec.raw_decode(self.buf, self.pos)
-                if end < len(self.buf) or self.eof: return val, end
-            except json.JSONDecodeError as e:
-                if self.eof or len(self.buf) - self.pos > self.max: return e, None
-            self.fill()
-
-    def resync(self) -> bool:
-        "After a bad element, move to the next line starting a record at the same indentation."
-        start = self.buf.rfind("\n", 0, self.pos) + 1
-        indent = self.buf[start:self.pos]
-        if indent.strip(): return False  # the element did not start its line: nowhere safe to resume
-        pat = re.compile("\n" + re.escape(indent) + r"\{")
-        while True:
-            m = pat.search(self.buf, self.pos + 1)
-            if m: self.pos = m.end() - 1; return True
-            if not self.fill(): return False
-
-    def __iter__(self):
-        "Yield `(line, value)` per element, `(line, RecordError)` per malformed one."
-        if self.skip_ws() != "[": yield None, self.err("expected '[' at the start of a JSON array"); return
-        self.pos += 1
-        if self.skip_ws() == "]": return
-        while True:
-            if self.skip_ws() == "": yield None, self.err("file ends inside the array (missing ']')"); return
-            line = self.line_at(self.pos)
-            val, end = self.decode()
-            if end is None:
-                e = val
-                msg = f"malformed JSON ({e.msg})" if e.pos - self.pos <= self.max else f"record longer than {self.max:,} characters"
-                yield line, RecordError(self.path, line, msg)
-                if not self.resync():
-                    yield None, self.err("cannot resume after the malformed record; the rest of the file was not read"); return
-                continue
-            if self.bad_bytes and _NOT_UTF8.search(self.buf, self.pos, end): val = RecordError(self.path, line, "not UTF-8 text")
-            yield line, val
-            m = _SEP.match(self.buf, end)
-            if m is not None and m.end() < len(self.buf): self.pos = m.end(); continue  # the usual ',\n{' in one step
-            self.pos = end
-            c = self.skip_ws()
-            if c == ",": self.pos += 1; continue
-            if c == "]": return
-            yield None, self.err("expected ',' or ']' after a record" if c else "file ends inside the array (missing ']')")
-            if not c or not self.resync(): return
-
-# %% ../nbs/02_data.ipynb #760230de
-def _second_line_is_json(path) -> bool:
-    "Whether the second non-blank line of `path` is a complete JSON value by itself."
-    with open(path, "rb") as f:
-        lines = (l for l in f if l.strip())
-        next(lines, None)
-        second = next(lines, None)
-    try: return second is not None and second.lstrip()[:1] in (b"{", b"[") and json.loads(second) is not None
-    except ValueError: return False
-
-# %% ../nbs/02_data.ipynb #3b702ed4
-def iter_json(path: str | Path,  # a JSON array, JSON Lines, or single-document JSON file
-              max_record_chars: int = 64 << 20,  # a record longer than this is reported instead of buffered
-             ) -> Iterator[tuple[int | None, Any]]:
-    "Stream `(line, value)` pairs from a JSON array or JSONL file; malformed input yields `RecordError` values."
-    layout = json_layout(path)
-    if layout == "object":
-        try: yield 1, read_json(path); return
-        except RecordError as e: err = e
-        except UnicodeDecodeError as e: err = RecordError(path, 1, f"not UTF-8 text (byte {e.start})")
-        if not _second_line_is_json(path): yield err.line, err; return
-        # JSON Lines whose first line is cut short: read it line by line after all
-    if layout == "array":
-        # bytes that are not UTF-8 become lone surrogates, which the stream reports per record
-        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-            yield from _ArrayStream(path, f, max_record_chars)
-        return
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any malformed line
-        for i, raw in enumerate(f, 1):
-            if not raw.strip(): continue
-            try: yield i, json.loads(raw)
-            except json.JSONDecodeError as e: yield i, RecordError(path, i, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
-            except UnicodeDecodeError as e: yield i, RecordError(path, i, f"not UTF-8 text (byte {e.start} of the line)")
-
-# %% ../nbs/02_data.ipynb #f058ea04
-def iter_samples(path: str | Path,  # a LLaVA conversation file (JSON array or JSONL)
-                 skip_bad: bool = False,  # yield `RecordError`s for bad records instead of raising
-                ) -> Iterator[Sample | RecordError]:
-    "Stream `Sample`s from a LLaVA conversation file, JSON array or JSON Lines alike."
-    for i, (line, v) in enumerate(iter_json(path)):
-        if not isinstance(v, RecordError):
-            try: yield Sample.from_json(v); continue
-            except (TypeError, KeyError, AttributeError) as e:
-                v = RecordError(path, line if line is not None else i, f"record {i}: not a conversation record ({e})")
-        if not skip_bad: raise v
-        yield v
+__all__ = ['REASONS', 'check_record', 'Problem', 'ValidationReport', 'validate_records', 'validate_file', 'align_prompts',
+           'iter_caption_pairs', 'alignment_record', 'write_records', 'build_alignment']
 
 # %% ../nbs/02_data.ipynb #dc4b22c0
 REASONS = {  # reason code: what it means
@@ -232,7 +74,7 @@ def _token_problems(d: dict, conv: list) -> list[tuple[str, str]]:
 def _quick_ok(d: dict, require_image: bool) -> bool:
     "True only for a record the full check would pass (common shapes); False means 'look closer'."
     rid, img = d.get("id"), d.get("image")
-    conv = d.get("conversations", d.get("conversatons"))
+    conv = d.get("conversations")
     if type(rid) is not str or not rid.strip() or type(conv) is not list or not conv or len(conv) % 2: return False
     if img is None:
         if require_image or "image" in d: return False
@@ -272,7 +114,7 @@ def _full_check(d, require_image: bool) -> list[tuple[str, str]]:
     img = d.get("image")
     if "image" in d and not (isinstance(img, str) and img.strip()): out.append(("empty_field" if not img else "bad_field", f"'image' is {img!r}"))
     elif "image" not in d and require_image: out.append(("missing_field", "no 'image'"))
-    conv = d.get("conversations", d.get("conversatons"))
+    conv = d.get("conversations")
     if conv is None: out.append(("missing_field", "no 'conversations'")); return out
     out += _turn_problems(conv)
     if isinstance(conv, list) and conv: out += _token_problems(d, conv)
@@ -383,7 +225,7 @@ class _ImageChecker:
         if self.pool is not None: self.pool.shutdown(wait=True, cancel_futures=True)
 
 # %% ../nbs/02_data.ipynb #116a1169
-def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or `(line, value)` pairs from `iter_json`
+def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or `(line, value)` pairs from `iter_records`
                      images: str | Path | None = None,  # folder holding the images: check each exists and decodes
                      require_image: bool = False,  # a record without an 'image' field is a problem
                      max_problems: int = 100_000,  # keep at most this many `Problem`s in the report (counts stay exact)
@@ -456,7 +298,7 @@ def validate_file(path: str,  # a LLaVA conversation file: JSON array or JSON Li
         print(f"llavamed validate: no such images folder: {images}", file=sys.stderr); return 2
     from tqdm.auto import tqdm
     # the bar shows only on a terminal (disable=None) and never in quiet mode
-    with tqdm(iter_json(path), unit=" records", desc="validate", disable=True if quiet else None, leave=False) as bar:
+    with tqdm(iter_records(path), unit=" records", desc="validate", disable=True if quiet else None, leave=False) as bar:
         show = None if quiet else (lambda p: bar.write(f"{path}: {p}", file=sys.stdout))
         rep = validate_records(bar, images=images, require_image=require_image,
                                max_problems=0, on_problem=show, source=str(path), workers=workers)
@@ -476,7 +318,7 @@ def align_prompts(style: str = "all",  # 'all', 'detailed' or 'concise'
 def iter_caption_pairs(path: str | Path,  # teacher-input dict by domain, or a JSON array / JSONL of pairs
                       ) -> Iterator[tuple[int | None, Any, str | None]]:
     "Stream `(line, pair or RecordError, domain key)` from a figure-caption file of either layout."
-    for line, v in iter_json(path):
+    for line, v in iter_records(path):
         if isinstance(v, dict) and not {"pair_id", "id", "caption", "fig_caption"} & v.keys() \
                 and all(isinstance(x, list) for x in v.values()):
             for key, items in v.items():

@@ -11,28 +11,17 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Sample, asset_path, get_logger,
-                           read_json, read_jsonl, write_json, write_jsonl)
+from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Sample, asset_path, domain_flags,
+                           get_logger, primary_domain, read_json, read_jsonl, write_json, write_jsonl)
 from .client import ChatClient, Reply, load_checkpoint, run_chat_requests
 
 # %% auto #0
-__all__ = ['log', 'domain_flags', 'primary_domain', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts',
-           'format_target', 'format_conversation', 'build_messages', 'split_turns', 'load_rules', 'clean_pairs',
-           'to_record', 'record_problems', 'TemplateTeacher', 'sidecar_path', 'build_output', 'self_instruct']
+__all__ = ['log', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts', 'format_target', 'format_conversation',
+           'build_messages', 'split_turns', 'load_rules', 'clean_pairs', 'to_record', 'record_problems',
+           'TemplateTeacher', 'sidecar_path', 'build_output', 'self_instruct']
 
 # %% ../nbs/04_instruct.ipynb #f47e494a
 log = get_logger("instruct")
-
-# %% ../nbs/04_instruct.ipynb #13c9cb8e
-def domain_flags(value, fallback: str | None = None) -> dict[str, bool]:
-    "The five domain flags from a flag dict, a domain name, or the `fallback` name."
-    if isinstance(value, dict): return {d: bool(value.get(d, False)) for d in DOMAINS}
-    name = value if isinstance(value, str) and value in DOMAINS else fallback
-    return {d: d == name for d in DOMAINS}
-
-def primary_domain(flags: dict[str, bool]) -> str:
-    "The first true domain in the benchmark's order, or 'other'."
-    return next((d for d in DOMAINS if flags.get(d)), "other")
 
 # %% ../nbs/04_instruct.ipynb #44242f42
 def load_captions(path: str | Path,  # teacher input: JSON dict keyed by domain, JSON list, or JSONL

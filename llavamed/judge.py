@@ -8,8 +8,9 @@ Docs: https://llavamed.github.io/llavamed/judge.html.md"""
 from __future__ import annotations
 import hashlib, json as _json, re
 from pathlib import Path
-from .core import DOMAINS, DOMAIN_NAMES, IMAGE_TOKEN, read_jsonl, write_jsonl, write_json, get_logger
-from .instruct import domain_flags, mention_texts, primary_domain
+from .core import (DOMAINS, DOMAIN_NAMES, IMAGE_TOKEN, domain_flags, get_logger, primary_domain, read_jsonl,
+                           write_json, write_jsonl)
+from .instruct import mention_texts
 from .eval import normalize_answer
 
 # %% auto #0

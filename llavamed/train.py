@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from .core import (IMAGE_TOKEN, IGNORE_INDEX, HUMAN, GPT, Sample, read_json, read_jsonl, write_json,
-                           append_jsonl, get_logger, seed_everything, pick_device)
+from .core import (IMAGE_TOKEN, IGNORE_INDEX, HUMAN, GPT, Sample, iter_samples, read_json, read_jsonl,
+                           write_json, append_jsonl, get_logger, seed_everything, pick_device)
 from .images import pixel_values
 
 # %% auto #0
@@ -207,7 +207,6 @@ def tokenize_sample(sample: Sample,  # one LLaVA record
 # %% ../nbs/06_train.ipynb #696bd5b7
 def load_records(path: str | Path) -> list[Sample]:
     "LLaVA records from a JSON array or a JSONL file."
-    from llavamed.data import iter_samples  # the one streaming reader; a bad record raises with its line
     return list(iter_samples(path))
 
 # %% ../nbs/06_train.ipynb #e07d6962

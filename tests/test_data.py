@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import llavamed.core as core
 import llavamed.data as data
 from llavamed.cli import main
 from llavamed.core import RecordError, Sample
-from llavamed.data import (align_prompts, build_alignment, iter_json, iter_samples, validate_file,
+from llavamed.core import iter_records, iter_samples
+from llavamed.data import (align_prompts, build_alignment, validate_file,
                            validate_records)
 from llavamed.images import (CorruptImageError, ImageTooLargeError, UnsupportedImageError, image_format,
                              load_image)
@@ -46,7 +48,7 @@ def test_array_and_jsonl_stream_the_same_records(tmp_path):
     rows = [rec(i, a="é ✓ " * i) for i in range(300)]
     for p in (write_array(tmp_path / "a.json", rows), write_array(tmp_path / "b.json", rows, indent=2),
               write_jsonl(tmp_path / "c.jsonl", rows)):
-        got = list(iter_json(p))
+        got = list(iter_records(p))
         assert [v for _, v in got] == rows, p.name
         assert [s.id for s in iter_samples(p)] == [r["id"] for r in rows]
 
@@ -54,11 +56,11 @@ def test_array_and_jsonl_stream_the_same_records(tmp_path):
 def test_jsonl_with_a_cut_first_line_loses_only_that_line(tmp_path):
     p = tmp_path / "cut.jsonl"
     p.write_text('{"id": "a", "conversations": [{"from": "hu\n' + json.dumps(rec(2)) + "\n" + json.dumps(rec(3)) + "\n")
-    got = list(iter_json(p))
+    got = list(iter_records(p))
     assert [l for l, _ in got] == [1, 2, 3] and isinstance(got[0][1], RecordError) and got[2][1] == rec(3)
     q = tmp_path / "broken_doc.json"  # a damaged multi-line document is one error, not one per line
     q.write_text('{\n  "mri": [\n    {"pair_id": "1_F1",, }\n  ]\n}\n')
-    got = list(iter_json(q))
+    got = list(iter_records(q))
     assert len(got) == 1 and isinstance(got[0][1], RecordError) and got[0][0] == 3
 
 
@@ -67,14 +69,14 @@ def test_tiny_chunks_give_identical_results(tmp_path, monkeypatch):
             for i in range(200)]
     p = write_array(tmp_path / "r.json", rows, indent=1)
     for chunk in (1, 2, 3, 7, 64):
-        monkeypatch.setattr(data, "_CHUNK", chunk)
-        assert [v for _, v in iter_json(p)] == rows, chunk
+        monkeypatch.setattr(core, "_CHUNK", chunk)
+        assert [v for _, v in iter_records(p)] == rows, chunk
 
 
 def test_array_line_numbers_and_resume_after_bad_element(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('[\n  {"id": "a"},\n  {"id": "b", "x": [1, 2,, 3]},\n  {"id": "c"},\n  {"id": "d" "e"},\n  {"id": "f"}\n]\n')
-    got = list(iter_json(p))
+    got = list(iter_records(p))
     assert [(l, v if isinstance(v, dict) else "ERR") for l, v in got] == \
         [(2, {"id": "a"}), (3, "ERR"), (4, {"id": "c"}), (5, "ERR"), (6, {"id": "f"})]
     assert "bad.json:3: malformed JSON" in str(got[1][1])
@@ -86,7 +88,7 @@ def test_streaming_memory_is_bounded(tmp_path):
     p = write_array(tmp_path / "big.json", rows)
     del rows
     tracemalloc.start()
-    n = sum(1 for _ in iter_json(p))
+    n = sum(1 for _ in iter_records(p))
     stream_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.reset_peak()
     whole = json.loads(p.read_text())
@@ -107,7 +109,7 @@ def test_write_records_round_trip_and_atomic(tmp_path):
         yield rows[0]; raise RuntimeError("stop")
     with pytest.raises(RuntimeError):
         write_records(tmp_path / "o.json", failing())
-    assert len(list(iter_json(tmp_path / "o.json"))) == 20  # the old file is intact
+    assert len(list(iter_records(tmp_path / "o.json"))) == 20  # the old file is intact
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
 
 
@@ -283,7 +285,7 @@ def test_align_deterministic_and_order_free(tmp_path):
     build_alignment(str(src), str(tmp_path / "d.json"), seed=4)
     a = (tmp_path / "a.json").read_bytes()
     assert a == (tmp_path / "b.json").read_bytes()
-    by_id = lambda f: {r["id"]: r for _, r in iter_json(tmp_path / f)}
+    by_id = lambda f: {r["id"]: r for _, r in iter_records(tmp_path / f)}
     assert by_id("a.json") == by_id("c.json") != by_id("d.json")
     recs = list(by_id("a.json").values())
     prompts = set(align_prompts())
@@ -311,13 +313,13 @@ def test_align_teacher_format_and_skips(tmp_path, capsys):
     assert main(["align", "--captions", str(src), "--out", str(tmp_path / "al.jsonl"), "--seed", "7"]) == 0
     cap = capsys.readouterr()
     assert "pair 2" in cap.err and "[empty_caption]" in cap.err and "[duplicate_id]" in cap.err
-    recs = [v for _, v in iter_json(tmp_path / "al.jsonl")]
+    recs = [v for _, v in iter_records(tmp_path / "al.jsonl")]
     assert [r["id"] for r in recs] == ["1_F1", "2_F1"]
     assert recs[0]["domain"]["mri"] and not recs[0]["domain"]["gross"] and recs[1]["domain"]["gross"]
     flat = write_jsonl(tmp_path / "f.jsonl", [{"id": "9_F9", "caption": "A gel.", "image": "gel.png"}])
     res = build_alignment(str(flat), str(tmp_path / "f_out.json"))
     assert res == {"out": str(tmp_path / "f_out.json"), "written": 1, "skipped": {}}
-    assert next(iter_json(tmp_path / "f_out.json"))[1]["image"] == "gel.png"
+    assert next(iter_records(tmp_path / "f_out.json"))[1]["image"] == "gel.png"
 
 
 # ---------------------------------------------------------------- images
