@@ -6,13 +6,14 @@ Docs: https://llavamed.github.io/llavamed/cli.html.md"""
 
 # %% ../nbs/10_cli.ipynb #732c61a2
 from __future__ import annotations
-import dataclasses, difflib, importlib, json, sys
-from fastcore.script import anno_parser
+import argparse, dataclasses, difflib, importlib, inspect, json, sys, types, typing
+from fastcore.docments import docments
+from fastcore.script import anno_parser, bool_arg
 from . import __version__
 from .core import Result, get_logger, set_verbosity
 
 # %% auto #0
-__all__ = ['COMMANDS', 'Info', 'info', 'command_parser', 'main', 'entry']
+__all__ = ['COMMANDS', 'Info', 'info', 'settings_parser', 'settings_kwargs', 'command_parser', 'main', 'entry']
 
 # %% ../nbs/10_cli.ipynb #1c7e0330
 COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-line help)
@@ -59,6 +60,86 @@ def info() -> Info:
         out[f"{mod} ({what})"] = importlib.util.find_spec(mod) is not None
     return Info(out)
 
+# %% ../nbs/10_cli.ipynb #685e2e54
+def _parts(anno) -> list:
+    "The members of a union annotation without None, or `[anno]`."
+    if typing.get_origin(anno) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(anno) if a is not type(None)]
+    return [anno]
+
+def _dataclass_in(anno):
+    "The dataclass an annotation names (`Config`, `Config | None`, `Config | str`), or None."
+    return next((a for a in _parts(anno) if dataclasses.is_dataclass(a)), None)
+
+def _flag_kwargs(anno, default, doc: str | None, override: bool) -> dict | None:
+    "`add_argument` keywords for one setting (None: no flag can express it); overrides default to None."
+    kind = next((a for a in _parts(anno) if a in (str, int, float, bool) or typing.get_origin(a) in (tuple, list)), None)
+    doc, required = doc or "", default is inspect.Parameter.empty and not override
+    default = None if override or required else default
+    if typing.get_origin(kind) in (tuple, list):
+        return dict(nargs="+", type=str, metavar="NAME", default=default, help=doc)
+    if kind is bool and not override:
+        return dict(action="store_false" if default else "store_true", default=bool(default), help=doc)
+    if kind is bool: return dict(type=bool_arg, metavar="{true,false}", default=None, help=doc)
+    if kind is None: return None
+    shown = "" if default is None else f" (default: {default})"
+    return dict(type=kind, metavar=f"({kind.__name__})", default=default, required=required, help=doc + shown)
+
+# %% ../nbs/10_cli.ipynb #81681cf0
+def _settings(obj) -> dict:
+    "{name: (annotation, default, help comment)} of a function's parameters or a dataclass's fields."
+    try: docs = {k: v.docment for k, v in docments(obj, full=True, returns=False).items()}
+    except (OSError, TypeError): docs = {}  # no source to read the comments from
+    hints = {k: v for k, v in typing.get_type_hints(obj).items() if k != "return"}
+    if dataclasses.is_dataclass(obj):
+        def default(f):
+            if f.default is not dataclasses.MISSING: return f.default
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else inspect.Parameter.empty
+        return {f.name: (hints.get(f.name), default(f), docs.get(f.name)) for f in dataclasses.fields(obj)}
+    return {k: (hints.get(k), p.default, docs.get(k)) for k, p in inspect.signature(obj).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+def settings_parser(func, prog: str) -> argparse.ArgumentParser:
+    "A parser for `func` with its dataclass parameters flattened into one flag per field."
+    parser = argparse.ArgumentParser(prog=prog, description=func.__doc__)
+    owner_of = {}
+    def add(group, name, kw, owner):
+        if name in owner_of: raise ValueError(f"{prog}: --{name} of {owner} is also a flag of {owner_of[name]}")
+        owner_of[name] = owner
+        flag = f"--no-{name}" if kw.get("action") == "store_false" else f"--{name}"
+        group.add_argument(flag.replace("_", "-"), dest=name, **kw)
+    for pname, (anno, default, doc) in _settings(func).items():
+        cls = _dataclass_in(anno)
+        if cls is None:
+            kw = _flag_kwargs(anno, default, doc, override=False)
+            if kw is not None: add(parser, pname, kw, func.__name__)
+            continue
+        preset = str in _parts(anno)  # `Config | str`: a preset name, and each field an override of it
+        if preset: add(parser, pname, _flag_kwargs(str, default, doc, override=False), func.__name__)
+        group = parser.add_argument_group(f"{cls.__name__}" + (f" (overrides of the --{pname} preset)" if preset else ""))
+        for fname, (fanno, fdefault, fdoc) in _settings(cls).items():
+            kw = _flag_kwargs(fanno, fdefault, fdoc, override=preset)
+            if kw is not None: add(group, fname, kw, cls.__name__)
+    return parser
+
+# %% ../nbs/10_cli.ipynb #da094d86
+def settings_kwargs(func, args: dict) -> dict:
+    "`func`'s keyword arguments from parsed flags: each dataclass parameter rebuilt from its fields' flags."
+    args, kwargs = dict(args), {}
+    for pname, (anno, _, _) in _settings(func).items():
+        cls = _dataclass_in(anno)
+        if cls is None:
+            if pname in args: kwargs[pname] = args.pop(pname)
+            continue
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: args.pop(f.name) for f in dataclasses.fields(cls) if f.name in args}
+        fields = {k: tuple(v) if isinstance(v, list) and typing.get_origin(hints[k]) is tuple else v
+                  for k, v in fields.items()}
+        if str in _parts(anno):
+            kwargs[pname] = cls.load(args.pop(pname), **{k: v for k, v in fields.items() if v is not None})
+        else: kwargs[pname] = cls(**fields)
+    return kwargs
+
 # %% ../nbs/10_cli.ipynb #f1b0e976
 _GLOBAL_OPTIONS = {"-v, --verbose": "log progress messages", "--json": "print the result as JSON",
                    "--version": "show the version"}
@@ -72,11 +153,18 @@ def _usage() -> str:
             f"LLaVA-Med style biomedical vision-language assistants, from data to evaluation.\n\n"
             f"commands:\n{rows}\n\noptions:\n{opts}\n\n`llavamed COMMAND --help` describes a command's options.")
 
+def _flattens(func) -> bool:
+    "Whether any parameter of `func` is a settings dataclass."
+    try: hints = typing.get_type_hints(func)
+    except NameError: return False  # an annotation naming something imported later: not a dataclass of ours
+    return any(_dataclass_in(a) for k, a in hints.items() if k != "return")
+
 def command_parser(name: str):
     "The `argparse` parser of subcommand `name`, built from its function's signature and docments."
     mod, fn, _ = COMMANDS[name]
     func = getattr(importlib.import_module(mod), fn)
-    return func, anno_parser(func, prog=f"llavamed {name}")
+    prog = f"llavamed {name}"
+    return func, settings_parser(func, prog) if _flattens(func) else anno_parser(func, prog=prog)
 
 # %% ../nbs/10_cli.ipynb #ae913a71
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"llavamed: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr); return 2
     func, parser = command_parser(name)
+    if "--json" in rest and "json" not in inspect.signature(func).parameters:  # `--json` after the command
+        rest, as_json = [a for a in rest if a != "--json"], True
     args = vars(parser.parse_args(rest))
     args.pop("pdb", None); args.pop("xtra", None)
+    if _flattens(func): args = settings_kwargs(func, args)
     try: res = func(**args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130

@@ -25,3 +25,73 @@ def test_info_runs(llavamed_cmd):
 
 def test_main_returns_status():
     assert main(["--version"]) == 0 and main([]) == 2
+
+def test_json_flag_before_or_after_the_command(llavamed_cmd):
+    import json
+    for args in (["--json", "info"], ["info", "--json"]):
+        r = run(llavamed_cmd, *args)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["values"]["llavamed"], args
+
+
+# settings dataclasses flattened into flags: a toy in the shape of `train` (a module, so docments reads comments)
+import dataclasses
+import pytest
+from llavamed.cli import settings_kwargs, settings_parser
+
+
+@dataclasses.dataclass
+class ToyStage:
+    lr: float = 2e-5  # peak learning rate
+    parts: tuple[str, ...] = ("projector",)  # parts that learn
+    checkpointing: bool | None = None  # gradient checkpointing (None: automatic)
+
+    @classmethod
+    def load(cls, name: str, **overrides):
+        if name not in ("align", "instruct"): raise ValueError(f"stage: unknown preset {name!r}")
+        return dataclasses.replace(cls(lr=2e-3 if name == "align" else 2e-5), **overrides)
+
+
+@dataclasses.dataclass
+class ToyRun:
+    data: str  # training records (required)
+    out: str = "runs/stage"  # output folder
+    resume: bool = False  # continue from the last checkpoint
+    max_steps: int | None = None  # stop after this many steps
+
+
+def toy_train(stage: ToyStage | str = "instruct",  # a preset name
+              run: ToyRun | None = None,  # where and how to run
+              callbacks: list | None = None,  # Python callers only: no flag
+             ):
+    "Train a toy stage."
+    return stage, run
+
+
+def parse(*args):
+    return settings_kwargs(toy_train, vars(settings_parser(toy_train, "llavamed toy").parse_args(list(args))))
+
+
+def test_settings_flags_rebuild_the_dataclasses():
+    got = parse("--stage", "align", "--data", "d.json", "--parts", "projector", "llm", "--checkpointing", "false",
+                "--max-steps", "3", "--resume")
+    assert got == {"stage": ToyStage(lr=2e-3, parts=("projector", "llm"), checkpointing=False),
+                   "run": ToyRun(data="d.json", resume=True, max_steps=3)}
+    # an unset override leaves the preset's value; an explicit one replaces it
+    assert parse("--data", "d.json")["stage"] == ToyStage()
+    assert parse("--data", "d.json", "--lr", "0.5")["stage"].lr == 0.5
+
+
+def test_settings_help_comes_from_the_field_comments():
+    text = settings_parser(toy_train, "llavamed toy").format_help()
+    for flag, comment in [("--lr", "peak learning rate"), ("--max-steps", "stop after this many steps"),
+                          ("--resume", "continue from the last checkpoint"), ("--stage", "a preset name")]:
+        assert flag in text and comment in text, flag
+    assert "--callbacks" not in text
+
+
+def test_settings_bad_values_are_argparse_errors(capsys):
+    for args in (["--data", "d", "--lr", "fast"], ["--data", "d", "--checkpointing", "maybe"], []):
+        with pytest.raises(SystemExit) as e: parse(*args)
+        assert e.value.code == 2
+    assert "required: --data" in capsys.readouterr().err
