@@ -14,6 +14,15 @@ def functions(tree):
     "Every function and method definition of a module."
     return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
 
+def notebook_lines(p: Path) -> list[str]:
+    "Lines of a module that come from notebook cells: not the docstring, `__all__` or cell markers nbdev writes."
+    lines, out, in_all = p.read_text().splitlines(), [], False
+    for l in lines[next((i for i, l in enumerate(lines) if l.startswith("# %%")), 0):]:
+        if l.startswith("__all__"): in_all = True
+        if not in_all and not l.startswith("# %%"): out.append(l)
+        if in_all and l.rstrip().endswith("]"): in_all = False
+    return out
+
 def count(pattern):
     "Lines of library code matching `pattern`."
     return sum(len(re.findall(pattern, p.read_text(), re.M)) for p in modules())
@@ -50,7 +59,7 @@ def stats() -> dict:
         "evaluation orchestrators": count(r"^def (vqa_eval|_eval_step|_judge_step|write_report|evaluate)\b"),
         "train() parameters": train_params,
         "functions over 50 lines": sum(1 for f in fns if f.end_lineno - f.lineno + 1 > 50),
-        "lines over 110 characters": sum(1 for p in modules() for l in p.read_text().splitlines() if len(l) > 110),
+        "lines over 110 characters (code from notebooks)": sum(1 for p in modules() for l in notebook_lines(p) if len(l) > 110),
         "median lines per code cell": statistics.median(lens),
         "lesson cells ending on an expression": len(shown),
         "  of them with a stored output": sum(1 for _, c in shown if c.get("outputs")),
