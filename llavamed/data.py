@@ -6,18 +6,18 @@ Docs: https://llavamed.github.io/llavamed/data.html.md"""
 
 # %% ../nbs/02_data.ipynb #fd880bfe
 from __future__ import annotations
-import json, random, re, sys
+import json, random, sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
-from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Sample, asset_path,
-                           atomic_write, iter_records, read_json)
+from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Result, Sample, asset_path,
+                           atomic_write, fmt_num, iter_records)
 from .images import ImageError, load_image
 
 # %% auto #0
 __all__ = ['REASONS', 'check_record', 'Problem', 'ValidationReport', 'validate_records', 'validate_file', 'align_prompts',
-           'iter_caption_pairs', 'alignment_record', 'write_records', 'build_alignment']
+           'iter_caption_pairs', 'alignment_record', 'write_records', 'AlignmentResult', 'build_alignment']
 
 # %% ../nbs/02_data.ipynb #dc4b22c0
 REASONS = {  # reason code: what it means
@@ -143,7 +143,7 @@ class Problem:
 
 # %% ../nbs/02_data.ipynb #a80086d1
 @dataclass
-class ValidationReport:
+class ValidationReport(Result):
     "The outcome of validating a file: counts by reason, invalid record count, and the problems found."
     source: str = "<records>"  # the file (or a label for in-memory records)
     n_records: int = 0  # records read, malformed ones included
@@ -158,6 +158,11 @@ class ValidationReport:
         "True when no record has a problem and the file's structure is sound."
         return self.n_invalid == 0 and self.n_file_errors == 0
 
+    @property
+    def exit_code(self) -> int:
+        "The `llavamed validate` exit status: 0 for a clean file, 1 otherwise."
+        return 0 if self.ok else 1
+
     def summary(self, note_unlisted: bool = True) -> str:
         "A few lines: totals, then problem counts by reason."
         head = f"{self.source}: {self.n_records:,} records, {self.n_invalid:,} invalid"
@@ -165,6 +170,20 @@ class ValidationReport:
         rows = [f"  {r:22} {n:,}" for r, n in self.counts.most_common()]
         if self.n_unlisted and note_unlisted: rows.append(f"  ({self.n_unlisted:,} problems counted but not listed)")
         return "\n".join([head, *rows])
+
+    def __str__(self) -> str:
+        "Each listed problem as 'SOURCE: record I (id X, line L): message [reason]', then the summary."
+        listed = [f"{self.source}: {p}" for p in self.problems]
+        return "\n".join([*listed, self.summary(note_unlisted=bool(self.problems))])
+
+    def _repr_markdown_(self) -> str:
+        "The totals, a table of counts by reason and the first 20 problems."
+        head = self.summary().splitlines()[0]
+        counts = "".join(f"| {r} | {fmt_num(n)} |\n" for r, n in self.counts.most_common())
+        listed = "".join(f"- {p}\n" for p in self.problems[:20])
+        more = len(self.problems) - 20 + self.n_unlisted
+        return (f"**{head}**\n\n" + (f"| reason | problems |\n|---|---|\n{counts}\n" if counts else "")
+                + listed + (f"- ... and {more:,} more\n" if more > 0 else ""))
 
 # %% ../nbs/02_data.ipynb #a689caac
 def _check_image(root: Path, name: str) -> tuple[str, str] | None:
@@ -286,24 +305,21 @@ def _validate_loop(records, rep, seen, checker, require_image, add, settle):
         if checker is not None: settle(checker.ready())
 
 # %% ../nbs/02_data.ipynb #bd6d135d
-def validate_file(path: str,  # a LLaVA conversation file: JSON array or JSON Lines
+def validate_file(path: str,  # a LLaVA conversation file: JSON array, JSON Lines or parquet
                   images: str = None,  # folder with the images: also check that each exists and decodes
                   require_image: bool = False,  # treat records without an 'image' field as invalid
-                  quiet: bool = False,  # print only the summary, not each problem
+                  quiet: bool = False,  # report only the summary, not each problem
                   workers: int = 8,  # threads decoding images with --images
-                 ) -> int:
-    "Check a LLaVA conversation file, print every bad record and a summary; exit status 0 clean, 1 invalid."
-    if not Path(path).is_file(): print(f"llavamed validate: no such file: {path}", file=sys.stderr); return 2
-    if images is not None and not Path(images).is_dir():
-        print(f"llavamed validate: no such images folder: {images}", file=sys.stderr); return 2
+                  max_problems: int = 100_000,  # list at most this many problems (the counts stay exact)
+                 ) -> ValidationReport:
+    "Check a LLaVA conversation file: a report of every bad record and a summary (exit status 0 clean, 1 invalid)."
+    if not Path(path).is_file(): raise FileNotFoundError(f"no such file: {path}")
+    if images is not None and not Path(images).is_dir(): raise FileNotFoundError(f"no such images folder: {images}")
     from tqdm.auto import tqdm
     # the bar shows only on a terminal (disable=None) and never in quiet mode
     with tqdm(iter_records(path), unit=" records", desc="validate", disable=True if quiet else None, leave=False) as bar:
-        show = None if quiet else (lambda p: bar.write(f"{path}: {p}", file=sys.stdout))
-        rep = validate_records(bar, images=images, require_image=require_image,
-                               max_problems=0, on_problem=show, source=str(path), workers=workers)
-    print(rep.summary(note_unlisted=False))
-    return 0 if rep.ok else 1
+        return validate_records(bar, images=images, require_image=require_image, source=str(path),
+                                max_problems=0 if quiet else max_problems, workers=workers)
 
 # %% ../nbs/02_data.ipynb #3ac34a63
 def align_prompts(style: str = "all",  # 'all', 'detailed' or 'concise'
@@ -378,26 +394,38 @@ def _pair_problem(pair, seen: set) -> tuple[str, str] | None:
     seen.add(str(pid))
 
 # %% ../nbs/02_data.ipynb #c69b0a8a
+@dataclass
+class AlignmentResult(Result):
+    "What `build_alignment` wrote: the output file, its record count and the skipped pairs by reason."
+    out: str  # the alignment file written
+    written: int  # records written
+    skipped: dict[str, int] = field(default_factory=dict)  # pairs that made no record, by reason
+
+    def __str__(self) -> str:
+        "'wrote N alignment records to OUT', with the skips when there were any."
+        skips = f"; skipped {sum(self.skipped.values()):,}: {self.skipped}" if self.skipped else ""
+        return f"wrote {self.written:,} alignment records to {self.out}{skips}"
+
 def build_alignment(captions: str = None,  # figure-caption pairs: teacher-input dict by domain, JSON array or JSONL
                     out: str = None,  # output file: JSON array, or JSONL when it ends in .jsonl
                     seed: int = 0,  # seed for the instruction and <image> side drawn per pair
                     style: str = "all",  # instruction set: 'all', 'detailed' or 'concise'
-                    quiet: bool = False,  # do not print each skipped pair
-                   ) -> dict:
-    "Turn figure-caption pairs into stage-1 alignment records; returns counts of written and skipped pairs."
-    if captions is None or out is None: raise ValueError("build_alignment needs both `captions` and `out` (--captions FILE --out FILE)")
+                    quiet: bool = False,  # do not report each skipped pair
+                   ) -> AlignmentResult:
+    "Turn figure-caption pairs into stage-1 alignment records; the result counts written and skipped pairs."
+    if captions is None or out is None:
+        raise ValueError("build_alignment needs both `captions` and `out` (--captions FILE --out FILE)")
     if not Path(captions).is_file(): raise FileNotFoundError(f"captions file not found: {captions}")
     from tqdm.auto import tqdm
     prompts, seen, skipped = align_prompts(style), set(), Counter()
     def rows():
-        "The alignment records, skipping and reporting the pairs that cannot make one."
-        pairs = tqdm(iter_caption_pairs(captions), unit=" pairs", desc="align", disable=True if quiet else None, leave=False)
+        "The alignment records, skipping (and reporting on stderr) the pairs that cannot make one."
+        pairs = tqdm(iter_caption_pairs(captions), unit=" pairs", desc="align", disable=True if quiet else None,
+                     leave=False)
         for i, (line, pair, key) in enumerate(pairs):
-            prob = _pair_problem(pair, seen)
-            if prob is None: yield alignment_record(pair, prompts, seed, key); continue
-            skipped[prob[0]] += 1
-            if not quiet: pairs.write(f"{captions}: pair {i} (line {line}): skipped, {prob[1]} [{prob[0]}]", file=sys.stderr)
-    n = write_records(out, rows())
-    res = {"out": str(out), "written": n, "skipped": dict(skipped)}
-    print(f"wrote {n:,} alignment records to {out}" + (f"; skipped {sum(skipped.values()):,}: {dict(skipped)}" if skipped else ""))
-    return res
+            problem = _pair_problem(pair, seen)
+            if problem is None: yield alignment_record(pair, prompts, seed, key); continue
+            reason, message = problem
+            skipped[reason] += 1
+            if not quiet: pairs.write(f"{captions}: pair {i} (line {line}): skipped, {message} [{reason}]", file=sys.stderr)
+    return AlignmentResult(str(out), write_records(out, rows()), dict(skipped))

@@ -114,11 +114,13 @@ def test_write_records_round_trip_and_atomic(tmp_path):
 
 
 def test_conversatons_misspelling_is_accepted(tmp_path):
+    "Released files spell the key 'conversatons' in places: the reader fixes it, so every file-level check passes."
     r = rec(1)
     r["conversatons"] = r.pop("conversations")
-    p = write_jsonl(tmp_path / "typo.jsonl", [r])
-    assert [s.answer for s in iter_samples(p)] == ["A chest radiograph."]
-    assert validate_records([r]).ok
+    for p in (write_jsonl(tmp_path / "typo.jsonl", [r]), write_array(tmp_path / "typo.json", [r], indent=2)):
+        assert [s.answer for s in iter_samples(p)] == ["A chest radiograph."]
+        rep = validate_file(str(p))
+        assert rep.ok and rep.exit_code == 0 and (rep.n_records, rep.n_invalid) == (1, 0), str(rep)
 
 
 def test_iter_samples_raises_or_yields_bad(tmp_path):
@@ -231,26 +233,30 @@ def test_threaded_image_checks_match_serial(tmp_path):
     assert serial.counts["image_unreadable"] == 40 and serial.counts["image_missing"] == 20  # 8 and 4 images, 5 records each
 
 
-def test_validate_array_file_structure(tmp_path, capsys):
+def test_validate_array_file_structure(tmp_path):
     p = tmp_path / "cut.json"
     p.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, ')
-    assert validate_file(str(p)) == 1
-    assert "file ends inside the array" in capsys.readouterr().out
-    assert validate_file(str(tmp_path / "missing.json")) == 2
+    res = validate_file(str(p))
+    assert res.exit_code == 1
+    assert "file ends inside the array" in str(res)
+    with pytest.raises(FileNotFoundError, match="no such file: .*missing.json"):
+        validate_file(str(tmp_path / "missing.json"))
 
 
-def test_non_utf8_bytes_are_reported(tmp_path, capsys):
+def test_non_utf8_bytes_are_reported(tmp_path):
     good = json.dumps(rec(1)).encode()
     p = tmp_path / "latin1.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + json.dumps(rec(2, a="caf\u00e9")).encode().replace(b"\\u00e9", b"\xe9")
                   + b"\n" + json.dumps(rec(3)).encode() + b"\n")
-    assert validate_file(str(p)) == 1
-    out = capsys.readouterr().out
+    res = validate_file(str(p))
+    out = str(res)
+    assert res.exit_code == 1
     assert "record 1 (no id, line 2): not UTF-8 text" in out and "3 records, 1 invalid" in out
     q = tmp_path / "latin1.json"
     q.write_bytes(b"[\n" + good + b",\n" + b'{"id": "caf\xe9"}' + b"\n]\n")
-    assert validate_file(str(q)) == 1
-    out = capsys.readouterr().out
+    res = validate_file(str(q))
+    out = str(res)
+    assert res.exit_code == 1
     assert "record 1 (no id, line 3): not UTF-8 text" in out and "2 records, 1 invalid" in out
 
 
@@ -295,7 +301,7 @@ def test_align_deterministic_and_order_free(tmp_path):
     assert 60 < before < 140 and sum(q.endswith("\n<image>") for q in qs) == 200 - before
     assert len({q.replace("<image>", "").strip() for q in qs}) >= 20
     assert recs[0]["image"] == recs[0]["id"] + ".jpg" and recs[0]["conversations"][1]["value"].startswith("Axial CT")
-    assert validate_file(str(tmp_path / "a.json"), quiet=True) == 0
+    assert validate_file(str(tmp_path / "a.json"), quiet=True).exit_code == 0
 
 
 def test_align_prompt_list():
@@ -318,7 +324,8 @@ def test_align_teacher_format_and_skips(tmp_path, capsys):
     assert recs[0]["domain"]["mri"] and not recs[0]["domain"]["gross"] and recs[1]["domain"]["gross"]
     flat = write_jsonl(tmp_path / "f.jsonl", [{"id": "9_F9", "caption": "A gel.", "image": "gel.png"}])
     res = build_alignment(str(flat), str(tmp_path / "f_out.json"))
-    assert res == {"out": str(tmp_path / "f_out.json"), "written": 1, "skipped": {}}
+    assert res.to_json() == {"out": str(tmp_path / "f_out.json"), "written": 1, "skipped": {}}
+    assert str(res) == f"wrote 1 alignment records to {tmp_path / 'f_out.json'}"
     assert next(iter_records(tmp_path / "f_out.json"))[1]["image"] == "gel.png"
 
 
@@ -498,5 +505,5 @@ def test_synthetic_corpus_validates_clean(tmp_path):
         f = tmp_path / "c" / name
         assert main(["validate", str(f), "--images", str(tmp_path / "c" / "images"), "--require-image", "--quiet"]) == 0, name
     out = tmp_path / "realign.json"
-    assert build_alignment(str(tmp_path / "c" / "instruct_captions.json"), str(out), quiet=True)["written"] == 12
+    assert build_alignment(str(tmp_path / "c" / "instruct_captions.json"), str(out), quiet=True).written == 12
     assert main(["validate", str(out), "--images", str(tmp_path / "c" / "images"), "--quiet"]) == 0
