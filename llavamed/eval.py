@@ -8,14 +8,16 @@ Docs: https://llavamed.github.io/llavamed/eval.html.md"""
 from __future__ import annotations
 import hashlib, json as _json, math, re, sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
-from .core import GPT, read_json, read_jsonl, write_json, write_jsonl, get_logger
+from typing import Iterable
+from .core import (DOMAINS, Question, Result, fmt_num, get_logger, load_questions, read_jsonl,
+                           to_jsonable, write_json, write_jsonl)
 
 # %% auto #0
 __all__ = ['PUNCT', 'NUMBER_WORDS', 'ARTICLES', 'CONTRACTIONS', 'BLEU_WEIGHTS', 'METRICS', 'normalize_answer', 'official_prf',
-           'official_exact', 'sentence_bleu', 'official_question', 'strict_question', 'load_vqa', 'load_answers',
-           'align', 'score_pairs', 'file_sha256', 'describe_decoding', 'format_scores', 'score']
+           'official_exact', 'sentence_bleu', 'official_question', 'strict_question', 'load_answers', 'align',
+           'score_pairs', 'group_scores', 'file_sha256', 'describe_decoding', 'Scores', 'score']
 
 # %% ../nbs/07_eval.ipynb #a076e492
 PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
@@ -30,7 +32,7 @@ _PERIOD = re.compile(r"\.(?!\d)")
 _PERIOD_LIMIT = 32  # re.UNICODE, passed where the count goes
 
 # %% ../nbs/07_eval.ipynb #0503063c
-_C = ("aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|couldn'tve couldn't've|"
+_CONTRACTION_PAIRS = ("aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|couldn'tve couldn't've|"
       "couldnt've couldn't've|didnt didn't|doesnt doesn't|dont don't|hadnt hadn't|hadnt've hadn't've|"
       "hadn'tve hadn't've|hasnt hasn't|havent haven't|hed he'd|hed've he'd've|he'dve he'd've|hes he's|"
       "howd how'd|howll how'll|hows how's|isnt isn't|itd it'd|itd've it'd've|it'dve it'd've|itll it'll|"
@@ -50,7 +52,7 @@ _C = ("aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|coul
       "wouldve would've|wouldnt wouldn't|wouldnt've wouldn't've|wouldn'tve wouldn't've|yall y'all|"
       "yall'll y'all'll|y'allll y'all'll|yall'd've y'all'd've|y'alld've y'all'd've|y'all'dve y'all'd've|"
       "youd you'd|youd've you'd've|you'dve you'd've|youll you'll|youre you're|youve you've")
-CONTRACTIONS = dict(pair.split(" ") for pair in _C.split("|"))
+CONTRACTIONS = dict(pair.split(" ") for pair in _CONTRACTION_PAIRS.split("|"))
 _SPECIAL = frozenset(NUMBER_WORDS) | ARTICLES | frozenset(CONTRACTIONS)
 
 # %% ../nbs/07_eval.ipynb #4dd0bb1f
@@ -182,19 +184,6 @@ def strict_question(pred: str,  # the model's answer
             "substring_hit": float(_phrase_in(g, p))}
 
 # %% ../nbs/07_eval.ipynb #12e5353e
-def load_vqa(path: str | Path) -> list[dict]:
-    "Questions of a LLaVA VQA file (JSON array or JSONL) as {id, gt, answer_type}."
-    path = Path(path)
-    recs = list(read_jsonl(path)) if path.suffix == ".jsonl" else read_json(path)
-    out = []
-    for i, r in enumerate(recs):
-        conv = r.get("conversations", r.get("conversatons")) if isinstance(r, dict) else None
-        if not conv or len(conv) < 2 or conv[1].get("from") != GPT:
-            raise ValueError(f"{path}: record {i} (id {r.get('id') if isinstance(r, dict) else None}): "
-                             "no answer turn after the question")
-        out.append({"id": str(r.get("id", "")), "gt": conv[1]["value"], "answer_type": str(r.get("answer_type") or "").upper()})
-    return out
-
 def load_answers(path: str | Path) -> list[dict]:
     "Rows of an answers JSONL file (official format), checked for `question_id` and `text`."
     lines = [l for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
@@ -207,19 +196,19 @@ def load_answers(path: str | Path) -> list[dict]:
     return rows
 
 # %% ../nbs/07_eval.ipynb #efd845dc
-def align(questions: list[dict],  # from `load_vqa`
+def align(questions: list[Question],  # from `llavamed.core.load_questions`
           answers: list[dict],  # from `load_answers`
           missing: str = "empty",  # unanswered questions: 'empty' (scored as empty answers) or 'skip'
-         ) -> tuple[list[tuple[dict, str]], dict]:
+         ) -> tuple[list[tuple[Question, str]], dict]:
     "Pair questions with answers by id: ([(question, answer text)], counts and example ids)."
     if missing not in ("empty", "skip"): raise ValueError(f"missing={missing!r}: expected 'empty' or 'skip'")
     by_id, dup = {}, 0
     for a in answers:
         k = str(a["question_id"]); dup += k in by_id; by_id[k] = a["text"]
-    qids = {q["id"] for q in questions}
-    miss = [q["id"] for q in questions if q["id"] not in by_id]
+    qids = {q.id for q in questions}
+    miss = [q.id for q in questions if q.id not in by_id]
     extra = [k for k in by_id if k not in qids]
-    pairs = [(q, by_id.get(q["id"], "")) for q in questions if missing == "empty" or q["id"] in by_id]
+    pairs = [(q, by_id.get(q.id, "")) for q in questions if missing == "empty" or q.id in by_id]
     info = {"n_questions": len(questions), "n_answers": len(answers), "n_missing": len(miss), "n_extra": len(extra),
             "n_duplicate": dup, "missing_ids": miss[:10], "extra_ids": extra[:10], "missing_policy": missing}
     return pairs, info
@@ -236,14 +225,14 @@ def _mean100(xs: list[float]) -> float | None:
 def _cached(f):
     "`f` with a dict cache (answers and references repeat: 'yes', 'no', ...)."
     cache = {}
-    def g(s):
+    def cached_call(s):
         "Cached call."
         r = cache.get(s)
         if r is None: r = cache[s] = f(s)
         return r
-    return g
+    return cached_call
 
-def score_pairs(pairs: Iterable[tuple[dict, str]],  # (question {gt, answer_type}, answer text)
+def score_pairs(pairs: Iterable[tuple[Question, str]],  # (question with `answer` and `answer_type`, answer text)
                 mode: str = "official",  # 'official' or 'strict'
                 norm=None,  # a (cached) `normalize_answer`, shared when scoring several modes
                 details: list | None = None,  # if given, each question's metrics are appended here
@@ -253,9 +242,9 @@ def score_pairs(pairs: Iterable[tuple[dict, str]],  # (question {gt, answer_type
     per_q, norm = (official_question if mode == "official" else strict_question), norm or _cached(normalize_answer)
     opens, closed, other = [], [], 0
     for q, text in pairs:
-        t = q["answer_type"]
+        t = q.answer_type
         if t not in ("OPEN", "CLOSED"): other += 1; continue
-        r = per_q(text, q["gt"], t, norm)
+        r = per_q(text, q.answer, t, norm)
         (closed.append(r["closed_hit"]) if t == "CLOSED" else opens.append(r))
         if details is not None: details.append(r)
     out = {"mode": mode, "open_recall": None, "closed_accuracy": _mean100(closed)}
@@ -263,6 +252,27 @@ def score_pairs(pairs: Iterable[tuple[dict, str]],  # (question {gt, answer_type
         if opens and src in opens[0]: out[k] = _mean100([r[src] for r in opens])
         elif mode == "official" or not k.startswith("bleu"): out[k] = None
     out.update(n_open=len(opens), n_closed=len(closed), n_other_type=other)
+    return out
+
+# %% ../nbs/07_eval.ipynb #675de567
+def _group_order(g: str) -> tuple:
+    "Sort key of a group: the benchmark's domains in their order first, then other groups by name."
+    return (g not in DOMAINS, DOMAINS.index(g) if g in DOMAINS else 0, g)
+
+def group_scores(pairs: list[tuple[Question, str]],  # from `align`
+                 by: str = "domain",  # the `Question` field to group by: 'domain' or 'question_type'
+                 mode: str = "official",  # 'official' or 'strict'
+                 norm=None,  # a (cached) `normalize_answer`, shared when scoring several groupings
+                ) -> dict[str, dict]:
+    "Closed accuracy and open recall (percent) with their counts, per group of questions."
+    if by not in ("domain", "question_type"): raise ValueError(f"by={by!r}: expected 'domain' or 'question_type'")
+    groups: dict[str, list] = {}
+    for q, text in pairs:
+        if getattr(q, by) is not None: groups.setdefault(getattr(q, by), []).append((q, text))
+    out = {}
+    for g in sorted(groups, key=_group_order):
+        s = score_pairs(groups[g], mode, norm)
+        out[g] = {k: s[k] for k in ("closed_accuracy", "open_recall", "n_closed", "n_open")}
     return out
 
 # %% ../nbs/07_eval.ipynb #4e3fee53
@@ -297,75 +307,93 @@ _LABELS = {"open_recall": "open (token recall)", "closed_accuracy": "closed (acc
            "open_substring_accuracy": "open substring accuracy", "exact_match": "exact match", "f1": "F1",
            "precision": "precision", "bleu": "BLEU", "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3"}
 
-def _fmt(v) -> str:
-    "A percentage with 2 decimals, '-' for none."
-    return "-" if v is None else f"{v:.2f}"
+@dataclass
+class Scores(Result):
+    "What `score` found: each mode's metrics (percent), how answers paired with questions, what produced them."
+    dataset: str  # the dataset's name in reports
+    pred: str  # the answers file
+    gt: str  # the VQA file
+    gt_sha256: str  # SHA-256 of the VQA file's bytes
+    decoding: str  # the answers' decoding settings (`describe_decoding`)
+    image_ablation: str  # the answers' image ablation: 'none', 'blank', ... or 'mixed'
+    mode: str  # 'official', 'strict' or 'all' (both)
+    metrics: dict  # {mode: aggregate metrics from `score_pairs`}: one mode, or both for 'all'
+    pairing: dict  # what `align` counted: n_questions, n_answers, n_missing, missing_ids, ...
 
-def format_scores(res: dict) -> str:
-    "A plain-text table of a `score` result, headed by its modes, decoding settings and data hash."
-    modes = [m for m in ("official", "strict") if m in res]
-    head = [f"VQA scores | {res['dataset']} | data {res['gt']} sha256 {res['gt_sha256']}",
-            f"answers {res['pred']} | decoding: {res['decoding']}",
-            f"questions {res['n_questions']} (open {res['n_open']}, closed {res['n_closed']}) | "
-            f"missing answers {res['n_missing']} (scored as {'empty' if res['missing_policy'] == 'empty' else 'skipped'}), "
-            f"extra {res['n_extra']}, duplicate {res['n_duplicate']}"]
-    w = max(map(len, _LABELS.values()))
-    rows = [f"{'metric':{w}}  " + "  ".join(f"{m + ' mode':>14}" for m in modes)]
-    for k, label in _LABELS.items():
-        if any(res[m].get(k) is not None for m in modes):
-            rows.append(f"{label:{w}}  " + "  ".join(f"{_fmt(res[m].get(k)):>14}" for m in modes))
-    return "\n".join(head + [""] + rows)
+    def counts(self) -> dict:
+        "Questions scored per answer type (the same in every mode)."
+        first = next(iter(self.metrics.values()))
+        return {k: first[k] for k in ("n_open", "n_closed", "n_other_type")}
+
+    def table(self) -> list[tuple[str, list]]:
+        "(metric label, one value per mode) for every metric some mode has."
+        return [(label, [m.get(k) for m in self.metrics.values()]) for k, label in _LABELS.items()
+                if any(m.get(k) is not None for m in self.metrics.values())]
+
+    def heading(self) -> list[str]:
+        "The lines above the terminal table: data, answers, decoding and pairing counts."
+        p, n = self.pairing, self.counts()
+        scored_as = "empty" if p["missing_policy"] == "empty" else "skipped"
+        return [f"VQA scores | {self.dataset} | data {self.gt} sha256 {self.gt_sha256}",
+                f"answers {self.pred} | decoding: {self.decoding}",
+                f"questions {p['n_questions']} (open {n['n_open']}, closed {n['n_closed']}) | missing answers "
+                f"{p['n_missing']} (scored as {scored_as}), extra {p['n_extra']}, duplicate {p['n_duplicate']}"]
+
+    def __str__(self) -> str:
+        "The terminal table: the heading, then one row per metric and one column per mode."
+        w = max(map(len, _LABELS.values()))
+        rows = [f"{'metric':{w}}  " + "  ".join(f"{m + ' mode':>14}" for m in self.metrics)]
+        rows += [f"{label:{w}}  " + "  ".join(f"{fmt_num(v, 2):>14}" for v in vals) for label, vals in self.table()]
+        return "\n".join(self.heading() + [""] + rows)
+
+    def _repr_markdown_(self) -> str:
+        "The table as Markdown, headed by the dataset, the decoding and the data hash."
+        head = f"**{self.dataset}** ({self.decoding}; data sha256 `{self.gt_sha256[:12]}`)\n\n"
+        rows = [f"| {label} | " + " | ".join(fmt_num(v, 2) for v in vals) + " |" for label, vals in self.table()]
+        return (head + "| metric | " + " | ".join(f"{m} mode" for m in self.metrics) + " |\n|---|"
+                + "---|" * len(self.metrics) + "\n" + "\n".join(rows))
+
+    def to_json(self) -> dict:
+        "What `score --out` writes: one mode's metrics at the top level, or `official` and `strict` objects."
+        d = {"dataset": self.dataset, "pred": self.pred, "gt": self.gt, "gt_sha256": self.gt_sha256,
+             "decoding": self.decoding, "image_ablation": self.image_ablation, **self.pairing, **self.counts()}
+        d.update(self.metrics if self.mode == "all" else self.metrics[self.mode])
+        d["mode"] = self.mode
+        return to_jsonable(d)
 
 # %% ../nbs/07_eval.ipynb #f9ea80d3
 def _detail_rows(pairs, per_q: dict[str, list]):
     "One row per scored question: id, type, reference, answer and each mode's metrics (fractions)."
-    scored = [(q, t) for q, t in pairs if q["answer_type"] in ("OPEN", "CLOSED")]
+    scored = [(q, t) for q, t in pairs if q.answer_type in ("OPEN", "CLOSED")]
     for i, (q, text) in enumerate(scored):
-        yield {"id": q["id"], "answer_type": q["answer_type"], "gt": q["gt"], "pred": text,
+        yield {"id": q.id, "answer_type": q.answer_type, "gt": q.answer, "pred": text,
                **{m: rows[i] for m, rows in per_q.items()}}
 
 # %% ../nbs/07_eval.ipynb #11491f7f
 def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from `llavamed predict`
           gt: str = None,  # the VQA file with the reference answers (`id`, `answer_type`, conversations)
           mode: str = "official",  # 'official' (LLaVA-Med v1.0 scorer), 'strict', or 'all' (both)
-          json: bool = False,  # print one JSON object instead of tables
           missing: str = "empty",  # questions without an answer: 'empty' (count as wrong) or 'skip'
           out: str = None,  # also write the result as JSON here (what `llavamed report` reads)
           name: str = None,  # the dataset's name in reports (default: the data file's folder and stem)
-          details: str = None,  # also write each question's metrics (both modes) to this JSONL file
-         ) -> dict:
-    "Score VQA answers against references in the official and/or strict mode and print the result."
+          details: str = None,  # also write each question's metrics (every mode scored) to this JSONL file
+         ) -> Scores:
+    "Score VQA answers against references in the official and/or strict mode."
     if pred is None or gt is None: raise ValueError("score needs both --pred (answers) and --gt (VQA file)")
     if mode not in ("official", "strict", "all"): raise ValueError(f"mode={mode!r}: expected official, strict or all")
-    questions, answers = load_vqa(gt), load_answers(pred)
-    pairs, info = align(questions, answers, missing)
-    ablations = {(a.get("metadata") or {}).get("image_ablation", "none") for a in answers} or {"none"}
-    res = {"dataset": name or f"{Path(gt).resolve().parent.name}/{Path(gt).stem}", "pred": str(pred), "gt": str(gt),
-           "gt_sha256": file_sha256(gt), "decoding": describe_decoding(answers),
-           "image_ablation": ablations.pop() if len(ablations) == 1 else "mixed", **info}
+    answers = load_answers(pred)
+    pairs, info = align(load_questions(gt, need_answer=True), answers, missing)
+    if info["n_missing"] or info["n_extra"]:
+        get_logger().warning(f"{info['n_missing']} questions have no answer, {info['n_extra']} answers match no question")
     modes = ("official", "strict") if mode == "all" else (mode,)
     norm = _cached(normalize_answer)  # both modes normalise the same strings
     per_q = {m: [] if details else None for m in modes}
-    for m in modes: res[m] = score_pairs(pairs, m, norm, per_q[m])
+    metrics = {m: score_pairs(pairs, m, norm, per_q[m]) for m in modes}
     if details: write_jsonl(details, _detail_rows(pairs, per_q))
-    first = res[modes[0]]
-    res.update(n_open=first["n_open"], n_closed=first["n_closed"], n_other_type=first["n_other_type"])
-    if info["n_missing"] or info["n_extra"]:
-        get_logger().warning(f"{info['n_missing']} questions have no answer, {info['n_extra']} answers match no question")
-    if mode != "all":  # one mode: its numbers at the top level, as scripts expect
-        res.update({k: v for k, v in res.pop(mode).items()})
-    res["mode"] = mode
-    if out: write_json(out, res)
-    if json: print(_json.dumps(res))
-    else: print(format_scores({**res, mode: res} if mode != "all" else res))
+    ablations = {(a.get("metadata") or {}).get("image_ablation", "none") for a in answers} or {"none"}
+    res = Scores(dataset=name or f"{Path(gt).resolve().parent.name}/{Path(gt).stem}", pred=str(pred), gt=str(gt),
+                 gt_sha256=file_sha256(gt), decoding=describe_decoding(answers),
+                 image_ablation=ablations.pop() if len(ablations) == 1 else "mixed", mode=mode, metrics=metrics,
+                 pairing=info)
+    if out: write_json(out, res.to_json())
     return res
-
-# %% ../nbs/07_eval.ipynb #88f6f75a
-_ELSEWHERE = {"predict": "llavamed.predict", "judge": "llavamed.judge", "report": "llavamed.report"}
-
-def __getattr__(name: str):
-    "Resolve `predict`, `judge` and `report` from their modules on first use."
-    if name in _ELSEWHERE:
-        import importlib
-        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
-    raise AttributeError(f"module 'llavamed.eval' has no attribute {name!r}")

@@ -2,8 +2,9 @@
 import hashlib, json, subprocess
 import pytest
 from llavamed.cli import main
+from llavamed.core import Question, load_questions
 from llavamed.eval import (normalize_answer, official_prf, official_exact, official_question, strict_question,
-                           sentence_bleu, score, align, load_vqa)
+                           sentence_bleu, score, align, group_scores)
 
 @pytest.mark.parametrize("text,expected", [
     ("left - sided", "left sided"),          # mark with a space beside it: deleted
@@ -62,13 +63,13 @@ def test_bleu_by_hand():
     import math
     assert sentence_bleu("a b c d".split(), "a b".split(), (1, 0, 0, 0)) == pytest.approx(math.exp(1 - 4 / 2))
 
-def _vqa(i, a, t, key="conversations"):
+def _vqa(i, a, t):
     return {"id": i, "image": f"{i}.png", "answer_type": t,
-            key: [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}]}
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}]}
 
 GT = [_vqa("q1", "No", "CLOSED"), _vqa("q2", "yes", "CLOSED"), _vqa("q3", "no", "CLOSED"),
       _vqa("q4", "Left lower lobe", "OPEN"), _vqa("q5", "Two", "OPEN"), _vqa("q6", "x-ray", "OPEN"),
-      _vqa("q7", "none", "OPEN", key="conversatons"), _vqa("q8", "yes", "CLOSED")]
+      _vqa("q7", "none", "OPEN"), _vqa("q8", "yes", "CLOSED")]
 ANSWERS = {"q6": "An X-Ray.", "zz": "an answer to no question", "q4": "the left lobe, left lobe", "q1": "There is a nodule.",
            "q3": "", "q7": "no", "q5": "2 nodules", "q2": "Yes, and no effusion"}  # misordered; q8 missing; zz extra
 
@@ -81,9 +82,9 @@ def files(tmp_path):
                                         "metadata": md}) + "\n" for k, v in ANSWERS.items()))
     return pred, gt
 
-def test_official_mode_by_hand(files, capsys):
-    res = score(*files, mode="official", json=True)
-    out = json.loads(capsys.readouterr().out)
+def test_official_mode_by_hand(files):
+    res = score(*files, mode="official")
+    out = json.loads(json.dumps(res.to_json()))
     assert set(["open_recall", "closed_accuracy", "open_substring_accuracy", "exact_match", "f1", "precision",
                 "n_open", "n_closed"]) <= set(out)
     # open q4..q7: recall .8, 1, 1, 0 | precision 1, .5, 1, 0 | F1 8/9, 2/3, 1, 0 | exact .5, .5, 1, 0 | substring 0, 1, 1, 0
@@ -98,10 +99,10 @@ def test_official_mode_by_hand(files, capsys):
     assert out["missing_ids"] == ["q8"] and out["extra_ids"] == ["zz"]
     assert out["gt_sha256"] == hashlib.sha256(files[1].read_bytes()).hexdigest()
     assert out["decoding"] == "greedy, max_new_tokens=32" and out["mode"] == "official"
-    assert res["open_recall"] == out["open_recall"]
+    assert res.metrics["official"]["open_recall"] == out["open_recall"]
 
-def test_strict_mode_by_hand(files, capsys):
-    out = score(*files, mode="strict", json=True)
+def test_strict_mode_by_hand(files):
+    out = score(*files, mode="strict").to_json()
     # open: set recall 2/3, 1, 1, 0 | precision 1, .5, 1, 0 | F1 .8, 2/3, 1, 0 | exact 0, 0, 1, 0 | whole-word 0, 1, 1, 0
     assert out["open_recall"] == pytest.approx((2 / 3 + 2) / 4 * 100)
     assert out["f1"] == pytest.approx((0.8 + 2 / 3 + 1) / 4 * 100)
@@ -110,25 +111,37 @@ def test_strict_mode_by_hand(files, capsys):
     assert out["closed_accuracy"] == pytest.approx(25.0)  # only q2
 
 def test_missing_skip(files):
-    out = score(*files, mode="official", missing="skip", json=True)
+    out = score(*files, mode="official", missing="skip").to_json()
     assert out["closed_accuracy"] == pytest.approx(200 / 3) and out["n_closed"] == 3
 
-def test_order_does_not_matter(files, tmp_path, capsys):
+def test_order_does_not_matter(files, tmp_path):
     pred, gt = files
     rev = tmp_path / "rev.jsonl"
     rev.write_text("".join(reversed(pred.read_text().splitlines(keepends=True))))
-    a, b = score(pred, gt, mode="all", json=True), score(rev, gt, mode="all", json=True)
-    assert a["official"] == b["official"] and a["strict"] == b["strict"]
+    a, b = score(pred, gt, mode="all"), score(rev, gt, mode="all")
+    assert a.metrics == b.metrics and set(a.metrics) == {"official", "strict"}
 
 def test_duplicate_answers_keep_last(tmp_path):
-    qs = [{"id": "1", "gt": "yes", "answer_type": "CLOSED"}]
+    qs = [Question("1", "Q?", answer="yes", answer_type="CLOSED")]
     pairs, info = align(qs, [{"question_id": "1", "text": "no"}, {"question_id": 1, "text": "yes"}])
     assert pairs[0][1] == "yes" and info["n_duplicate"] == 1
 
-def test_load_vqa_jsonl_and_misspelled_key(tmp_path):
+def test_score_reads_a_jsonl_vqa_file(files, tmp_path):
     p = tmp_path / "t.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in GT[5:7]))
-    assert [q["gt"] for q in load_vqa(p)] == ["x-ray", "none"]
+    p.write_text("\n".join(json.dumps(r) for r in GT))
+    assert score(files[0], p, mode="all").metrics == score(*files, mode="all").metrics
+    p.write_text(json.dumps({"id": "q1", "answer_type": "OPEN", "conversations": [{"from": "human", "value": "Q?"}]}))
+    with pytest.raises(ValueError, match=r"record 0 \(id q1\): no answer turn"): score(files[0], p)
+
+def test_group_scores_per_domain_and_kind():
+    qs = [Question("1", "Q?", answer="yes", answer_type="CLOSED", domain="mri", question_type="side"),
+          Question("2", "Q?", answer="no", answer_type="CLOSED", domain="chest_xray", question_type="side"),
+          Question("3", "Q?", answer="left lobe", answer_type="OPEN", domain="mri", question_type="where")]
+    pairs, _ = align(qs, [{"question_id": "1", "text": "yes"}, {"question_id": "3", "text": "left"}])
+    by_domain = group_scores(pairs)
+    assert list(by_domain) == ["chest_xray", "mri"]  # the benchmark's domain order
+    assert by_domain["mri"] == {"closed_accuracy": 100.0, "open_recall": 50.0, "n_closed": 1, "n_open": 1}
+    assert group_scores(pairs, "question_type", "strict")["side"]["closed_accuracy"] == 50.0
 
 def test_cli_json_and_table(files, capsys):
     pred, gt = files
@@ -322,7 +335,7 @@ def test_predict_resumes_and_scores(tiny, tmp_path):
     assert sorted(r["question_id"] for r in rows) == sorted(q["id"] for q in load_questions(tiny / "test8.json"))
     assert set(rows[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
     assert rows[0]["metadata"]["decoding"] == {"do_sample": False, "max_new_tokens": 4, "seed": 0}
-    res = score(str(out), str(tiny / "test8.json"), mode="all", json=True)
+    res = score(str(out), str(tiny / "test8.json"), mode="all").to_json()
     assert res["n_missing"] == 0 and res["decoding"] == "greedy, max_new_tokens=4"
     # greedy answers do not depend on the batch size
     predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(tmp_path / "b1.jsonl"), **{**kw, "batch_size": 1})
