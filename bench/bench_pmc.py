@@ -73,7 +73,7 @@ def run_once(server, urls, workers, work: Path) -> dict:
             wall = time.perf_counter() - t0
     finally: tempfile.tempdir = old
     man = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
-    return {"wall_s": wall, "summary": s, "peak_disk": ds.peak, "manifest": man,
+    return {"wall_s": wall, "summary": s.to_json(), "peak_disk": ds.peak, "manifest": man,
             "requests": dict(server.requests), "final_out": du(out)}
 
 

@@ -6,17 +6,18 @@ Docs: https://llavamed.github.io/llavamed/pmc.html.md"""
 
 # %% ../nbs/02a_pmc.ipynb #3083ded3
 from __future__ import annotations
-import gzip, hashlib, http.client, io, random, re, tarfile, threading, time, urllib.error, urllib.parse, urllib.request, zlib
+import gzip, hashlib, http.client, io, random, re, tarfile, threading, time, zlib
+import urllib.error, urllib.parse, urllib.request
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from . import __version__
-from .core import RecordError, append_jsonl, atomic_write, get_logger, read_jsonl
+from .core import RecordError, Result, append_jsonl, atomic_write, get_logger, iter_records, read_jsonl
 
 # %% auto #0
 __all__ = ['log', 'STATUSES', 'FINISHED', 'FigureRef', 'read_url_list', 'mirror_url', 'sniff_ext', 'prepare_image', 'FetchConfig',
-           'TruncatedDownload', 'extract_figures', 'fetch_tarball', 'finished_pairs', 'fetch_figures']
+           'TruncatedDownload', 'extract_figures', 'fetch_tarball', 'finished_pairs', 'FetchResult', 'fetch_figures']
 
 # %% ../nbs/02a_pmc.ipynb #683ff5d4
 log = get_logger("llavamed.pmc")
@@ -47,17 +48,19 @@ def read_url_list(path: str | Path,  # the image URL list (JSON Lines)
                  ) -> tuple[list[FigureRef], Counter]:
     "Read the image URL list into `FigureRef`s, plus the counts of skipped lines by reason."
     refs, seen, skipped, urls = [], set(), Counter(), {}
-    for i, row in enumerate(read_jsonl(path, skip_bad=True), 1):
+    for line, row in iter_records(path):
         if limit is not None and len(refs) >= limit: break
-        bad = ("malformed JSON", f"line {row.line}: {row.msg}") if isinstance(row, RecordError) else _check_row(row)
+        bad = ("malformed JSON", row.msg) if isinstance(row, RecordError) else _check_row(row)
         if bad is None and row["pair_id"] in seen: bad = ("repeated pair_id", row["pair_id"])
         if bad is not None:
-            skipped[bad[0]] += 1
-            if sum(skipped.values()) <= 5: log.warning(f"{path}: record {i}: {bad[0]} ({bad[1]}); skipped")
+            reason, detail = bad
+            skipped[reason] += 1
+            if sum(skipped.values()) <= 5: log.warning(f"{path}: line {line}: {reason} ({detail}); skipped")
             continue
         seen.add(row["pair_id"])
         url = row["pmc_tar_url"].strip()
-        refs.append(FigureRef(row["pair_id"], urls.setdefault(url, url), row["image_file_path"].strip()))  # one str per tarball
+        tar_url = urls.setdefault(url, url)  # one string per tarball, shared by its figures
+        refs.append(FigureRef(row["pair_id"], tar_url, row["image_file_path"].strip()))
     return refs, skipped
 
 # %% ../nbs/02a_pmc.ipynb #245d90c1
@@ -253,6 +256,48 @@ def _mend(path: Path) -> None:
             if f.read(1) != b"\n": f.write(b"\n")
 
 # %% ../nbs/02a_pmc.ipynb #083c42db
+@dataclass
+class FetchResult(Result):
+    "What a `fetch_figures` run did: figures by manifest status, figures already done, bad lines, bytes."
+    ok: int = 0  # figures written
+    missing: int = 0  # the tarball has no such member
+    not_found: int = 0  # the tarball is gone (HTTP 404 or 410)
+    corrupt: int = 0  # a bad tarball, or a member refused or not an image
+    error: int = 0  # gave up after the retries (timeouts, 5xx, ...)
+    already_done: int = 0  # finished by an earlier run, not fetched again
+    bad_lines: int = 0  # URL-list lines skipped
+    tarballs: int = 0  # tarballs this run had to download
+    bytes: int = 0  # bytes of the figures written
+    bad_line_reasons: dict[str, int] = field(default_factory=dict)  # the skipped lines by reason
+
+    def __str__(self) -> str:
+        "'pmc: ok N, missing N, ...': every count."
+        return "pmc: " + ", ".join(f"{k} {v}" for k, v in self.rows())
+
+def _fetch_all(groups: dict[str, list[FigureRef]], images: Path, manifest: Path, cfg: FetchConfig,
+               counts: Counter, bar) -> None:
+    "Download the tarballs of `groups` on `cfg.workers` threads, appending each one's rows to `manifest`."
+    todo = iter(groups.items())
+    pool, stop = ThreadPoolExecutor(cfg.workers, thread_name_prefix="pmc"), threading.Event()
+    try:
+        inflight = set()
+        def top_up():
+            "Submit tarballs until `2 x workers` are pending (or the list is done)."
+            for url, refs in todo:
+                inflight.add(pool.submit(fetch_tarball, url, refs, images, cfg, stop))
+                if len(inflight) >= 2 * cfg.workers: break
+        top_up()
+        while inflight:
+            finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                rows = fut.result()
+                append_jsonl(manifest, *rows)
+                for row in rows: counts[row["status"]] += 1; counts["bytes"] += row["bytes"]
+                bar.update(len(rows)); bar.set_postfix({s: counts[s] for s in STATUSES}, refresh=False)
+            top_up()
+    finally:  # on Ctrl-C: running downloads stop at their next read or retry; finished rows are already saved
+        stop.set(); pool.shutdown(wait=True, cancel_futures=True)
+
 def fetch_figures(urls: str = None,  # the image URL list (llava_med_image_urls.jsonl); required
                   out: str = None,  # output folder for images/ and manifest.jsonl; required
                   workers: int = 8,  # tarballs downloaded at once
@@ -264,43 +309,21 @@ def fetch_figures(urls: str = None,  # the image URL list (llava_med_image_urls.
                   max_member_mb: float = 100.0,  # refuse figures larger than this
                   jpeg: bool = False,  # re-encode every figure as JPEG
                   quiet: bool = False,  # no progress bar
-                 ) -> dict:
-    "Fetch the figures of an image URL list into `out/images/`, resumably; prints and returns the counts."
+                 ) -> FetchResult:
+    "Fetch the figures of an image URL list into `out/images/`, resumably; the result counts them by status."
     from tqdm.auto import tqdm
     if urls is None or out is None: raise ValueError("fetch_figures needs both `urls` (--urls) and `out` (--out)")
     cfg = FetchConfig(workers=workers, timeout=timeout, retries=retries, backoff=backoff,
                       max_member_mb=max_member_mb, jpeg=jpeg)
     out = Path(out); images = out / "images"; images.mkdir(parents=True, exist_ok=True)
-    man = out / "manifest.jsonl"; _mend(man)
+    manifest = out / "manifest.jsonl"; _mend(manifest)
     refs, skipped = read_url_list(urls, limit)
     done = finished_pairs(out)
     groups: dict[str, list[FigureRef]] = {}
     for r in refs:
         if r.pair_id not in done: groups.setdefault(mirror_url(r.tar_url, mirror), []).append(r)
-    counts = Counter({s: 0 for s in STATUSES})
-    counts.update(already_done=sum(r.pair_id in done for r in refs), bad_lines=sum(skipped.values()),
-                  tarballs=len(groups), bytes=0)
-    todo = iter(groups.items())
-    bar = tqdm(total=len(refs) - counts["already_done"], unit="fig", desc="pmc", disable=quiet)
-    ex, stop = ThreadPoolExecutor(cfg.workers, thread_name_prefix="pmc"), threading.Event()
-    try:
-        inflight = set()
-        def top_up():
-            for url, rs in todo:
-                inflight.add(ex.submit(fetch_tarball, url, rs, images, cfg, stop))
-                if len(inflight) >= 2 * cfg.workers: break
-        top_up()
-        while inflight:
-            finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                rows = fut.result()
-                append_jsonl(man, *rows)
-                for row in rows: counts[row["status"]] += 1; counts["bytes"] += row["bytes"]
-                bar.update(len(rows)); bar.set_postfix({s: counts[s] for s in STATUSES}, refresh=False)
-            top_up()
-    finally:  # on Ctrl-C: running downloads stop at their next read or retry; finished rows are already saved
-        stop.set(); ex.shutdown(wait=True, cancel_futures=True); bar.close()
-    summary = dict(counts)
-    if skipped: summary["bad_line_reasons"] = dict(skipped)
-    print("pmc: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "bad_line_reasons"))
-    return summary
+    counts = Counter(already_done=sum(r.pair_id in done for r in refs), bad_lines=sum(skipped.values()),
+                     tarballs=len(groups))
+    with tqdm(total=len(refs) - counts["already_done"], unit="fig", desc="pmc", disable=quiet) as bar:
+        _fetch_all(groups, images, manifest, cfg, counts, bar)
+    return FetchResult(**counts, bad_line_reasons=dict(skipped))

@@ -61,7 +61,7 @@ def test_every_outcome_is_recorded(server, tmp_path):
         "p1a": "ok", "p1b": "ok", "p2": "not_found", "p3": "corrupt", "p4": "missing", "p5": "ok",
         "p5up": "corrupt", "p5abs": "corrupt", "p6sym": "corrupt", "p6hard": "corrupt", "p7": "ok",
         "p8": "corrupt", "p9": "error"}
-    assert (s["ok"], s["not_found"], s["corrupt"], s["missing"], s["error"], s["tarballs"]) == (4, 1, 6, 1, 1, 9)
+    assert (s.ok, s.not_found, s.corrupt, s.missing, s.error, s.tarballs) == (4, 1, 6, 1, 1, 9)
     # real extension from content; bytes unchanged; hash recorded
     assert st["p1a"]["file"] == "images/p1a.png" and st["p1b"]["file"] == "images/p1b.jpg"
     assert (out / "images/p1a.png").read_bytes() == PNG
@@ -85,12 +85,12 @@ def test_rerun_fetches_only_unfinished(server, tmp_path):
     fetch_figures(urls, out, workers=2, mirror=server.base, quiet=True)
     serve(server, "PMC3", make_tar({"PMC3/a.jpg": PNG}))  # the server's copy is repaired
     s = fetch_figures(urls, out, workers=2, mirror=server.base, quiet=True)
-    assert (s["already_done"], s["tarballs"], s["ok"]) == (3, 1, 1)
+    assert (s.already_done, s.tarballs, s.ok) == (3, 1, 1)
     assert dict(server.requests) == {f"/oa_package/PMC{i}.tar.gz": n for i, n in [(1, 1), (2, 1), (3, 2), (4, 1)]}
     assert set(finished_pairs(out)) == {"a", "b", "c", "d"}
     # a figure deleted by hand is fetched again
     (Path(out) / "images/a.png").unlink()
-    assert fetch_figures(urls, out, mirror=server.base, quiet=True)["ok"] == 1
+    assert fetch_figures(urls, out, mirror=server.base, quiet=True).ok == 1
 
 
 def test_short_body_and_timeout_are_retried_then_error(tmp_path):
@@ -102,7 +102,7 @@ def test_short_body_and_timeout_are_retried_then_error(tmp_path):
         s = fetch_figures(urls, str(tmp_path / "o"), workers=2, mirror=server.base, retries=2, backoff=0.01,
                           timeout=0.3, quiet=True)
         st = {r["pair_id"]: r for r in manifest(tmp_path / "o")}
-        assert s["error"] == 2 and s["corrupt"] == 0
+        assert s.error == 2 and s.corrupt == 0
         assert "gave up after 3 attempts" in st["a"]["reason"] and "closed after" in st["a"]["reason"]
         assert "timed out" in st["b"]["reason"]
         assert server.requests["/oa_package/PMC1.tar.gz"] == 3 and server.requests["/oa_package/PMC2.tar.gz"] == 3
@@ -118,7 +118,7 @@ def test_limit_bad_lines_and_cli(server, tmp_path, llavamed_cmd):
     assert r.returncode == 0, r.stderr
     assert "ok 3," in r.stdout and len(manifest(tmp_path / "o")) == 3
     s = fetch_figures(str(p), str(tmp_path / "o"), mirror=server.base, quiet=True)
-    assert (s["ok"], s["already_done"], s["bad_lines"], s["bad_line_reasons"]) == (
+    assert (s.ok, s.already_done, s.bad_lines, s.bad_line_reasons) == (
         1, 3, 2, {"malformed JSON": 1, "repeated pair_id": 1})
 
 
