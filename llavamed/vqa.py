@@ -8,14 +8,16 @@ Docs: https://llavamed.github.io/llavamed/vqa.html.md"""
 from __future__ import annotations
 import builtins, hashlib, io, pickle, re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from .core import GPT, HUMAN, IMAGE_TOKEN, Sample, Turn, get_logger, read_json, read_jsonl, write_json
+from typing import Any, Iterator
+from .core import (GPT, HUMAN, IMAGE_TOKEN, RecordError, Result, Sample, Turn, get_logger, iter_records,
+                           write_json)
 
 # %% auto #0
 __all__ = ['log', 'DATASETS', 'VQA_RAD_VARIANTS', 'SLAKE_SPLITS', 'PATHVQA_SPLITS', 'vqa_record', 'is_yes_no', 'load_vqa_rad',
-           'load_slake', 'SafeUnpickler', 'safe_load_pickle', 'load_pathvqa', 'convert_vqa', 'dhash', 'phash',
-           'image_fingerprint', 'check_leakage']
+           'load_slake', 'SafeUnpickler', 'safe_load_pickle', 'load_pathvqa', 'ConversionResult', 'convert_vqa',
+           'dhash', 'phash', 'image_fingerprint', 'LeakageReport', 'check_leakage']
 
 # %% ../nbs/02b_vqa.ipynb #7a5e724e
 log = get_logger("llavamed.vqa")
@@ -74,22 +76,31 @@ def _find(src: Path, names: tuple[str, ...], what: str) -> Path:
         if hits: return hits[0]
     raise FileNotFoundError(f"no {what} under {src} (looked for {', '.join(names)})")
 
+def _question_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    "`(index, question)` for each record of a released JSON list; a malformed or non-object record raises."
+    for i, (line, row) in enumerate(iter_records(path)):
+        if isinstance(row, RecordError): raise row
+        if not isinstance(row, dict):
+            raise RecordError(path, line, f"record {i}: a {type(row).__name__}, expected a question object")
+        yield i, row
+
 def load_vqa_rad(src: str | Path,  # the VQA-RAD JSON file, or a folder holding it
                  variant: str = "official",  # 'official', 'freeform' or 'yesno' (see above)
                 ) -> _Collector:
     "Read the public VQA-RAD JSON into train/test records (ids `vqa-rad_{qid}`)."
     if variant not in VQA_RAD_VARIANTS: raise ValueError(f"variant {variant!r}: expected one of {VQA_RAD_VARIANTS}")
-    path = _find(Path(src), ("VQA_RAD Dataset Public.json", "*.json"), "VQA-RAD JSON")
-    data, c = read_json(path), _Collector()
-    if not isinstance(data, list): raise ValueError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
-    for i, d in enumerate(data):
-        phrase = str(d.get("phrase_type", "")).strip().lower()
+    path, collected = _find(Path(src), ("VQA_RAD Dataset Public.json", "*.json"), "VQA-RAD JSON"), _Collector()
+    for i, row in _question_rows(path):
+        phrase = str(row.get("phrase_type", "")).strip().lower()
         split = "test" if phrase.startswith("test") else "train"
-        if variant == "freeform" and split == "test" and phrase != "test_freeform": c.skipped["paraphrased test question (freeform variant)"] += 1; continue
-        atype = ("CLOSED" if is_yes_no(d.get("answer", "")) else "OPEN") if variant == "yesno" else d.get("answer_type", "")
-        c.add(split, f"vqa-rad_{d.get('qid', i)}", d.get("image_name", ""), d.get("question", ""), d.get("answer", ""),
-              atype, d.get("question_type"), phrase_type=d.get("phrase_type"), organ=d.get("image_organ"))
-    return c
+        if variant == "freeform" and split == "test" and phrase != "test_freeform":
+            collected.skipped["paraphrased test question (freeform variant)"] += 1; continue
+        answer = row.get("answer", "")
+        answer_type = ("CLOSED" if is_yes_no(answer) else "OPEN") if variant == "yesno" else row.get("answer_type", "")
+        collected.add(split, f"vqa-rad_{row.get('qid', i)}", row.get("image_name", ""), row.get("question", ""),
+                      answer, answer_type, row.get("question_type"), phrase_type=row.get("phrase_type"),
+                      organ=row.get("image_organ"))
+    return collected
 
 # %% ../nbs/02b_vqa.ipynb #f641c119
 SLAKE_SPLITS = {"train": "train.json", "val": "validate.json", "test": "test.json"}
@@ -99,15 +110,15 @@ def load_slake(src: str | Path,  # the SLAKE folder holding train.json, validate
               ) -> _Collector:
     "Read SLAKE 1.0's three JSON splits into records (ids `slake_{qid}`)."
     if lang not in ("en", "zh", "all"): raise ValueError(f"lang {lang!r}: expected 'en', 'zh' or 'all'")
-    src, c = Path(src), _Collector()
+    src, collected = Path(src), _Collector()
     for split, name in SLAKE_SPLITS.items():
-        path = _find(src, (name,), f"SLAKE {name}")
-        for i, d in enumerate(read_json(path)):
-            if lang != "all" and d.get("q_lang") != lang: continue
-            c.add(split, f"slake_{d.get('qid', f'{split}{i}')}", d.get("img_name", ""), d.get("question", ""),
-                  d.get("answer", ""), d.get("answer_type", ""), d.get("content_type"), modality=d.get("modality"),
-                  location=d.get("location"), base_type=d.get("base_type"), q_lang=d.get("q_lang"))
-    return c
+        for i, row in _question_rows(_find(src, (name,), f"SLAKE {name}")):
+            if lang != "all" and row.get("q_lang") != lang: continue
+            collected.add(split, f"slake_{row.get('qid', f'{split}{i}')}", row.get("img_name", ""),
+                          row.get("question", ""), row.get("answer", ""), row.get("answer_type", ""),
+                          row.get("content_type"), modality=row.get("modality"), location=row.get("location"),
+                          base_type=row.get("base_type"), q_lang=row.get("q_lang"))
+    return collected
 
 # %% ../nbs/02b_vqa.ipynb #5d4d40cb
 _SAFE_NAMES = frozenset({"dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool", "bytes", "bytearray"})
@@ -130,6 +141,7 @@ def safe_load_pickle(path: str | Path) -> Any:
 PATHVQA_SPLITS = ("train", "val", "test")
 
 def _pathvqa_rows(src: Path, split: str) -> list[dict]:
+    "The records of one PathVQA split pickle, loaded with `safe_load_pickle`."
     path = _find(src, (f"qas/{split}/{split}_qa.pkl", f"{split}_qa.pkl"), f"PathVQA {split} pickle")
     rows = safe_load_pickle(path)
     if not isinstance(rows, list): raise ValueError(f"{path}: expected a list of records, got {type(rows).__name__}")
@@ -139,73 +151,86 @@ def load_pathvqa(src: str | Path,  # the PathVQA folder (qas/{split}/{split}_qa.
                  out: str | Path | None = None,  # where to write images from the parquet release
                 ) -> _Collector:
     "Read PathVQA's split pickles (safely) or its parquet release into records (ids `pathvqa_{split}_{i}`)."
-    src, c = Path(src), _Collector()
-    if not list(src.rglob("*.pkl")) and list(src.rglob("*.parquet")): return _load_pathvqa_parquet(src, out, c)
+    src, collected = Path(src), _Collector()
+    if not list(src.rglob("*.pkl")) and list(src.rglob("*.parquet")): return _load_pathvqa_parquet(src, out, collected)
     for split in PATHVQA_SPLITS:
-        for i, d in enumerate(_pathvqa_rows(src, split)):
-            if not isinstance(d, dict): c.skipped["not a record"] += 1; continue
-            a = d.get("answer", "")
-            stem = str(d.get("image", "")).strip()
-            c.add(split, f"pathvqa_{split}_{i}", f"{split}/{stem}.jpg" if stem else "", d.get("question", ""), a,
-                  "CLOSED" if is_yes_no(a) else "OPEN")
-    return c
+        for i, row in enumerate(_pathvqa_rows(src, split)):
+            if not isinstance(row, dict): collected.skipped["not a record"] += 1; continue
+            answer, stem = row.get("answer", ""), str(row.get("image", "")).strip()
+            collected.add(split, f"pathvqa_{split}_{i}", f"{split}/{stem}.jpg" if stem else "", row.get("question", ""),
+                          answer, "CLOSED" if is_yes_no(answer) else "OPEN")
+    return collected
 
 # %% ../nbs/02b_vqa.ipynb #5c398d81
-def _load_pathvqa_parquet(src: Path, out, c: _Collector) -> _Collector:
+_PARQUET_STEMS = {"train": "train", "val": "validation", "test": "test"}  # split: file-name stem of the release
+
+def _load_pathvqa_parquet(src: Path, out, collected: _Collector) -> _Collector:
     "The parquet release: files named {split}-*.parquet with image {bytes, path}, question, answer."
-    try: import pyarrow.parquet as pq
-    except ImportError: raise ImportError("reading the PathVQA parquet release needs pyarrow: pip install pyarrow") from None
     if out is None: raise ValueError("the PathVQA parquet release holds its images: pass `out` to write them")
     from llavamed.pmc import sniff_ext
-    names = {"train": "train", "val": "validation", "test": "test"}
-    for split, stem in names.items():
+    for split, stem in _PARQUET_STEMS.items():
         files = sorted(src.rglob(f"{stem}-*.parquet")) or sorted(src.rglob(f"{split}-*.parquet"))
-        i = 0
-        for f in files:
-            for row in pq.read_table(f, columns=["image", "question", "answer"]).to_pylist():
-                data, a = (row["image"] or {}).get("bytes"), row["answer"]
-                img = f"{split}/pathvqa_{split}_{i}.{sniff_ext(data or b'') or 'jpg'}"
-                if data: (Path(out)/"images"/split).mkdir(parents=True, exist_ok=True); (Path(out)/"images"/img).write_bytes(data)
-                c.add(split, f"pathvqa_{split}_{i}", img if data else "", row["question"], a, "CLOSED" if is_yes_no(a) else "OPEN")
-                i += 1
-    return c
+        rows = (row for f in files for _, row in iter_records(f))
+        for i, row in enumerate(rows):
+            if isinstance(row, RecordError): raise row
+            data, answer = (row.get("image") or {}).get("bytes"), row.get("answer", "")
+            image = f"{split}/pathvqa_{split}_{i}.{sniff_ext(data or b'') or 'jpg'}"
+            if data:
+                (Path(out) / "images" / split).mkdir(parents=True, exist_ok=True)
+                (Path(out) / "images" / image).write_bytes(data)
+            collected.add(split, f"pathvqa_{split}_{i}", image if data else "", row.get("question", ""), answer,
+                          "CLOSED" if is_yes_no(answer) else "OPEN")
+    return collected
 
 # %% ../nbs/02b_vqa.ipynb #402db44c
+@dataclass
+class ConversionResult(Result):
+    "What `convert_vqa` wrote: questions per split with their OPEN/CLOSED counts, and the skips by reason."
+    dataset: str  # 'vqa-rad', 'slake' or 'pathvqa'
+    option: str | None  # the VQA-RAD variant or the SLAKE language (None for PathVQA)
+    out: str  # the folder holding {split}.json
+    splits: dict[str, dict[str, int]]  # split: {'total': n, 'OPEN': n, 'CLOSED': n}
+    skipped: dict[str, int] = field(default_factory=dict)  # questions left out, by reason
+
+    def __str__(self) -> str:
+        "'DATASET (OPTION) SPLIT: N questions (N open, N closed)' per split, then the skips."
+        label = self.dataset + (f" ({self.option})" if self.option else "")
+        lines = [f"{label} {split}: {n['total']} questions ({n.get('OPEN', 0)} open, {n.get('CLOSED', 0)} closed)"
+                 for split, n in self.splits.items()]
+        if self.skipped: lines.append(f"{label} skipped: " + ", ".join(f"{k} {v}" for k, v in self.skipped.items()))
+        return "\n".join(lines)
+
 def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake' or 'pathvqa'; required
                 src: str = None,  # the dataset's folder (or VQA-RAD's JSON file); required
                 out: str = None,  # folder for {split}.json; required
                 variant: str = "official",  # VQA-RAD split variant: 'official', 'freeform' or 'yesno'
                 lang: str = "en",  # SLAKE question language: 'en', 'zh' or 'all'
-               ) -> dict:
-    "Convert a public medical VQA set into LLaVA VQA records, one JSON file per split; returns the split counts."
+               ) -> ConversionResult:
+    "Convert a public medical VQA set into LLaVA VQA records, one JSON file per split; the result counts them."
     for k, v in (("dataset", dataset), ("src", src), ("out", out)):
         if v is None: raise ValueError(f"convert_vqa needs `{k}` (--{k})")
     if dataset not in DATASETS: raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
     if not Path(src).exists(): raise FileNotFoundError(f"src {src} does not exist")
-    if dataset == "vqa-rad": c = load_vqa_rad(src, variant)
-    elif dataset == "slake": c = load_slake(src, lang)
-    else: c = load_pathvqa(src, out)
-    for split, recs in c.splits.items(): write_json(Path(out) / f"{split}.json", recs)
-    counts = c.counts()
-    label = f"{dataset}" + (f" ({variant})" if dataset == "vqa-rad" else f" ({lang})" if dataset == "slake" else "")
-    for split, n in counts.items():
-        print(f"{label} {split}: {n['total']} questions ({n.get('OPEN', 0)} open, {n.get('CLOSED', 0)} closed)")
-    if c.skipped: print(f"{label} skipped: " + ", ".join(f"{k} {v}" for k, v in c.skipped.items()))
-    return {**counts, "skipped": dict(c.skipped)}
+    if dataset == "vqa-rad": collected, option = load_vqa_rad(src, variant), variant
+    elif dataset == "slake": collected, option = load_slake(src, lang), lang
+    else: collected, option = load_pathvqa(src, out), None
+    for split, recs in collected.splits.items(): write_json(Path(out) / f"{split}.json", recs)
+    return ConversionResult(dataset, option, str(out), collected.counts(), dict(collected.skipped))
 
 # %% ../nbs/02b_vqa.ipynb #44897241
-def _bits(a: "np.ndarray") -> int:
-    "A boolean array's bits packed into one Python int (first element = most significant bit)."
+def _bits(a) -> int:
+    "A boolean NumPy array's bits packed into one Python int (first element = most significant bit)."
     return int("".join("1" if b else "0" for b in a.ravel()), 2)
 
 def dhash(im, size: int = 8) -> int:
     "Difference hash: whether each pixel of a (size+1) x size grey thumbnail is brighter than its right neighbour."
     import numpy as np
     from PIL import Image
-    g = np.asarray(im.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.float32)  # (size, size+1)
-    return _bits(g[:, 1:] > g[:, :-1])
+    grey = np.asarray(im.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.float32)  # (size, size+1)
+    return _bits(grey[:, 1:] > grey[:, :-1])
 
 def _dct_matrix(n: int):
+    "The n x n DCT-II basis, one frequency per row."
     import numpy as np
     k, x = np.arange(n)[:, None], np.arange(n)[None, :]
     return np.cos(np.pi * (2 * x + 1) * k / (2 * n))  # (n, n): row k = DCT-II basis k
@@ -215,9 +240,9 @@ def phash(im, size: int = 8, scale: int = 4) -> int:
     import numpy as np
     from PIL import Image
     n = size * scale
-    g = np.asarray(im.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)  # (n, n)
-    d = _dct_matrix(n)
-    low = (d @ g @ d.T)[:size, :size]  # (size, size) lowest frequencies
+    grey = np.asarray(im.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)  # (n, n)
+    dct = _dct_matrix(n)
+    low = (dct @ grey @ dct.T)[:size, :size]  # (size, size) lowest frequencies
     return _bits(low > np.median(low.ravel()[1:]))
 
 # %% ../nbs/02b_vqa.ipynb #fab10876
@@ -239,22 +264,65 @@ def _hamming(a, b):
     if hasattr(np, "bitwise_count"): return np.bitwise_count(x)
     return np.unpackbits(x[..., None].view(np.uint8), axis=-1).sum(-1)
 
-def _records(path: str | Path) -> list[dict]:
-    "A LLaVA file as a list of dicts: a JSON array, or JSON Lines."
-    p = Path(path)
-    if p.suffix == ".jsonl": return [r for r in read_jsonl(p)]
-    data = read_json(p)
-    if not isinstance(data, list): raise ValueError(f"{p}: expected a JSON array of records, got {type(data).__name__}")
-    return data
+def _record_images(path: str | Path) -> list[str | None]:
+    "The `image` field of each record of a LLaVA file (None for a text-only record); a malformed record raises."
+    images = []
+    for line, row in iter_records(path):
+        if isinstance(row, RecordError): raise row
+        if not isinstance(row, dict): raise RecordError(path, line, f"a {type(row).__name__}, expected a LLaVA record")
+        images.append(row.get("image") or None)
+    return images
 
 # %% ../nbs/02b_vqa.ipynb #78f6a9db
 def _fingerprints(names, folder: Path, what: str, quiet: bool) -> tuple[dict, dict]:
+    "Fingerprints of the images `names` under `folder`, and why each unreadable one could not be read."
     from tqdm.auto import tqdm
     fps, bad = {}, {}
     for n in tqdm(sorted(names), desc=f"hashing {what}", unit="img", disable=quiet):
         try: fps[n] = image_fingerprint(folder / n)
         except Exception as e: bad[n] = f"{type(e).__name__}: {e}"  # missing or undecodable: reported, not fatal
     return fps, bad
+
+def _near_duplicates(train: dict, test: dict, skip: set, threshold: int) -> list[dict]:
+    "For each test image not in `skip`, the closest training image within `threshold` bits in both hashes."
+    import numpy as np
+    train_names = [n for n, f in train.items() if not f["flat"]]
+    test_names = [n for n, f in test.items() if not f["flat"] and n not in skip]
+    if not train_names or not test_names: return []
+    hashes = lambda fps, names, k: np.array([fps[n][k] for n in names], dtype=np.uint64)  # (n,)
+    train_d, train_p = hashes(train, train_names, "dhash"), hashes(train, train_names, "phash")
+    test_d, test_p = hashes(test, test_names, "dhash"), hashes(test, test_names, "phash")
+    block, near = max(1, min(1024, 2**22 // len(train_names))), []  # (block, n_train) uint64 blocks near 32 MB
+    for i in range(0, len(test_names), block):
+        bits_d, bits_p = _hamming(test_d[i:i + block], train_d), _hamming(test_p[i:i + block], train_p)  # (block, n_train)
+        score = np.where((bits_d <= threshold) & (bits_p <= threshold), bits_d.astype(np.int32) + bits_p, 10**6)
+        for j in np.nonzero(score.min(1) < 10**6)[0]:
+            best = int(score[j].argmin())
+            near.append({"test_image": test_names[i + j], "train_image": train_names[best],
+                         "dhash_bits": int(bits_d[j, best]), "phash_bits": int(bits_p[j, best])})
+    return near
+
+# %% ../nbs/02b_vqa.ipynb #997588cb
+@dataclass
+class LeakageReport(Result):
+    "Test images that also appear in training: exact copies, near-duplicates, and what could not be checked."
+    train_images: int  # distinct training images hashed
+    test_images: int  # distinct test images hashed
+    test_records: int  # records in the test file
+    exact: list[dict]  # {'test_image', 'train_images', 'sha256'}: the same bytes
+    near: list[dict]  # {'test_image', 'train_image', 'dhash_bits', 'phash_bits'}: the closest near-duplicate
+    threshold: int  # most differing bits (of 64) in both hashes for a near-duplicate
+    test_records_affected: int  # test records whose image is an exact copy or a near-duplicate
+    flat_images: int  # nearly one-colour images, matched exactly only
+    unreadable: dict[str, dict[str, str]] = field(default_factory=dict)  # {'train'|'test': {image: why}}
+
+    def __str__(self) -> str:
+        "One line: the images compared, the copies and near-duplicates, the records affected."
+        n_bad = sum(len(v) for v in self.unreadable.values())
+        return (f"leakage: {self.test_images} test images vs {self.train_images} training images: "
+                f"{len(self.exact)} exact copies, {len(self.near)} near-duplicates (<= {self.threshold} bits), "
+                f"{self.test_records_affected} of {self.test_records} test records affected; "
+                f"{n_bad} unreadable, {self.flat_images} flat images matched exactly only")
 
 def check_leakage(train: str = None,  # training records (LLaVA JSON array or JSONL); required
                   test: str = None,  # test records, e.g. a converted VQA test split; required
@@ -264,40 +332,23 @@ def check_leakage(train: str = None,  # training records (LLaVA JSON array or JS
                   threshold: int = 6,  # max differing bits (of 64) in both dHash and pHash for a near-duplicate
                   out: str = None,  # write the full report here as JSON
                   quiet: bool = False,  # no progress bars
-                 ) -> dict:
+                 ) -> LeakageReport:
     "Report test images that also appear in training: exact (same bytes) and perceptual near-duplicates."
-    import numpy as np
     if train is None or test is None: raise ValueError("check_leakage needs `train` (--train) and `test` (--test)")
-    tr_dir, te_dir = (Path(d or images or ".") for d in (train_images, test_images))
-    test_recs = _records(test)
-    tr, tr_bad = _fingerprints({r["image"] for r in _records(train) if r.get("image")}, tr_dir, "train", quiet)
-    te, te_bad = _fingerprints({r["image"] for r in test_recs if r.get("image")}, te_dir, "test", quiet)
+    train_dir, test_dir = (Path(d or images or ".") for d in (train_images, test_images))
+    test_record_images = _record_images(test)
+    train_fps, train_bad = _fingerprints({n for n in _record_images(train) if n}, train_dir, "train", quiet)
+    test_fps, test_bad = _fingerprints({n for n in test_record_images if n}, test_dir, "test", quiet)
     by_sha: dict[str, list[str]] = {}
-    for n, f in tr.items(): by_sha.setdefault(f["sha256"], []).append(n)
+    for n, f in train_fps.items(): by_sha.setdefault(f["sha256"], []).append(n)
     exact = [{"test_image": n, "train_images": by_sha[f["sha256"]], "sha256": f["sha256"]}
-             for n, f in te.items() if f["sha256"] in by_sha]
-    near, exact_names = [], {e["test_image"] for e in exact}
-    tr_names = [n for n, f in tr.items() if not f["flat"]]
-    te_names = [n for n, f in te.items() if not f["flat"] and n not in exact_names]
-    if tr_names and te_names:
-        h = lambda fps, names, k: np.array([fps[n][k] for n in names], dtype=np.uint64)  # (n,)
-        trd, trp = h(tr, tr_names, "dhash"), h(tr, tr_names, "phash")
-        ted, tep = h(te, te_names, "dhash"), h(te, te_names, "phash")
-        blk = max(1, min(1024, 2**22 // len(tr_names)))  # keeps each (blk, n_train) uint64 block near 32 MB
-        for i in range(0, len(te_names), blk):
-            dd, dp = _hamming(ted[i:i + blk], trd), _hamming(tep[i:i + blk], trp)  # (blk, n_train) each
-            score = np.where((dd <= threshold) & (dp <= threshold), dd.astype(np.int32) + dp, 10**6)
-            for j, k in zip(*np.nonzero(score.min(1, keepdims=True) < 10**6)):
-                best = int(score[j].argmin())
-                near.append({"test_image": te_names[i + j], "train_image": tr_names[best],
-                             "dhash_bits": int(dd[j, best]), "phash_bits": int(dp[j, best])})
+             for n, f in test_fps.items() if f["sha256"] in by_sha]
+    exact_names = {e["test_image"] for e in exact}
+    near = _near_duplicates(train_fps, test_fps, exact_names, threshold)
     leaked = exact_names | {n["test_image"] for n in near}
-    report = {"train_images": len(tr), "test_images": len(te), "exact": exact, "near": near, "threshold": threshold,
-              "test_records_affected": sum(r.get("image") in leaked for r in test_recs),
-              "flat_images": sum(f["flat"] for f in (*tr.values(), *te.values())),
-              "unreadable": {"train": tr_bad, "test": te_bad}}
-    print(f"leakage: {len(te)} test images vs {len(tr)} training images: {len(exact)} exact copies, {len(near)} "
-          f"near-duplicates (<= {threshold} bits), {report['test_records_affected']} of {len(test_recs)} test records "
-          f"affected; {len(tr_bad) + len(te_bad)} unreadable, {report['flat_images']} flat images matched exactly only")
-    if out: write_json(out, report)
+    report = LeakageReport(len(train_fps), len(test_fps), len(test_record_images), exact, near, threshold,
+                           test_records_affected=sum(n in leaked for n in test_record_images),
+                           flat_images=sum(f["flat"] for f in (*train_fps.values(), *test_fps.values())),
+                           unreadable={"train": train_bad, "test": test_bad})
+    if out: write_json(out, report.to_json())
     return report

@@ -30,19 +30,19 @@ def vqa_rad(tmp_path):
     return d
 
 
-def test_vqa_rad_variants_and_counts(vqa_rad, tmp_path, capsys):
+def test_vqa_rad_variants_and_counts(vqa_rad, tmp_path):
     c = convert_vqa("vqa-rad", str(vqa_rad), str(tmp_path / "o"))
-    assert (c["train"], c["test"]) == ({"total": 10, "CLOSED": 6, "OPEN": 4}, {"total": 7, "CLOSED": 3, "OPEN": 4})
-    assert "vqa-rad (official) test: 7 questions (4 open, 3 closed)" in capsys.readouterr().out
+    assert (c.splits["train"], c.splits["test"]) == ({"total": 10, "CLOSED": 6, "OPEN": 4}, {"total": 7, "CLOSED": 3, "OPEN": 4})
+    assert "vqa-rad (official) test: 7 questions (4 open, 3 closed)" in str(c)
     test = load(tmp_path / "o/test.json")
     assert [r["id"] for r in test[:3]] == ["vqa-rad_20", "vqa-rad_21", "vqa-rad_22"]
     s = Sample.from_json(test[3])
     assert (s.image, s.answer, s.answer_type, s.question_type) == ("synpic201.jpg", "3", "OPEN", "ABN")
     assert s.conversations[0].text.count("<image>") == 1 and s.question == "Is there an abnormality?"
     ff = convert_vqa("vqa-rad", str(vqa_rad), str(tmp_path / "f"), variant="freeform")
-    assert ff["test"]["total"] == 5 and ff["skipped"] == {"paraphrased test question (freeform variant)": 2}
+    assert ff.splits["test"]["total"] == 5 and ff.skipped == {"paraphrased test question (freeform variant)": 2}
     yn = convert_vqa("vqa-rad", str(vqa_rad), str(tmp_path / "y"), variant="yesno")
-    assert yn["test"] == {"total": 7, "CLOSED": 5, "OPEN": 2}
+    assert yn.splits["test"] == {"total": 7, "CLOSED": 5, "OPEN": 2}
     with pytest.raises(ValueError, match="variant 'llava'"): convert_vqa("vqa-rad", str(vqa_rad), str(tmp_path / "z"), variant="llava")
 
 
@@ -54,7 +54,7 @@ def test_vqa_rad_output_is_stable_and_bad_records_are_counted(vqa_rad, tmp_path)
     a = convert_vqa("vqa-rad", str(p), str(tmp_path / "a"))
     convert_vqa("vqa-rad", str(vqa_rad), str(tmp_path / "b"))
     assert (tmp_path / "a/train.json").read_bytes() == (tmp_path / "b/train.json").read_bytes()
-    assert a["skipped"] == {"empty answer": 1, "answer_type": 1, "repeated id (suffixed)": 1}
+    assert a.skipped == {"empty answer": 1, "answer_type": 1, "repeated id (suffixed)": 1}
     assert load(tmp_path / "a/train.json")[-1]["id"] == "vqa-rad_5_2"
 
 
@@ -80,7 +80,7 @@ def test_slake_splits_language_and_cli(tmp_path):
     assert rec["id"].startswith("slake_") and rec["image"] == "xmlab1/source.jpg" and rec["question_type"] == "Organ"
     assert rec["modality"] == "X-Ray" and rec["q_lang"] == "en"
     c = convert_vqa("slake", str(src), str(tmp_path / "all"), lang="all")
-    assert (c["train"]["total"], c["val"]["total"], c["test"]["total"]) == (8, 4, 4)
+    assert (c.splits["train"]["total"], c.splits["val"]["total"], c.splits["test"]["total"]) == (8, 4, 4)
     with pytest.raises(FileNotFoundError, match="no SLAKE test.json"):
         (src / "test.json").unlink(); convert_vqa("slake", str(src), str(tmp_path / "x"))
 
@@ -98,8 +98,8 @@ def write_pathvqa(root, counts, protocol=4):
 def test_pathvqa_round_trip(tmp_path, protocol):
     write_pathvqa(tmp_path / "pvqa", {"train": 7, "val": 4, "test": 6}, protocol)
     c = convert_vqa("pathvqa", str(tmp_path / "pvqa"), str(tmp_path / "o"))
-    assert {k: v["total"] for k, v in c.items() if k != "skipped"} == {"train": 7, "val": 4, "test": 6}
-    assert c["test"] == {"total": 6, "CLOSED": 2, "OPEN": 4}
+    assert {k: v["total"] for k, v in c.splits.items()} == {"train": 7, "val": 4, "test": 6}
+    assert c.splits["test"] == {"total": 6, "CLOSED": 2, "OPEN": 4}
     r = load(tmp_path / "o/test.json")[3]
     assert (r["id"], r["image"], r["answer_type"]) == ("pathvqa_test_3", "test/test_0003.jpg", "CLOSED")
 
@@ -165,22 +165,22 @@ def test_leakage_exact_near_and_clean(tmp_path, llavamed_cmd):
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(
         "test_copy.png", "test_small.jpg", "test_other.png", "test_other.png", "flat_test.png", "gone.png")))
     rep = check_leakage(str(tmp_path / "train.json"), str(tmp_path / "test.jsonl"), images=str(im), quiet=True)
-    assert [(e["test_image"], e["train_images"]) for e in rep["exact"]] == [("test_copy.png", ["train2.png"])]
-    assert [(n["test_image"], n["train_image"]) for n in rep["near"]] == [("test_small.jpg", "train4.png")]
-    assert rep["test_records_affected"] == 2 and rep["flat_images"] == 2
-    assert list(rep["unreadable"]["test"]) == ["gone.png"] and "FileNotFoundError" in rep["unreadable"]["test"]["gone.png"]
+    assert [(e["test_image"], e["train_images"]) for e in rep.exact] == [("test_copy.png", ["train2.png"])]
+    assert [(n["test_image"], n["train_image"]) for n in rep.near] == [("test_small.jpg", "train4.png")]
+    assert rep.test_records_affected == 2 and rep.flat_images == 2
+    assert list(rep.unreadable["test"]) == ["gone.png"] and "FileNotFoundError" in rep.unreadable["test"]["gone.png"]
     # the resized copy is caught only while the threshold allows its few flipped bits; a different picture never
-    d = rep["near"][0]
+    d = rep.near[0]
     assert max(d["dhash_bits"], d["phash_bits"]) <= 6
     strict = check_leakage(str(tmp_path / "train.json"), str(tmp_path / "test.jsonl"), images=str(im), threshold=20, quiet=True)
-    assert "test_other.png" not in {n["test_image"] for n in strict["near"]}
+    assert "test_other.png" not in {n["test_image"] for n in strict.near}
     # the command writes the same report
     import subprocess
     r = subprocess.run([llavamed_cmd, "leakage", "--train", str(tmp_path / "train.json"), "--test", str(tmp_path / "test.jsonl"),
                         "--images", str(im), "--out", str(tmp_path / "rep.json"), "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "1 exact copies, 1 near-duplicates" in r.stdout
-    assert load(tmp_path / "rep.json")["near"] == json.loads(json.dumps(rep["near"]))
+    assert load(tmp_path / "rep.json")["near"] == json.loads(json.dumps(rep.near))
 
 
 def test_pathvqa_parquet_release(tmp_path):
@@ -195,7 +195,7 @@ def test_pathvqa_parquet_release(tmp_path):
                  "answer": "no" if i % 2 else "fibrin"} for i in range(n)]
         pq.write_table(pa.Table.from_pylist(rows), d / f"{name}.parquet")
     c = convert_vqa("pathvqa", str(tmp_path / "path-vqa"), str(tmp_path / "o"))
-    assert {k: v["total"] for k, v in c.items() if k != "skipped"} == {"train": 5, "val": 1, "test": 2}
+    assert {k: v["total"] for k, v in c.splits.items()} == {"train": 5, "val": 1, "test": 2}
     recs = load(tmp_path / "o/train.json")
     assert [r["image"] for r in recs[3:]] == ["train/pathvqa_train_3.jpg", "train/pathvqa_train_4.png"]
     assert (tmp_path / "o/images/train/pathvqa_train_4.png").read_bytes() == png.getvalue()
