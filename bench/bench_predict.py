@@ -24,8 +24,8 @@ if __name__ == "__main__":
         for bs in (1, 16):
             t0 = time.perf_counter()
             r = predict(str(d / "model"), str(d / "test.json"), out=str(d / f"b{bs}.jsonl"), batch_size=bs, **kw)
-            rates[bs] = r["answered"] / r["seconds"]
-            print(f"batch {bs:2}: {r['answered']} questions in {r['seconds']:.2f} s generation "
+            rates[bs] = r.answered / r.seconds
+            print(f"batch {bs:2}: {r.answered} questions in {r.seconds:.2f} s generation "
                   f"({time.perf_counter() - t0:.2f} s with model load) = {rates[bs]:.1f} questions/s")
         print(f"batch 16 / batch 1 speed-up: {rates[16] / rates[1]:.2f}x (max_new_tokens={args.max_new_tokens}, "
               f"{len(qs)} questions, device={args.device or 'auto'})")

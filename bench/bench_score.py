@@ -1,5 +1,5 @@
 "Throughput of `llavamed score --mode all` on generated prediction/ground-truth pairs (target >= 20K pairs/s)."
-import argparse, json, random, tempfile, time, contextlib, io
+import argparse, json, random, tempfile, time
 from pathlib import Path
 from llavamed.eval import score
 
@@ -38,7 +38,7 @@ if __name__ == "__main__":
             runs = []
             for _ in range(args.repeat):
                 t0, c0 = time.perf_counter(), time.process_time()
-                with contextlib.redirect_stdout(io.StringIO()): res = score(str(pred), str(gt), mode=mode, json=True)
+                score(str(pred), str(gt), mode=mode)
                 runs.append((time.perf_counter() - t0, time.process_time() - c0))
             dt, dc = min(runs)
             print(f"score --mode {mode:8}: {args.n} pairs in {dt:.2f} s wall ({dc:.2f} s CPU) = "

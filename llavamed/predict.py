@@ -7,47 +7,31 @@ Docs: https://llavamed.github.io/llavamed/predict.html.md"""
 # %% ../nbs/07a_predict.ipynb #8fe31780
 from __future__ import annotations
 import hashlib, random, time
+from dataclasses import dataclass
 from pathlib import Path
-from .core import HUMAN, IMAGE_TOKEN, Sample, Turn, append_jsonl, read_json, read_jsonl, RecordError, get_logger
+from .core import (HUMAN, Question, RecordError, Result, Sample, Turn, append_jsonl, fmt_num, get_logger,
+                           load_questions, read_jsonl)
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'log', 'load_questions', 'shuffled_images', 'ablate_image', 'question_messages', 'predict']
+__all__ = ['ABLATIONS', 'log', 'shuffled_images', 'ablate_image', 'question_messages', 'Predictions', 'predict']
 
 # %% ../nbs/07a_predict.ipynb #ac68f1fc
 ABLATIONS = ("none", "blank", "noise", "shuffle")
 log = get_logger("predict")
 
-# %% ../nbs/07a_predict.ipynb #e81ed9c2
-def load_questions(path: str | Path,  # VQA file (JSON array or JSONL of LLaVA records) or benchmark JSONL
-                  ) -> list[dict]:
-    "Questions of a VQA file or conversation-benchmark file as {id, image, question}, ids unique."
-    path = Path(path)
-    recs = list(read_jsonl(path)) if path.suffix == ".jsonl" else read_json(path)
-    out, seen = [], set()
-    for i, r in enumerate(recs):
-        if not isinstance(r, dict): raise ValueError(f"{path}: record {i}: expected a JSON object")
-        if "conversations" in r or "conversatons" in r:
-            s = Sample.from_json(r); q = {"id": s.id, "image": s.image, "question": s.question}
-        elif "question_id" in r and "text" in r:
-            q = {"id": str(r["question_id"]), "image": r.get("image"), "question": r["text"].replace(IMAGE_TOKEN, "").strip()}
-        else: raise ValueError(f"{path}: record {i}: neither a LLaVA record ('conversations') nor a question ('question_id', 'text')")
-        if q["id"] in seen: raise ValueError(f"{path}: record {i}: duplicate id {q['id']!r}")
-        seen.add(q["id"]); out.append(q)
-    return out
-
 # %% ../nbs/07a_predict.ipynb #935fe6ca
-def shuffled_images(questions: list[dict],  # from `load_questions`
+def shuffled_images(questions: list[Question],  # from `llavamed.core.load_questions`
                     seed: int = 0,  # seed of the permutation
                    ) -> dict[str, str]:
     "Question id -> another question's image name (a seeded derangement where images differ)."
-    withimg = [q for q in questions if q["image"]]
-    names = [q["image"] for q in withimg]
+    with_image = [q for q in questions if q.image]
+    names = [q.image for q in with_image]
     perm = names[:]; random.Random(seed).shuffle(perm)
     for i in range(len(perm)):  # repair fixed points by swapping with a neighbour whose image differs
         if perm[i] == names[i]:
             j = next((j for j in range(len(perm)) if j != i and perm[j] != names[i] and perm[i] != names[j]), None)
             if j is not None: perm[i], perm[j] = perm[j], perm[i]
-    return {q["id"]: p for q, p in zip(withimg, perm)}
+    return {q.id: p for q, p in zip(with_image, perm)}
 
 # %% ../nbs/07a_predict.ipynb #97f9bcdf
 def ablate_image(img,  # a PIL image
@@ -67,13 +51,13 @@ def ablate_image(img,  # a PIL image
     raise ValueError(f"image_ablation={how!r}: expected one of {ABLATIONS}")
 
 # %% ../nbs/07a_predict.ipynb #23d20ba1
-def question_messages(q: dict,  # {id, image, question}
+def question_messages(q: Question,  # the question to ask (its `id`, `image` and `question`)
                       prompt_suffix: str | None = None,  # text appended to the question
                      ) -> tuple[list[dict], str]:
     "The chat messages asking `q` (image part first when it has an image) and the prompt text."
     from llavamed.model import sample_to_messages
-    text = q["question"] + (f" {prompt_suffix.strip()}" if prompt_suffix else "")
-    return sample_to_messages(Sample(id=q["id"], conversations=[Turn(HUMAN, text)], image=q["image"])), text
+    text = q.question + (f" {prompt_suffix.strip()}" if prompt_suffix else "")
+    return sample_to_messages(Sample(id=q.id, conversations=[Turn(HUMAN, text)], image=q.image)), text
 
 # %% ../nbs/07a_predict.ipynb #c9672993
 def _answered(out: Path) -> tuple[set[str], dict | None]:
@@ -102,6 +86,37 @@ def _batches(xs: list, n: int):
     "Consecutive chunks of `xs` of length `n` (the last may be shorter)."
     for i in range(0, len(xs), n): yield xs[i:i + n]
 
+def _answer_rows(chunk: list[Question], answer, images: Path, swap: dict, meta: dict, model: str) -> list[dict]:
+    "Official-format answer rows of one batch; `answer(messages, images)` generates the texts."
+    convs, prompts, imgs, shown = [], [], [], []
+    for q in chunk:
+        msgs, prompt = question_messages(q, meta["prompt_suffix"])
+        name = swap.get(q.id, q.image)
+        img = _load_img(images, name, q.id) if name else None
+        convs.append(msgs); prompts.append(prompt); shown.append(name)
+        imgs.append(ablate_image(img, meta["image_ablation"], q.id, meta["decoding"]["seed"]) if img else None)
+    texts = answer(convs, imgs)
+    return [{"question_id": q.id, "prompt": p, "text": t.strip(),
+             "answer_id": hashlib.sha1(f"{model}|{q.id}|{t}".encode()).hexdigest()[:22], "model_id": Path(str(model)).name,
+             "metadata": {**meta, "image": s}} for q, p, t, s in zip(chunk, prompts, texts, shown)]
+
+# %% ../nbs/07a_predict.ipynb #4d953747
+@dataclass
+class Predictions(Result):
+    "What `predict` did: the questions it answered now, those already answered in `out`, and how fast."
+    out: str  # the answers JSONL
+    questions: int  # questions in the data file
+    skipped: int  # questions already answered in `out`
+    answered: int = 0  # questions answered by this call
+    seconds: float = 0.0  # generation time of this call
+    questions_per_s: float | None = None  # answered / seconds (None when nothing was generated)
+
+    def __str__(self) -> str:
+        "One line: what was answered, what was already there, and the speed."
+        speed = f" in {self.seconds:.1f} s ({fmt_num(self.questions_per_s)} questions/s)" if self.answered else ""
+        return (f"{self.out}: answered {fmt_num(self.answered)} of {fmt_num(self.questions)} questions"
+                f"{speed}; {fmt_num(self.skipped)} were already answered")
+
 # %% ../nbs/07a_predict.ipynb #c07a1ecb
 def predict(model: str = None,  # saved model directory (or a preset name such as 'tiny', built fresh)
             data: str = None,  # VQA file (LLaVA records) or conversation-benchmark JSONL
@@ -109,7 +124,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             out: str = None,  # answers JSONL: appended to; questions already answered there are skipped
             batch_size: int = 16,  # questions per generation batch
             max_new_tokens: int = 64,  # most tokens per answer
-            image_ablation: str = "none",  # 'none', 'blank' (black image), 'noise' (seeded noise) or 'shuffle' (another question's image)
+            image_ablation: str = "none",  # 'none', 'blank' (black), 'noise' (seeded noise), 'shuffle' (another's image)
             prompt_suffix: str = None,  # text appended to every question, e.g. 'Answer with one word.'
             do_sample: bool = False,  # sample instead of greedy decoding
             temperature: float = 0.7,  # sampling temperature (with --do-sample)
@@ -118,7 +133,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             device: str = None,  # 'cpu', 'cuda', ... (default: the best available)
             dtype: str = None,  # 'bfloat16', 'float32', ... (default: the device's best)
             progress: bool = True,  # show a progress bar
-           ) -> dict:
+           ) -> Predictions:
     "Answer the questions of `data` with `model`, appending official-format answers to `out` (resumable)."
     if not (model and data and out): raise ValueError("predict needs --model, --data and --out")
     if image_ablation not in ABLATIONS: raise ValueError(f"image_ablation={image_ablation!r}: expected one of {ABLATIONS}")
@@ -127,7 +142,6 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
     data, out = Path(data), Path(out)
     images = Path(images) if images else data.parent
     questions = load_questions(data)
-    swap = shuffled_images(questions, seed) if image_ablation == "shuffle" else {}
     decoding = {"do_sample": bool(do_sample), "max_new_tokens": max_new_tokens, "seed": seed}
     if do_sample: decoding["temperature"] = temperature
     meta = {"decoding": decoding, "image_ablation": image_ablation, "prompt_suffix": prompt_suffix, "model": str(model)}
@@ -135,33 +149,25 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
     if prev is not None and _settings(prev) != _settings(meta):
         raise ValueError(f"{out} holds answers made with other settings ({_settings(prev)}); this run: "
                          f"{_settings(meta)}. Write to another file.")
-    remaining = [q for q in questions if q["id"] not in done]
-    todo = remaining[:limit]
-    res = {"out": str(out), "questions": len(questions), "skipped": len(questions) - len(remaining), "answered": 0, "seconds": 0.0}
+    remaining = [q for q in questions if q.id not in done]
+    todo, res = remaining[:limit], Predictions(str(out), len(questions), len(questions) - len(remaining))
     if not todo: log.info(f"{out}: all {len(questions)} questions already answered"); return res
     from tqdm.auto import tqdm
     from llavamed.model import load_model
     from llavamed.generate import generate_batch
     mdl, proc = load_model(model, dtype=dtype, device=device)
-    model_id = Path(str(model)).name
+    answer = lambda convs, imgs: generate_batch(mdl, proc, convs, imgs, max_new_tokens=max_new_tokens,
+                                                do_sample=do_sample, temperature=temperature, seed=seed,
+                                                batch_size=batch_size)
+    swap = shuffled_images(questions, seed) if image_ablation == "shuffle" else {}
     bar = tqdm(total=len(todo), desc=f"predict ({image_ablation})", unit="q", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for chunk in _batches(todo, batch_size):
-        convs, prompts, imgs, shown = [], [], [], []
-        for q in chunk:
-            msgs, prompt = question_messages(q, prompt_suffix)
-            name = swap.get(q["id"], q["image"])
-            img = ablate_image(_load_img(images, name, q["id"]), image_ablation, q["id"], seed) if name else None
-            convs.append(msgs); prompts.append(prompt); imgs.append(img); shown.append(name)
-        texts = generate_batch(mdl, proc, convs, imgs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                               temperature=temperature, seed=seed, batch_size=batch_size)
-        rows = [{"question_id": q["id"], "prompt": p, "text": t.strip(),
-                 "answer_id": hashlib.sha1(f"{model}|{q['id']}|{t}".encode()).hexdigest()[:22], "model_id": model_id,
-                 "metadata": {**meta, "image": s}} for q, p, t, s in zip(chunk, prompts, texts, shown)]
+        rows = _answer_rows(chunk, answer, images, swap, meta, model)
         append_jsonl(out, *rows)
-        res["answered"] += len(rows); bar.update(len(rows))
+        res.answered += len(rows); bar.update(len(rows))
     bar.close()
-    res["seconds"] = time.perf_counter() - t0
-    res["questions_per_s"] = res["answered"] / res["seconds"] if res["seconds"] else None
-    log.info(f"predict: {res['answered']} answers in {res['seconds']:.1f}s -> {out}")
+    res.seconds = time.perf_counter() - t0
+    res.questions_per_s = res.answered / res.seconds if res.seconds else None
+    log.info(f"predict: {res.answered} answers in {res.seconds:.1f}s -> {out}")
     return res
