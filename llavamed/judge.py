@@ -7,15 +7,16 @@ Docs: https://llavamed.github.io/llavamed/judge.html.md"""
 # %% ../nbs/07b_judge.ipynb #3be55244
 from __future__ import annotations
 import hashlib, json as _json, re
+from dataclasses import dataclass
 from pathlib import Path
-from .core import (DOMAINS, DOMAIN_NAMES, IMAGE_TOKEN, domain_flags, get_logger, primary_domain, read_jsonl,
-                           write_json, write_jsonl)
+from .core import (DOMAIN_NAMES, Question, Result, fmt_num, get_logger, load_questions, write_json,
+                           write_jsonl)
 from .instruct import mention_texts
-from .eval import normalize_answer
+from .eval import describe_decoding, file_sha256, load_answers, normalize_answer
 
 # %% auto #0
-__all__ = ['log', 'JUDGES', 'ORDERS', 'PROXY_LABEL', 'JUDGE_SYSTEM', 'GROUPS', 'ORDERS_OF', 'load_benchmark', 'judge_messages',
-           'parse_scores', 'overlap_score', 'request_id', 'build_requests', 'combine', 'summarize', 'format_summary',
+__all__ = ['log', 'JUDGES', 'ORDERS', 'PROXY_LABEL', 'JUDGE_SYSTEM', 'GROUPS', 'ORDERS_OF', 'judge_messages', 'parse_scores',
+           'overlap_score', 'request_id', 'build_requests', 'combine', 'summarize', 'format_summary', 'JudgeSummary',
            'judge']
 
 # %% ../nbs/07b_judge.ipynb #4018c5d1
@@ -24,30 +25,18 @@ JUDGES = ("openai", "overlap")
 ORDERS = ("both", "official")
 PROXY_LABEL = "overlap (offline proxy judge: word overlap with the caption, not an LLM)"
 
-# %% ../nbs/07b_judge.ipynb #66556d47
-def load_benchmark(path: str | Path) -> list[dict]:
-    "Questions of a conversation-benchmark JSONL file, with `question`, `reference`, `domain_name` added."
-    out = []
-    for i, r in enumerate(read_jsonl(path), 1):
-        missing = [k for k in ("question_id", "text", "gpt4_answer") if k not in r]
-        if missing: raise ValueError(f"{path}:{i}: missing {missing}")
-        out.append({**r, "question_id": str(r["question_id"]), "question": r["text"].replace(IMAGE_TOKEN, "").strip(),
-                    "reference": r["gpt4_answer"], "domain_name": primary_domain(domain_flags(r.get("domain"))),
-                    "type": r.get("type", "conversation")})
-    return out
-
 # %% ../nbs/07b_judge.ipynb #51b5ebf5
 JUDGE_SYSTEM = "You review answers about biomedical figures carefully and impartially."
 
-def judge_messages(q: dict,  # a question from `load_benchmark`
+def judge_messages(q: Question,  # a benchmark question (caption and mentions in `extra`)
                    first: str,  # the answer shown as Assistant 1
                    second: str,  # the answer shown as Assistant 2
                   ) -> list[dict]:
     "Chat messages asking a judge to rate two answers to `q` (caption and mentions as context)."
-    ms = mention_texts(q.get("in_text_mention"))
-    context = f"Caption: {str(q.get('fig_caption') or '').strip()}"
-    if ms: context += "\nSentences of the article that mention the figure:\n" + "\n".join(f"- {m}" for m in ms)
-    user = (f"[Figure]\n{context}\n\n[Question]\n{q['question']}\n\n"
+    mentions = mention_texts(q.extra.get("in_text_mention"))
+    context = f"Caption: {str(q.extra.get('fig_caption') or '').strip()}"
+    if mentions: context += "\nSentences of the article that mention the figure:\n" + "\n".join(f"- {m}" for m in mentions)
+    user = (f"[Figure]\n{context}\n\n[Question]\n{q.question}\n\n"
             f"[Assistant 1]\n{first.strip()}\n[End of Assistant 1]\n\n[Assistant 2]\n{second.strip()}\n[End of Assistant 2]\n\n"
             "[Task]\nYou cannot see the figure; the caption and the sentences above describe it. Judge how well each "
             "assistant answers the question: helpfulness, relevance, accuracy and level of detail. Give each "
@@ -95,7 +84,7 @@ def request_id(model: str, messages: list[dict]) -> str:
     "Content hash of a judge request (judge model + messages)."
     return hashlib.sha256(_json.dumps({"model": model, "messages": messages}, sort_keys=True).encode()).hexdigest()[:32]
 
-def build_requests(qs: list[dict],  # from `load_benchmark`
+def build_requests(qs: list[Question],  # benchmark questions with their reference answers
                    answers: dict[str, str],  # question id -> the model's answer
                    order: str = "both",  # 'both' or 'official'
                    model: str = "",  # the judge model (part of the cache key)
@@ -104,24 +93,24 @@ def build_requests(qs: list[dict],  # from `load_benchmark`
     if order not in ORDERS: raise ValueError(f"order={order!r}: expected one of {ORDERS}")
     reqs, keys = {}, {}
     for q in qs:
-        a = answers.get(q["question_id"])
+        a = answers.get(q.id)
         if a is None: continue
-        pairs = [("official", q["reference"], a)] + ([("swapped", a, q["reference"])] if order == "both" else [])
+        pairs = [("official", q.answer, a)] + ([("swapped", a, q.answer)] if order == "both" else [])
         for name, first, second in pairs:
             msgs = judge_messages(q, first, second)
             rid = request_id(model, msgs)
-            reqs.setdefault(rid, {"id": rid, "messages": msgs}); keys[(q["question_id"], name)] = rid
+            reqs.setdefault(rid, {"id": rid, "messages": msgs}); keys[(q.id, name)] = rid
     return list(reqs.values()), keys
 
 # %% ../nbs/07b_judge.ipynb #1ac7794a
-def combine(q: dict, by_order: dict[str, tuple[float, float] | None]) -> dict:
+def combine(q: Question, by_order: dict[str, tuple[float, float] | None]) -> dict:
     "A question's review from its per-order (Assistant 1, Assistant 2) scores (None = unparsed)."
     ref, mod = [], []
     for name, s in by_order.items():
         if s is None: continue
         r, m = (s[0], s[1]) if name == "official" else (s[1], s[0])
         ref.append(r); mod.append(m)
-    row = {"question_id": q["question_id"], "type": q["type"], "domain": q["domain_name"],
+    row = {"question_id": q.id, "type": q.question_type, "domain": q.domain or "other",
            "status": "done" if len(ref) == len(by_order) else ("partial" if ref else "unparsed"),
            "reference_score": sum(ref) / len(ref) if ref else None, "model_score": sum(mod) / len(mod) if mod else None}
     row["ratio"] = row["model_score"] / row["reference_score"] if ref else None
@@ -153,18 +142,93 @@ def summarize(reviews: list[dict]) -> dict:
     return out
 
 # %% ../nbs/07b_judge.ipynb #f5d1f5b0
-def format_summary(summary: dict, label: str) -> str:
+def format_summary(summary: dict,  # the per-group numbers from `summarize`
+                   label: str,  # the judge's label
+                  ) -> str:
     "The summary as a plain-text table headed by the judge's label."
     lines = [f"Conversation benchmark | judge: {label}",
              f"{'group':16} {'n':>4} {'unparsed':>8} {'relative':>9} {'ratio of means':>15} {'reference':>9} {'model':>7}"]
-    f = lambda v, w, p=1: f"{'-':>{w}}" if v is None else f"{v:>{w}.{p}f}"
     for g, name in GROUPS.items():
         s = summary.get(g)
-        if s: lines.append(f"{name:16} {s['n']:>4} {s['unparsed']:>8} {f(s['relative_score'], 9)} "
-                           f"{f(s['ratio_of_means'], 15)} {f(s['mean_reference'], 9, 2)} {f(s['mean_model'], 7, 2)}")
+        if s: lines.append(f"{name:16} {s['n']:>4} {s['unparsed']:>8} {fmt_num(s['relative_score']):>9} "
+                           f"{fmt_num(s['ratio_of_means']):>15} {fmt_num(s['mean_reference'], 2):>9} "
+                           f"{fmt_num(s['mean_model'], 2):>7}")
     return "\n".join(lines)
 
 # %% ../nbs/07b_judge.ipynb #b041e29e
+@dataclass
+class JudgeSummary(Result):
+    "The judged benchmark: the paper's table per group, what was judged and by whom, and what failed."
+    judge: str  # the judge's label: model, server and order, or the proxy's
+    order: str  # 'both', 'official', or why the order does not matter (the proxy)
+    questions: str  # the benchmark file
+    questions_sha256: str  # SHA-256 of the benchmark file's bytes
+    decoding: str  # the answers' decoding settings (`llavamed.eval.describe_decoding`)
+    answers: str  # the answers file
+    n_questions: int  # questions in the benchmark
+    n_missing_answers: int  # questions without an answer (not judged)
+    missing_ids: list  # the first ten of them
+    n_unparsed: int  # questions whose every review failed to parse
+    n_partial: int  # questions judged in one order of two
+    position_effect: float | None  # points the model gains over the reference when shown first (both orders)
+    temperature: float | None  # the judge's sampling temperature (LLM judges)
+    groups: dict  # {group: n, unparsed, relative_score, ratio_of_means, mean_reference, mean_model}
+
+    def __str__(self) -> str:
+        "The paper's table, then the inputs, the failures and the position effect."
+        lines = [format_summary(self.groups, self.judge),
+                 f"questions {self.questions} sha256 {self.questions_sha256} | answers {self.answers} | "
+                 f"decoding: {self.decoding}",
+                 f"unparsed reviews: {self.n_unparsed} (partial: {self.n_partial}); "
+                 f"questions without an answer: {self.n_missing_answers}"]
+        if self.position_effect is not None:
+            lines.append(f"position effect: the model gains {self.position_effect:+.2f} points over the reference "
+                         "when shown first")
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        "The per-group relative scores as a Markdown table, headed by the judge."
+        rows = [f"| {name} | {s['n']} | {s['unparsed']} | {fmt_num(s['relative_score'])} | {fmt_num(s['ratio_of_means'])} |"
+                for g, name in GROUPS.items() if (s := self.groups.get(g))]
+        return (f"judge: {self.judge}\n\n| group | n | unparsed | relative score | ratio of means |\n|---|---|---|---|---|\n"
+                + "\n".join(rows))
+
+# %% ../nbs/07b_judge.ipynb #bc0e1b2e
+ORDERS_OF = {"both": ("official", "swapped"), "official": ("official",)}
+
+def _evidence(q: Question) -> str:
+    "What the proxy judge compares answers with: the caption and the mentions."
+    return " ".join([str(q.extra.get("fig_caption") or "")] + mention_texts(q.extra.get("in_text_mention")))
+
+def _proxy_reviews(qs: list[Question], answers: dict[str, str]) -> list[dict]:
+    "Reviews by the offline overlap judge (one order: it is symmetric)."
+    reviews = []
+    for q in (q for q in qs if q.id in answers):
+        s = (overlap_score(q.answer, _evidence(q)), overlap_score(answers[q.id], _evidence(q)))
+        reviews.append({**combine(q, {"official": s}), "reviews": [{"order": "official", "scores": list(s), "text": None}]})
+    return reviews
+
+def _llm_reviews(qs: list[Question], keys: dict, done: dict, order: str) -> list[dict]:
+    "Reviews from the judge's replies in the request checkpoint `done` (unparsed ones kept as such)."
+    reviews = []
+    for q in qs:
+        names = [n for n in ORDERS_OF[order] if (q.id, n) in keys]
+        if not names: continue
+        rows = {n: done.get(keys[(q.id, n)]) for n in names}
+        scores = {n: (tuple(r["parsed"]) if r and r.get("status") == "done" else None) for n, r in rows.items()}
+        reviews.append({**combine(q, scores), "reviews": [
+            {"order": n, "scores": list(scores[n]) if scores[n] else None, "text": (rows[n] or {}).get("text"),
+             "status": (rows[n] or {}).get("status", "missing")} for n in names]})
+    return reviews
+
+def _position_effect(reviews: list[dict]) -> float | None:
+    "How much more the model gains over the reference when shown first (questions judged in both orders)."
+    both = [r["reviews"] for r in reviews if [v["order"] for v in r["reviews"] if v["scores"]] == ["official", "swapped"]]
+    if not both: return None
+    return sum((swapped["scores"][0] - swapped["scores"][1]) - (official["scores"][1] - official["scores"][0])
+               for official, swapped in both) / len(both)
+
+# %% ../nbs/07b_judge.ipynb #f86fd71d
 def judge(questions: str = None,  # conversation-benchmark JSONL (question_id, text, gpt4_answer, fig_caption, ...)
           answers: str = None,  # the model's answers JSONL (question_id, text), e.g. from `llavamed predict`
           out: str = None,  # reviews JSONL to write; the summary goes beside it (.summary.json)
@@ -179,24 +243,20 @@ def judge(questions: str = None,  # conversation-benchmark JSONL (question_id, t
           max_tokens: int = 512,  # longest judge reply
           backoff: float = 1.0,  # first wait before a retry, in seconds (doubles each attempt)
           cache: str = None,  # request cache / checkpoint JSONL (default: beside `out`)
-          json: bool = False,  # print the summary as one JSON object instead of a table
           progress: bool = True,  # show a progress bar
-         ) -> dict:
-    "Judge benchmark answers against the reference answers; write reviews and print the paper's summary table."
+         ) -> JudgeSummary:
+    "Judge benchmark answers against the reference answers; write the reviews and the paper's summary table."
     if not (questions and answers and out): raise ValueError("judge needs --questions, --answers and --out")
     if judge not in JUDGES: raise ValueError(f"judge={judge!r}: expected one of {JUDGES}")
     if order not in ORDERS: raise ValueError(f"order={order!r}: expected one of {ORDERS}")
-    qs = load_benchmark(questions)
-    ans = {str(a["question_id"]): a["text"] for a in read_jsonl(answers)}
-    missing = [q["question_id"] for q in qs if q["question_id"] not in ans]
-    out = Path(out)
-    if judge == "overlap":
-        label, reviews = PROXY_LABEL, []
-        for q in qs:
-            if q["question_id"] in missing: continue
-            ev = " ".join([str(q.get("fig_caption") or "")] + mention_texts(q.get("in_text_mention")))
-            s = (overlap_score(q["reference"], ev), overlap_score(ans[q["question_id"]], ev))
-            reviews.append({**combine(q, {"official": s}), "reviews": [{"order": "official", "scores": list(s), "text": None}]})
+    qs = load_questions(questions, need_answer=True)
+    bad = next((i for i, q in enumerate(qs) if q.kind != "benchmark"), None)
+    if bad is not None: raise ValueError(f"{questions}: record {bad} (id {qs[bad].id}): not a benchmark question "
+                                         "('question_id', 'text', 'gpt4_answer')")
+    answer_rows, out = load_answers(answers), Path(out)
+    ans = {str(a["question_id"]): a["text"] for a in answer_rows}
+    missing = [q.id for q in qs if q.id not in ans]
+    if judge == "overlap": label, reviews = PROXY_LABEL, _proxy_reviews(qs, ans)
     else:
         from llavamed.client import ChatClient, load_checkpoint, run_chat_requests
         if not model: raise ValueError("judge='openai' needs --model (the judge model's name)")
@@ -205,39 +265,17 @@ def judge(questions: str = None,  # conversation-benchmark JSONL (question_id, t
         cache = Path(cache) if cache else out.with_name(out.stem + ".cache.jsonl")
         client = ChatClient(model=model, base_url=base_url, api_key_env=api_key_env, temperature=temperature,
                             max_tokens=max_tokens)
-        stats = run_chat_requests(client, reqs, cache, concurrency=concurrency, max_attempts=max_attempts,
-                                  parse=parse_scores, backoff=backoff, progress=progress, desc="judge")
-        done = load_checkpoint(cache)
-        reviews = []
-        for q in qs:
-            names = [n for n in ORDERS_OF[order] if (q["question_id"], n) in keys]
-            if not names: continue
-            rows = {n: done.get(keys[(q["question_id"], n)]) for n in names}
-            scores = {n: (tuple(r["parsed"]) if r and r.get("status") == "done" else None) for n, r in rows.items()}
-            reviews.append({**combine(q, scores), "reviews": [
-                {"order": n, "scores": list(scores[n]) if scores[n] else None, "text": (rows[n] or {}).get("text"),
-                 "status": (rows[n] or {}).get("status", "missing")} for n in names]})
+        run_chat_requests(client, reqs, cache, concurrency=concurrency, max_attempts=max_attempts,
+                          parse=parse_scores, backoff=backoff, progress=progress, desc="judge")
+        reviews = _llm_reviews(qs, keys, load_checkpoint(cache), order)
     for r in reviews: r["judge"] = label
     write_jsonl(out, reviews)
-    both = [r for r in reviews if [v["order"] for v in r["reviews"] if v["scores"]] == ["official", "swapped"]]
-    # position effect: how much more the model gains over the reference when it is shown first
-    effect = (sum((v[1]["scores"][0] - v[1]["scores"][1]) - (v[0]["scores"][1] - v[0]["scores"][0])
-                  for v in (r["reviews"] for r in both)) / len(both)) if both else None
-    from llavamed.eval import file_sha256, describe_decoding
-    summary = {"judge": label, "order": order if judge == "openai" else "n/a (symmetric proxy)", "questions": str(questions),
-               "questions_sha256": file_sha256(questions), "decoding": describe_decoding(list(read_jsonl(answers))),
-               "answers": str(answers), "n_questions": len(qs), "n_missing_answers": len(missing),
-               "missing_ids": missing[:10], "n_unparsed": sum(r["status"] == "unparsed" for r in reviews),
-               "n_partial": sum(r["status"] == "partial" for r in reviews), "position_effect": effect,
-               "temperature": temperature if judge == "openai" else None, "groups": summarize(reviews)}
-    write_json(out.with_name(out.stem + ".summary.json"), summary)
-    if json: print(_json.dumps(summary))
-    else:
-        print(format_summary(summary["groups"], label))
-        print(f"questions {questions} sha256 {summary['questions_sha256']} | answers {answers} | decoding: {summary['decoding']}")
-        print(f"unparsed reviews: {summary['n_unparsed']} (partial: {summary['n_partial']}); "
-              f"questions without an answer: {len(missing)}")
-        if effect is not None: print(f"position effect: the model gains {effect:+.2f} points over the reference when shown first")
+    summary = JudgeSummary(
+        judge=label, order=order if judge == "openai" else "n/a (symmetric proxy)", questions=str(questions),
+        questions_sha256=file_sha256(questions), decoding=describe_decoding(answer_rows), answers=str(answers),
+        n_questions=len(qs), n_missing_answers=len(missing), missing_ids=missing[:10],
+        n_unparsed=sum(r["status"] == "unparsed" for r in reviews), n_partial=sum(r["status"] == "partial" for r in reviews),
+        position_effect=_position_effect(reviews), temperature=temperature if judge == "openai" else None,
+        groups=summarize(reviews))
+    write_json(out.with_name(out.stem + ".summary.json"), summary.to_json())
     return summary
-
-ORDERS_OF = {"both": ("official", "swapped"), "official": ("official",)}

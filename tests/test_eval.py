@@ -169,7 +169,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from chat_server import ChatServer
-from llavamed.judge import judge, build_requests, load_benchmark, judge_messages, parse_scores
+from llavamed.judge import judge, build_requests, judge_messages, parse_scores
 
 QA = [{"question_id": 1, "image": "a.png", "pair_id": "a", "text": "What does the image show?\n<image>",
        "gpt4_answer": "A right pleural effusion.", "fig_caption": "Chest X-ray with a right pleural effusion.",
@@ -195,21 +195,21 @@ def _reply(messages, key):
     ref_first = any(f"[Assistant 1]\n{r['gpt4_answer']}" in user for r in QA)
     return "8 4\nThe first answer is better." if ref_first else "6 9\nThe second answer is better."
 
-def test_judge_both_orders_averaged(tmp_path, capsys):
+def test_judge_both_orders_averaged(tmp_path):
     q, a = _judge_files(tmp_path)
     with ChatServer(reply_fn=_reply) as srv:
         s = judge(str(q), str(a), str(tmp_path / "rev.jsonl"), model="judge-x", base_url=srv.base_url, progress=False)
         assert srv.stats()["requests"] == 6  # 3 questions x 2 orders
     rows = [json.loads(l) for l in (tmp_path / "rev.jsonl").read_text().splitlines()]
     assert [(r["reference_score"], r["model_score"]) for r in rows] == [(8.5, 5.0)] * 3
-    g = s["groups"]
+    g = s.groups
     assert g["overall"]["relative_score"] == pytest.approx(5 / 8.5 * 100)
     assert (g["conversation"]["n"], g["description"]["n"], g["chest_xray"]["n"], g["mri"]["n"], g["histology"]["n"]) == (2, 1, 1, 1, 1)
     assert g["ct_scan"]["n"] == 0  # question 1 is filed under its first true domain (chest X-ray)
     assert json.loads((tmp_path / "rev.summary.json").read_text())["groups"] == g
     # official (ref 8, model 4): model - ref = -4; swapped (model 6, ref 9): -3; effect = -3 - (-4) = +1
-    assert s["position_effect"] == pytest.approx(1.0)
-    printed = capsys.readouterr().out
+    assert s.position_effect == pytest.approx(1.0)
+    printed = str(s)
     assert "Conversation benchmark | judge: openai:judge-x" in printed
     assert f"sha256 {hashlib.sha256(q.read_bytes()).hexdigest()}" in printed and "decoding: unknown" in printed
 
@@ -225,7 +225,7 @@ def test_judge_cache_sends_nothing_twice(tmp_path):
 
 def test_judge_retries_then_records_unparsed(tmp_path):
     q, a = _judge_files(tmp_path)
-    qs = load_benchmark(q)
+    qs = load_questions(q, need_answer=True)
     reqs, keys = build_requests(qs, {k: v for k, v in ((str(k), v) for k, v in MODEL_ANS.items())}, "official", "m")
     script = {keys[("1", "official")]: ["garbage", "ok"], keys[("2", "official")]: ["garbage"] * 5}
     with ChatServer(reply_fn=_reply, script=script) as srv:
@@ -235,11 +235,11 @@ def test_judge_retries_then_records_unparsed(tmp_path):
     rows = {r["question_id"]: r for r in map(json.loads, (tmp_path / "r.jsonl").read_text().splitlines())}
     assert rows["1"]["status"] == "done" and rows["1"]["reference_score"] == 8.0
     assert rows["2"]["status"] == "unparsed" and rows["2"]["ratio"] is None
-    assert s["n_unparsed"] == 1 and s["groups"]["overall"]["n"] == 2 and s["groups"]["overall"]["unparsed"] == 1
+    assert s.n_unparsed == 1 and s.groups["overall"]["n"] == 2 and s.groups["overall"]["unparsed"] == 1
 
 def test_judge_prompt_renders_mentions_as_text(tmp_path):
     q, _ = _judge_files(tmp_path)
-    user = judge_messages(load_benchmark(q)[0], "ref", "model")[1]["content"]
+    user = judge_messages(load_questions(q)[0], "ref", "model")[1]["content"]
     assert "- Figure 1 shows the effusion." in user and "{'tokens'" not in user and "Chest X-ray with a right" in user
     assert "[Assistant 1]\nref\n" in user and "[Assistant 2]\nmodel\n" in user
 
@@ -291,7 +291,7 @@ def test_report_rejects_unknown_inputs(tmp_path):
 
 
 # ---------------------------------------------------------------- predict (tiny model on the synthetic corpus)
-from llavamed.predict import predict, load_questions, shuffled_images
+from llavamed.predict import predict, shuffled_images
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -320,19 +320,19 @@ def test_predict_refuses_to_mix_settings(tmp_path):
         predict("m", str(tmp_path / "vqa.json"), str(tmp_path), str(tmp_path / "x.jsonl"), image_ablation="grey")
 
 def test_shuffle_never_returns_own_image(tmp_path):
-    qs = [{"id": str(i), "image": f"{i % 5}.png", "question": "?"} for i in range(20)]  # 5 images, 4 questions each
+    qs = [Question(str(i), "?", image=f"{i % 5}.png") for i in range(20)]  # 5 images, 4 questions each
     m = shuffled_images(qs, seed=3)
-    assert all(m[q["id"]] != q["image"] for q in qs) and sorted(m.values()) == sorted(q["image"] for q in qs)
+    assert all(m[q.id] != q.image for q in qs) and sorted(m.values()) == sorted(q.image for q in qs)
 
 @pytest.mark.slow
 def test_predict_resumes_and_scores(tiny, tmp_path):
     out, kw = tmp_path / "a.jsonl", dict(images=str(tiny / "corpus" / "images"), batch_size=4, max_new_tokens=4, progress=False)
     r1 = predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(out), limit=3, **kw)
-    assert r1["answered"] == 3 and len(_rows(out)) == 3
+    assert r1.answered == 3 and len(_rows(out)) == 3
     r2 = predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(out), **kw)
     rows = _rows(out)
-    assert (r2["skipped"], r2["answered"]) == (3, 5)
-    assert sorted(r["question_id"] for r in rows) == sorted(q["id"] for q in load_questions(tiny / "test8.json"))
+    assert (r2.skipped, r2.answered) == (3, 5)
+    assert sorted(r["question_id"] for r in rows) == sorted(q.id for q in load_questions(tiny / "test8.json"))
     assert set(rows[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
     assert rows[0]["metadata"]["decoding"] == {"do_sample": False, "max_new_tokens": 4, "seed": 0}
     res = score(str(out), str(tiny / "test8.json"), mode="all").to_json()
@@ -345,7 +345,7 @@ def test_predict_resumes_and_scores(tiny, tmp_path):
 def test_predict_ablations_change_the_image(tiny, tmp_path):
     kw = dict(images=str(tiny / "corpus" / "images"), batch_size=8, max_new_tokens=2, progress=False)
     predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(tmp_path / "s.jsonl"), image_ablation="shuffle", **kw)
-    own = {q["id"]: q["image"] for q in load_questions(tiny / "test8.json")}
+    own = {q.id: q.image for q in load_questions(tiny / "test8.json")}
     rows = _rows(tmp_path / "s.jsonl")
     assert all(r["metadata"]["image_ablation"] == "shuffle" for r in rows)
     assert len(set(own.values())) > 1 and all(r["metadata"]["image"] != own[r["question_id"]] for r in rows)
