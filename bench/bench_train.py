@@ -58,7 +58,7 @@ def overhead(root: Path, steps=20, bs=8):
     import torch
     from transformers import LlavaForConditionalGeneration
     from llavamed.model import build_model, save_model
-    from llavamed.train import SupervisedDataset, Collator, grouped_order, train
+    from llavamed.train import SupervisedDataset, Collator, RunConfig, StageConfig, grouped_order, train
     (root / "images").mkdir(exist_ok=True)
     recs = conversations(steps * bs, root / "images", size=(96, 80))
     (root / "train.json").write_text(json.dumps(recs))
@@ -71,9 +71,9 @@ def overhead(root: Path, steps=20, bs=8):
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw): stamps.append(time.perf_counter())
 
-    train("instruct", str(root / "base"), str(root / "train.json"), str(root / "images"), str(root / "run"),
-          max_steps=steps, global_batch_size=bs, per_device_batch_size=bs, num_workers=0, save_steps=10_000,
-          lr=1e-4, epochs=1, callbacks=[Clock()])
+    train(StageConfig.load("instruct", global_batch_size=bs, per_device_batch_size=bs, lr=1e-4, epochs=1),
+          RunConfig(model=str(root / "base"), data=str(root / "train.json"), images=str(root / "images"),
+                    out=str(root / "run"), max_steps=steps, num_workers=0, save_steps=10_000), callbacks=[Clock()])
     # steady state: step times after step 2 (start-up excluded on both sides); the median step time is
     # the figure, since a shared machine stalls a few steps of either loop at random
     import statistics

@@ -331,16 +331,19 @@ def save_model(model, processor, out: str | Path) -> Path:
 def load_model(path_or_preset: str | Path,  # a saved model directory, or a preset name (built fresh)
                dtype: str | None = None,  # 'bfloat16' / 'float32' (default: `pick_dtype(device)`)
                device: str | None = None,  # 'cpu', 'cuda', ... (default: `pick_device()`)
+               tokenizer_texts: list[str] | None = None,  # a preset only: text its tiny tokenizer is trained on
               ):
-    "Load `(model, processor)` from a directory saved by `save_model` (or any HF LLaVA checkpoint)."
+    "Load `(model, processor)` from a directory saved by `save_model` (or any HF LLaVA checkpoint), or build a preset."
     from transformers import AutoConfig, AutoProcessor
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
     if str(path_or_preset) in PRESETS and not Path(path_or_preset).is_dir():
-        model, proc = build_model(str(path_or_preset), dtype=str(torch_dtype).replace("torch.", ""))
+        model, proc = build_model(str(path_or_preset), tokenizer_texts, dtype=str(torch_dtype).replace("torch.", ""))
         return model.to(device, torch_dtype), proc
     config = AutoConfig.from_pretrained(path_or_preset)
-    model = model_class(config).from_pretrained(path_or_preset, dtype=torch_dtype, device_map=device)
+    # on the CPU no device map: under DeepSpeed ZeRO-3 the weights are partitioned as they load, which a map forbids
+    placement = {} if device == "cpu" else {"device_map": device}
+    model = model_class(config).from_pretrained(path_or_preset, dtype=torch_dtype, **placement)
     return model.eval(), AutoProcessor.from_pretrained(path_or_preset)
 
 # %% ../nbs/05_model.ipynb #162995ed

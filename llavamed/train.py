@@ -6,20 +6,20 @@ Docs: https://llavamed.github.io/llavamed/train.html.md"""
 
 # %% ../nbs/06_train.ipynb #f49a4256
 from __future__ import annotations
-import dataclasses, json, math, os, random, time
+import dataclasses, json, os, random, time, types, typing
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from .core import (IMAGE_TOKEN, IGNORE_INDEX, HUMAN, GPT, Sample, iter_samples, read_json, read_jsonl,
-                           write_json, append_jsonl, get_logger, seed_everything, pick_device)
+from .core import (IMAGE_TOKEN, IGNORE_INDEX, Result, Sample, iter_samples, read_json, write_json,
+                           write_jsonl, append_jsonl, get_logger, seed_everything, plot_losses)
 from .images import pixel_values
+from .model import TEMPLATES, sample_to_messages, load_model, save_model
 
 # %% auto #0
-__all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'StageConfig', 'stage_config', 'sample_messages', 'resolve_template',
-           'image_token_count', 'tokenize_sample', 'load_records', 'DroppedError', 'SupervisedDataset', 'Collator',
-           'grouped_order', 'GroupedSampler', 'padding_share', 'part_of', 'set_trainable', 'add_lora', 'plot_loss',
-           'deepspeed_config', 'last_checkpoint', 'train', 'merge_lora']
+__all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'RECIPES', 'StageConfig', 'deepspeed_config', 'RunConfig',
+           'Recipe', 'recipe_yaml', 'resolve_template', 'image_token_count', 'tokenize_sample', 'load_records',
+           'DroppedError', 'SupervisedDataset', 'Collator', 'grouped_order', 'GroupedSampler', 'padding_share',
+           'part_of', 'set_trainable', 'add_lora', 'last_checkpoint', 'TrainResult', 'train', 'merge_lora']
 
 # %% ../nbs/06_train.ipynb #61bcdf9c
 log = get_logger("llavamed.train")
@@ -27,11 +27,28 @@ log = get_logger("llavamed.train")
 # %% ../nbs/06_train.ipynb #bc793806
 PARTS = ("vision", "projector", "llm")  # trainable groups of a LLaVA model
 
+def _fits(value, hint) -> bool:
+    "Whether `value` fits the annotation `hint`: str, int, float, bool, None, a tuple of str, or a union of those."
+    if hint is type(None): return value is None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType): return any(_fits(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple: return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if hint in (int, float) and isinstance(value, bool): return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+def _check_types(cfg) -> None:
+    "Raise `ValueError` naming the first field of the dataclass `cfg` whose value does not fit its annotation."
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if not _fits(value, hint):
+            raise ValueError(f"{type(cfg).__name__}.{f.name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+        if type(value) is int and float in (hint, *typing.get_args(hint)): setattr(cfg, f.name, float(value))
+
 @dataclass
 class StageConfig:
-    "One curriculum stage: trainable parts, optimisation and data settings (REFERENCE.md section 4)."
+    "One curriculum stage: which parts learn, with which optimisation and data settings (LLaVA-Med paper, section 4)."
     name: str = "instruct"  # 'align', 'instruct', 'finetune' or any label
-    train: tuple[str, ...] = ("projector", "llm")  # parts that learn; the rest stay bit-identical
+    train: tuple[str, ...] = ("projector", "llm")  # parts that learn (vision, projector, llm); the rest stay bit-identical
     lr: float = 2e-5  # peak learning rate of the language model (and vision tower when trained)
     projector_lr: float | None = None  # peak learning rate of the projector (None: `lr`)
     epochs: float = 3.0  # passes over the data
@@ -42,32 +59,27 @@ class StageConfig:
     max_length: int = 2048  # longest token sequence; longer samples lose later turns or are dropped
     template: str | None = None  # chat template name ('plain' for stage 1); None: the processor's default
     group_by_modality_length: bool = True  # batches of one modality and similar length (LLaVA-1.5)
-    gradient_checkpointing: bool | None = None  # None: on when a GPU is used, off on CPU
     max_dropped_share: float = 0.02  # stop the run when more records than this share lose all supervision
-    lora_r: int = 128  # LoRA rank (with `lora=True`; LLaVA's recipe)
+    lora_r: int = 128  # LoRA rank (with `--lora`; LLaVA's scripts/v1_5/finetune_lora.sh)
     lora_alpha: int = 256  # LoRA scale numerator
     lora_dropout: float = 0.05  # dropout on the LoRA branch
-    seed: int = 42  # seed of initialisation-free randomness: data order, dropout
-    data: str | None = None  # default training file of the stage (recipes name it)
+    seed: int = 42  # seed of the data order and dropout
 
     def __post_init__(self):
+        "Check every field, naming the one at fault."
         if isinstance(self.train, str): self.train = tuple(p for p in self.train.replace(",", " ").split() if p)
-        self.train = tuple(self.train)
-        bad = [p for p in self.train if p not in PARTS]
-        if bad or not self.train: raise ValueError(f"StageConfig.train: {list(self.train)} must be a non-empty subset of {PARTS}")
-        for k in ("lr", "epochs"):
-            if not getattr(self, k) > 0: raise ValueError(f"StageConfig.{k}: must be > 0, got {getattr(self, k)}")
-        if self.projector_lr is not None and not self.projector_lr > 0:
-            raise ValueError(f"StageConfig.projector_lr: must be > 0 or None, got {self.projector_lr}")
+        if isinstance(self.train, list): self.train = tuple(self.train)
+        _check_types(self)
+        if not self.train or any(p not in PARTS for p in self.train):
+            raise ValueError(f"StageConfig.train: {list(self.train)} must be a non-empty subset of {PARTS}")
+        for k in ("lr", "epochs", "projector_lr"):
+            if getattr(self, k) is not None and not getattr(self, k) > 0:
+                raise ValueError(f"StageConfig.{k}: must be > 0, got {getattr(self, k)}")
         for k in ("global_batch_size", "per_device_batch_size", "max_length", "lora_r", "lora_alpha"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < 1: raise ValueError(f"StageConfig.{k}: must be a positive integer, got {v!r}")
-        if self.global_batch_size % self.per_device_batch_size:
-            raise ValueError(f"StageConfig.global_batch_size: {self.global_batch_size} is not a multiple of "
-                             f"per_device_batch_size {self.per_device_batch_size}")
+            if getattr(self, k) < 1: raise ValueError(f"StageConfig.{k}: must be a positive integer, got {getattr(self, k)}")
+        self.accumulation(1)
         for k in ("warmup_ratio", "weight_decay", "max_dropped_share", "lora_dropout"):
-            v = getattr(self, k)
-            if not 0 <= v <= 1: raise ValueError(f"StageConfig.{k}: must be in [0, 1], got {v}")
+            if not 0 <= getattr(self, k) <= 1: raise ValueError(f"StageConfig.{k}: must be in [0, 1], got {getattr(self, k)}")
 
     def accumulation(self, world_size: int = 1) -> int:
         "Gradient-accumulation steps that make `global_batch_size` on `world_size` processes."
@@ -81,49 +93,141 @@ class StageConfig:
         "The config as a JSON-ready dict."
         return {**dataclasses.asdict(self), "train": list(self.train)}
 
+    @classmethod
+    def load(cls, name_or_path: str | Path | StageConfig = "instruct",  # preset name in `STAGES`, YAML/JSON recipe, or a config
+             **overrides,  # field values to change; None keeps the preset's value
+            ) -> StageConfig:
+        "A stage from a preset or a recipe file, with `overrides` applied; every value is checked."
+        if isinstance(name_or_path, StageConfig): base = name_or_path.to_json()
+        elif str(name_or_path) in STAGES: base = STAGES[str(name_or_path)].to_json()
+        elif Path(name_or_path).suffix in (".yaml", ".yml", ".json") and Path(name_or_path).is_file():
+            base = _read_recipe(Path(name_or_path))
+        else: raise ValueError(f"stage: {str(name_or_path)!r} is neither a preset {sorted(STAGES)} "
+                               f"nor an existing .yaml/.json recipe")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k, v in overrides.items():
+            if k not in names: raise ValueError(f"StageConfig has no field {k!r}")
+            if v is not None: base[k] = v
+        return cls(**base)
+
 # %% ../nbs/06_train.ipynb #1d876dee
-STAGES = {
-    "align": dict(name="align", train=("projector",), lr=2e-3, epochs=1.0, template="plain"),
-    "instruct": dict(name="instruct", train=("projector", "llm"), lr=2e-5, epochs=3.0),
-    "finetune": dict(name="finetune", train=("projector", "llm"), lr=2e-5, epochs=3.0),
+STAGES = {  # the LLaVA-Med paper's curriculum; the other fields are StageConfig's defaults
+    "align": StageConfig(name="align", train=("projector",), lr=2e-3, epochs=1.0, template="plain"),
+    "instruct": StageConfig(name="instruct", train=("projector", "llm"), lr=2e-5, epochs=3.0),
+    "finetune": StageConfig(name="finetune", train=("projector", "llm"), lr=2e-5, epochs=3.0),
 }
 
-def stage_config(stage: str | Path | StageConfig = "instruct",  # preset name, YAML/JSON recipe, or a config
-                 **overrides) -> StageConfig:
-    "Resolve a stage preset or recipe file, then apply `overrides` (None values are ignored)."
-    if isinstance(stage, StageConfig): base = stage.to_json()
-    elif str(stage) in STAGES: base = dict(STAGES[str(stage)])
-    elif Path(stage).suffix in (".yaml", ".yml", ".json") and Path(stage).exists():
-        import yaml
-        raw = yaml.safe_load(Path(stage).read_text()) if Path(stage).suffix != ".json" else read_json(stage)
-        base = dict(STAGES.get(raw.get("stage", raw.get("name")), {}))
-        base.update({k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(StageConfig)}})
-    else: raise ValueError(f"stage: {stage!r} is neither a preset {sorted(STAGES)} nor an existing .yaml/.json recipe")
-    names = {f.name for f in dataclasses.fields(StageConfig)}
-    for k, v in overrides.items():
-        if k not in names: raise ValueError(f"StageConfig has no field {k!r}")
-        if v is not None: base[k] = v
-    return StageConfig(**base)
+def _read_recipe(path: Path) -> dict:
+    "StageConfig values of a YAML/JSON recipe: the preset it names under `stage` (if any) updated by its fields."
+    import yaml
+    raw = read_json(path) if path.suffix == ".json" else yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict): raise ValueError(f"{path}: a recipe is a mapping of StageConfig fields")
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(StageConfig)} - {"stage"})
+    if unknown: raise ValueError(f"{path}: {unknown} are not StageConfig fields")
+    preset = raw.pop("stage", None)
+    if preset is not None and preset not in STAGES: raise ValueError(f"{path}: stage {preset!r} is not one of {sorted(STAGES)}")
+    return {**(STAGES[preset].to_json() if preset else {}), **raw}
 
-# %% ../nbs/06_train.ipynb #90cea39d
-def sample_messages(sample: Sample) -> list[dict]:
-    "A LLaVA record as transformers multimodal chat messages (delegates to `llavamed.model` when present)."
-    try:
-        from llavamed.model import sample_to_messages
-        return sample_to_messages(sample)
-    except ImportError: pass
-    msgs = []
-    for t in sample.conversations:
-        role = "user" if t.role == HUMAN else "assistant"
-        content = []
-        if IMAGE_TOKEN in t.text:
-            before, _, after = t.text.partition(IMAGE_TOKEN)
-            if before.strip(): content.append({"type": "text", "text": before.strip()})
-            content.append({"type": "image"})
-            if after.strip(): content.append({"type": "text", "text": after.strip()})
-        else: content.append({"type": "text", "text": t.text})
-        msgs.append({"role": role, "content": content})
-    return msgs
+# %% ../nbs/06_train.ipynb #7cb80c24
+_Z_COMMON = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+             "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+_Z3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1_000_000_000,
+       "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+       "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000, "stage3_gather_16bit_weights_on_model_save": True}
+DEEPSPEED_CONFIGS = {
+    "zero2": {**_Z_COMMON, "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                                 "sub_group_size": 1_000_000_000, "reduce_bucket_size": "auto"}},
+    "zero3": {**_Z_COMMON, "zero_optimization": _Z3},
+    "zero3_offload": {**_Z_COMMON, "zero_optimization": {**_Z3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                                         "offload_param": {"device": "cpu", "pin_memory": True}}},
+}
+
+def deepspeed_config(name_or_path: str | Path | None,  # a name in `DEEPSPEED_CONFIGS`, a JSON file, or None
+                    ) -> dict | None:
+    "The DeepSpeed config dict of a name in `DEEPSPEED_CONFIGS` (a fresh copy) or of a JSON file."
+    if name_or_path is None: return None
+    if str(name_or_path) in DEEPSPEED_CONFIGS: return json.loads(json.dumps(DEEPSPEED_CONFIGS[str(name_or_path)]))
+    if Path(name_or_path).is_file(): return read_json(name_or_path)
+    raise ValueError(f"deepspeed: {str(name_or_path)!r} is neither one of {sorted(DEEPSPEED_CONFIGS)} nor a JSON file")
+
+# %% ../nbs/06_train.ipynb #7c698902
+GRAD_CKPT = ("auto", "on", "off")  # gradient-checkpointing choices
+
+@dataclass
+class RunConfig:
+    "Where a stage run reads and writes, and how it is distributed and checkpointed."
+    model: str = "tiny"  # preset name ('tiny', 'llava-med-v1.5', ...), a saved model, or an earlier stage's output
+    data: str | None = None  # training records (LLaVA JSON array or JSONL); `train` needs one
+    images: str | None = None  # folder the records' `image` paths are relative to
+    out: str = "runs/stage"  # output directory of this stage
+    deepspeed: str | None = None  # 'zero2', 'zero3', 'zero3_offload' or a DeepSpeed JSON file
+    lora: bool = False  # train LoRA adapters on the language model (stages 2-3), then merge them
+    resume: bool = False  # continue from the last complete checkpoint in `out`
+    max_steps: int | None = None  # stop after this many optimiser steps (None: the stage's epochs)
+    grad_ckpt: str = "auto"  # gradient checkpointing: 'auto' (on with a GPU), 'on' or 'off'
+    save_steps: int = 500  # checkpoint every N optimiser steps
+    save_total_limit: int = 2  # checkpoints kept
+    logging_steps: int = 1  # log the loss every N optimiser steps
+    num_workers: int = 2  # data-loader worker processes
+
+    def __post_init__(self):
+        "Check every field, naming the one at fault."
+        _check_types(self)
+        if self.grad_ckpt not in GRAD_CKPT:
+            raise ValueError(f"RunConfig.grad_ckpt: expected one of {GRAD_CKPT}, got {self.grad_ckpt!r}")
+        for k in ("save_steps", "save_total_limit", "logging_steps", "max_steps"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ValueError(f"RunConfig.{k}: must be a positive integer, got {getattr(self, k)}")
+        if self.num_workers < 0: raise ValueError(f"RunConfig.num_workers: must be >= 0, got {self.num_workers}")
+        if self.deepspeed is not None and self.deepspeed not in DEEPSPEED_CONFIGS and not Path(self.deepspeed).is_file():
+            raise ValueError(f"RunConfig.deepspeed: {self.deepspeed!r} is neither one of {sorted(DEEPSPEED_CONFIGS)} "
+                             f"nor a JSON file")
+
+# %% ../nbs/06_train.ipynb #162ee5ea
+@dataclass
+class Recipe:
+    "A paper-scale stage run: the stage's settings and the run settings its launch script passes."
+    file: str  # name of the recipe in `configs/` (without .yaml); its launch script is launch_stageN.sh
+    stage: StageConfig  # the stage's settings
+    run: RunConfig  # the launch script's defaults: model, data, images, out, DeepSpeed config
+    about: str  # what the stage does, with its public source
+
+RECIPES = (
+    Recipe("stage1_align", StageConfig.load("align", per_device_batch_size=16),
+           RunConfig(model="llava-med-v1.5", data="data/llava_med_alignment_500k.json", images="data/images",
+                     out="runs/stage1_align", deepspeed="zero2", num_workers=4),
+           "LLaVA-Med stage 1, concept alignment (LLaVA-Med paper, section 4): the projector alone learns from\n"
+           "600K figure-caption pairs with the plain template; lr 2e-3, global batch 128, 1 epoch."),
+    Recipe("stage2_instruct", StageConfig.load("instruct", per_device_batch_size=4),
+           RunConfig(model="runs/stage1_align", data="data/llava_med_instruct_60k_inline_mention.json",
+                     images="data/images", out="runs/stage2_instruct", deepspeed="zero3", num_workers=4),
+           "LLaVA-Med stage 2, instruction tuning (LLaVA-Med paper, section 4): projector and language model\n"
+           "learn from the 60K-IM conversations, the vision tower stays frozen; lr 2e-5, global batch 128, 3 epochs."),
+    Recipe("stage3_finetune", StageConfig.load("finetune", per_device_batch_size=4),
+           RunConfig(model="runs/stage2_instruct", data="data/vqa_rad/train.json", images="data/vqa_rad/images",
+                     out="runs/stage3_finetune", deepspeed="zero3", num_workers=4),
+           "LLaVA-Med stage 3 (optional), fine-tuning on a VQA training split (`llavamed vqa-convert` output):\n"
+           "projector and language model, lr 2e-5, 3 epochs (the released checkpoints used 9). The paper gives\n"
+           "no batch size for this stage; it stays 128."),
+)
+
+def _yaml_value(v) -> str:
+    "A YAML flow value PyYAML reads back as `v` (floats keep their dot: PyYAML reads 2e-05 as a string)."
+    if isinstance(v, float) and "e" in repr(v) and "." not in repr(v): return repr(v).replace("e", ".0e")
+    if isinstance(v, (list, tuple)): return "[" + ", ".join(_yaml_value(x) for x in v) + "]"
+    return repr(v) if isinstance(v, float) else json.dumps(v)
+
+def recipe_yaml(recipe: Recipe) -> str:
+    "The YAML text of `recipe`: its stage's fields, with what it is and how it is launched as comments."
+    n = recipe.file[len("stage")]
+    run = {k: getattr(recipe.run, k) for k in ("model", "data", "images", "out", "deepspeed")}
+    lines = [f"# {line}" for line in recipe.about.splitlines()]
+    lines += [f"# Written by scripts/write_configs.py from llavamed.train.RECIPES; edit those, not this file.",
+              f"# Run with `bash configs/launch_stage{n}.sh`, which passes these run settings (override them",
+              "# with MODEL, DATA, IMAGES, OUT, DS):", *(f"#   {k}: {v}" for k, v in run.items()),
+              f"# or `llavamed train --stage configs/{recipe.file}.yaml --model ... --data ... --out ...`."]
+    lines += [f"{k}: {_yaml_value(v)}" for k, v in recipe.stage.to_json().items()]
+    return "\n".join(lines) + "\n"
 
 # %% ../nbs/06_train.ipynb #1191b573
 def resolve_template(processor, name: str | None = None) -> str:
@@ -135,12 +239,7 @@ def resolve_template(processor, name: str | None = None) -> str:
         return tpl
     if "{%" in name or "{{" in name: return name
     if isinstance(tpl, dict) and name in tpl: return tpl[name]
-    try:
-        from llavamed import model as _m
-        for attr in ("CHAT_TEMPLATES", "TEMPLATES"):
-            if name in getattr(_m, attr, {}): return getattr(_m, attr)[name]
-        if hasattr(_m, "chat_template"): return _m.chat_template(name)
-    except ImportError: pass
+    if name in TEMPLATES: return TEMPLATES[name]
     known = sorted(tpl) if isinstance(tpl, dict) else ["default"]
     raise ValueError(f"template {name!r} unknown: the processor has {known}")
 
@@ -166,7 +265,6 @@ def _render(processor, msgs, template):
     out = tok.apply_chat_template(msgs, chat_template=template, tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True)
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-    text = tok.decode(ids[:1]) if ids else ""
     # the processor adds special tokens unless the rendered prompt already starts with BOS (processing_utils)
     if not (tok.bos_token and ids and ids[0] == tok.bos_token_id):
         pre, post = _special_affixes(tok)
@@ -186,7 +284,7 @@ def tokenize_sample(sample: Sample,  # one LLaVA record
     n_marks = sum(t.text.count(IMAGE_TOKEN) for t in sample.conversations)
     if n_marks != (1 if sample.image else 0):
         return None, f"{n_marks} {IMAGE_TOKEN} tokens with image={sample.image!r}"
-    msgs = sample_messages(sample)
+    msgs = sample_to_messages(sample)
     n_pairs = len(msgs) // 2
     for keep in range(n_pairs, 0, -1):  # drop later exchanges until it fits
         ids, mask = _render(processor, msgs[:2 * keep], tpl)
@@ -447,20 +545,8 @@ def _log_rows(history: list[dict]) -> list[dict]:
     return [{"step": h["step"], "epoch": h.get("epoch"), "loss": h["loss"], "learning_rate": h.get("learning_rate")}
             for h in history if "loss" in h]
 
-def plot_loss(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    "Draw `log_history.jsonl` of `run_dir` into `loss.png` (matplotlib, no display needed)."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = list(read_jsonl(Path(run_dir) / "log_history.jsonl"))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
-    ax.set(xlabel="step", ylabel="training loss", title=Path(run_dir).name)
-    ax.grid(alpha=.3); fig.tight_layout()
-    out = Path(out or Path(run_dir) / "loss.png"); fig.savefig(out, dpi=100); plt.close(fig)
-    return out
-
 def _log_callback(path: Path):
+    "A `TrainerCallback` appending each logged training loss to `path` on the main process."
     from transformers import TrainerCallback
 
     class LogHistory(TrainerCallback):
@@ -470,40 +556,7 @@ def _log_callback(path: Path):
                 append_jsonl(path, _log_rows([{**logs, "step": state.global_step}])[0])
     return LogHistory()
 
-# %% ../nbs/06_train.ipynb #7cb80c24
-_Z_COMMON = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
-             "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
-_Z3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1_000_000_000,
-       "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
-       "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000, "stage3_gather_16bit_weights_on_model_save": True}
-DEEPSPEED_CONFIGS = {
-    "zero2": {**_Z_COMMON, "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
-                                                 "sub_group_size": 1_000_000_000, "reduce_bucket_size": "auto"}},
-    "zero3": {**_Z_COMMON, "zero_optimization": _Z3},
-    "zero3_offload": {**_Z_COMMON, "zero_optimization": {**_Z3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                                                         "offload_param": {"device": "cpu", "pin_memory": True}}},
-}
-
-def deepspeed_config(name_or_path: str | Path | dict | None) -> dict | None:
-    "A DeepSpeed config dict from a name in `DEEPSPEED_CONFIGS`, a JSON file, or a dict."
-    if name_or_path is None or isinstance(name_or_path, dict): return name_or_path
-    if str(name_or_path) in DEEPSPEED_CONFIGS: return json.loads(json.dumps(DEEPSPEED_CONFIGS[str(name_or_path)]))
-    if Path(name_or_path).exists(): return read_json(name_or_path)
-    raise ValueError(f"deepspeed: {name_or_path!r} is neither {sorted(DEEPSPEED_CONFIGS)} nor a JSON file")
-
 # %% ../nbs/06_train.ipynb #f27bcd0a
-def _load(model, dtype: str, data_texts=None):
-    "`(model, processor)` from a pair, a directory or a preset name of `llavamed.model`, in `dtype` on the CPU."
-    if isinstance(model, (tuple, list)): return model[0], model[1]
-    import torch
-    from llavamed.model import build_model, model_class
-    if Path(str(model)).is_dir():  # no device_map: ZeRO-3 partitions the weights as they load
-        from transformers import AutoConfig, AutoProcessor
-        cls = model_class(AutoConfig.from_pretrained(str(model)))
-        return cls.from_pretrained(str(model), dtype=getattr(torch, dtype)), AutoProcessor.from_pretrained(str(model))
-    m, p = build_model(str(model), tokenizer_texts=data_texts, dtype=dtype)  # a preset: built fresh
-    return m.to(getattr(torch, dtype)), p
-
 def _attention(model, device: str) -> str:
     "Use flash-attention 2 on CUDA when installed, else SDPA; returns the implementation in use."
     import importlib.util
@@ -511,6 +564,16 @@ def _attention(model, device: str) -> str:
     try: model.set_attn_implementation(impl)
     except Exception as e: log.warning(f"attention {impl} unavailable ({e}); keeping {model.config._attn_implementation}")
     return model.config._attn_implementation
+
+def _start_model(run: RunConfig, dtype: str, rank: int):
+    "`(model, processor, base_dir)`: the starting model on the CPU in `dtype`, and the folder holding it (None for a preset)."
+    base_dir = run.model if Path(run.model).is_dir() else None
+    texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in load_records(run.data) for t in r.conversations]
+    model, processor = load_model(run.model, dtype=dtype, device="cpu", tokenizer_texts=texts)
+    if run.lora and base_dir is None:  # the adapters must be merged into exactly this base later
+        base_dir = str(Path(run.out) / "base")
+        if rank == 0: save_model(model, processor, base_dir)
+    return model, processor, base_dir
 
 # %% ../nbs/06_train.ipynb #db25954c
 def last_checkpoint(out: str | Path) -> Path | None:
@@ -520,128 +583,123 @@ def last_checkpoint(out: str | Path) -> Path | None:
     done = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
-# %% ../nbs/06_train.ipynb #765c8284
-def train(stage: str = "instruct",  # 'align', 'instruct', 'finetune', or a YAML/JSON recipe file
-          model: str = "tiny",  # preset name, a saved model or an earlier stage's output directory
-          data: str = None,  # training records (LLaVA JSON array or JSONL); default: the recipe's
-          images: str = None,  # folder holding the records' images
-          out: str = "runs/stage",  # output directory of this stage
-          deepspeed: str = None,  # 'zero2', 'zero3', 'zero3_offload' or a DeepSpeed JSON file
-          lora: bool = False,  # train LoRA adapters on the language model (stages 2-3), then merge them
-          resume: bool = False,  # continue from the last checkpoint in `out`
-          max_steps: int = None,  # stop after this many optimiser steps (overrides epochs)
-          epochs: float = None,  # override the stage's epochs
-          lr: float = None,  # override the stage's learning rate
-          projector_lr: float = None,  # override the projector's learning rate
-          global_batch_size: int = None,  # override the global batch size
-          per_device_batch_size: int = None,  # override the per-device batch size
-          max_length: int = None,  # override the maximum sequence length
-          template: str = None,  # override the chat template name
-          grad_ckpt: str = "auto",  # gradient checkpointing: 'auto' (on with a GPU), 'on' or 'off'
-          save_steps: int = 500,  # checkpoint every N optimiser steps
-          save_total_limit: int = 2,  # checkpoints kept
-          logging_steps: int = 1,  # log the loss every N steps
-          num_workers: int = 2,  # data-loader worker processes
-          seed: int = None,  # override the stage's seed
-          callbacks: list = None,  # extra transformers `TrainerCallback`s (Python callers)
-         ) -> dict:
-    "Train one curriculum stage with `Trainer` (optionally DeepSpeed/LoRA) and write a loadable model to `out`."
+# %% ../nbs/06_train.ipynb #5348cc9a
+@dataclass
+class TrainResult(Result):
+    "What a stage run did: where it wrote, its steps and losses, its time, and what its dataset kept."
+    out: str  # the stage's output directory
+    steps: int  # optimiser steps taken
+    train_loss: float  # mean training loss over the run (transformers' `training_loss`)
+    final_loss: float | None  # the last logged loss
+    seconds: float  # wall time of the run
+    dataset: dict  # `SupervisedDataset.summary()`: records kept, dropped by reason, skipped, supervised tokens
+    metrics: dict  # the metrics `Trainer.train` reports (runtime, samples per second, ...)
+
+    def rows(self):
+        "The plain fields, then the records kept and dropped."
+        return [*super().rows(), ("records kept", self.dataset.get("kept")),
+                ("records dropped", sum(self.dataset.get("dropped", {}).values()))]
+
+# %% ../nbs/06_train.ipynb #7ffec07c
+def _training_args(cfg: StageConfig, run: RunConfig, world: int, device: str):
+    "`TrainingArguments` of the stage and run; building them joins the process group of a distributed run."
     import torch
     from transformers import TrainingArguments
-    t0, out = time.perf_counter(), Path(out)
-    cfg = stage_config(stage, epochs=epochs, lr=lr, projector_lr=projector_lr, global_batch_size=global_batch_size,
-                       per_device_batch_size=per_device_batch_size, max_length=max_length, template=template, seed=seed,
-                       gradient_checkpointing={"on": True, "off": False}.get(grad_ckpt))
-    if lora and "llm" not in cfg.train: raise ValueError(f"lora: stage {cfg.name!r} does not train the language model")
-    data = data or cfg.data
-    if data is None: raise ValueError("data: no training file given and the stage names none")
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    last = last_checkpoint(out)
-    if last and not resume: raise ValueError(f"out: {out} already holds {last.name}; pass resume=True or another out")
-    if resume and not last: log.warning(f"resume: no checkpoint in {out}; starting fresh")
-    ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device == "cuda"
-    seed_everything(cfg.seed)
+    ckpt = {"on": True, "off": False}.get(run.grad_ckpt, device == "cuda")
     args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=cfg.per_device_batch_size,
+        output_dir=run.out, per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.accumulation(world), num_train_epochs=cfg.epochs,
-        max_steps=max_steps if max_steps else -1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, logging_steps=logging_steps,
-        save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit, report_to=[],
+        max_steps=run.max_steps or -1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, logging_steps=run.logging_steps,
+        save_strategy="steps", save_steps=run.save_steps, save_total_limit=run.save_total_limit, report_to=[],
         bf16=device == "cuda" and torch.cuda.is_bf16_supported(), activation_checkpointing=ckpt,
-        activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None, seed=cfg.seed, data_seed=cfg.seed,
-        dataloader_num_workers=num_workers, remove_unused_columns=False, deepspeed=deepspeed_config(deepspeed),
-        use_cpu=device == "cpu", disable_tqdm=False)
+        activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None, seed=cfg.seed,
+        data_seed=cfg.seed, dataloader_num_workers=run.num_workers, remove_unused_columns=False,
+        deepspeed=deepspeed_config(run.deepspeed), use_cpu=device == "cpu", disable_tqdm=False)
     _ = args.device  # joins the process group now, so ZeRO-3 partitions over every rank while the weights load
-    if deepspeed:
-        import deepspeed as ds_lib
-        ds_lib.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
-    texts = None
-    if not isinstance(model, (tuple, list)) and not Path(str(model)).is_dir():
-        texts = [t.text.replace(IMAGE_TOKEN, "") for r in load_records(data) for t in r.conversations]
-    # DeepSpeed keeps fp32 master weights of a bf16 model; plain Trainer mixes precision over fp32 weights
-    m, processor = _load(model, "bfloat16" if args.bf16 and deepspeed else "float32", texts)
-    attn = _attention(m, device)
-    counts = set_trainable(m, cfg.train)
-    base_dir = str(model) if not isinstance(model, (tuple, list)) and Path(str(model)).is_dir() else None
-    if lora:
-        if base_dir is None:  # a preset or in-memory model: keep the exact base the adapters belong to
-            base_dir = str(out / "base")
-            if rank == 0: _save_plain(m, processor, base_dir)
-        m = add_lora(m, cfg)
-    ds = SupervisedDataset(data, processor, images, cfg.max_length, cfg.template, cfg.max_dropped_share,
-                           text_only="llm" in cfg.train)
-    log_path = out / "log_history.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not last and log_path.exists(): log_path.unlink()
-        write_json(out / "stage_config.json", {**cfg.to_json(), "model": base_dir or str(model if not isinstance(model, (tuple, list)) else "<in-memory>"),
-                                               "data": str(data), "images": str(images) if images else None,
-                                               "lora": lora, "deepspeed": deepspeed if not isinstance(deepspeed, dict) else "<dict>",
-                                               "world_size": world, "gradient_accumulation_steps": cfg.accumulation(world),
-                                               "gradient_checkpointing": ckpt, "attention": attn, "trainable": counts,
-                                               "dataset": ds.summary(), "max_steps": max_steps})
-    trainer = _trainer_class()(model=m, args=args, train_dataset=ds, data_collator=Collator(processor), stage=cfg,
-                               callbacks=[_log_callback(log_path), *(callbacks or [])])
-    result = trainer.train(resume_from_checkpoint=str(last) if resume and last else None)
-    if world > 1:  # what each rank holds: ZeRO-3 partitions parameters, ZeRO-2 does not
-        held = sum(getattr(p, "ds_tensor", p).numel() for p in trainer.model_wrapped.parameters())
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model_wrapped.parameters())
-        write_json(out / "ranks" / f"rank{rank}.json", {"rank": rank, "params_held": held, "params_total": total})
+    if run.deepspeed:
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    return args
+
+def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
+    "Refuse a run that cannot start; returns the checkpoint to resume from (None: start fresh)."
+    if run.data is None: raise ValueError("RunConfig.data: no training file given")
+    if run.lora and "llm" not in cfg.train:
+        raise ValueError(f"RunConfig.lora: stage {cfg.name!r} does not train the language model")
+    last = last_checkpoint(run.out)
+    if last and not run.resume:
+        raise ValueError(f"out: {run.out} already holds {last.name}; pass resume=True or another out")
+    if run.resume and not last: log.warning(f"resume: no checkpoint in {run.out}; starting fresh")
+    return last if run.resume else None
+
+def _write_settings(out: Path, cfg: StageConfig, run: RunConfig, args, base_dir, found: dict) -> None:
+    "Write `stage_config.json`: the stage's fields, the run's, and what the run found (`found`)."
+    settings = {**cfg.to_json(), **dataclasses.asdict(run), "model": base_dir or run.model,
+                "world_size": args.world_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "gradient_checkpointing": args.activation_checkpointing, **found}
+    write_json(out / "stage_config.json", settings)
+
+def _write_rank_share(trainer, out: Path, rank: int) -> None:
+    "Record the parameters this rank holds: ZeRO-3 partitions them, ZeRO-2 does not."
+    held = sum(getattr(p, "ds_tensor", p).numel() for p in trainer.model_wrapped.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model_wrapped.parameters())
+    write_json(out / "ranks" / f"rank{rank}.json", {"rank": rank, "params_held": held, "params_total": total})
+
+def _save_outputs(trainer, processor, out: Path, lora: bool, base_dir: str | None) -> None:
+    "Save the model and processor (LoRA: adapters, then merged), the loss log and its plot."
     target = out / "adapter" if lora else out
     trainer.save_model(str(target))
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(str(target))
-        from llavamed.core import write_jsonl
-        write_jsonl(log_path, _log_rows(trainer.state.log_history))
-        plot_loss(out)
-        if lora: merge_lora(target, out, base=base_dir)
+    if not trainer.is_world_process_zero(): return
+    processor.save_pretrained(str(target))
+    write_jsonl(out / "log_history.jsonl", _log_rows(trainer.state.log_history))
+    plot_losses({out.name: out}, out / "loss.png")
+    if lora: merge_lora(target, out, base=base_dir)
+
+# %% ../nbs/06_train.ipynb #765c8284
+def train(stage: StageConfig | str = "instruct",  # a StageConfig, a preset name in `STAGES`, or a YAML/JSON recipe
+          run: RunConfig | None = None,  # model, data, output, DeepSpeed, LoRA and checkpointing (None: `RunConfig()`)
+          callbacks: list | None = None,  # extra transformers `TrainerCallback`s
+         ) -> TrainResult:
+    "Train one curriculum stage with `Trainer` (DeepSpeed and LoRA optional) and write a loadable model to `run.out`."
+    import torch
+    t0, cfg, run = time.perf_counter(), StageConfig.load(stage), run or RunConfig()
+    resume_from, out = _check_run(cfg, run), Path(run.out)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed_everything(cfg.seed)
+    args = _training_args(cfg, run, world, device)
+    # DeepSpeed keeps fp32 master weights of a bf16 model; plain Trainer mixes precision over fp32 weights
+    model, processor, base_dir = _start_model(run, "bfloat16" if args.bf16 and run.deepspeed else "float32", rank)
+    found = {"attention": _attention(model, device), "trainable": set_trainable(model, cfg.train)}
+    if run.lora: model = add_lora(model, cfg)
+    ds = SupervisedDataset(run.data, processor, run.images, cfg.max_length, cfg.template, cfg.max_dropped_share,
+                           text_only="llm" in cfg.train)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None: (out / "log_history.jsonl").unlink(missing_ok=True)
+        _write_settings(out, cfg, run, args, base_dir, {**found, "dataset": ds.summary()})
+    trainer = _trainer_class()(model=model, args=args, train_dataset=ds, data_collator=Collator(processor), stage=cfg,
+                               callbacks=[_log_callback(out / "log_history.jsonl"), *(callbacks or [])])
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if world > 1: _write_rank_share(trainer, out, rank)
+    _save_outputs(trainer, processor, out, run.lora, base_dir)
     if world > 1: torch.distributed.barrier()
-    summary = {"out": str(out), "steps": trainer.state.global_step, "train_loss": result.training_loss,
-               "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
-               "seconds": round(time.perf_counter() - t0, 2), "dataset": ds.summary(), "metrics": result.metrics}
-    log.info(f"stage {cfg.name}: {summary}")
-    return summary
+    res = TrainResult(out=str(out), steps=trainer.state.global_step, train_loss=result.training_loss,
+                      final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+                      seconds=round(time.perf_counter() - t0, 2), dataset=ds.summary(), metrics=result.metrics)
+    log.info(f"stage {cfg.name}: {res.to_json()}")
+    return res
 
 # %% ../nbs/06_train.ipynb #9dcfe145
-def _save_plain(model, processor, out):
-    "Save model and processor with `llavamed.model.save_model` when present, else `save_pretrained`."
-    try:
-        from llavamed.model import save_model
-        return save_model(model, processor, out)
-    except ImportError:
-        model.save_pretrained(out); processor.save_pretrained(out)
-
 def merge_lora(adapter: str | Path,  # folder with adapter_config.json (a LoRA stage's `out/adapter`)
                out: str | Path,  # folder for the merged plain checkpoint
                base: str | Path | None = None,  # base model folder (default: the adapter config's)
               ) -> Path:
     "Merge LoRA adapters into their base model and save a plain transformers checkpoint."
     from peft import PeftModel
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
     base = base or read_json(Path(adapter) / "adapter_config.json")["base_model_name_or_path"]
-    m = LlavaForConditionalGeneration.from_pretrained(str(base))
-    merged = PeftModel.from_pretrained(m, str(adapter)).merge_and_unload()
-    proc = AutoProcessor.from_pretrained(str(adapter))
-    _save_plain(merged, proc, str(out))
-    return Path(out)
+    model, _ = load_model(base, dtype="float32", device="cpu")
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return save_model(merged, AutoProcessor.from_pretrained(str(adapter)), out)

@@ -175,19 +175,35 @@ def test_stage_config_validation_names_fields(tmp_path):
     with pytest.raises(ValueError, match="StageConfig.lr"): T.StageConfig(lr=0)
     with pytest.raises(ValueError, match="StageConfig.warmup_ratio"): T.StageConfig(warmup_ratio=1.5)
     with pytest.raises(ValueError, match="per_device_batch_size 16 x 3 processes"): T.StageConfig().accumulation(3)
+    with pytest.raises(ValueError, match="RunConfig.grad_ckpt"): T.RunConfig(grad_ckpt="maybe")
+    with pytest.raises(ValueError, match="RunConfig.max_steps: expected int"): T.RunConfig(max_steps=2.5)
     for n, stage, lr, epochs in ((1, "align", 2e-3, 1), (2, "instruct", 2e-5, 3), (3, "finetune", 2e-5, 3)):
         rec = next((ROOT / "configs").glob(f"stage{n}_*.yaml"))
-        c = T.stage_config(rec)
+        c = T.StageConfig.load(rec)
         assert (c.name, c.lr, c.epochs, c.global_batch_size, c.warmup_ratio, c.weight_decay) == (stage, lr, epochs, 128, 0.03, 0)
         assert os.access(ROOT / "configs" / f"launch_stage{n}.sh", os.X_OK)
     for name, cfg in T.DEEPSPEED_CONFIGS.items():  # the shipped JSON files are these dicts
         assert json.loads((ROOT / "configs" / f"{name}.json").read_text()) == cfg
 
 
+def test_configs_are_written_from_the_presets():
+    "configs/ holds what scripts/write_configs.py writes; each recipe reads back as its preset stage."
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "write_configs.py"), "--check"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    for r in T.RECIPES:
+        assert T.StageConfig.load(ROOT / "configs" / f"{r.file}.yaml") == r.stage
+        launch = (ROOT / "configs" / f"launch_stage{r.file[5]}.sh").read_text()  # its defaults are the recipe's run
+        for var, value in (("MODEL", r.run.model), ("DATA", r.run.data), ("IMAGES", r.run.images), ("OUT", r.run.out),
+                           ("DS", r.run.deepspeed)):
+            assert f"{var}=${{{var}:-{value}}}" in launch, (r.file, var)
+        assert f"--stage configs/{r.file}.yaml" in launch and f"--num-workers {r.run.num_workers}" in launch
+
+
 def test_projector_gets_its_own_learning_rate(tiny, data, tmp_path):
     from transformers import TrainingArguments
     model, proc = tiny
-    cfg = T.stage_config("instruct", projector_lr=1e-3, per_device_batch_size=4, global_batch_size=4)
+    cfg = T.StageConfig.load("instruct", projector_lr=1e-3, per_device_batch_size=4, global_batch_size=4)
     T.set_trainable(model, cfg.train)
     args = TrainingArguments(str(tmp_path), learning_rate=cfg.lr, weight_decay=0.0, report_to=[], use_cpu=True)
     tr = T._trainer_class()(model=model, args=args, stage=cfg, train_dataset=T.SupervisedDataset(data, proc, data.parent / "images"),
@@ -202,11 +218,11 @@ def test_projector_gets_its_own_learning_rate(tiny, data, tmp_path):
 def test_align_then_instruct_frozen_parts_bit_identical(base_dir, data, tmp_path):
     from transformers import LlavaForConditionalGeneration
     base = LlavaForConditionalGeneration.from_pretrained(base_dir)
-    kw = dict(data=str(data), images=str(data.parent / "images"), max_steps=3, global_batch_size=4,
-              per_device_batch_size=4, num_workers=0, save_steps=100)
-    r1 = T.train("align", base_dir, out=str(tmp_path / "s1"), **kw)
+    kw = dict(data=str(data), images=str(data.parent / "images"), max_steps=3, num_workers=0, save_steps=100)
+    small = dict(global_batch_size=4, per_device_batch_size=4)
+    r1 = T.train(T.StageConfig.load("align", **small), T.RunConfig(model=base_dir, out=str(tmp_path / "s1"), **kw))
     s1 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "s1")
-    r2 = T.train("instruct", str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw)
+    r2 = T.train(T.StageConfig.load("instruct", **small), T.RunConfig(model=str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw))
     s2 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "s2")
     b, a1, a2 = _sd(base), _sd(s1), _sd(s2)
     for k in b:
@@ -221,16 +237,17 @@ def test_align_then_instruct_frozen_parts_bit_identical(base_dir, data, tmp_path
     sc = json.loads((tmp_path / "s1" / "stage_config.json").read_text())
     assert sc["train"] == ["projector"] and sc["template"] == "plain" and sc["trainable"].keys() == {"projector"}
     assert (tmp_path / "s2" / "chat_template.jinja").read_text() == TEMPLATES["mistral_instruct"]  # stage 1 kept the model's template
-    assert r1["steps"] == r2["steps"] == 3 and r2["final_loss"] == rows[-1]["loss"]
+    assert isinstance(r2, T.TrainResult) and r1.steps == r2.steps == 3 and r2.final_loss == rows[-1]["loss"]
+    assert r2.to_json()["dataset"]["kept"] == r2.dataset["kept"] == len(T.load_records(data))
     with pytest.raises(ValueError, match="already holds checkpoint-3"):
-        T.train("instruct", str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw)
+        T.train(T.StageConfig.load("instruct", **small), T.RunConfig(model=str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw))
 
 
 def test_lora_stage_merges_into_plain_checkpoint(base_dir, data, tmp_path):
     from transformers import LlavaForConditionalGeneration
-    kw = dict(data=str(data), images=str(data.parent / "images"), max_steps=2, global_batch_size=4,
-              per_device_batch_size=4, num_workers=0, save_steps=100, lr=1e-3, projector_lr=1e-3)
-    T.train("instruct", base_dir, out=str(tmp_path / "lora"), lora=True, **kw)
+    stage = T.StageConfig.load("instruct", global_batch_size=4, per_device_batch_size=4, lr=1e-3, projector_lr=1e-3)
+    T.train(stage, T.RunConfig(model=base_dir, data=str(data), images=str(data.parent / "images"), out=str(tmp_path / "lora"),
+                               lora=True, max_steps=2, num_workers=0, save_steps=100))
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
     base, merged = (_sd(LlavaForConditionalGeneration.from_pretrained(p)) for p in (base_dir, tmp_path / "lora"))
     assert base.keys() == merged.keys()  # a plain checkpoint: no lora_ or modules_to_save keys
@@ -293,7 +310,7 @@ def test_deepspeed_two_processes_match_single_process(single_curve, zero, tiny, 
     1e-5 leaves room for the all-reduce without hiding a wrong order, normalisation or update (each of those
     moves a loss by > 1e-3)."""
     ds = T.SupervisedDataset(data, tiny[1], data.parent / "images")  # the steps' records, as the trainer orders them
-    order = T.grouped_order(ds.lengths, ds.has_image, 4, 2, seed=T.stage_config("instruct").seed)
+    order = T.grouped_order(ds.lengths, ds.has_image, 4, 2, seed=T.StageConfig.load("instruct").seed)
     text_only = [not any(ds.has_image[i] for i in order[8 * k:8 * k + 8]) for k in range(4)]
     assert text_only[1] and not text_only[0] and not text_only[2], text_only  # the case the zero-gradient rule settles
     args, single = single_curve
