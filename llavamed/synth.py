@@ -8,16 +8,19 @@ Docs: https://llavamed.github.io/llavamed/synth.html.md"""
 # %% ../nbs/02c_synth.ipynb #7ad03b73
 from __future__ import annotations
 import functools, random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 import numpy as np
 from PIL import Image
-from .core import DOMAINS, GPT, HUMAN, IMAGE_TOKEN, Sample, Turn, read_json, read_jsonl, write_json, write_jsonl
-from .data import align_prompts, alignment_record
+from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Result, Sample, Turn, iter_records,
+                           iter_samples, write_json, write_jsonl)
+from .data import align_prompts, alignment_record, iter_caption_pairs
 
 # %% auto #0
 __all__ = ['FINDINGS', 'LABEL_HEADS', 'SPLITS', 'labels_of', 'finding_mask', 'render_figure', 'sample_findings', 'describe',
-           'caption', 'mention', 'detailed_description', 'facts', 'vqa_questions', 'caption_record', 'chat_questions',
-           'chat_benchmark', 'make_corpus', 'corpus_texts']
+           'caption', 'mention', 'detailed_description', 'facts', 'caption_record', 'figure_vqa_records',
+           'chat_questions', 'chat_benchmark', 'CorpusResult', 'make_corpus', 'corpus_texts']
 
 # %% ../nbs/02c_synth.ipynb #47f9483b
 FINDINGS: dict[str, dict[str, tuple[str, str, str, str]]] = {  # domain: {finding: (polarity, singular, plural, appearance)}
@@ -336,51 +339,68 @@ def facts(f: dict, rng: random.Random) -> list[dict]:
     return [{"question": q, "answer": a, "kind": k} for k, q, a in out]
 
 # %% ../nbs/02c_synth.ipynb #72dd51c5
-def _others(d: str) -> list[str]: return [o for o in DOMAINS if o != d]
+def _others(domain: str) -> list[str]: return [o for o in DOMAINS if o != domain]
 
-def vqa_questions(f: dict,  # a figure's findings
-                  rng: random.Random,  # the figure's random stream (templates, which kinds to ask)
-                  turn: dict[str, int],  # per-kind counters shared by a split: alternate yes/no answers
-                 ) -> list[tuple[str, str, str, str]]:
-    "(kind, answer_type, question, short answer) VQA questions about one figure."
-    w, c = describe(f), rng.choice
-    def yes(kind):
+_OPPOSITE = {"left": "right", "right": "left", "upper": "lower", "lower": "upper", "small": "large", "large": "small"}
+
+def _closed_wordings(kind: str, f: dict, words: dict, is_yes: bool) -> list[str]:
+    "Wordings of a closed finding/side/region/size question naming the true option (`is_yes`) or the wrong one."
+    verb, noun = words["be"].title(), words["noun"]
+    if kind == "finding":
+        other = next(k for k in FINDINGS[f["domain"]] if k != f["finding"])
+        name = FINDINGS[f["domain"]][f["finding"] if is_yes else other][1]
+        return [f"Is there {_a(name)} {name} in the image?", f"Does the image show {_a(name)} {name}?"]
+    option = f[kind] if is_yes else _OPPOSITE[f[kind]]
+    if kind == "side":
+        return [f"{verb} the {noun} on the {option} side?", f"{verb} the {noun} in the {option} half of the image?",
+                f"Is the abnormality on the {option} side of the image?"]
+    if kind == "region":
+        return [f"{verb} the {noun} in the {option} part of the image?", f"{verb} the {noun} located in the {option} half?"]
+    return [f"{verb} the {noun} {option}?", f"Is the abnormality {option}?"]
+
+def _open_detail(f: dict, words: dict, pick) -> tuple[str, str, str, str]:
+    "One open side/region/count/size question about an abnormal figure."
+    kind, verb, noun = pick(["side", "region", "count", "size"]), words["be"], words["noun"]
+    asked = {  # every entry draws its wording, whichever kind is asked: the corpus's random stream depends on it
+        "side": (pick(["On which side is the lesion?", f"Which side {verb} the {noun} on?"]), f["side"]),
+        "region": (pick(["Where is the lesion located?", f"In which quadrant {verb} the {noun}?"]),
+                   f"{f['region']} {f['side']}"),
+        "count": (pick(["How many lesions are there?", f"How many {words['plur']} are seen?"]),
+                  ("one", "two")[f["count"] - 1]),
+        "size": (pick(["What is the size of the lesion?", f"How big {verb} the {noun}?"]), f["size"])}
+    question, answer = asked[kind]
+    return kind, "OPEN", question, answer
+
+def _figure_questions(f: dict,  # a figure's findings
+                      rng: random.Random,  # the figure's random stream (templates, which kinds to ask)
+                      turn: dict[str, int],  # per-kind counters shared by a split: alternate yes/no answers
+                     ) -> list[tuple[str, str, str, str]]:
+    "(kind, answer_type, question, short answer) of each VQA question about one figure."
+    words, pick = describe(f), rng.choice
+    def answer_yes(kind: str) -> bool:
+        "Whether this figure's closed question of `kind` is a yes: yes and no alternate across a split."
         turn[kind] = turn.get(kind, 0) + 1
         return turn[kind] % 2 == 1
-    yn = lambda b: "yes" if b else "no"
-    if rng.random() < 1 / 3: q = ("presence", "CLOSED", c(["Is this image normal?", "Does this study look normal?"]), yn(not f["present"]))
-    else: q = ("presence", "CLOSED", c(["Is there an abnormality in this image?", "Is any lesion visible?",
-                                         "Does the image show a pathological finding?"]), yn(f["present"]))
-    y = yes("modality")
-    short = _MOD[f["domain"] if y else c(_others(f["domain"]))][0]
-    out = [q, ("modality", "CLOSED", c([f"Is this {_a(short)} {short}?", f"Is this image {_a(short)} {short}?"]), yn(y))]
+    yes_no = lambda b: "yes" if b else "no"
+    if rng.random() < 1 / 3:
+        presence = pick(["Is this image normal?", "Does this study look normal?"]), yes_no(not f["present"])
+    else:
+        presence = pick(["Is there an abnormality in this image?", "Is any lesion visible?",
+                         "Does the image show a pathological finding?"]), yes_no(f["present"])
+    is_yes = answer_yes("modality")
+    short = _MOD[f["domain"] if is_yes else pick(_others(f["domain"]))][0]
+    out = [("presence", "CLOSED", *presence),
+           ("modality", "CLOSED", pick([f"Is this {_a(short)} {short}?", f"Is this image {_a(short)} {short}?"]),
+            yes_no(is_yes))]
     if f["present"]:
-        be, n = w["be"].title(), w["noun"]
         for kind in rng.sample(["finding", "side", "region", "size"], 2):
-            y = yes(kind)
-            if kind == "finding":
-                s = FINDINGS[f["domain"]][f["finding"] if y else next(k for k in FINDINGS[f["domain"]] if k != f["finding"])][1]
-                qs = [f"Is there {_a(s)} {s} in the image?", f"Does the image show {_a(s)} {s}?"]
-            elif kind == "side":
-                s = f["side"] if y else {"left": "right", "right": "left"}[f["side"]]
-                qs = [f"{be} the {n} on the {s} side?", f"{be} the {n} in the {s} half of the image?", f"Is the abnormality on the {s} side of the image?"]
-            elif kind == "region":
-                s = f["region"] if y else {"upper": "lower", "lower": "upper"}[f["region"]]
-                qs = [f"{be} the {n} in the {s} part of the image?", f"{be} the {n} located in the {s} half?"]
-            else:
-                s = f["size"] if y else {"small": "large", "large": "small"}[f["size"]]
-                qs = [f"{be} the {n} {s}?", f"Is the abnormality {s}?"]
-            out.append((kind, "CLOSED", c(qs), yn(y)))
-    out.append(("modality", "OPEN", c(["What imaging modality is this?", "What type of image is shown?", "What modality is used?"]), w["modality"]))
-    out.append(("finding", "OPEN", c(["What abnormality is shown?", "What is the main finding in this image?", "What lesion is seen?"]),
-                f["finding"] if f["present"] else "none"))
-    if f["present"]:
-        kind = c(["side", "region", "count", "size"])
-        q, a = {"side": (c(["On which side is the lesion?", f"Which side {w['be']} the {n} on?"]), f["side"]),
-                "region": (c(["Where is the lesion located?", f"In which quadrant {w['be']} the {n}?"]), f"{f['region']} {f['side']}"),
-                "count": (c(["How many lesions are there?", f"How many {w['plur']} are seen?"]), ("one", "two")[f["count"] - 1]),
-                "size": (c(["What is the size of the lesion?", f"How big {w['be']} the {n}?"]), f["size"])}[kind]
-        out.append((kind, "OPEN", q, a))
+            is_yes = answer_yes(kind)
+            out.append((kind, "CLOSED", pick(_closed_wordings(kind, f, words, is_yes)), yes_no(is_yes)))
+    out.append(("modality", "OPEN", pick(["What imaging modality is this?", "What type of image is shown?",
+                                          "What modality is used?"]), words["modality"]))
+    out.append(("finding", "OPEN", pick(["What abnormality is shown?", "What is the main finding in this image?",
+                                         "What lesion is seen?"]), f["finding"] if f["present"] else "none"))
+    if f["present"]: out.append(_open_detail(f, words, pick))
     return out
 
 # %% ../nbs/02c_synth.ipynb #1299f72d
@@ -396,8 +416,21 @@ def caption_record(f: dict,  # a figure's findings
             "domain": {d: d == f["domain"] for d in DOMAINS}, "findings": dict(f), "facts": facts(f, rng)}
 
 # %% ../nbs/02c_synth.ipynb #143968ca
-def _with_image(q: str, rng: random.Random) -> str:
-    return f"{IMAGE_TOKEN}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE_TOKEN}"
+def _with_image(question: str, rng: random.Random) -> str:
+    "`question` with the image token before or after it, by a coin drawn from `rng`."
+    return f"{IMAGE_TOKEN}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_TOKEN}"
+
+# %% ../nbs/02c_synth.ipynb #1a937287
+def figure_vqa_records(f: dict,  # a figure's findings
+                       image: str,  # its image file name
+                       domain: dict[str, bool],  # its domain flags (as its caption record has them)
+                       rng: random.Random,  # the figure's random stream
+                       turn: dict[str, int],  # per-kind counters shared by a split: alternate yes/no answers
+                      ) -> list[dict]:
+    "The LLaVA VQA records of one figure: OPEN and CLOSED questions with their short answers."
+    return [Sample(id=f"{f['pair_id']}_q{j}", image=image, domain=domain, answer_type=answer_type, question_type=kind,
+                   conversations=[Turn(HUMAN, _with_image(question, rng)), Turn(GPT, answer)]).to_json()
+            for j, (kind, answer_type, question, answer) in enumerate(_figure_questions(f, rng, turn))]
 
 # %% ../nbs/02c_synth.ipynb #cb1ea990
 def chat_questions(rec: dict,  # a caption record
@@ -432,9 +465,31 @@ def chat_benchmark(recs: list[tuple[dict, str]],  # (caption record, image file 
 
 # %% ../nbs/02c_synth.ipynb #4c51dc32
 def _save(arr: np.ndarray, path: Path, fmt: str) -> None:
+    "Write an RGB array as JPEG (quality 92) or fast PNG."
     im = Image.fromarray(arr)
     if fmt == "jpg": im.save(path, "JPEG", quality=92)
     else: im.save(path, "PNG", compress_level=1)
+
+@dataclass
+class CorpusResult(Result):
+    "What `make_corpus` wrote: the folder and how many figures and records each file holds."
+    out: str  # the corpus folder
+    counts: dict[str, int]  # train_figures, test_figures, alignment, vqa_train, vqa_test, chat_eval
+    quiet: bool = False  # the command's --quiet: no text
+
+    def rows(self) -> list[tuple[str, Any]]:
+        "The counts, as (file or split, number) pairs."
+        return list(self.counts.items())
+
+    def __str__(self) -> str:
+        "'wrote OUT: train_figures N, test_figures N, ...' (empty when quiet)."
+        return "" if self.quiet else f"wrote {self.out}: " + ", ".join(f"{k} {v}" for k, v in self.counts.items())
+
+def _check_corpus_args(n_train: int, n_test: int, size: int, n_chat: int, fmt: str) -> None:
+    "A `ValueError` naming the first argument of `make_corpus` out of range."
+    for name, v, lo in (("n_train", n_train, 1), ("n_test", n_test, 1), ("size", size, 16), ("n_chat", n_chat, 0)):
+        if v < lo: raise ValueError(f"{name}={v}: must be >= {lo}")
+    if fmt not in ("jpg", "png"): raise ValueError(f"fmt={fmt!r}: expected 'jpg' or 'png'")
 
 def make_corpus(out: str = "synth_corpus",  # output folder (created; figures of an earlier run with other ids are removed)
                 n_train: int = 2000,  # training figures
@@ -444,58 +499,58 @@ def make_corpus(out: str = "synth_corpus",  # output folder (created; figures of
                 n_chat: int = 50,  # test figures in the conversation benchmark (4 questions each)
                 fmt: str = "jpg",  # image format: 'jpg' or 'png'
                 quiet: bool = False,  # no progress bar or summary
-               ) -> dict:
+               ) -> CorpusResult:
     "Render the synthetic corpus into `out` and write its captions, alignment, VQA, benchmark and labels."
     from tqdm.auto import tqdm
-    for name, v, lo in (("n_train", n_train, 1), ("n_test", n_test, 1), ("size", size, 16), ("n_chat", n_chat, 0)):
-        if v < lo: raise ValueError(f"{name}={v}: must be >= {lo}")
-    if fmt not in ("jpg", "png"): raise ValueError(f"fmt={fmt!r}: expected 'jpg' or 'png'")
-    out = Path(out); imgs = out / "images"; imgs.mkdir(parents=True, exist_ok=True)
-    figs = {s: sample_findings(n, seed, s) for s, n in (("train", n_train), ("test", n_test))}
-    keep = {f"{f['pair_id']}.{fmt}" for fl in figs.values() for f in fl}
-    for p in imgs.glob("SYN*_F*.*"):
+    _check_corpus_args(n_train, n_test, size, n_chat, fmt)
+    out = Path(out); images = out / "images"; images.mkdir(parents=True, exist_ok=True)
+    figures = {split: sample_findings(n, seed, split) for split, n in (("train", n_train), ("test", n_test))}
+    keep = {f"{f['pair_id']}.{fmt}" for split_figures in figures.values() for f in split_figures}
+    for p in images.glob("SYN*_F*.*"):
         if p.name not in keep: p.unlink()
-    caps = {d: [] for d in DOMAINS}; align, prompts = [], align_prompts()
-    vqa, labels, test_recs = {"train": [], "test": []}, {"train": {}, "test": {}}, []
-    for split, fl in figs.items():
+    captions, align, prompts = {d: [] for d in DOMAINS}, [], align_prompts()
+    vqa, labels, test_captions = {"train": [], "test": []}, {"train": {}, "test": {}}, []
+    for split, split_figures in figures.items():
         turn: dict[str, int] = {}
-        for f in tqdm(fl, desc=f"synth {split}", disable=quiet, mininterval=1):
+        for f in tqdm(split_figures, desc=f"synth {split}", disable=quiet, mininterval=1):
             image = f"{f['pair_id']}.{fmt}"
-            _save(render_figure(f, size, f["seed"]), imgs / image, fmt)
+            _save(render_figure(f, size, f["seed"]), images / image, fmt)
             rng = random.Random(f["seed"])
             rec = caption_record(f, rng)
             labels[split][f["pair_id"]] = labels_of(f)
             if split == "train":
-                caps[f["domain"]].append(rec); align.append(alignment_record({**rec, "image": image}, prompts, seed))
-            else: test_recs.append((rec, image))
-            for j, (kind, at, q, a) in enumerate(vqa_questions(f, rng, turn)):
-                vqa[split].append(Sample(id=f"{f['pair_id']}_q{j}", image=image, domain=rec["domain"], answer_type=at,
-                                         question_type=kind, conversations=[Turn(HUMAN, _with_image(q, rng)), Turn(GPT, a)]).to_json())
-    chat = chat_benchmark(test_recs, n_chat, seed)
-    write_json(out / "instruct_captions.json", caps); write_json(out / "alignment.json", align)
+                captions[f["domain"]].append(rec)
+                align.append(alignment_record({**rec, "image": image}, prompts, seed))
+            else: test_captions.append((rec, image))
+            vqa[split] += figure_vqa_records(f, image, rec["domain"], rng, turn)
+    chat = chat_benchmark(test_captions, n_chat, seed)
+    write_json(out / "instruct_captions.json", captions); write_json(out / "alignment.json", align)
     write_json(out / "vqa_train.json", vqa["train"]); write_json(out / "vqa_test.json", vqa["test"])
     write_jsonl(out / "chat_eval.jsonl", chat)
     write_json(out / "labels.json", labels["train"]); write_json(out / "labels_test.json", labels["test"])
     counts = {"train_figures": n_train, "test_figures": n_test, "alignment": len(align), "vqa_train": len(vqa["train"]),
               "vqa_test": len(vqa["test"]), "chat_eval": len(chat)}
-    write_json(out / "meta.json", {"seed": seed, "size": size, "format": fmt, "n_chat": n_chat, "counts": counts, "heads": LABEL_HEADS})
-    if not quiet: print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return counts
+    write_json(out / "meta.json", {"seed": seed, "size": size, "format": fmt, "n_chat": n_chat, "counts": counts,
+                                   "heads": LABEL_HEADS})
+    return CorpusResult(str(out), counts, quiet)
 
 # %% ../nbs/02c_synth.ipynb #778fb5ce
 def corpus_texts(path: str | Path,  # a folder written by `make_corpus`
                  include_test: bool = False,  # also read `vqa_test.json` and `chat_eval.jsonl`
                 ) -> list[str]:
     "All captions, inline mentions, facts, questions and answers of a synthetic corpus, as a list of strings."
-    d, texts = Path(path), []
+    folder, texts = Path(path), []
     strip = lambda t: t.replace(IMAGE_TOKEN, "").strip()
-    for recs in read_json(d / "instruct_captions.json").values():
-        for r in recs:
-            m = r["in_text_mention"]
-            texts += [r["fig_caption"], m if isinstance(m, str) else m["tokens"]]
-            texts += [t for x in r["facts"] for t in (x["question"], x["answer"])]
+    for _, rec, _ in iter_caption_pairs(folder / "instruct_captions.json"):
+        if isinstance(rec, RecordError): raise rec
+        mention = rec["in_text_mention"]
+        texts += [rec["fig_caption"], mention if isinstance(mention, str) else mention["tokens"]]
+        texts += [t for fact in rec["facts"] for t in (fact["question"], fact["answer"])]
     for name in ("alignment.json", "vqa_train.json") + (("vqa_test.json",) if include_test else ()):
-        if (d / name).exists(): texts += [strip(t["value"]) for r in read_json(d / name) for t in r["conversations"]]
-    if include_test and (d / "chat_eval.jsonl").exists():
-        texts += [t for r in read_jsonl(d / "chat_eval.jsonl") for t in (strip(r["text"]), r["gpt4_answer"])]
+        if (folder / name).exists():
+            texts += [strip(turn.text) for s in iter_samples(folder / name) for turn in s.conversations]
+    if include_test and (folder / "chat_eval.jsonl").exists():
+        for _, row in iter_records(folder / "chat_eval.jsonl"):
+            if isinstance(row, RecordError): raise row
+            texts += [strip(row["text"]), row["gpt4_answer"]]
     return texts

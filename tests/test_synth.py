@@ -93,7 +93,7 @@ def test_every_record_passes_the_schema(corpus):
             assert sum(s.domain.values()) == 1
         rep = validate_records(recs, images=corpus / "images", require_image=True)
         assert rep.ok, rep.summary()
-    assert validate_file(str(corpus / "vqa_test.json"), images=str(corpus / "images"), quiet=True) == 0
+    assert validate_file(str(corpus / "vqa_test.json"), images=str(corpus / "images"), quiet=True).exit_code == 0
     caps = read_json(corpus / "instruct_captions.json")
     assert list(caps) == list(DOMAINS)
     for d, recs in caps.items():
