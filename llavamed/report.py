@@ -7,16 +7,21 @@ Docs: https://llavamed.github.io/llavamed/report.html.md"""
 # %% ../nbs/07c_report.ipynb #77f63f15
 from __future__ import annotations
 import glob, time
+from dataclasses import dataclass
 from pathlib import Path
-from .core import DOMAINS, read_json, atomic_write, get_logger
+from .core import (DOMAINS, Result, atomic_write, fmt_num, get_logger, load_questions, pyplot, read_json,
+                           write_json)
+from .eval import Scores, align, group_scores, load_answers, score
+from .judge import JudgeSummary, judge
+from .predict import ABLATIONS, predict
 
 # %% auto #0
 __all__ = ['PAPER_VQA', 'PAPER_CHAT', 'PAPER_CHAT_MODELS', 'CHAT_COLUMNS', 'paper_dataset', 'load_inputs', 'vqa_table',
-           'ablation_deltas', 'paper_table', 'chat_table', 'plot_metrics', 'plot_deltas', 'plot_chat', 'report',
-           'vqa_eval']
+           'ablation_deltas', 'paper_table', 'chat_table', 'bar_chart', 'plot_metrics', 'plot_deltas', 'plot_chat',
+           'Report', 'report', 'Evaluation', 'evaluate']
 
 # %% ../nbs/07c_report.ipynb #b6b9c8fb
-PAPER_VQA = {  # model: {dataset: (open recall, closed accuracy)}, fine-tuned per dataset (REFERENCE.md section 6)
+PAPER_VQA = {  # model: {dataset: (open recall, closed accuracy)}, fine-tuned per dataset (the paper's VQA table)
     "LLaVA": {"VQA-RAD": (50.00, 65.07), "SLAKE": (78.18, 63.22), "PathVQA": (7.74, 63.20)},
     "LLaVA-Med (from LLaVA)": {"VQA-RAD": (61.52, 84.19), "SLAKE": (83.08, 85.34), "PathVQA": (37.95, 91.21)},
     "LLaVA-Med (from Vicuna)": {"VQA-RAD": (64.39, 81.98), "SLAKE": (84.71, 83.17), "PathVQA": (38.87, 91.65)},
@@ -55,14 +60,12 @@ def load_inputs(inputs: str | list[str],  # paths or globs, a list or one comma-
     return scores, judged
 
 # %% ../nbs/07c_report.ipynb #880a30f9
+_DELTA_KEYS = ("official open", "official closed", "strict open", "strict closed")
+
 def _modes(r: dict) -> dict[str, dict]:
     "A score result's per-mode metrics, whatever mode it was run in."
     if r.get("mode") == "all": return {m: r[m] for m in ("official", "strict") if m in r}
     return {r.get("mode", "official"): r}
-
-def _f(v, p: int = 2) -> str:
-    "A number with `p` decimals, '-' for none."
-    return "-" if v is None else f"{v:.{p}f}"
 
 # %% ../nbs/07c_report.ipynb #0c022970
 def vqa_table(scores: list[dict]) -> str:
@@ -71,9 +74,9 @@ def vqa_table(scores: list[dict]) -> str:
             "| open / closed questions | missing | data sha256 |\n|" + "---|" * 10)
     rows = []
     for r in scores:
-        m = _modes(r); o, s = m.get("official", {}), m.get("strict", {})
-        rows.append(f"| {r['dataset']} | {r.get('image_ablation', 'none')} | {r['decoding']} | {_f(o.get('open_recall'))} "
-                    f"| {_f(o.get('closed_accuracy'))} | {_f(s.get('open_recall'))} | {_f(s.get('closed_accuracy'))} "
+        by_mode = _modes(r); official, strict = by_mode.get("official", {}), by_mode.get("strict", {})
+        nums = " | ".join(fmt_num(m.get(k), 2) for m in (official, strict) for k in ("open_recall", "closed_accuracy"))
+        rows.append(f"| {r['dataset']} | {r.get('image_ablation', 'none')} | {r['decoding']} | {nums} "
                     f"| {r['n_open']} / {r['n_closed']} | {r['n_missing']} | `{r['gt_sha256'][:12]}` |")
     return "\n".join([head] + rows)
 
@@ -102,7 +105,7 @@ def paper_table(scores: list[dict]) -> str:
         ds = paper_dataset(r["gt"]) or paper_dataset(r["dataset"])
         o = _modes(r).get("official")
         if ds is None or o is None or r.get("image_ablation", "none") != "none": continue
-        rows.append(f"| {ds} | this run ({r['decoding']}) | {_f(o['open_recall'])} | {_f(o['closed_accuracy'])} |")
+        rows.append(f"| {ds} | this run ({r['decoding']}) | {fmt_num(o['open_recall'], 2)} | {fmt_num(o['closed_accuracy'], 2)} |")
         rows += [f"| {ds} | paper: {m} | {v[ds][0]:.2f} | {v[ds][1]:.2f} |" for m, v in PAPER_VQA.items()]
     if not rows: return ""
     return "| dataset | model | open (recall) | closed (accuracy) |\n|---|---|---|---|\n" + "\n".join(rows)
@@ -119,137 +122,210 @@ def chat_table(judged: list[dict]) -> str:
     rows = []
     for j in judged:
         g = j["groups"]
-        rows.append(f"| {j['judge']} | {Path(j['answers']).name} | " + " | ".join(_f(g.get(c, {}).get("relative_score"), 1) for c in CHAT_COLUMNS)
-                    + f" | {_f(g['overall']['ratio_of_means'], 1)} | {j['n_unparsed']} | {_f(j.get('position_effect'))} |")
+        rel = " | ".join(fmt_num(g.get(c, {}).get("relative_score")) for c in CHAT_COLUMNS)
+        rows.append(f"| {j['judge']} | {Path(j['answers']).name} | {rel} | {fmt_num(g['overall']['ratio_of_means'])} "
+                    f"| {j['n_unparsed']} | {fmt_num(j.get('position_effect'), 2)} |")
     if any("proxy" not in j["judge"] for j in judged):
-        rows.append("| paper (GPT-4 judge): LLaVA-Med 60K-IM | - | " + " | ".join(f"{PAPER_CHAT[c]:.1f}" for c in CHAT_COLUMNS) + " | - | - | - |")
+        paper = " | ".join(f"{PAPER_CHAT[c]:.1f}" for c in CHAT_COLUMNS)
+        rows.append(f"| paper (GPT-4 judge): LLaVA-Med 60K-IM | - | {paper} | - | - | - |")
     return "\n".join([head] + rows)
 
 # %% ../nbs/07c_report.ipynb #ffd93116
-def _plt():
-    "matplotlib.pyplot on the Agg backend (no display needed)."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-def _bars(ax, labels, series: dict[str, list], ylabel: str):
-    "Grouped bars: one group per label, one bar per series (None drawn as 0)."
-    import numpy as np
-    x, w = np.arange(len(labels)), 0.8 / max(1, len(series))
+def bar_chart(labels: list[str],  # one group of bars per label
+              series: dict[str, list],  # {legend name: one value per label (None: no bar)}
+              path: str | Path,  # the PNG to write
+              ylabel: str,  # the y axis's label
+              title: str,  # the chart's title
+              ref: float | None = None,  # draw a dashed line at this value (e.g. chance)
+             ) -> Path:
+    "Write a grouped bar chart to a PNG, values printed on the bars; returns its path."
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(labels) + 2), 3.6))
+    width = 0.8 / max(1, len(series))
     for i, (name, vals) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * w, [v if v is not None else 0 for v in vals], w, label=name)
-    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8); ax.set_ylabel(ylabel); ax.legend(fontsize=8)
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(labels))]
+        bars = ax.bar(xs, [v or 0 for v in vals], width, label=name)
+        for bar, v in zip(bars, vals):
+            if v is not None: ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                                          va="bottom" if v >= 0 else "top", fontsize=7)
+    if ref is not None: ax.axhline(ref, color="grey", lw=0.8, ls="--")
     ax.axhline(0, color="black", lw=0.5)
+    values = [v for vs in series.values() for v in vs if v is not None] + [ref or 0, 0]
+    low, high = min(values), max(values)
+    span = high - low or 1
+    ax.set_ylim(low - 0.1 * span if low < 0 else 0, high + 0.35 * span)  # head room: the legend sits above the bars
+    ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=15 if len(labels) > 4 else 0)
+    ax.set(ylabel=ylabel, title=title); ax.grid(axis="y", alpha=.3)
+    ax.legend(fontsize=7, ncol=min(len(series), 4), loc="upper center")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
 
+# %% ../nbs/07c_report.ipynb #4a2c7d79
 def plot_metrics(scores: list[dict], path: Path) -> Path:
     "Bars of open and closed numbers per run, official and strict modes side by side."
-    plt = _plt()
     labels = [f"{r['dataset']} ({r.get('image_ablation', 'none')})" for r in scores]
     series = {f"{m} {s}": [_modes(r).get(m, {}).get(k) for r in scores]
               for m in ("official", "strict") for s, k in (("open", "open_recall"), ("closed", "closed_accuracy"))}
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels)), 3.6))
-    _bars(ax, labels, series, "percent"); ax.set_title("VQA metrics by dataset and mode")
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
-    return path
+    return bar_chart(labels, series, path, "percent", "VQA metrics by dataset and mode")
 
 def plot_deltas(deltas: list[dict], path: Path) -> Path:
     "Bars of the change each image ablation causes (points against the run that sees the images)."
-    plt = _plt()
     labels = [f"{d['dataset']} {d['ablation']}" for d in deltas]
-    keys = [k for k in ("official open", "official closed", "strict open", "strict closed") if any(k in d for d in deltas)]
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels)), 3.6))
-    _bars(ax, labels, {k: [d.get(k) for d in deltas] for k in keys}, "change (points)")
-    ax.set_title("Image ablations: change against the real image")
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
-    return path
+    keys = [k for k in _DELTA_KEYS if any(k in d for d in deltas)]
+    return bar_chart(labels, {k: [d.get(k) for d in deltas] for k in keys}, path, "change (points)",
+                     "Image ablations: change against the real image")
 
 def plot_chat(judged: list[dict], path: Path) -> Path:
     "Bars of relative scores per benchmark group, one series per judge summary (plus the paper's, for LLM judges)."
-    plt = _plt()
     series = {f"{Path(j['answers']).stem} [{'PROXY' if 'proxy' in j['judge'] else j['judge']}]":
               [j["groups"].get(c, {}).get("relative_score") for c in CHAT_COLUMNS] for j in judged}
     if any("proxy" not in j["judge"] for j in judged): series["paper 60K-IM (GPT-4)"] = [PAPER_CHAT[c] for c in CHAT_COLUMNS]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    _bars(ax, [_CHAT_NAMES[c] for c in CHAT_COLUMNS], series, "relative score")
-    ax.set_title("Conversation benchmark: relative score by type and domain")
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
-    return path
+    return bar_chart([_CHAT_NAMES[c] for c in CHAT_COLUMNS], series, path, "relative score",
+                     "Conversation benchmark: relative score by type and domain")
 
 # %% ../nbs/07c_report.ipynb #6efd11f8
+@dataclass
+class Report(Result):
+    "What `report` wrote: the Markdown page and its figures."
+    report: str  # the Markdown file
+    figures: dict  # {figure name: PNG file}
+    n_scores: int  # score results on the page
+    n_judged: int  # judge summaries on the page
+
+    def __str__(self) -> str:
+        "One line naming what was written."
+        return f"wrote {self.report} and {len(self.figures)} figure(s)"
+
+_VQA_ABOUT = ("Open = mean token recall over open questions; closed = accuracy over closed questions. *Official* "
+              "reproduces LLaVA-Med v1.0's scorer (substring hits: a reference 'no' counts as found in 'nodule'; "
+              "recall counts repeated words); *strict* uses first yes/no word and set-based recall. Answers are "
+              "paired with questions by id.")
+_CHAT_ABOUT = ("Relative score = mean over questions of (model score / reference score) x 100. Rows judged by the "
+               "offline *proxy* judge (word overlap with the caption) are not comparable with the paper's GPT-4 "
+               "judged numbers, which are shown only beside LLM judges. Position effect = how many more points the "
+               "model gains over the reference when its answer is shown first (judged in both orders).")
+
+def _vqa_section(scores: list[dict], out: Path, figs: dict) -> list[str]:
+    "The report's VQA section (tables, ablation deltas, the paper's rows); its figures go into `figs`."
+    figs["metrics"] = plot_metrics(scores, out / "vqa_metrics.png")
+    md = ["## Medical VQA", "", _VQA_ABOUT, "", vqa_table(scores), "", "![VQA metrics](vqa_metrics.png)", ""]
+    deltas = ablation_deltas(scores)
+    if deltas:
+        keys = [k for k in _DELTA_KEYS if any(k in d for d in deltas)]
+        md += ["### Image ablations", "", "Change in points against the same model seeing the real images; a model "
+               "that uses the image loses points.", "", "| dataset | ablation | " + " | ".join(keys) + " |",
+               "|" + "---|" * (2 + len(keys))]
+        md += [f"| {d['dataset']} | {d['ablation']} | " + " | ".join(fmt_num(d.get(k), 2) for k in keys) + " |"
+               for d in deltas]
+        figs["ablations"] = plot_deltas(deltas, out / "ablation_deltas.png")
+        md += ["", "![Ablation deltas](ablation_deltas.png)", ""]
+    pt = paper_table(scores)
+    if pt: md += ["### Against the paper", "", "The paper's rows are fine-tuned per dataset and sampled at "
+                  "temperature 0.7 (official mode).", "", pt, ""]
+    return md
+
 def report(inputs: str = None,  # score results and judge summaries: paths or globs, comma-separated
            out: str = "eval_report",  # output folder: report.md and the PNG figures
            title: str = "llavamed evaluation",  # the report's heading
-          ) -> dict:
-    "Write a Markdown report with figures from score results and judge summaries; returns the paths written."
+          ) -> Report:
+    "Write a Markdown report with figures from score results and judge summaries."
     if not inputs: raise ValueError("report needs --inputs (score JSON from `llavamed score --out`, judge .summary.json)")
     scores, judged = load_inputs(inputs)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     md, figs = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from "
                 f"{len(scores)} score result(s) and {len(judged)} judge summary(ies).", ""], {}
-    if scores:
-        md += ["## Medical VQA", "", "Open = mean token recall over open questions; closed = accuracy over closed "
-               "questions. *Official* reproduces LLaVA-Med v1.0's scorer (substring hits: a reference 'no' counts as "
-               "found in 'nodule'; recall counts repeated words); *strict* uses first yes/no word and set-based "
-               "recall. Answers are paired with questions by id.", "", vqa_table(scores), ""]
-        figs["metrics"] = plot_metrics(scores, out / "vqa_metrics.png")
-        md += ["![VQA metrics](vqa_metrics.png)", ""]
-        deltas = ablation_deltas(scores)
-        if deltas:
-            keys = [k for k in ("official open", "official closed", "strict open", "strict closed") if any(k in d for d in deltas)]
-            md += ["### Image ablations", "", "Change in points against the same model seeing the real images; a model "
-                   "that uses the image loses points.", "", "| dataset | ablation | " + " | ".join(keys) + " |",
-                   "|" + "---|" * (2 + len(keys))]
-            md += [f"| {d['dataset']} | {d['ablation']} | " + " | ".join(_f(d.get(k)) for k in keys) + " |" for d in deltas]
-            figs["ablations"] = plot_deltas(deltas, out / "ablation_deltas.png")
-            md += ["", "![Ablation deltas](ablation_deltas.png)", ""]
-        pt = paper_table(scores)
-        if pt: md += ["### Against the paper", "", "The paper's rows are fine-tuned per dataset and sampled at "
-                      "temperature 0.7 (official mode).", "", pt, ""]
+    if scores: md += _vqa_section(scores, out, figs)
     if judged:
-        md += ["## Conversation benchmark", "", "Relative score = mean over questions of (model score / reference "
-               "score) x 100. Rows judged by the offline *proxy* judge (word overlap with the caption) are not "
-               "comparable with the paper's GPT-4 judged numbers, which are shown only beside LLM judges. Position effect = how "
-               "many more points the model gains over the reference when its answer is shown first (judged in both orders).", "",
-               chat_table(judged), ""]
         figs["chat"] = plot_chat(judged, out / "chat_relative_scores.png")
-        md += ["![Relative scores](chat_relative_scores.png)", ""]
+        md += ["## Conversation benchmark", "", _CHAT_ABOUT, "", chat_table(judged), "",
+               "![Relative scores](chat_relative_scores.png)", ""]
     with atomic_write(out / "report.md") as f: f.write("\n".join(md))
-    print(f"wrote {out / 'report.md'} and {len(figs)} figure(s)")
-    return {"report": str(out / "report.md"), **{k: str(v) for k, v in figs.items()}}
+    return Report(str(out / "report.md"), {k: str(v) for k, v in figs.items()}, len(scores), len(judged))
 
 # %% ../nbs/07c_report.ipynb #d13cc140
-def vqa_eval(model: str,  # saved model directory
-             data: str,  # VQA file with reference answers
-             images: str,  # image folder
-             out: str,  # folder for answers, scores and the report
+_GROUP_FILES = {"domain": "per_domain", "question_type": "per_kind"}  # `Question` field: file name stem
+
+@dataclass
+class Evaluation(Result):
+    "What `evaluate` produced: each image ablation's scores and per-group numbers, the judged benchmark, the report."
+    out: str  # the folder holding every file
+    scores: dict  # {image ablation: `Scores`}
+    groups: dict  # {image ablation: {'domain' | 'question_type': {mode: {group: numbers}}}}
+    chat: JudgeSummary | None = None  # the proxy-judged conversation benchmark, when one was given
+    report: Report | None = None  # the report, when written
+
+    def rows(self) -> list[tuple[str, str]]:
+        "One row per ablation (closed and open, both modes), then the benchmark's overall relative score."
+        rows = []
+        for abl, s in self.scores.items():
+            rows.append((f"VQA, image ablation {abl}", "; ".join(
+                f"{m} closed {fmt_num(v['closed_accuracy'], 2)}, open {fmt_num(v['open_recall'], 2)}"
+                for m, v in s.metrics.items())))
+        if self.chat: rows.append(("benchmark relative score (proxy judge)",
+                                   fmt_num(self.chat.groups["overall"]["relative_score"])))
+        if self.report: rows.append(("report", f"{Path(self.report.report).name} and {len(self.report.figures)} figure(s)"))
+        return rows
+
+    def to_json(self) -> dict:
+        "Every part as the JSON its own command writes."
+        return {"out": self.out, "scores": {a: s.to_json() for a, s in self.scores.items()}, "groups": self.groups,
+                "chat": self.chat.to_json() if self.chat else None, "report": self.report.to_json() if self.report else None}
+
+# %% ../nbs/07c_report.ipynb #3d4ee8cf
+def _evaluate_vqa(data: Path, out: Path, ablation: str, groups: tuple, name: str | None, answer) -> tuple:
+    "Answer `data` under one image ablation, score it in both modes and per group: (Scores, groups)."
+    answers = out / f"answers_{ablation}.jsonl"
+    answer(data, answers, ablation)
+    res = score(str(answers), str(data), mode="all", out=str(out / f"scores_{ablation}.json"), name=name)
+    (out / f"scores_{ablation}.txt").write_text(str(res) + "\n", encoding="utf-8")
+    pairs, _ = align(load_questions(data, need_answer=True), load_answers(answers))
+    by_group = {by: {m: group_scores(pairs, by, m) for m in ("official", "strict")} for by in groups}
+    for by, numbers in by_group.items(): write_json(out / f"{_GROUP_FILES[by]}_{ablation}.json", numbers)
+    return res, by_group
+
+def evaluate(model: str = None,  # saved model directory
+             data: str = None,  # VQA file with reference answers (None: no VQA)
+             images: str = None,  # image folder (default: the folder of `data`, else of `chat`)
+             out: str = "eval_out",  # folder for answers, scores, reviews and the report
              ablations: str = "none,blank",  # image ablations to run, comma-separated (none, blank, noise, shuffle)
-             name: str | None = None,  # the dataset's name in the report
+             groups: str = "domain,question_type",  # also score per these question fields, comma-separated ('' none)
+             chat: str = None,  # also answer this conversation-benchmark JSONL and judge it (offline proxy judge)
+             name: str = None,  # the VQA dataset's name in the report (default: its folder and stem)
              batch_size: int = 16,  # questions per generation batch
-             max_new_tokens: int = 32,  # most tokens per answer
-             prompt_suffix: str | None = None,  # text appended to each question
-             chat: str | None = None,  # also judge this conversation-benchmark file (offline proxy judge)
-             **kw,  # more `predict` options (device, dtype, do_sample, ...)
-            ) -> dict:
-    "Predict with each image ablation, score in both modes, (proxy-)judge the benchmark, write the report."
-    import contextlib, io
-    from llavamed.predict import predict
-    from llavamed.eval import score
+             max_new_tokens: int = 32,  # most tokens per VQA answer
+             chat_max_new_tokens: int = 64,  # most tokens per benchmark answer
+             prompt_suffix: str = None,  # text appended to each VQA question, e.g. 'Answer with one word.'
+             seed: int = 0,  # seed of noise images, the shuffle and sampling
+             device: str = None,  # 'cpu', 'cuda', ... (default: the best available)
+             dtype: str = None,  # 'bfloat16', 'float32', ... (default: the device's best)
+             write_report: bool = True,  # write report.md and its figures into `out`
+             title: str = "llavamed evaluation",  # the report's heading
+             progress: bool = True,  # show progress bars
+            ) -> Evaluation:
+    "Predict with each image ablation, score in both modes and per group, proxy-judge the benchmark, write the report."
+    if not model or not (data or chat): raise ValueError("evaluate needs --model and --data and/or --chat")
+    abls = [a.strip() for a in ablations.split(",") if a.strip()]
+    bad = [a for a in abls if a not in ABLATIONS] + [g for g in groups.split(",") if g and g not in _GROUP_FILES]
+    if bad: raise ValueError(f"evaluate: unknown ablations or groups {bad}; ablations are {ABLATIONS}, "
+                             f"groups {tuple(_GROUP_FILES)}")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    res, inputs = {"scores": {}}, []
-    for abl in [a.strip() for a in ablations.split(",") if a.strip()]:
-        ans = out / f"answers_{abl}.jsonl"
-        predict(model, data, images, str(ans), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                image_ablation=abl, prompt_suffix=prompt_suffix, **kw)
-        with contextlib.redirect_stdout(io.StringIO()):
-            res["scores"][abl] = score(str(ans), data, mode="all", out=str(out / f"score_{abl}.json"), name=name)
-        inputs.append(str(out / f"score_{abl}.json"))
+    images = images or str(Path(data or chat).parent)
+
+    def answer(questions, answers, ablation, tokens=max_new_tokens, suffix=prompt_suffix):
+        "Answer a question file with the model (resuming `answers`)."
+        return predict(str(model), str(questions), images, str(answers), batch_size=batch_size, max_new_tokens=tokens,
+                       image_ablation=ablation, prompt_suffix=suffix, seed=seed, device=device, dtype=dtype,
+                       progress=progress)
+    res = Evaluation(str(out), {}, {})
+    for abl in abls if data else []:
+        res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, tuple(g for g in groups.split(",") if g),
+                                                         name, answer)
     if chat:
-        from llavamed.judge import judge
-        ans = out / "chat_answers.jsonl"
-        predict(model, chat, images, str(ans), batch_size=batch_size, max_new_tokens=max(64, max_new_tokens), **kw)
-        with contextlib.redirect_stdout(io.StringIO()):
-            res["chat"] = judge(chat, str(ans), str(out / "chat_reviews.jsonl"), judge="overlap")
-        inputs.append(str(out / "chat_reviews.summary.json"))
-    res.update(report(",".join(inputs), out=str(out)))
+        answer(chat, out / "chat_answers.jsonl", "none", chat_max_new_tokens, None)
+        res.chat = judge(str(chat), str(out / "chat_answers.jsonl"), str(out / "chat_reviews.jsonl"), judge="overlap")
+    if write_report:
+        inputs = [str(out / f"scores_{a}.json") for a in res.scores] + ([str(out / "chat_reviews.summary.json")] if chat else [])
+        res.report = report(inputs, out=str(out), title=title)
     return res

@@ -353,14 +353,17 @@ def test_predict_ablations_change_the_image(tiny, tmp_path):
     assert len(_rows(tmp_path / "bl.jsonl")) == 8
 
 @pytest.mark.slow
-def test_vqa_eval_writes_report_with_blank_ablation(tiny, tmp_path):
-    from llavamed.report import vqa_eval
-    res = vqa_eval(str(tiny / "model"), str(tiny / "test8.json"), str(tiny / "corpus" / "images"), str(tmp_path / "ev"),
+def test_evaluate_writes_report_with_blank_ablation(tiny, tmp_path):
+    from llavamed.report import evaluate
+    res = evaluate(str(tiny / "model"), str(tiny / "test8.json"), str(tiny / "corpus" / "images"), str(tmp_path / "ev"),
                    ablations="none,blank", batch_size=8, max_new_tokens=2, chat=str(tiny / "corpus" / "chat_eval.jsonl"),
                    progress=False)
-    text = Path(res["report"]).read_text()
+    text = Path(res.report.report).read_text()
     assert "| none |" in text and "| blank |" in text and "### Image ablations" in text and "proxy" in text
-    assert set(res["scores"]) == {"none", "blank"} and res["scores"]["none"]["n_missing"] == 0
+    assert set(res.scores) == {"none", "blank"} and res.scores["none"].pairing["n_missing"] == 0
+    for f in ("per_domain_none.json", "per_kind_blank.json", "chat_reviews.summary.json", "scores_blank.txt"):
+        assert (tmp_path / "ev" / f).exists(), f
+    assert res.chat.n_questions == len(load_questions(tiny / "corpus" / "chat_eval.jsonl"))
 
 def test_details_file_has_every_scored_question(files, tmp_path):
     score(*files, mode="all", details=str(tmp_path / "d.jsonl"))
