@@ -81,8 +81,8 @@ def main():
                   + (f"; final reasons: {dict(final)}" if final else ""))
             print(f"    output: {len(out_ids)} records, duplicated ids: {len(out_ids) - len(set(out_ids))}; "
                   f"checkpoint lines: {raw_lines} for {len(ck)} captions")
-            print(f"    requests {st['requests']} = {st['requests'] / a.n:.2f}/caption; retries {rep['run']['retries']}; "
-                  f"failed attempts by reason: {rep['run']['reasons']}")
+            print(f"    requests {st['requests']} = {st['requests'] / a.n:.2f}/caption; retries {rep.run['retries']}; "
+                  f"failed attempts by reason: {rep.run['reasons']}")
 
         # 3. SIGKILL halfway, rerun
         out = tmp / "kill.jsonl"

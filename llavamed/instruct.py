@@ -6,19 +6,20 @@ Docs: https://llavamed.github.io/llavamed/instruct.html.md"""
 
 # %% ../nbs/04_instruct.ipynb #e513c0b0
 from __future__ import annotations
-import json, random, re
+import random, re
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Sample, asset_path, domain_flags,
-                           get_logger, primary_domain, read_json, read_jsonl, write_json, write_jsonl)
+from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Result, Sample, asset_path, domain_flags,
+                           get_logger, primary_domain, write_json, write_jsonl)
+from .data import iter_caption_pairs
 from .client import ChatClient, Reply, load_checkpoint, run_chat_requests
 
 # %% auto #0
 __all__ = ['log', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts', 'format_target', 'format_conversation',
            'build_messages', 'split_turns', 'load_rules', 'clean_pairs', 'to_record', 'record_problems',
-           'TemplateTeacher', 'sidecar_path', 'build_output', 'self_instruct']
+           'TemplateTeacher', 'sidecar_path', 'build_output', 'InstructReport', 'self_instruct']
 
 # %% ../nbs/04_instruct.ipynb #f47e494a
 log = get_logger("instruct")
@@ -27,20 +28,18 @@ log = get_logger("instruct")
 def load_captions(path: str | Path,  # teacher input: JSON dict keyed by domain, JSON list, or JSONL
                  ) -> list[dict]:
     "Figure records with `pair_id`, `fig_caption` and `domain` flags; a record missing either raises `RecordError`."
-    path = Path(path)
-    data = list(read_jsonl(path)) if path.suffix == ".jsonl" else read_json(path)
-    groups = data.items() if isinstance(data, dict) else [(None, data)]
-    out, seen = [], set()
-    for key, recs in groups:
-        for i, r in enumerate(recs):
-            where = f"{key}[{i}]" if key else i + 1
-            if not isinstance(r, dict): raise RecordError(path, where, f"expected an object, got {type(r).__name__}")
-            for k in ("pair_id", "fig_caption"):
-                if not r.get(k): raise RecordError(path, where, f"record has no {k!r}")
-            pid = str(r["pair_id"])
-            if pid in seen: raise RecordError(path, where, f"duplicate pair_id {pid!r}")
-            seen.add(pid)
-            out.append({**r, "pair_id": pid, "domain": domain_flags(r.get("domain"), key)})
+    out, seen, position = [], set(), Counter()  # position: records seen so far under each domain key
+    for line, rec, key in iter_caption_pairs(path):
+        if isinstance(rec, RecordError): raise rec
+        where = f"{key}[{position[key]}]" if key else line
+        position[key] += 1
+        if not isinstance(rec, dict): raise RecordError(path, where, f"expected an object, got {type(rec).__name__}")
+        for k in ("pair_id", "fig_caption"):
+            if not rec.get(k): raise RecordError(path, where, f"record has no {k!r}")
+        pair_id = str(rec["pair_id"])
+        if pair_id in seen: raise RecordError(path, where, f"duplicate pair_id {pair_id!r}")
+        seen.add(pair_id)
+        out.append({**rec, "pair_id": pair_id, "domain": domain_flags(rec.get("domain"), key)})
     return out
 
 # %% ../nbs/04_instruct.ipynb #72767968
@@ -274,9 +273,41 @@ def build_output(records: list[dict], checkpoint: str | Path, out: str | Path, r
             "rule_hits": dict(hits), "samples_dropped": dict(dropped)}
 
 # %% ../nbs/04_instruct.ipynb #8a011c75
+@dataclass
+class InstructReport(Result):
+    "What a `self_instruct` run did: the teacher, the runner's counts and cost, what cleaning kept and dropped."
+    teacher: str  # 'template' or 'openai:MODEL'
+    prompt: str  # the prompt template's version
+    figures: int  # figures asked about
+    run: dict  # the runner's counts: done, failed, unparsed, skipped, requests, retries, tokens, cost, seconds
+    records: int  # instruction records written
+    status: dict[str, int]  # figures by checkpoint status (done, failed, unparsed, missing)
+    pairs_in: int  # question-answer pairs in the parsed replies
+    pairs_out: int  # pairs kept after cleaning
+    rule_hits: dict[str, int]  # hits per cleaning rule ('drop:NAME', 'strip:NAME')
+    samples_dropped: dict[str, int]  # figures that made no record, by reason
+    out: str = ""  # the records file
+    run_summary: str = ""  # the runner's one-line summary
+    quiet: bool = False  # the command's --quiet: no text
+
+    def __str__(self) -> str:
+        "Two lines: the records written with the run's summary, then what cleaning kept (empty when quiet)."
+        if self.quiet: return ""
+        return (f"{self.records} records -> {self.out} ({self.run_summary})\n"
+                f"cleaning: {self.pairs_out}/{self.pairs_in} question-answer pairs kept; rule hits: "
+                f"{self.rule_hits or 'none'}; samples dropped: {self.samples_dropped or 'none'}")
+
+def _teacher(name: str | None, records: list[dict], seed: int, model: str | None, **client_args):
+    "The teacher to ask: the template teacher (default when every record has facts) or an OpenAI-compatible model."
+    name = name or ("template" if all(r.get("facts") for r in records) else "openai")
+    if name == "template": return TemplateTeacher(records, seed=seed)
+    if name != "openai": raise ValueError(f"self_instruct: teacher={name!r}, expected 'openai' or 'template'")
+    if not model: raise ValueError("self_instruct: --model is required for the openai teacher")
+    return ChatClient(model, **client_args)
+
 def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (official layout), JSON list or JSONL
                   out: str = None,  # JSONL of cleaned LLaVA instruction records; raw replies go to OUT.raw.jsonl
-                  teacher: str = None,  # 'openai' or 'template' (default: template when every record has 'facts', else openai)
+                  teacher: str = None,  # 'openai' or 'template' (default: template when every record has 'facts')
                   base_url: str = None,  # OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)
                   model: str = None,  # teacher model or deployment name (openai teacher)
                   api_key_env: str = "OPENAI_API_KEY",  # environment variable that holds the API key
@@ -294,32 +325,24 @@ def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (
                   prompt: str = "v1",  # prompt template version (or a .yaml path)
                   rules: str = "v1",  # cleaning rules version (or a .yaml path)
                   quiet: bool = False,  # no progress bar or summary
-                 ) -> dict:
+                 ) -> InstructReport:
     "Have a teacher write conversations about figure captions; write cleaned LLaVA instruction records to `out`."
     if not captions or not out: raise ValueError("self_instruct: both --captions and --out are required")
-    cap_path, out = Path(captions), Path(out)
-    records = round_robin(load_captions(cap_path), limit)
-    has_facts = all(r.get("facts") for r in records)
-    teacher = teacher or ("template" if has_facts else "openai")
-    if teacher == "template": client = TemplateTeacher(records, seed=seed)
-    elif teacher == "openai":
-        if not model: raise ValueError("self_instruct: --model is required for the openai teacher")
-        client = ChatClient(model, base_url=base_url, api_key_env=api_key_env, temperature=temperature,
-                            max_tokens=max_tokens, timeout=timeout)
-    else: raise ValueError(f"self_instruct: teacher={teacher!r}, expected 'openai' or 'template'")
-    pr = load_prompt(prompt)
-    meta = {"prompt": pr["version"], "inline_mentions": inline_mentions}
-    reqs = [{"id": r["pair_id"], "messages": build_messages(r, pr, inline_mentions), "meta": meta} for r in records]
-    ckpt = sidecar_path(out)
-    stats = run_chat_requests(client, reqs, ckpt, concurrency=concurrency, max_attempts=max_attempts,
+    captions, out = Path(captions), Path(out)
+    records = round_robin(load_captions(captions), limit)
+    client = _teacher(teacher, records, seed, model, base_url=base_url, api_key_env=api_key_env,
+                      temperature=temperature, max_tokens=max_tokens, timeout=timeout)
+    template = load_prompt(prompt)
+    meta = {"prompt": template["version"], "inline_mentions": inline_mentions}
+    requests = [{"id": r["pair_id"], "messages": build_messages(r, template, inline_mentions), "meta": meta}
+                for r in records]
+    checkpoint = sidecar_path(out)
+    stats = run_chat_requests(client, requests, checkpoint, concurrency=concurrency, max_attempts=max_attempts,
                               parse=lambda t: [list(p) for p in split_turns(t)], backoff=backoff,
                               price_prompt=price_prompt, price_completion=price_completion, seed=seed,
                               progress=not quiet, desc=f"instruct ({client.name})")
-    report = {"teacher": client.name, "prompt": pr["version"], "figures": len(records), "run": stats.to_json(),
-              **build_output(records, ckpt, out, rules, seed, _image_names(cap_path))}
-    write_json(out.with_name(out.name + ".report.json"), report)
-    if not quiet:
-        print(f"{report['records']} records -> {out} ({stats.summary()})")
-        print(f"cleaning: {report['pairs_out']}/{report['pairs_in']} question-answer pairs kept; rule hits: "
-              f"{report['rule_hits'] or 'none'}; samples dropped: {report['samples_dropped'] or 'none'}")
+    built = build_output(records, checkpoint, out, rules, seed, _image_names(captions))
+    report = InstructReport(client.name, template["version"], len(records), stats.to_json(), **built, out=str(out),
+                            run_summary=stats.summary(), quiet=quiet)
+    write_json(out.with_name(out.name + ".report.json"), {k: v for k, v in report.to_json().items() if k != "quiet"})
     return report

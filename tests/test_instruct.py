@@ -37,9 +37,9 @@ def test_openai_teacher_one_request_per_caption(tmp_path, key):
     assert st["requests"] == 20 and set(st["by_key"]) == set(pair_ids(cap))
     assert all(n == 1 for n in st["by_key"].values())
     recs = lines(tmp_path / "out.jsonl")
-    assert rep["records"] == len(recs) == 20 and len({r["id"] for r in recs}) == 20
+    assert rep.records == len(recs) == 20 and len({r["id"] for r in recs}) == 20
     assert [record_problems(r) for r in recs] == [[]] * 20
-    assert rep["run"]["prompt_tokens"] > 0 and rep["run"]["completion_tokens"] > 0
+    assert rep.run["prompt_tokens"] > 0 and rep.run["completion_tokens"] > 0
     raw = lines(sidecar_path(tmp_path / "out.jsonl"))
     assert all(r["status"] == "done" and r["usage"]["completion_tokens"] > 0 for r in raw)
     assert raw[0]["meta"] == {"prompt": "v1", "inline_mentions": False} and raw[0]["model"] == "openai:any"
@@ -65,8 +65,8 @@ def test_each_fault_is_retried_or_recorded(tmp_path, key):
     assert ck[ids[4]]["text"].startswith("I'm sorry")
     assert ck[ids[5]]["errors"] == ["malformed response (not a chat completion)"]
     assert ck[ids[6]]["status"] == "failed" and ck[ids[6]]["reason"] == "HTTP 500 server error"
-    assert rep["run"]["done"] == 6 and rep["run"]["failed"] == 1 and rep["run"]["unparsed"] == 1
-    assert rep["run"]["retries"] == sum(by_key.values()) - 8
+    assert rep.run["done"] == 6 and rep.run["failed"] == 1 and rep.run["unparsed"] == 1
+    assert rep.run["retries"] == sum(by_key.values()) - 8
     recs = lines(out)
     assert sorted(r["id"] for r in recs) == sorted(set(ids) - {ids[4], ids[6]})
 
@@ -82,13 +82,13 @@ def test_resume_sends_only_missing_and_failed(tmp_path, key):
         total = srv.stats()["requests"]
         rep3 = run_openai(cap, out, srv)
         assert srv.stats()["requests"] == total  # nothing left to send
-    assert rep1["run"]["failed"] == 1 and first[ids[0]] == 2 and len(first) == 5
+    assert rep1.run["failed"] == 1 and first[ids[0]] == 2 and len(first) == 5
     done_first = set(first) - {ids[0]}
     assert not (done_first & set(second))
     assert second[ids[0]] == 1  # the failed one is tried again on the rerun
     assert set(second) == set(ids) - done_first and all(n == 1 for n in second.values())
-    assert rep2["run"]["skipped"] == 4 and rep2["records"] == 12
-    assert rep3["run"]["skipped"] == 12 and rep3["records"] == 12
+    assert rep2.run["skipped"] == 4 and rep2.records == 12
+    assert rep3.run["skipped"] == 12 and rep3.records == 12
 
 
 def test_runner_generic_parse_callback(tmp_path, key):
@@ -160,7 +160,7 @@ def test_cli_template_output_validates(tmp_path, llavamed_cmd):
 
 def test_default_teacher_needs_facts(tmp_path):
     with_facts = write_teacher_input(tmp_path / "a.json", 5)
-    assert self_instruct(str(with_facts), str(tmp_path / "a.jsonl"), quiet=True)["teacher"] == "template"
+    assert self_instruct(str(with_facts), str(tmp_path / "a.jsonl"), quiet=True).teacher == "template"
     without = write_teacher_input(tmp_path / "b.json", 5, facts=False)
     with pytest.raises(ValueError, match="--model is required"):
         self_instruct(str(without), str(tmp_path / "b.jsonl"), quiet=True)
@@ -195,9 +195,9 @@ def test_leaky_turns_are_cleaned_and_counted(tmp_path, key):
     assert set(recs) == {ids[0], ids[2]}
     assert [t["value"] for t in recs[ids[0]]["conversations"]][1] == "A chest X-ray."
     assert recs[ids[2]]["conversations"][1]["value"] == "On the left."
-    assert rep["rule_hits"] == {"strip:based_on_caption": 1, "drop:cannot_see": 1, "drop:cites_caption": 1, "strip:as_mentioned": 1}
-    assert rep["samples_dropped"] == {"no usable turn after cleaning (dropped by cites_caption)": 1}
-    assert rep["pairs_in"] == 4 and rep["pairs_out"] == 2
+    assert rep.rule_hits == {"strip:based_on_caption": 1, "drop:cannot_see": 1, "drop:cites_caption": 1, "strip:as_mentioned": 1}
+    assert rep.samples_dropped == {"no usable turn after cleaning (dropped by cites_caption)": 1}
+    assert rep.pairs_in == 4 and rep.pairs_out == 2
 
 
 def test_split_turns_formats():
