@@ -103,7 +103,7 @@ def main():
         second = srv.stats()
         again = sum(n for k, n in second["by_key"].items() if k in saved)
         out_ids = [x["id"] for x in read_jsonl(out)]
-        print(f"\n[3] SIGKILL halfway (concurrency 8), then rerun")
+        print("\n[3] SIGKILL halfway (concurrency 8), then rerun")
         print(f"  killed after {first['requests']} requests with {len(saved)} captions saved "
               f"({first['requests'] - len(saved)} in flight, lost)")
         print(f"  rerun: exit {r.returncode}, {tr:.2f} s, {second['requests']} requests; "

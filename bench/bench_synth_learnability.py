@@ -88,11 +88,11 @@ def vqa_check(a, body):
     import re, tempfile, torch, torch.nn as nn, torch.nn.functional as F
     from pathlib import Path
     from PIL import Image
-    from llavamed.core import Sample, read_json
+    from llavamed.core import iter_samples
     from llavamed.synth import make_corpus
     with tempfile.TemporaryDirectory() as tmp:
         make_corpus(tmp, n_train=a.n_train, n_test=a.n_test, seed=a.seed, size=a.size, quiet=True)
-        load = lambda name: [Sample.from_json(r) for r in read_json(Path(tmp) / name) if r["answer_type"] == "CLOSED"]
+        load = lambda name: [s for s in iter_samples(Path(tmp) / name) if s.answer_type == "CLOSED"]
         tr, te = load("vqa_train.json"), load("vqa_test.json")
         names = sorted({s.image for s in tr + te})
         pix = {n: torch.from_numpy(np.array(Image.open(Path(tmp) / "images" / n).convert("RGB"))) for n in names}

@@ -55,7 +55,7 @@ def main():
         rows = []
         for name, jsonl in (("records.json", False), ("records.jsonl", True)):
             p = Path(d) / name
-            t = time.perf_counter(); write(p, n, jsonl); gen = time.perf_counter() - t
+            write(p, n, jsonl)
             r, wall = run_child(CHILD, p)
             # ru_maxrss of terminated children is a running maximum, so measure validate runs before json.load
             rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -72,7 +72,7 @@ def main():
         print(f"{name:15} {mib:6.1f} {secs:10.2f} {cpu:6.2f} {wall:9.2f} {rate:10,.0f} {crate:10,.0f} {rss:12.0f} {rc:>4}")
     print("validate s / records/s: wall time inside the process; rec/cpu-s: per CPU second (less sensitive to a busy machine);"
           " process s: the whole subprocess including Python start-up and imports")
-    print(f"peak RSS reported is the running maximum over the validate subprocesses so far (RUSAGE_CHILDREN)")
+    print("peak RSS reported is the running maximum over the validate subprocesses so far (RUSAGE_CHILDREN)")
     print(f"for scale: json.load of the whole array file peaks at {load_mb:,.0f} MiB")
     share = min(r[3] / r[2] for r in rows)
     print(f"this process got {share:.0%} of a CPU during the timed section (below ~90% the machine was busy "
