@@ -235,15 +235,16 @@ def main(argv=None) -> int:
     paths = [Path(p).absolute() for p in args.notebooks] or default_notebooks(config())
     missing = [str(p) for p in paths if not p.is_file()]
     if missing: parser.error(f"no such notebook: {', '.join(missing)}")
-    patterns, totals, failed = hazard_patterns(), dict(compared=0, differ=0, hazards=0), 0
+    patterns, totals, failed = hazard_patterns(), dict(compared=0, differ=0, hazards=0), []
     for result in run_all(paths, args.workers):
         res = report(result, args.write, patterns)
         for line in res["problems"]: print(line, file=sys.stderr)
-        failed += bool(result["error"])
+        if result["error"]: failed.append(name_of(result["path"]))
         for k in totals: totals[k] += res[k]
     done = (f"stored the outputs of {totals['compared']} cells" if args.write
             else f"compared {totals['compared']} cells, {totals['differ']} differ")
-    print(f"{len(paths)} notebooks executed, {failed} failed; {done}; "
+    which = f" ({', '.join(failed)})" if failed else ""
+    print(f"{len(paths)} notebooks executed, {len(failed)} failed{which}; {done}; "
           f"{totals['hazards']} show a path, address, timing or timestamp")
     return 1 if failed or totals["differ"] or totals["hazards"] else 0
 

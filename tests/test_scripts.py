@@ -75,6 +75,7 @@ def test_an_absolute_path_and_a_failing_notebook_are_reported(tmp_path):
     res = check_outputs(bad)
     assert res.returncode == 1
     assert "bad.ipynb: failed to execute" in res.stderr and "ZeroDivisionError" in res.stderr, res.stderr
+    assert "1 notebooks executed, 1 failed (" in res.stdout and "bad.ipynb)" in res.stdout, res.stdout
 
 def test_outputs_compare_by_text_and_images_by_presence():
     co = script("check_outputs")
