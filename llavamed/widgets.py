@@ -62,10 +62,11 @@ class Item:
             self._haystack = "\n".join(texts).lower()
         return self._haystack
 
-# %% ../nbs/08_widgets.ipynb #7cee8904
+# %% ../nbs/08_widgets.ipynb #e4d1f523
 def _domain_tuple(value) -> tuple[str, ...]:
     "The true domains of a record's `domain` value (flags or one name), in `DOMAINS` order."
-    return tuple(domain for domain, on in domain_flags(value).items() if on)
+    flags = value if isinstance(value, dict) else domain_flags(value)  # a flag dict as it is: fast on 500K records
+    return tuple(domain for domain in DOMAINS if flags.get(domain))
 
 def _conversation_item(row: dict) -> Item:
     "An `Item` from a LLaVA record (alignment, instruction or VQA)."
