@@ -6,10 +6,7 @@ Docs: https://llavamed.github.io/llavamed/generate.html.md"""
 
 # %% ../nbs/05a_generate.ipynb #95385426
 from __future__ import annotations
-import sys
-from pathlib import Path
-from typing import Any
-from .core import get_logger, pick_device, seed_everything
+from .core import get_logger, seed_everything
 from .model import check_image_tokens, _open_image, load_model
 
 # %% auto #0

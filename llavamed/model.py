@@ -7,7 +7,7 @@ Docs: https://llavamed.github.io/llavamed/model.html.md"""
 # %% ../nbs/05_model.ipynb #374cceb1
 from __future__ import annotations
 import dataclasses, functools, json, math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from .core import IMAGE_TOKEN, HUMAN, GPT, Sample, get_logger, pick_device, pick_dtype

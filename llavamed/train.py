@@ -28,27 +28,30 @@ log = get_logger("llavamed.train")
 PARTS = ("vision", "projector", "llm")  # trainable groups of a LLaVA model
 
 def _fits(value, hint) -> bool:
-    "Whether `value` fits the annotation `hint`: str, int, float, bool, None, a tuple of str, or a union of those."
+    "Whether `value` fits the annotation `hint`: str, int, float, bool, None, a tuple of str, or a union."
     if hint is type(None): return value is None
-    if typing.get_origin(hint) in (typing.Union, types.UnionType): return any(_fits(value, h) for h in typing.get_args(hint))
-    if typing.get_origin(hint) is tuple: return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     if hint in (int, float) and isinstance(value, bool): return False
     return isinstance(value, (int, float) if hint is float else hint)
 
 def _check_types(cfg) -> None:
-    "Raise `ValueError` naming the first field of the dataclass `cfg` whose value does not fit its annotation."
+    "Raise `ValueError` naming the first field of the dataclass `cfg` whose value does not fit its type."
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
         if not _fits(value, hint):
-            raise ValueError(f"{type(cfg).__name__}.{f.name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+            expected = getattr(hint, "__name__", hint)
+            raise ValueError(f"{type(cfg).__name__}.{f.name}: expected {expected}, got {value!r}")
         if type(value) is int and float in (hint, *typing.get_args(hint)): setattr(cfg, f.name, float(value))
 
 @dataclass
 class StageConfig:
-    "One curriculum stage: which parts learn, with which optimisation and data settings (LLaVA-Med paper, section 4)."
+    "One curriculum stage: which parts learn, with which optimisation and data settings."
     name: str = "instruct"  # 'align', 'instruct', 'finetune' or any label
-    train: tuple[str, ...] = ("projector", "llm")  # parts that learn (vision, projector, llm); the rest stay bit-identical
+    train: tuple[str, ...] = ("projector", "llm")  # parts that learn (vision, projector, llm); others freeze
     lr: float = 2e-5  # peak learning rate of the language model (and vision tower when trained)
     projector_lr: float | None = None  # peak learning rate of the projector (None: `lr`)
     epochs: float = 3.0  # passes over the data
@@ -67,7 +70,7 @@ class StageConfig:
 
     def __post_init__(self):
         "Check every field, naming the one at fault."
-        if isinstance(self.train, str): self.train = tuple(p for p in self.train.replace(",", " ").split() if p)
+        if isinstance(self.train, str): self.train = tuple(self.train.replace(",", " ").split())
         if isinstance(self.train, list): self.train = tuple(self.train)
         _check_types(self)
         if not self.train or any(p not in PARTS for p in self.train):
@@ -76,10 +79,12 @@ class StageConfig:
             if getattr(self, k) is not None and not getattr(self, k) > 0:
                 raise ValueError(f"StageConfig.{k}: must be > 0, got {getattr(self, k)}")
         for k in ("global_batch_size", "per_device_batch_size", "max_length", "lora_r", "lora_alpha"):
-            if getattr(self, k) < 1: raise ValueError(f"StageConfig.{k}: must be a positive integer, got {getattr(self, k)}")
+            if getattr(self, k) < 1:
+                raise ValueError(f"StageConfig.{k}: must be a positive integer, got {getattr(self, k)}")
         self.accumulation(1)
         for k in ("warmup_ratio", "weight_decay", "max_dropped_share", "lora_dropout"):
-            if not 0 <= getattr(self, k) <= 1: raise ValueError(f"StageConfig.{k}: must be in [0, 1], got {getattr(self, k)}")
+            if not 0 <= getattr(self, k) <= 1:
+                raise ValueError(f"StageConfig.{k}: must be in [0, 1], got {getattr(self, k)}")
 
     def accumulation(self, world_size: int = 1) -> int:
         "Gradient-accumulation steps that make `global_batch_size` on `world_size` processes."
@@ -94,10 +99,10 @@ class StageConfig:
         return {**dataclasses.asdict(self), "train": list(self.train)}
 
     @classmethod
-    def load(cls, name_or_path: str | Path | StageConfig = "instruct",  # preset name in `STAGES`, YAML/JSON recipe, or a config
+    def load(cls, name_or_path: str | Path | StageConfig = "instruct",  # preset in `STAGES`, recipe, or config
              **overrides,  # field values to change; None keeps the preset's value
             ) -> StageConfig:
-        "A stage from a preset or a recipe file, with `overrides` applied; every value is checked."
+        "A stage from a preset or a YAML/JSON recipe file, with `overrides` applied; every value is checked."
         if isinstance(name_or_path, StageConfig): base = name_or_path.to_json()
         elif str(name_or_path) in STAGES: base = STAGES[str(name_or_path)].to_json()
         elif Path(name_or_path).suffix in (".yaml", ".yml", ".json") and Path(name_or_path).is_file():
@@ -118,37 +123,41 @@ STAGES = {  # the LLaVA-Med paper's curriculum; the other fields are StageConfig
 }
 
 def _read_recipe(path: Path) -> dict:
-    "StageConfig values of a YAML/JSON recipe: the preset it names under `stage` (if any) updated by its fields."
+    "StageConfig values of a YAML/JSON recipe: the preset named by `stage` (if any), updated by its fields."
     import yaml
     raw = read_json(path) if path.suffix == ".json" else yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(raw, dict): raise ValueError(f"{path}: a recipe is a mapping of StageConfig fields")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(StageConfig)} - {"stage"})
     if unknown: raise ValueError(f"{path}: {unknown} are not StageConfig fields")
     preset = raw.pop("stage", None)
-    if preset is not None and preset not in STAGES: raise ValueError(f"{path}: stage {preset!r} is not one of {sorted(STAGES)}")
+    if preset is not None and preset not in STAGES:
+        raise ValueError(f"{path}: stage {preset!r} is not one of {sorted(STAGES)}")
     return {**(STAGES[preset].to_json() if preset else {}), **raw}
 
 # %% ../nbs/06_train.ipynb #7cb80c24
 _Z_COMMON = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
              "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 _Z3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1_000_000_000,
-       "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
-       "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000, "stage3_gather_16bit_weights_on_model_save": True}
+       "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+       "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1_000_000_000,
+       "stage3_max_reuse_distance": 1_000_000_000, "stage3_gather_16bit_weights_on_model_save": True}
+_CPU = {"device": "cpu", "pin_memory": True}
 DEEPSPEED_CONFIGS = {
     "zero2": {**_Z_COMMON, "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
                                                  "sub_group_size": 1_000_000_000, "reduce_bucket_size": "auto"}},
     "zero3": {**_Z_COMMON, "zero_optimization": _Z3},
-    "zero3_offload": {**_Z_COMMON, "zero_optimization": {**_Z3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                                                         "offload_param": {"device": "cpu", "pin_memory": True}}},
+    "zero3_offload": {**_Z_COMMON,
+                      "zero_optimization": {**_Z3, "offload_optimizer": _CPU, "offload_param": _CPU}},
 }
 
 def deepspeed_config(name_or_path: str | Path | None,  # a name in `DEEPSPEED_CONFIGS`, a JSON file, or None
                     ) -> dict | None:
     "The DeepSpeed config dict of a name in `DEEPSPEED_CONFIGS` (a fresh copy) or of a JSON file."
     if name_or_path is None: return None
-    if str(name_or_path) in DEEPSPEED_CONFIGS: return json.loads(json.dumps(DEEPSPEED_CONFIGS[str(name_or_path)]))
-    if Path(name_or_path).is_file(): return read_json(name_or_path)
-    raise ValueError(f"deepspeed: {str(name_or_path)!r} is neither one of {sorted(DEEPSPEED_CONFIGS)} nor a JSON file")
+    name = str(name_or_path)
+    if name in DEEPSPEED_CONFIGS: return json.loads(json.dumps(DEEPSPEED_CONFIGS[name]))  # a deep copy
+    if Path(name).is_file(): return read_json(name)
+    raise ValueError(f"deepspeed: {name!r} is neither one of {sorted(DEEPSPEED_CONFIGS)} nor a JSON file")
 
 # %% ../nbs/06_train.ipynb #7c698902
 GRAD_CKPT = ("auto", "on", "off")  # gradient-checkpointing choices
@@ -156,7 +165,7 @@ GRAD_CKPT = ("auto", "on", "off")  # gradient-checkpointing choices
 @dataclass
 class RunConfig:
     "Where a stage run reads and writes, and how it is distributed and checkpointed."
-    model: str = "tiny"  # preset name ('tiny', 'llava-med-v1.5', ...), a saved model, or an earlier stage's output
+    model: str = "tiny"  # preset ('tiny', 'llava-med-v1.5', ...), a saved model, or an earlier stage's output
     data: str | None = None  # training records (LLaVA JSON array or JSONL); `train` needs one
     images: str | None = None  # folder the records' `image` paths are relative to
     out: str = "runs/stage"  # output directory of this stage
@@ -178,9 +187,11 @@ class RunConfig:
         for k in ("save_steps", "save_total_limit", "logging_steps", "max_steps"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ValueError(f"RunConfig.{k}: must be a positive integer, got {getattr(self, k)}")
-        if self.num_workers < 0: raise ValueError(f"RunConfig.num_workers: must be >= 0, got {self.num_workers}")
-        if self.deepspeed is not None and self.deepspeed not in DEEPSPEED_CONFIGS and not Path(self.deepspeed).is_file():
-            raise ValueError(f"RunConfig.deepspeed: {self.deepspeed!r} is neither one of {sorted(DEEPSPEED_CONFIGS)} "
+        if self.num_workers < 0:
+            raise ValueError(f"RunConfig.num_workers: must be >= 0, got {self.num_workers}")
+        ds = self.deepspeed
+        if ds is not None and ds not in DEEPSPEED_CONFIGS and not Path(ds).is_file():
+            raise ValueError(f"RunConfig.deepspeed: {ds!r} is neither one of {sorted(DEEPSPEED_CONFIGS)} "
                              f"nor a JSON file")
 
 # %% ../nbs/06_train.ipynb #162ee5ea
@@ -196,19 +207,21 @@ RECIPES = (
     Recipe("stage1_align", StageConfig.load("align", per_device_batch_size=16),
            RunConfig(model="llava-med-v1.5", data="data/llava_med_alignment_500k.json", images="data/images",
                      out="runs/stage1_align", deepspeed="zero2", num_workers=4),
-           "LLaVA-Med stage 1, concept alignment (LLaVA-Med paper, section 4): the projector alone learns from\n"
-           "600K figure-caption pairs with the plain template; lr 2e-3, global batch 128, 1 epoch."),
+           "LLaVA-Med stage 1, concept alignment (LLaVA-Med paper, section 4): the projector alone\n"
+           "learns from 600K figure-caption pairs, plain template; lr 2e-3, global batch 128, 1 epoch."),
     Recipe("stage2_instruct", StageConfig.load("instruct", per_device_batch_size=4),
            RunConfig(model="runs/stage1_align", data="data/llava_med_instruct_60k_inline_mention.json",
                      images="data/images", out="runs/stage2_instruct", deepspeed="zero3", num_workers=4),
-           "LLaVA-Med stage 2, instruction tuning (LLaVA-Med paper, section 4): projector and language model\n"
-           "learn from the 60K-IM conversations, the vision tower stays frozen; lr 2e-5, global batch 128, 3 epochs."),
+           "LLaVA-Med stage 2, instruction tuning (LLaVA-Med paper, section 4): projector and language\n"
+           "model learn from the 60K-IM conversations, the vision tower stays frozen; lr 2e-5, global batch\n"
+           "128, 3 epochs."),
     Recipe("stage3_finetune", StageConfig.load("finetune", per_device_batch_size=4),
-           RunConfig(model="runs/stage2_instruct", data="data/vqa_rad/train.json", images="data/vqa_rad/images",
-                     out="runs/stage3_finetune", deepspeed="zero3", num_workers=4),
-           "LLaVA-Med stage 3 (optional), fine-tuning on a VQA training split (`llavamed vqa-convert` output):\n"
-           "projector and language model, lr 2e-5, 3 epochs (the released checkpoints used 9). The paper gives\n"
-           "no batch size for this stage; it stays 128."),
+           RunConfig(model="runs/stage2_instruct", data="data/vqa_rad/train.json",
+                     images="data/vqa_rad/images", out="runs/stage3_finetune", deepspeed="zero3",
+                     num_workers=4),
+           "LLaVA-Med stage 3 (optional), fine-tuning on a VQA training split (`llavamed vqa-convert`\n"
+           "output): projector and language model, lr 2e-5, 3 epochs (the released checkpoints used 9).\n"
+           "The paper gives no batch size for this stage; it stays 128."),
 )
 
 def _yaml_value(v) -> str:
@@ -222,7 +235,7 @@ def recipe_yaml(recipe: Recipe) -> str:
     n = recipe.file[len("stage")]
     run = {k: getattr(recipe.run, k) for k in ("model", "data", "images", "out", "deepspeed")}
     lines = [f"# {line}" for line in recipe.about.splitlines()]
-    lines += [f"# Written by scripts/write_configs.py from llavamed.train.RECIPES; edit those, not this file.",
+    lines += ["# Written by scripts/write_configs.py from llavamed.train.RECIPES; edit those, not this file.",
               f"# Run with `bash configs/launch_stage{n}.sh`, which passes these run settings (override them",
               "# with MODEL, DATA, IMAGES, OUT, DS):", *(f"#   {k}: {v}" for k, v in run.items()),
               f"# or `llavamed train --stage configs/{recipe.file}.yaml --model ... --data ... --out ...`."]
@@ -319,7 +332,7 @@ class SupervisedDataset:
                  max_length: int = 2048,  # longest sequence in tokens
                  template: str | None = None,  # chat template name (None: the processor's default)
                  max_dropped_share: float = 0.02,  # raise `DroppedError` above this share of refused records
-                 text_only: bool = True,  # keep text-only records (False when the LLM is frozen: they train nothing)
+                 text_only: bool = True,  # keep text-only records (False: LLM frozen)
                 ):
         if not isinstance(records, list): records = load_records(records)
         self.processor, self.images = processor, Path(images) if images else None
@@ -337,7 +350,7 @@ class SupervisedDataset:
                 continue
             self.items.append({**item, "id": r.id, "image": r.image})
         n = len(records) - self.skipped
-        if self.skipped: log.info(f"skipped {self.skipped} text-only records: nothing to train with the LLM frozen")
+        if self.skipped: log.info(f"skipped {self.skipped} text-only records: nothing to train, the LLM is frozen")
         if self.dropped:
             msg = f"{sum(self.dropped.values())} of {n} records dropped: " + "; ".join(
                 f"{k} x{v} (e.g. {self.examples[k]})" for k, v in self.dropped.most_common())
@@ -386,7 +399,8 @@ class Collator:
         attn = torch.zeros((len(items), n), dtype=torch.long)  # (B, T)
         for b, it in enumerate(items):
             k = len(it["input_ids"])
-            ids[b, :k] = torch.tensor(it["input_ids"]); labels[b, :k] = torch.tensor(it["labels"]); attn[b, :k] = 1
+            ids[b, :k], labels[b, :k] = torch.tensor(it["input_ids"]), torch.tensor(it["labels"])
+            attn[b, :k] = 1
         batch = {"input_ids": ids, "attention_mask": attn, "labels": labels}
         imgs = [it["image"] for it in items if it.get("image") is not None]
         if imgs:
@@ -476,11 +490,19 @@ def _trainable_projector(model):
     return None
 
 def _zero_touch(projector):
-    "`0 x` the projector's output on one zero feature vector: a scalar 0 whose backward reaches every projector weight."
+    "`0 x` the projector's output on a zero feature vector: a 0 whose backward reaches every projector weight."
     import torch
     lin = next(m for m in projector.modules() if isinstance(m, torch.nn.Linear))
     w = next(p for p in projector.parameters())
     return 0.0 * projector(torch.zeros(1, 1, lin.in_features, device=w.device, dtype=w.dtype)).sum()
+
+def _param_groups(model, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
+    "Optimiser groups of the trainable weights: the projector at `projector_lr` (None: `lr`), the rest at `lr`."
+    groups = {"rest": [], "projector": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad: groups["projector" if part_of(n) == "projector" else "rest"].append(p)
+    rates = {"rest": lr, "projector": projector_lr or lr}
+    return [{"params": ps, "lr": rates[k], "weight_decay": weight_decay} for k, ps in groups.items() if ps]
 
 def _trainer_class():
     "`LlavaTrainer`, built on first use so that importing this module does not import transformers."
@@ -494,21 +516,17 @@ def _trainer_class():
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
-                m = self.model if model is None else model
-                lr, plr = self.args.learning_rate, self.stage.projector_lr or self.args.learning_rate
-                groups = {"rest": [], "projector": []}
-                for n, p in m.named_parameters():
-                    if p.requires_grad: groups["projector" if part_of(n) == "projector" else "rest"].append(p)
-                params = [{"params": ps, "lr": plr if k == "projector" else lr, "weight_decay": self.args.weight_decay}
-                          for k, ps in groups.items() if ps]
+                m, lr = self.model if model is None else model, self.args.learning_rate
+                groups = _param_groups(m, lr, self.stage.projector_lr, self.args.weight_decay)
                 cls, kw = self.get_optimizer_cls_and_kwargs(self.args, m)
                 kw.pop("lr", None)
-                self.optimizer = cls(params, lr=lr, **kw)
+                self.optimizer = cls(groups, lr=lr, **kw)
                 self.optimizer.register_step_pre_hook(_zero_missing_grads)  # DeepSpeed's rule, in every mode
             return self.optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
             proj = None if "pixel_values" in inputs else _trainable_projector(model)
             if proj is None: return out
             loss = out[0] if return_outputs else out
@@ -517,8 +535,8 @@ def _trainer_class():
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             # `save_pretrained` writes LLaVA's original key layout ('language_model.model.*'), which `Trainer`
-            # loads verbatim with strict=False: nothing matches and training silently restarts from the initial
-            # weights. Load through `from_pretrained`'s key mapping instead, strictly.
+            # loads verbatim with strict=False: nothing matches and training silently restarts from the
+            # initial weights. Load through `from_pretrained`'s key mapping instead, strictly.
             m = model if model is not None else self.model
             ckpt = Path(resume_from_checkpoint)
             whole = (ckpt / "model.safetensors").exists() or (ckpt / "model.safetensors.index.json").exists()
@@ -542,8 +560,8 @@ def _trainer_class():
 # %% ../nbs/06_train.ipynb #3b2a7f6d
 def _log_rows(history: list[dict]) -> list[dict]:
     "Training-loss rows of a `Trainer` log history."
-    return [{"step": h["step"], "epoch": h.get("epoch"), "loss": h["loss"], "learning_rate": h.get("learning_rate")}
-            for h in history if "loss" in h]
+    return [{"step": h["step"], "epoch": h.get("epoch"), "loss": h["loss"],
+             "learning_rate": h.get("learning_rate")} for h in history if "loss" in h]
 
 def _log_callback(path: Path):
     "A `TrainerCallback` appending each logged training loss to `path` on the main process."
@@ -560,15 +578,18 @@ def _log_callback(path: Path):
 def _attention(model, device: str) -> str:
     "Use flash-attention 2 on CUDA when installed, else SDPA; returns the implementation in use."
     import importlib.util
-    impl = "flash_attention_2" if device.startswith("cuda") and importlib.util.find_spec("flash_attn") else "sdpa"
+    flash = device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
+    impl = "flash_attention_2" if flash else "sdpa"
     try: model.set_attn_implementation(impl)
-    except Exception as e: log.warning(f"attention {impl} unavailable ({e}); keeping {model.config._attn_implementation}")
+    except Exception as e:  # an architecture without that kernel keeps its own
+        log.warning(f"attention {impl} unavailable ({e}); keeping {model.config._attn_implementation}")
     return model.config._attn_implementation
 
 def _start_model(run: RunConfig, dtype: str, rank: int):
-    "`(model, processor, base_dir)`: the starting model on the CPU in `dtype`, and the folder holding it (None for a preset)."
+    "`(model, processor, base_dir)`: the starting model on the CPU in `dtype` and the folder holding it."
     base_dir = run.model if Path(run.model).is_dir() else None
-    texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in load_records(run.data) for t in r.conversations]
+    texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in load_records(run.data)
+                                   for t in r.conversations]
     model, processor = load_model(run.model, dtype=dtype, device="cpu", tokenizer_texts=texts)
     if run.lora and base_dir is None:  # the adapters must be merged into exactly this base later
         base_dir = str(Path(run.out) / "base")
@@ -580,7 +601,8 @@ def last_checkpoint(out: str | Path) -> Path | None:
     "The newest complete `checkpoint-N` folder in `out` (one holding `trainer_state.json`), or None."
     out = Path(out)
     if not out.is_dir(): return None
-    done = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    done = [p for p in out.glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 # %% ../nbs/06_train.ipynb #5348cc9a
@@ -592,7 +614,7 @@ class TrainResult(Result):
     train_loss: float  # mean training loss over the run (transformers' `training_loss`)
     final_loss: float | None  # the last logged loss
     seconds: float  # wall time of the run
-    dataset: dict  # `SupervisedDataset.summary()`: records kept, dropped by reason, skipped, supervised tokens
+    dataset: dict  # `SupervisedDataset.summary()`: records kept, dropped by reason, skipped; tokens
     metrics: dict  # the metrics `Trainer.train` reports (runtime, samples per second, ...)
 
     def rows(self):
@@ -616,7 +638,7 @@ def _training_args(cfg: StageConfig, run: RunConfig, world: int, device: str):
         activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None, seed=cfg.seed,
         data_seed=cfg.seed, dataloader_num_workers=run.num_workers, remove_unused_columns=False,
         deepspeed=deepspeed_config(run.deepspeed), use_cpu=device == "cpu", disable_tqdm=False)
-    _ = args.device  # joins the process group now, so ZeRO-3 partitions over every rank while the weights load
+    _ = args.device  # joins the process group now: ZeRO-3 partitions over every rank while the weights load
     if run.deepspeed:
         import deepspeed
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
@@ -636,7 +658,8 @@ def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
 def _write_settings(out: Path, cfg: StageConfig, run: RunConfig, args, base_dir, found: dict) -> None:
     "Write `stage_config.json`: the stage's fields, the run's, and what the run found (`found`)."
     settings = {**cfg.to_json(), **dataclasses.asdict(run), "model": base_dir or run.model,
-                "world_size": args.world_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "world_size": args.world_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "gradient_checkpointing": args.activation_checkpointing, **found}
     write_json(out / "stage_config.json", settings)
 
@@ -657,11 +680,11 @@ def _save_outputs(trainer, processor, out: Path, lora: bool, base_dir: str | Non
     if lora: merge_lora(target, out, base=base_dir)
 
 # %% ../nbs/06_train.ipynb #765c8284
-def train(stage: StageConfig | str = "instruct",  # a StageConfig, a preset name in `STAGES`, or a YAML/JSON recipe
-          run: RunConfig | None = None,  # model, data, output, DeepSpeed, LoRA and checkpointing (None: `RunConfig()`)
+def train(stage: StageConfig | str = "instruct",  # a StageConfig, a preset in `STAGES`, or a recipe file
+          run: RunConfig | None = None,  # model, data, output, DeepSpeed, LoRA... (None: `RunConfig()`)
           callbacks: list | None = None,  # extra transformers `TrainerCallback`s
          ) -> TrainResult:
-    "Train one curriculum stage with `Trainer` (DeepSpeed and LoRA optional) and write a loadable model to `run.out`."
+    "Train one curriculum stage with `Trainer` (DeepSpeed, LoRA optional); write a loadable model to `run.out`."
     import torch
     t0, cfg, run = time.perf_counter(), StageConfig.load(stage), run or RunConfig()
     resume_from, out = _check_run(cfg, run), Path(run.out)
@@ -670,24 +693,27 @@ def train(stage: StageConfig | str = "instruct",  # a StageConfig, a preset name
     seed_everything(cfg.seed)
     args = _training_args(cfg, run, world, device)
     # DeepSpeed keeps fp32 master weights of a bf16 model; plain Trainer mixes precision over fp32 weights
-    model, processor, base_dir = _start_model(run, "bfloat16" if args.bf16 and run.deepspeed else "float32", rank)
+    dtype = "bfloat16" if args.bf16 and run.deepspeed else "float32"
+    model, processor, base_dir = _start_model(run, dtype, rank)
     found = {"attention": _attention(model, device), "trainable": set_trainable(model, cfg.train)}
     if run.lora: model = add_lora(model, cfg)
-    ds = SupervisedDataset(run.data, processor, run.images, cfg.max_length, cfg.template, cfg.max_dropped_share,
-                           text_only="llm" in cfg.train)
+    ds = SupervisedDataset(run.data, processor, run.images, cfg.max_length, cfg.template,
+                           cfg.max_dropped_share, text_only="llm" in cfg.train)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None: (out / "log_history.jsonl").unlink(missing_ok=True)
         _write_settings(out, cfg, run, args, base_dir, {**found, "dataset": ds.summary()})
-    trainer = _trainer_class()(model=model, args=args, train_dataset=ds, data_collator=Collator(processor), stage=cfg,
-                               callbacks=[_log_callback(out / "log_history.jsonl"), *(callbacks or [])])
+    callbacks = [_log_callback(out / "log_history.jsonl"), *(callbacks or [])]
+    trainer = _trainer_class()(model=model, args=args, train_dataset=ds, data_collator=Collator(processor),
+                               stage=cfg, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if world > 1: _write_rank_share(trainer, out, rank)
     _save_outputs(trainer, processor, out, run.lora, base_dir)
     if world > 1: torch.distributed.barrier()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     res = TrainResult(out=str(out), steps=trainer.state.global_step, train_loss=result.training_loss,
-                      final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
-                      seconds=round(time.perf_counter() - t0, 2), dataset=ds.summary(), metrics=result.metrics)
+                      final_loss=losses[-1] if losses else None, seconds=round(time.perf_counter() - t0, 2),
+                      dataset=ds.summary(), metrics=result.metrics)
     log.info(f"stage {cfg.name}: {res.to_json()}")
     return res
 
