@@ -342,6 +342,11 @@ def test_prediction_given_scores_and_judge_reviews(corpus):
     assert [pv.items[i].id for i in pv.filter(kind=None, domain="mri").view] == ["1"]
     pv.widget
     assert "relative 100.0" in pv.w_body.value and pv.w_domain.value == "mri"
+    write_jsonl(corpus / "judged.jsonl", [  # as `llavamed judge` writes its reviews
+        {"question_id": 0, "type": "detailed_description", "domain": "chest_xray", "status": "done",
+         "reference_score": 8.0, "model_score": 6.0, "ratio": 0.75}])
+    pv = PredictionViewer(qa, ans, reviews=corpus / "judged.jsonl", scores={})
+    assert [p.relative for p in pv.items] == [75.0, None, None, None, None]
 
 
 # ---------------------------------------------------------------- TrainingCurves
