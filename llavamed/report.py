@@ -47,7 +47,7 @@ def load_inputs(inputs: str | list[str],  # paths or globs, a list or one comma-
     "(score results, judge summaries) read from the given files."
     parts = inputs.split(",") if isinstance(inputs, str) else list(inputs)
     files = []
-    for p in (x.strip() for x in parts if str(x).strip()):
+    for p in (str(x).strip() for x in parts if str(x).strip()):
         hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
         if not hits: raise FileNotFoundError(f"no file matches {p!r}")
         files += hits

@@ -1,4 +1,4 @@
-"VQA scoring: official mode against hand-derived values (REFERENCE.md section 5), strict mode, id alignment, CLI."
+"VQA scoring: official mode against values derived by hand from LLaVA-Med's scorer (`llava/eval/run_eval_batch.py`), strict mode, id alignment, CLI."
 import hashlib, json, subprocess
 import pytest
 from llavamed.cli import main
