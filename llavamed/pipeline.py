@@ -6,21 +6,32 @@ Docs: https://llavamed.github.io/llavamed/pipeline.html.md"""
 
 # %% ../nbs/09_pipeline.ipynb #7c6291e8
 from __future__ import annotations
-import contextlib, dataclasses, io, json, math, os, random, shutil, time, uuid
-from collections import Counter, defaultdict
+import dataclasses, json, math, os, random, shutil, time, uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-from .core import DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, read_json, read_jsonl, write_json, write_jsonl, get_logger
+from typing import Callable
+from .core import (DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, Question, RecordError, Result, fmt_num,
+                           get_logger, iter_records, load_questions, plot_losses, read_json, write_json)
+from .train import RunConfig, StageConfig
+from .eval import load_answers
+from .report import bar_chart, evaluate, report
 
 # %% auto #0
-__all__ = ['log', 'STEP_NAMES', 'STEP_KEYS', 'STEP_INPUTS', 'DemoConfig', 'Steps', 'group_vqa', 'vqa_questions', 'vqa_groups',
-           'plot_losses', 'plot_bars', 'pick_examples', 'write_report', 'run_pipeline', 'demo']
+__all__ = ['log', 'DEMO_STAGES', 'STAGE_PRESETS', 'STEP_NAMES', 'STEP_KEYS', 'STEP_INPUTS', 'DemoConfig', 'Steps', 'group_vqa',
+           'pick_examples', 'write_report', 'DemoReport', 'run_pipeline', 'demo']
 
 # %% ../nbs/09_pipeline.ipynb #c898fcf0
 log = get_logger("llavamed.pipeline")
 
 # %% ../nbs/09_pipeline.ipynb #f42d6e40
+DEMO_STAGES = {  # the demo's changes to the paper's stage presets: one device, no accumulation
+    "stage1": {"lr": 2e-3, "epochs": 1.0, "global_batch_size": 16, "per_device_batch_size": 16},  # the paper's lr
+    # a random-init LM needs far more than the paper's 2e-5
+    "stage2": {"lr": 1e-3, "epochs": 2.0, "global_batch_size": 16, "per_device_batch_size": 16},
+}
+STAGE_PRESETS = {"stage1": "align", "stage2": "instruct"}  # the `llavamed.train.STAGES` preset of each stage
+
 @dataclass
 class DemoConfig:
     "Settings of `llavamed demo`: corpus size, tiny-model shape, the three training stages and evaluation."
@@ -36,22 +47,20 @@ class DemoConfig:
     tower_steps: int = 600  # stage 0: supervised steps of the tower on labels.json
     tower_lr: float = 1e-3  # stage 0 learning rate
     tower_batch: int = 32  # stage 0 images per step
-    align_epochs: float = 1.0  # stage 1 (projector only) passes over the alignment pairs
-    align_lr: float = 2e-3  # stage 1 learning rate (the paper's)
-    instruct_epochs: float = 2.0  # stage 2 (projector + LM) passes over the instruction mixture
-    instruct_lr: float = 1e-3  # stage 2 learning rate (a random-init LM needs far more than the paper's 2e-5)
-    batch_size: int = 16  # stages 1-2: samples per optimiser step (one device, no accumulation)
+    stage1: dict = field(default_factory=dict)  # StageConfig fields of stage 1 (projector only), over `DEMO_STAGES`
+    stage2: dict = field(default_factory=dict)  # StageConfig fields of stage 2 (projector + LM), over `DEMO_STAGES`
     vqa_in_instruct: bool = True  # add the VQA train split, grouped per image into multi-turn records, to stage 2
     vqa_repeats: int = 3  # copies of the VQA records in stage 2 (grouped ones each with their own question order)
-    vqa_grouped: bool = True  # one multi-turn record per image (cheaper) instead of one record per question (as tested)
-    vqa_single_kinds: list = field(default_factory=list)  # closed question kinds kept as one-question records when grouping
+    vqa_grouped: bool = True  # one multi-turn record per image (cheaper) instead of one record per question
+    vqa_single_kinds: list = field(default_factory=list)  # closed question kinds kept as one-question records
     max_new_tokens: int = 16  # VQA answer length limit
     chat_max_new_tokens: int = 96  # conversation-benchmark answer length limit
     eval_batch_size: int = 32  # questions per generation batch
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
     def __post_init__(self):
-        for k in ("n_train", "n_test", "size", "vocab_size", "tower_steps", "tower_batch", "batch_size", "vqa_repeats",
+        "Check every field, naming the one at fault; fill each stage's settings with the demo's defaults."
+        for k in ("n_train", "n_test", "size", "vocab_size", "tower_steps", "tower_batch", "vqa_repeats",
                   "max_new_tokens", "chat_max_new_tokens", "eval_batch_size"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -60,8 +69,15 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.n_chat: must be in 0..n_test={self.n_test}, got {self.n_chat!r}")
         if self.size < 16 or self.patch < 1 or self.size % self.patch:
             raise ValueError(f"DemoConfig.size: {self.size} must be >= 16 and a multiple of the patch size")
-        for k in ("tower_lr", "align_epochs", "align_lr", "instruct_epochs", "instruct_lr"):
-            if not getattr(self, k) > 0: raise ValueError(f"DemoConfig.{k}: must be > 0, got {getattr(self, k)}")
+        if not self.tower_lr > 0: raise ValueError(f"DemoConfig.tower_lr: must be > 0, got {self.tower_lr}")
+        for k in STAGE_PRESETS:
+            setattr(self, k, {**DEMO_STAGES[k], **(getattr(self, k) or {})})
+            try: self.stage(k)
+            except ValueError as e: raise ValueError(f"DemoConfig.{k}: {e}") from None
+
+    def stage(self, name: str) -> StageConfig:
+        "The `StageConfig` of 'stage1' or 'stage2': the paper's preset with this config's fields (and seed)."
+        return StageConfig.load(STAGE_PRESETS[name], **{**getattr(self, name), "seed": self.seed})
 
     def to_json(self) -> dict:
         "The settings as a JSON-ready dict."
@@ -146,34 +162,46 @@ def group_vqa(records: list[dict],  # VQA records (one question each)
     return out
 
 # %% ../nbs/09_pipeline.ipynb #c21a61c0
+def _records(path: Path) -> list[dict]:
+    "Every record of a data file, read through the one reader; a malformed record raises."
+    out = []
+    for _, v in iter_records(path):
+        if isinstance(v, RecordError): raise v
+        out.append(v)
+    return out
+
 def _synth_step(cfg: DemoConfig, quiet: bool):
     def step(d: Path) -> dict:
         from llavamed.synth import make_corpus
         return make_corpus(str(d), n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed, size=cfg.size,
-                           n_chat=cfg.n_chat, quiet=quiet)
+                           n_chat=cfg.n_chat, quiet=quiet).counts
     return step
 
 def _single(r: dict, kinds) -> bool:
     "Whether VQA record `r` is a closed question of one of `kinds` (kept as its own record)."
     return r.get("answer_type") == "CLOSED" and r.get("question_type") in kinds
 
+def _vqa_copies(cfg: DemoConfig, vqa: list[dict]) -> list[dict]:
+    "The VQA train records stage 2 adds: `vqa_repeats` copies, grouped per image unless told otherwise."
+    out = []
+    for k in range(cfg.vqa_repeats):
+        single = [r for r in vqa if not cfg.vqa_grouped or _single(r, cfg.vqa_single_kinds)]
+        grouped = group_vqa([r for r in vqa if not _single(r, cfg.vqa_single_kinds)], cfg.seed + k) if cfg.vqa_grouped else []
+        out += [{**r, "id": f"{r['id']}_r{k}"} for r in grouped + single]
+    return out
+
 def _instruct_step(cfg: DemoConfig, corpus: Path, quiet: bool):
     def step(d: Path) -> dict:
         from llavamed.instruct import self_instruct
         rep = self_instruct(captions=str(corpus / "instruct_captions.json"), out=str(d / "instruct.jsonl"),
                             teacher="template", seed=cfg.seed, quiet=quiet)
-        mix = list(read_jsonl(d / "instruct.jsonl"))
+        mix = _records(d / "instruct.jsonl")
         n_conv = len(mix)
-        if cfg.vqa_in_instruct:
-            vqa = read_json(corpus / "vqa_train.json")
-            for k in range(cfg.vqa_repeats):
-                single = [r for r in vqa if not cfg.vqa_grouped or _single(r, cfg.vqa_single_kinds)]
-                grouped = group_vqa([r for r in vqa if not _single(r, cfg.vqa_single_kinds)], cfg.seed + k) if cfg.vqa_grouped else []
-                mix += [{**r, "id": f"{r['id']}_r{k}"} for r in grouped + single]
+        if cfg.vqa_in_instruct: mix += _vqa_copies(cfg, _records(corpus / "vqa_train.json"))
         random.Random(cfg.seed).shuffle(mix)
         write_json(d / "stage2_data.json", mix, indent=None)
-        return {"teacher": rep["teacher"], "conversations": n_conv, "qa_pairs": rep["pairs_out"],
-                "dropped": rep["samples_dropped"], "stage2_records": len(mix), "vqa_records": len(mix) - n_conv}
+        return {"teacher": rep.teacher, "conversations": n_conv, "qa_pairs": rep.pairs_out,
+                "dropped": rep.samples_dropped, "stage2_records": len(mix), "vqa_records": len(mix) - n_conv}
     return step
 
 # %% ../nbs/09_pipeline.ipynb #9e3e6dfd
@@ -200,136 +228,54 @@ def _tower_step(cfg: DemoConfig, corpus: Path, quiet: bool):
 def _train_step(cfg: DemoConfig, stage: str, model_dir: Path, data: Path, images: Path, quiet: bool):
     def step(d: Path) -> dict:
         from llavamed.train import train
-        epochs, lr = (cfg.align_epochs, cfg.align_lr) if stage == "align" else (cfg.instruct_epochs, cfg.instruct_lr)
-        n_steps = math.ceil(len(read_json(data)) / cfg.batch_size) * epochs
+        settings = cfg.stage(stage)
+        n_steps = math.ceil(sum(1 for _ in iter_records(data)) / settings.global_batch_size) * settings.epochs
         every = max(1, int(n_steps // 60))  # about 60 points on the loss curve, and a short console log
-        res = train(stage=stage, model=str(model_dir), data=str(data), images=str(images), out=str(d), epochs=epochs,
-                    lr=lr, global_batch_size=cfg.batch_size, per_device_batch_size=cfg.batch_size, save_steps=10**9,
-                    logging_steps=every, num_workers=0, seed=cfg.seed)
-        return {k: res[k] for k in ("steps", "train_loss", "final_loss", "seconds", "dataset")}
+        run = RunConfig(model=str(model_dir), data=str(data), images=str(images), out=str(d), save_steps=10**9,
+                        logging_steps=every, num_workers=0)
+        res = train(settings, run)
+        return {k: getattr(res, k) for k in ("steps", "train_loss", "final_loss", "seconds", "dataset")}
     return step
-
-# %% ../nbs/09_pipeline.ipynb #e6f978de
-def vqa_questions(path: str | Path) -> list[dict]:
-    "Questions of a LLaVA VQA file as {id, image, question, answer, answer_type, domain}."
-    out = []
-    for r in read_json(path):
-        dom = next((d for d in DOMAINS if (r.get("domain") or {}).get(d)), None)
-        out.append({"id": r["id"], "image": r["image"], "question": r["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip(),
-                    "answer": r["conversations"][1]["value"], "answer_type": r.get("answer_type"), "domain": dom})
-    return out
-
-# %% ../nbs/09_pipeline.ipynb #4a6350a7
-def _predict(model_dir: Path, data: Path, images: Path, out: Path, ablation: str, max_new_tokens: int, cfg: DemoConfig,
-             progress: bool) -> Path:
-    "Answers to a VQA file or benchmark JSONL through `llavamed.predict.predict`."
-    from llavamed.predict import predict
-    predict(model=str(model_dir), data=str(data), images=str(images), out=str(out), batch_size=cfg.eval_batch_size,
-            max_new_tokens=max_new_tokens, image_ablation=ablation, seed=cfg.seed, progress=progress)
-    return out
-
-# %% ../nbs/09_pipeline.ipynb #fd35ab0a
-def vqa_groups(data: str | Path,  # the VQA test file
-               answers: str | Path,  # an answers JSONL
-               key: str = "domain",  # group by 'domain' or 'question_type'
-               mode: str = "official",  # 'official' or 'strict'
-              ) -> dict[str, dict]:
-    "Closed accuracy and open recall (percent) of one answers file, per domain or per question kind."
-    from llavamed.eval import align, load_answers, load_vqa, score_pairs
-    recs = {r["id"]: r for r in read_json(data)}
-    group = {i: (next((d for d in DOMAINS if (r.get("domain") or {}).get(d)), None) if key == "domain" else r.get(key))
-             for i, r in recs.items()}
-    pairs, _ = align(load_vqa(data), load_answers(answers))
-    out = {}
-    for g in sorted({v for v in group.values() if v is not None}, key=lambda g: (g not in DOMAINS, DOMAINS.index(g) if g in DOMAINS else 0, g)):
-        sub = [(q, a) for q, a in pairs if group.get(q["id"]) == g]
-        s = score_pairs(sub, mode)
-        out[g] = {"closed_accuracy": s["closed_accuracy"], "open_recall": s["open_recall"], "n_closed": s["n_closed"], "n_open": s["n_open"]}
-    return out
 
 # %% ../nbs/09_pipeline.ipynb #e5080815
 def _eval_step(cfg: DemoConfig, model_dir: Path, corpus: Path, quiet: bool):
     def step(d: Path) -> dict:
-        from llavamed.eval import score
-        data, images, res = corpus / "vqa_test.json", corpus / "images", {}
-        for abl in ("none", "blank"):
-            ans = _predict(model_dir, data, images, d / f"answers_{abl}.jsonl", abl, cfg.max_new_tokens, cfg, not quiet)
-            with contextlib.redirect_stdout(io.StringIO()) as buf:
-                s = score(pred=str(ans), gt=str(data), mode="all", out=str(d / f"scores_{abl}.json"))
-            (d / f"scores_{abl}.txt").write_text(buf.getvalue())
-            write_json(d / f"per_domain_{abl}.json", {m: vqa_groups(data, ans, "domain", m) for m in ("official", "strict")})
-            write_json(d / f"per_kind_{abl}.json", {m: vqa_groups(data, ans, "question_type", m) for m in ("official", "strict")})
-            res[abl] = {m: {k: s[m][k] for k in ("closed_accuracy", "open_recall", "f1", "exact_match")} for m in ("official", "strict")}
-        return res
+        res = evaluate(str(model_dir), data=str(corpus / "vqa_test.json"), images=str(corpus / "images"), out=str(d),
+                       ablations="none,blank", batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                       seed=cfg.seed, write_report=False, progress=not quiet)
+        return {abl: {m: {k: v[k] for k in ("closed_accuracy", "open_recall", "f1", "exact_match")}
+                      for m, v in s.metrics.items()} for abl, s in res.scores.items()}
     return step
 
-# %% ../nbs/09_pipeline.ipynb #4f5e78a5
 def _judge_step(cfg: DemoConfig, model_dir: Path, corpus: Path, quiet: bool):
     def step(d: Path) -> dict:
-        ans = _predict(model_dir, corpus / "chat_eval.jsonl", corpus / "images", d / "chat_answers.jsonl", "none",
-                       cfg.chat_max_new_tokens, cfg, not quiet)
-        from llavamed.judge import judge
-        with contextlib.redirect_stdout(io.StringIO()):
-            s = judge(questions=str(corpus / "chat_eval.jsonl"), answers=str(ans), out=str(d / "reviews.jsonl"),
-                      judge="overlap", order="both", progress=not quiet)
-        return {"judge": s["judge"], "n_questions": s["n_questions"], "groups": s["groups"]}
+        res = evaluate(str(model_dir), chat=str(corpus / "chat_eval.jsonl"), images=str(corpus / "images"), out=str(d),
+                       batch_size=cfg.eval_batch_size, chat_max_new_tokens=cfg.chat_max_new_tokens, seed=cfg.seed,
+                       write_report=False, progress=not quiet)
+        return {"judge": res.chat.judge, "n_questions": res.chat.n_questions, "groups": res.chat.groups}
     return step
 
-# %% ../nbs/09_pipeline.ipynb #d443f609
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-def plot_losses(runs: dict[str, Path], path: Path) -> Path:
-    "Training-loss curves of the stages in `runs` ({label: run folder with log_history.jsonl}), side by side."
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.2), squeeze=False)
-    for ax, (label, d) in zip(axes[0], runs.items()):
-        rows = list(read_jsonl(Path(d) / "log_history.jsonl"))
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
-        ax.set(title=label, xlabel="optimiser step", ylabel="training loss"); ax.grid(alpha=.3)
-    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
-    return path
-
-def plot_bars(groups: list[str], series: dict[str, list], path: Path, ylabel: str, title: str, ref: float | None = None) -> Path:
-    "Grouped bar chart: one group per label in `groups`, one bar per series; values printed on the bars."
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(groups) + 2), 3.4))
-    w = 0.8 / max(1, len(series))
-    for i, (name, vals) in enumerate(series.items()):
-        xs = [g + (i - (len(series) - 1) / 2) * w for g in range(len(groups))]
-        bars = ax.bar(xs, [v or 0 for v in vals], w, label=name)
-        for b, v in zip(bars, vals):
-            if v is not None: ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
-    if ref is not None: ax.axhline(ref, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(groups)), groups, fontsize=8); ax.set(ylabel=ylabel, title=title)
-    top = max([v for vs in series.values() for v in vs if v is not None] + [ref or 0, 1])
-    ax.set_ylim(0, top * 1.25); ax.legend(fontsize=7, ncol=len(series), loc="upper center"); ax.grid(axis="y", alpha=.3); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
-    return path
-
 # %% ../nbs/09_pipeline.ipynb #6993cfb0
-def pick_examples(questions: list[dict],  # benchmark questions (qa50 format)
+def pick_examples(questions: list[Question],  # benchmark questions (`llavamed.core.load_questions`)
                   answers: dict[str, str],  # question id -> model answer
                   k: int = 3,  # figures to show
                  ) -> list[dict]:
     "Up to `k` benchmark figures from different domains, each with its questions, references and answers."
-    by_img: dict[str, list[dict]] = defaultdict(list)
-    for q in questions: by_img[q["image"]].append(q)
+    by_image: dict[str, list[Question]] = defaultdict(list)
+    for q in questions: by_image[q.image].append(q)
     out, seen = [], set()
-    for img, qs in by_img.items():
-        dom = next((d for d in DOMAINS if qs[0]["domain"].get(d)), None)
-        if dom in seen: continue
-        seen.add(dom)
-        out.append({"image": img, "domain": dom, "caption": qs[0]["fig_caption"],
-                    "turns": [{"question": q["text"].replace(IMAGE_TOKEN, "").strip(), "reference": q["gpt4_answer"],
-                               "answer": answers.get(str(q["question_id"]), "")} for q in qs]})
+    for image, qs in by_image.items():
+        if qs[0].domain in seen: continue
+        seen.add(qs[0].domain)
+        out.append({"image": image, "domain": qs[0].domain, "caption": qs[0].extra.get("fig_caption"),
+                    "turns": [{"question": q.question, "reference": q.answer, "answer": answers.get(q.id, "")}
+                              for q in qs]})
         if len(out) == k: break
     return out
 
 # %% ../nbs/09_pipeline.ipynb #e88a54b8
 def _examples_md(examples: list[dict], images: Path, files: Path, rel: str) -> list[str]:
+    "The example figures as Markdown, each image saved enlarged into `files` (linked through `rel`)."
     from PIL import Image
     lines = []
     for i, ex in enumerate(examples, 1):
@@ -345,131 +291,152 @@ def _examples_md(examples: list[dict], images: Path, files: Path, rel: str) -> l
     return lines
 
 # %% ../nbs/09_pipeline.ipynb #bf131336
-def _pct(v) -> str: return "-" if v is None else f"{v:.1f}"
+def _headline_md(rep: dict) -> list[str]:
+    "The report's headline: the VQA numbers in both modes, the targets, the benchmark, the blank-image ablation."
+    met = lambda name: "met" if rep["targets"][name] else "NOT met"
+    chat = lambda g: fmt_num((rep["chat_groups"].get(g) or {}).get("relative_score"))
+    row = lambda label, official, strict: f"| {label} | {fmt_num(rep[official])} | {fmt_num(rep.get(strict))} |"
+    return [
+        "## Headline (VQA test split, percent)", "", "| metric | official mode | strict mode |", "|---|---|---|",
+        row("closed accuracy", "closed_accuracy", "strict_closed_accuracy"),
+        row("closed accuracy, blank image", "closed_accuracy_blank_image", "strict_closed_accuracy_blank_image"),
+        row("open recall", "open_recall", "strict_open_recall"),
+        row("open recall, blank image", "open_recall_blank_image", None), "",
+        f"Targets: official closed accuracy >= 85: **{met('closed_accuracy>=85')}**; blank-image closed accuracy "
+        f"<= 60: **{met('closed_accuracy_blank_image<=60')}**. Decoding: {rep['decoding']}. Closed questions are "
+        "yes/no, balanced by construction, so 50 is chance.", "",
+        f"Conversation benchmark relative score (judge: {rep['chat_judge']}; a PROXY, not the paper's GPT-4 judge): "
+        f"overall {chat('overall')}, conversation {chat('conversation')}, description {chat('description')}.", "",
+        "![metrics by mode](report_files/metrics.png)", "", "## Blank-image ablation", "",
+        f"Closed accuracy changes by {-rep['closed_accuracy_delta_blank']:+.1f} points when every test image is "
+        "replaced by a black image (the model is asked the same questions); a large drop means the answers depend "
+        "on looking at the figure.", "", "![ablation](report_files/ablation.png)", ""]
 
-def write_report(root: Path, cfg: DemoConfig, steps: Steps, wall: float) -> dict:
-    "Write `report.json` and `report.md` (with PNG figures in `report_files/`) from the finished steps."
-    ev, files = steps.summaries["evaluate"], root / "report_files"
-    files.mkdir(exist_ok=True)
-    off, st = ev["none"]["official"], ev["none"]["strict"]
-    boff, bst = ev["blank"]["official"], ev["blank"]["strict"]
-    jg = steps.summaries["judge"]["groups"]
-    corpus = root / "corpus"
-    per_dom = {a: read_json(root / "evaluate" / f"per_domain_{a}.json") for a in ("none", "blank")}
-    per_kind = {a: read_json(root / "evaluate" / f"per_kind_{a}.json") for a in ("none", "blank")}
-    train_s = sum(steps.seconds[k] for k in ("tower", "stage1", "stage2"))
-    rep = {
-        "closed_accuracy": off["closed_accuracy"], "open_recall": off["open_recall"],
-        "closed_accuracy_blank_image": boff["closed_accuracy"], "open_recall_blank_image": boff["open_recall"],
-        "strict_closed_accuracy": st["closed_accuracy"], "strict_open_recall": st["open_recall"],
-        "strict_closed_accuracy_blank_image": bst["closed_accuracy"],
-        "closed_accuracy_delta_blank": off["closed_accuracy"] - boff["closed_accuracy"],
-        "chat_relative_score_proxy": (jg.get("overall") or {}).get("relative_score"),
+def _groups_md(rep: dict) -> list[str]:
+    "Tables per domain and per question kind, with and without the image."
+    domains, kinds = rep["per_domain"], rep["per_question_kind"]
+    lines = ["## Per domain", "", "| domain | closed acc (official) | closed acc, blank | open recall "
+             "| benchmark (proxy) |", "|---|---|---|---|---|"]
+    for d, seen in domains["none"]["official"].items():
+        blank = domains["blank"]["official"][d]
+        lines.append(f"| {DOMAIN_NAMES.get(d, d)} | {fmt_num(seen['closed_accuracy'])} | {fmt_num(blank['closed_accuracy'])} "
+                     f"| {fmt_num(seen['open_recall'])} | {fmt_num((rep['chat_groups'].get(d) or {}).get('relative_score'))} |")
+    lines += ["", "![per domain](report_files/domains.png)", "", "## Per question kind", "",
+              "| kind | closed acc (official) | closed acc, blank | closed n | open recall (official) | open n |",
+              "|---|---|---|---|---|---|"]
+    for kind, seen in kinds["none"]["official"].items():
+        blank = kinds["blank"]["official"][kind]
+        lines.append(f"| {kind} | {fmt_num(seen['closed_accuracy'])} | {fmt_num(blank['closed_accuracy'])} "
+                     f"| {seen['n_closed']} | {fmt_num(seen['open_recall'])} | {seen['n_open']} |")
+    return lines + [""]
+
+def _training_md(rep: dict, cfg: DemoConfig) -> list[str]:
+    "How the tower and the two stages were trained, then the sizes, seeds, times and settings."
+    sizes, heads = rep["sizes"], rep["tower"]["train_accuracy_last20pct"]
+    vqa = " + the VQA train split grouped per image" if cfg.vqa_in_instruct else ""
+    return [
+        "## Training", "", f"How the vision tower was made: {rep['tower']['how']}. Its training accuracy per head over "
+        "the last 20% of stage-0 steps: " + ", ".join(f"{h} {100 * v:.0f}%" for h, v in heads.items() if v is not None) + ".",
+        "", f"Stage 1 trains the projector only ({sizes['stage1_steps']} steps, lr {cfg.stage1['lr']}); stage 2 trains "
+        f"projector + LM ({sizes['stage2_steps']} steps, lr {cfg.stage2['lr']}) on {sizes['stage2_records']} records "
+        f"(template-teacher conversations{vqa}); the tower stays frozen in both.", "",
+        "![loss curves](report_files/loss.png)", "", "## Sizes, seeds and time", "",
+        f"- corpus: {sizes['train_figures']} train / {sizes['test_figures']} test figures at {cfg.size} px "
+        f"({(cfg.size // cfg.patch) ** 2} image tokens from {cfg.patch} px patches); "
+        f"VQA test questions {sizes['vqa_test']}; benchmark questions {sizes['chat_eval']}",
+        "- parameters: " + ", ".join(f"{k} {fmt_num(v)}" for k, v in sizes["params"].items()),
+        f"- seeds: {rep['seeds']}",
+        f"- time: training (stages 0-2) {rep['train_seconds']:.0f} s; all steps {rep['total_seconds']:.0f} s (steps run "
+        f"now: {', '.join(rep['steps_run_now']) or 'none'}; this run's wall time {rep['wall_seconds_this_run']:.0f} s)",
+        "- per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in rep["step_seconds"].items()),
+        f"- settings: `{json.dumps(rep['config'])}`", ""]
+
+def _write_md(root: Path, rep: dict, examples: list[dict], cfg: DemoConfig, images: Path, files: Path):
+    "Write `report.md` from the content of `report.json`, the examples and the settings."
+    lines = ["# llavamed demo report", "",
+             "The whole LLaVA-Med pipeline on the built-in synthetic corpus, on CPU, with no network: synthetic "
+             "figures -> self-instruct (offline template teacher) -> stage 0 tower pretraining -> stage 1 alignment "
+             "-> stage 2 instruction tuning -> VQA evaluation (official and strict metrics, blank-image ablation) -> "
+             "conversation benchmark with an offline proxy judge.", ""]
+    lines += _headline_md(rep) + _groups_md(rep) + _training_md(rep, cfg)
+    lines += ["The evaluation report of `llavamed report` on the same answers (tables of every metric, the paper's "
+              "layout): [report_files/eval/report.md](report_files/eval/report.md).", "",
+              "## Example conversations (benchmark figures)", ""]
+    lines += _examples_md(examples, images, files, "report_files")
+    (root / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+# %% ../nbs/09_pipeline.ipynb #f0bafc46
+def _report_json(root: Path, cfg: DemoConfig, steps: Steps, wall: float) -> dict:
+    "The content of `report.json`, from the finished steps' summaries and files."
+    ev, chat_groups = steps.summaries["evaluate"], steps.summaries["judge"]["groups"]
+    seen, blank = ev["none"], ev["blank"]  # {mode: numbers} with the real image, and with a black one
+    run_files = {kind: {a: read_json(root / "evaluate" / f"{kind}_{a}.json") for a in ("none", "blank")}
+                 for kind in ("per_domain", "per_kind")}
+    sizes = {**steps.summaries["corpus"], "stage2_records": steps.summaries["instruct"]["stage2_records"],
+             "image_size": cfg.size, "params": steps.summaries["tower"]["params"],
+             "stage1_steps": steps.summaries["stage1"]["steps"], "stage2_steps": steps.summaries["stage2"]["steps"]}
+    tower = (f"stage 0: the tiny CLIP tower (random init) trained {cfg.tower_steps} steps (batch {cfg.tower_batch}, "
+             f"lr {cfg.tower_lr}) to predict the corpus's ground-truth labels (labels.json: domain, presence, "
+             "finding, side, region, size, count) from mean-pooled patch features of the layer the projector "
+             "reads, then frozen for stages 1 and 2")
+    return {
+        "closed_accuracy": seen["official"]["closed_accuracy"], "open_recall": seen["official"]["open_recall"],
+        "closed_accuracy_blank_image": blank["official"]["closed_accuracy"],
+        "open_recall_blank_image": blank["official"]["open_recall"],
+        "strict_closed_accuracy": seen["strict"]["closed_accuracy"], "strict_open_recall": seen["strict"]["open_recall"],
+        "strict_closed_accuracy_blank_image": blank["strict"]["closed_accuracy"],
+        "closed_accuracy_delta_blank": seen["official"]["closed_accuracy"] - blank["official"]["closed_accuracy"],
+        "chat_relative_score_proxy": (chat_groups.get("overall") or {}).get("relative_score"),
         "chat_judge": steps.summaries["judge"]["judge"],
         "metric_units": "percent; official = LLaVA-Med v1.0 scorer, strict = word-boundary yes/no, set recall",
         "decoding": f"greedy, max_new_tokens={cfg.max_new_tokens} (VQA), {cfg.chat_max_new_tokens} (benchmark)",
-        "train_seconds": train_s, "total_seconds": sum(steps.seconds.values()), "wall_seconds_this_run": wall,
+        "train_seconds": sum(steps.seconds[k] for k in ("tower", "stage1", "stage2")),
+        "total_seconds": sum(steps.seconds.values()), "wall_seconds_this_run": wall,
         "step_seconds": steps.seconds, "steps_run_now": steps.ran,
         "seeds": {"corpus": cfg.seed, "teacher": cfg.seed, "init": cfg.seed, "data_order": cfg.seed},
-        "sizes": {**steps.summaries["corpus"], "stage2_records": steps.summaries["instruct"]["stage2_records"],
-                  "image_size": cfg.size, "params": steps.summaries["tower"]["params"],
-                  "stage1_steps": steps.summaries["stage1"]["steps"], "stage2_steps": steps.summaries["stage2"]["steps"]},
-        "tower": {"how": f"stage 0: the tiny CLIP tower (random init) trained {cfg.tower_steps} steps (batch {cfg.tower_batch}, "
-                         f"lr {cfg.tower_lr}) to predict the corpus's ground-truth labels (labels.json: domain, presence, "
-                         "finding, side, region, size, count) from mean-pooled patch features of the layer the projector "
-                         "reads, then frozen for stages 1 and 2",
-                  "train_accuracy_last20pct": steps.summaries["tower"]["train_accuracy_last20pct"]},
-        "per_domain": per_dom, "per_question_kind": per_kind, "chat_groups": jg,
-        "targets": {"closed_accuracy>=85": off["closed_accuracy"] >= 85, "closed_accuracy_blank_image<=60": boff["closed_accuracy"] <= 60},
+        "sizes": sizes,
+        "tower": {"how": tower, "train_accuracy_last20pct": steps.summaries["tower"]["train_accuracy_last20pct"]},
+        "per_domain": run_files["per_domain"], "per_question_kind": run_files["per_kind"], "chat_groups": chat_groups,
+        "targets": {"closed_accuracy>=85": seen["official"]["closed_accuracy"] >= 85,
+                    "closed_accuracy_blank_image<=60": blank["official"]["closed_accuracy"] <= 60},
         "config": cfg.to_json(),
     }
-    # figures
-    plot_losses({"stage 1: alignment (projector)": root / "stage1", "stage 2: instruction tuning (projector + LM)": root / "stage2"},
-                files / "loss.png")
-    plot_bars(["closed accuracy", "open recall"], {"official": [off["closed_accuracy"], off["open_recall"]],
-                                                  "strict": [st["closed_accuracy"], st["open_recall"]]},
-              files / "metrics.png", "percent", "VQA test split by metric mode")
-    plot_bars(["official closed", "strict closed", "official open"],
-              {"image": [off["closed_accuracy"], st["closed_accuracy"], off["open_recall"]],
-               "blank image": [boff["closed_accuracy"], bst["closed_accuracy"], boff["open_recall"]]},
-              files / "ablation.png", "percent", "Blank-image ablation", ref=50)
-    doms = [d for d in DOMAINS if d in rep["per_domain"]["none"]["official"]]
-    plot_bars([DOMAIN_NAMES[d] for d in doms],
-              {"closed acc (official)": [rep["per_domain"]["none"]["official"][d]["closed_accuracy"] for d in doms],
-               "closed acc, blank image": [rep["per_domain"]["blank"]["official"][d]["closed_accuracy"] for d in doms],
-               "open recall (official)": [rep["per_domain"]["none"]["official"][d]["open_recall"] for d in doms],
-               "benchmark (proxy judge)": [(jg.get(d) or {}).get("relative_score") for d in doms]},
-              files / "domains.png", "percent", "Per-domain scores")
-    from llavamed.report import report as eval_report  # the evaluation report of `llavamed report`, kept beside ours
-    with contextlib.redirect_stdout(io.StringIO()):
-        eval_report(inputs=[str(root / "evaluate" / f"scores_{a}.json") for a in ("none", "blank")] +
-                    [str(root / "judge" / "reviews.summary.json")], out=str(files / "eval"), title="llavamed demo: evaluation")
-    qs = list(read_jsonl(corpus / "chat_eval.jsonl"))
-    ans = {str(a["question_id"]): a["text"] for a in read_jsonl(root / "judge" / "chat_answers.jsonl")}
-    ex = pick_examples(qs, ans)
-    write_json(root / "report.json", rep)
-    _write_md(root, rep, ex, cfg, corpus / "images", files)
-    return rep
 
-# %% ../nbs/09_pipeline.ipynb #f0bafc46
-def _write_md(root: Path, rep: dict, examples: list[dict], cfg: DemoConfig, images: Path, files: Path):
-    r, t = rep, rep["targets"]
-    ok = lambda b: "met" if b else "NOT met"
-    jrow = lambda g: _pct((r["chat_groups"].get(g) or {}).get("relative_score"))
-    lines = [
-        "# llavamed demo report", "",
-        "The whole LLaVA-Med pipeline on the built-in synthetic corpus, on CPU, with no network: synthetic figures -> "
-        "self-instruct (offline template teacher) -> stage 0 tower pretraining -> stage 1 alignment -> stage 2 "
-        "instruction tuning -> VQA evaluation (official and strict metrics, blank-image ablation) -> conversation "
-        "benchmark with an offline proxy judge.", "",
-        "## Headline (VQA test split, percent)", "",
-        "| metric | official mode | strict mode |", "|---|---|---|",
-        f"| closed accuracy | {_pct(r['closed_accuracy'])} | {_pct(r['strict_closed_accuracy'])} |",
-        f"| closed accuracy, blank image | {_pct(r['closed_accuracy_blank_image'])} | {_pct(r['strict_closed_accuracy_blank_image'])} |",
-        f"| open recall | {_pct(r['open_recall'])} | {_pct(r['strict_open_recall'])} |",
-        f"| open recall, blank image | {_pct(r['open_recall_blank_image'])} | - |", "",
-        f"Targets: official closed accuracy >= 85: **{ok(t['closed_accuracy>=85'])}**; blank-image closed accuracy <= 60: "
-        f"**{ok(t['closed_accuracy_blank_image<=60'])}**. Decoding: {r['decoding']}. Closed questions are yes/no, "
-        "balanced by construction, so 50 is chance.", "",
-        f"Conversation benchmark relative score (judge: {r['chat_judge']}; a PROXY, not the paper's GPT-4 judge): overall "
-        f"{jrow('overall')}, conversation {jrow('conversation')}, description {jrow('description')}.", "",
-        "![metrics by mode](report_files/metrics.png)", "", "## Blank-image ablation", "",
-        f"Closed accuracy changes by {-r['closed_accuracy_delta_blank']:+.1f} points when every test image is replaced by a "
-        "black image (the model is asked the same questions); a large drop means the answers depend on looking at the figure.", "", "![ablation](report_files/ablation.png)", "",
-        "## Per domain", "", "| domain | closed acc (official) | closed acc, blank | open recall | benchmark (proxy) |",
-        "|---|---|---|---|---|"]
-    pd = r["per_domain"]
-    for d in DOMAINS:
-        if d not in pd["none"]["official"]: continue
-        lines.append(f"| {DOMAIN_NAMES[d]} | {_pct(pd['none']['official'][d]['closed_accuracy'])} | "
-                     f"{_pct(pd['blank']['official'][d]['closed_accuracy'])} | {_pct(pd['none']['official'][d]['open_recall'])} | {jrow(d)} |")
-    pk = r["per_question_kind"]
-    lines += ["", "![per domain](report_files/domains.png)", "", "## Per question kind", "",
-              "| kind | closed acc (official) | closed acc, blank | closed n | open recall (official) | open n |", "|---|---|---|---|---|---|"]
-    for k, v in pk["none"]["official"].items():
-        lines.append(f"| {k} | {_pct(v['closed_accuracy'])} | {_pct(pk['blank']['official'][k]['closed_accuracy'])} | {v['n_closed']} | "
-                     f"{_pct(v['open_recall'])} | {v['n_open']} |")
-    lines += ["", "## Training", "",
-              f"How the vision tower was made: {r['tower']['how']}. Its training accuracy per head over the last 20% of "
-              "stage-0 steps: " + ", ".join(f"{h} {100 * v:.0f}%" for h, v in r["tower"]["train_accuracy_last20pct"].items() if v is not None) + ".", "",
-              f"Stage 1 trains the projector only ({r['sizes']['stage1_steps']} steps, lr {cfg.align_lr}); stage 2 trains projector + "
-              f"LM ({r['sizes']['stage2_steps']} steps, lr {cfg.instruct_lr}) on {r['sizes']['stage2_records']} records "
-              "(template-teacher conversations" + (" + the VQA train split grouped per image" if cfg.vqa_in_instruct else "") +
-              "); the tower stays frozen in both.", "", "![loss curves](report_files/loss.png)", "",
-              "## Sizes, seeds and time", "",
-              f"- corpus: {r['sizes']['train_figures']} train / {r['sizes']['test_figures']} test figures at {cfg.size} px "
-              f"({(cfg.size // cfg.patch) ** 2} image tokens from {cfg.patch} px patches); "
-              f"VQA test questions {r['sizes']['vqa_test']}; benchmark questions {r['sizes']['chat_eval']}",
-              f"- parameters: " + ", ".join(f"{k} {v:,}" for k, v in r["sizes"]["params"].items()),
-              f"- seeds: {r['seeds']}",
-              f"- time: training (stages 0-2) {r['train_seconds']:.0f} s; all steps {r['total_seconds']:.0f} s "
-              f"(steps run now: {', '.join(r['steps_run_now']) or 'none'}; this run's wall time {r['wall_seconds_this_run']:.0f} s)",
-              "- per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["step_seconds"].items()),
-              f"- settings: `{json.dumps(r['config'])}`", "",
-              "The evaluation report of `llavamed report` on the same answers (tables of every metric, the paper's layout): "
-              "[report_files/eval/report.md](report_files/eval/report.md).", "", "## Example conversations (benchmark figures)", ""]
-    lines += _examples_md(examples, images, files, "report_files")
-    (root / "report.md").write_text("\n".join(lines), encoding="utf-8")
+def _report_figures(root: Path, rep: dict, files: Path) -> None:
+    "The report's PNGs in `files`: loss curves, metrics by mode, the blank-image ablation, per-domain scores."
+    plot_losses({"stage 1: alignment (projector)": root / "stage1",
+                 "stage 2: instruction tuning (projector + LM)": root / "stage2"}, files / "loss.png")
+    bar_chart(["closed accuracy", "open recall"],
+              {"official": [rep["closed_accuracy"], rep["open_recall"]],
+               "strict": [rep["strict_closed_accuracy"], rep["strict_open_recall"]]},
+              files / "metrics.png", "percent", "VQA test split by metric mode")
+    bar_chart(["official closed", "strict closed", "official open"],
+              {"image": [rep["closed_accuracy"], rep["strict_closed_accuracy"], rep["open_recall"]],
+               "blank image": [rep["closed_accuracy_blank_image"], rep["strict_closed_accuracy_blank_image"],
+                               rep["open_recall_blank_image"]]},
+              files / "ablation.png", "percent", "Blank-image ablation", ref=50)
+    seen, blank = rep["per_domain"]["none"]["official"], rep["per_domain"]["blank"]["official"]
+    doms = [d for d in DOMAINS if d in seen]
+    bar_chart([DOMAIN_NAMES[d] for d in doms],
+              {"closed acc (official)": [seen[d]["closed_accuracy"] for d in doms],
+               "closed acc, blank image": [blank[d]["closed_accuracy"] for d in doms],
+               "open recall (official)": [seen[d]["open_recall"] for d in doms],
+               "benchmark (proxy judge)": [(rep["chat_groups"].get(d) or {}).get("relative_score") for d in doms]},
+              files / "domains.png", "percent", "Per-domain scores")
+
+def write_report(root: Path, cfg: DemoConfig, steps: Steps, wall: float) -> dict:
+    "Write `report.json` and `report.md` (with PNG figures in `report_files/`) from the finished steps."
+    files = root / "report_files"
+    files.mkdir(exist_ok=True)
+    rep = _report_json(root, cfg, steps, wall)
+    _report_figures(root, rep, files)
+    report([root / "evaluate" / f"scores_{a}.json" for a in ("none", "blank")] +
+           [root / "judge" / "chat_reviews.summary.json"], out=str(files / "eval"), title="llavamed demo: evaluation")
+    questions = load_questions(root / "corpus" / "chat_eval.jsonl")
+    answers = {str(a["question_id"]): a["text"] for a in load_answers(root / "judge" / "chat_answers.jsonl")}
+    write_json(root / "report.json", rep)
+    _write_md(root, rep, pick_examples(questions, answers), cfg, root / "corpus" / "images", files)
+    return rep
 
 # %% ../nbs/09_pipeline.ipynb #d27e01c5
 STEP_NAMES = ("corpus", "instruct", "tower", "stage1", "stage2", "evaluate", "judge")
@@ -477,19 +444,52 @@ STEP_KEYS = {  # the settings each step depends on (every DemoConfig field is so
     "corpus": ("seed", "n_train", "n_test", "n_chat", "size"),
     "instruct": ("vqa_in_instruct", "vqa_repeats", "vqa_grouped", "vqa_single_kinds"),
     "tower": ("vocab_size", "patch", "vision", "lm", "tower_steps", "tower_lr", "tower_batch", "threads"),
-    "stage1": ("align_epochs", "align_lr", "batch_size", "threads"),
-    "stage2": ("instruct_epochs", "instruct_lr", "batch_size", "threads"),
+    "stage1": ("stage1", "threads"),
+    "stage2": ("stage2", "threads"),
     "evaluate": ("max_new_tokens", "eval_batch_size", "threads"),
     "judge": ("chat_max_new_tokens", "eval_batch_size", "threads")}
 STEP_INPUTS = {"corpus": (), "instruct": ("corpus",), "tower": ("corpus",), "stage1": ("tower",),
                "stage2": ("stage1", "instruct"), "evaluate": ("stage2",), "judge": ("stage2",)}
 
+@dataclass
+class DemoReport(Result):
+    "What `llavamed demo` reached: the content of `report.json`, and where the report is."
+    report: dict  # the content of `report.json` (headline numbers, per-group numbers, sizes, seeds, times, settings)
+    path: str  # the report's Markdown file
+    quiet: bool = False  # the command's --quiet: no text
+
+    def __str__(self) -> str:
+        "The headline in one line (empty when quiet)."
+        r = self.report
+        return "" if self.quiet else (
+            f"closed accuracy {r['closed_accuracy']:.1f} (strict {r['strict_closed_accuracy']:.1f}), blank image "
+            f"{r['closed_accuracy_blank_image']:.1f}; open recall {r['open_recall']:.1f}; train {r['train_seconds']:.0f} s, "
+            f"total {r['total_seconds']:.0f} s -> {self.path}")
+
+    def to_json(self) -> dict:
+        "The content of `report.json`."
+        return self.report
+
+def _steps(cfg: DemoConfig, root: Path, quiet: bool) -> list[tuple[str, Callable, str]]:
+    "(name, step function, title) of every step, in order."
+    corpus, images, stage2_data = root / "corpus", root / "corpus" / "images", root / "instruct" / "stage2_data.json"
+    return [
+        ("corpus", _synth_step(cfg, quiet), "synthesise the figure corpus"),
+        ("instruct", _instruct_step(cfg, corpus, quiet), "self-instruct with the template teacher"),
+        ("tower", _tower_step(cfg, corpus, quiet), "stage 0: pretrain the tiny tower on labels.json, then freeze it"),
+        ("stage1", _train_step(cfg, "stage1", root / "tower", corpus / "alignment.json", images, quiet),
+         "stage 1: concept alignment (projector only)"),
+        ("stage2", _train_step(cfg, "stage2", root / "stage1", stage2_data, images, quiet),
+         "stage 2: instruction tuning (projector + LM)"),
+        ("evaluate", _eval_step(cfg, root / "stage2", corpus, quiet), "VQA test split: predict and score, image and blank image"),
+        ("judge", _judge_step(cfg, root / "stage2", corpus, quiet), "conversation benchmark with the offline proxy judge")]
+
 def run_pipeline(cfg: DemoConfig | None = None,  # the settings (default: `DemoConfig()`)
                  out: str | Path = "demo_out",  # the demo folder
                  fresh: bool = False,  # redo every step
                  quiet: bool = False,  # no progress output
-                ) -> dict:
-    "Run every demo step (reusing finished ones) and write `report.md` and `report.json`; returns the report."
+                ) -> DemoReport:
+    "Run every demo step (reusing finished ones) and write `report.md` and `report.json`."
     import torch
     cfg, root, t0 = cfg or DemoConfig(), Path(out), time.perf_counter()
     if cfg.threads: torch.set_num_threads(cfg.threads)
@@ -497,24 +497,9 @@ def run_pipeline(cfg: DemoConfig | None = None,  # the settings (default: `DemoC
         for n in (*STEP_NAMES, "steps", "report_files"): shutil.rmtree(root / n, ignore_errors=True)
         for n in ("report.md", "report.json"): (root / n).unlink(missing_ok=True)
     steps = Steps(root, cfg.to_json(), quiet)
-    corpus, stage2_data = root / "corpus", root / "instruct" / "stage2_data.json"
-    for name, fn, title in [
-            ("corpus", _synth_step(cfg, quiet), "synthesise the figure corpus"),
-            ("instruct", _instruct_step(cfg, corpus, quiet), "self-instruct with the template teacher"),
-            ("tower", _tower_step(cfg, corpus, quiet), "stage 0: pretrain the tiny tower on labels.json, then freeze it"),
-            ("stage1", _train_step(cfg, "align", root / "tower", corpus / "alignment.json", corpus / "images", quiet),
-             "stage 1: concept alignment (projector only)"),
-            ("stage2", _train_step(cfg, "instruct", root / "stage1", stage2_data, corpus / "images", quiet),
-             "stage 2: instruction tuning (projector + LM)"),
-            ("evaluate", _eval_step(cfg, root / "stage2", corpus, quiet), "VQA test split: predict and score, image and blank image"),
-            ("judge", _judge_step(cfg, root / "stage2", corpus, quiet), "conversation benchmark with the offline proxy judge")]:
+    for name, fn, title in _steps(cfg, root, quiet):
         steps.run(name, fn, title, keys=STEP_KEYS[name], after=STEP_INPUTS[name])
-    rep = write_report(root, cfg, steps, time.perf_counter() - t0)
-    if not quiet:
-        print(f"closed accuracy {rep['closed_accuracy']:.1f} (strict {rep['strict_closed_accuracy']:.1f}), blank image "
-              f"{rep['closed_accuracy_blank_image']:.1f}; open recall {rep['open_recall']:.1f}; train {rep['train_seconds']:.0f} s, "
-              f"total {rep['total_seconds']:.0f} s -> {root / 'report.md'}")
-    return rep
+    return DemoReport(write_report(root, cfg, steps, time.perf_counter() - t0), str(root / "report.md"), quiet)
 
 # %% ../nbs/09_pipeline.ipynb #2509ceba
 def demo(out: str = "demo_out",  # output folder (steps, report.md, report.json)
@@ -522,7 +507,7 @@ def demo(out: str = "demo_out",  # output folder (steps, report.md, report.json)
          seed: int = 0,  # seed of the corpus, teacher, initialisation and data order
          config: str = None,  # JSON or YAML file of `DemoConfig` fields to change (e.g. {"n_train": 500})
          quiet: bool = False,  # no progress output
-        ) -> dict:
+        ) -> DemoReport:
     "Run the whole pipeline on the built-in synthetic corpus and write DIR/report.md and DIR/report.json."
     over = {}
     if config:

@@ -11,7 +11,8 @@ from llavamed.cli import main
 import dataclasses
 from llavamed.pipeline import STEP_INPUTS, STEP_KEYS, STEP_NAMES, DemoConfig, Steps, run_pipeline
 
-TOY = dict(n_train=40, n_test=10, n_chat=3, tower_steps=4, align_epochs=0.5, instruct_epochs=0.5, batch_size=8,
+TOY_STAGE = {"epochs": 0.5, "global_batch_size": 8, "per_device_batch_size": 8}
+TOY = dict(n_train=40, n_test=10, n_chat=3, tower_steps=4, stage1=TOY_STAGE, stage2=TOY_STAGE,
            max_new_tokens=4, chat_max_new_tokens=8, eval_batch_size=16, threads=1)
 KEYS = ("closed_accuracy", "open_recall", "closed_accuracy_blank_image", "strict_closed_accuracy", "train_seconds",
         "total_seconds", "seeds", "sizes", "config", "tower", "per_domain", "chat_groups")
@@ -75,16 +76,16 @@ def test_rerun_reuses_steps_and_reruns_only_what_a_change_touches(demo_dir, caps
     cfg = DemoConfig(**{**TOY, "seed": 1})
     before = _markers(demo_dir)
     rep = run_pipeline(cfg, demo_dir)
-    assert rep["steps_run_now"] == [] and _markers(demo_dir) == before
+    assert rep.report["steps_run_now"] == [] and _markers(demo_dir) == before
     assert "reused" in capsys.readouterr().out
     (demo_dir / "steps" / "evaluate.json").unlink()
     rep = run_pipeline(cfg, demo_dir, quiet=True)
-    assert rep["steps_run_now"] == ["evaluate"]  # judging does not read the evaluation
+    assert rep.report["steps_run_now"] == ["evaluate"]  # judging does not read the evaluation
     after = _markers(demo_dir)
     assert after["stage2"] == before["stage2"] and after["judge"] == before["judge"]
     # a stage-2 setting: stage 2 and what reads its model rerun; data, tower and stage 1 are reused
-    rep = run_pipeline(dataclasses.replace(cfg, instruct_lr=cfg.instruct_lr / 2), demo_dir, quiet=True)
-    assert rep["steps_run_now"] == ["stage2", "evaluate", "judge"]
+    rep = run_pipeline(dataclasses.replace(cfg, stage2={**cfg.stage2, "lr": cfg.stage2["lr"] / 2}), demo_dir, quiet=True)
+    assert rep.report["steps_run_now"] == ["stage2", "evaluate", "judge"]
     now = _markers(demo_dir)
     assert all(now[n] == after[n] for n in ("corpus", "instruct", "tower", "stage1"))
     assert now["stage2"]["inputs"] == {"stage1": after["stage1"]["run_id"], "instruct": after["instruct"]["run_id"]}
@@ -107,7 +108,9 @@ def test_failed_step_leaves_no_marker_and_no_output(tmp_path):
 
 
 def test_config_errors_name_the_field(tmp_path):
-    with pytest.raises(ValueError, match="DemoConfig.batch_size"): DemoConfig(batch_size=0)
+    with pytest.raises(ValueError, match="DemoConfig.eval_batch_size"): DemoConfig(eval_batch_size=0)
+    with pytest.raises(ValueError, match="DemoConfig.stage2: StageConfig.global_batch_size"):
+        DemoConfig(stage2={"global_batch_size": 0})
     bad = tmp_path / "bad.yaml"
     bad.write_text("n_trian: 10\n")
     with pytest.raises(ValueError, match="n_trian"): main(["demo", "--out", str(tmp_path / "o"), "--config", str(bad)])
