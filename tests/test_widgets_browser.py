@@ -18,10 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _artifacts() -> Path:
-    d = Path(os.environ.get("LLAVAMED_ARTIFACTS", ROOT / "tests" / "artifacts"))
-    d.mkdir(parents=True, exist_ok=True)
-    if d == ROOT / "tests" / "artifacts" and not (d / ".gitignore").exists(): (d / ".gitignore").write_text("*\n")
-    return d
+    folder = Path(os.environ.get("LLAVAMED_ARTIFACTS", ROOT / "tests" / "artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder == ROOT / "tests" / "artifacts" and not (folder / ".gitignore").exists():
+        (folder / ".gitignore").write_text("*\n")  # screenshots are never committed
+    return folder
 
 
 def _chromium() -> Path:
@@ -30,14 +31,18 @@ def _chromium() -> Path:
         if shutil.which("apt-get") is None or os.geteuid() != 0:
             pytest.skip("no /usr/bin/chromium and cannot apt-get install it (not root or no apt)")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, check=True, env=env,
-                       stdout=subprocess.DEVNULL, timeout=600)
+        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, check=True,
+                       env=env, stdout=subprocess.DEVNULL, timeout=600)
     return CHROMIUM
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0)); return sock.getsockname()[1]
+
+
+def _log_point(log: Path, step: int):
+    append_jsonl(log, {"step": step, "epoch": step / 10, "loss": 3 / step, "learning_rate": 1e-3})
 
 
 def _fixture(d: Path) -> Path:
@@ -47,19 +52,21 @@ def _fixture(d: Path) -> Path:
     from llavamed.core import DOMAINS, write_json
     (d / "images").mkdir()
     for k, color in enumerate(["red", "lime", "blue"]):
-        im = Image.new("RGB", (160, 120), "black")
-        ImageDraw.Draw(im).ellipse((20 + 30 * k, 20, 100 + 30 * k, 100), fill=color)
-        im.save(d / "images" / f"fig{k}.png")
+        image = Image.new("RGB", (160, 120), "black")
+        ImageDraw.Draw(image).ellipse((20 + 30 * k, 20, 100 + 30 * k, 100), fill=color)
+        image.save(d / "images" / f"fig{k}.png")
     recs = [{"id": f"PMC{k}_F1", "image": f"fig{k}.png", "domain": {x: x == dom for x in DOMAINS},
              "conversations": [{"from": "human", "value": f"<image>\nWhat does figure {k} show?"},
                                {"from": "gpt", "value": f"A {color} disc on a black background ({dom})."}]}
-            for k, (color, dom) in enumerate([("red", "chest_xray"), ("green", "mri"), ("blue", "histology")])]
+            for k, (color, dom) in enumerate([("red", "chest_xray"), ("green", "mri"),
+                                              ("blue", "histology")])]
     write_json(d / "records.json", recs)
-    for s in (1, 2, 3): append_jsonl(d / "run" / "stage1" / "log_history.jsonl", {"step": s, "epoch": s / 10, "loss": 3 / s, "learning_rate": 1e-3})
+    for step in (1, 2, 3): _log_point(d / "run" / "stage1" / "log_history.jsonl", step)
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("from llavamed.widgets import ConversationBrowser, TrainingCurves"),
                 nbformat.v4.new_code_cell(f"ConversationBrowser({str(d / 'records.json')!r}).widget"),
-                nbformat.v4.new_code_cell(f"TrainingCurves({str(d / 'run')!r}, figsize=(3, 2)).start(interval=0.5)")]
+                nbformat.v4.new_code_cell(
+                    f"TrainingCurves({str(d / 'run')!r}, figsize=(3, 2)).start(interval=0.5)")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, d / "browse.ipynb")
     return d / "browse.ipynb"
@@ -84,9 +91,10 @@ def test_browser_next_changes_record(tmp_path):
     port = _free_port()
     voila = Path(sys.executable).parent / "voila"
     log = open(tmp_path / "voila.log", "w")
-    proc = subprocess.Popen([str(voila), str(nb), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
-                             "--Voila.token=", "--show_tracebacks=True"], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [str(voila), str(nb), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
+               "--Voila.token=", "--show_tracebacks=True"]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     art = _artifacts()
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -119,8 +127,7 @@ def test_browser_next_changes_record(tmp_path):
                 sync_api.expect(status).to_contain_text("3 points, step 3", timeout=30_000)
                 curves = page.locator("img.llavamed-curves")
                 src1 = curves.get_attribute("src")
-                for s in (4, 5): append_jsonl(tmp_path / "run" / "stage1" / "log_history.jsonl",
-                                              {"step": s, "epoch": s / 10, "loss": 3 / s, "learning_rate": 1e-3})
+                for step in (4, 5): _log_point(tmp_path / "run" / "stage1" / "log_history.jsonl", step)
                 sync_api.expect(status).to_contain_text("5 points, step 5", timeout=30_000)
                 sync_api.expect(curves).not_to_have_attribute("src", src1)
                 page.screenshot(path=str(art / "widgets_live_curves.png"), full_page=True)
