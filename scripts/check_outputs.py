@@ -17,10 +17,10 @@ unchecked. `--write` stores the outputs of every executed cell and cleans the no
 
 Both modes report an output that cannot be the same on another machine or another run: an absolute path
 (a temporary folder, the home folder, the checkout) or a temporary file's name, a memory address (`at 0x...`),
-a timing or a timestamp (unless every number of it is a literal of the cell's source). Those are errors: the
-lesson should show a relative path, a name, a count.
+a timing, a timestamp, or the version of Python, torch, transformers or numpy that ran it (unless the cell's
+source holds it as a literal). Those are errors: the lesson should show a relative path, a name, a count.
 """
-import argparse, copy, json, os, re, sys, tempfile, traceback
+import argparse, copy, json, os, platform, re, sys, tempfile, traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,10 +126,22 @@ def hazard_patterns() -> dict:
     return {"an absolute or temporary path": re.compile(path),
             "a memory address": re.compile(r"\bat 0x[0-9a-fA-F]+|\b0x[0-9a-f]{8,}\b"),
             "a timing": re.compile(timing, re.I),
-            "a timestamp": re.compile(r"\b\d{4}-\d\d-\d\d[ T]\d\d:\d\d(?::\d\d)?")}
+            "a timestamp": re.compile(r"\b\d{4}-\d\d-\d\d[ T]\d\d:\d\d(?::\d\d)?"),
+            "a version of this environment": re.compile("|".join(rf"(?<![\w.]){re.escape(v)}(?![\w.])"
+                                                                 for v in environment_versions()) or "(?!)")}
+
+def environment_versions() -> list:
+    "The versions of Python and of the big libraries here (x.y.z): an output showing one differs elsewhere."
+    from importlib.metadata import PackageNotFoundError, version
+    found = [platform.python_version()]
+    for package in ("torch", "transformers", "numpy"):
+        try: found.append(version(package).split("+")[0])
+        except PackageNotFoundError: pass
+    return [v for v in found if v.count(".") >= 2]
 
 def echoed(found: str, source: str) -> bool:
-    "Whether every number in `found` is a literal of the cell's source: a value it was given, not measured."
+    "Whether `found`, or every number in it, is a literal of the cell's source: a value it was given."
+    if found in source: return True
     numbers = re.findall(r"\d+(?:\.\d+)?", found)
     return bool(numbers) and all(re.search(rf"(?<![\d.]){re.escape(n)}(?![\d.])", source) for n in numbers)
 
@@ -138,7 +150,7 @@ def hazards(outputs, source: str = "", patterns=None) -> list:
     text, found = all_text(outputs), []
     for name, rx in (patterns or hazard_patterns()).items():
         hits = [m.group(0) for m in rx.finditer(text)]
-        if name in ("a timing", "a timestamp"): hits = [h for h in hits if not echoed(h, source)]
+        if name != "an absolute or temporary path": hits = [h for h in hits if not echoed(h, source)]
         if hits: found.append((name, hits[0]))
     return found
 
@@ -245,7 +257,7 @@ def main(argv=None) -> int:
             else f"compared {totals['compared']} cells, {totals['differ']} differ")
     which = f" ({', '.join(failed)})" if failed else ""
     print(f"{len(paths)} notebooks executed, {len(failed)} failed{which}; {done}; "
-          f"{totals['hazards']} show a path, address, timing or timestamp")
+          f"{totals['hazards']} show a path, address, time or version that differs elsewhere")
     return 1 if failed or totals["differ"] or totals["hazards"] else 0
 
 if __name__ == "__main__": sys.exit(main())

@@ -1,5 +1,5 @@
 "Contracts of `scripts/check_outputs.py` (stored notebook outputs) and `scripts/check_docs.py` (lessons)."
-import importlib.util, json, subprocess, sys
+import importlib.util, json, platform, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -90,7 +90,7 @@ def test_outputs_compare_by_text_and_images_by_presence():
     assert co.differences(nb(png), nb(no_png), {"c1"}) == [("c1", 2, co.IMAGE, "")]
     assert co.differences(nb(png), nb(), set()) == []  # a cell that did not run keeps its stored output
 
-def test_hazards_find_paths_addresses_timings_unless_the_source_gave_the_number():
+def test_hazards_find_paths_addresses_timings_versions_unless_the_source_gave_the_number():
     co = script("check_outputs")
     out = lambda text: [{"output_type": "stream", "name": "stdout", "text": [text]}]
     kinds = lambda text, source="": [k for k, _ in co.hazards(out(text), source)]
@@ -99,6 +99,7 @@ def test_hazards_find_paths_addresses_timings_unless_the_source_gave_the_number(
     assert kinds("scored 40 questions in 3.2s") == ["a timing"]
     assert kinds("100%|##| 3/3 [00:01<00:00, 2.50it/s]") == ["a timing"]
     assert kinds("[2026-01-02 03:04:05,006] [WARNING] x") == ["a timestamp"]
+    assert kinds(f"python {platform.python_version()}") == ["a version of this environment"]
     assert kinds("2 done; 2.0s", source="RunStats(seconds=2.0)") == []
     assert kinds("relative/path.json 3 rows, https://example.org/tmp/x") == []
 
