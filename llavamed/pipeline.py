@@ -238,21 +238,19 @@ def _train_step(cfg: DemoConfig, stage: str, model_dir: Path, data: Path, images
     return step
 
 # %% ../nbs/09_pipeline.ipynb #e5080815
-def _eval_step(cfg: DemoConfig, model_dir: Path, corpus: Path, quiet: bool):
-    def step(d: Path) -> dict:
-        res = evaluate(str(model_dir), data=str(corpus / "vqa_test.json"), images=str(corpus / "images"), out=str(d),
-                       ablations="none,blank", batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                       seed=cfg.seed, write_report=False, progress=not quiet)
-        return {abl: {m: {k: v[k] for k in ("closed_accuracy", "open_recall", "f1", "exact_match")}
-                      for m, v in s.metrics.items()} for abl, s in res.scores.items()}
-    return step
+_SCORE_KEYS = ("closed_accuracy", "open_recall", "f1", "exact_match")  # what the evaluate step's marker keeps
 
-def _judge_step(cfg: DemoConfig, model_dir: Path, corpus: Path, quiet: bool):
+def _evaluate_step(cfg: DemoConfig, model_dir: Path, corpus: Path, quiet: bool, part: str):
+    "Step 'evaluate' (the VQA test split, with and without the image) or 'judge' (the benchmark), via `evaluate`."
     def step(d: Path) -> dict:
-        res = evaluate(str(model_dir), chat=str(corpus / "chat_eval.jsonl"), images=str(corpus / "images"), out=str(d),
-                       batch_size=cfg.eval_batch_size, chat_max_new_tokens=cfg.chat_max_new_tokens, seed=cfg.seed,
+        vqa = part == "evaluate"
+        res = evaluate(str(model_dir), data=str(corpus / "vqa_test.json") if vqa else None,
+                       chat=None if vqa else str(corpus / "chat_eval.jsonl"), images=str(corpus / "images"),
+                       out=str(d), ablations="none,blank", batch_size=cfg.eval_batch_size,
+                       max_new_tokens=cfg.max_new_tokens, chat_max_new_tokens=cfg.chat_max_new_tokens, seed=cfg.seed,
                        write_report=False, progress=not quiet)
-        return {"judge": res.chat.judge, "n_questions": res.chat.n_questions, "groups": res.chat.groups}
+        if not vqa: return {"judge": res.chat.judge, "n_questions": res.chat.n_questions, "groups": res.chat.groups}
+        return {abl: {m: {k: v[k] for k in _SCORE_KEYS} for m, v in s.metrics.items()} for abl, s in res.scores.items()}
     return step
 
 # %% ../nbs/09_pipeline.ipynb #6993cfb0
@@ -454,7 +452,7 @@ STEP_INPUTS = {"corpus": (), "instruct": ("corpus",), "tower": ("corpus",), "sta
 @dataclass
 class DemoReport(Result):
     "What `llavamed demo` reached: the content of `report.json`, and where the report is."
-    report: dict  # the content of `report.json` (headline numbers, per-group numbers, sizes, seeds, times, settings)
+    report: dict  # the content of `report.json`: headline and per-group numbers, sizes, seeds, times, settings
     path: str  # the report's Markdown file
     quiet: bool = False  # the command's --quiet: no text
 
@@ -463,8 +461,8 @@ class DemoReport(Result):
         r = self.report
         return "" if self.quiet else (
             f"closed accuracy {r['closed_accuracy']:.1f} (strict {r['strict_closed_accuracy']:.1f}), blank image "
-            f"{r['closed_accuracy_blank_image']:.1f}; open recall {r['open_recall']:.1f}; train {r['train_seconds']:.0f} s, "
-            f"total {r['total_seconds']:.0f} s -> {self.path}")
+            f"{r['closed_accuracy_blank_image']:.1f}; open recall {r['open_recall']:.1f}; "
+            f"train {r['train_seconds']:.0f} s, total {r['total_seconds']:.0f} s -> {self.path}")
 
     def to_json(self) -> dict:
         "The content of `report.json`."
@@ -472,17 +470,21 @@ class DemoReport(Result):
 
 def _steps(cfg: DemoConfig, root: Path, quiet: bool) -> list[tuple[str, Callable, str]]:
     "(name, step function, title) of every step, in order."
-    corpus, images, stage2_data = root / "corpus", root / "corpus" / "images", root / "instruct" / "stage2_data.json"
+    corpus, stage2_data = root / "corpus", root / "instruct" / "stage2_data.json"
+    images = corpus / "images"
     return [
         ("corpus", _synth_step(cfg, quiet), "synthesise the figure corpus"),
         ("instruct", _instruct_step(cfg, corpus, quiet), "self-instruct with the template teacher"),
-        ("tower", _tower_step(cfg, corpus, quiet), "stage 0: pretrain the tiny tower on labels.json, then freeze it"),
+        ("tower", _tower_step(cfg, corpus, quiet),
+         "stage 0: pretrain the tiny tower on labels.json, then freeze it"),
         ("stage1", _train_step(cfg, "stage1", root / "tower", corpus / "alignment.json", images, quiet),
          "stage 1: concept alignment (projector only)"),
         ("stage2", _train_step(cfg, "stage2", root / "stage1", stage2_data, images, quiet),
          "stage 2: instruction tuning (projector + LM)"),
-        ("evaluate", _eval_step(cfg, root / "stage2", corpus, quiet), "VQA test split: predict and score, image and blank image"),
-        ("judge", _judge_step(cfg, root / "stage2", corpus, quiet), "conversation benchmark with the offline proxy judge")]
+        ("evaluate", _evaluate_step(cfg, root / "stage2", corpus, quiet, "evaluate"),
+         "VQA test split: predict and score, image and blank image"),
+        ("judge", _evaluate_step(cfg, root / "stage2", corpus, quiet, "judge"),
+         "conversation benchmark with the offline proxy judge")]
 
 def run_pipeline(cfg: DemoConfig | None = None,  # the settings (default: `DemoConfig()`)
                  out: str | Path = "demo_out",  # the demo folder
