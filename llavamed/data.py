@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Result, Sample, asset_path,
-                           atomic_write, fmt_num, iter_records)
+                           atomic_write, domain_flags, fmt_num, iter_records)
 from .images import ImageError, load_image
 
 # %% auto #0
@@ -41,29 +41,33 @@ REASONS = {  # reason code: what it means
 
 def _turn_problems(conv) -> list[tuple[str, str]]:
     "Problems of the turn list: shape, roles, alternation, empty turns, last speaker."
-    if not isinstance(conv, list): return [("bad_field", f"'conversations' is a {type(conv).__name__}, expected a list")]
+    if not isinstance(conv, list):
+        return [("bad_field", f"'conversations' is a {type(conv).__name__}, expected a list")]
     if not conv: return [("empty_field", "'conversations' is empty")]
     out = []
-    for j, t in enumerate(conv):
-        if not (isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)):
+    for j, turn in enumerate(conv):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             out.append(("bad_turn", f"turn {j} is not {{'from': str, 'value': str}}")); continue
-        role, want = t["from"], (HUMAN, GPT)[j % 2]
-        if role not in (HUMAN, GPT): out.append(("bad_role", f"turn {j} is from {role!r}, expected 'human' or 'gpt'"))
+        role, want = turn["from"], (HUMAN, GPT)[j % 2]
+        if role not in (HUMAN, GPT):
+            out.append(("bad_role", f"turn {j} is from {role!r}, expected 'human' or 'gpt'"))
         elif role != want: out.append(("not_alternating", f"turn {j} is from {role!r}, expected {want!r}"))
-        text = t["value"]
+        text = turn["value"]
         if role == GPT and not text.strip(): out.append(("empty_answer", f"turn {j} (gpt) is empty"))
         if role == HUMAN and not text.strip(): out.append(("empty_question", f"turn {j} (human) is empty"))
     last = conv[-1]
     if isinstance(last, dict) and last.get("from") != GPT:
-        out.append(("not_ending_gpt", f"the last turn ({len(conv) - 1}) is from {last.get('from')!r}, expected 'gpt'"))
+        out.append(("not_ending_gpt",
+                    f"the last turn ({len(conv) - 1}) is from {last.get('from')!r}, expected 'gpt'"))
     return out
 
 # %% ../nbs/02_data.ipynb #b534bfb9
 def _token_problems(d: dict, conv: list) -> list[tuple[str, str]]:
     "Problems with the number and place of `<image>` tokens."
-    counts = [t["value"].count(IMAGE_TOKEN) if isinstance(t, dict) and isinstance(t.get("value"), str) else 0 for t in conv]
-    total, has_image = sum(counts), "image" in d
-    if not has_image:
+    counts = [t["value"].count(IMAGE_TOKEN) if isinstance(t, dict) and isinstance(t.get("value"), str) else 0
+              for t in conv]
+    total = sum(counts)
+    if "image" not in d:
         return [("missing_field", f"no 'image' field but {total} {IMAGE_TOKEN} token(s) in the text")] if total else []
     if total != 1: return [("image_token_count", f"{total} {IMAGE_TOKEN} tokens, expected 1")]
     if counts[0] != 1:
@@ -82,18 +86,17 @@ def _quick_ok(d: dict, require_image: bool) -> bool:
     elif type(img) is not str or not img.strip(): return False
     else: want = 1
     role = HUMAN
-    for t in conv:
-        if type(t) is not dict or t.get("from") != role: return False
-        v = t.get("value")
-        if type(v) is not str: return False
+    for turn in conv:
+        if type(turn) is not dict or turn.get("from") != role: return False
+        text = turn.get("value")
+        if type(text) is not str: return False
         if role is HUMAN:
-            n = v.count(IMAGE_TOKEN)
-            if n != want or not v.strip(): return False
+            if text.count(IMAGE_TOKEN) != want or not text.strip(): return False
             want, role = 0, GPT
-        elif IMAGE_TOKEN in v or not v.strip(): return False
+        elif IMAGE_TOKEN in text or not text.strip(): return False
         else: role = HUMAN
-    return ("answer_type" not in d or d["answer_type"] in ("OPEN", "CLOSED")) and ("domain" not in d or type(d["domain"]) is dict and
-            all(type(x) is bool for x in d["domain"].values()))
+    if "answer_type" in d and d["answer_type"] not in ("OPEN", "CLOSED"): return False
+    return "domain" not in d or type(d["domain"]) is dict and all(type(x) is bool for x in d["domain"].values())
 
 # %% ../nbs/02_data.ipynb #e389710e
 def check_record(d: Any,  # one decoded JSON value from a LLaVA conversation file
@@ -103,24 +106,30 @@ def check_record(d: Any,  # one decoded JSON value from a LLaVA conversation fil
     if isinstance(d, dict) and _quick_ok(d, require_image): return []
     return _full_check(d, require_image)
 
+def _id_image_problems(d: dict, require_image: bool) -> list[tuple[str, str]]:
+    "Problems of the `id` and `image` fields."
+    out, rid, img = [], d.get("id"), d.get("image")
+    if rid is None: out.append(("missing_field", "no 'id'"))
+    elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        out.append(("bad_field", f"'id' is a {type(rid).__name__}"))
+    elif str(rid).strip() == "": out.append(("empty_field", "'id' is empty"))
+    if "image" in d and not (isinstance(img, str) and img.strip()):
+        out.append(("empty_field" if not img else "bad_field", f"'image' is {img!r}"))
+    elif "image" not in d and require_image: out.append(("missing_field", "no 'image'"))
+    return out
+
 def _full_check(d, require_image: bool) -> list[tuple[str, str]]:
     "Every rule, each failure with its reason and message (the slow path of `check_record`)."
     if not isinstance(d, dict): return [("not_object", f"a {type(d).__name__}, expected a JSON object")]
-    out = []
-    rid = d.get("id")
-    if rid is None: out.append(("missing_field", "no 'id'"))
-    elif not isinstance(rid, (str, int)) or isinstance(rid, bool): out.append(("bad_field", f"'id' is a {type(rid).__name__}"))
-    elif str(rid).strip() == "": out.append(("empty_field", "'id' is empty"))
-    img = d.get("image")
-    if "image" in d and not (isinstance(img, str) and img.strip()): out.append(("empty_field" if not img else "bad_field", f"'image' is {img!r}"))
-    elif "image" not in d and require_image: out.append(("missing_field", "no 'image'"))
+    out = _id_image_problems(d, require_image)
     conv = d.get("conversations")
     if conv is None: out.append(("missing_field", "no 'conversations'")); return out
     out += _turn_problems(conv)
     if isinstance(conv, list) and conv: out += _token_problems(d, conv)
     if "answer_type" in d and d["answer_type"] not in ("OPEN", "CLOSED"):
         out.append(("bad_field", f"'answer_type' is {d['answer_type']!r}, expected 'OPEN' or 'CLOSED'"))
-    if "domain" in d and not (isinstance(d["domain"], dict) and all(isinstance(v, bool) for v in d["domain"].values())):
+    domain = d.get("domain")
+    if "domain" in d and not (isinstance(domain, dict) and all(isinstance(v, bool) for v in domain.values())):
         out.append(("bad_field", "'domain' is not a dict of booleans"))
     return out
 
@@ -128,7 +137,7 @@ def _full_check(d, require_image: bool) -> list[tuple[str, str]]:
 @dataclass
 class Problem:
     "One problem of one record: where it is (index, id, line) and what is wrong (reason code, message)."
-    index: int | None  # 0-based position of the record in the file (malformed lines count too); None: the file's structure
+    index: int | None  # 0-based position in the file (malformed records count too); None: the file's structure
     id: str | None  # the record's id, when it has one
     line: int | None  # 1-based line where the record starts, when read from a file
     reason: str  # a key of `REASONS`
@@ -168,7 +177,8 @@ class ValidationReport(Result):
         head = f"{self.source}: {self.n_records:,} records, {self.n_invalid:,} invalid"
         if self.n_file_errors: head += f", {self.n_file_errors} file-structure error(s)"
         rows = [f"  {r:22} {n:,}" for r, n in self.counts.most_common()]
-        if self.n_unlisted and note_unlisted: rows.append(f"  ({self.n_unlisted:,} problems counted but not listed)")
+        if self.n_unlisted and note_unlisted:
+            rows.append(f"  ({self.n_unlisted:,} problems counted but not listed)")
         return "\n".join([head, *rows])
 
     def __str__(self) -> str:
@@ -188,10 +198,11 @@ class ValidationReport(Result):
 # %% ../nbs/02_data.ipynb #a689caac
 def _check_image(root: Path, name: str) -> tuple[str, str] | None:
     "Why the image `name` under `root` is missing or unreadable, or None when it decodes."
-    p = root / name
-    if not p.is_file(): return ("image_missing", f"image {name!r} not found in {root}")
-    try: load_image(p)
-    except (ImageError, OSError, ImportError) as e: return ("image_unreadable", f"image {name!r} unreadable: {getattr(e, 'msg', e)}")
+    path = root / name
+    if not path.is_file(): return ("image_missing", f"image {name!r} not found in {root}")
+    try: load_image(path)
+    except (ImageError, OSError, ImportError) as e:
+        return ("image_unreadable", f"image {name!r} unreadable: {getattr(e, 'msg', e)}")
     return None
 
 _PENDING = object()
@@ -206,7 +217,7 @@ class _ImageChecker:
         self.limit = 4 * max(workers, 1)
 
     def check(self, name: str, who):
-        "The problem of image `name` (or None) when known now, else `_PENDING` (it will come from `ready`/`finish`)."
+        "The problem of image `name` (or None) when known now, else `_PENDING` (`ready`/`finish` hand it back)."
         if name in self.cache: return self.cache[name]
         if self.pool is None:
             self.cache[name] = res = _check_image(self.root, name)
@@ -217,12 +228,12 @@ class _ImageChecker:
         self.waiting[name].append(who)
         return _PENDING
 
-    def _collect(self, futs) -> list:
+    def _collect(self, futures) -> list:
         "Record finished checks; (who, problem) for each waiting record whose image has a problem."
         out = []
-        for f in futs:
-            name = self.futures.pop(f)
-            self.cache[name] = res = f.result()
+        for future in futures:
+            name = self.futures.pop(future)
+            self.cache[name] = res = future.result()
             for who in self.waiting.pop(name):
                 if res is not None: out.append((who, res))
         return out
@@ -244,28 +255,28 @@ class _ImageChecker:
         if self.pool is not None: self.pool.shutdown(wait=True, cancel_futures=True)
 
 # %% ../nbs/02_data.ipynb #116a1169
-def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or `(line, value)` pairs from `iter_records`
+def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or `iter_records`' (line, value) pairs
                      images: str | Path | None = None,  # folder holding the images: check each exists and decodes
                      require_image: bool = False,  # a record without an 'image' field is a problem
-                     max_problems: int = 100_000,  # keep at most this many `Problem`s in the report (counts stay exact)
-                     on_problem: Callable[[Problem], Any] | None = None,  # called with each problem as it is found
+                     max_problems: int = 100_000,  # keep at most this many `Problem`s (the counts stay exact)
+                     on_problem: Callable[[Problem], Any] | None = None,  # called with each problem when found
                      source: str = "<records>",  # name used in the summary
                      workers: int = 8,  # threads decoding images (1: in order, on this thread)
                     ) -> ValidationReport:
     "Check every record and return a `ValidationReport`; nothing is printed unless `on_problem` prints."
     rep, seen = ValidationReport(source=source), {}
     checker = _ImageChecker(Path(images), workers) if images is not None else None
-    def add(i, rid, line, reason, msg):
+    def add(index, rid, line, reason, message):
         "Count, keep (up to the cap) and announce one problem."
-        p = Problem(i, rid, line, reason, msg)
+        problem = Problem(index, rid, line, reason, message)
         rep.counts[reason] += 1
-        if len(rep.problems) < max_problems: rep.problems.append(p)
+        if len(rep.problems) < max_problems: rep.problems.append(problem)
         else: rep.n_unlisted += 1
-        if on_problem: on_problem(p)
+        if on_problem: on_problem(problem)
     def settle(found):
         "Report image problems that finished after their record was seen."
-        for (j, rid_j, line_j, was_invalid), (reason, msg) in found:
-            add(j, rid_j, line_j, reason, msg)
+        for (index, rid, line, was_invalid), (reason, message) in found:
+            add(index, rid, line, reason, message)
             if not was_invalid: rep.n_invalid += 1
     try: _validate_loop(records, rep, seen, checker, require_image, add, settle)
     except BaseException:
@@ -278,11 +289,12 @@ def _validate_loop(records, rep, seen, checker, require_image, add, settle):
     "The per-record pass of `validate_records`."
     for item in records:
         line, d = item if type(item) is tuple else (None, item)
-        if type(d) is dict and checker is None and _quick_ok(d, require_image):  # the common case, in one step
+        if type(d) is dict and checker is None and _quick_ok(d, require_image):  # the common case in one step
             i, rep.n_records = rep.n_records, rep.n_records + 1
             rid = d["id"]  # _quick_ok guarantees a non-blank string
             if rid in seen:
-                add(i, rid, line, "duplicate_id", f"id {rid!r} already used by record {seen[rid]}"); rep.n_invalid += 1
+                add(i, rid, line, "duplicate_id", f"id {rid!r} already used by record {seen[rid]}")
+                rep.n_invalid += 1
             else: seen[rid] = i
             continue
         if isinstance(d, Sample): d = d.to_json()
@@ -293,15 +305,16 @@ def _validate_loop(records, rep, seen, checker, require_image, add, settle):
             add(i, None, d.line, "malformed_json", d.msg); rep.n_invalid += 1; continue
         rid = d.get("id") if isinstance(d, dict) else None
         rid = str(rid) if isinstance(rid, (str, int)) else None
-        probs = check_record(d, require_image)
+        problems = check_record(d, require_image)
         if rid is not None and rid.strip():
-            if rid in seen: probs.append(("duplicate_id", f"id {rid!r} already used by record {seen[rid]}"))
+            if rid in seen: problems.append(("duplicate_id", f"id {rid!r} already used by record {seen[rid]}"))
             else: seen[rid] = i
-        if checker is not None and isinstance(d, dict) and isinstance(d.get("image"), str) and d["image"].strip():
-            ip = checker.check(d["image"], (i, rid, line, bool(probs)))
-            if ip is not None and ip is not _PENDING: probs.append(ip)
-        for reason, msg in probs: add(i, rid, line, reason, msg)
-        if probs: rep.n_invalid += 1
+        image = d.get("image") if isinstance(d, dict) else None
+        if checker is not None and isinstance(image, str) and image.strip():
+            image_problem = checker.check(image, (i, rid, line, bool(problems)))
+            if image_problem is not None and image_problem is not _PENDING: problems.append(image_problem)
+        for reason, message in problems: add(i, rid, line, reason, message)
+        if problems: rep.n_invalid += 1
         if checker is not None: settle(checker.ready())
 
 # %% ../nbs/02_data.ipynb #bd6d135d
@@ -312,12 +325,14 @@ def validate_file(path: str,  # a LLaVA conversation file: JSON array, JSON Line
                   workers: int = 8,  # threads decoding images with --images
                   max_problems: int = 100_000,  # list at most this many problems (the counts stay exact)
                  ) -> ValidationReport:
-    "Check a LLaVA conversation file: a report of every bad record and a summary (exit status 0 clean, 1 invalid)."
+    "Check a LLaVA conversation file: a report of every bad record and a summary (exit status 0 clean, else 1)."
     if not Path(path).is_file(): raise FileNotFoundError(f"no such file: {path}")
-    if images is not None and not Path(images).is_dir(): raise FileNotFoundError(f"no such images folder: {images}")
+    if images is not None and not Path(images).is_dir():
+        raise FileNotFoundError(f"no such images folder: {images}")
     from tqdm.auto import tqdm
     # the bar shows only on a terminal (disable=None) and never in quiet mode
-    with tqdm(iter_records(path), unit=" records", desc="validate", disable=True if quiet else None, leave=False) as bar:
+    records = iter_records(path)
+    with tqdm(records, unit=" records", desc="validate", disable=True if quiet else None, leave=False) as bar:
         return validate_records(bar, images=images, require_image=require_image, source=str(path),
                                 max_problems=0 if quiet else max_problems, workers=workers)
 
@@ -344,27 +359,27 @@ def iter_caption_pairs(path: str | Path,  # teacher-input dict by domain, or a J
         else: yield line, v, None
 
 # %% ../nbs/02_data.ipynb #e7327a97
-def _domain_flags(pair: dict, key: str | None) -> dict | None:
-    "The five domain flags of a pair, from its own `domain` or the teacher-input key it came from."
-    dom = pair.get("domain")
-    if isinstance(dom, dict): return dom
-    name = dom if isinstance(dom, str) and dom in DOMAINS else key if key in DOMAINS else None
-    return {d: d == name for d in DOMAINS} if name else None
+def _pair_domain(pair: dict, key: str | None) -> dict | None:
+    "A pair's domain flags: its own `domain` dict, or flags from its domain name or teacher-input key; else None."
+    value = pair.get("domain")
+    if isinstance(value, dict): return value
+    if (isinstance(value, str) and value in DOMAINS) or key in DOMAINS: return domain_flags(value, key)
+    return None
 
 def alignment_record(pair: dict,  # {pair_id or id, caption or fig_caption, image?, domain?}
                      prompts: list[str],  # instructions to draw from
                      seed: int = 0,  # with the pair id, decides the instruction and the token side
                      domain_key: str | None = None,  # the teacher-input dict key the pair came from
                     ) -> dict:
-    "One stage-1 record: a drawn instruction with `<image>` before or after it, and the caption as the answer."
-    pid = str(pair.get("pair_id", pair.get("id")))
-    rng = random.Random(f"{seed}:{pid}")
-    q = rng.choice(prompts)
-    q = f"{IMAGE_TOKEN}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE_TOKEN}"
+    "One stage-1 record: a drawn instruction with `<image>` on either side, and the caption as the answer."
+    pair_id = str(pair.get("pair_id", pair.get("id")))
+    rng = random.Random(f"{seed}:{pair_id}")
+    instruction = rng.choice(prompts)
+    question = f"{IMAGE_TOKEN}\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n{IMAGE_TOKEN}"
     caption = str(pair.get("caption", pair.get("fig_caption"))).strip()
-    rec = {"id": pid, "image": pair.get("image") or f"{pid}.jpg",
-           "conversations": [{"from": HUMAN, "value": q}, {"from": GPT, "value": caption}]}
-    if (dom := _domain_flags(pair, domain_key)) is not None: rec["domain"] = dom
+    rec = {"id": pair_id, "image": pair.get("image") or f"{pair_id}.jpg",
+           "conversations": [{"from": HUMAN, "value": question}, {"from": GPT, "value": caption}]}
+    if (flags := _pair_domain(pair, domain_key)) is not None: rec["domain"] = flags
     return rec
 
 # %% ../nbs/02_data.ipynb #a34a5cbd
@@ -406,7 +421,7 @@ class AlignmentResult(Result):
         skips = f"; skipped {sum(self.skipped.values()):,}: {self.skipped}" if self.skipped else ""
         return f"wrote {self.written:,} alignment records to {self.out}{skips}"
 
-def build_alignment(captions: str = None,  # figure-caption pairs: teacher-input dict by domain, JSON array or JSONL
+def build_alignment(captions: str = None,  # figure-caption pairs: teacher-input dict by domain, JSON array, JSONL
                     out: str = None,  # output file: JSON array, or JSONL when it ends in .jsonl
                     seed: int = 0,  # seed for the instruction and <image> side drawn per pair
                     style: str = "all",  # instruction set: 'all', 'detailed' or 'concise'
@@ -427,5 +442,6 @@ def build_alignment(captions: str = None,  # figure-caption pairs: teacher-input
             if problem is None: yield alignment_record(pair, prompts, seed, key); continue
             reason, message = problem
             skipped[reason] += 1
-            if not quiet: pairs.write(f"{captions}: pair {i} (line {line}): skipped, {message} [{reason}]", file=sys.stderr)
+            if not quiet:
+                pairs.write(f"{captions}: pair {i} (line {line}): skipped, {message} [{reason}]", file=sys.stderr)
     return AlignmentResult(str(out), write_records(out, rows()), dict(skipped))
