@@ -23,13 +23,15 @@ __all__ = ['FINDINGS', 'LABEL_HEADS', 'SPLITS', 'labels_of', 'finding_mask', 're
            'chat_questions', 'chat_benchmark', 'CorpusResult', 'make_corpus', 'corpus_texts']
 
 # %% ../nbs/02c_synth.ipynb #47f9483b
-FINDINGS: dict[str, dict[str, tuple[str, str, str, str]]] = {  # domain: {finding: (polarity, singular, plural, appearance)}
+FINDINGS: dict[str, dict[str, tuple[str, str, str, str]]] = {  # domain: {finding: (polarity, one, several, look)}
     "chest_xray": {"nodule": ("bright", "nodule", "nodules", "a well-defined round opacity"),
                    "bulla": ("dark", "bulla", "bullae", "a thin-walled air-filled lucency")},
     "mri": {"tumor": ("bright", "tumor", "tumors", "a hyperintense enhancing lesion"),
             "infarct": ("dark", "infarct", "infarcts", "a hypointense area of tissue loss")},
-    "histology": {"necrosis": ("bright", "area of necrosis", "areas of necrosis", "a pale eosinophilic zone without nuclei"),
-                  "carcinoma": ("dark", "focus of carcinoma", "foci of carcinoma", "sheets of crowded hyperchromatic nuclei")},
+    "histology": {"necrosis": ("bright", "area of necrosis", "areas of necrosis",
+                               "a pale eosinophilic zone without nuclei"),
+                  "carcinoma": ("dark", "focus of carcinoma", "foci of carcinoma",
+                                "sheets of crowded hyperchromatic nuclei")},
     "gross": {"tumor": ("bright", "tumor", "tumors", "a firm white-tan nodule"),
               "hemorrhage": ("dark", "area of hemorrhage", "areas of hemorrhage", "a dark red blood-filled area")},
     "ct_scan": {"mass": ("bright", "mass", "masses", "a hyperdense enhancing lesion"),
@@ -92,7 +94,8 @@ def _chest(rng, X, Y):
     img += 0.55 * _ellipse(X, Y, j[0], 0.1 + j[1], 0.95, 1.05, soft=0.15)  # thorax soft tissue
     lungs = np.maximum(_ellipse(X, Y, -0.44 + j[0], -0.05 + j[1], 0.33, 0.66, soft=0.12),
                        _ellipse(X, Y, 0.44 + j[0], -0.05 + j[1], 0.33, 0.66, soft=0.12))
-    ribs = np.clip((np.sin(2 * np.pi * (Y - 0.3 * X * X) * rng.uniform(4.5, 5.5) + rng.uniform(0, 6.3)) - 0.55) * 3, 0, 1)
+    rib_wave = np.sin(2 * np.pi * (Y - 0.3 * X * X) * rng.uniform(4.5, 5.5) + rng.uniform(0, 6.3))
+    ribs = np.clip((rib_wave - 0.55) * 3, 0, 1)
     img = img * (1 - lungs) + lungs * (0.3 + 0.1 * ribs)
     img = np.maximum(img, 0.68 * _ellipse(X, Y, 0.06 + j[0], 0.42 + j[1], 0.2, 0.24, soft=0.3))  # heart
     return np.maximum(img, 0.65 * (np.abs(X - j[0]) < 0.07) * (Y > -0.9))  # spine
@@ -145,17 +148,18 @@ _DRAW = {"chest_xray": _chest, "ct_scan": _ct, "mri": _mri, "histology": _histol
 # %% ../nbs/02c_synth.ipynb #682cb398
 def _fill(rng, domain, polarity, X):
     "The image content a finding of `polarity` shows in `domain` (grey: H x W, colour: H x W x 3)."
-    n, v = X.shape[0], rng.uniform(-0.04, 0.04)
+    size, shift = X.shape[0], rng.uniform(-0.04, 0.04)
     if domain in ("chest_xray", "ct_scan", "mri"):
         level = {"chest_xray": (0.88, 0.02), "ct_scan": (0.95, 0.1), "mri": (0.97, 0.06)}[domain]
-        return np.full(X.shape, level[polarity == "dark"] + v, np.float32)
+        return np.full(X.shape, level[polarity == "dark"] + shift, np.float32)
     if domain == "histology" and polarity == "bright":  # necrosis: pale, no nuclei, faint debris
-        return np.array([1.0, 0.97, 0.97], np.float32) - 0.05 * _field(rng, n, 30)[..., None]
+        return np.array([1.0, 0.97, 0.97], np.float32) - 0.05 * _field(rng, size, 30)[..., None]
     if domain == "histology":  # carcinoma: crowded dark nuclei
-        dense = np.clip((_field(rng, n, 40) - 0.25) * 6, 0, 1)[..., None]
-        return np.array([0.85, 0.6, 0.75], np.float32) * (1 - dense) + np.array([0.22, 0.1, 0.38], np.float32) * dense
-    col = [0.96, 0.92, 0.78] if polarity == "bright" else [0.36, 0.04, 0.07]  # gross: white-tan tumour, haemorrhage
-    return np.array(col, np.float32) + v + 0.06 * (_field(rng, n, 8)[..., None] - 0.5)
+        dense = np.clip((_field(rng, size, 40) - 0.25) * 6, 0, 1)[..., None]
+        return (np.array([0.85, 0.6, 0.75], np.float32) * (1 - dense)
+                + np.array([0.22, 0.1, 0.38], np.float32) * dense)
+    colour = [0.96, 0.92, 0.78] if polarity == "bright" else [0.36, 0.04, 0.07]  # gross: tumour, haemorrhage
+    return np.array(colour, np.float32) + shift + 0.06 * (_field(rng, size, 8)[..., None] - 0.5)
 
 # %% ../nbs/02c_synth.ipynb #12bef3de
 def finding_mask(f: dict,  # a figure's findings, with `lesions` as [[x, y, r], ...] in normalised units
@@ -178,7 +182,7 @@ def render_figure(f: dict,  # a figure's findings (domain, present, finding, les
     "Draw one synthetic figure as a uint8 RGB array (size x size x 3)."
     if f["domain"] not in _DRAW: raise ValueError(f"domain {f['domain']!r}: expected one of {list(_DRAW)}")
     if size < 16: raise ValueError(f"size {size}: figures need at least 16 px")
-    r_base, r_fill, r_noise = (np.random.default_rng([seed, k]) for k in range(3))
+    r_base, r_fill, r_noise = (np.random.default_rng([seed, k]) for k in range(3))  # anatomy, finding, exposure
     X, Y = _grid(size)
     img = _DRAW[f["domain"]](r_base, X, Y)
     if f["present"]:
@@ -189,7 +193,8 @@ def render_figure(f: dict,  # a figure's findings (domain, present, finding, les
         img = img + (fill - img) * (m if img.ndim == 2 else m[..., None])
     gain, bias, sigma = r_noise.uniform(0.9, 1.1), r_noise.uniform(-0.04, 0.04), r_noise.uniform(0.015, 0.04)
     img = img * np.float32(gain * 255) + np.float32(bias * 255 + 0.5)  # exposure, to 0..255
-    noise = r_noise.standard_normal(img.shape[:2], dtype=np.float32) * np.float32(sigma * 255)  # grain, same in each channel
+    grain = r_noise.standard_normal(img.shape[:2], dtype=np.float32)  # the same in every channel
+    noise = grain * np.float32(sigma * 255)
     img += noise if img.ndim == 2 else noise[..., None]
     img = np.clip(img, 0, 255, out=img).astype(np.uint8)
     return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
@@ -201,6 +206,15 @@ def _deal(rng, k: int, n: int) -> np.ndarray:
     "n class ids in 0..k-1, each as often as possible, in random order."
     return rng.permutation(np.arange(n) % k)
 
+def _lesions(fig_rng, shape: int, side: int, region: int) -> list[list[float]]:
+    "[[x, y, r], ...] of an abnormal figure: one large, one small, or two small findings in one quadrant."
+    cx = (-1, 1)[side] * fig_rng.uniform(0.38, 0.46)
+    cy = fig_rng.uniform(-0.44, -0.36) if region == 0 else fig_rng.uniform(0.34, 0.4)
+    if shape == 3:  # two small findings in the same quadrant
+        return [[cx - 0.14, cy - 0.07, fig_rng.uniform(0.14, 0.15)],
+                [cx + 0.14, cy + 0.07, fig_rng.uniform(0.14, 0.15)]]
+    return [[cx, cy, fig_rng.uniform(0.26, 0.29) if shape < 2 else fig_rng.uniform(0.16, 0.18)]]
+
 def sample_findings(n: int,  # number of figures
                     seed: int = 0,  # corpus seed
                     split: str = "train",  # 'train' or 'test': each split has its own figures and ids
@@ -208,34 +222,29 @@ def sample_findings(n: int,  # number of figures
     "Balanced ground truth for `n` figures of one split: domain, finding, side, region, size, count, lesions."
     if split not in SPLITS: raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     if n < 0: raise ValueError(f"n={n}: must be >= 0")
-    s = SPLITS.index(split)
-    rng = np.random.default_rng([seed, s, 101])
-    dom, present, kind = _deal(rng, 5, n), np.zeros(n, bool), np.zeros(n, int)
+    split_index = SPLITS.index(split)
+    rng = np.random.default_rng([seed, split_index, 101])
+    domain_ids, present, kind = _deal(rng, 5, n), np.zeros(n, bool), np.zeros(n, int)
     for d in range(5):
-        idx = np.flatnonzero(dom == d)
-        present[idx] = _deal(rng, 2, len(idx)) == 1
-        ab = idx[present[idx]]
-        kind[ab] = _deal(rng, 2, len(ab))
-    ab = np.flatnonzero(present)
+        in_domain = np.flatnonzero(domain_ids == d)
+        present[in_domain] = _deal(rng, 2, len(in_domain)) == 1
+        abnormal = in_domain[present[in_domain]]
+        kind[abnormal] = _deal(rng, 2, len(abnormal))
+    abnormal = np.flatnonzero(present)
     side, region, shape = np.zeros(n, int), np.zeros(n, int), np.zeros(n, int)
-    side[ab], region[ab], shape[ab] = _deal(rng, 2, len(ab)), _deal(rng, 2, len(ab)), _deal(rng, 4, len(ab))
+    k = len(abnormal)
+    side[abnormal], region[abnormal], shape[abnormal] = _deal(rng, 2, k), _deal(rng, 2, k), _deal(rng, 4, k)
     out = []
     for i in range(n):
-        fig_seed = int(np.random.SeedSequence([seed, s, i]).generate_state(1)[0])
-        g = np.random.default_rng([fig_seed, 9])
-        d = DOMAINS[dom[i]]
-        f = {"domain": d, "present": bool(present[i]), "finding": None, "side": None, "region": None,
+        fig_seed = int(np.random.SeedSequence([seed, split_index, i]).generate_state(1)[0])
+        fig_rng = np.random.default_rng([fig_seed, 9])
+        domain = DOMAINS[domain_ids[i]]
+        f = {"domain": domain, "present": bool(present[i]), "finding": None, "side": None, "region": None,
              "size": None, "count": 0, "lesions": [], "split": split, "seed": fig_seed,
-             "pair_id": f"SYN{9 if s else 0}{i:07d}_F{int(g.integers(1, 7))}"}
+             "pair_id": f"SYN{9 if split_index else 0}{i:07d}_F{int(fig_rng.integers(1, 7))}"}
         if present[i]:
-            sx, sy = (-1, 1)[side[i]], (-1, 1)[region[i]]
-            cx = sx * g.uniform(0.38, 0.46)
-            cy = g.uniform(-0.44, -0.36) if sy < 0 else g.uniform(0.34, 0.4)
-            if shape[i] == 3:  # two small findings in the same quadrant
-                lesions = [[cx - 0.14, cy - 0.07, g.uniform(0.14, 0.15)], [cx + 0.14, cy + 0.07, g.uniform(0.14, 0.15)]]
-            else:
-                lesions = [[cx, cy, g.uniform(0.26, 0.29) if shape[i] < 2 else g.uniform(0.16, 0.18)]]
-            f.update(finding=list(FINDINGS[d])[kind[i]], side=("left", "right")[side[i]],
+            lesions = _lesions(fig_rng, shape[i], side[i], region[i])
+            f.update(finding=list(FINDINGS[domain])[kind[i]], side=("left", "right")[side[i]],
                      region=("upper", "lower")[region[i]], size="large" if shape[i] < 2 else "small",
                      count=2 if shape[i] == 3 else 1, lesions=[[round(float(v), 4) for v in l] for l in lesions])
         out.append(f)
@@ -243,108 +252,132 @@ def sample_findings(n: int,  # number of figures
 
 # %% ../nbs/02c_synth.ipynb #9434dc53
 _MOD = {  # domain: (short name, open-question answer, caption openers)
-    "chest_xray": ("chest X-ray", "chest x-ray", ["Chest X-ray", "Frontal chest radiograph", "PA chest radiograph", "Posteroanterior chest X-ray"]),
-    "mri": ("MRI scan", "mri", ["Axial T1-weighted MRI of the brain", "Brain MRI (axial section)", "Axial MR image of the head"]),
-    "histology": ("histology slide", "histology", ["H&E-stained histology section", "Photomicrograph of an H&E-stained section", "Histopathology image (H&E stain)"]),
-    "gross": ("gross pathology photograph", "gross pathology", ["Gross photograph of the resected specimen", "Gross pathology specimen", "Photograph of the cut surface of the specimen"]),
-    "ct_scan": ("CT scan", "ct", ["Axial CT image of the abdomen", "Contrast-enhanced axial CT of the abdomen", "Axial CT section through the abdomen"]),
+    "chest_xray": ("chest X-ray", "chest x-ray", ["Chest X-ray", "Frontal chest radiograph", "PA chest radiograph",
+                                                  "Posteroanterior chest X-ray"]),
+    "mri": ("MRI scan", "mri", ["Axial T1-weighted MRI of the brain", "Brain MRI (axial section)",
+                                "Axial MR image of the head"]),
+    "histology": ("histology slide", "histology", ["H&E-stained histology section",
+                                                   "Photomicrograph of an H&E-stained section",
+                                                   "Histopathology image (H&E stain)"]),
+    "gross": ("gross pathology photograph", "gross pathology", ["Gross photograph of the resected specimen",
+                                                                "Gross pathology specimen",
+                                                                "Photograph of the cut surface of the specimen"]),
+    "ct_scan": ("CT scan", "ct", ["Axial CT image of the abdomen", "Contrast-enhanced axial CT of the abdomen",
+                                  "Axial CT section through the abdomen"]),
 }
 _NORMAL = {"chest_xray": "clear lung fields", "mri": "normal brain parenchyma with symmetric ventricles",
            "histology": "uniform tissue architecture", "gross": "a homogeneous cut surface",
            "ct_scan": "unremarkable abdominal organs"}
 _WHERE = {"chest_xray": "the {side} {region} lung zone", "mri": "the {region} part of the {side} hemisphere",
-          "histology": "the {region} {side} part of the field", "gross": "the {region} {side} part of the specimen",
-          "ct_scan": "the {side} {region} abdomen"}
+          "histology": "the {region} {side} part of the field",
+          "gross": "the {region} {side} part of the specimen", "ct_scan": "the {side} {region} abdomen"}
 
 def _a(word: str) -> str: return "an" if word[0].lower() in "aeiou" else "a"
 def _lower1(s: str) -> str: return s[0].lower() + s[1:] if s[1:2].islower() else s
 
 def describe(f: dict) -> dict[str, str]:
     "The phrases a figure's text is built from: modality names, the finding's noun phrase, its location."
-    short, open_ans, _ = _MOD[f["domain"]]
-    w = {"short": short, "a_short": f"{_a(short)} {short}", "modality": open_ans, "normal": _NORMAL[f["domain"]]}
+    short, open_answer, _ = _MOD[f["domain"]]
+    words = {"short": short, "a_short": f"{_a(short)} {short}", "modality": open_answer,
+             "normal": _NORMAL[f["domain"]]}
     if f["present"]:
-        pol, sing, plur, look = FINDINGS[f["domain"]][f["finding"]]
-        np_ = f"{_a(f['size'])} {f['size']} {sing}" if f["count"] == 1 else f"two {f['size']} {plur}"
-        one = f["count"] == 1
-        w.update(sing=sing, plur=plur, look=look, np=np_, noun=sing if one else plur, be="is" if one else "are",
-                 lie="It lies" if one else "They lie", seen="appearing as" if one else "each appearing as",
-                 where=_WHERE[f["domain"]].format(**f))
-    return w
+        _, one, several, look = FINDINGS[f["domain"]][f["finding"]]
+        single = f["count"] == 1
+        phrase = f"{_a(f['size'])} {f['size']} {one}" if single else f"two {f['size']} {several}"
+        words.update(sing=one, plur=several, look=look, np=phrase, noun=one if single else several,
+                     be="is" if single else "are", lie="It lies" if single else "They lie",
+                     seen="appearing as" if single else "each appearing as", where=_WHERE[f["domain"]].format(**f))
+    return words
 
 # %% ../nbs/02c_synth.ipynb #c498e1bd
 def caption(f: dict, rng: random.Random) -> str:
     "A figure legend stating the figure's modality and findings, in one of several phrasings."
-    w, opener = describe(f), rng.choice(_MOD[f["domain"]][2])
+    words, opener = describe(f), rng.choice(_MOD[f["domain"]][2])
+    normal = words["normal"]
     if not f["present"]:
         others = " or ".join(v[1] for v in FINDINGS[f["domain"]].values())
-        return rng.choice([f"{opener} showing {w['normal']} and no focal lesion.",
-                           f"{opener} with no abnormality: {w['normal']}.",
-                           f"Normal {_lower1(opener)}: {w['normal']}, with no {others}.",
-                           f"{opener}. No focal abnormality is seen; {w['normal']}."])
-    np_ = w["np"]
-    return rng.choice([f"{opener} showing {np_} in {w['where']}.",
-                       f"{opener}: {np_} ({w['look']}) in {w['where']}.",
-                       f"{np_[0].upper()}{np_[1:]} in {w['where']} on this {_lower1(opener)}.",
-                       f"{opener} reveals {np_} located in {w['where']}; the rest of the image shows {w['normal']}.",
-                       f"{opener} demonstrating {np_} in {w['where']}, seen as {w['look']}."])
+        return rng.choice([f"{opener} showing {normal} and no focal lesion.",
+                           f"{opener} with no abnormality: {normal}.",
+                           f"Normal {_lower1(opener)}: {normal}, with no {others}.",
+                           f"{opener}. No focal abnormality is seen; {normal}."])
+    phrase, where, look = words["np"], words["where"], words["look"]
+    return rng.choice([f"{opener} showing {phrase} in {where}.",
+                       f"{opener}: {phrase} ({look}) in {where}.",
+                       f"{phrase[0].upper()}{phrase[1:]} in {where} on this {_lower1(opener)}.",
+                       f"{opener} reveals {phrase} located in {where}; the rest of the image shows {normal}.",
+                       f"{opener} demonstrating {phrase} in {where}, seen as {look}."])
 
 def mention(f: dict, label: str, rng: random.Random) -> str:
     "A sentence of an imagined article that cites the figure by its `label`."
-    w = describe(f)
+    words = describe(f)
     if not f["present"]:
         return rng.choice([f"{label} shows no focal abnormality.",
-                           f"No lesion was identified on the {w['short']} ({label}).",
-                           f"The {w['short']} in {label} was normal, with {w['normal']}."])
-    return rng.choice([f"As shown in {label}, the {w['short']} demonstrates {w['np']} in {w['where']}.",
-                       f"{label} shows {w['np']} in {w['where']}.",
-                       f"The {w['short']} ({label}) revealed {w['np']} in {w['where']}, {w['seen']} {w['look']}."])
+                           f"No lesion was identified on the {words['short']} ({label}).",
+                           f"The {words['short']} in {label} was normal, with {words['normal']}."])
+    short, phrase, where = words["short"], words["np"], words["where"]
+    return rng.choice([f"As shown in {label}, the {short} demonstrates {phrase} in {where}.",
+                       f"{label} shows {phrase} in {where}.",
+                       f"The {short} ({label}) revealed {phrase} in {where}, {words['seen']} {words['look']}."])
 
 # %% ../nbs/02c_synth.ipynb #a40eecc2
 def detailed_description(f: dict) -> str:
     "A several-sentence description of the figure, the reference answer to 'describe the image'."
-    w = describe(f)
+    words = describe(f)
     if not f["present"]:
-        return f"This is {w['a_short']}. It shows {w['normal']}. There is no focal abnormality."
-    return (f"This is {w['a_short']}. It shows {w['np']} in {w['where']}, {w['seen']} {w['look']}. "
-            f"{w['lie']} in the {f['region']} {f['side']} quadrant of the image; elsewhere the image shows {w['normal']}.")
+        return f"This is {words['a_short']}. It shows {words['normal']}. There is no focal abnormality."
+    return (f"This is {words['a_short']}. It shows {words['np']} in {words['where']}, "
+            f"{words['seen']} {words['look']}. {words['lie']} in the {f['region']} {f['side']} quadrant "
+            f"of the image; elsewhere the image shows {words['normal']}.")
+
+_ASK_PRESENCE = ["Is there any abnormality in the image?", "Are there any abnormal findings?",
+                 "Is anything abnormal visible?"]
+_ASK_NORMAL = ["Does this image look normal?", "Is this a normal study?"]
+
+def _abnormal_facts(f: dict, words: dict, pick) -> list[tuple[str, str, str]]:
+    "(kind, question, answer) facts about an abnormal figure: presence, finding, side, region, size, count."
+    noun, where, verb, phrase = words["noun"], words["where"], words["be"], words["np"]
+    return [
+        ("presence", pick(_ASK_PRESENCE), f"Yes. There {verb} {phrase} in {where}."),
+        ("normal", pick(_ASK_NORMAL), f"No, it shows {phrase} in {where}."),
+        ("finding", pick(["What is the main finding?", "What abnormality can be seen?",
+                          "What lesion is visible?"]),
+         f"The main finding is {phrase}, {words['seen']} {words['look']}."),
+        ("side", pick([f"On which side is the {noun}?", f"{verb.title()} the {noun} on the left or the right?",
+                       f"Which side of the image contains the {noun}?"]),
+         f"The {noun} {verb} on the {f['side']} side of the image."),
+        ("region", pick([f"{verb.title()} the {noun} in the upper or the lower part of the image?",
+                         f"Where exactly {verb} the {noun} located?"]),
+         f"{words['lie']} in the {f['region']} part of the image, in {where}."),
+        ("size", pick([f"How large {verb} the {noun}?", f"What is the size of the {noun}?"]),
+         f"The {noun} {verb} {f['size']}." if f["count"] == 1 else f"Both {noun} are small."),
+        ("count", pick([f"How many {words['plur']} are there?", "How many lesions can be seen?"]),
+         f"There is one {words['sing']}." if f["count"] == 1 else f"There are two {words['plur']}.")]
 
 def facts(f: dict, rng: random.Random) -> list[dict]:
     "Ground-truth question-answer pairs (full-sentence answers) about one figure, with a `kind` each."
-    w, c = describe(f), rng.choice
-    out = [("modality", c(["What type of image is this?", "What imaging modality is shown?", "What kind of figure is this?",
-                           "Which modality was used to acquire this image?"]), f"This is {w['a_short']}.")]
+    words, pick = describe(f), rng.choice
+    out = [("modality", pick(["What type of image is this?", "What imaging modality is shown?",
+                              "What kind of figure is this?", "Which modality was used to acquire this image?"]),
+            f"This is {words['a_short']}.")]
     if not f["present"]:
-        out += [("presence", c(["Is there any abnormality in the image?", "Are there any abnormal findings?", "Is anything abnormal visible?"]),
-                 f"No. The image shows {w['normal']}, without a focal lesion."),
-                ("normal", c(["Does this image look normal?", "Is this a normal study?"]), f"Yes, it looks normal, with {w['normal']}."),
-                ("count", c(["How many lesions are visible?", "How many abnormalities can you count?"]), "None; no lesion is visible.")]
-    else:
-        n, where = w["noun"], w["where"]
-        out += [("presence", c(["Is there any abnormality in the image?", "Are there any abnormal findings?", "Is anything abnormal visible?"]),
-                 f"Yes. There {w['be']} {w['np']} in {where}."),
-                ("normal", c(["Does this image look normal?", "Is this a normal study?"]), f"No, it shows {w['np']} in {where}."),
-                ("finding", c(["What is the main finding?", "What abnormality can be seen?", "What lesion is visible?"]),
-                 f"The main finding is {w['np']}, {w['seen']} {w['look']}."),
-                ("side", c([f"On which side is the {n}?", f"{w['be'].title()} the {n} on the left or the right?", f"Which side of the image contains the {n}?"]),
-                 f"The {n} {w['be']} on the {f['side']} side of the image."),
-                ("region", c([f"{w['be'].title()} the {n} in the upper or the lower part of the image?", f"Where exactly {w['be']} the {n} located?"]),
-                 f"{w['lie']} in the {f['region']} part of the image, in {where}."),
-                ("size", c([f"How large {w['be']} the {n}?", f"What is the size of the {n}?"]),
-                 f"The {n} {w['be']} {f['size']}." if f["count"] == 1 else f"Both {n} are small."),
-                ("count", c([f"How many {w['plur']} are there?", "How many lesions can be seen?"]),
-                 f"There is one {w['sing']}." if f["count"] == 1 else f"There are two {w['plur']}.")]
-    out.append(("description", c(["Describe the image in detail.", "What does this figure show?", "Give a detailed description of the image."]),
-                detailed_description(f)))
+        normal = words["normal"]
+        out += [("presence", pick(_ASK_PRESENCE), f"No. The image shows {normal}, without a focal lesion."),
+                ("normal", pick(_ASK_NORMAL), f"Yes, it looks normal, with {normal}."),
+                ("count", pick(["How many lesions are visible?", "How many abnormalities can you count?"]),
+                 "None; no lesion is visible.")]
+    else: out += _abnormal_facts(f, words, pick)
+    out.append(("description", pick(["Describe the image in detail.", "What does this figure show?",
+                                     "Give a detailed description of the image."]), detailed_description(f)))
     return [{"question": q, "answer": a, "kind": k} for k, q, a in out]
 
 # %% ../nbs/02c_synth.ipynb #72dd51c5
 def _others(domain: str) -> list[str]: return [o for o in DOMAINS if o != domain]
 
-_OPPOSITE = {"left": "right", "right": "left", "upper": "lower", "lower": "upper", "small": "large", "large": "small"}
+_OPPOSITE = {"left": "right", "right": "left", "upper": "lower", "lower": "upper",
+             "small": "large", "large": "small"}
 
 def _closed_wordings(kind: str, f: dict, words: dict, is_yes: bool) -> list[str]:
-    "Wordings of a closed finding/side/region/size question naming the true option (`is_yes`) or the wrong one."
+    "Wordings of a closed finding/side/region/size question: the true option when `is_yes`, else the wrong one."
     verb, noun = words["be"].title(), words["noun"]
     if kind == "finding":
         other = next(k for k in FINDINGS[f["domain"]] if k != f["finding"])
@@ -352,16 +385,18 @@ def _closed_wordings(kind: str, f: dict, words: dict, is_yes: bool) -> list[str]
         return [f"Is there {_a(name)} {name} in the image?", f"Does the image show {_a(name)} {name}?"]
     option = f[kind] if is_yes else _OPPOSITE[f[kind]]
     if kind == "side":
-        return [f"{verb} the {noun} on the {option} side?", f"{verb} the {noun} in the {option} half of the image?",
+        return [f"{verb} the {noun} on the {option} side?",
+                f"{verb} the {noun} in the {option} half of the image?",
                 f"Is the abnormality on the {option} side of the image?"]
     if kind == "region":
-        return [f"{verb} the {noun} in the {option} part of the image?", f"{verb} the {noun} located in the {option} half?"]
+        return [f"{verb} the {noun} in the {option} part of the image?",
+                f"{verb} the {noun} located in the {option} half?"]
     return [f"{verb} the {noun} {option}?", f"Is the abnormality {option}?"]
 
 def _open_detail(f: dict, words: dict, pick) -> tuple[str, str, str, str]:
     "One open side/region/count/size question about an abnormal figure."
     kind, verb, noun = pick(["side", "region", "count", "size"]), words["be"], words["noun"]
-    asked = {  # every entry draws its wording, whichever kind is asked: the corpus's random stream depends on it
+    asked = {  # every entry draws its wording, whichever kind is asked: the corpus's random stream relies on it
         "side": (pick(["On which side is the lesion?", f"Which side {verb} the {noun} on?"]), f["side"]),
         "region": (pick(["Where is the lesion located?", f"In which quadrant {verb} the {noun}?"]),
                    f"{f['region']} {f['side']}"),
@@ -428,8 +463,9 @@ def figure_vqa_records(f: dict,  # a figure's findings
                        turn: dict[str, int],  # per-kind counters shared by a split: alternate yes/no answers
                       ) -> list[dict]:
     "The LLaVA VQA records of one figure: OPEN and CLOSED questions with their short answers."
-    return [Sample(id=f"{f['pair_id']}_q{j}", image=image, domain=domain, answer_type=answer_type, question_type=kind,
-                   conversations=[Turn(HUMAN, _with_image(question, rng)), Turn(GPT, answer)]).to_json()
+    return [Sample(id=f"{f['pair_id']}_q{j}", image=image, domain=domain, answer_type=answer_type,
+                   question_type=kind, conversations=[Turn(HUMAN, _with_image(question, rng)), Turn(GPT, answer)]
+                  ).to_json()
             for j, (kind, answer_type, question, answer) in enumerate(_figure_questions(f, rng, turn))]
 
 # %% ../nbs/02c_synth.ipynb #cb1ea990
@@ -483,7 +519,8 @@ class CorpusResult(Result):
 
     def __str__(self) -> str:
         "'wrote OUT: train_figures N, test_figures N, ...' (empty when quiet)."
-        return "" if self.quiet else f"wrote {self.out}: " + ", ".join(f"{k} {v}" for k, v in self.counts.items())
+        if self.quiet: return ""
+        return f"wrote {self.out}: " + ", ".join(f"{k} {v}" for k, v in self.counts.items())
 
 def _check_corpus_args(n_train: int, n_test: int, size: int, n_chat: int, fmt: str) -> None:
     "A `ValueError` naming the first argument of `make_corpus` out of range."
@@ -491,7 +528,7 @@ def _check_corpus_args(n_train: int, n_test: int, size: int, n_chat: int, fmt: s
         if v < lo: raise ValueError(f"{name}={v}: must be >= {lo}")
     if fmt not in ("jpg", "png"): raise ValueError(f"fmt={fmt!r}: expected 'jpg' or 'png'")
 
-def make_corpus(out: str = "synth_corpus",  # output folder (created; figures of an earlier run with other ids are removed)
+def make_corpus(out: str = "synth_corpus",  # output folder (created; older figures with other ids are removed)
                 n_train: int = 2000,  # training figures
                 n_test: int = 250,  # test figures
                 seed: int = 0,  # corpus seed: same arguments, same bytes
@@ -528,8 +565,8 @@ def make_corpus(out: str = "synth_corpus",  # output folder (created; figures of
     write_json(out / "vqa_train.json", vqa["train"]); write_json(out / "vqa_test.json", vqa["test"])
     write_jsonl(out / "chat_eval.jsonl", chat)
     write_json(out / "labels.json", labels["train"]); write_json(out / "labels_test.json", labels["test"])
-    counts = {"train_figures": n_train, "test_figures": n_test, "alignment": len(align), "vqa_train": len(vqa["train"]),
-              "vqa_test": len(vqa["test"]), "chat_eval": len(chat)}
+    counts = {"train_figures": n_train, "test_figures": n_test, "alignment": len(align),
+              "vqa_train": len(vqa["train"]), "vqa_test": len(vqa["test"]), "chat_eval": len(chat)}
     write_json(out / "meta.json", {"seed": seed, "size": size, "format": fmt, "n_chat": n_chat, "counts": counts,
                                    "heads": LABEL_HEADS})
     return CorpusResult(str(out), counts, quiet)
