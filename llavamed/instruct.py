@@ -27,13 +27,14 @@ log = get_logger("instruct")
 # %% ../nbs/04_instruct.ipynb #44242f42
 def load_captions(path: str | Path,  # teacher input: JSON dict keyed by domain, JSON list, or JSONL
                  ) -> list[dict]:
-    "Figure records with `pair_id`, `fig_caption` and `domain` flags; a record missing either raises `RecordError`."
+    "Figure records with `pair_id`, `fig_caption` and `domain` flags; a record lacking one raises `RecordError`."
     out, seen, position = [], set(), Counter()  # position: records seen so far under each domain key
     for line, rec, key in iter_caption_pairs(path):
         if isinstance(rec, RecordError): raise rec
         where = f"{key}[{position[key]}]" if key else line
         position[key] += 1
-        if not isinstance(rec, dict): raise RecordError(path, where, f"expected an object, got {type(rec).__name__}")
+        if not isinstance(rec, dict):
+            raise RecordError(path, where, f"expected an object, got {type(rec).__name__}")
         for k in ("pair_id", "fig_caption"):
             if not rec.get(k): raise RecordError(path, where, f"record has no {k!r}")
         pair_id = str(rec["pair_id"])
@@ -93,14 +94,16 @@ def build_messages(record: dict, prompt: dict | None = None, inline_mentions: bo
     prompt = prompt or load_prompt()
     msgs = [{"role": "system", "content": prompt["system"].strip()}]
     for ex in prompt["examples"]:
-        msgs.append({"role": "user", "content": format_target(ex["caption"], ex["mentions"] if inline_mentions else None, prompt)})
+        mentions = ex["mentions"] if inline_mentions else None
+        msgs.append({"role": "user", "content": format_target(ex["caption"], mentions, prompt)})
         msgs.append({"role": "assistant", "content": format_conversation(ex["conversation"])})
     m = record.get("in_text_mention") if inline_mentions else None
     msgs.append({"role": "user", "content": format_target(record["fig_caption"], m, prompt)})
     return msgs
 
 # %% ../nbs/04_instruct.ipynb #c7a0bd85
-_TAG = re.compile(r"^\s*(?:[-*#>\d.)\s]*)?\**\s*(user|human|question|q|assistant|gpt|answer|a)\s*\d*\s*\**\s*[:：]\s*\**\s*", re.I)
+_TAG = re.compile(r"^\s*(?:[-*#>\d.)\s]*)?\**\s*"  # list markers, quotes, bold
+                  r"(user|human|question|q|assistant|gpt|answer|a)\s*\d*\s*\**\s*[:：]\s*\**\s*", re.I)
 _ASK = {"user", "human", "question", "q"}
 
 def split_turns(text: str) -> list[tuple[str, str]]:
@@ -165,7 +168,7 @@ def clean_pairs(pairs, rules: dict | None = None) -> tuple[list[tuple[str, str]]
 # %% ../nbs/04_instruct.ipynb #ab919412
 def to_record(record: dict,  # the figure's teacher-input record
               pairs,  # cleaned question-answer pairs
-              image: str | None = None,  # image file name (default: '{pair_id}.jpg', as the official files name them)
+              image: str | None = None,  # image file name (default '{pair_id}.jpg', the official files' naming)
               seed: int = 0) -> dict:
     "A LLaVA instruction record with `<image>` on the first question and the figure's `domain` flags."
     pid = record["pair_id"]
@@ -184,12 +187,15 @@ def record_problems(d: dict) -> list[str]:
     except (KeyError, TypeError) as e: return [f"unreadable record ({e})"]
     errs, conv = [], s.conversations
     if not conv or len(conv) % 2: errs.append(f"{len(conv)} turns, expected a positive even number")
-    errs += [f"turn {i}: role {t.role!r}, expected {(HUMAN, GPT)[i % 2]!r}" for i, t in enumerate(conv) if t.role != (HUMAN, GPT)[i % 2]]
+    errs += [f"turn {i}: role {t.role!r}, expected {(HUMAN, GPT)[i % 2]!r}"
+             for i, t in enumerate(conv) if t.role != (HUMAN, GPT)[i % 2]]
     errs += [f"turn {i}: empty" for i, t in enumerate(conv) if not t.text.replace(IMAGE_TOKEN, "").strip()]
     n_img = sum(t.text.count(IMAGE_TOKEN) for t in conv)
-    if n_img != 1 or (conv and IMAGE_TOKEN not in conv[0].text): errs.append(f"{n_img} {IMAGE_TOKEN} tokens, expected 1 in the first turn")
+    if n_img != 1 or (conv and IMAGE_TOKEN not in conv[0].text):
+        errs.append(f"{n_img} {IMAGE_TOKEN} tokens, expected 1 in the first turn")
     if not s.image: errs.append("no image")
-    if not isinstance(s.domain, dict) or set(s.domain) != set(DOMAINS): errs.append("domain must hold the five domain flags")
+    if not isinstance(s.domain, dict) or set(s.domain) != set(DOMAINS):
+        errs.append("domain must hold the five domain flags")
     try: from llavamed.data import check_record
     except ImportError: return errs
     return errs + [msg for _, msg in check_record(d, require_image=True)]
@@ -216,7 +222,8 @@ class TemplateTeacher:
                  seed: int = 0,  # seed of the wording and fact choice (per pair id)
                  max_facts: int = 4):  # most fact turns per conversation
         missing = [r["pair_id"] for r in records if not r.get("facts")]
-        if missing: raise ValueError(f"template teacher: {len(missing)} record(s) have no 'facts' (first: {missing[0]!r})")
+        if missing:
+            raise ValueError(f"template teacher: {len(missing)} record(s) have no 'facts' (first: {missing[0]!r})")
         self.by_id, self.seed, self.max_facts = {r["pair_id"]: r for r in records}, seed, max_facts
 
     def compose(self, pair_id: str) -> str:
@@ -224,7 +231,8 @@ class TemplateTeacher:
         r, rng = self.by_id[pair_id], random.Random(f"{self.seed}:teacher:{pair_id}")
         facts = list(r["facts"]); rng.shuffle(facts)
         facts = facts[:rng.randint(min(2, len(facts)), min(self.max_facts, len(facts)))]
-        pairs = [(rng.choice(_OPENERS), _sentence(r["fig_caption"].split(". ")[0]))] if rng.random() < 0.7 or len(facts) < 2 else []
+        opens_with_caption = rng.random() < 0.7 or len(facts) < 2
+        pairs = [(rng.choice(_OPENERS), _sentence(r["fig_caption"].split(". ")[0]))] if opens_with_caption else []
         for f in facts:
             q = str(f["question"]).strip()
             lead = rng.choice(_LEADS)
@@ -249,7 +257,7 @@ def _image_names(captions: Path) -> dict[str, str]:
 # %% ../nbs/04_instruct.ipynb #b7ed0277
 def build_output(records: list[dict], checkpoint: str | Path, out: str | Path, rules: str = "v1",
                  seed: int = 0, images: dict[str, str] | None = None) -> dict:
-    "Write the cleaned records of `records` found done in `checkpoint` to `out`; a report of what was kept and dropped."
+    "Write the cleaned records of the figures done in `checkpoint` to `out`; what was kept and dropped, as a dict."
     ck, rl, images = load_checkpoint(checkpoint), load_rules(rules), images or {}
     rows, hits, dropped, status = [], Counter(), Counter(), Counter()
     pairs_in = pairs_out = 0
@@ -305,10 +313,10 @@ def _teacher(name: str | None, records: list[dict], seed: int, model: str | None
     if not model: raise ValueError("self_instruct: --model is required for the openai teacher")
     return ChatClient(model, **client_args)
 
-def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (official layout), JSON list or JSONL
+def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (official layout), JSON list, JSONL
                   out: str = None,  # JSONL of cleaned LLaVA instruction records; raw replies go to OUT.raw.jsonl
                   teacher: str = None,  # 'openai' or 'template' (default: template when every record has 'facts')
-                  base_url: str = None,  # OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)
+                  base_url: str = None,  # OpenAI-compatible API root (none: OpenAI), e.g. http://localhost:8000/v1
                   model: str = None,  # teacher model or deployment name (openai teacher)
                   api_key_env: str = "OPENAI_API_KEY",  # environment variable that holds the API key
                   concurrency: int = 16,  # most requests in flight
@@ -344,5 +352,6 @@ def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (
     built = build_output(records, checkpoint, out, rules, seed, _image_names(captions))
     report = InstructReport(client.name, template["version"], len(records), stats.to_json(), **built, out=str(out),
                             run_summary=stats.summary(), quiet=quiet)
-    write_json(out.with_name(out.name + ".report.json"), {k: v for k, v in report.to_json().items() if k != "quiet"})
+    saved = {k: v for k, v in report.to_json().items() if k != "quiet"}
+    write_json(out.with_name(out.name + ".report.json"), saved)
     return report
