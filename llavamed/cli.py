@@ -17,27 +17,33 @@ __all__ = ['COMMANDS', 'Info', 'info', 'settings_parser', 'settings_kwargs', 'co
 
 # %% ../nbs/10_cli.ipynb #1c7e0330
 COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-line help)
-    "synth": ("llavamed.synth", "make_corpus", "Render the synthetic biomedical figure corpus with its captions, VQA and benchmark"),
+    "synth": ("llavamed.synth", "make_corpus",
+              "Render the synthetic biomedical figure corpus with its captions, VQA and benchmark"),
     "validate": ("llavamed.data", "validate_file", "Check a LLaVA conversation file and report every bad record"),
     "align": ("llavamed.data", "build_alignment", "Turn figure-caption pairs into stage-1 alignment records"),
     "pmc": ("llavamed.pmc", "fetch_figures", "Fetch PubMed Central figures from the image URL list (resumable)"),
     "vqa-convert": ("llavamed.vqa", "convert_vqa", "Convert VQA-RAD, SLAKE or PathVQA into LLaVA VQA records"),
     "leakage": ("llavamed.vqa", "check_leakage", "Report VQA test images that also appear in training data"),
-    "instruct": ("llavamed.instruct", "self_instruct", "Have a teacher LLM write conversations from figure captions"),
-    "convert": ("llavamed.model", "convert_checkpoint", "Convert a released LLaVA-Med v1.5 checkpoint to the transformers format"),
+    "instruct": ("llavamed.instruct", "self_instruct",
+                 "Have a teacher LLM write conversations from figure captions"),
+    "convert": ("llavamed.model", "convert_checkpoint",
+                "Convert a released LLaVA-Med v1.5 checkpoint to the transformers format"),
     "chat": ("llavamed.generate", "chat", "Talk with a model about an image (PNG/JPEG/DICOM/NIfTI)"),
     "train": ("llavamed.train", "train", "Train a curriculum stage: align, instruct or finetune"),
-    "predict": ("llavamed.predict", "predict", "Answer a VQA file with a model (batched, resumable, with image ablations)"),
+    "predict": ("llavamed.predict", "predict",
+                "Answer a VQA file with a model (batched, resumable, with image ablations)"),
     "score": ("llavamed.eval", "score", "Score VQA answers in the official and strict modes"),
     "judge": ("llavamed.judge", "judge", "Judge conversation-benchmark answers against reference answers"),
     "report": ("llavamed.report", "report", "Write a Markdown report with figures from scores and reviews"),
     "info": ("llavamed.cli", "info", "Show versions, devices and which optional features are installed"),
-    "demo": ("llavamed.pipeline", "demo", "Run the whole pipeline on the built-in synthetic corpus (what `make demo` runs)"),
+    "demo": ("llavamed.pipeline", "demo",
+             "Run the whole pipeline on the built-in synthetic corpus (what `make demo` runs)"),
 }
 
 # %% ../nbs/10_cli.ipynb #87ea8adc
-_OPTIONAL = {"pydicom": "DICOM images", "nibabel": "NIfTI images", "openai": "OpenAI-compatible teachers and judges",
-             "deepspeed": "DeepSpeed training", "peft": "LoRA", "ipywidgets": "Jupyter widgets"}
+_OPTIONAL = {"pydicom": "DICOM images", "nibabel": "NIfTI images",
+             "openai": "OpenAI-compatible teachers and judges", "deepspeed": "DeepSpeed training",
+             "peft": "LoRA", "ipywidgets": "Jupyter widgets"}
 
 @dataclasses.dataclass
 class Info(Result):
@@ -54,7 +60,8 @@ def info() -> Info:
     try:
         import torch
         from llavamed.core import pick_device, pick_dtype
-        out.update(torch=torch.__version__, device=pick_device(), dtype=str(pick_dtype()).replace("torch.", ""))
+        dtype = str(pick_dtype()).replace("torch.", "")
+        out.update(torch=torch.__version__, device=pick_device(), dtype=dtype)
     except ImportError: out["torch"] = None
     for mod, what in _OPTIONAL.items():
         out[f"{mod} ({what})"] = importlib.util.find_spec(mod) is not None
@@ -73,7 +80,8 @@ def _dataclass_in(anno):
 
 def _flag_kwargs(anno, default, doc: str | None, override: bool) -> dict | None:
     "`add_argument` keywords for one setting (None: no flag can express it); overrides default to None."
-    kind = next((a for a in _parts(anno) if a in (str, int, float, bool) or typing.get_origin(a) in (tuple, list)), None)
+    usable = lambda a: a in (str, int, float, bool) or typing.get_origin(a) in (tuple, list)
+    kind = next((a for a in _parts(anno) if usable(a)), None)
     doc, required = doc or "", default is inspect.Parameter.empty and not override
     default = None if override or required else default
     if typing.get_origin(kind) in (tuple, list):
@@ -94,7 +102,8 @@ def _settings(obj) -> dict:
     if dataclasses.is_dataclass(obj):
         def default(f):
             if f.default is not dataclasses.MISSING: return f.default
-            return f.default_factory() if f.default_factory is not dataclasses.MISSING else inspect.Parameter.empty
+            if f.default_factory is not dataclasses.MISSING: return f.default_factory()
+            return inspect.Parameter.empty
         return {f.name: (hints.get(f.name), default(f), docs.get(f.name)) for f in dataclasses.fields(obj)}
     return {k: (hints.get(k), p.default, docs.get(k)) for k, p in inspect.signature(obj).parameters.items()
             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
@@ -104,7 +113,8 @@ def settings_parser(func, prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=func.__doc__)
     owner_of = {}
     def add(group, name, kw, owner):
-        if name in owner_of: raise ValueError(f"{prog}: --{name} of {owner} is also a flag of {owner_of[name]}")
+        if name in owner_of:
+            raise ValueError(f"{prog}: --{name} of {owner} is also a flag of {owner_of[name]}")
         owner_of[name] = owner
         flag = f"--no-{name}" if kw.get("action") == "store_false" else f"--{name}"
         group.add_argument(flag.replace("_", "-"), dest=name, **kw)
@@ -116,7 +126,8 @@ def settings_parser(func, prog: str) -> argparse.ArgumentParser:
             continue
         preset = str in _parts(anno)  # `Config | str`: a preset name, and each field an override of it
         if preset: add(parser, pname, _flag_kwargs(str, default, doc, override=False), func.__name__)
-        group = parser.add_argument_group(f"{cls.__name__}" + (f" (overrides of the --{pname} preset)" if preset else ""))
+        title = cls.__name__ + (f" (overrides of the --{pname} preset)" if preset else "")
+        group = parser.add_argument_group(title)
         for fname, (fanno, fdefault, fdoc) in _settings(cls).items():
             kw = _flag_kwargs(fanno, fdefault, fdoc, override=preset)
             if kw is not None: add(group, fname, kw, cls.__name__)
@@ -151,7 +162,8 @@ def _usage() -> str:
     opts = "\n".join(f"  {k:13}  {h}" for k, h in _GLOBAL_OPTIONS.items())
     return (f"usage: llavamed [-v] [--json] [--version] COMMAND [options]\n\n"
             f"LLaVA-Med style biomedical vision-language assistants, from data to evaluation.\n\n"
-            f"commands:\n{rows}\n\noptions:\n{opts}\n\n`llavamed COMMAND --help` describes a command's options.")
+            f"commands:\n{rows}\n\noptions:\n{opts}\n\n"
+            f"`llavamed COMMAND --help` describes a command's options.")
 
 def _flattens(func) -> bool:
     "Whether any parameter of `func` is a settings dataclass."
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"llavamed: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr); return 2
     func, parser = command_parser(name)
-    if "--json" in rest and "json" not in inspect.signature(func).parameters:  # `--json` after the command
+    if "--json" in rest and "json" not in inspect.signature(func).parameters:  # `--json` after the name
         rest, as_json = [a for a in rest if a != "--json"], True
     args = vars(parser.parse_args(rest))
     args.pop("pdb", None); args.pop("xtra", None)

@@ -203,20 +203,25 @@ class _ArrayStream:
             val, end = self.decode()
             if end is None:
                 e = val
-                msg = f"malformed JSON ({e.msg})" if e.pos - self.pos <= self.max else f"record longer than {self.max:,} characters"
+                too_long = e.pos - self.pos > self.max
+                msg = f"record longer than {self.max:,} characters" if too_long else f"malformed JSON ({e.msg})"
                 yield line, RecordError(self.path, line, msg)
                 if not self.resync():
-                    yield None, self.err("cannot resume after the malformed record; the rest of the file was not read"); return
+                    yield None, self.err("cannot resume after the malformed record; the rest of the file was not read")
+                    return
                 continue
-            if self.bad_bytes and _NOT_UTF8.search(self.buf, self.pos, end): val = RecordError(self.path, line, "not UTF-8 text")
+            if self.bad_bytes and _NOT_UTF8.search(self.buf, self.pos, end):
+                val = RecordError(self.path, line, "not UTF-8 text")
             yield line, val
             m = _SEP.match(self.buf, end)
-            if m is not None and m.end() < len(self.buf): self.pos = m.end(); continue  # the usual ',\n{' in one step
+            if m is not None and m.end() < len(self.buf):  # the usual ',\n{' in one step
+                self.pos = m.end(); continue
             self.pos = end
             c = self.skip_ws()
             if c == ",": self.pos += 1; continue
             if c == "]": return
-            yield None, self.err("expected ',' or ']' after a record" if c else "file ends inside the array (missing ']')")
+            yield None, self.err("expected ',' or ']' after a record" if c
+                                 else "file ends inside the array (missing ']')")
             if not c or not self.resync(): return
 
 # %% ../nbs/00_core.ipynb #760230de
@@ -240,7 +245,8 @@ def _fix_keys(v):
 def _iter_parquet(path, batch_rows: int = 256) -> Iterator[tuple[int | None, Any]]:
     "`(row, dict)` pairs of a parquet file, one record batch in memory at a time."
     try: import pyarrow.parquet as pq
-    except ImportError: raise ImportError("reading parquet needs pyarrow: pip install 'llavamed[parquet]'") from None
+    except ImportError:
+        raise ImportError("reading parquet needs pyarrow: pip install 'llavamed[parquet]'") from None
     try: pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own error types for a damaged file
         err = RecordError(path, 1, f"not a readable parquet file ({e})"); err.file_level = True
@@ -270,7 +276,8 @@ def _iter_json_text(path, max_record_chars: int) -> Iterator[tuple[int | None, A
             try: yield i, json.loads(raw)
             except json.JSONDecodeError as e:
                 yield i, RecordError(path, i, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
-            except UnicodeDecodeError as e: yield i, RecordError(path, i, f"not UTF-8 text (byte {e.start} of the line)")
+            except UnicodeDecodeError as e:
+                yield i, RecordError(path, i, f"not UTF-8 text (byte {e.start} of the line)")
 
 def iter_records(path: str | Path,  # a JSON array, JSON Lines, single-document JSON or parquet file
                  max_record_chars: int = 64 << 20,  # a JSON record longer than this is reported, not buffered
@@ -288,7 +295,8 @@ def iter_samples(path: str | Path,  # a LLaVA conversation file (JSON array, JSO
         if not isinstance(v, RecordError):
             try: yield Sample.from_json(v); continue
             except (TypeError, KeyError, AttributeError) as e:
-                v = RecordError(path, line if line is not None else i, f"record {i}: not a conversation record ({e})")
+                where = line if line is not None else i
+                v = RecordError(path, where, f"record {i}: not a conversation record ({e})")
         if not skip_bad: raise v
         yield v
 
@@ -314,7 +322,7 @@ class Question:
     answer_type: str = ""  # 'OPEN', 'CLOSED', or '' (a benchmark question or an unknown type)
     kind: str = "vqa"  # 'vqa', 'choice' or 'benchmark'
     options: list[str] | None = None  # the choices of a multiple-choice question, in order
-    domain: str | None = None  # the figure's first true domain (`DOMAINS` order, else 'other'), when the file says
+    domain: str | None = None  # the first true domain (`DOMAINS` order, else 'other'); None: the file has none
     question_type: str | None = None  # a free-form category (VQA) or the benchmark's `type`
     extra: dict[str, Any] = field(default_factory=dict)  # everything else: caption, mentions, flags, ...
 
@@ -335,25 +343,30 @@ def question_from_json(d: Any) -> Question:
                   extra={k: v for k, v in d.items() if k not in _QUESTION_KEYS})
     if "conversations" in d:
         try: s = Sample.from_json(d)
-        except (TypeError, KeyError, AttributeError) as e: raise ValueError(f"not a conversation record ({e})") from None
+        except (TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"not a conversation record ({e})") from None
         turns = s.conversations
         answer = turns[1].text if len(turns) > 1 and turns[1].role == GPT else None
-        return Question(s.id, s.question, s.image, answer, str(d.get("answer_type") or "").upper(),
-                        "choice" if common["options"] else "vqa", question_type=d.get("question_type"), **common)
+        kind = "choice" if common["options"] else "vqa"
+        return Question(s.id, s.question, s.image, answer, str(d.get("answer_type") or "").upper(), kind,
+                        question_type=d.get("question_type"), **common)
     if "question_id" in d and isinstance(d.get("text"), str):
-        return Question(str(d["question_id"]), d["text"].replace(IMAGE_TOKEN, "").strip(), d.get("image"),
-                        d.get("gpt4_answer"), "", "benchmark", question_type=d.get("type", "conversation"), **common)
-    raise ValueError("neither a LLaVA record ('conversations') nor a benchmark question ('question_id', 'text')")
+        text = d["text"].replace(IMAGE_TOKEN, "").strip()
+        return Question(str(d["question_id"]), text, d.get("image"), d.get("gpt4_answer"), "", "benchmark",
+                        question_type=d.get("type", "conversation"), **common)
+    raise ValueError("neither a LLaVA record ('conversations') nor a benchmark question "
+                     "('question_id', 'text')")
 
 # %% ../nbs/00_core.ipynb #48855927
-def load_questions(path: str | Path,  # a VQA file (JSON array, JSONL or parquet of LLaVA records) or benchmark JSONL
+def load_questions(path: str | Path,  # a VQA file (JSON, JSONL or parquet of LLaVA records) or a benchmark JSONL
                    need_answer: bool = False,  # every question must have a reference answer (for scoring)
                   ) -> list[Question]:
     "Every question of an evaluation file, ids unique; a bad record raises `ValueError` naming it."
     out, seen = [], set()
     for i, (line, v) in enumerate(iter_records(path)):
         if isinstance(v, RecordError): raise v
-        where = f"{path}: record {i} (id {v.get('id', v.get('question_id')) if isinstance(v, dict) else None})"
+        rid = v.get("id", v.get("question_id")) if isinstance(v, dict) else None
+        where = f"{path}: record {i} (id {rid})"
         try: q = question_from_json(v)
         except ValueError as e: raise ValueError(f"{where}: {e}") from None
         if need_answer and q.answer is None: raise ValueError(f"{where}: no answer turn after the question")
@@ -510,7 +523,7 @@ def pyplot():
     return plt
 
 # %% ../nbs/00_core.ipynb #bdcf7220
-def loss_figure(history: dict[str, list[dict]],  # {panel title: logged rows with 'step', 'loss', maybe 'learning_rate'}
+def loss_figure(history: dict[str, list[dict]],  # {panel title: rows with 'step', 'loss', maybe 'learning_rate'}
                 panel_size: tuple[float, float] = (5, 3.2),  # inches per panel
                ):
     "Training-loss curves, one panel per run, the learning rate on a second axis: a matplotlib `Figure`."
@@ -533,7 +546,8 @@ def plot_losses(runs: dict[str, str | Path],  # {panel title: run folder holding
                 path: str | Path,  # the PNG to write
                ) -> Path:
     "Write the loss curves of training runs, side by side, to a PNG; returns its path."
-    fig = loss_figure({k: [r for r in read_jsonl(Path(d) / "log_history.jsonl", skip_bad=True) if isinstance(r, dict)]
-                       for k, d in runs.items()})
+    def rows(run_dir): return [r for r in read_jsonl(Path(run_dir) / "log_history.jsonl", skip_bad=True)
+                               if isinstance(r, dict)]  # a torn last line (a run still writing) is skipped
+    fig = loss_figure({title: rows(d) for title, d in runs.items()})
     with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=100)
     return Path(path)
