@@ -159,20 +159,22 @@ def _refuse(m: tarfile.TarInfo, name: str, max_bytes: int) -> str | None:
     if m.size > max_bytes: return f"member {name!r} is {m.size} bytes, over the {max_bytes}-byte limit"
     return None
 
-def _row(ref: FigureRef, status: str, reason: str = "", data: bytes | None = None, file: str | None = None) -> dict:
+def _row(ref: FigureRef, status: str, reason: str = "", data: bytes | None = None,
+         file: str | None = None) -> dict:
+    "The manifest row of one figure: its status, size, checksum, reason and file."
     return {"pair_id": ref.pair_id, "status": status, "bytes": len(data) if data is not None else 0,
             "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
             "reason": reason, "file": file, "tar_url": ref.tar_url}
 
 # %% ../nbs/02a_pmc.ipynb #91e47ba5
 def extract_figures(stream,  # a readable binary file object holding a .tar.gz
-                    wanted: dict[str, list[FigureRef]],  # member name -> figures to save from it; entries are removed when found
+                    wanted: dict[str, list[FigureRef]],  # member name -> its figures (removed once found)
                     images: Path,  # folder the figures are written to
                     cfg: FetchConfig,
                     results: dict[str, dict],  # pair_id -> manifest row, filled in as figures are found
                     stop: threading.Event | None = None,  # set when the run is interrupted: stop reading
                    ) -> None:
-    "Read a gzipped tar stream once, saving each wanted member as `images/{pair_id}.{ext}`; stops early when all are found."
+    "Read a .tar.gz stream once, saving each wanted member as `images/{pair_id}.{ext}`; stop when all are found."
     max_bytes = int(cfg.max_member_mb * 2**20)
     with tarfile.open(fileobj=stream, mode="r|gz") as tf:
         for m in tf:
@@ -194,6 +196,7 @@ def extract_figures(stream,  # a readable binary file object holding a .tar.gz
 _RETRY_HTTP = {408, 425, 429}
 
 def _open(url: str, timeout: float):
+    "The HTTP (or file://) response for `url`, with the project's User-Agent."
     req = urllib.request.Request(url, headers={"User-Agent": f"llavamed/{__version__}"})
     return urllib.request.urlopen(req, timeout=timeout)
 
@@ -201,41 +204,43 @@ def fetch_tarball(url: str,  # where to download the tarball (after mirroring)
                   refs: list[FigureRef],  # the figures wanted from it
                   images: Path,  # folder the figures are written to
                   cfg: FetchConfig,
-                  stop: threading.Event | None = None,  # set when the run is interrupted: give up at once, recording nothing unfinished
+                  stop: threading.Event | None = None,  # set on interruption: stop, record nothing unfinished
                  ) -> list[dict]:
     "Download one article tarball (streamed, never stored) and return a manifest row for each wanted figure."
     results: dict[str, dict] = {}
     def mark(status, reason):
+        "Give every figure without a row yet the row (`status`, `reason`)."
         for r in refs:
             if r.pair_id not in results: results[r.pair_id] = _row(r, status, reason)
-    err = "no attempt made"
+    finished = lambda: [results[r.pair_id] for r in refs if r.pair_id in results]
+    error = "no attempt made"
     for attempt in range(cfg.retries + 1):
-        if attempt and stop is not None and stop.wait(cfg.delay(attempt - 1)):
-            return [results[r.pair_id] for r in refs if r.pair_id in results]
+        if attempt and stop is not None and stop.wait(cfg.delay(attempt - 1)): return finished()
         if attempt and stop is None: time.sleep(cfg.delay(attempt - 1))
         wanted: dict[str, list[FigureRef]] = {}
         for r in refs:
             if r.pair_id not in results: wanted.setdefault(_norm(r.member), []).append(r)
         try:
             with _open(url, cfg.timeout) as resp:
-                n = resp.headers.get("Content-Length")
-                extract_figures(_LengthChecked(resp, int(n) if n and n.isdigit() else None), wanted, images, cfg, results, stop)
-            if stop is not None and stop.is_set(): return [results[r.pair_id] for r in refs if r.pair_id in results]
+                length = resp.headers.get("Content-Length")
+                body = _LengthChecked(resp, int(length) if length and length.isdigit() else None)
+                extract_figures(body, wanted, images, cfg, results, stop)
+            if stop is not None and stop.is_set(): return finished()
             mark("missing", "member not in tarball")
             break
         except urllib.error.HTTPError as e:
-            err = f"HTTP {e.code} {e.reason}"
-            if e.code in (404, 410): mark("not_found", err); break
-            if e.code < 500 and e.code not in _RETRY_HTTP: mark("error", err); break
+            error = f"HTTP {e.code} {e.reason}"
+            if e.code in (404, 410): mark("not_found", error); break
+            if e.code < 500 and e.code not in _RETRY_HTTP: mark("error", error); break
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             mark("corrupt", f"bad tarball ({type(e).__name__}: {e})"); break
         except urllib.error.URLError as e:
             if isinstance(e.reason, FileNotFoundError): mark("not_found", str(e.reason)); break
-            err = f"{type(e.reason).__name__}: {e.reason}"
+            error = f"{type(e.reason).__name__}: {e.reason}"
         except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
-            err = f"{type(e).__name__}: {e}"
-        log.info(f"{url}: attempt {attempt + 1}/{cfg.retries + 1} failed: {err}")
-    else: mark("error", f"gave up after {cfg.retries + 1} attempts: {err}")
+            error = f"{type(e).__name__}: {e}"
+        log.info(f"{url}: attempt {attempt + 1}/{cfg.retries + 1} failed: {error}")
+    else: mark("error", f"gave up after {cfg.retries + 1} attempts: {error}")
     return [results[r.pair_id] for r in refs]
 
 # %% ../nbs/02a_pmc.ipynb #823f0034

@@ -36,7 +36,8 @@ def vqa_record(id: str,  # stable record id, e.g. 'slake_11934'
     "A LLaVA VQA record as a JSON-ready dict; raises `ValueError` naming `id` for an unusable question."
     q, a, t = str(question).strip(), str(answer).strip(), str(answer_type).strip().upper()
     if not q or not a: raise ValueError(f"record {id}: empty {'question' if not q else 'answer'}")
-    if t not in ("OPEN", "CLOSED"): raise ValueError(f"record {id}: answer_type {answer_type!r} is not OPEN or CLOSED")
+    if t not in ("OPEN", "CLOSED"):
+        raise ValueError(f"record {id}: answer_type {answer_type!r} is not OPEN or CLOSED")
     s = Sample(id=id, image=image, conversations=[Turn(HUMAN, f"{q}\n{IMAGE_TOKEN}"), Turn(GPT, a)],
                answer_type=t, question_type=question_type or None,
                extra={k: v for k, v in extra.items() if v not in (None, "")})
@@ -88,7 +89,8 @@ def load_vqa_rad(src: str | Path,  # the VQA-RAD JSON file, or a folder holding 
                  variant: str = "official",  # 'official', 'freeform' or 'yesno' (see above)
                 ) -> _Collector:
     "Read the public VQA-RAD JSON into train/test records (ids `vqa-rad_{qid}`)."
-    if variant not in VQA_RAD_VARIANTS: raise ValueError(f"variant {variant!r}: expected one of {VQA_RAD_VARIANTS}")
+    if variant not in VQA_RAD_VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {VQA_RAD_VARIANTS}")
     path, collected = _find(Path(src), ("VQA_RAD Dataset Public.json", "*.json"), "VQA-RAD JSON"), _Collector()
     for i, row in _question_rows(path):
         phrase = str(row.get("phrase_type", "")).strip().lower()
@@ -96,7 +98,8 @@ def load_vqa_rad(src: str | Path,  # the VQA-RAD JSON file, or a folder holding 
         if variant == "freeform" and split == "test" and phrase != "test_freeform":
             collected.skipped["paraphrased test question (freeform variant)"] += 1; continue
         answer = row.get("answer", "")
-        answer_type = ("CLOSED" if is_yes_no(answer) else "OPEN") if variant == "yesno" else row.get("answer_type", "")
+        if variant == "yesno": answer_type = "CLOSED" if is_yes_no(answer) else "OPEN"
+        else: answer_type = row.get("answer_type", "")
         collected.add(split, f"vqa-rad_{row.get('qid', i)}", row.get("image_name", ""), row.get("question", ""),
                       answer, answer_type, row.get("question_type"), phrase_type=row.get("phrase_type"),
                       organ=row.get("image_organ"))
@@ -121,7 +124,8 @@ def load_slake(src: str | Path,  # the SLAKE folder holding train.json, validate
     return collected
 
 # %% ../nbs/02b_vqa.ipynb #5d4d40cb
-_SAFE_NAMES = frozenset({"dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool", "bytes", "bytearray"})
+_SAFE_NAMES = frozenset({"dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool", "bytes",
+                        "bytearray"})
 
 class SafeUnpickler(pickle.Unpickler):
     "An unpickler that refuses every global except builtin container and scalar types."
@@ -144,7 +148,8 @@ def _pathvqa_rows(src: Path, split: str) -> list[dict]:
     "The records of one PathVQA split pickle, loaded with `safe_load_pickle`."
     path = _find(src, (f"qas/{split}/{split}_qa.pkl", f"{split}_qa.pkl"), f"PathVQA {split} pickle")
     rows = safe_load_pickle(path)
-    if not isinstance(rows, list): raise ValueError(f"{path}: expected a list of records, got {type(rows).__name__}")
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a list of records, got {type(rows).__name__}")
     return rows
 
 def load_pathvqa(src: str | Path,  # the PathVQA folder (qas/{split}/{split}_qa.pkl), or the parquet release
@@ -152,12 +157,14 @@ def load_pathvqa(src: str | Path,  # the PathVQA folder (qas/{split}/{split}_qa.
                 ) -> _Collector:
     "Read PathVQA's split pickles (safely) or its parquet release into records (ids `pathvqa_{split}_{i}`)."
     src, collected = Path(src), _Collector()
-    if not list(src.rglob("*.pkl")) and list(src.rglob("*.parquet")): return _load_pathvqa_parquet(src, out, collected)
+    if not list(src.rglob("*.pkl")) and list(src.rglob("*.parquet")):
+        return _load_pathvqa_parquet(src, out, collected)
     for split in PATHVQA_SPLITS:
         for i, row in enumerate(_pathvqa_rows(src, split)):
             if not isinstance(row, dict): collected.skipped["not a record"] += 1; continue
             answer, stem = row.get("answer", ""), str(row.get("image", "")).strip()
-            collected.add(split, f"pathvqa_{split}_{i}", f"{split}/{stem}.jpg" if stem else "", row.get("question", ""),
+            image = f"{split}/{stem}.jpg" if stem else ""
+            collected.add(split, f"pathvqa_{split}_{i}", image, row.get("question", ""),
                           answer, "CLOSED" if is_yes_no(answer) else "OPEN")
     return collected
 
@@ -197,7 +204,8 @@ class ConversionResult(Result):
         label = self.dataset + (f" ({self.option})" if self.option else "")
         lines = [f"{label} {split}: {n['total']} questions ({n.get('OPEN', 0)} open, {n.get('CLOSED', 0)} closed)"
                  for split, n in self.splits.items()]
-        if self.skipped: lines.append(f"{label} skipped: " + ", ".join(f"{k} {v}" for k, v in self.skipped.items()))
+        if self.skipped:
+            lines.append(f"{label} skipped: " + ", ".join(f"{k} {v}" for k, v in self.skipped.items()))
         return "\n".join(lines)
 
 def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake' or 'pathvqa'; required
@@ -226,7 +234,8 @@ def dhash(im, size: int = 8) -> int:
     "Difference hash: whether each pixel of a (size+1) x size grey thumbnail is brighter than its right neighbour."
     import numpy as np
     from PIL import Image
-    grey = np.asarray(im.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.float32)  # (size, size+1)
+    thumbnail = im.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS)
+    grey = np.asarray(thumbnail, dtype=np.float32)  # (size, size+1)
     return _bits(grey[:, 1:] > grey[:, :-1])
 
 def _dct_matrix(n: int):
@@ -269,7 +278,8 @@ def _record_images(path: str | Path) -> list[str | None]:
     images = []
     for line, row in iter_records(path):
         if isinstance(row, RecordError): raise row
-        if not isinstance(row, dict): raise RecordError(path, line, f"a {type(row).__name__}, expected a LLaVA record")
+        if not isinstance(row, dict):
+            raise RecordError(path, line, f"a {type(row).__name__}, expected a LLaVA record")
         images.append(row.get("image") or None)
     return images
 
@@ -294,7 +304,8 @@ def _near_duplicates(train: dict, test: dict, skip: set, threshold: int) -> list
     test_d, test_p = hashes(test, test_names, "dhash"), hashes(test, test_names, "phash")
     block, near = max(1, min(1024, 2**22 // len(train_names))), []  # (block, n_train) uint64 blocks near 32 MB
     for i in range(0, len(test_names), block):
-        bits_d, bits_p = _hamming(test_d[i:i + block], train_d), _hamming(test_p[i:i + block], train_p)  # (block, n_train)
+        bits_d = _hamming(test_d[i:i + block], train_d)  # (block, n_train)
+        bits_p = _hamming(test_p[i:i + block], train_p)  # (block, n_train)
         score = np.where((bits_d <= threshold) & (bits_p <= threshold), bits_d.astype(np.int32) + bits_p, 10**6)
         for j in np.nonzero(score.min(1) < 10**6)[0]:
             best = int(score[j].argmin())
