@@ -90,7 +90,8 @@ def _classify(e: Exception, timeout: float, key: str | None) -> RequestError:
         return RequestError(f"connection error ({cause})")
     if isinstance(e, openai.APIStatusError):
         code, msg = e.status_code, redact(str(getattr(e, "message", e)), key)[:200]
-        if code == 429: return RequestError("HTTP 429 rate limited", retry_after=retry_after_seconds(e.response.headers))
+        if code == 429:
+            return RequestError("HTTP 429 rate limited", retry_after=retry_after_seconds(e.response.headers))
         if code in (408, 409) or code >= 500:
             return RequestError(f"HTTP {code} server error", retry_after=retry_after_seconds(e.response.headers))
         return RequestError(f"HTTP {code}: {msg}", retryable=False, fatal=code in (401, 403, 404))
@@ -112,7 +113,8 @@ class ChatClient:
 
     def __post_init__(self):
         if not self.model: raise ValueError("ChatClient.model: a model name is required")
-        if not 0 <= self.temperature <= 2: raise ValueError(f"ChatClient.temperature={self.temperature}: must be in [0, 2]")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"ChatClient.temperature={self.temperature}: must be in [0, 2]")
         if self.max_tokens < 1: raise ValueError(f"ChatClient.max_tokens={self.max_tokens}: must be >= 1")
         if self.timeout <= 0: raise ValueError(f"ChatClient.timeout={self.timeout}: must be > 0")
         self._api, self._key = None, None
@@ -126,10 +128,12 @@ class ChatClient:
             key = os.environ.get(self.api_key_env)
             if not key:
                 if not (self.base_url and any(h in self.base_url for h in _LOCAL)):
-                    raise ChatRunError(f"environment variable {self.api_key_env} is not set (it must hold the API key)")
+                    raise ChatRunError(f"environment variable {self.api_key_env} is not set "
+                                       "(it must hold the API key)")
                 key = "EMPTY"  # local servers ignore the key; the client refuses an empty one
             self._key = key
-            self._api = openai.AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=self.timeout)
+            self._api = openai.AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=0,
+                                           timeout=self.timeout)
         return self._api
 
     async def complete(self, messages: list[dict], id: str | None = None) -> Reply:
@@ -145,7 +149,8 @@ class ChatClient:
         choices = getattr(r, "choices", None)
         if not choices: raise RequestError("malformed response (no choices)")
         text = choices[0].message.content
-        if not text or not text.strip(): raise RequestError(f"empty reply (finish_reason={choices[0].finish_reason})")
+        if not text or not text.strip():
+            raise RequestError(f"empty reply (finish_reason={choices[0].finish_reason})")
         u = getattr(r, "usage", None)
         return Reply(text, getattr(u, "prompt_tokens", 0) or 0, getattr(u, "completion_tokens", 0) or 0)
 
@@ -188,7 +193,8 @@ class RunStats:
         "One line for logs and progress output."
         rate = (self.done + self.failed + self.unparsed) / self.seconds if self.seconds else 0.0
         return (f"{self.done} done, {self.failed} failed, {self.unparsed} unparsed, {self.skipped} skipped; "
-                f"{self.requests} requests ({self.retries} {'retry' if self.retries == 1 else 'retries'}), {self.prompt_tokens}+{self.completion_tokens} tokens, "
+                f"{self.requests} requests ({self.retries} {'retry' if self.retries == 1 else 'retries'}), "
+                f"{self.prompt_tokens}+{self.completion_tokens} tokens, "
                 f"${self.cost:.4f}, {self.seconds:.1f}s ({rate:.1f}/s)")
 
 # %% ../nbs/03_client.ipynb #dbd80c60
@@ -239,6 +245,27 @@ async def _attempts(client, req: dict, parse, max_attempts: int, backoff: float,
                 **({"meta": req["meta"]} if "meta" in req else {}))
 
 # %% ../nbs/03_client.ipynb #c89b7c02
+def _checked_requests(requests: Iterable[dict]) -> list[dict]:
+    "The requests as a list; `ValueError` naming the first without an 'id' or 'messages', or with a repeated id."
+    requests, seen = list(requests), set()
+    for i, r in enumerate(requests):
+        if "id" not in r or "messages" not in r:
+            raise ValueError(f"request {i}: needs 'id' and 'messages', got {sorted(r)}")
+        if str(r["id"]) in seen: raise ValueError(f"request {i}: duplicate id {r['id']!r}")
+        seen.add(str(r["id"]))
+    return requests
+
+def _unfinished(requests: list[dict], checkpoint, model_name, retry_failed: bool) -> list[dict]:
+    "The requests the checkpoint has no final row for (with `retry_failed`, failed and unparsed ones too)."
+    previous = load_checkpoint(checkpoint)
+    done = [previous[str(r["id"])] for r in requests
+            if str(r["id"]) in previous and previous[str(r["id"])]["status"] == "done"]
+    other = Counter(row.get("model") for row in done if row.get("model") != model_name)
+    if other: log.warning(f"{checkpoint}: {sum(other.values())} finished id(s) came from {dict(other)}, not "
+                          f"{model_name}; they are kept (use another checkpoint file to redo them)")
+    final = lambda row: row["status"] == "done" or not retry_failed
+    return [r for r in requests if not (str(r["id"]) in previous and final(previous[str(r["id"])]))]
+
 async def arun_chat_requests(client, requests: Iterable[dict], checkpoint: str | Path, concurrency: int = 8,
                              max_attempts: int = 5, parse: Callable[[str], Any] | None = None,
                              backoff: float = 1.0, backoff_max: float = 60.0, price_prompt: float = 0.0,
@@ -247,31 +274,22 @@ async def arun_chat_requests(client, requests: Iterable[dict], checkpoint: str |
     "Async `run_chat_requests` (for callers already inside an event loop)."
     if concurrency < 1: raise ValueError(f"concurrency={concurrency}: must be >= 1")
     if max_attempts < 1: raise ValueError(f"max_attempts={max_attempts}: must be >= 1")
-    requests, seen = list(requests), set()
-    for i, r in enumerate(requests):
-        if "id" not in r or "messages" not in r: raise ValueError(f"request {i}: needs 'id' and 'messages', got {sorted(r)}")
-        if str(r["id"]) in seen: raise ValueError(f"request {i}: duplicate id {r['id']!r}")
-        seen.add(str(r["id"]))
-    prev = load_checkpoint(checkpoint)
-    name = getattr(client, "name", None)
-    other = Counter(prev[i].get("model") for i in seen if i in prev and prev[i]["status"] == "done" and prev[i].get("model") != name)
-    if other: log.warning(f"{checkpoint}: {sum(other.values())} finished id(s) came from {dict(other)}, not {name}; "
-                          f"they are kept (use another checkpoint file to redo them)")
-    finished = lambda row: row["status"] == "done" or not retry_failed
-    todo = [r for r in requests if not (str(r["id"]) in prev and finished(prev[str(r["id"])]))]
+    requests = _checked_requests(requests)
+    todo = _unfinished(requests, checkpoint, getattr(client, "name", None), retry_failed)
     stats, t0 = RunStats(total=len(requests), skipped=len(requests) - len(todo)), time.perf_counter()
     price = lambda: (stats.prompt_tokens * price_prompt + stats.completion_tokens * price_completion) / 1e6
     from tqdm.auto import tqdm
     bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, unit="req", dynamic_ncols=True)
     pending, rng = iter(todo), random.Random(seed)
-
     queue: asyncio.Queue = asyncio.Queue()
 
     def saved(rows):
+        "Count rows just written to the checkpoint, and show them on the bar."
         for row in rows: setattr(stats, row["status"], getattr(stats, row["status"]) + 1)
         stats.cost = price()
         bar.update(len(rows))
-        bar.set_postfix(done=stats.done, failed=stats.failed + stats.unparsed, cost=f"${stats.cost:.4f}", refresh=False)
+        bar.set_postfix(done=stats.done, failed=stats.failed + stats.unparsed, cost=f"${stats.cost:.4f}",
+                        refresh=False)
 
     async def writer():  # one fsync'd append per batch of rows that finished together
         while True:
@@ -288,7 +306,7 @@ async def arun_chat_requests(client, requests: Iterable[dict], checkpoint: str |
         for req in pending:  # a shared iterator: each request goes to exactly one worker
             await queue.put(await _attempts(client, req, parse, max_attempts, backoff, backoff_max, stats, rng))
 
-    wtask = asyncio.create_task(writer())
+    writer_task = asyncio.create_task(writer())
     tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, max(1, len(todo))))]
     try:
         try: await asyncio.gather(*tasks)
@@ -298,7 +316,7 @@ async def arun_chat_requests(client, requests: Iterable[dict], checkpoint: str |
             raise
         finally:  # save what finished, even when the run stops on an error
             await queue.put(None)
-            await asyncio.shield(wtask)
+            await asyncio.shield(writer_task)
     finally:
         bar.close()
         if hasattr(client, "aclose"): await client.aclose()
@@ -308,7 +326,7 @@ async def arun_chat_requests(client, requests: Iterable[dict], checkpoint: str |
 
 # %% ../nbs/03_client.ipynb #aa7da526
 def run_chat_requests(client,  # anything with `async complete(messages, id) -> Reply`, e.g. a `ChatClient`
-                      requests: Iterable[dict],  # dicts with a unique 'id', the chat 'messages', optionally 'meta' to save
+                      requests: Iterable[dict],  # each with a unique 'id', chat 'messages', maybe 'meta' to save
                       checkpoint: str | Path,  # JSONL file of finished ids: appended to, and read to resume
                       concurrency: int = 8,  # most requests in flight at once
                       max_attempts: int = 5,  # attempts per request before it is saved as failed
@@ -323,6 +341,6 @@ def run_chat_requests(client,  # anything with `async complete(messages, id) -> 
                       desc: str = "requests",  # label of the progress bar and log line
                      ) -> RunStats:
     "Send chat `requests` concurrently with retries, appending each finished id to `checkpoint`; resumable."
-    return run_sync(lambda: arun_chat_requests(client, requests, checkpoint, concurrency, max_attempts, parse, backoff,
-                                               backoff_max, price_prompt, price_completion, retry_failed, seed,
-                                               progress, desc))
+    return run_sync(lambda: arun_chat_requests(client, requests, checkpoint, concurrency, max_attempts, parse,
+                                               backoff, backoff_max, price_prompt, price_completion, retry_failed,
+                                               seed, progress, desc))

@@ -45,12 +45,13 @@ def _is_nifti(head: bytes) -> bool:
 
 def sniff_format(head: bytes,  # the first bytes of a file (at least 348 for NIfTI, 132 for DICOM)
                 ) -> str | None:
-    "Name of the image format of `head` ('png', 'jpeg', 'gif', 'tiff', 'bmp', 'webp', 'dicom', 'nifti', 'gzip'), or None."
+    "The format `head` starts: 'png', 'jpeg', 'gif', 'tiff', 'bmp', 'webp', 'dicom', 'nifti', 'gzip', or None."
     if head[128:132] == b"DICM": return "dicom"  # first: a DICOM preamble may itself look like TIFF
     for magic, name in _MAGIC:
         if head.startswith(magic): return name
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP": return "webp"
-    if head[:2] in (b"\x08\x00", b"\x02\x00") and head[3:4] == b"\x00" and head[4:6].isalpha() and head[4:6].isupper():
+    vr = head[4:6]  # a DICOM file without preamble starts with a group 0002/0008 tag and a value representation
+    if head[:2] in (b"\x08\x00", b"\x02\x00") and head[3:4] == b"\x00" and vr.isalpha() and vr.isupper():
         return "dicom"  # no preamble: a group 0008/0002 element with an explicit VR
     if _is_nifti(head): return "nifti"
     if head[:2] == b"\x1f\x8b": return "gzip"
@@ -96,7 +97,8 @@ MAX_PIXELS = 2 ** 27  # ~134 M pixels (voxels for volumes): larger images are re
 def _check_size(name, n: int, max_pixels: int | None, what: str = "pixels"):
     "Raise `ImageTooLargeError` when `n` exceeds `max_pixels`."
     if max_pixels is not None and n > max_pixels:
-        raise ImageTooLargeError(name, f"{n:,} {what} exceeds the limit of {max_pixels:,} (possible decompression bomb)")
+        raise ImageTooLargeError(name, f"{n:,} {what} exceeds the limit of {max_pixels:,} "
+                                       "(possible decompression bomb)")
 
 def _load_raster(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | None):
     "Decode a Pillow-readable image after checking its size; RGB out."
@@ -106,13 +108,16 @@ def _load_raster(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | N
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try: im = Image.open(fp)
         except Image.DecompressionBombError as e: raise ImageTooLargeError(name, str(e)) from None
-        except (OSError, SyntaxError, ValueError) as e: raise CorruptImageError(name, f"unreadable image header ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise CorruptImageError(name, f"unreadable image header ({e})") from None
         _check_size(name, im.width * im.height, max_pixels)
         try:
             if frame is not None: im.seek(frame)
             im.load()
-        except EOFError: raise CorruptImageError(name, f"no frame {frame} (the file has {getattr(im, 'n_frames', 1)})") from None
-        except (OSError, SyntaxError, ValueError) as e: raise CorruptImageError(name, f"truncated or damaged image data ({e})") from None
+        except EOFError:
+            raise CorruptImageError(name, f"no frame {frame} (the file has {getattr(im, 'n_frames', 1)})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise CorruptImageError(name, f"truncated or damaged image data ({e})") from None
     if im.format == "JPEG": im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         return Image.fromarray(to_uint8(np.asarray(im), np.min(im), np.max(im))).convert("RGB")
@@ -131,10 +136,12 @@ def _load_dicom(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | No
     try:
         import pydicom
         from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
-    except ImportError: raise ImportError(f"{name}: reading DICOM needs pydicom (pip install 'llavamed[medical]')") from None
+    except ImportError:
+        raise ImportError(f"{name}: reading DICOM needs pydicom (pip install 'llavamed[medical]')") from None
     try: ds = pydicom.dcmread(fp, force=True)
     except Exception as e: raise CorruptImageError(name, f"unreadable DICOM ({e})") from None
-    if "PixelData" not in ds: raise UnsupportedImageError(name, "DICOM file has no pixel data (e.g. a report or plan)")
+    if "PixelData" not in ds:
+        raise UnsupportedImageError(name, "DICOM file has no pixel data (e.g. a report or plan)")
     rows, cols, n = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), int(ds.get("NumberOfFrames", 1) or 1)
     _check_size(name, rows * cols, max_pixels)  # one frame is decoded, so a long series is fine
     idx = n // 2 if frame is None else frame
@@ -147,7 +154,8 @@ def _load_dicom(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | No
     photo = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photo == "PALETTE COLOR":
         rgb = apply_color_lut(a, ds)
-        return Image.fromarray(rgb.astype(np.uint8) if rgb.max() <= 255 else to_uint8(rgb, 0, 65535)).convert("RGB")
+        rgb = rgb.astype(np.uint8) if rgb.max() <= 255 else to_uint8(rgb, 0, 65535)
+        return Image.fromarray(rgb).convert("RGB")
     if a.ndim == 3:  # colour (pydicom has already turned YBR into RGB)
         return Image.fromarray(a if a.dtype == np.uint8 else to_uint8(a, percentiles=percentiles)).convert("RGB")
     out = _dicom_window(apply_modality_lut(a, ds), ds, window, percentiles, apply_voi_lut)
@@ -179,11 +187,13 @@ def _load_nifti(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | No
     from PIL import Image
     import numpy as np
     try: import nibabel as nib
-    except ImportError: raise ImportError(f"{name}: reading NIfTI needs nibabel (pip install 'llavamed[medical]')") from None
+    except ImportError:
+        raise ImportError(f"{name}: reading NIfTI needs nibabel (pip install 'llavamed[medical]')") from None
     stream = gzip.GzipFile(fileobj=fp) if gz else fp
     try:
         head = stream.read(540)
-        cls = nib.Nifti2Image if _is_nifti(head) and int.from_bytes(head[:4], "little") in (540, 540 << 24) else nib.Nifti1Image
+        nifti2 = _is_nifti(head) and int.from_bytes(head[:4], "little") in (540, 540 << 24)  # header size 540
+        cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
         hdr = cls.header_class.from_fileobj(io.BytesIO(head))
         shape = hdr.get_data_shape()
         n = int(np.prod(shape)) if shape else 0
@@ -197,10 +207,11 @@ def _load_nifti(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | No
         img = cls.from_bytes(data)
         shape = tuple(img.shape[:3]) + (1,) * max(0, 3 - len(img.shape))
         ornt = nib.io_orientation(img.affine)  # per array axis: (RAS axis it runs along, +1/-1)
-        if np.isnan(ornt).any(): ornt = np.array([[0, 1], [1, 1], [2, 1]])  # degenerate affine: take axes as stored
+        if np.isnan(ornt).any(): ornt = np.array([[0, 1], [1, 1], [2, 1]])  # degenerate affine: axes as stored
         ax = int(np.flatnonzero(ornt[:, 0] == 2)[0])  # the array axis running inferior -> superior
         k = shape[ax] // 2 if frame is None else frame
-        if not 0 <= k < shape[ax]: raise CorruptImageError(name, f"no axial slice {k} (the volume has {shape[ax]})")
+        if not 0 <= k < shape[ax]:
+            raise CorruptImageError(name, f"no axial slice {k} (the volume has {shape[ax]})")
         sel = [slice(None)] * 3 + [0] * max(0, len(img.shape) - 3)  # 4-D (time, components): the first volume
         sel[ax] = slice(*((k, k + 1) if ornt[ax, 1] > 0 else (shape[ax] - 1 - k, shape[ax] - k)))
         src = img.dataobj if len(img.shape) >= 3 else np.asanyarray(img.dataobj).reshape(shape)
@@ -216,9 +227,9 @@ _LOADERS = {"png", "jpeg", "gif", "tiff", "bmp", "webp"}
 
 def load_image(src: str | Path | bytes,  # an image file, or its bytes
                frame: int | None = None,  # frame (DICOM, GIF, TIFF) or axial slice (NIfTI); default middle/first
-               window: tuple[float, float] | None = None,  # DICOM (centre, width) in modality units, overriding the file's
+               window: tuple[float, float] | None = None,  # DICOM (centre, width) in modality units, over the file's
                percentiles: tuple[float, float] = (1.0, 99.0),  # window for NIfTI and for DICOM that names none
-               max_pixels: int | None = MAX_PIXELS,  # refuse images (or volumes) with more pixels (voxels) than this
+               max_pixels: int | None = MAX_PIXELS,  # refuse images (volumes) with more pixels (voxels) than this
               ):
     "Load a PNG/JPEG/GIF/TIFF/BMP/WebP, DICOM or NIfTI image (format judged by content) as an RGB PIL image."
     name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
@@ -235,13 +246,15 @@ def load_image(src: str | Path | bytes,  # an image file, or its bytes
             fp.seek(0)
             if _is_nifti(inner): return _load_nifti(fp, name, max_pixels, frame, percentiles, gz=True)
             raise UnsupportedImageError(name, "gzip file that does not hold a NIfTI volume")
-    raise UnsupportedImageError(name, f"not a PNG/JPEG/GIF/TIFF/BMP/WebP/DICOM/NIfTI file (starts with {head[:8]!r})")
+    raise UnsupportedImageError(name, f"not a PNG/JPEG/GIF/TIFF/BMP/WebP/DICOM/NIfTI file "
+                                      f"(starts with {head[:8]!r})")
 
 # %% ../nbs/01_images.ipynb #e58b5e18
 def _fast_plan(ip):
     "The (short side, crop height, crop width) `pixel_values` can reproduce for image processor `ip`, or None."
     get = lambda d, k: d.get(k) if isinstance(d, dict) else getattr(d, k, None)
-    if getattr(ip, "backend", None) != "pil" or not all(hasattr(ip, a) for a in ("image_mean", "image_std", "rescale_factor")):
+    needed = ("image_mean", "image_std", "rescale_factor")
+    if getattr(ip, "backend", None) != "pil" or not all(hasattr(ip, a) for a in needed):
         return None
     short, ch, cw = get(ip.size, "shortest_edge"), get(ip.crop_size, "height"), get(ip.crop_size, "width")
     if not (ip.do_resize and ip.do_center_crop and ip.do_rescale and ip.do_normalize) or None in (short, ch, cw):
