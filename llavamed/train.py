@@ -618,8 +618,11 @@ class TrainResult(Result):
     metrics: dict  # the metrics `Trainer.train` reports (runtime, samples per second, ...)
 
     def rows(self):
-        "The plain fields, then the records kept and dropped."
-        return [*super().rows(), ("records kept", self.dataset.get("kept")),
+        "The plain fields (losses to 4 decimals), then the records kept and dropped."
+        loss = lambda v: "-" if v is None else f"{v:.4f}"
+        return [("out", self.out), ("steps", self.steps), ("train_loss", loss(self.train_loss)),
+                ("final_loss", loss(self.final_loss)), ("seconds", self.seconds),
+                ("records kept", self.dataset.get("kept")),
                 ("records dropped", sum(self.dataset.get("dropped", {}).values()))]
 
 # %% ../nbs/06_train.ipynb #7ffec07c
