@@ -250,17 +250,18 @@ def load_image(src: str | Path | bytes,  # an image file, or its bytes
                                       f"(starts with {head[:8]!r})")
 
 # %% ../nbs/01_images.ipynb #e58b5e18
-def _fast_plan(ip):
-    "The (short side, crop height, crop width) `pixel_values` can reproduce for image processor `ip`, or None."
+def _fast_plan(processor):
+    "The (short side, crop height, crop width) `pixel_values` can reproduce for an image processor, or None."
     get = lambda d, k: d.get(k) if isinstance(d, dict) else getattr(d, k, None)
     needed = ("image_mean", "image_std", "rescale_factor")
-    if getattr(ip, "backend", None) != "pil" or not all(hasattr(ip, a) for a in needed):
+    if getattr(processor, "backend", None) != "pil" or not all(hasattr(processor, a) for a in needed):
         return None
-    short, ch, cw = get(ip.size, "shortest_edge"), get(ip.crop_size, "height"), get(ip.crop_size, "width")
-    if not (ip.do_resize and ip.do_center_crop and ip.do_rescale and ip.do_normalize) or None in (short, ch, cw):
-        return None
-    if get(ip.size, "longest_edge") or max(ch, cw) > short: return None  # shapes the plain steps do not cover
-    return short, ch, cw
+    short = get(processor.size, "shortest_edge")
+    crop_h, crop_w = get(processor.crop_size, "height"), get(processor.crop_size, "width")
+    steps = (processor.do_resize, processor.do_center_crop, processor.do_rescale, processor.do_normalize)
+    if not all(steps) or None in (short, crop_h, crop_w): return None
+    if get(processor.size, "longest_edge") or max(crop_h, crop_w) > short: return None  # shapes not covered here
+    return short, crop_h, crop_w
 
 def pixel_values(images: list,  # PIL images (any mode)
                  image_processor,  # the model processor's `image_processor`
@@ -270,24 +271,25 @@ def pixel_values(images: list,  # PIL images (any mode)
     from PIL import Image
     plan = _fast_plan(image_processor)
     if plan is None: return image_processor(images, return_tensors="pt")["pixel_values"]
-    ip, (short, ch, cw) = image_processor, plan
-    bg = tuple(int(x * 255) for x in ip.image_mean)  # the padding colour LLaVA uses
+    processor, (short, crop_h, crop_w) = image_processor, plan
+    background = tuple(int(x * 255) for x in processor.image_mean)  # the padding colour LLaVA uses
     arrays = []
     for im in images:
         if im.mode != "RGB": im = im.convert("RGB")
         w, h = im.size
-        if getattr(ip, "do_pad", False) and w != h:  # centre on a square canvas of the mean colour
-            sq = Image.new("RGB", (max(w, h),) * 2, bg); sq.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-            im, (w, h) = sq, sq.size
-        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # short side -> `short`
-        if (nw, nh) != (w, h): im = im.resize((nw, nh), resample=ip.resample)
-        if (nw, nh) != (cw, ch):
-            top, left = (nh - ch) // 2, (nw - cw) // 2
-            im = im.crop((left, top, left + cw, top + ch))
+        if getattr(processor, "do_pad", False) and w != h:  # centre on a square canvas of the mean colour
+            side = max(w, h)
+            square = Image.new("RGB", (side, side), background); square.paste(im, ((side - w) // 2, (side - h) // 2))
+            im, (w, h) = square, square.size
+        new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # short side: `short`
+        if (new_w, new_h) != (w, h): im = im.resize((new_w, new_h), resample=processor.resample)
+        if (new_w, new_h) != (crop_w, crop_h):
+            top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+            im = im.crop((left, top, left + crop_w, top + crop_h))
         arrays.append(np.asarray(im))  # (H, W, 3) uint8
-    mean, std = np.asarray(ip.image_mean, np.float64), np.asarray(ip.image_std, np.float64)
-    x = torch.empty((len(arrays), 3, ch, cw), dtype=torch.float32)
+    mean, std = np.asarray(processor.image_mean, np.float64), np.asarray(processor.image_std, np.float64)
+    x = torch.empty((len(arrays), 3, crop_h, crop_w), dtype=torch.float32)
     x.copy_(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))  # uint8 NHWC -> float NCHW in one pass
-    scale = torch.tensor(ip.rescale_factor / std, dtype=torch.float32).view(1, 3, 1, 1)
+    scale = torch.tensor(processor.rescale_factor / std, dtype=torch.float32).view(1, 3, 1, 1)
     shift = torch.tensor(mean / std, dtype=torch.float32).view(1, 3, 1, 1)
     return x.mul_(scale).sub_(shift)  # (x / 255 - mean) / std

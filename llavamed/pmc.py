@@ -251,7 +251,8 @@ def finished_pairs(out: str | Path) -> dict[str, str]:
     if not man.exists(): return {}
     for row in read_jsonl(man, skip_bad=True):
         if isinstance(row, dict) and "pair_id" in row: last[row["pair_id"]] = (row.get("status"), row.get("file"))
-    return {k: st for k, (st, f) in last.items() if st in FINISHED and (st != "ok" or (f and (out / f).exists()))}
+    return {pair_id: status for pair_id, (status, file) in last.items()
+            if status in FINISHED and (status != "ok" or (file and (out / file).exists()))}
 
 def _mend(path: Path) -> None:
     "End `path` with a newline if a killed run left a partial last line."
