@@ -20,7 +20,8 @@ __all__ = ['PUNCT', 'NUMBER_WORDS', 'ARTICLES', 'CONTRACTIONS', 'BLEU_WEIGHTS', 
            'score_pairs', 'group_scores', 'file_sha256', 'describe_decoding', 'Scores', 'score']
 
 # %% ../nbs/07_eval.ipynb #a076e492
-PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+         "!")
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = frozenset({"a", "an", "the"})
@@ -32,19 +33,23 @@ _PERIOD = re.compile(r"\.(?!\d)")
 _PERIOD_LIMIT = 32  # re.UNICODE, passed where the count goes
 
 # %% ../nbs/07_eval.ipynb #0503063c
-_CONTRACTION_PAIRS = ("aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|couldn'tve couldn't've|"
+_CONTRACTION_PAIRS = (
+      "aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|couldn'tve couldn't've|"
       "couldnt've couldn't've|didnt didn't|doesnt doesn't|dont don't|hadnt hadn't|hadnt've hadn't've|"
       "hadn'tve hadn't've|hasnt hasn't|havent haven't|hed he'd|hed've he'd've|he'dve he'd've|hes he's|"
       "howd how'd|howll how'll|hows how's|isnt isn't|itd it'd|itd've it'd've|it'dve it'd've|itll it'll|"
-      "let's let's|maam ma'am|mightnt mightn't|mightnt've mightn't've|mightn'tve mightn't've|mightve might've|"
+      "let's let's|maam ma'am|mightnt mightn't|mightnt've mightn't've|mightn'tve mightn't've|"
+      "mightve might've|"
       "mustnt mustn't|mustve must've|neednt needn't|notve not've|oclock o'clock|oughtnt oughtn't|"
       "ow's'at 'ow's'at|'ows'at 'ow's'at|'ow'sat 'ow's'at|shant shan't|shed've she'd've|she'dve she'd've|"
       "she's she's|shouldve should've|shouldnt shouldn't|shouldnt've shouldn't've|shouldn'tve shouldn't've|"
       "somebody'd somebodyd|somebodyd've somebody'd've|somebody'dve somebody'd've|somebodyll somebody'll|"
       "somebodys somebody's|someoned someone'd|someoned've someone'd've|someone'dve someone'd've|"
       "someonell someone'll|someones someone's|somethingd something'd|somethingd've something'd've|"
-      "something'dve something'd've|somethingll something'll|thats that's|thered there'd|thered've there'd've|"
-      "there'dve there'd've|therere there're|theres there's|theyd they'd|theyd've they'd've|they'dve they'd've|"
+      "something'dve something'd've|somethingll something'll|thats that's|thered there'd|"
+      "thered've there'd've|"
+      "there'dve there'd've|therere there're|theres there's|theyd they'd|theyd've they'd've|"
+      "they'dve they'd've|"
       "theyll they'll|theyre they're|theyve they've|twas 'twas|wasnt wasn't|wed've we'd've|we'dve we'd've|"
       "weve we've|werent weren't|whatll what'll|whatre what're|whats what's|whatve what've|whens when's|"
       "whered where'd|wheres where's|whereve where've|whod who'd|whod've who'd've|who'dve who'd've|"
@@ -60,7 +65,8 @@ def normalize_answer(text: str) -> str:
     "VQA-v2 answer normalisation exactly as LLaVA-Med's official scorer applies it (three steps)."
     s, marks = text, _PUNCT_SET.intersection(text)
     if marks: digit_comma = _DIGIT_COMMA.search(text) is not None
-    for p in marks:  # step 1 (marks are independent, so their order does not matter); tests look at the original text
+    # step 1; the marks are independent (their order does not matter) and the tests look at the original text
+    for p in marks:
         s = s.replace(p, "" if digit_comma or p + " " in text or " " + p in text else " ")
     if "." in s: s = _PERIOD.sub("", s, count=_PERIOD_LIMIT)  # step 2
     words = s.lower().split()  # step 3
@@ -107,12 +113,14 @@ def _ngrams(words: list[str], n: int) -> dict:
     for g in (words if n == 1 else zip(*(words[i:] for i in range(n)))): d[g] = d.get(g, 0) + 1
     return d
 
-def _precisions(ref: list[str], hyp: list[str], n_max: int, unigrams: tuple | None = None) -> tuple[list[int], list[int]]:
+def _precisions(ref: list[str], hyp: list[str], n_max: int,
+                unigrams: tuple | None = None) -> tuple[list[int], list[int]]:
     "Clipped n-gram matches and hypothesis n-gram counts (at least 1) for n = 1..n_max, as nltk counts them."
     nums, dens = [], []
     for n in range(1, n_max + 1):
         dens.append(max(1, len(hyp) - n + 1))
-        if len(hyp) < n or len(ref) < n or (nums and nums[-1] == 0):  # no n-grams, or none matched one order lower
+        # no n-grams, or none matched one order lower
+        if len(hyp) < n or len(ref) < n or (nums and nums[-1] == 0):
             nums.append(0); continue
         hc, rc = unigrams if n == 1 and unigrams else (_ngrams(hyp, n), _ngrams(ref, n))
         nums.append(sum(min(c, rc[g]) for g, c in hc.items() if g in rc))
@@ -137,7 +145,8 @@ def sentence_bleu(ref: list[str],  # reference words
     return _bleu(_log_precisions(*_precisions(ref, hyp, len(weights)), len(hyp), len(ref)), weights)
 
 # %% ../nbs/07_eval.ipynb #fb0dbcd3
-BLEU_WEIGHTS = {"bleu": (0.25, 0.25, 0.25, 0.25), "bleu1": (1, 0, 0, 0), "bleu2": (0, 1, 0, 0), "bleu3": (0, 0, 1, 0)}
+BLEU_WEIGHTS = {"bleu": (0.25, 0.25, 0.25, 0.25), "bleu1": (1, 0, 0, 0), "bleu2": (0, 1, 0, 0),
+                "bleu3": (0, 0, 1, 0)}
 
 def official_question(pred: str,  # the model's answer
                       gt: str,  # the reference answer
@@ -150,10 +159,12 @@ def official_question(pred: str,  # the model's answer
     p2, g2 = norm(p), norm(g)  # normalised twice, as official
     pc, gc = _counts(p2), _counts(g2)
     f1, precision, recall, exact = _official_open(pc, gc)
-    out = {"recall": recall, "precision": precision, "f1": f1, "exact_match": exact, "substring_hit": float(g in p)}
+    out = {"recall": recall, "precision": precision, "f1": f1, "exact_match": exact,
+           "substring_hit": float(g in p)}
     pw, gw = p.split(), g.split()  # BLEU reads the once-normalised words (usually the same as twice)
     uni = (pc, gc) if p2 == p and g2 == g else None
-    lp = _log_precisions(*_precisions(gw, pw, 4, uni), len(pw), len(gw))  # each weight vector has 4 orders, as in nltk
+    # each weight vector has 4 orders, as in nltk
+    lp = _log_precisions(*_precisions(gw, pw, 4, uni), len(pw), len(gw))
     for k, w in BLEU_WEIGHTS.items(): out[k] = _bleu(lp, w)
     return out
 
@@ -209,14 +220,15 @@ def align(questions: list[Question],  # from `llavamed.core.load_questions`
     miss = [q.id for q in questions if q.id not in by_id]
     extra = [k for k in by_id if k not in qids]
     pairs = [(q, by_id.get(q.id, "")) for q in questions if missing == "empty" or q.id in by_id]
-    info = {"n_questions": len(questions), "n_answers": len(answers), "n_missing": len(miss), "n_extra": len(extra),
-            "n_duplicate": dup, "missing_ids": miss[:10], "extra_ids": extra[:10], "missing_policy": missing}
+    info = {"n_questions": len(questions), "n_answers": len(answers), "n_missing": len(miss),
+            "n_extra": len(extra), "n_duplicate": dup, "missing_ids": miss[:10], "extra_ids": extra[:10],
+            "missing_policy": missing}
     return pairs, info
 
 # %% ../nbs/07_eval.ipynb #3cd7a129
 METRICS = ("open_recall", "closed_accuracy", "open_substring_accuracy", "exact_match", "f1", "precision")
 _FROM = {"open_recall": "recall", "open_substring_accuracy": "substring_hit", "exact_match": "exact_match",
-         "f1": "f1", "precision": "precision", "bleu": "bleu", "bleu1": "bleu1", "bleu2": "bleu2", "bleu3": "bleu3"}
+         "f1": "f1", "precision": "precision", **{k: k for k in ("bleu", "bleu1", "bleu2", "bleu3")}}
 
 def _mean100(xs: list[float]) -> float | None:
     "Mean x 100 summed in order, as the official script does; None for no values."
@@ -232,14 +244,15 @@ def _cached(f):
         return r
     return cached_call
 
-def score_pairs(pairs: Iterable[tuple[Question, str]],  # (question with `answer` and `answer_type`, answer text)
+def score_pairs(pairs: Iterable[tuple[Question, str]],  # (question with `answer`, `answer_type`; answer text)
                 mode: str = "official",  # 'official' or 'strict'
                 norm=None,  # a (cached) `normalize_answer`, shared when scoring several modes
                 details: list | None = None,  # if given, each question's metrics are appended here
                ) -> dict:
     "Aggregate metrics (percent) of one mode over question/answer pairs."
     if mode not in ("official", "strict"): raise ValueError(f"mode={mode!r}: expected 'official' or 'strict'")
-    per_q, norm = (official_question if mode == "official" else strict_question), norm or _cached(normalize_answer)
+    per_q = official_question if mode == "official" else strict_question
+    norm = norm or _cached(normalize_answer)
     opens, closed, other = [], [], 0
     for q, text in pairs:
         t = q.answer_type
@@ -265,7 +278,8 @@ def group_scores(pairs: list[tuple[Question, str]],  # from `align`
                  norm=None,  # a (cached) `normalize_answer`, shared when scoring several groupings
                 ) -> dict[str, dict]:
     "Closed accuracy and open recall (percent) with their counts, per group of questions."
-    if by not in ("domain", "question_type"): raise ValueError(f"by={by!r}: expected 'domain' or 'question_type'")
+    if by not in ("domain", "question_type"):
+        raise ValueError(f"by={by!r}: expected 'domain' or 'question_type'")
     groups: dict[str, list] = {}
     for q, text in pairs:
         if getattr(q, by) is not None: groups.setdefault(getattr(q, by), []).append((q, text))
@@ -309,7 +323,7 @@ _LABELS = {"open_recall": "open (token recall)", "closed_accuracy": "closed (acc
 
 @dataclass
 class Scores(Result):
-    "What `score` found: each mode's metrics (percent), how answers paired with questions, what produced them."
+    "What `score` found: each mode's metrics (percent), how answers paired with questions, what made them."
     dataset: str  # the dataset's name in reports
     pred: str  # the answers file
     gt: str  # the VQA file
@@ -336,27 +350,31 @@ class Scores(Result):
         scored_as = "empty" if p["missing_policy"] == "empty" else "skipped"
         return [f"VQA scores | {self.dataset} | data {self.gt} sha256 {self.gt_sha256}",
                 f"answers {self.pred} | decoding: {self.decoding}",
-                f"questions {p['n_questions']} (open {n['n_open']}, closed {n['n_closed']}) | missing answers "
-                f"{p['n_missing']} (scored as {scored_as}), extra {p['n_extra']}, duplicate {p['n_duplicate']}"]
+                f"questions {p['n_questions']} (open {n['n_open']}, closed {n['n_closed']}) | "
+                f"missing answers {p['n_missing']} (scored as {scored_as}), extra {p['n_extra']}, "
+                f"duplicate {p['n_duplicate']}"]
 
     def __str__(self) -> str:
         "The terminal table: the heading, then one row per metric and one column per mode."
         w = max(map(len, _LABELS.values()))
         rows = [f"{'metric':{w}}  " + "  ".join(f"{m + ' mode':>14}" for m in self.metrics)]
-        rows += [f"{label:{w}}  " + "  ".join(f"{fmt_num(v, 2):>14}" for v in vals) for label, vals in self.table()]
+        for label, vals in self.table():
+            rows.append(f"{label:{w}}  " + "  ".join(f"{fmt_num(v, 2):>14}" for v in vals))
         return "\n".join(self.heading() + [""] + rows)
 
     def _repr_markdown_(self) -> str:
         "The table as Markdown, headed by the dataset, the decoding and the data hash."
         head = f"**{self.dataset}** ({self.decoding}; data sha256 `{self.gt_sha256[:12]}`)\n\n"
-        rows = [f"| {label} | " + " | ".join(fmt_num(v, 2) for v in vals) + " |" for label, vals in self.table()]
+        rows = [f"| {label} | " + " | ".join(fmt_num(v, 2) for v in vals) + " |"
+                for label, vals in self.table()]
         return (head + "| metric | " + " | ".join(f"{m} mode" for m in self.metrics) + " |\n|---|"
                 + "---|" * len(self.metrics) + "\n" + "\n".join(rows))
 
     def to_json(self) -> dict:
         "What `score --out` writes: one mode's metrics at the top level, or `official` and `strict` objects."
         d = {"dataset": self.dataset, "pred": self.pred, "gt": self.gt, "gt_sha256": self.gt_sha256,
-             "decoding": self.decoding, "image_ablation": self.image_ablation, **self.pairing, **self.counts()}
+             "decoding": self.decoding, "image_ablation": self.image_ablation, **self.pairing,
+             **self.counts()}
         d.update(self.metrics if self.mode == "all" else self.metrics[self.mode])
         d["mode"] = self.mode
         return to_jsonable(d)
@@ -380,20 +398,22 @@ def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from 
          ) -> Scores:
     "Score VQA answers against references in the official and/or strict mode."
     if pred is None or gt is None: raise ValueError("score needs both --pred (answers) and --gt (VQA file)")
-    if mode not in ("official", "strict", "all"): raise ValueError(f"mode={mode!r}: expected official, strict or all")
+    if mode not in ("official", "strict", "all"):
+        raise ValueError(f"mode={mode!r}: expected official, strict or all")
     answers = load_answers(pred)
     pairs, info = align(load_questions(gt, need_answer=True), answers, missing)
     if info["n_missing"] or info["n_extra"]:
-        get_logger().warning(f"{info['n_missing']} questions have no answer, {info['n_extra']} answers match no question")
+        get_logger().warning(f"{info['n_missing']} questions have no answer, "
+                             f"{info['n_extra']} answers match no question")
     modes = ("official", "strict") if mode == "all" else (mode,)
     norm = _cached(normalize_answer)  # both modes normalise the same strings
     per_q = {m: [] if details else None for m in modes}
     metrics = {m: score_pairs(pairs, m, norm, per_q[m]) for m in modes}
     if details: write_jsonl(details, _detail_rows(pairs, per_q))
     ablations = {(a.get("metadata") or {}).get("image_ablation", "none") for a in answers} or {"none"}
-    res = Scores(dataset=name or f"{Path(gt).resolve().parent.name}/{Path(gt).stem}", pred=str(pred), gt=str(gt),
-                 gt_sha256=file_sha256(gt), decoding=describe_decoding(answers),
-                 image_ablation=ablations.pop() if len(ablations) == 1 else "mixed", mode=mode, metrics=metrics,
-                 pairing=info)
+    res = Scores(dataset=name or f"{Path(gt).resolve().parent.name}/{Path(gt).stem}", pred=str(pred),
+                 gt=str(gt), gt_sha256=file_sha256(gt), decoding=describe_decoding(answers),
+                 image_ablation=ablations.pop() if len(ablations) == 1 else "mixed", mode=mode,
+                 metrics=metrics, pairing=info)
     if out: write_json(out, res.to_json())
     return res

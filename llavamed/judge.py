@@ -35,14 +35,18 @@ def judge_messages(q: Question,  # a benchmark question (caption and mentions in
     "Chat messages asking a judge to rate two answers to `q` (caption and mentions as context)."
     mentions = mention_texts(q.extra.get("in_text_mention"))
     context = f"Caption: {str(q.extra.get('fig_caption') or '').strip()}"
-    if mentions: context += "\nSentences of the article that mention the figure:\n" + "\n".join(f"- {m}" for m in mentions)
+    if mentions:
+        context += "\nSentences of the article that mention the figure:\n"
+        context += "\n".join(f"- {m}" for m in mentions)
     user = (f"[Figure]\n{context}\n\n[Question]\n{q.question}\n\n"
-            f"[Assistant 1]\n{first.strip()}\n[End of Assistant 1]\n\n[Assistant 2]\n{second.strip()}\n[End of Assistant 2]\n\n"
-            "[Task]\nYou cannot see the figure; the caption and the sentences above describe it. Judge how well each "
-            "assistant answers the question: helpfulness, relevance, accuracy and level of detail. Give each "
-            "assistant one overall score from 1 to 10, higher meaning better.\n"
-            "On the first line write only the two scores, Assistant 1's first, separated by a space. From the "
-            "second line on, explain your scores. Do not let the order of the answers or their length sway you.")
+            f"[Assistant 1]\n{first.strip()}\n[End of Assistant 1]\n\n"
+            f"[Assistant 2]\n{second.strip()}\n[End of Assistant 2]\n\n"
+            "[Task]\nYou cannot see the figure; the caption and the sentences above describe it. "
+            "Judge how well each assistant answers the question: helpfulness, relevance, accuracy and "
+            "level of detail. Give each assistant one overall score from 1 to 10, higher meaning better.\n"
+            "On the first line write only the two scores, Assistant 1's first, separated by a space. "
+            "From the second line on, explain your scores. "
+            "Do not let the order of the answers or their length sway you.")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 # %% ../nbs/07b_judge.ipynb #83945a84
@@ -61,9 +65,9 @@ def parse_scores(text: str) -> tuple[float, float]:
     return s
 
 # %% ../nbs/07b_judge.ipynb #67080d0e
-_STOP = frozenset("""a an the of in on at to and or is are was were be been this that these those with for by from as
-it its there which what who whom whose how image shows show shown figure fig can could may might would also not no
-do does did has have had than then into onto over under about above below between""".split())
+_STOP = frozenset("""a an the of in on at to and or is are was were be been this that these those with for by
+from as it its there which what who whom whose how image shows show shown figure fig can could may might would
+also not no do does did has have had than then into onto over under about above below between""".split())
 
 def _content_words(text: str) -> set[str]:
     "Normalised words of `text` without function words."
@@ -82,7 +86,8 @@ def overlap_score(answer: str,  # the answer to rate
 # %% ../nbs/07b_judge.ipynb #4e086dd0
 def request_id(model: str, messages: list[dict]) -> str:
     "Content hash of a judge request (judge model + messages)."
-    return hashlib.sha256(_json.dumps({"model": model, "messages": messages}, sort_keys=True).encode()).hexdigest()[:32]
+    payload = _json.dumps({"model": model, "messages": messages}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 def build_requests(qs: list[Question],  # benchmark questions with their reference answers
                    answers: dict[str, str],  # question id -> the model's answer
@@ -112,7 +117,8 @@ def combine(q: Question, by_order: dict[str, tuple[float, float] | None]) -> dic
         ref.append(r); mod.append(m)
     row = {"question_id": q.id, "type": q.question_type, "domain": q.domain or "other",
            "status": "done" if len(ref) == len(by_order) else ("partial" if ref else "unparsed"),
-           "reference_score": sum(ref) / len(ref) if ref else None, "model_score": sum(mod) / len(mod) if mod else None}
+           "reference_score": sum(ref) / len(ref) if ref else None,
+           "model_score": sum(mod) / len(mod) if mod else None}
     row["ratio"] = row["model_score"] / row["reference_score"] if ref else None
     return row
 
@@ -138,7 +144,8 @@ def summarize(reviews: list[dict]) -> dict:
         out[g] = {"n": len(rows), "unparsed": unparsed[g],
                   "relative_score": sum(r["ratio"] for r in rows) / len(rows) * 100 if rows else None,
                   "ratio_of_means": sum(mod) / sum(ref) * 100 if rows else None,
-                  "mean_reference": sum(ref) / len(ref) if rows else None, "mean_model": sum(mod) / len(mod) if rows else None}
+                  "mean_reference": sum(ref) / len(ref) if rows else None,
+                  "mean_model": sum(mod) / len(mod) if rows else None}
     return out
 
 # %% ../nbs/07b_judge.ipynb #f5d1f5b0
@@ -147,7 +154,8 @@ def format_summary(summary: dict,  # the per-group numbers from `summarize`
                   ) -> str:
     "The summary as a plain-text table headed by the judge's label."
     lines = [f"Conversation benchmark | judge: {label}",
-             f"{'group':16} {'n':>4} {'unparsed':>8} {'relative':>9} {'ratio of means':>15} {'reference':>9} {'model':>7}"]
+             f"{'group':16} {'n':>4} {'unparsed':>8} {'relative':>9} {'ratio of means':>15} {'reference':>9} "
+             f"{'model':>7}"]
     for g, name in GROUPS.items():
         s = summary.get(g)
         if s: lines.append(f"{name:16} {s['n']:>4} {s['unparsed']:>8} {fmt_num(s['relative_score']):>9} "
@@ -182,16 +190,17 @@ class JudgeSummary(Result):
                  f"unparsed reviews: {self.n_unparsed} (partial: {self.n_partial}); "
                  f"questions without an answer: {self.n_missing_answers}"]
         if self.position_effect is not None:
-            lines.append(f"position effect: the model gains {self.position_effect:+.2f} points over the reference "
-                         "when shown first")
+            lines.append(f"position effect: the model gains {self.position_effect:+.2f} points over the "
+                         "reference when shown first")
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
         "The per-group relative scores as a Markdown table, headed by the judge."
-        rows = [f"| {name} | {s['n']} | {s['unparsed']} | {fmt_num(s['relative_score'])} | {fmt_num(s['ratio_of_means'])} |"
+        rows = [f"| {name} | {s['n']} | {s['unparsed']} | {fmt_num(s['relative_score'])} "
+                f"| {fmt_num(s['ratio_of_means'])} |"
                 for g, name in GROUPS.items() if (s := self.groups.get(g))]
-        return (f"judge: {self.judge}\n\n| group | n | unparsed | relative score | ratio of means |\n|---|---|---|---|---|\n"
-                + "\n".join(rows))
+        head = "| group | n | unparsed | relative score | ratio of means |\n|---|---|---|---|---|"
+        return f"judge: {self.judge}\n\n{head}\n" + "\n".join(rows)
 
 # %% ../nbs/07b_judge.ipynb #bc0e1b2e
 ORDERS_OF = {"both": ("official", "swapped"), "official": ("official",)}
@@ -205,7 +214,8 @@ def _proxy_reviews(qs: list[Question], answers: dict[str, str]) -> list[dict]:
     reviews = []
     for q in (q for q in qs if q.id in answers):
         s = (overlap_score(q.answer, _evidence(q)), overlap_score(answers[q.id], _evidence(q)))
-        reviews.append({**combine(q, {"official": s}), "reviews": [{"order": "official", "scores": list(s), "text": None}]})
+        review = {"order": "official", "scores": list(s), "text": None}
+        reviews.append({**combine(q, {"official": s}), "reviews": [review]})
     return reviews
 
 def _llm_reviews(qs: list[Question], keys: dict, done: dict, order: str) -> list[dict]:
@@ -215,21 +225,23 @@ def _llm_reviews(qs: list[Question], keys: dict, done: dict, order: str) -> list
         names = [n for n in ORDERS_OF[order] if (q.id, n) in keys]
         if not names: continue
         rows = {n: done.get(keys[(q.id, n)]) for n in names}
-        scores = {n: (tuple(r["parsed"]) if r and r.get("status") == "done" else None) for n, r in rows.items()}
+        scores = {n: tuple(r["parsed"]) if r and r.get("status") == "done" else None for n, r in rows.items()}
         reviews.append({**combine(q, scores), "reviews": [
-            {"order": n, "scores": list(scores[n]) if scores[n] else None, "text": (rows[n] or {}).get("text"),
-             "status": (rows[n] or {}).get("status", "missing")} for n in names]})
+            {"order": n, "scores": list(scores[n]) if scores[n] else None,
+             "text": (rows[n] or {}).get("text"), "status": (rows[n] or {}).get("status", "missing")}
+            for n in names]})
     return reviews
 
 def _position_effect(reviews: list[dict]) -> float | None:
     "How much more the model gains over the reference when shown first (questions judged in both orders)."
-    both = [r["reviews"] for r in reviews if [v["order"] for v in r["reviews"] if v["scores"]] == ["official", "swapped"]]
+    both = [r["reviews"] for r in reviews
+            if [v["order"] for v in r["reviews"] if v["scores"]] == ["official", "swapped"]]
     if not both: return None
     return sum((swapped["scores"][0] - swapped["scores"][1]) - (official["scores"][1] - official["scores"][0])
                for official, swapped in both) / len(both)
 
 # %% ../nbs/07b_judge.ipynb #f86fd71d
-def judge(questions: str = None,  # conversation-benchmark JSONL (question_id, text, gpt4_answer, fig_caption, ...)
+def judge(questions: str = None,  # benchmark JSONL (question_id, text, gpt4_answer, fig_caption, ...)
           answers: str = None,  # the model's answers JSONL (question_id, text), e.g. from `llavamed predict`
           out: str = None,  # reviews JSONL to write; the summary goes beside it (.summary.json)
           judge: str = "openai",  # 'openai' (any OpenAI-compatible chat server) or 'overlap' (offline proxy)
@@ -251,8 +263,8 @@ def judge(questions: str = None,  # conversation-benchmark JSONL (question_id, t
     if order not in ORDERS: raise ValueError(f"order={order!r}: expected one of {ORDERS}")
     qs = load_questions(questions, need_answer=True)
     bad = next((i for i, q in enumerate(qs) if q.kind != "benchmark"), None)
-    if bad is not None: raise ValueError(f"{questions}: record {bad} (id {qs[bad].id}): not a benchmark question "
-                                         "('question_id', 'text', 'gpt4_answer')")
+    if bad is not None: raise ValueError(f"{questions}: record {bad} (id {qs[bad].id}): not a benchmark "
+                                         "question ('question_id', 'text', 'gpt4_answer')")
     answer_rows, out = load_answers(answers), Path(out)
     ans = {str(a["question_id"]): a["text"] for a in answer_rows}
     missing = [q.id for q in qs if q.id not in ans]
@@ -272,9 +284,10 @@ def judge(questions: str = None,  # conversation-benchmark JSONL (question_id, t
     write_jsonl(out, reviews)
     summary = JudgeSummary(
         judge=label, order=order if judge == "openai" else "n/a (symmetric proxy)", questions=str(questions),
-        questions_sha256=file_sha256(questions), decoding=describe_decoding(answer_rows), answers=str(answers),
-        n_questions=len(qs), n_missing_answers=len(missing), missing_ids=missing[:10],
-        n_unparsed=sum(r["status"] == "unparsed" for r in reviews), n_partial=sum(r["status"] == "partial" for r in reviews),
+        questions_sha256=file_sha256(questions), decoding=describe_decoding(answer_rows),
+        answers=str(answers), n_questions=len(qs), n_missing_answers=len(missing), missing_ids=missing[:10],
+        n_unparsed=sum(r["status"] == "unparsed" for r in reviews),
+        n_partial=sum(r["status"] == "partial" for r in reviews),
         position_effect=_position_effect(reviews), temperature=temperature if judge == "openai" else None,
         groups=summarize(reviews))
     write_json(out.with_name(out.stem + ".summary.json"), summary.to_json())

@@ -11,8 +11,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from .core import (DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, Question, RecordError, Result, fmt_num,
-                           get_logger, iter_records, load_questions, plot_losses, read_json, write_json)
+from .core import (DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, Question, RecordError, Result,
+                           fmt_num, get_logger, iter_records, load_questions, plot_losses, read_json,
+                           write_json)
 from .train import RunConfig, StageConfig
 from .eval import load_answers
 from .report import bar_chart, evaluate, report
@@ -26,7 +27,7 @@ log = get_logger("llavamed.pipeline")
 
 # %% ../nbs/09_pipeline.ipynb #f42d6e40
 DEMO_STAGES = {  # the demo's changes to the paper's stage presets: one device, no accumulation
-    "stage1": {"lr": 2e-3, "epochs": 1.0, "global_batch_size": 16, "per_device_batch_size": 16},  # the paper's lr
+    "stage1": {"lr": 2e-3, "epochs": 1.0, "global_batch_size": 16, "per_device_batch_size": 16},  # paper's lr
     # a random-init LM needs far more than the paper's 2e-5
     "stage2": {"lr": 1e-3, "epochs": 2.0, "global_batch_size": 16, "per_device_batch_size": 16},
 }
@@ -41,16 +42,16 @@ class DemoConfig:
     n_chat: int = 20  # test figures in the conversation benchmark (4 questions each)
     size: int = 64  # figure side in pixels = the tiny tower's input size
     patch: int = 16  # tower patch size: (64 / 16)^2 = 16 image tokens per figure
-    vision: dict = field(default_factory=dict)  # overrides of the tiny CLIP tower config (`model.TINY_VISION`)
+    vision: dict = field(default_factory=dict)  # overrides of the tiny CLIP tower's config (`TINY_VISION`)
     lm: dict = field(default_factory=dict)  # overrides of the tiny language model config (`model.TINY_LM`)
     vocab_size: int = 1024  # byte-level BPE trained on the corpus text
     tower_steps: int = 600  # stage 0: supervised steps of the tower on labels.json
     tower_lr: float = 1e-3  # stage 0 learning rate
     tower_batch: int = 32  # stage 0 images per step
-    stage1: dict = field(default_factory=dict)  # StageConfig fields of stage 1 (projector only), over `DEMO_STAGES`
-    stage2: dict = field(default_factory=dict)  # StageConfig fields of stage 2 (projector + LM), over `DEMO_STAGES`
-    vqa_in_instruct: bool = True  # add the VQA train split, grouped per image into multi-turn records, to stage 2
-    vqa_repeats: int = 3  # copies of the VQA records in stage 2 (grouped ones each with their own question order)
+    stage1: dict = field(default_factory=dict)  # StageConfig fields of stage 1 (projector), over DEMO_STAGES
+    stage2: dict = field(default_factory=dict)  # StageConfig fields of stage 2 (projector + LM), over it too
+    vqa_in_instruct: bool = True  # add the VQA train split to stage 2, as multi-turn records per image
+    vqa_repeats: int = 3  # copies of the VQA records in stage 2 (grouped ones each in its own question order)
     vqa_grouped: bool = True  # one multi-turn record per image (cheaper) instead of one record per question
     vqa_single_kinds: list = field(default_factory=list)  # closed question kinds kept as one-question records
     max_new_tokens: int = 16  # VQA answer length limit
@@ -111,7 +112,8 @@ class Steps:
         m = self._read(name)
         if m is None: return None
         settings, inputs = self._expect(keys, after)
-        return m if m.get("settings") == settings and m.get("inputs", {}) == inputs and None not in inputs.values() else None
+        same = m.get("settings") == settings and m.get("inputs", {}) == inputs
+        return m if same and None not in inputs.values() else None
 
     def run(self, name: str, fn: Callable[[Path], dict], title: str = "",
             keys: tuple | None = None,  # the settings this step depends on (None: all)
@@ -158,7 +160,8 @@ def group_vqa(records: list[dict],  # VQA records (one question each)
             q = r["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
             conv += [{"from": HUMAN, "value": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q},
                      {"from": GPT, "value": r["conversations"][1]["value"]}]
-        out.append({"id": f"vqa_{Path(img).stem}", "image": img, "conversations": conv, "domain": rs[0].get("domain")})
+        out.append({"id": f"vqa_{Path(img).stem}", "image": img, "conversations": conv,
+                    "domain": rs[0].get("domain")})
     return out
 
 # %% ../nbs/09_pipeline.ipynb #c21a61c0
@@ -186,7 +189,8 @@ def _vqa_copies(cfg: DemoConfig, vqa: list[dict]) -> list[dict]:
     out = []
     for k in range(cfg.vqa_repeats):
         single = [r for r in vqa if not cfg.vqa_grouped or _single(r, cfg.vqa_single_kinds)]
-        grouped = group_vqa([r for r in vqa if not _single(r, cfg.vqa_single_kinds)], cfg.seed + k) if cfg.vqa_grouped else []
+        rest = [r for r in vqa if not _single(r, cfg.vqa_single_kinds)]
+        grouped = group_vqa(rest, cfg.seed + k) if cfg.vqa_grouped else []
         out += [{**r, "id": f"{r['id']}_r{k}"} for r in grouped + single]
     return out
 
@@ -211,16 +215,19 @@ def _tower_step(cfg: DemoConfig, corpus: Path, quiet: bool):
         from llavamed.model import TINY_LM, TINY_VISION, build_model, pretrain_tower, save_model
         from llavamed.synth import corpus_texts
         torch.manual_seed(cfg.seed)
+        vision = {**TINY_VISION, "image_size": cfg.size, "patch_size": cfg.patch, **cfg.vision}
         model, proc = build_model("tiny", tokenizer_texts=corpus_texts(corpus), vocab_size=cfg.vocab_size,
-                                  vision={**TINY_VISION, "image_size": cfg.size, "patch_size": cfg.patch, **cfg.vision}, lm={**TINY_LM, **cfg.lm})
-        hist = pretrain_tower(model, str(corpus / "images"), read_json(corpus / "labels.json"), steps=cfg.tower_steps,
-                              lr=cfg.tower_lr, batch_size=cfg.tower_batch, processor=proc, seed=cfg.seed,
-                              freeze=True, progress=not quiet)
+                                  vision=vision, lm={**TINY_LM, **cfg.lm})
+        hist = pretrain_tower(model, str(corpus / "images"), read_json(corpus / "labels.json"),
+                              steps=cfg.tower_steps, lr=cfg.tower_lr, batch_size=cfg.tower_batch,
+                              processor=proc, seed=cfg.seed, freeze=True, progress=not quiet)
         save_model(model, proc, d)
         write_json(d / "tower_history.json", hist)
         n = lambda m: sum(p.numel() for p in m.parameters())
-        return {"train_accuracy_last20pct": hist["accuracy"], "final_loss": sum(hist["loss"][-20:]) / len(hist["loss"][-20:]),
-                "params": {"vision": n(model.model.vision_tower), "projector": n(model.model.multi_modal_projector),
+        last = hist["loss"][-20:]
+        return {"train_accuracy_last20pct": hist["accuracy"], "final_loss": sum(last) / len(last),
+                "params": {"vision": n(model.model.vision_tower),
+                           "projector": n(model.model.multi_modal_projector),
                            "lm": n(model.model.language_model) + n(model.lm_head)}}
     return step
 
@@ -231,8 +238,8 @@ def _train_step(cfg: DemoConfig, stage: str, model_dir: Path, data: Path, images
         settings = cfg.stage(stage)
         n_steps = math.ceil(sum(1 for _ in iter_records(data)) / settings.global_batch_size) * settings.epochs
         every = max(1, int(n_steps // 60))  # about 60 points on the loss curve, and a short console log
-        run = RunConfig(model=str(model_dir), data=str(data), images=str(images), out=str(d), save_steps=10**9,
-                        logging_steps=every, num_workers=0)
+        run = RunConfig(model=str(model_dir), data=str(data), images=str(images), out=str(d),
+                        save_steps=10**9, logging_steps=every, num_workers=0)
         res = train(settings, run)
         return {k: getattr(res, k) for k in ("steps", "train_loss", "final_loss", "seconds", "dataset")}
     return step
@@ -241,16 +248,18 @@ def _train_step(cfg: DemoConfig, stage: str, model_dir: Path, data: Path, images
 _SCORE_KEYS = ("closed_accuracy", "open_recall", "f1", "exact_match")  # what the evaluate step's marker keeps
 
 def _evaluate_step(cfg: DemoConfig, model_dir: Path, corpus: Path, quiet: bool, part: str):
-    "Step 'evaluate' (the VQA test split, with and without the image) or 'judge' (the benchmark), via `evaluate`."
+    "Step 'evaluate' (the VQA test split, with and without the image) or 'judge' (the benchmark)."
     def step(d: Path) -> dict:
         vqa = part == "evaluate"
         res = evaluate(str(model_dir), data=str(corpus / "vqa_test.json") if vqa else None,
                        chat=None if vqa else str(corpus / "chat_eval.jsonl"), images=str(corpus / "images"),
                        out=str(d), ablations="none,blank", batch_size=cfg.eval_batch_size,
-                       max_new_tokens=cfg.max_new_tokens, chat_max_new_tokens=cfg.chat_max_new_tokens, seed=cfg.seed,
-                       write_report=False, progress=not quiet)
-        if not vqa: return {"judge": res.chat.judge, "n_questions": res.chat.n_questions, "groups": res.chat.groups}
-        return {abl: {m: {k: v[k] for k in _SCORE_KEYS} for m, v in s.metrics.items()} for abl, s in res.scores.items()}
+                       max_new_tokens=cfg.max_new_tokens, chat_max_new_tokens=cfg.chat_max_new_tokens,
+                       seed=cfg.seed, write_report=False, progress=not quiet)
+        if not vqa: return {"judge": res.chat.judge, "n_questions": res.chat.n_questions,
+                            "groups": res.chat.groups}
+        return {abl: {m: {k: v[k] for k in _SCORE_KEYS} for m, v in s.metrics.items()}
+                for abl, s in res.scores.items()}
     return step
 
 # %% ../nbs/09_pipeline.ipynb #6993cfb0
@@ -290,25 +299,30 @@ def _examples_md(examples: list[dict], images: Path, files: Path, rel: str) -> l
 
 # %% ../nbs/09_pipeline.ipynb #bf131336
 def _headline_md(rep: dict) -> list[str]:
-    "The report's headline: the VQA numbers in both modes, the targets, the benchmark, the blank-image ablation."
+    "The headline: VQA numbers in both modes, the targets, the benchmark, the blank-image ablation."
     met = lambda name: "met" if rep["targets"][name] else "NOT met"
     chat = lambda g: fmt_num((rep["chat_groups"].get(g) or {}).get("relative_score"))
-    row = lambda label, official, strict: f"| {label} | {fmt_num(rep[official])} | {fmt_num(rep.get(strict))} |"
+    row = lambda label, official, strict: (f"| {label} | {fmt_num(rep[official])} "
+                                           f"| {fmt_num(rep.get(strict))} |")
     return [
-        "## Headline (VQA test split, percent)", "", "| metric | official mode | strict mode |", "|---|---|---|",
+        "## Headline (VQA test split, percent)", "",
+        "| metric | official mode | strict mode |", "|---|---|---|",
         row("closed accuracy", "closed_accuracy", "strict_closed_accuracy"),
-        row("closed accuracy, blank image", "closed_accuracy_blank_image", "strict_closed_accuracy_blank_image"),
+        row("closed accuracy, blank image", "closed_accuracy_blank_image",
+            "strict_closed_accuracy_blank_image"),
         row("open recall", "open_recall", "strict_open_recall"),
         row("open recall, blank image", "open_recall_blank_image", None), "",
-        f"Targets: official closed accuracy >= 85: **{met('closed_accuracy>=85')}**; blank-image closed accuracy "
-        f"<= 60: **{met('closed_accuracy_blank_image<=60')}**. Decoding: {rep['decoding']}. Closed questions are "
-        "yes/no, balanced by construction, so 50 is chance.", "",
-        f"Conversation benchmark relative score (judge: {rep['chat_judge']}; a PROXY, not the paper's GPT-4 judge): "
-        f"overall {chat('overall')}, conversation {chat('conversation')}, description {chat('description')}.", "",
+        f"Targets: official closed accuracy >= 85: **{met('closed_accuracy>=85')}**; "
+        f"blank-image closed accuracy <= 60: **{met('closed_accuracy_blank_image<=60')}**. "
+        f"Decoding: {rep['decoding']}. Closed questions are yes/no, balanced by construction, so 50 is "
+        "chance.", "",
+        f"Conversation benchmark relative score (judge: {rep['chat_judge']}; a PROXY, not the paper's GPT-4 "
+        f"judge): overall {chat('overall')}, conversation {chat('conversation')}, "
+        f"description {chat('description')}.", "",
         "![metrics by mode](report_files/metrics.png)", "", "## Blank-image ablation", "",
-        f"Closed accuracy changes by {-rep['closed_accuracy_delta_blank']:+.1f} points when every test image is "
-        "replaced by a black image (the model is asked the same questions); a large drop means the answers depend "
-        "on looking at the figure.", "", "![ablation](report_files/ablation.png)", ""]
+        f"Closed accuracy changes by {-rep['closed_accuracy_delta_blank']:+.1f} points when every test image "
+        "is replaced by a black image (the model is asked the same questions); a large drop means the "
+        "answers depend on looking at the figure.", "", "![ablation](report_files/ablation.png)", ""]
 
 def _groups_md(rep: dict) -> list[str]:
     "Tables per domain and per question kind, with and without the image."
@@ -316,12 +330,13 @@ def _groups_md(rep: dict) -> list[str]:
     lines = ["## Per domain", "", "| domain | closed acc (official) | closed acc, blank | open recall "
              "| benchmark (proxy) |", "|---|---|---|---|---|"]
     for d, seen in domains["none"]["official"].items():
-        blank = domains["blank"]["official"][d]
-        lines.append(f"| {DOMAIN_NAMES.get(d, d)} | {fmt_num(seen['closed_accuracy'])} | {fmt_num(blank['closed_accuracy'])} "
-                     f"| {fmt_num(seen['open_recall'])} | {fmt_num((rep['chat_groups'].get(d) or {}).get('relative_score'))} |")
+        blank, chat = domains["blank"]["official"][d], (rep["chat_groups"].get(d) or {}).get("relative_score")
+        lines.append(f"| {DOMAIN_NAMES.get(d, d)} | {fmt_num(seen['closed_accuracy'])} "
+                     f"| {fmt_num(blank['closed_accuracy'])} | {fmt_num(seen['open_recall'])} "
+                     f"| {fmt_num(chat)} |")
     lines += ["", "![per domain](report_files/domains.png)", "", "## Per question kind", "",
-              "| kind | closed acc (official) | closed acc, blank | closed n | open recall (official) | open n |",
-              "|---|---|---|---|---|---|"]
+              "| kind | closed acc (official) | closed acc, blank | closed n | open recall (official) "
+              "| open n |", "|---|---|---|---|---|---|"]
     for kind, seen in kinds["none"]["official"].items():
         blank = kinds["blank"]["official"][kind]
         lines.append(f"| {kind} | {fmt_num(seen['closed_accuracy'])} | {fmt_num(blank['closed_accuracy'])} "
@@ -332,71 +347,81 @@ def _training_md(rep: dict, cfg: DemoConfig) -> list[str]:
     "How the tower and the two stages were trained, then the sizes, seeds, times and settings."
     sizes, heads = rep["sizes"], rep["tower"]["train_accuracy_last20pct"]
     vqa = " + the VQA train split grouped per image" if cfg.vqa_in_instruct else ""
+    accuracy = ", ".join(f"{h} {100 * v:.0f}%" for h, v in heads.items() if v is not None)
     return [
-        "## Training", "", f"How the vision tower was made: {rep['tower']['how']}. Its training accuracy per head over "
-        "the last 20% of stage-0 steps: " + ", ".join(f"{h} {100 * v:.0f}%" for h, v in heads.items() if v is not None) + ".",
-        "", f"Stage 1 trains the projector only ({sizes['stage1_steps']} steps, lr {cfg.stage1['lr']}); stage 2 trains "
-        f"projector + LM ({sizes['stage2_steps']} steps, lr {cfg.stage2['lr']}) on {sizes['stage2_records']} records "
-        f"(template-teacher conversations{vqa}); the tower stays frozen in both.", "",
-        "![loss curves](report_files/loss.png)", "", "## Sizes, seeds and time", "",
+        "## Training", "",
+        f"How the vision tower was made: {rep['tower']['how']}. Its training accuracy per head over the last "
+        f"20% of stage-0 steps: {accuracy}.", "",
+        f"Stage 1 trains the projector only ({sizes['stage1_steps']} steps, lr {cfg.stage1['lr']}); "
+        f"stage 2 trains projector + LM ({sizes['stage2_steps']} steps, lr {cfg.stage2['lr']}) on "
+        f"{sizes['stage2_records']} records (template-teacher conversations{vqa}); the tower stays frozen "
+        "in both.", "", "![loss curves](report_files/loss.png)", "", "## Sizes, seeds and time", "",
         f"- corpus: {sizes['train_figures']} train / {sizes['test_figures']} test figures at {cfg.size} px "
         f"({(cfg.size // cfg.patch) ** 2} image tokens from {cfg.patch} px patches); "
         f"VQA test questions {sizes['vqa_test']}; benchmark questions {sizes['chat_eval']}",
         "- parameters: " + ", ".join(f"{k} {fmt_num(v)}" for k, v in sizes["params"].items()),
         f"- seeds: {rep['seeds']}",
-        f"- time: training (stages 0-2) {rep['train_seconds']:.0f} s; all steps {rep['total_seconds']:.0f} s (steps run "
-        f"now: {', '.join(rep['steps_run_now']) or 'none'}; this run's wall time {rep['wall_seconds_this_run']:.0f} s)",
+        f"- time: training (stages 0-2) {rep['train_seconds']:.0f} s; all steps {rep['total_seconds']:.0f} s "
+        f"(steps run now: {', '.join(rep['steps_run_now']) or 'none'}; "
+        f"this run's wall time {rep['wall_seconds_this_run']:.0f} s)",
         "- per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in rep["step_seconds"].items()),
         f"- settings: `{json.dumps(rep['config'])}`", ""]
 
+_PIPELINE = ("The whole LLaVA-Med pipeline on the built-in synthetic corpus, on CPU, with no network: "
+             "synthetic figures -> self-instruct (offline template teacher) -> stage 0 tower pretraining -> "
+             "stage 1 alignment -> stage 2 instruction tuning -> VQA evaluation (official and strict "
+             "metrics, blank-image ablation) -> conversation benchmark with an offline proxy judge.")
+
 def _write_md(root: Path, rep: dict, examples: list[dict], cfg: DemoConfig, images: Path, files: Path):
     "Write `report.md` from the content of `report.json`, the examples and the settings."
-    lines = ["# llavamed demo report", "",
-             "The whole LLaVA-Med pipeline on the built-in synthetic corpus, on CPU, with no network: synthetic "
-             "figures -> self-instruct (offline template teacher) -> stage 0 tower pretraining -> stage 1 alignment "
-             "-> stage 2 instruction tuning -> VQA evaluation (official and strict metrics, blank-image ablation) -> "
-             "conversation benchmark with an offline proxy judge.", ""]
+    lines = ["# llavamed demo report", "", _PIPELINE, ""]
     lines += _headline_md(rep) + _groups_md(rep) + _training_md(rep, cfg)
-    lines += ["The evaluation report of `llavamed report` on the same answers (tables of every metric, the paper's "
-              "layout): [report_files/eval/report.md](report_files/eval/report.md).", "",
+    lines += ["The evaluation report of `llavamed report` on the same answers (tables of every metric, the "
+              "paper's layout): [report_files/eval/report.md](report_files/eval/report.md).", "",
               "## Example conversations (benchmark figures)", ""]
     lines += _examples_md(examples, images, files, "report_files")
     (root / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 # %% ../nbs/09_pipeline.ipynb #f0bafc46
+_TOWER_HOW = ("stage 0: the tiny CLIP tower (random init) trained {steps} steps (batch {batch}, lr {lr}) "
+              "to predict the corpus's ground-truth labels (labels.json: domain, presence, finding, side, "
+              "region, size, count) from mean-pooled patch features of the layer the projector reads, then "
+              "frozen for stages 1 and 2")
+
 def _report_json(root: Path, cfg: DemoConfig, steps: Steps, wall: float) -> dict:
     "The content of `report.json`, from the finished steps' summaries and files."
-    ev, chat_groups = steps.summaries["evaluate"], steps.summaries["judge"]["groups"]
-    seen, blank = ev["none"], ev["blank"]  # {mode: numbers} with the real image, and with a black one
+    ev, chat_groups, done = steps.summaries["evaluate"], steps.summaries["judge"]["groups"], steps.summaries
+    official, strict = ev["none"]["official"], ev["none"]["strict"]  # with the real image
+    blank_official, blank_strict = ev["blank"]["official"], ev["blank"]["strict"]  # with a black one
     run_files = {kind: {a: read_json(root / "evaluate" / f"{kind}_{a}.json") for a in ("none", "blank")}
                  for kind in ("per_domain", "per_kind")}
-    sizes = {**steps.summaries["corpus"], "stage2_records": steps.summaries["instruct"]["stage2_records"],
-             "image_size": cfg.size, "params": steps.summaries["tower"]["params"],
-             "stage1_steps": steps.summaries["stage1"]["steps"], "stage2_steps": steps.summaries["stage2"]["steps"]}
-    tower = (f"stage 0: the tiny CLIP tower (random init) trained {cfg.tower_steps} steps (batch {cfg.tower_batch}, "
-             f"lr {cfg.tower_lr}) to predict the corpus's ground-truth labels (labels.json: domain, presence, "
-             "finding, side, region, size, count) from mean-pooled patch features of the layer the projector "
-             "reads, then frozen for stages 1 and 2")
+    sizes = {**done["corpus"], "stage2_records": done["instruct"]["stage2_records"], "image_size": cfg.size,
+             "params": done["tower"]["params"], "stage1_steps": done["stage1"]["steps"],
+             "stage2_steps": done["stage2"]["steps"]}
+    tower = _TOWER_HOW.format(steps=cfg.tower_steps, batch=cfg.tower_batch, lr=cfg.tower_lr)
     return {
-        "closed_accuracy": seen["official"]["closed_accuracy"], "open_recall": seen["official"]["open_recall"],
-        "closed_accuracy_blank_image": blank["official"]["closed_accuracy"],
-        "open_recall_blank_image": blank["official"]["open_recall"],
-        "strict_closed_accuracy": seen["strict"]["closed_accuracy"], "strict_open_recall": seen["strict"]["open_recall"],
-        "strict_closed_accuracy_blank_image": blank["strict"]["closed_accuracy"],
-        "closed_accuracy_delta_blank": seen["official"]["closed_accuracy"] - blank["official"]["closed_accuracy"],
+        "closed_accuracy": official["closed_accuracy"], "open_recall": official["open_recall"],
+        "closed_accuracy_blank_image": blank_official["closed_accuracy"],
+        "open_recall_blank_image": blank_official["open_recall"],
+        "strict_closed_accuracy": strict["closed_accuracy"], "strict_open_recall": strict["open_recall"],
+        "strict_closed_accuracy_blank_image": blank_strict["closed_accuracy"],
+        "closed_accuracy_delta_blank": official["closed_accuracy"] - blank_official["closed_accuracy"],
         "chat_relative_score_proxy": (chat_groups.get("overall") or {}).get("relative_score"),
-        "chat_judge": steps.summaries["judge"]["judge"],
-        "metric_units": "percent; official = LLaVA-Med v1.0 scorer, strict = word-boundary yes/no, set recall",
-        "decoding": f"greedy, max_new_tokens={cfg.max_new_tokens} (VQA), {cfg.chat_max_new_tokens} (benchmark)",
+        "chat_judge": done["judge"]["judge"],
+        "metric_units": "percent; official = LLaVA-Med v1.0 scorer, strict = word-boundary yes/no, "
+                        "set recall",
+        "decoding": f"greedy, max_new_tokens={cfg.max_new_tokens} (VQA), "
+                    f"{cfg.chat_max_new_tokens} (benchmark)",
         "train_seconds": sum(steps.seconds[k] for k in ("tower", "stage1", "stage2")),
         "total_seconds": sum(steps.seconds.values()), "wall_seconds_this_run": wall,
         "step_seconds": steps.seconds, "steps_run_now": steps.ran,
         "seeds": {"corpus": cfg.seed, "teacher": cfg.seed, "init": cfg.seed, "data_order": cfg.seed},
         "sizes": sizes,
-        "tower": {"how": tower, "train_accuracy_last20pct": steps.summaries["tower"]["train_accuracy_last20pct"]},
-        "per_domain": run_files["per_domain"], "per_question_kind": run_files["per_kind"], "chat_groups": chat_groups,
-        "targets": {"closed_accuracy>=85": seen["official"]["closed_accuracy"] >= 85,
-                    "closed_accuracy_blank_image<=60": blank["official"]["closed_accuracy"] <= 60},
+        "tower": {"how": tower, "train_accuracy_last20pct": done["tower"]["train_accuracy_last20pct"]},
+        "per_domain": run_files["per_domain"], "per_question_kind": run_files["per_kind"],
+        "chat_groups": chat_groups,
+        "targets": {"closed_accuracy>=85": official["closed_accuracy"] >= 85,
+                    "closed_accuracy_blank_image<=60": blank_official["closed_accuracy"] <= 60},
         "config": cfg.to_json(),
     }
 
@@ -415,11 +440,12 @@ def _report_figures(root: Path, rep: dict, files: Path) -> None:
               files / "ablation.png", "percent", "Blank-image ablation", ref=50)
     seen, blank = rep["per_domain"]["none"]["official"], rep["per_domain"]["blank"]["official"]
     doms = [d for d in DOMAINS if d in seen]
+    chat = [(rep["chat_groups"].get(d) or {}).get("relative_score") for d in doms]
     bar_chart([DOMAIN_NAMES[d] for d in doms],
               {"closed acc (official)": [seen[d]["closed_accuracy"] for d in doms],
                "closed acc, blank image": [blank[d]["closed_accuracy"] for d in doms],
                "open recall (official)": [seen[d]["open_recall"] for d in doms],
-               "benchmark (proxy judge)": [(rep["chat_groups"].get(d) or {}).get("relative_score") for d in doms]},
+               "benchmark (proxy judge)": chat},
               files / "domains.png", "percent", "Per-domain scores")
 
 def write_report(root: Path, cfg: DemoConfig, steps: Steps, wall: float) -> dict:
@@ -428,8 +454,9 @@ def write_report(root: Path, cfg: DemoConfig, steps: Steps, wall: float) -> dict
     files.mkdir(exist_ok=True)
     rep = _report_json(root, cfg, steps, wall)
     _report_figures(root, rep, files)
-    report([root / "evaluate" / f"scores_{a}.json" for a in ("none", "blank")] +
-           [root / "judge" / "chat_reviews.summary.json"], out=str(files / "eval"), title="llavamed demo: evaluation")
+    inputs = [root / "evaluate" / f"scores_{a}.json" for a in ("none", "blank")]
+    report(inputs + [root / "judge" / "chat_reviews.summary.json"], out=str(files / "eval"),
+           title="llavamed demo: evaluation")
     questions = load_questions(root / "corpus" / "chat_eval.jsonl")
     answers = {str(a["question_id"]): a["text"] for a in load_answers(root / "judge" / "chat_answers.jsonl")}
     write_json(root / "report.json", rep)
@@ -452,7 +479,7 @@ STEP_INPUTS = {"corpus": (), "instruct": ("corpus",), "tower": ("corpus",), "sta
 @dataclass
 class DemoReport(Result):
     "What `llavamed demo` reached: the content of `report.json`, and where the report is."
-    report: dict  # the content of `report.json`: headline and per-group numbers, sizes, seeds, times, settings
+    report: dict  # the content of `report.json`: headline and group numbers, sizes, seeds, times, settings
     path: str  # the report's Markdown file
     quiet: bool = False  # the command's --quiet: no text
 
@@ -460,8 +487,8 @@ class DemoReport(Result):
         "The headline in one line (empty when quiet)."
         r = self.report
         return "" if self.quiet else (
-            f"closed accuracy {r['closed_accuracy']:.1f} (strict {r['strict_closed_accuracy']:.1f}), blank image "
-            f"{r['closed_accuracy_blank_image']:.1f}; open recall {r['open_recall']:.1f}; "
+            f"closed accuracy {r['closed_accuracy']:.1f} (strict {r['strict_closed_accuracy']:.1f}), "
+            f"blank image {r['closed_accuracy_blank_image']:.1f}; open recall {r['open_recall']:.1f}; "
             f"train {r['train_seconds']:.0f} s, total {r['total_seconds']:.0f} s -> {self.path}")
 
     def to_json(self) -> dict:
@@ -501,7 +528,8 @@ def run_pipeline(cfg: DemoConfig | None = None,  # the settings (default: `DemoC
     steps = Steps(root, cfg.to_json(), quiet)
     for name, fn, title in _steps(cfg, root, quiet):
         steps.run(name, fn, title, keys=STEP_KEYS[name], after=STEP_INPUTS[name])
-    return DemoReport(write_report(root, cfg, steps, time.perf_counter() - t0), str(root / "report.md"), quiet)
+    rep = write_report(root, cfg, steps, time.perf_counter() - t0)
+    return DemoReport(rep, str(root / "report.md"), quiet)
 
 # %% ../nbs/09_pipeline.ipynb #2509ceba
 def demo(out: str = "demo_out",  # output folder (steps, report.md, report.json)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib, random, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (HUMAN, Question, RecordError, Result, Sample, Turn, append_jsonl, fmt_num, get_logger,
-                           load_questions, read_jsonl)
+from .core import (HUMAN, Question, RecordError, Result, Sample, Turn, append_jsonl, fmt_num,
+                           get_logger, load_questions, read_jsonl)
 
 # %% auto #0
 __all__ = ['ABLATIONS', 'log', 'shuffled_images', 'ablate_image', 'question_messages', 'Predictions', 'predict']
@@ -29,7 +29,8 @@ def shuffled_images(questions: list[Question],  # from `llavamed.core.load_quest
     perm = names[:]; random.Random(seed).shuffle(perm)
     for i in range(len(perm)):  # repair fixed points by swapping with a neighbour whose image differs
         if perm[i] == names[i]:
-            j = next((j for j in range(len(perm)) if j != i and perm[j] != names[i] and perm[i] != names[j]), None)
+            j = next((j for j in range(len(perm))
+                      if j != i and perm[j] != names[i] and perm[i] != names[j]), None)
             if j is not None: perm[i], perm[j] = perm[j], perm[i]
     return {q.id: p for q, p in zip(with_image, perm)}
 
@@ -86,7 +87,8 @@ def _batches(xs: list, n: int):
     "Consecutive chunks of `xs` of length `n` (the last may be shorter)."
     for i in range(0, len(xs), n): yield xs[i:i + n]
 
-def _answer_rows(chunk: list[Question], answer, images: Path, swap: dict, meta: dict, model: str) -> list[dict]:
+def _answer_rows(chunk: list[Question], answer, images: Path, swap: dict, meta: dict,
+                 model: str) -> list[dict]:
     "Official-format answer rows of one batch; `answer(messages, images)` generates the texts."
     convs, prompts, imgs, shown = [], [], [], []
     for q in chunk:
@@ -94,10 +96,12 @@ def _answer_rows(chunk: list[Question], answer, images: Path, swap: dict, meta: 
         name = swap.get(q.id, q.image)
         img = _load_img(images, name, q.id) if name else None
         convs.append(msgs); prompts.append(prompt); shown.append(name)
-        imgs.append(ablate_image(img, meta["image_ablation"], q.id, meta["decoding"]["seed"]) if img else None)
+        if img: img = ablate_image(img, meta["image_ablation"], q.id, meta["decoding"]["seed"])
+        imgs.append(img)
     texts = answer(convs, imgs)
     return [{"question_id": q.id, "prompt": p, "text": t.strip(),
-             "answer_id": hashlib.sha1(f"{model}|{q.id}|{t}".encode()).hexdigest()[:22], "model_id": Path(str(model)).name,
+             "answer_id": hashlib.sha1(f"{model}|{q.id}|{t}".encode()).hexdigest()[:22],
+             "model_id": Path(str(model)).name,
              "metadata": {**meta, "image": s}} for q, p, t, s in zip(chunk, prompts, texts, shown)]
 
 # %% ../nbs/07a_predict.ipynb #4d953747
@@ -113,7 +117,8 @@ class Predictions(Result):
 
     def __str__(self) -> str:
         "One line: what was answered, what was already there, and the speed."
-        speed = f" in {self.seconds:.1f} s ({fmt_num(self.questions_per_s)} questions/s)" if self.answered else ""
+        speed = f" in {self.seconds:.1f} s ({fmt_num(self.questions_per_s)} questions/s)"
+        if not self.answered: speed = ""
         return (f"{self.out}: answered {fmt_num(self.answered)} of {fmt_num(self.questions)} questions"
                 f"{speed}; {fmt_num(self.skipped)} were already answered")
 
@@ -124,7 +129,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             out: str = None,  # answers JSONL: appended to; questions already answered there are skipped
             batch_size: int = 16,  # questions per generation batch
             max_new_tokens: int = 64,  # most tokens per answer
-            image_ablation: str = "none",  # 'none', 'blank' (black), 'noise' (seeded noise), 'shuffle' (another's image)
+            image_ablation: str = "none",  # 'none', 'blank' (black), 'noise' (seeded), 'shuffle' (another's)
             prompt_suffix: str = None,  # text appended to every question, e.g. 'Answer with one word.'
             do_sample: bool = False,  # sample instead of greedy decoding
             temperature: float = 0.7,  # sampling temperature (with --do-sample)
@@ -136,7 +141,8 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
            ) -> Predictions:
     "Answer the questions of `data` with `model`, appending official-format answers to `out` (resumable)."
     if not (model and data and out): raise ValueError("predict needs --model, --data and --out")
-    if image_ablation not in ABLATIONS: raise ValueError(f"image_ablation={image_ablation!r}: expected one of {ABLATIONS}")
+    if image_ablation not in ABLATIONS:
+        raise ValueError(f"image_ablation={image_ablation!r}: expected one of {ABLATIONS}")
     if batch_size < 1: raise ValueError(f"batch_size={batch_size}: must be >= 1")
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     data, out = Path(data), Path(out)
@@ -144,7 +150,8 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
     questions = load_questions(data)
     decoding = {"do_sample": bool(do_sample), "max_new_tokens": max_new_tokens, "seed": seed}
     if do_sample: decoding["temperature"] = temperature
-    meta = {"decoding": decoding, "image_ablation": image_ablation, "prompt_suffix": prompt_suffix, "model": str(model)}
+    meta = {"decoding": decoding, "image_ablation": image_ablation, "prompt_suffix": prompt_suffix,
+            "model": str(model)}
     done, prev = _answered(out)
     if prev is not None and _settings(prev) != _settings(meta):
         raise ValueError(f"{out} holds answers made with other settings ({_settings(prev)}); this run: "
@@ -160,7 +167,8 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
                                                 do_sample=do_sample, temperature=temperature, seed=seed,
                                                 batch_size=batch_size)
     swap = shuffled_images(questions, seed) if image_ablation == "shuffle" else {}
-    bar = tqdm(total=len(todo), desc=f"predict ({image_ablation})", unit="q", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=f"predict ({image_ablation})", unit="q", disable=not progress,
+               dynamic_ncols=True)
     t0 = time.perf_counter()
     for chunk in _batches(todo, batch_size):
         rows = _answer_rows(chunk, answer, images, swap, meta, model)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import glob, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (DOMAINS, Result, atomic_write, fmt_num, get_logger, load_questions, pyplot, read_json,
-                           write_json)
+from .core import (DOMAINS, Result, atomic_write, fmt_num, get_logger, load_questions, pyplot,
+                           read_json, write_json)
 from .eval import Scores, align, group_scores, load_answers, score
 from .judge import JudgeSummary, judge
 from .predict import ABLATIONS, predict
@@ -21,10 +21,12 @@ __all__ = ['PAPER_VQA', 'PAPER_CHAT', 'PAPER_CHAT_MODELS', 'CHAT_COLUMNS', 'pape
            'Report', 'report', 'Evaluation', 'evaluate']
 
 # %% ../nbs/07c_report.ipynb #b6b9c8fb
-PAPER_VQA = {  # model: {dataset: (open recall, closed accuracy)}, fine-tuned per dataset (the paper's VQA table)
+# model: {dataset: (open recall, closed accuracy)}, fine-tuned per dataset (the paper's VQA table)
+PAPER_VQA = {
     "LLaVA": {"VQA-RAD": (50.00, 65.07), "SLAKE": (78.18, 63.22), "PathVQA": (7.74, 63.20)},
     "LLaVA-Med (from LLaVA)": {"VQA-RAD": (61.52, 84.19), "SLAKE": (83.08, 85.34), "PathVQA": (37.95, 91.21)},
-    "LLaVA-Med (from Vicuna)": {"VQA-RAD": (64.39, 81.98), "SLAKE": (84.71, 83.17), "PathVQA": (38.87, 91.65)},
+    "LLaVA-Med (from Vicuna)": {"VQA-RAD": (64.39, 81.98), "SLAKE": (84.71, 83.17),
+                                "PathVQA": (38.87, 91.65)},
     "LLaVA-Med (BiomedCLIP)": {"VQA-RAD": (64.75, 83.09), "SLAKE": (87.11, 86.78), "PathVQA": (39.60, 91.09)},
 }
 PAPER_CHAT = {  # relative scores of LLaVA-Med 60K-IM, the paper's best conversation-benchmark row
@@ -75,14 +77,15 @@ def vqa_table(scores: list[dict]) -> str:
     rows = []
     for r in scores:
         by_mode = _modes(r); official, strict = by_mode.get("official", {}), by_mode.get("strict", {})
-        nums = " | ".join(fmt_num(m.get(k), 2) for m in (official, strict) for k in ("open_recall", "closed_accuracy"))
+        nums = " | ".join(fmt_num(m.get(k), 2) for m in (official, strict)
+                          for k in ("open_recall", "closed_accuracy"))
         rows.append(f"| {r['dataset']} | {r.get('image_ablation', 'none')} | {r['decoding']} | {nums} "
                     f"| {r['n_open']} / {r['n_closed']} | {r['n_missing']} | `{r['gt_sha256'][:12]}` |")
     return "\n".join([head] + rows)
 
 # %% ../nbs/07c_report.ipynb #ea4a8722
 def ablation_deltas(scores: list[dict]) -> list[dict]:
-    "Per dataset and ablation: the change of each mode's open and closed numbers against the run without ablation."
+    "Per dataset and ablation: the change of each mode's open and closed numbers against the run without one."
     base = {(r["dataset"], r["gt_sha256"]): r for r in scores if r.get("image_ablation", "none") == "none"}
     out = []
     for r in scores:
@@ -105,14 +108,16 @@ def paper_table(scores: list[dict]) -> str:
         ds = paper_dataset(r["gt"]) or paper_dataset(r["dataset"])
         o = _modes(r).get("official")
         if ds is None or o is None or r.get("image_ablation", "none") != "none": continue
-        rows.append(f"| {ds} | this run ({r['decoding']}) | {fmt_num(o['open_recall'], 2)} | {fmt_num(o['closed_accuracy'], 2)} |")
+        rows.append(f"| {ds} | this run ({r['decoding']}) | {fmt_num(o['open_recall'], 2)} "
+                    f"| {fmt_num(o['closed_accuracy'], 2)} |")
         rows += [f"| {ds} | paper: {m} | {v[ds][0]:.2f} | {v[ds][1]:.2f} |" for m, v in PAPER_VQA.items()]
     if not rows: return ""
     return "| dataset | model | open (recall) | closed (accuracy) |\n|---|---|---|---|\n" + "\n".join(rows)
 
 # %% ../nbs/07c_report.ipynb #b33b5ea9
 CHAT_COLUMNS = ("conversation", "description", *DOMAINS, "overall")
-_CHAT_NAMES = {"conversation": "Conversation", "description": "Description", "chest_xray": "CXR", "mri": "MRI",
+_CHAT_NAMES = {"conversation": "Conversation", "description": "Description", "chest_xray": "CXR",
+               "mri": "MRI",
                "histology": "Histology", "gross": "Gross", "ct_scan": "CT", "overall": "Overall"}
 
 def chat_table(judged: list[dict]) -> str:
@@ -123,7 +128,8 @@ def chat_table(judged: list[dict]) -> str:
     for j in judged:
         g = j["groups"]
         rel = " | ".join(fmt_num(g.get(c, {}).get("relative_score")) for c in CHAT_COLUMNS)
-        rows.append(f"| {j['judge']} | {Path(j['answers']).name} | {rel} | {fmt_num(g['overall']['ratio_of_means'])} "
+        rows.append(f"| {j['judge']} | {Path(j['answers']).name} | {rel} "
+                    f"| {fmt_num(g['overall']['ratio_of_means'])} "
                     f"| {j['n_unparsed']} | {fmt_num(j.get('position_effect'), 2)} |")
     if any("proxy" not in j["judge"] for j in judged):
         paper = " | ".join(f"{PAPER_CHAT[c]:.1f}" for c in CHAT_COLUMNS)
@@ -153,7 +159,7 @@ def bar_chart(labels: list[str],  # one group of bars per label
     values = [v for vs in series.values() for v in vs if v is not None] + [ref or 0, 0]
     low, high = min(values), max(values)
     span = high - low or 1
-    ax.set_ylim(low - 0.1 * span if low < 0 else 0, high + 0.35 * span)  # head room: the legend sits above the bars
+    ax.set_ylim(low - 0.1 * span if low < 0 else 0, high + 0.35 * span)  # room for the legend
     ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=15 if len(labels) > 4 else 0)
     ax.set(ylabel=ylabel, title=title); ax.grid(axis="y", alpha=.3)
     ax.legend(fontsize=7, ncol=min(len(series), 4), loc="upper center")
@@ -166,8 +172,9 @@ def bar_chart(labels: list[str],  # one group of bars per label
 def plot_metrics(scores: list[dict], path: Path) -> Path:
     "Bars of open and closed numbers per run, official and strict modes side by side."
     labels = [f"{r['dataset']} ({r.get('image_ablation', 'none')})" for r in scores]
-    series = {f"{m} {s}": [_modes(r).get(m, {}).get(k) for r in scores]
-              for m in ("official", "strict") for s, k in (("open", "open_recall"), ("closed", "closed_accuracy"))}
+    metrics = (("open", "open_recall"), ("closed", "closed_accuracy"))
+    series = {f"{m} {s}": [_modes(r).get(m, {}).get(k) for r in scores] for m in ("official", "strict")
+              for s, k in metrics}
     return bar_chart(labels, series, path, "percent", "VQA metrics by dataset and mode")
 
 def plot_deltas(deltas: list[dict], path: Path) -> Path:
@@ -178,10 +185,11 @@ def plot_deltas(deltas: list[dict], path: Path) -> Path:
                      "Image ablations: change against the real image")
 
 def plot_chat(judged: list[dict], path: Path) -> Path:
-    "Bars of relative scores per benchmark group, one series per judge summary (plus the paper's, for LLM judges)."
+    "Bars of relative scores per benchmark group, one series per judge summary (the paper's beside LLMs)."
     series = {f"{Path(j['answers']).stem} [{'PROXY' if 'proxy' in j['judge'] else j['judge']}]":
               [j["groups"].get(c, {}).get("relative_score") for c in CHAT_COLUMNS] for j in judged}
-    if any("proxy" not in j["judge"] for j in judged): series["paper 60K-IM (GPT-4)"] = [PAPER_CHAT[c] for c in CHAT_COLUMNS]
+    if any("proxy" not in j["judge"] for j in judged):
+        series["paper 60K-IM (GPT-4)"] = [PAPER_CHAT[c] for c in CHAT_COLUMNS]
     return bar_chart([_CHAT_NAMES[c] for c in CHAT_COLUMNS], series, path, "relative score",
                      "Conversation benchmark: relative score by type and domain")
 
@@ -198,14 +206,15 @@ class Report(Result):
         "One line naming what was written."
         return f"wrote {self.report} and {len(self.figures)} figure(s)"
 
-_VQA_ABOUT = ("Open = mean token recall over open questions; closed = accuracy over closed questions. *Official* "
-              "reproduces LLaVA-Med v1.0's scorer (substring hits: a reference 'no' counts as found in 'nodule'; "
-              "recall counts repeated words); *strict* uses first yes/no word and set-based recall. Answers are "
-              "paired with questions by id.")
-_CHAT_ABOUT = ("Relative score = mean over questions of (model score / reference score) x 100. Rows judged by the "
-               "offline *proxy* judge (word overlap with the caption) are not comparable with the paper's GPT-4 "
-               "judged numbers, which are shown only beside LLM judges. Position effect = how many more points the "
-               "model gains over the reference when its answer is shown first (judged in both orders).")
+_VQA_ABOUT = ("Open = mean token recall over open questions; closed = accuracy over closed questions. "
+              "*Official* reproduces LLaVA-Med v1.0's scorer (substring hits: a reference 'no' counts as "
+              "found in 'nodule'; recall counts repeated words); *strict* uses first yes/no word and "
+              "set-based recall. Answers are paired with questions by id.")
+_CHAT_ABOUT = ("Relative score = mean over questions of (model score / reference score) x 100. Rows "
+               "judged by the offline *proxy* judge (word overlap with the caption) are not comparable "
+               "with the paper's GPT-4 judged numbers, which are shown only beside LLM judges. Position "
+               "effect = how many more points the model gains over the reference when its answer is "
+               "shown first (judged in both orders).")
 
 def _vqa_section(scores: list[dict], out: Path, figs: dict) -> list[str]:
     "The report's VQA section (tables, ablation deltas, the paper's rows); its figures go into `figs`."
@@ -214,11 +223,12 @@ def _vqa_section(scores: list[dict], out: Path, figs: dict) -> list[str]:
     deltas = ablation_deltas(scores)
     if deltas:
         keys = [k for k in _DELTA_KEYS if any(k in d for d in deltas)]
-        md += ["### Image ablations", "", "Change in points against the same model seeing the real images; a model "
-               "that uses the image loses points.", "", "| dataset | ablation | " + " | ".join(keys) + " |",
+        md += ["### Image ablations", "", "Change in points against the same model seeing the real images; "
+               "a model that uses the image loses points.", "",
+               "| dataset | ablation | " + " | ".join(keys) + " |",
                "|" + "---|" * (2 + len(keys))]
-        md += [f"| {d['dataset']} | {d['ablation']} | " + " | ".join(fmt_num(d.get(k), 2) for k in keys) + " |"
-               for d in deltas]
+        md += [f"| {d['dataset']} | {d['ablation']} | " + " | ".join(fmt_num(d.get(k), 2) for k in keys)
+               + " |" for d in deltas]
         figs["ablations"] = plot_deltas(deltas, out / "ablation_deltas.png")
         md += ["", "![Ablation deltas](ablation_deltas.png)", ""]
     pt = paper_table(scores)
@@ -231,7 +241,8 @@ def report(inputs: str = None,  # score results and judge summaries: paths or gl
            title: str = "llavamed evaluation",  # the report's heading
           ) -> Report:
     "Write a Markdown report with figures from score results and judge summaries."
-    if not inputs: raise ValueError("report needs --inputs (score JSON from `llavamed score --out`, judge .summary.json)")
+    if not inputs:
+        raise ValueError("report needs --inputs (score JSON of `llavamed score --out`, judge .summary.json)")
     scores, judged = load_inputs(inputs)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     md, figs = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from "
@@ -249,7 +260,7 @@ _GROUP_FILES = {"domain": "per_domain", "question_type": "per_kind"}  # `Questio
 
 @dataclass
 class Evaluation(Result):
-    "What `evaluate` produced: each image ablation's scores and per-group numbers, the judged benchmark, the report."
+    "What `evaluate` made: each image ablation's scores and group numbers, the judged benchmark, the report."
     out: str  # the folder holding every file
     scores: dict  # {image ablation: `Scores`}
     groups: dict  # {image ablation: {'domain' | 'question_type': {mode: {group: numbers}}}}
@@ -265,13 +276,16 @@ class Evaluation(Result):
                 for m, v in s.metrics.items())))
         if self.chat: rows.append(("benchmark relative score (proxy judge)",
                                    fmt_num(self.chat.groups["overall"]["relative_score"])))
-        if self.report: rows.append(("report", f"{Path(self.report.report).name} and {len(self.report.figures)} figure(s)"))
+        if self.report:
+            figures = len(self.report.figures)
+            rows.append(("report", f"{Path(self.report.report).name} and {figures} figure(s)"))
         return rows
 
     def to_json(self) -> dict:
         "Every part as the JSON its own command writes."
-        return {"out": self.out, "scores": {a: s.to_json() for a, s in self.scores.items()}, "groups": self.groups,
-                "chat": self.chat.to_json() if self.chat else None, "report": self.report.to_json() if self.report else None}
+        return {"out": self.out, "scores": {a: s.to_json() for a, s in self.scores.items()},
+                "groups": self.groups, "chat": self.chat.to_json() if self.chat else None,
+                "report": self.report.to_json() if self.report else None}
 
 # %% ../nbs/07c_report.ipynb #3d4ee8cf
 def _evaluate_vqa(data: Path, out: Path, ablation: str, groups: tuple, name: str | None, answer) -> tuple:
@@ -289,9 +303,9 @@ def evaluate(model: str = None,  # saved model directory
              data: str = None,  # VQA file with reference answers (None: no VQA)
              images: str = None,  # image folder (default: the folder of `data`, else of `chat`)
              out: str = "eval_out",  # folder for answers, scores, reviews and the report
-             ablations: str = "none,blank",  # image ablations to run, comma-separated (none, blank, noise, shuffle)
-             groups: str = "domain,question_type",  # also score per these question fields, comma-separated ('' none)
-             chat: str = None,  # also answer this conversation-benchmark JSONL and judge it (offline proxy judge)
+             ablations: str = "none,blank",  # image ablations, comma-separated (none, blank, noise, shuffle)
+             groups: str = "domain,question_type",  # also score per these question fields ('' for none)
+             chat: str = None,  # also answer this benchmark JSONL and judge it (offline proxy judge)
              name: str = None,  # the VQA dataset's name in the report (default: its folder and stem)
              batch_size: int = 16,  # questions per generation batch
              max_new_tokens: int = 32,  # most tokens per VQA answer
@@ -304,10 +318,11 @@ def evaluate(model: str = None,  # saved model directory
              title: str = "llavamed evaluation",  # the report's heading
              progress: bool = True,  # show progress bars
             ) -> Evaluation:
-    "Predict with each image ablation, score in both modes and per group, proxy-judge the benchmark, write the report."
+    "Answer under each image ablation, score both modes and per group, proxy-judge the benchmark, report."
     if not model or not (data or chat): raise ValueError("evaluate needs --model and --data and/or --chat")
     abls = [a.strip() for a in ablations.split(",") if a.strip()]
-    bad = [a for a in abls if a not in ABLATIONS] + [g for g in groups.split(",") if g and g not in _GROUP_FILES]
+    by = tuple(g for g in groups.split(",") if g)
+    bad = [a for a in abls if a not in ABLATIONS] + [g for g in by if g not in _GROUP_FILES]
     if bad: raise ValueError(f"evaluate: unknown ablations or groups {bad}; ablations are {ABLATIONS}, "
                              f"groups {tuple(_GROUP_FILES)}")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -315,17 +330,18 @@ def evaluate(model: str = None,  # saved model directory
 
     def answer(questions, answers, ablation, tokens=max_new_tokens, suffix=prompt_suffix):
         "Answer a question file with the model (resuming `answers`)."
-        return predict(str(model), str(questions), images, str(answers), batch_size=batch_size, max_new_tokens=tokens,
-                       image_ablation=ablation, prompt_suffix=suffix, seed=seed, device=device, dtype=dtype,
-                       progress=progress)
+        return predict(str(model), str(questions), images, str(answers), batch_size=batch_size,
+                       max_new_tokens=tokens, image_ablation=ablation, prompt_suffix=suffix, seed=seed,
+                       device=device, dtype=dtype, progress=progress)
     res = Evaluation(str(out), {}, {})
     for abl in abls if data else []:
-        res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, tuple(g for g in groups.split(",") if g),
-                                                         name, answer)
+        res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, by, name, answer)
     if chat:
         answer(chat, out / "chat_answers.jsonl", "none", chat_max_new_tokens, None)
-        res.chat = judge(str(chat), str(out / "chat_answers.jsonl"), str(out / "chat_reviews.jsonl"), judge="overlap")
+        res.chat = judge(str(chat), str(out / "chat_answers.jsonl"), str(out / "chat_reviews.jsonl"),
+                         judge="overlap")
     if write_report:
-        inputs = [str(out / f"scores_{a}.json") for a in res.scores] + ([str(out / "chat_reviews.summary.json")] if chat else [])
+        inputs = [str(out / f"scores_{a}.json") for a in res.scores]
+        if chat: inputs.append(str(out / "chat_reviews.summary.json"))
         res.report = report(inputs, out=str(out), title=title)
     return res
