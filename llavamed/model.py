@@ -10,7 +10,7 @@ import dataclasses, functools, json, math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from .core import IMAGE_TOKEN, HUMAN, GPT, Sample, get_logger, pick_device, pick_dtype
+from .core import IMAGE_TOKEN, HUMAN, GPT, Result, Sample, get_logger, pick_device, pick_dtype
 from .images import pixel_values
 
 # %% auto #0
@@ -18,7 +18,7 @@ __all__ = ['log', 'VICUNA_SYSTEM', 'TEMPLATES', 'PROJECTORS', 'ASPECTS', 'TINY_V
            'CLIP_MEAN', 'CLIP_STD', 'sample_to_messages', 'ModelConfig', 'train_tokenizer', 'add_special_tokens',
            'make_image_processor', 'make_processor', 'set_template', 'template_name', 'linear_llava_class',
            'model_class', 'build_model', 'check_image_tokens', 'save_model', 'load_model', 'pretrain_tower',
-           'infer_clip_config', 'convert_checkpoint', 'tiny_release_checkpoint']
+           'infer_clip_config', 'ConvertedCheckpoint', 'convert_checkpoint', 'tiny_release_checkpoint']
 
 # %% ../nbs/05_model.ipynb #39750108
 log = get_logger("llavamed.model")
@@ -365,20 +365,9 @@ def _open_image(x):
     return load_image(x)
 
 # %% ../nbs/05_model.ipynb #5d567f3c
-def pretrain_tower(model,  # a LLaVA model whose vision tower is trained (in place)
-                   images,  # image directory, {key: image/path} dict, list aligned with `labels`, or a pixel tensor
-                   labels: dict | list | str,  # {key: {head: class}} (or the labels.json path), or a list of {head: class}
-                   steps: int = 300,  # optimisation steps
-                   lr: float = 3e-4,  # AdamW learning rate
-                   batch_size: int = 32,  # images per step
-                   processor=None,  # the model's processor (needed unless `images` is a pixel tensor)
-                   seed: int = 0,  # seed of head init and batch order
-                   freeze: bool = True,  # freeze the tower afterwards
-                   progress: bool = True,  # show a progress bar
-                  ) -> dict:
-    "Stage 0: supervised pretraining of the vision tower on classification labels; returns the history."
-    import torch, torch.nn as nn
-    from tqdm.auto import tqdm
+def _tower_examples(images, labels, processor):
+    "`(heads, classes per head, targets (N, n_heads), -100 where unlabelled, pixels (N, 3, H, W))`."
+    import torch
     if isinstance(labels, (str, Path)): labels = json.loads(Path(labels).read_text())
     keys = list(labels) if isinstance(labels, dict) else list(range(len(labels)))
     recs = [labels[k] for k in keys]
@@ -391,6 +380,23 @@ def pretrain_tower(model,  # a LLaVA model whose vision tower is trained (in pla
         imgs = [_open_image(x) for x in _resolve_images(images, keys)]
         pixels = pixel_values(imgs, processor.image_processor)  # (N, 3, H, W)
     if len(pixels) != len(y): raise ValueError(f"{len(pixels)} images but {len(y)} label records")
+    return heads, n_cls, y, pixels
+
+def pretrain_tower(model,  # a LLaVA model whose vision tower is trained (in place)
+                   images,  # folder, {key: image} dict, list aligned with `labels`, or pixels
+                   labels: dict | list | str,  # {key: {head: class}}, its JSON file, or a list
+                   steps: int = 300,  # optimisation steps
+                   lr: float = 3e-4,  # AdamW learning rate
+                   batch_size: int = 32,  # images per step
+                   processor=None,  # the model's processor (needed unless `images` is a pixel tensor)
+                   seed: int = 0,  # seed of head init and batch order
+                   freeze: bool = True,  # freeze the tower afterwards
+                   progress: bool = True,  # show a progress bar
+                  ) -> dict:
+    "Stage 0: supervised pretraining of the vision tower on classification labels; returns the history."
+    import torch, torch.nn as nn
+    from tqdm.auto import tqdm
+    heads, n_cls, y, pixels = _tower_examples(images, labels, processor)
     tower, cfg = model.model.vision_tower, model.config
     dev, dt = tower.device, tower.dtype
     g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
@@ -470,19 +476,55 @@ def _grow_rows(w, n: int):
     return torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(n - w.shape[0], -1)])
 
 # %% ../nbs/05_model.ipynb #52d8c303
-def convert_checkpoint(src: str = None,  # released LLaVA-Med v1.5 directory: config.json, weights, tokenizer files
+@dataclass
+class ConvertedCheckpoint(Result):
+    "What `convert_checkpoint` wrote: the folder, the release's model type and what it read off the release."
+    out: str  # the transformers LLaVA checkpoint written
+    model_type: str  # the release's model type ('llava_mistral', 'llava_llama')
+    tensors: int  # weights converted
+    projector: str  # 'mlp2x_gelu' (v1.5) or 'linear' (v1.0)
+    template: str  # the chat template saved with the processor
+    aspect: str  # image aspect handling: 'pad' or 'crop'
+
+def _release_config(cfg: dict, lm_type: str, tok, vcfg, projector: str, template: str, src):
+    "The `LlavaConfig` of a release's `config.json` values, with its LM config sized to the grown tokenizer."
+    from transformers import AutoConfig, LlavaConfig
+    tcfg = AutoConfig.for_model(lm_type, **{k: v for k, v in cfg.items() if not k.startswith(_LLAVA_KEYS)})
+    tcfg.vocab_size, tcfg.pad_token_id = len(tok), tok.pad_token_id
+    strategy = "full" if cfg.get("mm_vision_select_feature", "patch") == "cls_patch" else "default"
+    aspect = "pad" if cfg.get("image_aspect_ratio") == "pad" else "crop"
+    return LlavaConfig(vision_config=vcfg.to_dict(), text_config=tcfg.to_dict(),
+                       image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                       image_seq_length=(vcfg.image_size // vcfg.patch_size) ** 2 + (strategy == "full"),
+                       vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
+                       vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+                       tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                       llavamed={"projector": projector, "template": template, "aspect": aspect,
+                                 "converted_from": cfg.get("_name_or_path") or str(src)})
+
+def _release_tokenizer(src: Path):
+    "The release's tokenizer with the image and pad tokens added."
+    from transformers import AutoTokenizer
+    try: tok = AutoTokenizer.from_pretrained(src)
+    except (ImportError, ValueError) as e:  # a tokenizer.model alone needs sentencepiece
+        raise RuntimeError(f"{src}: cannot read the tokenizer ({e}); with only tokenizer.model, "
+                           f"`pip install sentencepiece`") from e
+    add_special_tokens(tok)
+    return tok
+
+def convert_checkpoint(src: str = None,  # released LLaVA-Med directory: config, weights, tokenizer
                        out: str = None,  # where to write the transformers LLaVA checkpoint
-                       template: str = None,  # chat template (default: mistral_instruct for Mistral, else vicuna_v1)
+                       template: str = None,  # chat template (default: mistral_instruct or vicuna_v1)
                        dtype: str = None,  # save dtype (default: the checkpoint's own)
-                       tower: str = None,  # local CLIP vision checkpoint, for releases that saved no tower weights (v1.0)
-                      ) -> str:
+                       tower: str = None,  # local CLIP tower, for releases without one (v1.0)
+                      ) -> ConvertedCheckpoint:
     "Convert a released LLaVA-Med (llava_mistral / llava_llama) checkpoint to `LlavaForConditionalGeneration`."
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, LlavaConfig
+    from transformers import CLIPVisionConfig
     if not src or not out: raise ValueError("convert needs --src DIR and --out DIR")
     src, cfg = Path(src), json.loads((Path(src) / "config.json").read_text())
     mt = cfg.get("model_type", "")
-    if not mt.startswith("llava"): raise ValueError(f"{src}/config.json: model_type {mt!r} is not a LLaVA checkpoint")
+    if not mt.startswith("llava"):
+        raise ValueError(f"{src}/config.json: model_type {mt!r} is not a LLaVA checkpoint")
     lm_type = {"llava_mistral": "mistral", "llava_llama": "llama", "llava": "llama"}.get(mt)
     if lm_type is None: raise ValueError(f"{src}: model_type {mt!r} not supported (llava_mistral, llava_llama)")
     projector = "linear" if cfg.get("mm_projector_type", "linear") == "linear" else "mlp2x_gelu"
@@ -491,31 +533,16 @@ def convert_checkpoint(src: str = None,  # released LLaVA-Med v1.5 directory: co
     tower_sd, proj_sd, lm_sd = _split_release(_read_weights(src), projector)
     if not tower_sd:
         if tower is None:
-            raise ValueError(f"{src} holds no model.vision_tower.vision_tower.* weights: pass --tower DIR, a local copy of "
-                             f"{cfg.get('mm_vision_tower', 'its CLIP vision tower')}")
+            raise ValueError(f"{src} holds no model.vision_tower.vision_tower.* weights: pass --tower DIR, "
+                             f"a local copy of {cfg.get('mm_vision_tower', 'its CLIP vision tower')}")
         from transformers import CLIPVisionModel
-        tower_sd = {k: v for k, v in CLIPVisionModel.from_pretrained(tower).state_dict().items() if "position_ids" not in k}
-    vcfg = CLIPVisionConfig(**infer_clip_config(tower_sd))
-    try: tok = AutoTokenizer.from_pretrained(src)
-    except (ImportError, ValueError) as e:  # tokenizer.model without tokenizer.json needs sentencepiece to convert
-        raise RuntimeError(f"{src}: cannot read the tokenizer ({e}); with only tokenizer.model, `pip install sentencepiece`") from e
-    add_special_tokens(tok)
-    n = len(tok)
+        tower_sd = {k: v for k, v in CLIPVisionModel.from_pretrained(tower).state_dict().items()
+                    if "position_ids" not in k}
+    vcfg, tok = CLIPVisionConfig(**infer_clip_config(tower_sd)), _release_tokenizer(src)
     for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-        if k in lm_sd: lm_sd[k] = _grow_rows(lm_sd[k], n)
-    tcfg = AutoConfig.for_model(lm_type, **{k: v for k, v in cfg.items() if not k.startswith(_LLAVA_KEYS)})
-    tcfg.vocab_size, tcfg.pad_token_id = n, tok.pad_token_id
-    strategy = "full" if cfg.get("mm_vision_select_feature", "patch") == "cls_patch" else "default"
-    aspect = "pad" if cfg.get("image_aspect_ratio") == "pad" else "crop"
+        if k in lm_sd: lm_sd[k] = _grow_rows(lm_sd[k], len(tok))
     template = template or ("mistral_instruct" if lm_type == "mistral" else "vicuna_v1")
-    config = LlavaConfig(vision_config=vcfg.to_dict(), text_config=tcfg.to_dict(),
-                         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=(vcfg.image_size // vcfg.patch_size) ** 2 + (strategy == "full"),
-                         vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
-                         vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
-                         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                         llavamed={"projector": projector, "template": template, "aspect": aspect,
-                                   "converted_from": cfg.get("_name_or_path") or str(src)})
+    config = _release_config(cfg, lm_type, tok, vcfg, projector, template, src)
     sd = {**{f"model.vision_tower.{k}": v for k, v in tower_sd.items()},
           **{f"model.multi_modal_projector.{k}": v for k, v in proj_sd.items()}, **lm_sd}
     torch_dtype = pick_dtype("cpu", dtype) if dtype else lm_sd["lm_head.weight"].dtype
@@ -523,11 +550,12 @@ def convert_checkpoint(src: str = None,  # released LLaVA-Med v1.5 directory: co
                                                       output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad: raise ValueError(f"{src}: weights do not fit the converted model: {bad}")
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"): setattr(model.generation_config, k, getattr(tok, k))
-    proc = make_processor(tok, vcfg, template, aspect, strategy)
-    save_model(model.eval(), proc, out)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, k, getattr(tok, k))
+    aspect, strategy = config.llavamed["aspect"], config.vision_feature_select_strategy
+    save_model(model.eval(), make_processor(tok, vcfg, template, aspect, strategy), out)
     log.info(f"converted {src} ({mt}, {len(sd)} tensors) -> {out}")
-    return str(out)
+    return ConvertedCheckpoint(str(out), mt, len(sd), projector, template, aspect)
 
 # %% ../nbs/05_model.ipynb #b9f39f94
 def tiny_release_checkpoint(out: str | Path,  # directory to write
