@@ -6,11 +6,12 @@ Docs: https://llavamed.github.io/llavamed/generate.html.md"""
 
 # %% ../nbs/05a_generate.ipynb #95385426
 from __future__ import annotations
-from .core import get_logger, seed_everything
+from dataclasses import dataclass
+from .core import Result, get_logger, seed_everything
 from .model import check_image_tokens, _open_image, load_model
 
 # %% auto #0
-__all__ = ['log', 'encode_prompts', 'generate_batch', 'chat']
+__all__ = ['log', 'encode_prompts', 'generate_batch', 'ChatResult', 'chat']
 
 # %% ../nbs/05a_generate.ipynb #d31f89a2
 log = get_logger("llavamed.generate")
@@ -96,6 +97,20 @@ def _answer(model, processor, messages, image, max_new_tokens, do_sample, temper
     return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 # %% ../nbs/05a_generate.ipynb #d308d975
+@dataclass
+class ChatResult(Result):
+    "A chat's answers in order; `shown` when they already reached the terminal (streamed, or the interactive loop)."
+    answers: list  # the model's replies, one per question
+    shown: bool = False  # printed as they came, so the command line prints nothing more
+
+    def rows(self):
+        "One row per answer."
+        return [(f"answer {i + 1}", a) for i, a in enumerate(self.answers)]
+
+    def __str__(self):
+        "The answers, one per line, unless they were shown already."
+        return "" if self.shown else "\n".join(self.answers)
+
 def chat(model: str = None,  # a saved model directory or preset (or a `(model, processor)` pair from Python)
          image: str = None,  # the image file: PNG/JPEG/DICOM/NIfTI
          question: str = None,  # answer this one question and exit (otherwise: interactive)
@@ -106,7 +121,7 @@ def chat(model: str = None,  # a saved model directory or preset (or a `(model, 
          device: str = None,  # 'cpu', 'cuda', ... (default: the best available)
          dtype: str = None,  # 'bfloat16' or 'float32' (default: bf16 on CUDA, else float32)
          no_stream: bool = False,  # print each answer when complete instead of token by token
-        ):
+        ) -> ChatResult:
     "Talk with a model about an image: interactive multi-turn, or one `question`; returns the answers."
     if model is None or image is None: raise ValueError("chat needs --model DIR and --image FILE")
     mdl, proc = model if isinstance(model, (tuple, list)) else load_model(model, dtype=dtype, device=device)
@@ -123,8 +138,8 @@ def chat(model: str = None,  # a saved model directory or preset (or a `(model, 
         content = ([{"type": "image"}] if first else []) + [{"type": "text", "text": q}]
         messages.append({"role": "user", "content": content})
         a = _answer(mdl, proc, messages, img, max_new_tokens, do_sample, temperature, not no_stream)
-        if no_stream: print(a)
+        if no_stream and question is None: print(a)  # the conversation goes on: show the reply now
         messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
         answers.append(a); first = False
         if question is not None: break
-    return answers
+    return ChatResult(answers, shown=question is None or not no_stream)

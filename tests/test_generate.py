@@ -106,8 +106,9 @@ def test_chat_interactive_multi_turn(tiny, tmp_path, monkeypatch, capsys):
     model, proc = tiny
     img = _imgs()[0]; img.save(tmp_path / "x.png")
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is this?\nAnd the side?\nexit\n"))
-    answers = chat((model, proc), str(tmp_path / "x.png"), max_new_tokens=5)
-    assert len(answers) == 2
+    res = chat((model, proc), str(tmp_path / "x.png"), max_new_tokens=5)
+    answers = res.answers
+    assert len(answers) == 2 and res.shown and str(res) == ""  # streamed: nothing left to print
     out = capsys.readouterr().out
     assert out.count("you> ") == 3 and out.count("assistant> ") == 2
     # the second turn is answered in the context of the first
