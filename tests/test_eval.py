@@ -385,3 +385,36 @@ def test_bleu_matches_nltk_when_installed():
             hyp = [rng.choice(words) for _ in range(rng.randint(0, 9))]
             for w in ((0.25, 0.25, 0.25, 0.25), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0)):
                 assert sentence_bleu(ref, hyp, w) == nltk_bleu([ref], hyp, weights=w), (ref, hyp, w)
+
+
+# ---------------------------------------------------------------- results and the one orchestrator
+def test_score_result_renders_and_writes_its_json(files, tmp_path):
+    res = score(*files, mode="all", out=str(tmp_path / "s.json"))
+    assert res.to_json() == json.loads((tmp_path / "s.json").read_text())
+    assert str(res).splitlines()[0].startswith("VQA scores | ")
+    assert "| metric | official mode | strict mode |" in res._repr_markdown_()
+    one = score(*files, mode="strict")
+    assert "official" not in one.to_json() and one.to_json()["mode"] == "strict" and list(one.metrics) == ["strict"]
+
+def test_judge_summary_is_the_summary_file(tmp_path):
+    q, a = _judge_files(tmp_path)
+    s = judge(str(q), str(a), str(tmp_path / "r.jsonl"), judge="overlap")
+    assert s.to_json() == json.loads((tmp_path / "r.summary.json").read_text())
+    assert str(s).startswith("Conversation benchmark | judge: overlap") and "| Overall |" in s._repr_markdown_()
+
+def test_evaluate_scores_answers_already_there_without_a_model(files, tmp_path):
+    "Answers present with this call's settings: nothing is generated, every file and the report are written."
+    from llavamed.report import evaluate
+    pred, gt = files
+    out = tmp_path / "ev"; out.mkdir()
+    md = {"decoding": {"do_sample": False, "max_new_tokens": 8, "seed": 0}, "image_ablation": "none",
+          "prompt_suffix": None, "model": "no-such-model"}
+    rows = [{"question_id": f"q{i}", "text": "no", "metadata": md} for i in range(1, 9)]
+    (out / "answers_none.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = evaluate("no-such-model", str(gt), str(tmp_path), str(out), ablations="none", max_new_tokens=8,
+                   progress=False)
+    assert res.scores["none"].metrics["official"]["closed_accuracy"] == 50.0  # q1 and q3 are 'no'
+    for f in ("scores_none.json", "scores_none.txt", "per_domain_none.json", "per_kind_none.json", "report.md"):
+        assert (out / f).exists(), f
+    assert res.to_json()["scores"]["none"] == json.loads((out / "scores_none.json").read_text())
+    with pytest.raises(ValueError, match=r"\['grey'\]"): evaluate("m", str(gt), ablations="none,grey")
