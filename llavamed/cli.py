@@ -13,7 +13,7 @@ from . import __version__
 from .core import Result, get_logger, set_verbosity
 
 # %% auto #0
-__all__ = ['COMMANDS', 'Info', 'info', 'settings_parser', 'settings_kwargs', 'command_parser', 'main', 'entry']
+__all__ = ['COMMANDS', 'EXPECTED_ERRORS', 'Info', 'info', 'settings_parser', 'settings_kwargs', 'command_parser', 'main', 'entry']
 
 # %% ../nbs/10_cli.ipynb #1c7e0330
 COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-line help)
@@ -153,14 +153,16 @@ def settings_kwargs(func, args: dict) -> dict:
 
 # %% ../nbs/10_cli.ipynb #f1b0e976
 _GLOBAL_OPTIONS = {"-v, --verbose": "log progress messages", "--json": "print the result as JSON",
-                   "--version": "show the version"}
+                   "--debug": "show the traceback of an error", "--version": "show the version"}
+# what bad input raises: missing or unwritable paths, malformed files and values, a missing optional package
+EXPECTED_ERRORS = (OSError, ValueError, ImportError)
 
 def _usage() -> str:
     "The text of `llavamed --help`: the commands and the global options."
     w = max(map(len, COMMANDS))
     rows = "\n".join(f"  {k:{w}}  {h}" for k, (_, _, h) in COMMANDS.items())
     opts = "\n".join(f"  {k:13}  {h}" for k, h in _GLOBAL_OPTIONS.items())
-    return (f"usage: llavamed [-v] [--json] [--version] COMMAND [options]\n\n"
+    return (f"usage: llavamed [-v] [--json] [--debug] [--version] COMMAND [options]\n\n"
             f"LLaVA-Med style biomedical vision-language assistants, from data to evaluation.\n\n"
             f"commands:\n{rows}\n\noptions:\n{opts}\n\n"
             f"`llavamed COMMAND --help` describes a command's options.")
@@ -181,13 +183,14 @@ def command_parser(name: str):
 # %% ../nbs/10_cli.ipynb #ae913a71
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `llavamed` console command."
-    argv, as_json = list(sys.argv[1:] if argv is None else argv), False
+    argv, as_json, debug = list(sys.argv[1:] if argv is None else argv), False, False
     while argv and argv[0].startswith("-"):
         flag = argv.pop(0)
         if flag in ("-h", "--help"): print(_usage()); return 0
         if flag == "--version": print(f"llavamed {__version__}"); return 0
         if flag in ("-v", "--verbose"): set_verbosity("INFO"); continue
         if flag == "--json": as_json = True; continue
+        if flag == "--debug": debug = True; continue
         print(f"llavamed: unknown option {flag}\n\n{_usage()}", file=sys.stderr); return 2
     if not argv: print(_usage()); return 2
     name, rest = argv[0], argv[1:]
@@ -204,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     try: res = func(**args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
+    except EXPECTED_ERRORS as e:  # bad input: one line naming the problem, the traceback only with --debug
+        if debug: raise
+        print(f"llavamed {name}: {e}", file=sys.stderr); return 2
     if isinstance(res, Result):
         text = json.dumps(res.to_json(), ensure_ascii=False) if as_json else str(res)
         if text: print(text)
