@@ -205,6 +205,13 @@ class JudgeSummary(Result):
 # %% ../nbs/07b_judge.ipynb #bc0e1b2e
 ORDERS_OF = {"both": ("official", "swapped"), "official": ("official",)}
 
+def _require_benchmark(qs: list[Question], path) -> list[Question]:
+    "`qs` when every one is a benchmark question, else a `ValueError` naming the first that is not."
+    bad = next((i for i, q in enumerate(qs) if q.kind != "benchmark"), None)
+    if bad is not None: raise ValueError(f"{path}: record {bad} (id {qs[bad].id}): not a benchmark "
+                                         "question ('question_id', 'text', 'gpt4_answer')")
+    return qs
+
 def _evidence(q: Question) -> str:
     "What the proxy judge compares answers with: the caption and the mentions."
     return " ".join([str(q.extra.get("fig_caption") or "")] + mention_texts(q.extra.get("in_text_mention")))
@@ -261,10 +268,7 @@ def judge(questions: str = None,  # benchmark JSONL (question_id, text, gpt4_ans
     if not (questions and answers and out): raise ValueError("judge needs --questions, --answers and --out")
     if judge not in JUDGES: raise ValueError(f"judge={judge!r}: expected one of {JUDGES}")
     if order not in ORDERS: raise ValueError(f"order={order!r}: expected one of {ORDERS}")
-    qs = load_questions(questions, need_answer=True)
-    bad = next((i for i, q in enumerate(qs) if q.kind != "benchmark"), None)
-    if bad is not None: raise ValueError(f"{questions}: record {bad} (id {qs[bad].id}): not a benchmark "
-                                         "question ('question_id', 'text', 'gpt4_answer')")
+    qs = _require_benchmark(load_questions(questions, need_answer=True), questions)
     answer_rows, out = load_answers(answers), Path(out)
     ans = {str(a["question_id"]): a["text"] for a in answer_rows}
     missing = [q.id for q in qs if q.id not in ans]

@@ -143,7 +143,9 @@ class Steps:
         return summary
 
     def _say(self, msg: str):
-        if not self.quiet: print(msg, flush=True)
+        "Show a progress line (between progress bars, not through them) unless quiet."
+        from tqdm import tqdm
+        if not self.quiet: tqdm.write(msg)
 
 # %% ../nbs/09_pipeline.ipynb #63022e59
 def group_vqa(records: list[dict],  # VQA records (one question each)

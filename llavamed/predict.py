@@ -83,6 +83,14 @@ def _load_img(images: Path, name: str, qid: str):
     if not p.exists(): raise FileNotFoundError(f"question {qid}: image {name!r} not found in {images}")
     return load_image(p)
 
+def _check_request(model, data, out, image_ablation: str, batch_size: int, max_new_tokens: int) -> None:
+    "A `ValueError` naming the first argument of `predict` that is missing or out of range."
+    if not (model and data and out): raise ValueError("predict needs --model, --data and --out")
+    if image_ablation not in ABLATIONS:
+        raise ValueError(f"image_ablation={image_ablation!r}: expected one of {ABLATIONS}")
+    if batch_size < 1: raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if max_new_tokens < 1: raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+
 def _batches(xs: list, n: int):
     "Consecutive chunks of `xs` of length `n` (the last may be shorter)."
     for i in range(0, len(xs), n): yield xs[i:i + n]
@@ -140,11 +148,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             progress: bool = True,  # show a progress bar
            ) -> Predictions:
     "Answer the questions of `data` with `model`, appending official-format answers to `out` (resumable)."
-    if not (model and data and out): raise ValueError("predict needs --model, --data and --out")
-    if image_ablation not in ABLATIONS:
-        raise ValueError(f"image_ablation={image_ablation!r}: expected one of {ABLATIONS}")
-    if batch_size < 1: raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    if max_new_tokens < 1: raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    _check_request(model, data, out, image_ablation, batch_size, max_new_tokens)
     data, out = Path(data), Path(out)
     images = Path(images) if images else data.parent
     questions = load_questions(data)
