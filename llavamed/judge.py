@@ -1,4 +1,4 @@
-"""The judged conversation benchmark: a judge LLM rates the model's answer against a text-only reference answer.
+"""The judged conversation benchmark: an LLM rates the model's answer against a text-only reference.
 
 Docs: https://llavamed.github.io/llavamed/judge.html.md"""
 

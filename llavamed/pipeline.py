@@ -1,4 +1,4 @@
-"""`llavamed demo`: the whole LLaVA-Med pipeline on the built-in synthetic corpus, as resumable steps, ending in a report.
+"""`llavamed demo`: the whole LLaVA-Med pipeline on the synthetic corpus, as resumable steps, ending in a report.
 
 Docs: https://llavamed.github.io/llavamed/pipeline.html.md"""
 

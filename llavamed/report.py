@@ -1,4 +1,4 @@
-"""One Markdown report with figures from VQA scores and judged benchmark summaries, beside the paper's numbers.
+"""The one evaluation orchestrator, and a Markdown report with figures beside the paper's numbers.
 
 Docs: https://llavamed.github.io/llavamed/report.html.md"""
 
