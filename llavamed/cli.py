@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-li
     "score": ("llavamed.eval", "score", "Score VQA answers in the official and strict modes"),
     "judge": ("llavamed.judge", "judge", "Judge conversation-benchmark answers against reference answers"),
     "report": ("llavamed.report", "report", "Write a Markdown report with figures from scores and reviews"),
+    "evaluate": ("llavamed.report", "evaluate",
+                 "Answer with and without images, score both modes, judge the benchmark, write the report"),
     "info": ("llavamed.cli", "info", "Show versions, devices and which optional features are installed"),
     "demo": ("llavamed.pipeline", "demo",
              "Run the whole pipeline on the built-in synthetic corpus (what `make demo` runs)"),

@@ -369,7 +369,9 @@ def load_questions(path: str | Path,  # a VQA file (JSON, JSONL or parquet of LL
         where = f"{path}: record {i} (id {rid})"
         try: q = question_from_json(v)
         except ValueError as e: raise ValueError(f"{where}: {e}") from None
-        if need_answer and q.answer is None: raise ValueError(f"{where}: no answer turn after the question")
+        if need_answer and q.answer is None:
+            missing = "no 'gpt4_answer'" if q.kind == "benchmark" else "no answer turn after the question"
+            raise ValueError(f"{where}: {missing}")
         if q.id in seen: raise ValueError(f"{where}: duplicate id {q.id!r}")
         seen.add(q.id); out.append(q)
     return out

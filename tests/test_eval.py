@@ -418,3 +418,16 @@ def test_evaluate_scores_answers_already_there_without_a_model(files, tmp_path):
         assert (out / f).exists(), f
     assert res.to_json()["scores"]["none"] == json.loads((out / "scores_none.json").read_text())
     with pytest.raises(ValueError, match=r"\['grey'\]"): evaluate("m", str(gt), ablations="none,grey")
+
+@pytest.mark.slow
+def test_evaluate_command_prints_its_result(tiny, tmp_path, llavamed_cmd):
+    out = tmp_path / "ev"
+    r = subprocess.run([llavamed_cmd, "--json", "evaluate", "--model", str(tiny / "model"), "--data",
+                        str(tiny / "test8.json"), "--images", str(tiny / "corpus" / "images"), "--out", str(out),
+                        "--ablations", "none", "--max-new-tokens", "2", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res["scores"]) == {"none"} and (out / "report.md").exists() and (out / "scores_none.json").exists()
+    r = subprocess.run([llavamed_cmd, "evaluate", "--model", str(tiny / "model"), "--data", str(tiny / "test8.json"),
+                        "--out", str(tmp_path / "ev2"), "--ablations", "none,grey"], capture_output=True, text=True)
+    assert r.returncode == 2 and "grey" in r.stderr and "Traceback" not in r.stderr
