@@ -178,6 +178,7 @@ class RunConfig:
     save_total_limit: int = 2  # checkpoints kept
     logging_steps: int = 1  # log the loss every N optimiser steps
     num_workers: int = 2  # data-loader worker processes
+    quiet: bool = False  # no progress bar or loss lines on the terminal (`log_history.jsonl` is written anyway)
 
     def __post_init__(self):
         "Check every field, naming the one at fault."
@@ -640,7 +641,7 @@ def _training_args(cfg: StageConfig, run: RunConfig, world: int, device: str):
         bf16=device == "cuda" and torch.cuda.is_bf16_supported(), activation_checkpointing=ckpt,
         activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None, seed=cfg.seed,
         data_seed=cfg.seed, dataloader_num_workers=run.num_workers, remove_unused_columns=False,
-        deepspeed=deepspeed_config(run.deepspeed), use_cpu=device == "cpu", disable_tqdm=False)
+        deepspeed=deepspeed_config(run.deepspeed), use_cpu=device == "cpu", disable_tqdm=run.quiet)
     _ = args.device  # joins the process group now: ZeRO-3 partitions over every rank while the weights load
     if run.deepspeed:
         import deepspeed
@@ -683,7 +684,7 @@ def _save_outputs(trainer, processor, out: Path, lora: bool, base_dir: str | Non
     if lora: merge_lora(target, out, base=base_dir)
 
 # %% ../nbs/06_train.ipynb #765c8284
-def train(stage: StageConfig | str = "instruct",  # a StageConfig, a preset in `STAGES`, or a recipe file
+def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, finetune), YAML/JSON recipe, or config
           run: RunConfig | None = None,  # model, data, output, DeepSpeed, LoRA... (None: `RunConfig()`)
           callbacks: list | None = None,  # extra transformers `TrainerCallback`s
          ) -> TrainResult:
@@ -709,6 +710,9 @@ def train(stage: StageConfig | str = "instruct",  # a StageConfig, a preset in `
     callbacks = [_log_callback(out / "log_history.jsonl"), *(callbacks or [])]
     trainer = _trainer_class()(model=model, args=args, train_dataset=ds, data_collator=Collator(processor),
                                stage=cfg, callbacks=callbacks)
+    if run.quiet:  # without a progress bar `Trainer` prints every log line instead
+        from transformers.trainer_callback import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if world > 1: _write_rank_share(trainer, out, rank)
     _save_outputs(trainer, processor, out, run.lora, base_dir)
