@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from .core import IMAGE_TOKEN, HUMAN, GPT, Result, Sample, get_logger, pick_device, pick_dtype
-from .images import pixel_values
+from .images import load_image, pixel_values
 
 # %% auto #0
 __all__ = ['log', 'VICUNA_SYSTEM', 'TEMPLATES', 'PROJECTORS', 'ASPECTS', 'TINY_VISION', 'TINY_LM', 'PRESETS', 'SPECIALS',
@@ -361,7 +361,6 @@ def _resolve_images(images, keys):
 def _open_image(x):
     "A PIL image from a path (PNG/JPEG/DICOM/NIfTI via `llavamed.images`) or the object itself."
     if not isinstance(x, (str, Path)): return x
-    from llavamed.images import load_image  # DICOM/NIfTI aware
     return load_image(x)
 
 # %% ../nbs/05_model.ipynb #5d567f3c

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import (IMAGE_TOKEN, IGNORE_INDEX, Result, Sample, iter_samples, read_json, write_json,
                            write_jsonl, append_jsonl, get_logger, seed_everything, plot_losses)
-from .images import pixel_values
+from .images import load_image, pixel_values
 from .model import TEMPLATES, sample_to_messages, load_model, save_model
 
 # %% auto #0
@@ -373,7 +373,6 @@ class SupervisedDataset:
         return [it["image"] is not None for it in self.items]
 
     def __getitem__(self, i: int) -> dict:
-        from llavamed.images import load_image  # PNG/JPEG/DICOM/NIfTI, checked by content
         it = self.items[i]
         img = load_image(self.images / it["image"]) if it["image"] else None
         return {"input_ids": it["input_ids"], "labels": it["labels"], "image": img}
