@@ -11,7 +11,9 @@ would. `--write` and then `--check` is the test of determinism: the second run m
 stored.
 
 `--check` compares the text that the docs show: `text/plain`, `text/markdown`, streams and errors. Images are
-compared by presence only (PNG bytes vary across matplotlib builds). A skipped cell keeps its stored output
+compared by presence only (PNG bytes vary across matplotlib builds). `--flags slow` also runs the cells marked
+`#| slow` (as `nbdev-test --flags slow`): with `--write` it stores their outputs, which a plain `--check` then
+leaves as they are. A skipped cell keeps its stored output
 unchecked. `--write` stores the outputs of every executed cell and cleans the notebook with nbdev's
 `clean_nb` (outputs kept: `clear_all = false`), so `nbdev-clean` leaves it unchanged.
 
@@ -65,11 +67,11 @@ def run_notebook(path, flags=(), cell_timeout=None, basepath=None, profile=True)
              for c in nb.cells if c.id in run_ids}
     return dict(path=str(path), error=None, cells=cells)
 
-def run_all(paths, workers=2) -> list:
+def run_all(paths, workers=2, force=()) -> list:
     "Execute `paths` in `workers` processes (0: in this one), as `nbdev-test --n-workers` does."
     from fastcore.parallel import parallel
     cfg = config()
-    kw = dict(flags=skip_flags(cfg), cell_timeout=cfg.cell_timeout or None, basepath=str(cfg.config_path),
+    kw = dict(flags=[f for f in skip_flags(cfg) if f not in force], cell_timeout=cfg.cell_timeout or None, basepath=str(cfg.config_path),
               profile=bool(cfg.exec_profile))
     if cfg.get("test_setup"):  # as nbdev-test: the configured setup sees every cell that will run
         from nbdev.config import import_obj
@@ -241,6 +243,8 @@ def main(argv=None) -> int:
     mode.add_argument("--write", action="store_true", help="store the fresh outputs into the notebooks")
     mode.add_argument("--check", action="store_true", help="fail when a stored output differs (the default)")
     parser.add_argument("notebooks", nargs="*", help="notebooks to run (default: those nbdev-test runs)")
+    parser.add_argument("--flags", default="",
+                        help="also run the cells with these skip flags, space-separated (as nbdev-test --flags)")
     parser.add_argument("--workers", type=int, default=2,
                         help="notebooks executed at once (0: one after another in this process)")
     args = parser.parse_args(argv)
@@ -248,7 +252,7 @@ def main(argv=None) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing: parser.error(f"no such notebook: {', '.join(missing)}")
     patterns, totals, failed = hazard_patterns(), dict(compared=0, differ=0, hazards=0), []
-    for result in run_all(paths, args.workers):
+    for result in run_all(paths, args.workers, force=args.flags.split()):
         res = report(result, args.write, patterns)
         for line in res["problems"]: print(line, file=sys.stderr)
         if result["error"]: failed.append(name_of(result["path"]))
