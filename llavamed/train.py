@@ -504,6 +504,17 @@ def _param_groups(model, lr: float, projector_lr: float | None, weight_decay: fl
     rates = {"rest": lr, "projector": projector_lr or lr}
     return [{"params": ps, "lr": rates[k], "weight_decay": weight_decay} for k, ps in groups.items() if ps]
 
+def _load_whole_checkpoint(model, ckpt: Path) -> bool:
+    "Load a plain (not LoRA) checkpoint's weights into `model` strictly; False when `ckpt` is not one."
+    # `save_pretrained` writes LLaVA's original key layout ('language_model.model.*'), which `Trainer`
+    # loads verbatim with strict=False: nothing matches and training silently restarts from the initial
+    # weights. Load through `from_pretrained`'s key mapping instead, strictly.
+    whole = (ckpt / "model.safetensors").exists() or (ckpt / "model.safetensors.index.json").exists()
+    if hasattr(model, "peft_config") or not whole: return False
+    saved = type(model).from_pretrained(str(ckpt), dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict(), strict=True)
+    return True
+
 def _trainer_class():
     "`LlavaTrainer`, built on first use so that importing this module does not import transformers."
     from transformers import Trainer
@@ -534,16 +545,9 @@ def _trainer_class():
             return (loss, *out[1:]) if return_outputs else loss
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            # `save_pretrained` writes LLaVA's original key layout ('language_model.model.*'), which `Trainer`
-            # loads verbatim with strict=False: nothing matches and training silently restarts from the
-            # initial weights. Load through `from_pretrained`'s key mapping instead, strictly.
             m = model if model is not None else self.model
-            ckpt = Path(resume_from_checkpoint)
-            whole = (ckpt / "model.safetensors").exists() or (ckpt / "model.safetensors.index.json").exists()
-            if self.is_deepspeed_enabled or hasattr(m, "peft_config") or not whole:
+            if self.is_deepspeed_enabled or not _load_whole_checkpoint(m, Path(resume_from_checkpoint)):
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            saved = type(m).from_pretrained(str(ckpt), dtype=next(m.parameters()).dtype)
-            m.load_state_dict(saved.state_dict(), strict=True)
 
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset or self.train_dataset
