@@ -26,9 +26,11 @@ log = get_logger("llavamed.model")
 # %% ../nbs/05_model.ipynb #884f5856
 _USER_TEXT = ("{%- macro user_text(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
               "{%- for c in m['content'] -%}{%- if c['type'] == 'image' -%}{{ '<image>\\n' }}"
-              "{%- elif c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+              "{%- elif c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+              "{%- endmacro -%}"
               "{%- macro reply_text(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
-              "{%- for c in m['content'] -%}{%- if c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}"
+              "{%- for c in m['content'] -%}{%- if c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}"
+              "{%- endfor -%}"
               "{%- endif -%}{%- endmacro -%}")
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -39,8 +41,10 @@ TEMPLATES = {  # name: Jinja chat template (assistant replies inside {% generati
         "{{- bos_token -}}{%- set ns = namespace(sys='') -%}"
         "{%- for m in messages -%}"
         "{%- if m['role'] == 'system' -%}{%- set ns.sys = reply_text(m) + '\\n\\n' -%}"
-        "{%- elif m['role'] == 'user' -%}{{- '[INST] ' + ns.sys + user_text(m) + ' [/INST]' -}}{%- set ns.sys = '' -%}"
-        "{%- elif m['role'] == 'assistant' -%}{%- generation -%}{{- ' ' + reply_text(m) + eos_token -}}{%- endgeneration -%}"
+        "{%- elif m['role'] == 'user' -%}{{- '[INST] ' + ns.sys + user_text(m) + ' [/INST]' -}}"
+        "{%- set ns.sys = '' -%}"
+        "{%- elif m['role'] == 'assistant' -%}{%- generation -%}{{- ' ' + reply_text(m) + eos_token -}}"
+        "{%- endgeneration -%}"
         "{%- endif -%}{%- endfor -%}"),
     "vicuna_v1": _USER_TEXT + (
         "{{- bos_token -}}{%- set ns = namespace(sys='" + VICUNA_SYSTEM.replace("'", "\\'") + "') -%}"
@@ -48,7 +52,8 @@ TEMPLATES = {  # name: Jinja chat template (assistant replies inside {% generati
         "{{- ns.sys -}}"
         "{%- for m in messages -%}"
         "{%- if m['role'] == 'user' -%}{{- ' USER: ' + user_text(m) + ' ASSISTANT:' -}}"
-        "{%- elif m['role'] == 'assistant' -%}{%- generation -%}{{- ' ' + reply_text(m) + eos_token -}}{%- endgeneration -%}"
+        "{%- elif m['role'] == 'assistant' -%}{%- generation -%}{{- ' ' + reply_text(m) + eos_token -}}"
+        "{%- endgeneration -%}"
         "{%- endif -%}{%- endfor -%}"),
     "plain": (
         "{%- for m in messages -%}"
@@ -71,7 +76,8 @@ def sample_to_messages(sample: Sample | dict,  # a LLaVA record (`Sample` or its
         if t.role not in roles: raise ValueError(f"record {sample.id!r} turn {i}: unknown speaker {t.role!r}")
         n = t.text.count(IMAGE_TOKEN)
         if n and (i != 0 or n > 1):
-            raise ValueError(f"record {sample.id!r} turn {i}: {n} {IMAGE_TOKEN} tokens, expected 1 in turn 0 only")
+            raise ValueError(f"record {sample.id!r} turn {i}: {n} {IMAGE_TOKEN} tokens, "
+                             f"expected 1 in turn 0 only")
         parts = []
         if n or (i == 0 and sample.image is not None): parts.append({"type": "image"} if image is None
                                                                    else {"type": "image", "image": image})
@@ -89,7 +95,7 @@ class ModelConfig:
     vision: str | dict  # CLIP vision tower id/path, or CLIPVisionConfig values for a random tower
     lm: str | dict  # causal LM id/path, or LlamaConfig values for a random LM
     tokenizer: str | None = None  # tokenizer id/path (default: `lm`); with a dict `lm`, a BPE is trained
-    projector: str = "mlp2x_gelu"  # 'mlp2x_gelu' (v1.5, loads in vanilla transformers) or 'linear' (v1.0; needs llavamed)
+    projector: str = "mlp2x_gelu"  # 'mlp2x_gelu' (v1.5, vanilla transformers) or 'linear' (v1.0)
     vision_feature_layer: int = -2  # which tower layer feeds the projector (-2: second to last, as the paper)
     vision_feature_select_strategy: str = "default"  # 'default' drops CLS; 'full' keeps it
     template: str = "mistral_instruct"  # chat template name in `TEMPLATES`
@@ -106,7 +112,8 @@ class ModelConfig:
         for name in ("vision", "lm"):
             if not isinstance(getattr(self, name), (str, dict)):
                 raise ValueError(f"ModelConfig.{name} must be an id/path or a dict of config values")
-        if self.vocab_size < 300: raise ValueError(f"ModelConfig.vocab_size={self.vocab_size}: need >= 300 (256 bytes + specials)")
+        if self.vocab_size < 300:
+            raise ValueError(f"ModelConfig.vocab_size={self.vocab_size}: need >= 300 (256 bytes + specials)")
 
 # %% ../nbs/05_model.ipynb #542d71a0
 TINY_VISION = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -115,11 +122,13 @@ TINY_LM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_
                num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False)
 
 PRESETS = {
-    "llava-med-v1.5": ModelConfig(vision="openai/clip-vit-large-patch14-336", lm="mistralai/Mistral-7B-Instruct-v0.2",
+    "llava-med-v1.5": ModelConfig(vision="openai/clip-vit-large-patch14-336",
+                                  lm="mistralai/Mistral-7B-Instruct-v0.2",
                                   projector="mlp2x_gelu", template="mistral_instruct", aspect="pad"),
     "llava-med-v1": ModelConfig(vision="openai/clip-vit-large-patch14", lm="lmsys/vicuna-7b-v1.5",
                                 projector="linear", template="vicuna_v1", aspect="crop"),
-    "tiny": ModelConfig(vision=TINY_VISION, lm=TINY_LM, projector="mlp2x_gelu", template="mistral_instruct", aspect="pad"),
+    "tiny": ModelConfig(vision=TINY_VISION, lm=TINY_LM, projector="mlp2x_gelu", template="mistral_instruct",
+                        aspect="pad"),
 }
 
 # %% ../nbs/05_model.ipynb #e668d92d
@@ -149,7 +158,8 @@ def add_special_tokens(tokenizer) -> list[str]:
     "Give `tokenizer` the image token and a pad token when missing; returns the tokens added."
     added = []
     if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]},
+                                     replace_extra_special_tokens=False)
         added.append(IMAGE_TOKEN)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"}); added.append("<pad>")
@@ -165,8 +175,9 @@ def make_image_processor(image_size: int,  # the tower's input size in pixels
     "LLaVA's image processor (PIL backend) for a tower of `image_size` px with the given aspect handling."
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     if aspect not in ASPECTS: raise ValueError(f"aspect={aspect!r}: expected one of {ASPECTS}")
-    return LlavaImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                                  do_pad=aspect == "pad", do_center_crop=True, image_mean=list(mean), image_std=list(std))
+    return LlavaImageProcessorPil(size={"shortest_edge": image_size},
+                                  crop_size={"height": image_size, "width": image_size}, do_pad=aspect == "pad",
+                                  do_center_crop=True, image_mean=list(mean), image_std=list(std))
 
 def make_processor(tokenizer, vision_config, template: str = "mistral_instruct", aspect: str = "pad",
                    strategy: str = "default", image_processor=None):
@@ -247,7 +258,8 @@ def _assemble(tower, lm, tokenizer, cfg: ModelConfig):
     n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
     # the parts' own config objects, shared, so later switches (attention implementation, ...) reach every layer
     config = LlavaConfig(vision_config=vcfg, text_config=lm.config,
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=n_tokens,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         image_seq_length=n_tokens,
                          vision_feature_layer=cfg.vision_feature_layer, projector_hidden_act="gelu",
                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                          tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
@@ -266,7 +278,7 @@ def _assemble(tower, lm, tokenizer, cfg: ModelConfig):
     return model
 
 # %% ../nbs/05_model.ipynb #bc330fac
-def build_model(preset: str | ModelConfig = "tiny",  # preset name, a `ModelConfig`, or an HF LLaVA checkpoint dir
+def build_model(preset: str | ModelConfig = "tiny",  # preset name, a `ModelConfig`, or a LLaVA checkpoint dir
                 tokenizer_texts: list[str] | None = None,  # text to train the tiny preset's tokenizer on
                 **overrides,  # `ModelConfig` fields to change (e.g. template='plain', projector='linear')
                ):
@@ -276,9 +288,11 @@ def build_model(preset: str | ModelConfig = "tiny",  # preset name, a `ModelConf
         return _from_checkpoint(preset, **overrides)
     if isinstance(preset, ModelConfig): cfg = dataclasses.replace(preset, **overrides)
     elif preset in PRESETS: cfg = dataclasses.replace(PRESETS[preset], **overrides)
-    else: raise ValueError(f"unknown preset {preset!r}: expected one of {tuple(PRESETS)} or a checkpoint directory")
+    else:
+        raise ValueError(f"unknown preset {preset!r}: expected one of {tuple(PRESETS)} or a checkpoint directory")
     dtype = pick_dtype(dtype=cfg.dtype)
-    if isinstance(cfg.lm, dict) and cfg.tokenizer is None: tok = train_tokenizer(tokenizer_texts, cfg.vocab_size)
+    if isinstance(cfg.lm, dict) and cfg.tokenizer is None:  # a random LM: a BPE trained on the given text
+        tok = train_tokenizer(tokenizer_texts, cfg.vocab_size)
     else: tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.lm)
     added = add_special_tokens(tok)
     if added: log.info(f"tokenizer: added {added}")
@@ -290,12 +304,14 @@ def build_model(preset: str | ModelConfig = "tiny",  # preset name, a `ModelConf
 # %% ../nbs/05_model.ipynb #8e7e6a55
 def _from_checkpoint(path, template: str | None = None, aspect: str | None = None, **overrides):
     "Start from an existing HF LLaVA checkpoint, optionally switching its template or aspect handling."
-    if overrides: raise ValueError(f"a checkpoint directory takes only template/aspect overrides, got {sorted(overrides)}")
+    if overrides:
+        raise ValueError(f"a checkpoint directory takes only template/aspect overrides, got {sorted(overrides)}")
     model, proc = load_model(path)
     if template: set_template(proc, template)
     if aspect:
         proc.image_processor = make_image_processor(model.config.vision_config.image_size, aspect,
-                                                    proc.image_processor.image_mean, proc.image_processor.image_std)
+                                                    proc.image_processor.image_mean,
+                                                    proc.image_processor.image_std)
     meta = dict(getattr(model.config, "llavamed", None) or {})
     meta.update({k: v for k, v in (("template", template), ("aspect", aspect)) if v})
     model.config.llavamed = meta
@@ -333,15 +349,16 @@ def load_model(path_or_preset: str | Path,  # a saved model directory, or a pres
                device: str | None = None,  # 'cpu', 'cuda', ... (default: `pick_device()`)
                tokenizer_texts: list[str] | None = None,  # a preset only: text its tiny tokenizer is trained on
               ):
-    "Load `(model, processor)` from a directory saved by `save_model` (or any HF LLaVA checkpoint), or build a preset."
+    "`(model, processor)` from a directory saved by `save_model` (or any HF LLaVA checkpoint), or a preset."
     from transformers import AutoConfig, AutoProcessor
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
     if str(path_or_preset) in PRESETS and not Path(path_or_preset).is_dir():
-        model, proc = build_model(str(path_or_preset), tokenizer_texts, dtype=str(torch_dtype).replace("torch.", ""))
+        dtype_name = str(torch_dtype).replace("torch.", "")
+        model, proc = build_model(str(path_or_preset), tokenizer_texts, dtype=dtype_name)
         return model.to(device, torch_dtype), proc
     config = AutoConfig.from_pretrained(path_or_preset)
-    # on the CPU no device map: under DeepSpeed ZeRO-3 the weights are partitioned as they load, which a map forbids
+    # on the CPU no device map: DeepSpeed ZeRO-3 partitions the weights as they load, which a map forbids
     placement = {} if device == "cpu" else {"device_map": device}
     model = model_class(config).from_pretrained(path_or_preset, dtype=torch_dtype, **placement)
     return model.eval(), AutoProcessor.from_pretrained(path_or_preset)
@@ -352,7 +369,8 @@ def _resolve_images(images, keys):
     if isinstance(images, (str, Path)):
         by_stem = {p.stem: p for p in Path(images).iterdir() if p.is_file()}
         missing = [k for k in keys if k not in by_stem and Path(k).stem not in by_stem]
-        if missing: raise FileNotFoundError(f"{len(missing)} of {len(keys)} labelled images not in {images}, e.g. {missing[:3]}")
+        if missing: raise FileNotFoundError(f"{len(missing)} of {len(keys)} labelled images not in {images}, "
+                                            f"e.g. {missing[:3]}")
         return [by_stem.get(k, by_stem.get(Path(k).stem)) for k in keys]
     if isinstance(images, dict): return [images[k] for k in keys]
     if len(images) != len(keys): raise ValueError(f"{len(images)} images but {len(keys)} label records")
@@ -432,7 +450,8 @@ def _read_weights(src: Path) -> dict:
     if not files: raise FileNotFoundError(f"{src}: no *.safetensors or pytorch_model*.bin weight files")
     sd = {}
     for f in files:
-        sd.update(load_file(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True))
+        sd.update(load_file(f) if f.suffix == ".safetensors"
+                  else torch.load(f, map_location="cpu", weights_only=True))
     return sd
 
 def infer_clip_config(tower: dict, hidden_act: str = "quick_gelu") -> dict:
@@ -445,7 +464,8 @@ def infer_clip_config(tower: dict, hidden_act: str = "quick_gelu") -> dict:
     if hidden % 64: raise ValueError(f"tower width {hidden} is not a multiple of CLIP's 64-wide heads")
     return dict(hidden_size=hidden, intermediate_size=tower["encoder.layers.0.mlp.fc1.weight"].shape[0],
                 num_hidden_layers=layers, num_attention_heads=hidden // 64, num_channels=w.shape[1],
-                image_size=grid * w.shape[-1], patch_size=w.shape[-1], hidden_act=hidden_act, layer_norm_eps=1e-5)
+                image_size=grid * w.shape[-1], patch_size=w.shape[-1], hidden_act=hidden_act,
+                layer_norm_eps=1e-5)
 
 # %% ../nbs/05_model.ipynb #ff4a61e4
 _LLAVA_KEYS = ("mm_", "image_aspect_ratio", "tune_mm", "freeze_mm", "use_mm_proj", "tokenizer_", "image_grid",
@@ -459,7 +479,8 @@ def _split_release(sd: dict, projector: str) -> tuple[dict, dict, dict]:
             tower[k.removeprefix("model.vision_tower.vision_tower.").removeprefix("vision_model.")] = v
         elif k.startswith("model.mm_projector."):
             rest = k.removeprefix("model.mm_projector.")
-            name = {"0": "linear_1", "2": "linear_2"}.get(rest.split(".")[0]) if projector != "linear" else "linear_1"
+            layer = rest.split(".")[0]
+            name = {"0": "linear_1", "2": "linear_2"}.get(layer) if projector != "linear" else "linear_1"
             if name is None: unknown.append(k); continue
             proj[f"{name}.{rest.split('.')[-1]}"] = v
         elif k.startswith("model.") and "rotary_emb.inv_freq" not in k: lm["model.language_model." + k[6:]] = v
@@ -557,10 +578,19 @@ def convert_checkpoint(src: str = None,  # released LLaVA-Med directory: config,
     return ConvertedCheckpoint(str(out), mt, len(sd), projector, template, aspect)
 
 # %% ../nbs/05_model.ipynb #b9f39f94
+_RELEASE_V15_CONFIG = {  # config.json keys of the LLaVA-Med v1.5 (llava_mistral) layout, for a 128-wide tower
+    "_name_or_path": "tiny/llava-med-v1.5-layout", "architectures": ["LlavaMistralForCausalLM"],
+    "model_type": "llava_mistral", "torch_dtype": "float32", "image_aspect_ratio": "pad",
+    "mm_hidden_size": 128, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_feature": "patch",
+    "mm_vision_select_layer": -2, "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_projector_lr": None,
+    "tokenizer_model_max_length": 4096, "tokenizer_padding_side": "right", "tune_mm_mlp_adapter": False,
+    "freeze_mm_mlp_adapter": False, "use_mm_proj": True}
+
 def tiny_release_checkpoint(out: str | Path,  # directory to write
                             seed: int = 0,  # seed of the random weights
-                            image_size: int = 32, patch_size: int = 8,  # tower geometry (inferred back by the converter)
-                            with_tower: bool = True,  # False: save the tower apart in `out/clip` (as v1.0 releases did)
+                            image_size: int = 32, patch_size: int = 8,  # tower geometry (the converter infers it)
+                            with_tower: bool = True,  # False: the tower apart in `out/clip` (v1.0)
                            ) -> Path:
     "Write a tiny random checkpoint in the released LLaVA-Med v1.5 (`llava_mistral`) layout."
     import torch
@@ -573,7 +603,8 @@ def tiny_release_checkpoint(out: str | Path,  # directory to write
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     bpe.train_from_iterator([_FALLBACK_TEXT], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     lm_cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -591,19 +622,14 @@ def tiny_release_checkpoint(out: str | Path,  # directory to write
     else: tower.save_pretrained(out / "clip")
     sd.update({f"model.mm_projector.{k}": v.contiguous() for k, v in mlp.state_dict().items()})
     names = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
     for f, ks in shards.items(): save_file({k: sd[k] for k in ks}, out / f, metadata={"format": "pt"})
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
          "weight_map": {k: f for f, ks in shards.items() for k in ks}}, indent=2))
     cfg = {k: v for k, v in lm_cfg.to_dict().items() if k not in ("dtype", "transformers_version")}
-    cfg.update({"_name_or_path": "tiny/llava-med-v1.5-layout", "architectures": ["LlavaMistralForCausalLM"],
-                "model_type": "llava_mistral", "torch_dtype": "float32", "image_aspect_ratio": "pad",
-                "mm_hidden_size": 128, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_feature": "patch",
-                "mm_vision_select_layer": -2, "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-                "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_projector_lr": None,
-                "tokenizer_model_max_length": 4096, "tokenizer_padding_side": "right", "tune_mm_mlp_adapter": False,
-                "freeze_mm_mlp_adapter": False, "use_mm_proj": True})
+    cfg.update(_RELEASE_V15_CONFIG)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(out)
     return out
