@@ -32,16 +32,19 @@ def encode_prompts(model, processor, conversations: list[list[dict]], images: li
     prompts, imgs, n_img = [], [], []
     for i, conv, img in zip(ids, conversations, images):
         k = _n_image_parts(conv)
-        if conv[-1]["role"] != "user": raise ValueError(f"conversation {i}: ends with a {conv[-1]['role']!r} turn, expected 'user'")
+        if conv[-1]["role"] != "user":
+            raise ValueError(f"conversation {i}: ends with a {conv[-1]['role']!r} turn, expected 'user'")
         if k > 1 or (k == 1) != (img is not None):
-            raise ValueError(f"conversation {i}: {k} image parts but {'an image' if img is not None else 'no image'} given")
+            given = "an image" if img is not None else "no image"
+            raise ValueError(f"conversation {i}: {k} image parts but {given} given")
         prompts.append(processor.apply_chat_template(conv, add_generation_prompt=True))
         if img is not None: imgs.append(_open_image(img))
         n_img.append(k)
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     try:
-        enc = processor(text=prompts, images=imgs or None, padding=True, return_tensors="pt", add_special_tokens=False)
+        enc = processor(text=prompts, images=imgs or None, padding=True, return_tensors="pt",
+                        add_special_tokens=False)
     finally: tok.padding_side = side
     check_image_tokens(enc["input_ids"], n_img, model.config, ids=ids)
     return enc.to(model.device)
@@ -62,17 +65,20 @@ def generate_batch(model,  # a LLaVA model (`load_model`)
     import torch
     from tqdm.auto import tqdm
     if not conversations: return []
-    if len(conversations) != len(images): raise ValueError(f"{len(conversations)} conversations but {len(images)} images")
+    if len(conversations) != len(images):
+        raise ValueError(f"{len(conversations)} conversations but {len(images)} images")
     tok = processor.tokenizer
     order = sorted(range(len(conversations)), key=lambda i: (images[i] is None, -len(str(conversations[i]))))
     out: list[str | None] = [None] * len(conversations)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
                eos_token_id=tok.eos_token_id)
-    gen.update(dict(temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(temperature=None, top_p=None, top_k=None))
+    gen.update(dict(temperature=temperature, top_p=1.0, top_k=0) if do_sample
+               else dict(temperature=None, top_p=None, top_k=None))
     bar = tqdm(total=len(order), desc="generate", disable=not progress)
     for b, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
-        enc = encode_prompts(model, processor, [conversations[i] for i in idx], [images[i] for i in idx], ids=idx)
+        enc = encode_prompts(model, processor, [conversations[i] for i in idx], [images[i] for i in idx],
+                             ids=idx)
         if "pixel_values" in enc: enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
         if do_sample: torch.manual_seed(seed + b)
         with torch.inference_mode(): ids = model.generate(**enc, **gen)
@@ -90,7 +96,8 @@ def _answer(model, processor, messages, image, max_new_tokens, do_sample, temper
     enc = encode_prompts(model, processor, [messages], [image])
     if "pixel_values" in enc: enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     tok = processor.tokenizer
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id)
     gen.update(dict(temperature=temperature) if do_sample else dict(temperature=None, top_p=None, top_k=None))
     if stream: gen["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode(): ids = model.generate(**enc, **gen)
@@ -99,7 +106,7 @@ def _answer(model, processor, messages, image, max_new_tokens, do_sample, temper
 # %% ../nbs/05a_generate.ipynb #d308d975
 @dataclass
 class ChatResult(Result):
-    "A chat's answers in order; `shown` when they already reached the terminal (streamed, or the interactive loop)."
+    "A chat's answers in order; `shown` when they already reached the terminal (streamed, or interactive)."
     answers: list  # the model's replies, one per question
     shown: bool = False  # printed as they came, so the command line prints nothing more
 
