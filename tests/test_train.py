@@ -188,14 +188,14 @@ def test_stage_config_validation_names_fields(tmp_path):
 
 def test_configs_are_written_from_the_presets():
     "configs/ holds what scripts/write_configs.py writes; each recipe reads back as its preset stage."
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "write_configs.py"), "--check"], capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "write_configs.py"), "--check"],
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     for r in T.RECIPES:
         assert T.StageConfig.load(ROOT / "configs" / f"{r.file}.yaml") == r.stage
-        launch = (ROOT / "configs" / f"launch_stage{r.file[5]}.sh").read_text()  # its defaults are the recipe's run
-        for var, value in (("MODEL", r.run.model), ("DATA", r.run.data), ("IMAGES", r.run.images), ("OUT", r.run.out),
-                           ("DS", r.run.deepspeed)):
+        launch = (ROOT / "configs" / f"launch_stage{r.file[5]}.sh").read_text()  # defaults: the recipe's run
+        for var, value in (("MODEL", r.run.model), ("DATA", r.run.data), ("IMAGES", r.run.images),
+                           ("OUT", r.run.out), ("DS", r.run.deepspeed)):
             assert f"{var}=${{{var}:-{value}}}" in launch, (r.file, var)
         assert f"--stage configs/{r.file}.yaml" in launch and f"--num-workers {r.run.num_workers}" in launch
 
@@ -220,9 +220,10 @@ def test_align_then_instruct_frozen_parts_bit_identical(base_dir, data, tmp_path
     base = LlavaForConditionalGeneration.from_pretrained(base_dir)
     kw = dict(data=str(data), images=str(data.parent / "images"), max_steps=3, num_workers=0, save_steps=100)
     small = dict(global_batch_size=4, per_device_batch_size=4)
-    r1 = T.train(T.StageConfig.load("align", **small), T.RunConfig(model=base_dir, out=str(tmp_path / "s1"), **kw))
+    stage1, stage2 = T.StageConfig.load("align", **small), T.StageConfig.load("instruct", **small)
+    r1 = T.train(stage1, T.RunConfig(model=base_dir, out=str(tmp_path / "s1"), **kw))
     s1 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "s1")
-    r2 = T.train(T.StageConfig.load("instruct", **small), T.RunConfig(model=str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw))
+    r2 = T.train(stage2, T.RunConfig(model=str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw))
     s2 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "s2")
     b, a1, a2 = _sd(base), _sd(s1), _sd(s2)
     for k in b:
@@ -240,14 +241,15 @@ def test_align_then_instruct_frozen_parts_bit_identical(base_dir, data, tmp_path
     assert isinstance(r2, T.TrainResult) and r1.steps == r2.steps == 3 and r2.final_loss == rows[-1]["loss"]
     assert r2.to_json()["dataset"]["kept"] == r2.dataset["kept"] == len(T.load_records(data))
     with pytest.raises(ValueError, match="already holds checkpoint-3"):
-        T.train(T.StageConfig.load("instruct", **small), T.RunConfig(model=str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw))
+        T.train(stage2, T.RunConfig(model=str(tmp_path / "s1"), out=str(tmp_path / "s2"), **kw))
 
 
 def test_lora_stage_merges_into_plain_checkpoint(base_dir, data, tmp_path):
     from transformers import LlavaForConditionalGeneration
-    stage = T.StageConfig.load("instruct", global_batch_size=4, per_device_batch_size=4, lr=1e-3, projector_lr=1e-3)
-    T.train(stage, T.RunConfig(model=base_dir, data=str(data), images=str(data.parent / "images"), out=str(tmp_path / "lora"),
-                               lora=True, max_steps=2, num_workers=0, save_steps=100))
+    stage = T.StageConfig.load("instruct", global_batch_size=4, per_device_batch_size=4, lr=1e-3,
+                               projector_lr=1e-3)
+    T.train(stage, T.RunConfig(model=base_dir, data=str(data), images=str(data.parent / "images"),
+                               out=str(tmp_path / "lora"), lora=True, max_steps=2, num_workers=0, save_steps=100))
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
     base, merged = (_sd(LlavaForConditionalGeneration.from_pretrained(p)) for p in (base_dir, tmp_path / "lora"))
     assert base.keys() == merged.keys()  # a plain checkpoint: no lora_ or modules_to_save keys
