@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test test-fast install docs clean-venv
+.PHONY: demo test test-fast install docs outputs configs clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,13 +30,25 @@ demo: $(STAMP)
 	$(BIN)/llavamed demo --out $(DEMO_OUT)
 
 # Order matters: the package must match the notebooks, the notebooks must be clean, the README must
-# match index.ipynb, the notebook lessons must pass, and pytest runs last (its summary ends the output).
+# match index.ipynb, configs/ must match the presets it is written from, every exported name needs a
+# lesson that shows its value, the notebooks must run and still show the outputs stored in them, and
+# pytest runs last (its summary ends the output). check_outputs.py executes the cells nbdev-test would
+# (same processing, same skip flags) and also compares their outputs, so nbdev-test is not run twice.
 test: $(STAMP)
 	$(PY) scripts/check_sync.py
 	$(PY) scripts/readme.py --check
-	$(PY) scripts/check_docs.py
-	$(BIN)/nbdev-test --n-workers 2
+	$(PY) scripts/write_configs.py --check
+	$(PY) scripts/check_docs.py --outputs
+	$(PY) scripts/check_outputs.py --check
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 1200
+
+# After editing a lesson: store the notebooks' fresh outputs (then commit the notebooks).
+outputs: $(STAMP)
+	$(PY) scripts/check_outputs.py --write
+
+# After changing a stage preset or a DeepSpeed config in nbs/06_train.ipynb: rewrite configs/.
+configs: $(STAMP)
+	$(PY) scripts/write_configs.py
 
 # Everything except the slow multi-process tests.
 test-fast: $(STAMP)

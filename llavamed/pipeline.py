@@ -241,7 +241,7 @@ def _train_step(cfg: DemoConfig, stage: str, model_dir: Path, data: Path, images
         n_steps = math.ceil(sum(1 for _ in iter_records(data)) / settings.global_batch_size) * settings.epochs
         every = max(1, int(n_steps // 60))  # about 60 points on the loss curve, and a short console log
         run = RunConfig(model=str(model_dir), data=str(data), images=str(images), out=str(d),
-                        save_steps=10**9, logging_steps=every, num_workers=0)
+                        save_steps=10**9, logging_steps=every, num_workers=0, quiet=quiet)
         res = train(settings, run)
         return {k: getattr(res, k) for k in ("steps", "train_loss", "final_loss", "seconds", "dataset")}
     return step
