@@ -13,10 +13,10 @@ from typing import Any, Iterable, Iterator
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'IGNORE_INDEX', 'HUMAN', 'GPT', 'DOMAINS', 'DOMAIN_NAMES', 'Turn', 'Sample', 'RecordError',
-           'read_jsonl', 'read_json', 'json_layout', 'iter_records', 'iter_samples', 'domain_flags', 'primary_domain',
-           'Question', 'question_from_json', 'load_questions', 'atomic_write', 'write_json', 'write_jsonl',
-           'append_jsonl', 'seed_everything', 'pick_device', 'pick_dtype', 'get_logger', 'set_verbosity', 'asset_path',
-           'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure', 'plot_losses']
+           'read_jsonl', 'read_json', 'json_layout', 'fix_keys', 'iter_records', 'iter_samples', 'domain_flags',
+           'primary_domain', 'Question', 'question_from_json', 'load_questions', 'atomic_write', 'write_json',
+           'write_jsonl', 'append_jsonl', 'seed_everything', 'pick_device', 'pick_dtype', 'get_logger', 'set_verbosity',
+           'asset_path', 'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure', 'plot_losses']
 
 # %% ../nbs/00_core.ipynb #ffad75ed
 IMAGE_TOKEN = "<image>"  # placeholder for the image in a human turn
@@ -88,18 +88,24 @@ class RecordError(ValueError):
         super().__init__(f"{path}:{line}: {msg}")
 
 # %% ../nbs/00_core.ipynb #3fcb3813
+def _jsonl_values(path) -> Iterator[tuple[int, Any]]:
+    "`(line, value | RecordError)` per non-blank line of a JSON Lines file, read as bytes so any line can be bad."
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip(): continue
+            try: yield i, json.loads(raw)
+            except json.JSONDecodeError as e:
+                yield i, RecordError(path, i, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
+            except UnicodeDecodeError as e:
+                yield i, RecordError(path, i, f"not UTF-8 text (byte {e.start} of the line)")
+
 def read_jsonl(path: str | Path,  # a JSON Lines file
                skip_bad: bool = False,  # yield `RecordError`s for malformed lines instead of raising
               ) -> Iterator[Any]:
     "Stream the JSON values of a JSONL file; a malformed line raises `RecordError` (file and line)."
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: yield json.loads(line)
-            except json.JSONDecodeError as e:
-                err = RecordError(path, i, f"malformed JSON ({e.msg} at column {e.colno})")
-                if skip_bad: yield err
-                else: raise err from None
+    for _, v in _jsonl_values(path):
+        if isinstance(v, RecordError) and not skip_bad: raise v
+        yield v
 
 # %% ../nbs/00_core.ipynb #df0a2d4c
 def read_json(path: str | Path) -> Any:
@@ -237,8 +243,8 @@ def _second_line_is_json(path) -> bool:
 # %% ../nbs/00_core.ipynb #3b702ed4
 _RENAMED = {"conversatons": "conversations"}  # misspelled keys of released files: the key they mean
 
-def _fix_keys(v):
-    "A record with the misspelled keys of `_RENAMED` spelled right (a correctly spelled key wins)."
+def fix_keys(v: Any) -> Any:
+    "A record with the misspelled keys of released files spelled right (a correctly spelled key wins)."
     if not isinstance(v, dict) or v.keys().isdisjoint(_RENAMED): return v
     return {(_RENAMED[k] if k in _RENAMED and _RENAMED[k] not in v else k): x for k, x in v.items()}
 
@@ -270,21 +276,14 @@ def _iter_json_text(path, max_record_chars: int) -> Iterator[tuple[int | None, A
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             yield from _ArrayStream(path, f, max_record_chars)
         return
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any malformed line
-        for i, raw in enumerate(f, 1):
-            if not raw.strip(): continue
-            try: yield i, json.loads(raw)
-            except json.JSONDecodeError as e:
-                yield i, RecordError(path, i, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
-            except UnicodeDecodeError as e:
-                yield i, RecordError(path, i, f"not UTF-8 text (byte {e.start} of the line)")
+    yield from _jsonl_values(path)  # a line that is not UTF-8 is reported like any malformed line
 
 def iter_records(path: str | Path,  # a JSON array, JSON Lines, single-document JSON or parquet file
                  max_record_chars: int = 64 << 20,  # a JSON record longer than this is reported, not buffered
                 ) -> Iterator[tuple[int | None, Any]]:
     "Stream `(line, value)` pairs from a data file; malformed input yields `RecordError` values."
     rows = _iter_parquet(path) if Path(path).suffix == ".parquet" else _iter_json_text(path, max_record_chars)
-    for line, v in rows: yield line, _fix_keys(v)
+    for line, v in rows: yield line, fix_keys(v)
 
 # %% ../nbs/00_core.ipynb #f058ea04
 def iter_samples(path: str | Path,  # a LLaVA conversation file (JSON array, JSONL or parquet)

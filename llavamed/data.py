@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Result, Sample, asset_path,
-                           atomic_write, domain_flags, fmt_num, iter_records)
+                           atomic_write, domain_flags, fix_keys, fmt_num, iter_records)
 from .images import ImageError, load_image
 
 # %% auto #0
@@ -289,6 +289,7 @@ def _validate_loop(records, rep, seen, checker, require_image, add, settle):
     "The per-record pass of `validate_records`."
     for item in records:
         line, d = item if type(item) is tuple else (None, item)
+        d = fix_keys(d)  # records built in memory may carry a released file's misspelled keys too
         if type(d) is dict and checker is None and _quick_ok(d, require_image):  # the common case in one step
             i, rep.n_records = rep.n_records, rep.n_records + 1
             rid = d["id"]  # _quick_ok guarantees a non-blank string

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 from fastcore.basics import patch
 from .core import (
-    DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, Question, RecordError, Sample, domain_flags, get_logger,
-    iter_records, load_questions, loss_figure, question_from_json, read_jsonl)
+    DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, Question, RecordError, Sample, domain_flags, fix_keys,
+    get_logger, iter_records, load_questions, loss_figure, question_from_json, read_jsonl)
 
 # %% auto #0
 __all__ = ['load_rows', 'Item', 'to_item', 'image_png', 'resolve_image', 'read_raw_replies', 'raw_sidecar', 'ConversationBrowser',
@@ -31,7 +31,7 @@ def _keyed_by_domain(value) -> bool:
 def load_rows(src: str | Path | Iterable,  # a records file (JSON array, JSONL, parquet, one document) or rows
              ) -> list[tuple[int | str, object]]:
     "(line, record) pairs of a file read by `iter_records`, or (index, record) of rows; a bad line raises."
-    if not isinstance(src, (str, Path)): return list(enumerate(src))
+    if not isinstance(src, (str, Path)): return [(i, fix_keys(row)) for i, row in enumerate(src)]
     pairs = []
     for line, value in iter_records(src):
         if isinstance(value, RecordError): raise value

@@ -121,6 +121,7 @@ def test_conversatons_misspelling_is_accepted(tmp_path):
         assert [s.answer for s in iter_samples(p)] == ["A chest radiograph."]
         rep = validate_file(str(p))
         assert rep.ok and rep.exit_code == 0 and (rep.n_records, rep.n_invalid) == (1, 0), str(rep)
+    assert validate_records([r]).ok  # records built in memory are read the same way
 
 
 def test_iter_samples_raises_or_yields_bad(tmp_path):

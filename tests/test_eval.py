@@ -63,13 +63,13 @@ def test_bleu_by_hand():
     import math
     assert sentence_bleu("a b c d".split(), "a b".split(), (1, 0, 0, 0)) == pytest.approx(math.exp(1 - 4 / 2))
 
-def _vqa(i, a, t):
+def _vqa(i, a, t, key="conversations"):
     return {"id": i, "image": f"{i}.png", "answer_type": t,
-            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}]}
+            key: [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}]}
 
 GT = [_vqa("q1", "No", "CLOSED"), _vqa("q2", "yes", "CLOSED"), _vqa("q3", "no", "CLOSED"),
       _vqa("q4", "Left lower lobe", "OPEN"), _vqa("q5", "Two", "OPEN"), _vqa("q6", "x-ray", "OPEN"),
-      _vqa("q7", "none", "OPEN"), _vqa("q8", "yes", "CLOSED")]
+      _vqa("q7", "none", "OPEN", key="conversatons"), _vqa("q8", "yes", "CLOSED")]  # q7: a released file's typo
 ANSWERS = {"q6": "An X-Ray.", "zz": "an answer to no question", "q4": "the left lobe, left lobe", "q1": "There is a nodule.",
            "q3": "", "q7": "no", "q5": "2 nodules", "q2": "Yes, and no effusion"}  # misordered; q8 missing; zz extra
 

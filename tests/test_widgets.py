@@ -107,7 +107,7 @@ def test_raw_sidecar_beside_cleaned_record(corpus):
     # the other sidecar spelling, and a mapping given directly
     (corpus / "instruct.raw.jsonl").rename(corpus / "instruct.json.raw.jsonl")
     assert ConversationBrowser(corpus / "instruct.json").n_raw == 2
-    records = [row for _, row in load_rows(corpus / "instruct.json")]  # records given as a list
+    records = json.loads((corpus / "instruct.json").read_text())  # raw rows, the misspelled key among them
     b = ConversationBrowser(records, raw={"p3_F1": "raw ct"})
     assert b.n_raw == 1 and b.items[3].raw == "raw ct"
 
