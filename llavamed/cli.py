@@ -10,7 +10,7 @@ import argparse, dataclasses, difflib, importlib, inspect, json, sys, types, typ
 from fastcore.docments import docments
 from fastcore.script import anno_parser, bool_arg
 from . import __version__
-from .core import Result, get_logger, set_verbosity
+from .core import Result, set_verbosity
 
 # %% auto #0
 __all__ = ['COMMANDS', 'EXPECTED_ERRORS', 'Info', 'info', 'settings_parser', 'settings_kwargs', 'command_parser', 'main', 'entry']

@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/eval.html.md"""
 
 # %% ../nbs/07_eval.ipynb #ab25724e
 from __future__ import annotations
-import hashlib, json as _json, math, re, sys
+import hashlib, math, re, sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +197,7 @@ def strict_question(pred: str,  # the model's answer
 # %% ../nbs/07_eval.ipynb #12e5353e
 def load_answers(path: str | Path) -> list[dict]:
     "Rows of an answers JSONL file (official format), checked for `question_id` and `text`."
-    lines = [l for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
-    try: rows = _json.loads("[" + ",".join(lines) + "]")  # one parse for the whole file: fast
-    except ValueError: rows = None
-    if rows is None or len(rows) != len(lines): rows = list(read_jsonl(path))  # names the bad line
+    rows = list(read_jsonl(path))  # a malformed line raises, naming its line
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict) or "question_id" not in r or "text" not in r:
             raise ValueError(f"{path}:{i}: an answer needs 'question_id' and 'text'")

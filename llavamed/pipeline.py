@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/pipeline.html.md"""
 
 # %% ../nbs/09_pipeline.ipynb #7c6291e8
 from __future__ import annotations
-import dataclasses, json, math, os, random, shutil, time, uuid
+import dataclasses, json, math, os, random, shutil, sys, time, uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +145,7 @@ class Steps:
     def _say(self, msg: str):
         "Show a progress line (between progress bars, not through them) unless quiet."
         from tqdm import tqdm
-        if not self.quiet: tqdm.write(msg)
+        if not self.quiet: tqdm.write(msg, file=sys.stderr)  # progress, like the bars: stdout is for the result
 
 # %% ../nbs/09_pipeline.ipynb #63022e59
 def group_vqa(records: list[dict],  # VQA records (one question each)

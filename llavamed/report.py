@@ -9,9 +9,9 @@ from __future__ import annotations
 import glob, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (DOMAINS, Result, atomic_write, fmt_num, get_logger, load_questions, pyplot,
-                           read_json, write_json)
-from .eval import Scores, align, group_scores, load_answers, score
+from .core import (DOMAINS, Result, atomic_write, fmt_num, load_questions, pyplot, read_json,
+                           write_json)
+from .eval import align, group_scores, load_answers, score
 from .judge import JudgeSummary, judge
 from .predict import ABLATIONS, predict
 
@@ -309,7 +309,7 @@ def evaluate(model: str = None,  # saved model directory
              name: str = None,  # the VQA dataset's name in the report (default: its folder and stem)
              batch_size: int = 16,  # questions per generation batch
              max_new_tokens: int = 32,  # most tokens per VQA answer
-             chat_max_new_tokens: int = 64,  # most tokens per benchmark answer
+             chat_max_new_tokens: int = None,  # most tokens per benchmark answer (None: at least 64)
              prompt_suffix: str = None,  # text appended to each VQA question, e.g. 'Answer with one word.'
              seed: int = 0,  # seed of noise images, the shuffle and sampling
              device: str = None,  # 'cpu', 'cuda', ... (default: the best available)
@@ -337,7 +337,8 @@ def evaluate(model: str = None,  # saved model directory
     for abl in abls if data else []:
         res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, by, name, answer)
     if chat:
-        answer(chat, out / "chat_answers.jsonl", "none", chat_max_new_tokens, None)
+        chat_tokens = chat_max_new_tokens or max(64, max_new_tokens)  # conversations need longer answers
+        answer(chat, out / "chat_answers.jsonl", "none", chat_tokens, None)
         res.chat = judge(str(chat), str(out / "chat_answers.jsonl"), str(out / "chat_reviews.jsonl"),
                          judge="overlap")
     if write_report:

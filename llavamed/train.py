@@ -129,7 +129,7 @@ def _read_recipe(path: Path) -> dict:
     if not isinstance(raw, dict): raise ValueError(f"{path}: a recipe is a mapping of StageConfig fields")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(StageConfig)} - {"stage"})
     if unknown: raise ValueError(f"{path}: {unknown} are not StageConfig fields")
-    preset = raw.pop("stage", None)
+    preset = raw.pop("stage", raw.get("name") if raw.get("name") in STAGES else None)  # `name: align` picks it too
     if preset is not None and preset not in STAGES:
         raise ValueError(f"{path}: stage {preset!r} is not one of {sorted(STAGES)}")
     return {**(STAGES[preset].to_json() if preset else {}), **raw}

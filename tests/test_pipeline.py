@@ -77,7 +77,7 @@ def test_rerun_reuses_steps_and_reruns_only_what_a_change_touches(demo_dir, caps
     before = _markers(demo_dir)
     rep = run_pipeline(cfg, demo_dir)
     assert rep.report["steps_run_now"] == [] and _markers(demo_dir) == before
-    assert "reused" in capsys.readouterr().out
+    assert "reused" in capsys.readouterr().err  # progress lines go to stderr: stdout is for the result
     (demo_dir / "steps" / "evaluate.json").unlink()
     rep = run_pipeline(cfg, demo_dir, quiet=True)
     assert rep.report["steps_run_now"] == ["evaluate"]  # judging does not read the evaluation

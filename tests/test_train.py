@@ -373,3 +373,12 @@ def test_launch_script_runs_recipe_with_two_processes(base_dir, data, tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     sc = json.loads((tmp_path / "s2" / "stage_config.json").read_text())
     assert (sc["lr"], sc["epochs"], sc["world_size"], sc["gradient_accumulation_steps"]) == (2e-5, 3, 2, 1)
+
+
+def test_recipe_named_after_a_preset_starts_from_it(tmp_path):
+    "A recipe whose `name` is a preset (and no `stage` key) starts from that preset, as before `stage` existed."
+    (tmp_path / "r.yaml").write_text("name: align\nepochs: 2\n")
+    s = T.StageConfig.load(str(tmp_path / "r.yaml"))
+    assert (s.name, s.lr, s.train, s.epochs) == ("align", T.STAGES["align"].lr, T.STAGES["align"].train, 2.0)
+    (tmp_path / "q.yaml").write_text("name: my-stage\nlr: 1.0e-4\n")  # not a preset: the default stage's fields
+    assert T.StageConfig.load(str(tmp_path / "q.yaml")).lr == 1e-4
