@@ -536,7 +536,7 @@ def run_pipeline(cfg: DemoConfig | None = None,  # the settings (default: `DemoC
 # %% ../nbs/09_pipeline.ipynb #2509ceba
 def demo(out: str = "demo_out",  # output folder (steps, report.md, report.json)
          fresh: bool = False,  # redo every step instead of reusing finished ones
-         seed: int = 0,  # seed of the corpus, teacher, initialisation and data order
+         seed: int = None,  # seed of corpus, teacher, initialisation, data order (default: the config's, else 0)
          config: str = None,  # JSON or YAML file of `DemoConfig` fields to change (e.g. {"n_train": 500})
          quiet: bool = False,  # no progress output
         ) -> DemoReport:
@@ -547,4 +547,5 @@ def demo(out: str = "demo_out",  # output folder (steps, report.md, report.json)
         over = yaml.safe_load(Path(config).read_text()) or {}
         bad = sorted(set(over) - {f.name for f in dataclasses.fields(DemoConfig)})
         if bad: raise ValueError(f"config {config}: unknown DemoConfig fields {bad}")
-    return run_pipeline(DemoConfig(**{**over, "seed": seed}), out, fresh, quiet)
+    if seed is not None: over["seed"] = seed  # an explicit --seed wins over the config file's
+    return run_pipeline(DemoConfig(**over), out, fresh, quiet)

@@ -110,7 +110,7 @@ def paper_table(scores: list[dict]) -> str:
         if ds is None or o is None or r.get("image_ablation", "none") != "none": continue
         rows.append(f"| {ds} | this run ({r['decoding']}) | {fmt_num(o['open_recall'], 2)} "
                     f"| {fmt_num(o['closed_accuracy'], 2)} |")
-        rows += [f"| {ds} | paper: {m} | {v[ds][0]:.2f} | {v[ds][1]:.2f} |" for m, v in PAPER_VQA.items()]
+        rows += [f"| {ds} | paper: {m} | {fmt_num(v[ds][0], 2)} | {fmt_num(v[ds][1], 2)} |" for m, v in PAPER_VQA.items()]
     if not rows: return ""
     return "| dataset | model | open (recall) | closed (accuracy) |\n|---|---|---|---|\n" + "\n".join(rows)
 

@@ -10,7 +10,7 @@ import dataclasses, json, os, random, time, types, typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (IMAGE_TOKEN, IGNORE_INDEX, Result, Sample, iter_samples, read_json, write_json,
+from .core import (IMAGE_TOKEN, IGNORE_INDEX, Result, Sample, fmt_num, iter_samples, read_json, write_json,
                            write_jsonl, append_jsonl, get_logger, seed_everything, plot_losses)
 from .images import load_image, pixel_values
 from .model import TEMPLATES, sample_to_messages, load_model, save_model
@@ -623,9 +623,8 @@ class TrainResult(Result):
 
     def rows(self):
         "The plain fields (losses to 4 decimals), then the records kept and dropped."
-        loss = lambda v: "-" if v is None else f"{v:.4f}"
-        return [("out", self.out), ("steps", self.steps), ("train_loss", loss(self.train_loss)),
-                ("final_loss", loss(self.final_loss)), ("seconds", self.seconds),
+        return [("out", self.out), ("steps", self.steps), ("train_loss", fmt_num(self.train_loss, 4)),
+                ("final_loss", fmt_num(self.final_loss, 4)), ("seconds", self.seconds),
                 ("records kept", self.dataset.get("kept")),
                 ("records dropped", sum(self.dataset.get("dropped", {}).values()))]
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Mapping
 from fastcore.basics import patch
 from .core import (
     DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, Question, RecordError, Sample, domain_flags, fix_keys,
-    get_logger, iter_records, load_questions, loss_figure, question_from_json, read_jsonl)
+    fmt_num, get_logger, iter_records, load_questions, loss_figure, question_from_json, read_jsonl)
 
 # %% auto #0
 __all__ = ['load_rows', 'Item', 'to_item', 'image_png', 'resolve_image', 'read_raw_replies', 'raw_sidecar', 'ConversationBrowser',
@@ -671,7 +671,7 @@ def _body_html(self: PredictionViewer) -> str:
              f"<p><b>Reference:</b> {_mark(pred.reference, self.query)}</p>",
              f"<table><tr><th>answers</th><th>answer</th><th>score ({_esc(self.metric_name)})</th></tr>"]
     for row in self.ablations(pred):
-        score = "–" if row["score"] is None else f"{row['score']:.2f}"
+        score = fmt_num(row["score"], 2)
         answer = _mark(row["answer"] or "(no answer)", self.query)
         parts.append(f"<tr><td>{_esc(row['set'])}</td><td>{answer}</td>"
                      f"<td style='color:{_VERDICT_COLORS[row['right']]}'>{score}</td></tr>")

@@ -130,3 +130,15 @@ def test_stage_settings_are_the_paper_presets_with_the_demo_fields():
     assert (s1.name, s1.train, s1.template, s1.lr, s1.epochs) == ("align", ("projector",), "plain", 2e-3, 1.0)
     assert (s2.name, s2.train, s2.lr, s2.epochs, s2.seed) == ("instruct", ("projector", "llm"), 5e-4, 2.0, 0)
     assert DemoConfig(**cfg.to_json()) == cfg  # a report's settings rebuild the same config
+
+
+def test_demo_seed_from_the_config_unless_given(tmp_path, monkeypatch):
+    "`--seed` wins over a config file's seed; without it the file's seed (else 0) is used."
+    import llavamed.pipeline as P
+    seen = []
+    monkeypatch.setattr(P, "run_pipeline", lambda cfg, out, fresh, quiet: seen.append(cfg.seed))
+    (tmp_path / "c.yaml").write_text("seed: 3\n")
+    P.demo(str(tmp_path / "o"), config=str(tmp_path / "c.yaml"))
+    P.demo(str(tmp_path / "o"), config=str(tmp_path / "c.yaml"), seed=5)
+    P.demo(str(tmp_path / "o"))
+    assert seen == [3, 5, 0]
