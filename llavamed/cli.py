@@ -154,8 +154,9 @@ def settings_kwargs(func, args: dict) -> dict:
     return kwargs
 
 # %% ../nbs/10_cli.ipynb #f1b0e976
-_GLOBAL_OPTIONS = {"-v, --verbose": "log progress messages", "--json": "print the result as JSON",
-                   "--debug": "show the traceback of an error", "--version": "show the version"}
+_GLOBAL_OPTIONS = {"-v, --verbose": "log progress messages (and show tracebacks)",
+                   "--json": "print the result as JSON", "--debug": "show the traceback of an error",
+                   "--version": "show the version"}
 # what bad input raises: missing or unwritable paths, malformed files and values, a missing optional package
 EXPECTED_ERRORS = (OSError, ValueError, ImportError)
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         flag = argv.pop(0)
         if flag in ("-h", "--help"): print(_usage()); return 0
         if flag == "--version": print(f"llavamed {__version__}"); return 0
-        if flag in ("-v", "--verbose"): set_verbosity("INFO"); continue
+        if flag in ("-v", "--verbose"): set_verbosity("INFO"); debug = True; continue
         if flag == "--json": as_json = True; continue
         if flag == "--debug": debug = True; continue
         print(f"llavamed: unknown option {flag}\n\n{_usage()}", file=sys.stderr); return 2
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr); return 130
     except EXPECTED_ERRORS as e:  # bad input: one line naming the problem, the traceback only with --debug
         if debug: raise
-        print(f"llavamed {name}: {e}", file=sys.stderr); return 2
+        print(f"llavamed {name}: error: {e}", file=sys.stderr); return 2
     if isinstance(res, Result):
         text = json.dumps(res.to_json(), ensure_ascii=False) if as_json else str(res)
         if text: print(text)

@@ -13,10 +13,11 @@ from typing import Any, Iterable, Iterator
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'IGNORE_INDEX', 'HUMAN', 'GPT', 'DOMAINS', 'DOMAIN_NAMES', 'Turn', 'Sample', 'RecordError',
-           'read_jsonl', 'read_json', 'json_layout', 'fix_keys', 'iter_records', 'iter_samples', 'domain_flags',
-           'primary_domain', 'Question', 'question_from_json', 'load_questions', 'atomic_write', 'write_json',
-           'write_jsonl', 'append_jsonl', 'seed_everything', 'pick_device', 'pick_dtype', 'get_logger', 'set_verbosity',
-           'asset_path', 'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure', 'plot_losses']
+           'read_jsonl', 'read_json', 'json_layout', 'fix_keys', 'iter_records', 'iter_samples', 'TooManyBadRecords',
+           'BadRecords', 'domain_flags', 'primary_domain', 'Question', 'question_from_json', 'load_questions',
+           'atomic_write', 'write_json', 'write_jsonl', 'append_jsonl', 'seed_everything', 'pick_device', 'pick_dtype',
+           'get_logger', 'set_verbosity', 'asset_path', 'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure',
+           'plot_losses']
 
 # %% ../nbs/00_core.ipynb #ffad75ed
 IMAGE_TOKEN = "<image>"  # placeholder for the image in a human turn
@@ -299,6 +300,40 @@ def iter_samples(path: str | Path,  # a LLaVA conversation file (JSON array, JSO
         if not skip_bad: raise v
         yield v
 
+# %% ../nbs/00_core.ipynb #b6d30f46
+class TooManyBadRecords(ValueError):
+    "More bad records than the policy allows; the message lists the reasons with counts."
+
+@dataclass
+class BadRecords:
+    "Bad records of one input: skipped and counted by reason, until there are too many."
+    source: str  # the input, named in messages (a file path)
+    max_share: float = 0.02  # stop when more than this share of the records read are bad
+    max_count: int | None = None  # ... or more than this many (None: no count limit)
+    counts: dict[str, int] = field(default_factory=dict)  # reason: records skipped for it
+    first: dict[str, str] = field(default_factory=dict)  # reason: where it was first seen (line or record id)
+
+    @property
+    def total(self) -> int: return sum(self.counts.values())
+
+    def summary(self) -> str:
+        "'N bad: reason at WHERE (K), ...', most frequent first."
+        parts = [f"{r} at {self.first[r]} ({n})" for r, n in sorted(self.counts.items(), key=lambda kv: -kv[1])]
+        return f"{self.total:,} bad: " + ", ".join(parts)
+
+    def skip(self, reason: str, where: Any) -> None:
+        "Count one bad record; stop at once past `max_count`."
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.first.setdefault(reason, str(where))
+        if self.max_count is not None and self.total > self.max_count:
+            raise TooManyBadRecords(f"{self.source}: more than {self.max_count:,} bad records; {self.summary()}")
+
+    def check(self, n_read: int) -> None:
+        "Stop when the bad records are more than `max_share` of the `n_read` records read."
+        if self.total and self.total > self.max_share * max(n_read, 1):
+            raise TooManyBadRecords(f"{self.source}: {self.total:,} of {n_read:,} records are bad "
+                                    f"(more than {self.max_share:.0%}); {self.summary()}")
+
 # %% ../nbs/00_core.ipynb #2e6644a2
 def domain_flags(value, fallback: str | None = None) -> dict[str, bool]:
     "The five domain flags from a flag dict, a domain name, or the `fallback` name."
@@ -376,6 +411,15 @@ def load_questions(path: str | Path,  # a VQA file (JSON, JSONL or parquet of LL
     return out
 
 # %% ../nbs/00_core.ipynb #6a77a126
+def _file_mode() -> int:
+    "The mode `open` would give a new file: 0o666 less the process's umask (read without changing it on Linux)."
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(l.split()[1], 8) for l in f if l.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):  # elsewhere: set and restore it
+        umask = os.umask(0o022); os.umask(umask)
+    return 0o666 & ~umask
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path,  # the file to (re)write
                  mode: str = "w",  # 'w' for text, 'wb' for bytes
@@ -388,6 +432,7 @@ def atomic_write(path: str | Path,  # the file to (re)write
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600 files: give the mode any other new file would get
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 # %% auto #0
 __all__ = ['MAX_PIXELS', 'ImageError', 'UnsupportedImageError', 'CorruptImageError', 'ImageTooLargeError', 'sniff_format',
-           'image_format', 'to_uint8', 'load_image', 'pixel_values']
+           'image_format', 'to_uint8', 'load_image', 'ImageOutsideRootError', 'resolve_image', 'pixel_values']
 
 # %% ../nbs/01_images.ipynb #3be37e45
 class ImageError(ValueError):
@@ -248,6 +248,24 @@ def load_image(src: str | Path | bytes,  # an image file, or its bytes
             raise UnsupportedImageError(name, "gzip file that does not hold a NIfTI volume")
     raise UnsupportedImageError(name, f"not a PNG/JPEG/GIF/TIFF/BMP/WebP/DICOM/NIfTI file "
                                       f"(starts with {head[:8]!r})")
+
+# %% ../nbs/01_images.ipynb #a6811e6d
+class ImageOutsideRootError(ImageError):
+    "An image path that leaves its images folder (absolute, `..`, or a symlink pointing out)."
+
+def resolve_image(root: str | Path,  # the images folder the record's paths are relative to
+                  name: str,  # the record's image path
+                  record: str | None = None,  # the record's id, named in the error
+                 ) -> Path:
+    "The real path of image `name` under `root`; `ImageOutsideRootError` when it would leave `root`."
+    where = f"record {record}: " if record is not None else ""
+    if not isinstance(name, str) or not name.strip():
+        raise ImageOutsideRootError(root, f"{where}image path {name!r} is empty or not a string")
+    base = Path(root).resolve()
+    target = (base / name).resolve()  # follows symlinks, folds `..`; an absolute `name` replaces `base`
+    if target != base and base not in target.parents:
+        raise ImageOutsideRootError(root, f"{where}image path {name!r} is outside the images folder")
+    return target
 
 # %% ../nbs/01_images.ipynb #e58b5e18
 def _fast_plan(processor):

@@ -100,7 +100,7 @@ def test_settings_bad_values_are_argparse_errors(capsys):
 def test_bad_input_is_one_line_and_exit_2(llavamed_cmd, tmp_path):
     missing = tmp_path / "missing.json"
     r = run(llavamed_cmd, "validate", str(missing))
-    assert r.returncode == 2 and r.stderr.strip() == f"llavamed validate: no such file: {missing}", r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == f"llavamed validate: error: no such file: {missing}", r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     r = run(llavamed_cmd, "--debug", "validate", str(missing))
     assert r.returncode == 1 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
