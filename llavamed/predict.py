@@ -6,11 +6,11 @@ Docs: https://llavamed.github.io/llavamed/predict.html.md"""
 
 # %% ../nbs/07a_predict.ipynb #8fe31780
 from __future__ import annotations
-import hashlib, random, time
+import hashlib, os, random, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (HUMAN, Question, RecordError, Result, Sample, Turn, append_jsonl, fmt_num,
-                           get_logger, load_questions, read_jsonl)
+from .core import (HUMAN, BadRecords, Question, RecordError, Result, Sample, Turn, append_jsonl, fmt_num,
+                           get_logger, iter_records, question_from_json, read_jsonl)
 
 # %% auto #0
 __all__ = ['ABLATIONS', 'log', 'shuffled_images', 'ablate_image', 'question_messages', 'Predictions', 'predict']
@@ -75,13 +75,63 @@ def _settings(md: dict | None) -> dict:
     md = md or {}
     return {k: md.get(k) for k in ("decoding", "image_ablation", "prompt_suffix", "model")}
 
+def _repair_tail(out: Path) -> int:
+    "Cut a torn last line (a run killed mid-write) off `out`, so the next row starts a line; bytes cut."
+    if not out.exists() or not out.stat().st_size: return 0
+    with open(out, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - 1, 0)); last = f.read(1)
+        if last == b"\n": return 0
+        keep, step = 0, 1 << 16  # scan back for the last newline, one block at a time (bounded memory)
+        for end in range(size, 0, -step):
+            f.seek(max(end - step, 0)); block = f.read(min(step, end))
+            if (i := block.rfind(b"\n")) >= 0: keep = max(end - step, 0) + i + 1; break
+        f.truncate(keep)
+    return size - keep
+
 # %% ../nbs/07a_predict.ipynb #a02a0393
-def _load_img(images: Path, name: str, qid: str):
-    "Load a question's image (any supported format), naming the question when it is missing."
-    from llavamed.images import load_image
-    p = images / name
-    if not p.exists(): raise FileNotFoundError(f"question {qid}: image {name!r} not found in {images}")
-    return load_image(p)
+def _read_questions(data: Path, max_question_chars: int) -> tuple[list[Question], BadRecords]:
+    "The questions of `data`; bad records are skipped and counted (`core.BadRecords`) up to its threshold."
+    bad, questions, seen, n = BadRecords(str(data)), [], set(), 0
+    for n, (line, v) in enumerate(iter_records(data), 1):
+        rid = v.get("id", v.get("question_id")) if isinstance(v, dict) else None
+        where = f"line {line}" if line else f"record {rid if rid is not None else n - 1}"
+        if isinstance(v, RecordError): bad.skip("malformed record", where); continue
+        try: q = question_from_json(v)
+        except ValueError as e: bad.skip(str(e).split(":")[0], where); continue
+        if q.id in seen: bad.skip("duplicate id", f"record {q.id}"); continue
+        if len(q.question) > max_question_chars:
+            raise ValueError(f"{data}: question {q.id}: {len(q.question):,} characters > "
+                             f"max_question_chars {max_question_chars:,}")
+        seen.add(q.id); questions.append(q)
+    bad.check(n)
+    if not questions: raise ValueError(f"{data}: no questions ({n} records read; {bad.summary()})")
+    return questions, bad
+
+def _image_paths(questions: list[Question], images: Path) -> dict[str, Path]:
+    "Image name -> its real path under `images`; an image outside the folder or missing names its question."
+    from llavamed.images import resolve_image
+    paths = {}
+    for q in questions:
+        if not q.image or q.image in paths: continue
+        p = resolve_image(images, q.image, q.id)
+        if not p.is_file(): raise FileNotFoundError(f"question {q.id}: image {q.image!r} not found in {images}")
+        paths[q.image] = p
+    return paths
+
+def _check_prompts(questions: list[Question], tokenizer, prompt_suffix, max_prompt_tokens: int) -> None:
+    "Refuse, before any generation, a question whose prompt is longer than `max_prompt_tokens` tokens."
+    texts = [question_messages(q, prompt_suffix)[1] for q in questions]
+    for q, ids in zip(questions, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        if len(ids) > max_prompt_tokens:
+            raise ValueError(f"question {q.id}: prompt is {len(ids):,} tokens > max_prompt_tokens "
+                             f"{max_prompt_tokens:,}")
+
+def _check_model(model) -> None:
+    "A `FileNotFoundError` when `model` is neither a preset nor an existing folder (not a hub id lookup)."
+    from llavamed.model import PRESETS
+    if str(model) not in PRESETS and not Path(model).exists():
+        raise FileNotFoundError(f"model {model}: no such directory (and not a preset: {sorted(PRESETS)})")
 
 def _check_request(model, data, out, image_ablation: str, batch_size: int, max_new_tokens: int) -> None:
     "A `ValueError` naming the first argument of `predict` that is missing or out of range."
@@ -90,19 +140,23 @@ def _check_request(model, data, out, image_ablation: str, batch_size: int, max_n
         raise ValueError(f"image_ablation={image_ablation!r}: expected one of {ABLATIONS}")
     if batch_size < 1: raise ValueError(f"batch_size={batch_size}: must be >= 1")
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if not Path(data).is_file(): raise FileNotFoundError(f"data {data}: no such file")
+    if Path(out).resolve() == Path(data).resolve():  # resolve(): a symlink to the data file is the same file
+        raise ValueError(f"out {out} is the data file {data}: answers would be appended to the questions")
 
 def _batches(xs: list, n: int):
     "Consecutive chunks of `xs` of length `n` (the last may be shorter)."
     for i in range(0, len(xs), n): yield xs[i:i + n]
 
-def _answer_rows(chunk: list[Question], answer, images: Path, swap: dict, meta: dict,
+def _answer_rows(chunk: list[Question], answer, paths: dict[str, Path], swap: dict, meta: dict,
                  model: str) -> list[dict]:
     "Official-format answer rows of one batch; `answer(messages, images)` generates the texts."
+    from llavamed.images import load_image
     convs, prompts, imgs, shown = [], [], [], []
     for q in chunk:
         msgs, prompt = question_messages(q, meta["prompt_suffix"])
         name = swap.get(q.id, q.image)
-        img = _load_img(images, name, q.id) if name else None
+        img = load_image(paths[name]) if name else None
         convs.append(msgs); prompts.append(prompt); shown.append(name)
         if img: img = ablate_image(img, meta["image_ablation"], q.id, meta["decoding"]["seed"])
         imgs.append(img)
@@ -122,13 +176,18 @@ class Predictions(Result):
     answered: int = 0  # questions answered by this call
     seconds: float = 0.0  # generation time of this call
     questions_per_s: float | None = None  # answered / seconds (None when nothing was generated)
+    bad_records: str = ""  # the data file's bad records, skipped (`BadRecords.summary()`; '' when none)
+    repaired_bytes: int = 0  # bytes of a torn last line cut off `out` before appending
 
     def __str__(self) -> str:
-        "One line: what was answered, what was already there, and the speed."
+        "One line: what was answered, what was already there, and the speed; then any repair or skip."
         speed = f" in {self.seconds:.1f} s ({fmt_num(self.questions_per_s)} questions/s)"
         if not self.answered: speed = ""
+        notes = [f"skipped {self.bad_records}"] if self.bad_records else []
+        if self.repaired_bytes:
+            notes.append(f"cut a torn last line ({fmt_num(self.repaired_bytes)} bytes) off {self.out}")
         return (f"{self.out}: answered {fmt_num(self.answered)} of {fmt_num(self.questions)} questions"
-                f"{speed}; {fmt_num(self.skipped)} were already answered")
+                f"{speed}; {fmt_num(self.skipped)} were already answered" + "".join(f"\n{n}" for n in notes))
 
 # %% ../nbs/07a_predict.ipynb #c07a1ecb
 def predict(model: str = None,  # saved model directory (or a preset name such as 'tiny', built fresh)
@@ -146,12 +205,14 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             device: str = None,  # 'cpu', 'cuda', ... (default: the best available)
             dtype: str = None,  # 'bfloat16', 'float32', ... (default: the device's best)
             progress: bool = True,  # show a progress bar
+            max_prompt_tokens: int = 2048,  # refuse a question whose prompt has more tokens (before generating)
+            max_question_chars: int = 100_000,  # refuse a question text longer than this (before loading the model)
            ) -> Predictions:
     "Answer the questions of `data` with `model`, appending official-format answers to `out` (resumable)."
     _check_request(model, data, out, image_ablation, batch_size, max_new_tokens)
     data, out = Path(data), Path(out)
     images = Path(images) if images else data.parent
-    questions = load_questions(data)
+    questions, bad = _read_questions(data, max_question_chars)
     decoding = {"do_sample": bool(do_sample), "max_new_tokens": max_new_tokens, "seed": seed}
     if do_sample: decoding["temperature"] = temperature
     meta = {"decoding": decoding, "image_ablation": image_ablation, "prompt_suffix": prompt_suffix,
@@ -160,22 +221,29 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
     if prev is not None and _settings(prev) != _settings(meta):
         raise ValueError(f"{out} holds answers made with other settings ({_settings(prev)}); this run: "
                          f"{_settings(meta)}. Write to another file.")
+    paths = _image_paths(questions, images)
     remaining = [q for q in questions if q.id not in done]
-    todo, res = remaining[:limit], Predictions(str(out), len(questions), len(questions) - len(remaining))
+    todo = remaining[:limit]
+    res = Predictions(str(out), len(questions), len(questions) - len(remaining),
+                      bad_records=bad.summary() if bad.total else "")
     if not todo: log.info(f"{out}: all {len(questions)} questions already answered"); return res
     from tqdm.auto import tqdm
     from llavamed.model import load_model
     from llavamed.generate import generate_batch
+    _check_model(model)  # before `load_model`, which would take a missing folder for a hub repo id
     mdl, proc = load_model(model, dtype=dtype, device=device)
+    _check_prompts(todo, proc.tokenizer, prompt_suffix, max_prompt_tokens)
     answer = lambda convs, imgs: generate_batch(mdl, proc, convs, imgs, max_new_tokens=max_new_tokens,
                                                 do_sample=do_sample, temperature=temperature, seed=seed,
                                                 batch_size=batch_size)
     swap = shuffled_images(questions, seed) if image_ablation == "shuffle" else {}
+    res.repaired_bytes = _repair_tail(out)
+    if res.repaired_bytes: log.warning(f"{out}: cut a torn last line ({res.repaired_bytes} bytes) before appending")
     bar = tqdm(total=len(todo), desc=f"predict ({image_ablation})", unit="q", disable=not progress,
                dynamic_ncols=True)
     t0 = time.perf_counter()
     for chunk in _batches(todo, batch_size):
-        rows = _answer_rows(chunk, answer, images, swap, meta, model)
+        rows = _answer_rows(chunk, answer, paths, swap, meta, model)
         append_jsonl(out, *rows)
         res.answered += len(rows); bar.update(len(rows))
     bar.close()
