@@ -6,13 +6,14 @@ Docs: https://llavamed.github.io/llavamed/images.html.md"""
 
 # %% ../nbs/01_images.ipynb #b3ad0976
 from __future__ import annotations
-import gzip, io, warnings
-from pathlib import Path
+import gzip, io, re, warnings
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'ImageError', 'UnsupportedImageError', 'CorruptImageError', 'ImageTooLargeError', 'sniff_format',
-           'image_format', 'to_uint8', 'load_image', 'ImageOutsideRootError', 'resolve_image', 'pixel_values']
+__all__ = ['MAX_PIXELS', 'MAX_VOXELS', 'ImageError', 'UnsupportedImageError', 'CorruptImageError', 'ImageTooLargeError',
+           'sniff_format', 'image_format', 'to_uint8', 'load_image', 'ImageOutsideRootError', 'resolve_image',
+           'relative_image_name', 'pixel_values']
 
 # %% ../nbs/01_images.ipynb #3be37e45
 class ImageError(ValueError):
@@ -92,7 +93,8 @@ def to_uint8(a,  # a 2-D (or H x W x C) array of any numeric type
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 # %% ../nbs/01_images.ipynb #2fb8f9b3
-MAX_PIXELS = 2 ** 27  # ~134 M pixels (voxels for volumes): larger images are refused as possible bombs
+MAX_PIXELS = 2 ** 25  # ~33.5 M pixels per image or frame (8192 x 4096; ~100 MB as RGB): larger ones are refused
+MAX_VOXELS = 2 ** 27  # ~134 M voxels per volume (512 x 512 x 512): larger volumes are refused
 
 def _check_size(name, n: int, max_pixels: int | None, what: str = "pixels"):
     "Raise `ImageTooLargeError` when `n` exceeds `max_pixels`."
@@ -100,17 +102,26 @@ def _check_size(name, n: int, max_pixels: int | None, what: str = "pixels"):
         raise ImageTooLargeError(name, f"{n:,} {what} exceeds the limit of {max_pixels:,} "
                                        "(possible decompression bomb)")
 
+def _open_raster(fp: BinaryIO, name: str, max_pixels: int | None):
+    "Pillow's lazily opened image (header read, no pixel decoded) once its size is within the limit."
+    from PIL import Image
+    try: im = Image.open(fp)
+    except Image.DecompressionBombError as e:  # Pillow's own guard (twice its MAX_IMAGE_PIXELS) fired first
+        n = int(re.search(r"\d+", str(e)).group())  # 'Image size (N pixels) exceeds limit of ...'
+        _check_size(name, n, min(x for x in (max_pixels, 2 * Image.MAX_IMAGE_PIXELS) if x is not None))
+        raise ImageTooLargeError(name, str(e)) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CorruptImageError(name, f"unreadable image header ({e})") from None
+    _check_size(name, im.width * im.height, max_pixels)
+    return im
+
 def _load_raster(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | None):
     "Decode a Pillow-readable image after checking its size; RGB out."
     from PIL import Image, ImageOps
     import numpy as np
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try: im = Image.open(fp)
-        except Image.DecompressionBombError as e: raise ImageTooLargeError(name, str(e)) from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise CorruptImageError(name, f"unreadable image header ({e})") from None
-        _check_size(name, im.width * im.height, max_pixels)
+        im = _open_raster(fp, name, max_pixels)
         try:
             if frame is not None: im.seek(frame)
             im.load()
@@ -225,11 +236,19 @@ def _load_nifti(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | No
 # %% ../nbs/01_images.ipynb #7181b6a7
 _LOADERS = {"png", "jpeg", "gif", "tiff", "bmp", "webp"}
 
+def _what_it_is(head: bytes) -> str:
+    "What a file of no known image format holds, judged from its first bytes (never quoting them)."
+    text = head.decode("utf-8", "ignore")  # bytes that are not UTF-8 are dropped, so they count against text
+    printable = sum(c.isprintable() or c.isspace() for c in text)
+    is_text = text and printable >= 0.95 * len(text) and len(text.encode()) >= 0.95 * len(head)
+    return "it holds text" if is_text else "its first bytes match no image format"
+
 def load_image(src: str | Path | bytes,  # an image file, or its bytes
                frame: int | None = None,  # frame (DICOM, GIF, TIFF) or axial slice (NIfTI); default middle/first
                window: tuple[float, float] | None = None,  # DICOM (centre, width) in modality units, over the file's
                percentiles: tuple[float, float] = (1.0, 99.0),  # window for NIfTI and for DICOM that names none
-               max_pixels: int | None = MAX_PIXELS,  # refuse images (volumes) with more pixels (voxels) than this
+               max_pixels: int | None = MAX_PIXELS,  # refuse images (frames) with more pixels than this
+               max_voxels: int | None = MAX_VOXELS,  # refuse NIfTI volumes with more voxels than this
               ):
     "Load a PNG/JPEG/GIF/TIFF/BMP/WebP, DICOM or NIfTI image (format judged by content) as an RGB PIL image."
     name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
@@ -239,15 +258,14 @@ def load_image(src: str | Path | bytes,  # an image file, or its bytes
         fmt = sniff_format(head)
         if fmt in _LOADERS: return _load_raster(fp, name, max_pixels, frame)
         if fmt == "dicom": return _load_dicom(fp, name, max_pixels, frame, window, percentiles)
-        if fmt == "nifti": return _load_nifti(fp, name, max_pixels, frame, percentiles, gz=False)
+        if fmt == "nifti": return _load_nifti(fp, name, max_voxels, frame, percentiles, gz=False)
         if fmt == "gzip":
             try: inner = gzip.GzipFile(fileobj=fp).read(540)
             except (OSError, EOFError) as e: raise CorruptImageError(name, f"damaged gzip stream ({e})") from None
             fp.seek(0)
-            if _is_nifti(inner): return _load_nifti(fp, name, max_pixels, frame, percentiles, gz=True)
+            if _is_nifti(inner): return _load_nifti(fp, name, max_voxels, frame, percentiles, gz=True)
             raise UnsupportedImageError(name, "gzip file that does not hold a NIfTI volume")
-    raise UnsupportedImageError(name, f"not a PNG/JPEG/GIF/TIFF/BMP/WebP/DICOM/NIfTI file "
-                                      f"(starts with {head[:8]!r})")
+    raise UnsupportedImageError(name, f"not a PNG/JPEG/GIF/TIFF/BMP/WebP/DICOM/NIfTI file ({_what_it_is(head)})")
 
 # %% ../nbs/01_images.ipynb #a6811e6d
 class ImageOutsideRootError(ImageError):
@@ -266,6 +284,19 @@ def resolve_image(root: str | Path,  # the images folder the record's paths are 
     if target != base and base not in target.parents:
         raise ImageOutsideRootError(root, f"{where}image path {name!r} is outside the images folder")
     return target
+
+# %% ../nbs/01_images.ipynb #32fceaa7
+def relative_image_name(name: str,  # an image path from a data file
+                        record: str | None = None,  # the record's id, named in the error
+                       ) -> str:
+    "`name` when it is a relative path that cannot climb out of its folder; `ImageOutsideRootError` otherwise."
+    where = f"record {record}: " if record is not None else ""
+    if not isinstance(name, str) or not name.strip():
+        raise ImageOutsideRootError("image path", f"{where}image path {name!r} is empty or not a string")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.drive or windows.root or ".." in windows.parts:
+        raise ImageOutsideRootError("image path", f"{where}image path {name!r} is absolute or climbs out with '..'")
+    return name
 
 # %% ../nbs/01_images.ipynb #e58b5e18
 def _fast_plan(processor):
