@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/client.html.md"""
 
 # %% ../nbs/03_client.ipynb #9143905b
 from __future__ import annotations
-import asyncio, dataclasses, email.utils, json, os, random, threading, time
+import asyncio, base64, dataclasses, email.utils, json, os, random, re, threading, time, urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable
 from .core import append_jsonl, get_logger, read_jsonl, RecordError
 
 # %% auto #0
-__all__ = ['log', 'Reply', 'RequestError', 'ChatRunError', 'redact', 'retry_after_seconds', 'run_sync', 'ChatClient',
-           'load_checkpoint', 'RunStats', 'backoff_delay', 'arun_chat_requests', 'run_chat_requests']
+__all__ = ['log', 'Reply', 'RequestError', 'ChatRunError', 'redact', 'retry_after_seconds', 'run_sync', 'split_userinfo',
+           'ChatClient', 'load_checkpoint', 'RunStats', 'backoff_delay', 'arun_chat_requests', 'run_chat_requests']
 
 # %% ../nbs/03_client.ipynb #e880460e
 log = get_logger("client")
@@ -34,16 +34,17 @@ class RequestError(Exception):
         super().__init__(reason)
         self.reason, self.retryable, self.retry_after, self.fatal = reason, retryable, retry_after, fatal
 
-class ChatRunError(RuntimeError):
-    "A failure that stops a whole run (bad key, unknown model)."
+class ChatRunError(RuntimeError, ValueError):
+    "A failure that stops a whole run (bad key, unknown model); a ValueError, so the CLI reports it in one line."
 
 # %% ../nbs/03_client.ipynb #37916ba1
 def redact(text: str, *secrets: str | None) -> str:
-    "`text` with every non-trivial secret (and its first 8 characters, as providers print) replaced by '***'."
-    for s in secrets:
-        if s and len(s) >= 6:
+    "`text` with every secret (and a long one's first 8 characters, as providers print) replaced by '***'."
+    for s in sorted({s for s in secrets if s}, key=len, reverse=True):  # longest first: a token holding a key
+        if len(s) >= 6:
             text = text.replace(s, "***")
             text = text.replace(s[:8], "***") if len(s) > 8 else text
+        else: text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", "***", text)
     return text
 
 # %% ../nbs/03_client.ipynb #04c27b2c
@@ -74,6 +75,17 @@ def run_sync(make_coro: Callable[[], Any]) -> Any:
     if "err" in box: raise box["err"]
     return box["res"]
 
+# %% ../nbs/03_client.ipynb #6786fb95
+def split_userinfo(url: str | None) -> tuple[str | None, tuple[str, str] | None]:
+    "`url` without its `user:password@` part, and that (user, password) pair, decoded (None when it has none)."
+    if not url: return url, None
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc: return url, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return bare, (urllib.parse.unquote(user), urllib.parse.unquote(password))
+
 # %% ../nbs/03_client.ipynb #79dfcc4f
 _LOCAL = ("//127.0.0.1", "//localhost", "//[::1]", "//0.0.0.0")
 
@@ -81,15 +93,15 @@ def _header_safe(id) -> bool:
     "Whether `id` can go in the `X-Client-Request-Id` header (printable ASCII, at most 512 characters)."
     return id is not None and len(str(id)) <= 512 and str(id).isascii() and str(id).isprintable()
 
-def _classify(e: Exception, timeout: float, key: str | None) -> RequestError:
-    "Map an exception from the `openai` client to a `RequestError`."
+def _classify(e: Exception, timeout: float, secrets: tuple[str, ...]) -> RequestError:
+    "Map an exception from the `openai` client to a `RequestError` whose reason holds none of `secrets`."
     import openai
     if isinstance(e, openai.APITimeoutError): return RequestError(f"timeout after {timeout:g}s")
     if isinstance(e, openai.APIConnectionError):
         cause = type(e.__cause__).__name__ if e.__cause__ else "no response"
         return RequestError(f"connection error ({cause})")
     if isinstance(e, openai.APIStatusError):
-        code, msg = e.status_code, redact(str(getattr(e, "message", e)), key)[:200]
+        code, msg = e.status_code, redact(str(getattr(e, "message", e)), *secrets)[:200]
         if code == 429:
             return RequestError("HTTP 429 rate limited", retry_after=retry_after_seconds(e.response.headers))
         if code in (408, 409) or code >= 500:
@@ -97,14 +109,14 @@ def _classify(e: Exception, timeout: float, key: str | None) -> RequestError:
         return RequestError(f"HTTP {code}: {msg}", retryable=False, fatal=code in (401, 403, 404))
     if isinstance(e, (json.JSONDecodeError, openai.APIResponseValidationError)):
         return RequestError("malformed response (not a chat completion)")
-    return RequestError(f"{type(e).__name__}: {redact(str(e), key)[:200]}")
+    return RequestError(f"{type(e).__name__}: {redact(str(e), *secrets)[:200]}")
 
 # %% ../nbs/03_client.ipynb #3fa6001a
 @dataclass
 class ChatClient:
     "An OpenAI-compatible chat-completions client that raises `RequestError` with a retry decision."
     model: str  # model or deployment name, e.g. 'gpt-4o' or the name a vLLM server serves
-    base_url: str | None = None  # API root, e.g. 'http://127.0.0.1:8000/v1' (None: OpenAI's)
+    base_url: str | None = None  # API root, e.g. 'http://127.0.0.1:8000/v1' (None: OpenAI's); user:password@ allowed
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key (never the key)
     temperature: float = 0.7  # sampling temperature
     max_tokens: int = 1024  # most tokens per reply
@@ -117,10 +129,22 @@ class ChatClient:
             raise ValueError(f"ChatClient.temperature={self.temperature}: must be in [0, 2]")
         if self.max_tokens < 1: raise ValueError(f"ChatClient.max_tokens={self.max_tokens}: must be >= 1")
         if self.timeout <= 0: raise ValueError(f"ChatClient.timeout={self.timeout}: must be > 0")
-        self._api, self._key = None, None
+        self.base_url, userinfo = split_userinfo(self.base_url)  # the credentials never stay in the URL
+        self._api, self._key, self._headers, self._secrets = None, None, {}, ()
+        if userinfo:
+            token = base64.b64encode(":".join(userinfo).encode()).decode()
+            self._headers, self._secrets = {"Authorization": f"Basic {token}"}, (*userinfo, token)
 
     @property
     def name(self) -> str: return f"openai:{self.model}"
+
+    def redact(self, text: str) -> str:
+        "`text` without any credential this client holds (the key, the URL's user and password, the Basic token)."
+        return redact(text, *self._held())
+
+    def _held(self) -> tuple:
+        "Every credential this client holds (the placeholder key of a local server is none)."
+        return (*self._secrets, self._key if self._key != "EMPTY" else None)
 
     def _client(self):
         if self._api is None:
@@ -133,7 +157,7 @@ class ChatClient:
                 key = "EMPTY"  # local servers ignore the key; the client refuses an empty one
             self._key = key
             self._api = openai.AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=0,
-                                           timeout=self.timeout)
+                                           timeout=self.timeout, default_headers=self._headers or None)
         return self._api
 
     async def complete(self, messages: list[dict], id: str | None = None) -> Reply:
@@ -145,7 +169,7 @@ class ChatClient:
         try:
             r = await api.post("/chat/completions", cast_to=ChatCompletion, body=body,
                                options={"headers": {"X-Client-Request-Id": str(id)}} if _header_safe(id) else {})
-        except Exception as e: raise _classify(e, self.timeout, self._key) from None
+        except Exception as e: raise _classify(e, self.timeout, self._held()) from None
         choices = getattr(r, "choices", None)
         if not choices: raise RequestError("malformed response (no choices)")
         text = choices[0].message.content

@@ -8,8 +8,12 @@ counts requests per key and decides per request what to do:
   ok        answer (after `latency` seconds)        429      rate limited, with a `Retry-After` header
   500, 503  server error                            slow     sleep `slow_seconds`, then answer
   drop      close the connection without a reply    garbage  200 with content that is no conversation
-  badjson   200 whose body is not JSON              401      bad key (the message echoes the key, as
-                                                             real providers do, to test redaction)
+  badjson   200 whose body is not JSON              401      bad key (the message echoes the key, or
+                                                             the whole Basic header, as real providers
+                                                             and proxies do, to test redaction)
+
+`require_key` answers 401 unless the request carries `Bearer KEY`; `require_auth` unless its whole
+`Authorization` header is the given value (a proxy's `Basic ...`).
 
 The action comes from `script` (per key: a list of actions for its 1st, 2nd, ... request), else from
 `fault_rate` (a seeded random draw among `faults`), else `ok`. Replies come from `replies` (per key),
@@ -28,7 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ACTIONS = ("ok", "429", "500", "503", "slow", "drop", "garbage", "badjson", "401")
 DEFAULTS = dict(latency=0.0, latency_jitter=0.0, script={}, fault_rate=0.0,
                 faults=["429", "500", "slow", "drop", "garbage"], retry_after=0.1, slow_seconds=5.0,
-                replies={}, reply_text=None, require_key=None, seed=0, model="loopback-chat")
+                replies={}, reply_text=None, require_key=None, require_auth=None, seed=0,
+                model="loopback-chat")
 
 
 def _words(text: str) -> list[str]:
@@ -149,6 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, srv, cfg, req, messages, key, act, jitter):
         auth = self.headers.get("Authorization", "")
         if cfg["require_key"] and auth != f"Bearer {cfg['require_key']}": act = "401"
+        if cfg["require_auth"] and auth != cfg["require_auth"]: act = "401"  # e.g. a proxy's 'Basic ...'
         time.sleep(cfg["latency"] + jitter)
         if act == "429":
             return self._error(429, "Rate limit reached, retry later.", "rate_limit_exceeded",
