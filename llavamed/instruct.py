@@ -8,39 +8,51 @@ Docs: https://llavamed.github.io/llavamed/instruct.html.md"""
 from __future__ import annotations
 import random, re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Result, Sample, asset_path, domain_flags,
-                           get_logger, primary_domain, write_json, write_jsonl)
+from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sample, asset_path,
+                           domain_flags, get_logger, primary_domain, write_json, write_jsonl)
 from .data import iter_caption_pairs
 from .client import ChatClient, Reply, load_checkpoint, run_chat_requests
 
 # %% auto #0
 __all__ = ['log', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts', 'format_target', 'format_conversation',
            'build_messages', 'split_turns', 'load_rules', 'clean_pairs', 'to_record', 'record_problems',
-           'TemplateTeacher', 'sidecar_path', 'build_output', 'InstructReport', 'self_instruct']
+           'TemplateTeacher', 'sidecar_path', 'build_output', 'pick_figures', 'InstructReport', 'self_instruct']
 
 # %% ../nbs/04_instruct.ipynb #f47e494a
 log = get_logger("instruct")
 
 # %% ../nbs/04_instruct.ipynb #44242f42
+def _problem(rec, seen: set) -> str | None:
+    "Why a teacher-input record cannot be used, or None."
+    if isinstance(rec, RecordError): return rec.msg.split(" (")[0]
+    if not isinstance(rec, dict): return f"not an object ({type(rec).__name__})"
+    for k in ("pair_id", "fig_caption"):
+        if not rec.get(k): return f"record has no {k!r}"
+    if str(rec["pair_id"]) in seen: return "duplicate pair_id"
+    return None
+
 def load_captions(path: str | Path,  # teacher input: JSON dict keyed by domain, JSON list, or JSONL
+                  bad: BadRecords | None = None,  # where bad records are counted (default: a fresh policy)
                  ) -> list[dict]:
-    "Figure records with `pair_id`, `fig_caption` and `domain` flags; a record lacking one raises `RecordError`."
+    "Figure records with `pair_id`, `fig_caption` and `domain` flags; bad ones skipped and counted in `bad`."
+    bad = bad if bad is not None else BadRecords(str(path))
     out, seen, position = [], set(), Counter()  # position: records seen so far under each domain key
     for line, rec, key in iter_caption_pairs(path):
-        if isinstance(rec, RecordError): raise rec
-        where = f"{key}[{position[key]}]" if key else line
+        where = f"{key}[{position[key]}]" if key else f"line {line}"
         position[key] += 1
-        if not isinstance(rec, dict):
-            raise RecordError(path, where, f"expected an object, got {type(rec).__name__}")
-        for k in ("pair_id", "fig_caption"):
-            if not rec.get(k): raise RecordError(path, where, f"record has no {k!r}")
+        why = _problem(rec, seen)
+        if why:
+            bad.skip(why, f"{where} (pair_id {rec['pair_id']!r})" if why == "duplicate pair_id" else where)
+            continue
         pair_id = str(rec["pair_id"])
-        if pair_id in seen: raise RecordError(path, where, f"duplicate pair_id {pair_id!r}")
         seen.add(pair_id)
         out.append({**rec, "pair_id": pair_id, "domain": domain_flags(rec.get("domain"), key)})
+    if not out and not bad.total: raise ValueError(f"{path}: no figure records")
+    bad.check(sum(position.values()))
+    if bad.total: log.warning(f"{path}: skipped {bad.summary()}")
     return out
 
 # %% ../nbs/04_instruct.ipynb #72767968
@@ -256,8 +268,10 @@ def _image_names(captions: Path) -> dict[str, str]:
 
 # %% ../nbs/04_instruct.ipynb #b7ed0277
 def build_output(records: list[dict], checkpoint: str | Path, out: str | Path, rules: str = "v1",
-                 seed: int = 0, images: dict[str, str] | None = None) -> dict:
-    "Write the cleaned records of the figures done in `checkpoint` to `out`; what was kept and dropped, as a dict."
+                 seed: int = 0, images: dict[str, str] | None = None,
+                 write: bool = True,  # False: count only, leave `out` as it is
+                ) -> dict:
+    "Write the cleaned records of the figures done in `checkpoint` to `out` (never an empty file); the counts."
     ck, rl, images = load_checkpoint(checkpoint), load_rules(rules), images or {}
     rows, hits, dropped, status = [], Counter(), Counter(), Counter()
     pairs_in = pairs_out = 0
@@ -276,9 +290,21 @@ def build_output(records: list[dict], checkpoint: str | Path, out: str | Path, r
         probs = record_problems(d)
         if probs: dropped[f"invalid record: {probs[0]}"] += 1; continue
         rows.append(d)
-    write_jsonl(out, rows)
+    if write and rows: write_jsonl(out, rows)
     return {"records": len(rows), "status": dict(status), "pairs_in": pairs_in, "pairs_out": pairs_out,
             "rule_hits": dict(hits), "samples_dropped": dict(dropped)}
+
+# %% ../nbs/04_instruct.ipynb #7e607907
+def pick_figures(records: list[dict],  # every figure, in round-robin order
+                 checkpoint: str | Path,  # the run's sidecar checkpoint
+                 limit: int | None = None,  # most figures to add to those already done (None: all)
+                ) -> list[dict]:
+    "The figures a run covers: every one done in `checkpoint`, and up to `limit` more, in order."
+    if limit is None: return records
+    if limit < 0: raise ValueError(f"self_instruct: --limit={limit}: must be >= 0")
+    done = {i for i, row in load_checkpoint(checkpoint).items() if row.get("status") == "done"}
+    chosen = {r["pair_id"] for r in [r for r in records if r["pair_id"] not in done][:limit]}
+    return [r for r in records if r["pair_id"] in done or r["pair_id"] in chosen]
 
 # %% ../nbs/04_instruct.ipynb #8a011c75
 @dataclass
@@ -296,14 +322,21 @@ class InstructReport(Result):
     samples_dropped: dict[str, int]  # figures that made no record, by reason
     out: str = ""  # the records file
     run_summary: str = ""  # the runner's one-line summary
-    quiet: bool = False  # the command's --quiet: no text
+    quiet: bool = False  # the command's --quiet: no text (unless nothing was written)
+    bad_records: dict[str, int] = field(default_factory=dict)  # teacher-input records skipped, by reason
+    failure: str = ""  # why nothing was written (every request failed, no record survived); `out` left as it was
+
+    @property
+    def exit_code(self) -> int: return 1 if self.failure else 0
 
     def __str__(self) -> str:
-        "Two lines: the records written with the run's summary, then what cleaning kept (empty when quiet)."
+        "The records written with the run's summary, then what cleaning kept (empty when quiet); or the failure."
+        if self.failure: return f"no records written: {self.failure}; {self.out} left as it was ({self.run_summary})"
         if self.quiet: return ""
+        skipped = f"; skipped input records: {self.bad_records}" if self.bad_records else ""
         return (f"{self.records} records -> {self.out} ({self.run_summary})\n"
                 f"cleaning: {self.pairs_out}/{self.pairs_in} question-answer pairs kept; rule hits: "
-                f"{self.rule_hits or 'none'}; samples dropped: {self.samples_dropped or 'none'}")
+                f"{self.rule_hits or 'none'}; samples dropped: {self.samples_dropped or 'none'}{skipped}")
 
 def _teacher(name: str | None, records: list[dict], seed: int, model: str | None, **client_args):
     "The teacher to ask: the template teacher (default when every record has facts) or an OpenAI-compatible model."
@@ -321,7 +354,7 @@ def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (
                   api_key_env: str = "OPENAI_API_KEY",  # environment variable that holds the API key
                   concurrency: int = 16,  # most requests in flight
                   inline_mentions: bool = False,  # give the teacher the article sentences that mention the figure
-                  limit: int = None,  # use only the first N figures in domain round-robin order
+                  limit: int = None,  # ask about at most N figures not yet done (round-robin order); adds to OUT
                   temperature: float = 0.7,  # teacher sampling temperature
                   max_tokens: int = 1024,  # most tokens per teacher reply
                   timeout: float = 60.0,  # seconds before a request counts as timed out
@@ -337,21 +370,24 @@ def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (
     "Have a teacher write conversations about figure captions; write cleaned LLaVA instruction records to `out`."
     if not captions or not out: raise ValueError("self_instruct: both --captions and --out are required")
     captions, out = Path(captions), Path(out)
-    records = round_robin(load_captions(captions), limit)
+    checkpoint, bad = sidecar_path(out), BadRecords(str(captions))
+    records = pick_figures(round_robin(load_captions(captions, bad)), checkpoint, limit)
     client = _teacher(teacher, records, seed, model, base_url=base_url, api_key_env=api_key_env,
                       temperature=temperature, max_tokens=max_tokens, timeout=timeout)
     template = load_prompt(prompt)
     meta = {"prompt": template["version"], "inline_mentions": inline_mentions}
     requests = [{"id": r["pair_id"], "messages": build_messages(r, template, inline_mentions), "meta": meta}
                 for r in records]
-    checkpoint = sidecar_path(out)
     stats = run_chat_requests(client, requests, checkpoint, concurrency=concurrency, max_attempts=max_attempts,
                               parse=lambda t: [list(p) for p in split_turns(t)], backoff=backoff,
                               price_prompt=price_prompt, price_completion=price_completion, seed=seed,
                               progress=not quiet, desc=f"instruct ({client.name})")
-    built = build_output(records, checkpoint, out, rules, seed, _image_names(captions))
+    all_failed = not stats.done and stats.failed + stats.unparsed > 0
+    built = build_output(records, checkpoint, out, rules, seed, _image_names(captions), write=not all_failed)
+    failure = ("every request failed" if all_failed else "no record survived cleaning" if not built["records"]
+               else "")
     report = InstructReport(client.name, template["version"], len(records), stats.to_json(), **built, out=str(out),
-                            run_summary=stats.summary(), quiet=quiet)
-    saved = {k: v for k, v in report.to_json().items() if k != "quiet"}
-    write_json(out.with_name(out.name + ".report.json"), saved)
+                            run_summary=stats.summary(), quiet=quiet, bad_records=dict(bad.counts), failure=failure)
+    if not failure:
+        write_json(out.with_name(out.name + ".report.json"), {k: v for k, v in report.to_json().items() if k != "quiet"})
     return report
