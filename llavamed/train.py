@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import (IMAGE_TOKEN, IGNORE_INDEX, Result, Sample, fmt_num, iter_samples, read_json, write_json,
                            write_jsonl, append_jsonl, get_logger, seed_everything, plot_losses)
-from .images import load_image, pixel_values
-from .model import TEMPLATES, sample_to_messages, load_model, save_model
+from .images import (ImageError, ImageOutsideRootError, ImageTooLargeError, load_image, pixel_values,
+                             resolve_image)
+from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, save_model
 
 # %% auto #0
 __all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'RECIPES', 'StageConfig', 'deepspeed_config', 'RunConfig',
@@ -172,6 +173,7 @@ class RunConfig:
     deepspeed: str | None = None  # 'zero2', 'zero3', 'zero3_offload' or a DeepSpeed JSON file
     lora: bool = False  # train LoRA adapters on the language model (stages 2-3), then merge them
     resume: bool = False  # continue from the last complete checkpoint in `out`
+    overwrite: bool = False  # replace an earlier run in `out` (without it or `resume`, one there is refused)
     max_steps: int | None = None  # stop after this many optimiser steps (None: the stage's epochs)
     grad_ckpt: str = "auto"  # gradient checkpointing: 'auto' (on with a GPU), 'on' or 'off'
     save_steps: int = 500  # checkpoint every N optimiser steps
@@ -325,8 +327,25 @@ def load_records(path: str | Path) -> list[Sample]:
 class DroppedError(ValueError):
     "Too many records lost all supervision; the message lists the reasons with counts."
 
+def _image_problem(images: Path | None, name: str, rid: str) -> tuple[Path | None, str | None]:
+    "`(real path, None)` for a record's image inside `images`, present and decodable; else `(None, reason)`."
+    if images is None: return None, "no images folder given"
+    try: path = resolve_image(images, name, rid)
+    except ImageOutsideRootError: return None, f"image outside the images folder: {name!r}"
+    if not path.is_file(): return None, f"image file missing: {name!r}"
+    try: load_image(path)  # decoded once here, so a bad file stops the run now, not mid-epoch
+    except ImageTooLargeError as e: return None, f"image too large: {e}"
+    except (ImageError, OSError) as e: return None, f"image unreadable: {e}"
+    return path, None
+
+def _check_images(images: Path | None, records: list[Sample], workers: int) -> list[tuple]:
+    "`_image_problem` of each record's image, checked in `workers` threads (image decoding releases the GIL)."
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(lambda r: _image_problem(images, r.image, r.id), records))
+
 class SupervisedDataset:
-    "Tokenised LLaVA records with labels, lengths and modality, for `Trainer`."
+    "Tokenised LLaVA records with labels, lengths and modality, for `Trainer`; their images checked up front."
     def __init__(self, records: list[Sample] | str | Path,  # records, or a JSON/JSONL file of them
                  processor,  # the model's processor
                  images: str | Path | None = None,  # folder the records' `image` names are relative to
@@ -334,23 +353,33 @@ class SupervisedDataset:
                  template: str | None = None,  # chat template name (None: the processor's default)
                  max_dropped_share: float = 0.02,  # raise `DroppedError` above this share of refused records
                  text_only: bool = True,  # keep text-only records (False: LLM frozen)
+                 image_workers: int = 8,  # threads checking that the images are present and decodable
                 ):
         if not isinstance(records, list): records = load_records(records)
         self.processor, self.images = processor, Path(images) if images else None
         self.n_image_tokens = image_token_count(processor)
         tpl = resolve_template(processor, template)
         self.items, self.dropped, self.examples, self.skipped = [], Counter(), {}, 0
+        tokenized = []
         for r in records:
             if not text_only and not r.image: self.skipped += 1; continue
             item, why = tokenize_sample(r, processor, max_length, tpl, self.n_image_tokens)
-            if item is None and r.image and self.images and not (self.images / r.image).exists():
-                item, why = None, "image file missing"
-            if item is None:
-                key = why.split(":")[0]
-                self.dropped[key] += 1; self.examples.setdefault(key, f"{r.id}: {why}")
-                continue
-            self.items.append({**item, "id": r.id, "image": r.image})
-        n = len(records) - self.skipped
+            if item is None: self._drop(r, why)
+            else: tokenized.append((r, item))
+        checks = iter(_check_images(self.images, [r for r, _ in tokenized if r.image], image_workers))
+        for r, item in tokenized:
+            path, why = next(checks) if r.image else (None, None)
+            if why: self._drop(r, why)
+            else: self.items.append({**item, "id": r.id, "image": r.image, "path": path})
+        self._stop_or_warn(len(records) - self.skipped, max_dropped_share)
+
+    def _drop(self, r: Sample, why: str) -> None:
+        "Count a refused record under its reason (the text before the first colon), keeping a first example."
+        key = why.split(":")[0]
+        self.dropped[key] += 1; self.examples.setdefault(key, f"{r.id}: {why}")
+
+    def _stop_or_warn(self, n: int, max_dropped_share: float) -> None:
+        "Raise `DroppedError` when more than `max_dropped_share` of the `n` records were refused, else log them."
         if self.skipped: log.info(f"skipped {self.skipped} text-only records: nothing to train, the LLM is frozen")
         if self.dropped:
             msg = f"{sum(self.dropped.values())} of {n} records dropped: " + "; ".join(
@@ -374,7 +403,7 @@ class SupervisedDataset:
 
     def __getitem__(self, i: int) -> dict:
         it = self.items[i]
-        img = load_image(self.images / it["image"]) if it["image"] else None
+        img = load_image(it["path"]) if it["image"] else None
         return {"input_ids": it["input_ids"], "labels": it["labels"], "image": img}
 
     def summary(self) -> dict:
@@ -589,16 +618,20 @@ def _attention(model, device: str) -> str:
         log.warning(f"attention {impl} unavailable ({e}); keeping {model.config._attn_implementation}")
     return model.config._attn_implementation
 
-def _start_model(run: RunConfig, dtype: str, rank: int):
+def _start_model(run: RunConfig, dtype: str):
     "`(model, processor, base_dir)`: the starting model on the CPU in `dtype` and the folder holding it."
     base_dir = run.model if Path(run.model).is_dir() else None
     texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in load_records(run.data)
                                    for t in r.conversations]
     model, processor = load_model(run.model, dtype=dtype, device="cpu", tokenizer_texts=texts)
-    if run.lora and base_dir is None:  # the adapters must be merged into exactly this base later
-        base_dir = str(Path(run.out) / "base")
-        if rank == 0: save_model(model, processor, base_dir)
     return model, processor, base_dir
+
+def _save_base(model, processor, run: RunConfig, base_dir: str | None, rank: int) -> str | None:
+    "A LoRA run from a preset saves its base to `out/base` (the adapters merge into exactly it); its folder."
+    if not run.lora or base_dir is not None: return base_dir
+    base_dir = str(Path(run.out) / "base")
+    if rank == 0: save_model(model, processor, base_dir)
+    return base_dir
 
 # %% ../nbs/06_train.ipynb #db25954c
 def last_checkpoint(out: str | Path) -> Path | None:
@@ -650,16 +683,34 @@ def _training_args(cfg: StageConfig, run: RunConfig, world: int, device: str):
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     return args
 
+_RUN_FILES = ("stage_config.json", "log_history.jsonl", "config.json")  # what a run writes into `out`
+
 def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
     "Refuse a run that cannot start; returns the checkpoint to resume from (None: start fresh)."
     if run.data is None: raise ValueError("RunConfig.data: no training file given")
+    if not Path(run.data).is_file(): raise FileNotFoundError(f"data {run.data}: no such file")
+    if run.images is not None and not Path(run.images).is_dir():
+        raise FileNotFoundError(f"images {run.images}: no such folder")
+    if str(run.model) not in PRESETS and not Path(run.model).is_dir():  # not a hub repo id lookup
+        raise FileNotFoundError(f"model {run.model}: no such directory (and not a preset: {sorted(PRESETS)})")
     if run.lora and "llm" not in cfg.train:
         raise ValueError(f"RunConfig.lora: stage {cfg.name!r} does not train the language model")
     last = last_checkpoint(run.out)
-    if last and not run.resume:
-        raise ValueError(f"out: {run.out} already holds {last.name}; pass resume=True or another out")
+    if last and not run.resume and not run.overwrite:
+        raise ValueError(f"out: {run.out} already holds {last.name}; pass resume=True, overwrite=True "
+                         f"or another out")
+    earlier = [n for n in _RUN_FILES if (Path(run.out) / n).exists()]
+    if earlier and not (run.resume and last) and not run.overwrite:
+        raise ValueError(f"out: {run.out} holds an earlier run ({', '.join(earlier)}); pass overwrite=True "
+                         f"or another out")
     if run.resume and not last: log.warning(f"resume: no checkpoint in {run.out}; starting fresh")
     return last if run.resume else None
+
+def _clear_run(out: Path) -> None:
+    "Remove what an earlier run left in `out` (its loss log and checkpoints): this run starts afresh there."
+    import shutil
+    (out / "log_history.jsonl").unlink(missing_ok=True)
+    for ckpt in out.glob("checkpoint-*"): shutil.rmtree(ckpt, ignore_errors=True)
 
 def _write_settings(out: Path, cfg: StageConfig, run: RunConfig, args, base_dir, found: dict) -> None:
     "Write `stage_config.json`: the stage's fields, the run's, and what the run found (`found`)."
@@ -700,14 +751,16 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
     args = _training_args(cfg, run, world, device)
     # DeepSpeed keeps fp32 master weights of a bf16 model; plain Trainer mixes precision over fp32 weights
     dtype = "bfloat16" if args.bf16 and run.deepspeed else "float32"
-    model, processor, base_dir = _start_model(run, dtype, rank)
+    model, processor, base_dir = _start_model(run, dtype)
+    # every record and image is checked before anything in `out` changes
+    ds = SupervisedDataset(run.data, processor, run.images, cfg.max_length, cfg.template,
+                           cfg.max_dropped_share, text_only="llm" in cfg.train, image_workers=run.num_workers)
+    base_dir = _save_base(model, processor, run, base_dir, rank)
     found = {"attention": _attention(model, device), "trainable": set_trainable(model, cfg.train)}
     if run.lora: model = add_lora(model, cfg)
-    ds = SupervisedDataset(run.data, processor, run.images, cfg.max_length, cfg.template,
-                           cfg.max_dropped_share, text_only="llm" in cfg.train)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if resume_from is None: (out / "log_history.jsonl").unlink(missing_ok=True)
+        if resume_from is None: _clear_run(out)
         _write_settings(out, cfg, run, args, base_dir, {**found, "dataset": ds.summary()})
     callbacks = [_log_callback(out / "log_history.jsonl"), *(callbacks or [])]
     trainer = _trainer_class()(model=model, args=args, train_dataset=ds, data_collator=Collator(processor),
