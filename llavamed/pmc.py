@@ -13,7 +13,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from . import __version__
-from .core import RecordError, Result, append_jsonl, atomic_write, get_logger, iter_records, read_jsonl
+from .core import (BadRecords, RecordError, Result, append_jsonl, atomic_write, get_logger, iter_records,
+                           read_jsonl)
 
 # %% auto #0
 __all__ = ['log', 'STATUSES', 'FINISHED', 'FigureRef', 'read_url_list', 'mirror_url', 'sniff_ext', 'prepare_image', 'FetchConfig',
@@ -35,33 +36,48 @@ class FigureRef:
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 # %% ../nbs/02a_pmc.ipynb #1d18eaec
+def _url_problem(url: str) -> str | None:
+    "Why a tarball URL from the list must not be opened, or None."
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc: return "not an http(s) URL"
+    if ".." in urllib.parse.unquote(parts.path).split("/"): return "URL path with '..'"
+    return None
+
 def _check_row(row) -> tuple[str, str] | None:
     "(reason, detail) when `row` is not a usable URL-list line, else None."
     if not isinstance(row, dict): return "not a JSON object", type(row).__name__
     for k in ("pair_id", "pmc_tar_url", "image_file_path"):
         if not isinstance(row.get(k), str) or not row[k].strip(): return f"missing or empty {k}", str(row)[:80]
     if not _SAFE_ID.match(row["pair_id"]): return "pair_id not a plain file name", repr(row["pair_id"])
+    why = _url_problem(row["pmc_tar_url"].strip())
+    if why: return why, f"pair_id {row['pair_id']!r}"
     return None
 
 def read_url_list(path: str | Path,  # the image URL list (JSON Lines)
                   limit: int | None = None,  # keep only the first `limit` distinct figures
+                  bad: BadRecords | None = None,  # where bad lines are counted (default: skip any number)
                  ) -> tuple[list[FigureRef], Counter]:
     "Read the image URL list into `FigureRef`s, plus the counts of skipped lines by reason."
-    refs, seen, skipped, urls = [], set(), Counter(), {}
+    bad = bad if bad is not None else BadRecords(str(path), max_share=1.0)
+    refs, seen, urls, n_read = [], set(), {}, 0
     for line, row in iter_records(path):
         if limit is not None and len(refs) >= limit: break
-        bad = ("malformed JSON", row.msg) if isinstance(row, RecordError) else _check_row(row)
-        if bad is None and row["pair_id"] in seen: bad = ("repeated pair_id", row["pair_id"])
-        if bad is not None:
-            reason, detail = bad
-            skipped[reason] += 1
-            if sum(skipped.values()) <= 5: log.warning(f"{path}: line {line}: {reason} ({detail}); skipped")
+        n_read += 1
+        why = ("malformed JSON", row.msg) if isinstance(row, RecordError) else _check_row(row)
+        if why is None and row["pair_id"] in seen: why = ("repeated pair_id", row["pair_id"])
+        if why is not None:
+            reason, detail = why
+            bad.skip(reason, f"line {line}")
+            if bad.total <= 5: log.warning(f"{path}: line {line}: {reason} ({detail}); skipped")
             continue
         seen.add(row["pair_id"])
         url = row["pmc_tar_url"].strip()
         tar_url = urls.setdefault(url, url)  # one string per tarball, shared by its figures
         refs.append(FigureRef(row["pair_id"], tar_url, row["image_file_path"].strip()))
-    return refs, skipped
+    bad.check(n_read)
+    if not refs and n_read and (limit is None or limit > 0):
+        raise ValueError(f"{path}: no usable line; {bad.summary()}")
+    return refs, Counter(bad.counts)
 
 # %% ../nbs/02a_pmc.ipynb #245d90c1
 _PMC_ROOT = "/pub/pmc/"
@@ -276,6 +292,11 @@ class FetchResult(Result):
     bytes: int = 0  # bytes of the figures written
     bad_line_reasons: dict[str, int] = field(default_factory=dict)  # the skipped lines by reason
 
+    @property
+    def exit_code(self) -> int:
+        "1 when this run tried figures and got none (every download failed), else 0."
+        return 1 if not self.ok and self.missing + self.not_found + self.corrupt + self.error else 0
+
     def __str__(self) -> str:
         "'pmc: ok N, missing N, ...': every count."
         return "pmc: " + ", ".join(f"{k} {v}" for k, v in self.rows())
@@ -321,9 +342,11 @@ def fetch_figures(urls: str = None,  # the image URL list (llava_med_image_urls.
     if urls is None or out is None: raise ValueError("fetch_figures needs both `urls` (--urls) and `out` (--out)")
     cfg = FetchConfig(workers=workers, timeout=timeout, retries=retries, backoff=backoff,
                       max_member_mb=max_member_mb, jpeg=jpeg)
+    if mirror and urllib.parse.urlsplit(mirror).scheme.lower() not in ("http", "https", "file"):
+        raise ValueError(f"fetch_figures: --mirror {mirror!r}: expected an http(s):// or file:// URL")
+    refs, skipped = read_url_list(urls, limit)  # a bad list stops here, before `out` is touched
     out = Path(out); images = out / "images"; images.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"; _mend(manifest)
-    refs, skipped = read_url_list(urls, limit)
     done = finished_pairs(out)
     groups: dict[str, list[FigureRef]] = {}
     for r in refs:
