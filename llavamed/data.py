@@ -11,17 +11,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
-from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, RecordError, Result, Sample, asset_path,
-                           atomic_write, domain_flags, fix_keys, fmt_num, iter_records)
-from .images import ImageError, load_image
+from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sample,
+                           asset_path, atomic_write, domain_flags, fix_keys, fmt_num, iter_records)
+from .images import (MAX_PIXELS, ImageError, ImageOutsideRootError, ImageTooLargeError, load_image,
+                             relative_image_name, resolve_image)
 
 # %% auto #0
-__all__ = ['REASONS', 'check_record', 'Problem', 'ValidationReport', 'validate_records', 'validate_file', 'align_prompts',
-           'iter_caption_pairs', 'alignment_record', 'write_records', 'AlignmentResult', 'build_alignment']
+__all__ = ['REASONS', 'MAX_RECORD_CHARS', 'check_record', 'Problem', 'ValidationReport', 'validate_records', 'validate_file',
+           'align_prompts', 'iter_caption_pairs', 'alignment_record', 'write_records', 'AlignmentResult',
+           'build_alignment']
 
 # %% ../nbs/02_data.ipynb #dc4b22c0
 REASONS = {  # reason code: what it means
     "malformed_json": "the line or array element is not valid JSON (or not UTF-8 text)",
+    "too_long": "the record is longer than the `max_record_chars` limit (read no further than that)",
+    "empty_file": "the file holds no records at all",
     "not_object": "the record is not a JSON object",
     "missing_field": "a required field ('id', 'conversations', or 'image' when the text has <image>) is absent",
     "empty_field": "a field is present but empty",
@@ -34,8 +38,10 @@ REASONS = {  # reason code: what it means
     "empty_answer": "a gpt turn is empty",
     "image_token_count": "the number of <image> tokens is not 1 (or not 0 for a text-only record)",
     "image_token_position": "the <image> token is not in the first human turn",
+    "image_outside_root": "the image path is absolute, climbs out with `..`, or is a symlink out of the folder",
     "image_missing": "the image file does not exist under the images folder",
-    "image_unreadable": "the image file cannot be decoded",
+    "image_too_large": "the image's header claims more pixels than `max_pixels` (it is not decoded)",
+    "image_unreadable": "the image file cannot be decoded (empty, not an image, truncated, no pixel data)",
     "duplicate_id": "the id was already used by an earlier record",
 }
 
@@ -145,7 +151,8 @@ class Problem:
 
     def __str__(self):
         "'record I (id X, line L): message [reason]'."
-        if self.index is None: return f"line {self.line}: {self.message} [{self.reason}]"
+        if self.index is None:
+            return (f"line {self.line}: " if self.line is not None else "") + f"{self.message} [{self.reason}]"
         where = f"record {self.index}" + (f" (id {self.id}" if self.id is not None else " (no id")
         where += f", line {self.line})" if self.line is not None else ")"
         return f"{where}: {self.message} [{self.reason}]"
@@ -196,11 +203,13 @@ class ValidationReport(Result):
                 + listed + (f"- ... and {more:,} more\n" if more > 0 else ""))
 
 # %% ../nbs/02_data.ipynb #a689caac
-def _check_image(root: Path, name: str) -> tuple[str, str] | None:
-    "Why the image `name` under `root` is missing or unreadable, or None when it decodes."
-    path = root / name
+def _check_image(root: Path, name: str, max_pixels: int | None = MAX_PIXELS) -> tuple[str, str] | None:
+    "Why the image `name` under `root` is outside it, missing, too large or unreadable; None when it decodes."
+    try: path = resolve_image(root, name)
+    except ImageOutsideRootError as e: return ("image_outside_root", e.msg)  # never opened, never quoted
     if not path.is_file(): return ("image_missing", f"image {name!r} not found in {root}")
-    try: load_image(path)
+    try: load_image(path, max_pixels=max_pixels)
+    except ImageTooLargeError as e: return ("image_too_large", f"image {name!r}: {e.msg}")
     except (ImageError, OSError, ImportError) as e:
         return ("image_unreadable", f"image {name!r} unreadable: {getattr(e, 'msg', e)}")
     return None
@@ -209,10 +218,10 @@ _PENDING = object()
 
 class _ImageChecker:
     "Check each distinct image once, on `workers` threads, handing back problems as checks finish."
-    def __init__(self, root: Path, workers: int):
+    def __init__(self, root: Path, workers: int, max_pixels: int | None = MAX_PIXELS):
         "Serial when `workers` <= 1."
         from concurrent.futures import ThreadPoolExecutor
-        self.root, self.cache, self.waiting, self.futures = root, {}, {}, {}
+        self.root, self.max_pixels, self.cache, self.waiting, self.futures = root, max_pixels, {}, {}, {}
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="llavamed-image") if workers > 1 else None
         self.limit = 4 * max(workers, 1)
 
@@ -220,10 +229,10 @@ class _ImageChecker:
         "The problem of image `name` (or None) when known now, else `_PENDING` (`ready`/`finish` hand it back)."
         if name in self.cache: return self.cache[name]
         if self.pool is None:
-            self.cache[name] = res = _check_image(self.root, name)
+            self.cache[name] = res = _check_image(self.root, name, self.max_pixels)
             return res
         if name not in self.waiting:
-            self.futures[self.pool.submit(_check_image, self.root, name)] = name
+            self.futures[self.pool.submit(_check_image, self.root, name, self.max_pixels)] = name
             self.waiting[name] = []
         self.waiting[name].append(who)
         return _PENDING
@@ -262,10 +271,11 @@ def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or 
                      on_problem: Callable[[Problem], Any] | None = None,  # called with each problem when found
                      source: str = "<records>",  # name used in the summary
                      workers: int = 8,  # threads decoding images (1: in order, on this thread)
+                     max_pixels: int | None = MAX_PIXELS,  # an image whose header claims more pixels is refused
                     ) -> ValidationReport:
     "Check every record and return a `ValidationReport`; nothing is printed unless `on_problem` prints."
     rep, seen = ValidationReport(source=source), {}
-    checker = _ImageChecker(Path(images), workers) if images is not None else None
+    checker = _ImageChecker(Path(images), workers, max_pixels) if images is not None else None
     def add(index, rid, line, reason, message):
         "Count, keep (up to the cap) and announce one problem."
         problem = Problem(index, rid, line, reason, message)
@@ -285,6 +295,10 @@ def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or 
     if checker is not None: settle(checker.finish())
     return rep
 
+def _error_reason(e: RecordError) -> str:
+    "The reason code of a record the reader could not decode."
+    return "too_long" if e.msg.startswith("record longer than") else "malformed_json"
+
 def _validate_loop(records, rep, seen, checker, require_image, add, settle):
     "The per-record pass of `validate_records`."
     for item in records:
@@ -300,10 +314,10 @@ def _validate_loop(records, rep, seen, checker, require_image, add, settle):
             continue
         if isinstance(d, Sample): d = d.to_json()
         if isinstance(d, RecordError) and getattr(d, "file_level", False):
-            add(None, None, d.line, "malformed_json", d.msg); rep.n_file_errors += 1; continue
+            add(None, None, d.line, _error_reason(d), d.msg); rep.n_file_errors += 1; continue
         i, rep.n_records = rep.n_records, rep.n_records + 1
         if isinstance(d, RecordError):
-            add(i, None, d.line, "malformed_json", d.msg); rep.n_invalid += 1; continue
+            add(i, None, d.line, _error_reason(d), d.msg); rep.n_invalid += 1; continue
         rid = d.get("id") if isinstance(d, dict) else None
         rid = str(rid) if isinstance(rid, (str, int)) else None
         problems = check_record(d, require_image)
@@ -319,12 +333,16 @@ def _validate_loop(records, rep, seen, checker, require_image, add, settle):
         if checker is not None: settle(checker.ready())
 
 # %% ../nbs/02_data.ipynb #bd6d135d
+MAX_RECORD_CHARS = 1 << 20  # a conversation record is a few kilobytes: a megabyte means a broken file
+
 def validate_file(path: str,  # a LLaVA conversation file: JSON array, JSON Lines or parquet
                   images: str = None,  # folder with the images: also check that each exists and decodes
                   require_image: bool = False,  # treat records without an 'image' field as invalid
                   quiet: bool = False,  # report only the summary, not each problem
                   workers: int = 8,  # threads decoding images with --images
                   max_problems: int = 100_000,  # list at most this many problems (the counts stay exact)
+                  max_pixels: int = MAX_PIXELS,  # refuse images whose header claims more pixels (not decoded)
+                  max_record_chars: int = MAX_RECORD_CHARS,  # report a longer record (too_long), unbuffered
                  ) -> ValidationReport:
     "Check a LLaVA conversation file: a report of every bad record and a summary (exit status 0 clean, else 1)."
     if not Path(path).is_file(): raise FileNotFoundError(f"no such file: {path}")
@@ -332,10 +350,14 @@ def validate_file(path: str,  # a LLaVA conversation file: JSON array, JSON Line
         raise FileNotFoundError(f"no such images folder: {images}")
     from tqdm.auto import tqdm
     # the bar shows only on a terminal (disable=None) and never in quiet mode
-    records = iter_records(path)
+    records = iter_records(path, max_record_chars=max_record_chars)
     with tqdm(records, unit=" records", desc="validate", disable=True if quiet else None, leave=False) as bar:
-        return validate_records(bar, images=images, require_image=require_image, source=str(path),
-                                max_problems=0 if quiet else max_problems, workers=workers)
+        rep = validate_records(bar, images=images, require_image=require_image, source=str(path), workers=workers,
+                               max_problems=0 if quiet else max_problems, max_pixels=max_pixels)
+    if rep.n_records == 0 and rep.n_file_errors == 0:  # an empty file is not a clean one
+        rep.counts["empty_file"] += 1; rep.n_file_errors += 1
+        rep.problems.append(Problem(None, None, None, "empty_file", "the file holds no records"))
+    return rep
 
 # %% ../nbs/02_data.ipynb #3ac34a63
 def align_prompts(style: str = "all",  # 'all', 'detailed' or 'concise'
@@ -398,12 +420,17 @@ def write_records(out: str | Path,  # a .json file (array, one record per line) 
         if not jsonl: f.write("\n]\n")
     return n
 
+_BAD_PAIR = {"malformed_json", "not_object", "missing_id", "image_outside_root"}  # broken, not merely unusable
+
 def _pair_problem(pair, seen: set) -> tuple[str, str] | None:
     "(reason, message) when `pair` cannot make a record, else None (and its id is remembered)."
     if isinstance(pair, RecordError): return "malformed_json", pair.msg
     if not isinstance(pair, dict): return "not_object", f"a {type(pair).__name__}, expected an object"
     pid = pair.get("pair_id", pair.get("id"))
     if pid is None or not str(pid).strip(): return "missing_id", "no 'pair_id' or 'id'"
+    if pair.get("image"):
+        try: relative_image_name(pair["image"], pid)
+        except ImageOutsideRootError as e: return "image_outside_root", e.msg
     cap = pair.get("caption", pair.get("fig_caption"))
     if not isinstance(cap, str) or not cap.strip(): return "empty_caption", f"pair {pid} has no caption"
     if str(pid) in seen: return "duplicate_id", f"pair {pid} repeats an earlier id"
@@ -422,27 +449,39 @@ class AlignmentResult(Result):
         skips = f"; skipped {sum(self.skipped.values()):,}: {self.skipped}" if self.skipped else ""
         return f"wrote {self.written:,} alignment records to {self.out}{skips}"
 
+def _alignment_rows(captions, prompts: list[str], seed: int, quiet: bool, bad: BadRecords, skipped: Counter):
+    "The alignment records of `captions`; unusable pairs counted in `skipped`, broken ones also in `bad`."
+    from tqdm.auto import tqdm
+    pairs = tqdm(iter_caption_pairs(captions), unit=" pairs", desc="align", disable=True if quiet else None,
+                 leave=False)
+    n_read = n_made = 0
+    seen: set[str] = set()
+    for i, (line, pair, key) in enumerate(pairs):
+        n_read, problem = n_read + 1, _pair_problem(pair, seen)
+        if problem is None: n_made += 1; yield alignment_record(pair, prompts, seed, key); continue
+        reason, message = problem
+        skipped[reason] += 1
+        if reason in _BAD_PAIR: bad.skip(reason, f"pair {i} (line {line})")
+        if not quiet:
+            pairs.write(f"{captions}: pair {i} (line {line}): skipped, {message} [{reason}]", file=sys.stderr)
+    bad.check(n_read)  # raising here, inside the atomic write, leaves any earlier output as it was
+    if n_made == 0:
+        why = ", ".join(f"{r} {n:,}" for r, n in skipped.items()) or "the file holds none"
+        raise ValueError(f"{captions}: no pair made an alignment record ({why}); nothing was written")
+
 def build_alignment(captions: str = None,  # figure-caption pairs: teacher-input dict by domain, JSON array, JSONL
                     out: str = None,  # output file: JSON array, or JSONL when it ends in .jsonl
                     seed: int = 0,  # seed for the instruction and <image> side drawn per pair
                     style: str = "all",  # instruction set: 'all', 'detailed' or 'concise'
                     quiet: bool = False,  # do not report each skipped pair
+                    max_bad: float = 0.02,  # stop when more than this share of the pairs are broken records
                    ) -> AlignmentResult:
     "Turn figure-caption pairs into stage-1 alignment records; the result counts written and skipped pairs."
     if captions is None or out is None:
         raise ValueError("build_alignment needs both `captions` and `out` (--captions FILE --out FILE)")
     if not Path(captions).is_file(): raise FileNotFoundError(f"captions file not found: {captions}")
-    from tqdm.auto import tqdm
-    prompts, seen, skipped = align_prompts(style), set(), Counter()
-    def rows():
-        "The alignment records, skipping (and reporting on stderr) the pairs that cannot make one."
-        pairs = tqdm(iter_caption_pairs(captions), unit=" pairs", desc="align", disable=True if quiet else None,
-                     leave=False)
-        for i, (line, pair, key) in enumerate(pairs):
-            problem = _pair_problem(pair, seen)
-            if problem is None: yield alignment_record(pair, prompts, seed, key); continue
-            reason, message = problem
-            skipped[reason] += 1
-            if not quiet:
-                pairs.write(f"{captions}: pair {i} (line {line}): skipped, {message} [{reason}]", file=sys.stderr)
-    return AlignmentResult(str(out), write_records(out, rows()), dict(skipped))
+    if Path(out).resolve() == Path(captions).resolve():
+        raise ValueError(f"--out {out} is the captions file itself: write the alignment set to another file")
+    prompts, skipped, bad = align_prompts(style), Counter(), BadRecords(str(captions), max_share=max_bad)
+    written = write_records(out, _alignment_rows(captions, prompts, seed, quiet, bad, skipped))
+    return AlignmentResult(str(out), written, dict(skipped))
