@@ -6,18 +6,20 @@ Docs: https://llavamed.github.io/llavamed/eval.html.md"""
 
 # %% ../nbs/07_eval.ipynb #ab25724e
 from __future__ import annotations
-import hashlib, math, re, sys
+import contextlib, hashlib, json, math, re, sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
-from .core import (DOMAINS, Question, Result, fmt_num, get_logger, load_questions, read_jsonl,
-                           to_jsonable, write_json, write_jsonl)
+from .core import (DOMAINS, BadRecords, Question, RecordError, Result, atomic_write, fmt_num,
+                           get_logger, iter_records, load_questions, question_from_json, read_jsonl,
+                           to_jsonable)
 
 # %% auto #0
 __all__ = ['PUNCT', 'NUMBER_WORDS', 'ARTICLES', 'CONTRACTIONS', 'BLEU_WEIGHTS', 'METRICS', 'normalize_answer', 'official_prf',
-           'official_exact', 'sentence_bleu', 'official_question', 'strict_question', 'load_answers', 'align',
-           'score_pairs', 'group_scores', 'file_sha256', 'describe_decoding', 'Scores', 'score']
+           'official_exact', 'sentence_bleu', 'official_question', 'strict_question', 'load_answers', 'read_questions',
+           'align', 'score_pairs', 'group_scores', 'file_sha256', 'describe_decoding', 'Scores', 'write_set',
+           'refuse_outputs_over_inputs', 'score']
 
 # %% ../nbs/07_eval.ipynb #a076e492
 PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
@@ -195,13 +197,49 @@ def strict_question(pred: str,  # the model's answer
             "substring_hit": float(_phrase_in(g, p))}
 
 # %% ../nbs/07_eval.ipynb #12e5353e
-def load_answers(path: str | Path) -> list[dict]:
-    "Rows of an answers JSONL file (official format), checked for `question_id` and `text`."
-    rows = list(read_jsonl(path))  # a malformed line raises, naming its line
-    for i, r in enumerate(rows, 1):
-        if not isinstance(r, dict) or "question_id" not in r or "text" not in r:
-            raise ValueError(f"{path}:{i}: an answer needs 'question_id' and 'text'")
+def _where(line: int | None, index: int) -> str:
+    "Where a record sits: its line, or its index in formats without lines (parquet)."
+    return f"line {line}" if line else f"record {index}"
+
+def _reason(e: RecordError) -> str:
+    "A malformed record's reason without its details (so equal reasons count together)."
+    return e.msg.split(" (")[0]
+
+def load_answers(path: str | Path,  # answers JSONL (official format: `question_id`, `text`)
+                 bad: BadRecords | None = None,  # counts the skipped lines (default: a new one for `path`)
+                ) -> list[dict]:
+    "Rows of an answers file with `question_id` and `text`; bad lines are skipped and counted, too many stop."
+    bad = BadRecords(str(path)) if bad is None else bad
+    rows, n_read = [], 0
+    for n_read, (line, r) in enumerate(iter_records(path), 1):
+        if isinstance(r, RecordError): bad.skip(_reason(r), _where(line, n_read - 1))
+        elif not isinstance(r, dict) or "question_id" not in r or "text" not in r:
+            bad.skip("an answer needs 'question_id' and 'text'", _where(line, n_read - 1))
+        elif not isinstance(r["text"], str): bad.skip("'text' is not a string", _where(line, n_read - 1))
+        else: rows.append(r)
+    bad.check(n_read)
     return rows
+
+# %% ../nbs/07_eval.ipynb #9a8cd18e
+def read_questions(path: str | Path,  # a VQA file (JSON, JSONL, parquet) or a benchmark JSONL
+                   need_answer: bool = False,  # a question without its reference answer is a bad record
+                   bad: BadRecords | None = None,  # counts skipped records (default: a new one)
+                  ) -> list[Question]:
+    "An evaluation file's questions (as `load_questions`); bad records skipped and counted; too many stop."
+    bad = BadRecords(str(path)) if bad is None else bad
+    out, seen, n_read = [], set(), 0
+    for n_read, (line, v) in enumerate(iter_records(path), 1):
+        if isinstance(v, RecordError): bad.skip(_reason(v), _where(line, n_read - 1)); continue
+        rid = v.get("id", v.get("question_id")) if isinstance(v, dict) else None
+        where = _where(line, n_read - 1) + ("" if rid is None else f" (id {rid})")
+        try: q = question_from_json(v)
+        except ValueError as e: bad.skip(str(e), where); continue
+        if need_answer and q.answer is None:
+            bad.skip("no 'gpt4_answer'" if q.kind == "benchmark" else "no answer turn after the question", where)
+        elif q.id in seen: bad.skip("duplicate id", where)
+        else: seen.add(q.id); out.append(q)
+    bad.check(n_read)
+    return out
 
 # %% ../nbs/07_eval.ipynb #efd845dc
 def align(questions: list[Question],  # from `llavamed.core.load_questions`
@@ -349,7 +387,9 @@ class Scores(Result):
                 f"answers {self.pred} | decoding: {self.decoding}",
                 f"questions {p['n_questions']} (open {n['n_open']}, closed {n['n_closed']}) | "
                 f"missing answers {p['n_missing']} (scored as {scored_as}), extra {p['n_extra']}, "
-                f"duplicate {p['n_duplicate']}"]
+                f"duplicate {p['n_duplicate']}"] + [
+                f"skipped bad {name}: {p[f'bad_{name}']}" for name in ("answers", "questions")
+                if p.get(f"bad_{name}")]
 
     def __str__(self) -> str:
         "The terminal table: the heading, then one row per metric and one column per mode."
@@ -384,7 +424,41 @@ def _detail_rows(pairs, per_q: dict[str, list]):
         yield {"id": q.id, "answer_type": q.answer_type, "gt": q.answer, "pred": text,
                **{m: rows[i] for m, rows in per_q.items()}}
 
+# %% ../nbs/07_eval.ipynb #298ec2c6
+def write_set(texts: dict[str | Path, str]) -> list[Path]:
+    "Write {path: text} as one set: all to temporary files, then the old later ones removed and all renamed."
+    paths = [Path(p) for p in texts]
+    with contextlib.ExitStack() as stack:  # exits last-in first-out: the first path is renamed first
+        for path, text in reversed(list(zip(paths, texts.values()))):
+            stack.enter_context(atomic_write(path)).write(text)
+        for path in paths[1:]: path.unlink(missing_ok=True)
+    return paths
+
+def refuse_outputs_over_inputs(outputs: dict[str, str | Path | None],  # {flag: path} written by a command
+                               inputs: dict[str, str | Path | None],  # {flag: path} it reads
+                              ) -> None:
+    "Raise a `ValueError` when an output path is one of the input files (also through a link)."
+    for oflag, o in outputs.items():
+        for iflag, i in inputs.items():
+            if o and i and Path(o).exists() and Path(i).exists() and Path(o).samefile(i):
+                raise ValueError(f"--{oflag} {o} is the --{iflag} file: writing it would destroy the input")
+
 # %% ../nbs/07_eval.ipynb #11491f7f
+def _read_pairs(pred, gt, missing: str) -> tuple[list, dict, list[dict]]:
+    "Answers and questions, read and paired (bad records counted); empty or unpaired inputs raise."
+    bad_answers, bad_questions = BadRecords(str(pred)), BadRecords(str(gt))
+    answers = load_answers(pred, bad_answers)
+    if not answers: raise ValueError(f"{pred}: no answers (an empty file)")
+    questions = read_questions(gt, need_answer=True, bad=bad_questions)
+    if not questions: raise ValueError(f"{gt}: no questions (an empty file)")
+    pairs, info = align(questions, answers, missing)
+    if info["n_missing"] == len(questions):
+        raise ValueError(f"{pred}: none of its {len(answers):,} answers is for a question of {gt} "
+                         f"(answer ids such as {', '.join(info['extra_ids'][:3])})")
+    for name, bad in (("answers", bad_answers), ("questions", bad_questions)):
+        info[f"n_bad_{name}"], info[f"bad_{name}"] = bad.total, bad.summary() if bad.total else None
+    return pairs, info, answers
+
 def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from `llavamed predict`
           gt: str = None,  # the VQA file with the reference answers (`id`, `answer_type`, conversations)
           mode: str = "official",  # 'official' (LLaVA-Med v1.0 scorer), 'strict', or 'all' (both)
@@ -397,8 +471,8 @@ def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from 
     if pred is None or gt is None: raise ValueError("score needs both --pred (answers) and --gt (VQA file)")
     if mode not in ("official", "strict", "all"):
         raise ValueError(f"mode={mode!r}: expected official, strict or all")
-    answers = load_answers(pred)
-    pairs, info = align(load_questions(gt, need_answer=True), answers, missing)
+    refuse_outputs_over_inputs({"out": out, "details": details}, {"pred": pred, "gt": gt})
+    pairs, info, answers = _read_pairs(pred, gt, missing)
     if info["n_missing"] or info["n_extra"]:
         get_logger().warning(f"{info['n_missing']} questions have no answer, "
                              f"{info['n_extra']} answers match no question")
@@ -406,11 +480,13 @@ def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from 
     norm = _cached(normalize_answer)  # both modes normalise the same strings
     per_q = {m: [] if details else None for m in modes}
     metrics = {m: score_pairs(pairs, m, norm, per_q[m]) for m in modes}
-    if details: write_jsonl(details, _detail_rows(pairs, per_q))
     ablations = {(a.get("metadata") or {}).get("image_ablation", "none") for a in answers} or {"none"}
     res = Scores(dataset=name or f"{Path(gt).resolve().parent.name}/{Path(gt).stem}", pred=str(pred),
                  gt=str(gt), gt_sha256=file_sha256(gt), decoding=describe_decoding(answers),
                  image_ablation=ablations.pop() if len(ablations) == 1 else "mixed", mode=mode,
                  metrics=metrics, pairing=info)
-    if out: write_json(out, res.to_json())
+    texts = {out: json.dumps(res.to_json(), indent=2, ensure_ascii=False)} if out else {}
+    if details: texts[details] = "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                         for r in _detail_rows(pairs, per_q))
+    write_set(texts)
     return res

@@ -131,7 +131,9 @@ def test_score_reads_a_jsonl_vqa_file(files, tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in GT))
     assert score(files[0], p, mode="all").metrics == score(*files, mode="all").metrics
     p.write_text(json.dumps({"id": "q1", "answer_type": "OPEN", "conversations": [{"from": "human", "value": "Q?"}]}))
-    with pytest.raises(ValueError, match=r"record 0 \(id q1\): no answer turn"): score(files[0], p)
+    with pytest.raises(ValueError, match=r"t.jsonl: 1 of 1 records are bad .*"
+                                         r"no answer turn after the question at line 1 \(id q1\)"):
+        score(files[0], p)
 
 def test_group_scores_per_domain_and_kind():
     qs = [Question("1", "Q?", answer="yes", answer_type="CLOSED", domain="mri", question_type="side"),
