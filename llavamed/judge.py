@@ -7,12 +7,13 @@ Docs: https://llavamed.github.io/llavamed/judge.html.md"""
 # %% ../nbs/07b_judge.ipynb #3be55244
 from __future__ import annotations
 import hashlib, json as _json, re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from .core import (DOMAIN_NAMES, Question, Result, fmt_num, get_logger, load_questions, write_json,
-                           write_jsonl)
+from .core import DOMAIN_NAMES, BadRecords, Question, Result, fmt_num, get_logger, load_questions
 from .instruct import mention_texts
-from .eval import describe_decoding, file_sha256, load_answers, normalize_answer
+from .eval import (describe_decoding, file_sha256, load_answers, normalize_answer, read_questions,
+                           refuse_outputs_over_inputs, write_set)
+from .predict import _repair_tail
 
 # %% auto #0
 __all__ = ['log', 'JUDGES', 'ORDERS', 'PROXY_LABEL', 'JUDGE_SYSTEM', 'GROUPS', 'ORDERS_OF', 'judge_messages', 'parse_scores',
@@ -181,6 +182,14 @@ class JudgeSummary(Result):
     position_effect: float | None  # points the model gains over the reference when shown first (both orders)
     temperature: float | None  # the judge's sampling temperature (LLM judges)
     groups: dict  # {group: n, unparsed, relative_score, ratio_of_means, mean_reference, mean_model}
+    skipped: dict = field(default_factory=dict)  # {'questions' or 'answers': what bad records were skipped}
+    reviews_sha256: str | None = None  # SHA-256 of the reviews file written with this summary
+    written: bool = True  # False when no question got a score: nothing was written (exit status 1)
+
+    @property
+    def exit_code(self) -> int:
+        "The CLI's exit status: 1 when nothing was written."
+        return 0 if self.written else 1
 
     def __str__(self) -> str:
         "The paper's table, then the inputs, the failures and the position effect."
@@ -189,6 +198,8 @@ class JudgeSummary(Result):
                  f"decoding: {self.decoding}",
                  f"unparsed reviews: {self.n_unparsed} (partial: {self.n_partial}); "
                  f"questions without an answer: {self.n_missing_answers}"]
+        lines += [f"skipped bad {name}: {why}" for name, why in self.skipped.items()]
+        if not self.written: lines.append("no question got a score: nothing written (rerun to retry them)")
         if self.position_effect is not None:
             lines.append(f"position effect: the model gains {self.position_effect:+.2f} points over the "
                          "reference when shown first")
@@ -211,6 +222,19 @@ def _require_benchmark(qs: list[Question], path) -> list[Question]:
     if bad is not None: raise ValueError(f"{path}: record {bad} (id {qs[bad].id}): not a benchmark "
                                          "question ('question_id', 'text', 'gpt4_answer')")
     return qs
+
+def _judge_inputs(questions, answers) -> tuple[list[Question], list[dict], dict]:
+    "Benchmark questions and answer rows (bad records skipped and counted); empty or unpaired inputs raise."
+    bad_questions, bad_answers = BadRecords(str(questions)), BadRecords(str(answers))
+    qs = _require_benchmark(read_questions(questions, need_answer=True, bad=bad_questions), questions)
+    if not qs: raise ValueError(f"{questions}: no questions (an empty file)")
+    rows = load_answers(answers, bad_answers)
+    if not rows: raise ValueError(f"{answers}: no answers (an empty file)")
+    ids = {q.id for q in qs}
+    if not any(str(a["question_id"]) in ids for a in rows):
+        raise ValueError(f"{answers}: none of its {len(rows):,} answers is for a question of {questions}")
+    bad = {"questions": bad_questions, "answers": bad_answers}
+    return qs, rows, {name: b.summary() for name, b in bad.items() if b.total}
 
 def _evidence(q: Question) -> str:
     "What the proxy judge compares answers with: the caption and the mentions."
@@ -238,6 +262,15 @@ def _llm_reviews(qs: list[Question], keys: dict, done: dict, order: str) -> list
              "text": (rows[n] or {}).get("text"), "status": (rows[n] or {}).get("status", "missing")}
             for n in names]})
     return reviews
+
+def _llm_judge(qs: list[Question], answers: dict[str, str], order: str, cache: Path, client: dict,
+               run: dict) -> list[dict]:
+    "Reviews by an LLM judge; requests already answered in `cache` are not sent again (a killed run resumes)."
+    from llavamed.client import ChatClient, load_checkpoint, run_chat_requests
+    reqs, keys = build_requests(qs, answers, order, client["model"])
+    if cut := _repair_tail(cache): log.warning(f"{cache}: cut a torn last line ({cut} bytes) before resuming")
+    run_chat_requests(ChatClient(**client), reqs, cache, parse=parse_scores, desc="judge", **run)
+    return _llm_reviews(qs, keys, load_checkpoint(cache), order)
 
 def _position_effect(reviews: list[dict]) -> float | None:
     "How much more the model gains over the reference when shown first (questions judged in both orders)."
@@ -268,24 +301,25 @@ def judge(questions: str = None,  # benchmark JSONL (question_id, text, gpt4_ans
     if not (questions and answers and out): raise ValueError("judge needs --questions, --answers and --out")
     if judge not in JUDGES: raise ValueError(f"judge={judge!r}: expected one of {JUDGES}")
     if order not in ORDERS: raise ValueError(f"order={order!r}: expected one of {ORDERS}")
-    qs = _require_benchmark(load_questions(questions, need_answer=True), questions)
-    answer_rows, out = load_answers(answers), Path(out)
+    out = Path(out)
+    summary_path = out.with_name(out.stem + ".summary.json")
+    cache = Path(cache) if cache else out.with_name(out.stem + ".cache.jsonl")
+    refuse_outputs_over_inputs({"out": out, "cache": cache, "out (summary)": summary_path},
+                               {"questions": questions, "answers": answers})
+    qs, answer_rows, skipped = _judge_inputs(questions, answers)
     ans = {str(a["question_id"]): a["text"] for a in answer_rows}
     missing = [q.id for q in qs if q.id not in ans]
     if judge == "overlap": label, reviews = PROXY_LABEL, _proxy_reviews(qs, ans)
     else:
-        from llavamed.client import ChatClient, load_checkpoint, run_chat_requests
         if not model: raise ValueError("judge='openai' needs --model (the judge model's name)")
         label = f"openai:{model}" + (f" at {base_url}" if base_url else "") + f", order={order}"
-        reqs, keys = build_requests(qs, ans, order, model)
-        cache = Path(cache) if cache else out.with_name(out.stem + ".cache.jsonl")
-        client = ChatClient(model=model, base_url=base_url, api_key_env=api_key_env, temperature=temperature,
-                            max_tokens=max_tokens)
-        run_chat_requests(client, reqs, cache, concurrency=concurrency, max_attempts=max_attempts,
-                          parse=parse_scores, backoff=backoff, progress=progress, desc="judge")
-        reviews = _llm_reviews(qs, keys, load_checkpoint(cache), order)
+        client = dict(model=model, base_url=base_url, api_key_env=api_key_env, temperature=temperature,
+                      max_tokens=max_tokens)
+        run = dict(concurrency=concurrency, max_attempts=max_attempts, backoff=backoff, progress=progress)
+        reviews = _llm_judge(qs, ans, order, cache, client, run)
     for r in reviews: r["judge"] = label
-    write_jsonl(out, reviews)
+    text = "".join(_json.dumps(r, ensure_ascii=False) + "\n" for r in reviews)
+    written = any(r["status"] != "unparsed" for r in reviews)
     summary = JudgeSummary(
         judge=label, order=order if judge == "openai" else "n/a (symmetric proxy)", questions=str(questions),
         questions_sha256=file_sha256(questions), decoding=describe_decoding(answer_rows),
@@ -293,6 +327,8 @@ def judge(questions: str = None,  # benchmark JSONL (question_id, text, gpt4_ans
         n_unparsed=sum(r["status"] == "unparsed" for r in reviews),
         n_partial=sum(r["status"] == "partial" for r in reviews),
         position_effect=_position_effect(reviews), temperature=temperature if judge == "openai" else None,
-        groups=summarize(reviews))
-    write_json(out.with_name(out.stem + ".summary.json"), summary.to_json())
+        groups=summarize(reviews), skipped=skipped, written=written,
+        reviews_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest() if written else None)
+    if written:  # one set: a kill never leaves a summary beside reviews of another run
+        write_set({out: text, summary_path: _json.dumps(summary.to_json(), indent=2, ensure_ascii=False)})
     return summary
