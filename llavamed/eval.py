@@ -16,10 +16,10 @@ from .core import (DOMAINS, BadRecords, Question, RecordError, Result, atomic_wr
                            to_jsonable)
 
 # %% auto #0
-__all__ = ['PUNCT', 'NUMBER_WORDS', 'ARTICLES', 'CONTRACTIONS', 'BLEU_WEIGHTS', 'METRICS', 'normalize_answer', 'official_prf',
-           'official_exact', 'sentence_bleu', 'official_question', 'strict_question', 'load_answers', 'read_questions',
-           'align', 'score_pairs', 'group_scores', 'file_sha256', 'describe_decoding', 'Scores', 'write_set',
-           'refuse_outputs_over_inputs', 'score']
+__all__ = ['PUNCT', 'NUMBER_WORDS', 'ARTICLES', 'CONTRACTIONS', 'BLEU_WEIGHTS', 'MAX_ANSWER_CHARS', 'METRICS', 'normalize_answer',
+           'official_prf', 'official_exact', 'sentence_bleu', 'official_question', 'strict_question', 'load_answers',
+           'read_questions', 'align', 'score_pairs', 'group_scores', 'file_sha256', 'describe_decoding', 'Scores',
+           'write_set', 'refuse_outputs_over_inputs', 'score']
 
 # %% ../nbs/07_eval.ipynb #a076e492
 PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
@@ -205,8 +205,11 @@ def _reason(e: RecordError) -> str:
     "A malformed record's reason without its details (so equal reasons count together)."
     return e.msg.split(" (")[0]
 
+MAX_ANSWER_CHARS = 100_000  # far above any generated answer (the paper's are at most 1024 tokens)
+
 def load_answers(path: str | Path,  # answers JSONL (official format: `question_id`, `text`)
                  bad: BadRecords | None = None,  # counts the skipped lines (default: a new one for `path`)
+                 max_answer_chars: int = MAX_ANSWER_CHARS,  # a longer answer is an error, not scored
                 ) -> list[dict]:
     "Rows of an answers file with `question_id` and `text`; bad lines are skipped and counted, too many stop."
     bad = BadRecords(str(path)) if bad is None else bad
@@ -216,6 +219,10 @@ def load_answers(path: str | Path,  # answers JSONL (official format: `question_
         elif not isinstance(r, dict) or "question_id" not in r or "text" not in r:
             bad.skip("an answer needs 'question_id' and 'text'", _where(line, n_read - 1))
         elif not isinstance(r["text"], str): bad.skip("'text' is not a string", _where(line, n_read - 1))
+        elif len(r["text"]) > max_answer_chars:
+            where = f"{_where(line, n_read - 1)} (question {r['question_id']})"
+            raise ValueError(f"{path}: {where}: an answer of {len(r['text']):,} characters > "
+                             f"max_answer_chars {max_answer_chars:,}")
         else: rows.append(r)
     bad.check(n_read)
     return rows
@@ -235,7 +242,8 @@ def read_questions(path: str | Path,  # a VQA file (JSON, JSONL, parquet) or a b
         try: q = question_from_json(v)
         except ValueError as e: bad.skip(str(e), where); continue
         if need_answer and q.answer is None:
-            bad.skip("no 'gpt4_answer'" if q.kind == "benchmark" else "no answer turn after the question", where)
+            missing = "no 'gpt4_answer'" if q.kind == "benchmark" else "no answer turn after the question"
+            bad.skip(missing, where)
         elif q.id in seen: bad.skip("duplicate id", where)
         else: seen.add(q.id); out.append(q)
     bad.check(n_read)
@@ -444,10 +452,10 @@ def refuse_outputs_over_inputs(outputs: dict[str, str | Path | None],  # {flag: 
                 raise ValueError(f"--{oflag} {o} is the --{iflag} file: writing it would destroy the input")
 
 # %% ../nbs/07_eval.ipynb #11491f7f
-def _read_pairs(pred, gt, missing: str) -> tuple[list, dict, list[dict]]:
+def _read_pairs(pred, gt, missing: str, max_answer_chars: int) -> tuple[list, dict, list[dict]]:
     "Answers and questions, read and paired (bad records counted); empty or unpaired inputs raise."
     bad_answers, bad_questions = BadRecords(str(pred)), BadRecords(str(gt))
-    answers = load_answers(pred, bad_answers)
+    answers = load_answers(pred, bad_answers, max_answer_chars)
     if not answers: raise ValueError(f"{pred}: no answers (an empty file)")
     questions = read_questions(gt, need_answer=True, bad=bad_questions)
     if not questions: raise ValueError(f"{gt}: no questions (an empty file)")
@@ -466,13 +474,14 @@ def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from 
           out: str = None,  # also write the result as JSON here (what `llavamed report` reads)
           name: str = None,  # the dataset's name in reports (default: the data file's folder and stem)
           details: str = None,  # also write each question's metrics (every mode scored) to this JSONL file
+          max_answer_chars: int = MAX_ANSWER_CHARS,  # a longer answer stops the run (no model's real answer)
          ) -> Scores:
     "Score VQA answers against references in the official and/or strict mode."
     if pred is None or gt is None: raise ValueError("score needs both --pred (answers) and --gt (VQA file)")
     if mode not in ("official", "strict", "all"):
         raise ValueError(f"mode={mode!r}: expected official, strict or all")
     refuse_outputs_over_inputs({"out": out, "details": details}, {"pred": pred, "gt": gt})
-    pairs, info, answers = _read_pairs(pred, gt, missing)
+    pairs, info, answers = _read_pairs(pred, gt, missing, max_answer_chars)
     if info["n_missing"] or info["n_extra"]:
         get_logger().warning(f"{info['n_missing']} questions have no answer, "
                              f"{info['n_extra']} answers match no question")

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .core import DOMAIN_NAMES, BadRecords, Question, Result, fmt_num, get_logger, load_questions
 from .instruct import mention_texts
-from .eval import (describe_decoding, file_sha256, load_answers, normalize_answer, read_questions,
-                           refuse_outputs_over_inputs, write_set)
+from .eval import (MAX_ANSWER_CHARS, describe_decoding, file_sha256, load_answers, normalize_answer,
+                           read_questions, refuse_outputs_over_inputs, write_set)
 from .predict import _repair_tail
 
 # %% auto #0
@@ -223,12 +223,12 @@ def _require_benchmark(qs: list[Question], path) -> list[Question]:
                                          "question ('question_id', 'text', 'gpt4_answer')")
     return qs
 
-def _judge_inputs(questions, answers) -> tuple[list[Question], list[dict], dict]:
+def _judge_inputs(questions, answers, max_answer_chars: int) -> tuple[list[Question], list[dict], dict]:
     "Benchmark questions and answer rows (bad records skipped and counted); empty or unpaired inputs raise."
     bad_questions, bad_answers = BadRecords(str(questions)), BadRecords(str(answers))
     qs = _require_benchmark(read_questions(questions, need_answer=True, bad=bad_questions), questions)
     if not qs: raise ValueError(f"{questions}: no questions (an empty file)")
-    rows = load_answers(answers, bad_answers)
+    rows = load_answers(answers, bad_answers, max_answer_chars)
     if not rows: raise ValueError(f"{answers}: no answers (an empty file)")
     ids = {q.id for q in qs}
     if not any(str(a["question_id"]) in ids for a in rows):
@@ -296,6 +296,7 @@ def judge(questions: str = None,  # benchmark JSONL (question_id, text, gpt4_ans
           backoff: float = 1.0,  # first wait before a retry, in seconds (doubles each attempt)
           cache: str = None,  # request cache / checkpoint JSONL (default: beside `out`)
           progress: bool = True,  # show a progress bar
+          max_answer_chars: int = MAX_ANSWER_CHARS,  # a longer answer stops the run (no model's real answer)
          ) -> JudgeSummary:
     "Judge benchmark answers against the reference answers; write the reviews and the paper's summary table."
     if not (questions and answers and out): raise ValueError("judge needs --questions, --answers and --out")
@@ -306,13 +307,15 @@ def judge(questions: str = None,  # benchmark JSONL (question_id, text, gpt4_ans
     cache = Path(cache) if cache else out.with_name(out.stem + ".cache.jsonl")
     refuse_outputs_over_inputs({"out": out, "cache": cache, "out (summary)": summary_path},
                                {"questions": questions, "answers": answers})
-    qs, answer_rows, skipped = _judge_inputs(questions, answers)
+    qs, answer_rows, skipped = _judge_inputs(questions, answers, max_answer_chars)
     ans = {str(a["question_id"]): a["text"] for a in answer_rows}
     missing = [q.id for q in qs if q.id not in ans]
     if judge == "overlap": label, reviews = PROXY_LABEL, _proxy_reviews(qs, ans)
     else:
         if not model: raise ValueError("judge='openai' needs --model (the judge model's name)")
-        label = f"openai:{model}" + (f" at {base_url}" if base_url else "") + f", order={order}"
+        from llavamed.client import split_userinfo
+        server = split_userinfo(base_url)[0]  # credentials in the URL never reach the reviews or the summary
+        label = f"openai:{model}" + (f" at {server}" if server else "") + f", order={order}"
         client = dict(model=model, base_url=base_url, api_key_env=api_key_env, temperature=temperature,
                       max_tokens=max_tokens)
         run = dict(concurrency=concurrency, max_attempts=max_attempts, backoff=backoff, progress=progress)

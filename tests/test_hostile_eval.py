@@ -282,3 +282,33 @@ def test_judge_kill_between_the_writes_leaves_no_summary_of_another_run(judged, 
     a.write_text(json.dumps({"question_id": 0, "text": "Nothing."}) + "\n")
     assert main(_judge_args(q, a, out, "--judge", "overlap")) == 130
     assert out.read_bytes() != before[out] and not summary.exists()
+
+
+def test_score_and_judge_stop_on_a_huge_answer(scored, judged, tmp_path, capsys):
+    "A 20 MB answer is no model's answer: one line naming the file, line and setting; earlier outputs kept."
+    gt, _, out, before = scored
+    pred = tmp_path / "huge.jsonl"
+    pred.write_text(_answer(0, "yes " * 5_000_000) + "".join(_answer(i) for i in range(1, 100)))
+    capsys.readouterr()
+    assert _score(pred, gt, out) == 2
+    _one_error_line(capsys, "score", str(pred), "line 1 (question q0)", "max_answer_chars 100,000")
+    assert out.read_bytes() == before
+    q, a, reviews, judged_before = judged
+    a.write_text(json.dumps({"question_id": 0, "text": "lung " * 5_000_000}) + "\n")
+    assert main(_judge_args(q, a, reviews, "--judge", "overlap")) == 2
+    _one_error_line(capsys, "judge", str(a), "line 1 (question 0)", "max_answer_chars")
+    assert {p: p.read_bytes() for p in judged_before} == judged_before
+
+
+def test_judge_keeps_base_url_credentials_out_of_its_outputs(tmp_path, capsys, monkeypatch):
+    q, a = _judge_files(tmp_path, n=2)
+    out = tmp_path / "r.jsonl"
+    monkeypatch.setenv(KEY_ENV, "sk-loopback-test")
+    with ChatServer(reply_text="8 6\nThe first answer is better.") as srv:
+        url = srv.base_url.replace("http://", "http://judge-user:s3cr3t-in-url@")
+        assert main(["--json", *_judge_args(q, a, out, "--model", "m", "--base-url", url, "--api-key-env", KEY_ENV,
+                                           "--order", "official", "--no-progress")]) == 0
+    captured = capsys.readouterr()
+    files = [p.read_text() for p in tmp_path.iterdir() if p.is_file()]
+    for text in [captured.out, captured.err, *files]: assert "s3cr3t-in-url" not in text
+    assert json.loads(captured.out)["judge"] == f"openai:m at {srv.base_url}, order=official"
