@@ -11,8 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
-from .core import (GPT, HUMAN, IMAGE_TOKEN, RecordError, Result, Sample, Turn, get_logger, iter_records,
-                           write_json)
+import os
+from .core import (GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sample, Turn, get_logger,
+                           iter_records, write_json)
+from .images import ImageOutsideRootError, load_image, relative_image_name, resolve_image
 
 # %% auto #0
 __all__ = ['log', 'DATASETS', 'VQA_RAD_VARIANTS', 'SLAKE_SPLITS', 'PATHVQA_SPLITS', 'vqa_record', 'is_yes_no', 'load_vqa_rad',
@@ -50,14 +52,25 @@ def is_yes_no(answer) -> bool:
 
 # %% ../nbs/02b_vqa.ipynb #f3dd070d
 class _Collector:
-    "Records per split, with skip reasons and repeated ids counted."
-    def __init__(self): self.splits, self.skipped, self._seen = {}, Counter(), Counter()
+    "Records per split, with skip reasons and repeated ids counted; broken records go through `bad`."
+    def __init__(self, source: str = "<questions>", max_bad: float = 0.02):
+        "`source` names the dataset in the bad-record policy's messages."
+        self.splits, self.skipped, self._seen = {}, Counter(), Counter()
+        self.bad, self.n_read, self.inputs = BadRecords(str(source), max_share=max_bad), 0, set()
 
-    def add(self, split: str, id: str, *args, **kw) -> None:
+    def broken(self, reason: str, where: str) -> None:
+        "Count one broken record (malformed, not an object, an escaping image path) under the policy."
+        self.skipped[reason] += 1; self.bad.skip(reason, where)
+
+    def add(self, split: str, id: str, image: str, *args, **kw) -> None:
         "Add one record (arguments of `vqa_record` after `id`) to `split`, or count why it was skipped."
         self._seen[id] += 1
         if self._seen[id] > 1: self.skipped["repeated id (suffixed)"] += 1; id = f"{id}_{self._seen[id]}"
-        try: rec = vqa_record(id, *args, **kw)
+        if image:
+            try: relative_image_name(image, id)
+            except ImageOutsideRootError:
+                return self.broken("image path outside the images folder", f"record {id}")
+        try: rec = vqa_record(id, image, *args, **kw)
         except ValueError as e:
             self.skipped[re.sub(r"^record \S+: ", "", str(e)).split(" '")[0]] += 1
             if sum(self.skipped.values()) <= 5: log.warning(f"{e}; skipped")
@@ -77,22 +90,27 @@ def _find(src: Path, names: tuple[str, ...], what: str) -> Path:
         if hits: return hits[0]
     raise FileNotFoundError(f"no {what} under {src} (looked for {', '.join(names)})")
 
-def _question_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    "`(index, question)` for each record of a released JSON list; a malformed or non-object record raises."
+def _question_rows(path: Path, collected: _Collector) -> Iterator[tuple[int, dict]]:
+    "`(index, question)` for each record of a released JSON list; broken records are counted in `collected`."
+    collected.inputs.add(path.resolve())
     for i, (line, row) in enumerate(iter_records(path)):
-        if isinstance(row, RecordError): raise row
-        if not isinstance(row, dict):
-            raise RecordError(path, line, f"record {i}: a {type(row).__name__}, expected a question object")
-        yield i, row
+        collected.n_read += 1
+        if isinstance(row, RecordError):  # a bad record, or the file's structure broken after it
+            reason = "damaged file structure" if getattr(row, "file_level", False) else "malformed record"
+            collected.broken(reason, f"{path.name}:{row.line}")
+        elif not isinstance(row, dict): collected.broken("not a question object", f"{path.name}:{line}")
+        else: yield i, row
 
 def load_vqa_rad(src: str | Path,  # the VQA-RAD JSON file, or a folder holding it
                  variant: str = "official",  # 'official', 'freeform' or 'yesno' (see above)
+                 max_bad: float = 0.02,  # stop when more than this share of the records are broken
                 ) -> _Collector:
     "Read the public VQA-RAD JSON into train/test records (ids `vqa-rad_{qid}`)."
     if variant not in VQA_RAD_VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {VQA_RAD_VARIANTS}")
-    path, collected = _find(Path(src), ("VQA_RAD Dataset Public.json", "*.json"), "VQA-RAD JSON"), _Collector()
-    for i, row in _question_rows(path):
+    path = _find(Path(src), ("VQA_RAD Dataset Public.json", "*.json"), "VQA-RAD JSON")
+    collected = _Collector(path, max_bad)
+    for i, row in _question_rows(path, collected):
         phrase = str(row.get("phrase_type", "")).strip().lower()
         split = "test" if phrase.startswith("test") else "train"
         if variant == "freeform" and split == "test" and phrase != "test_freeform":
@@ -110,12 +128,14 @@ SLAKE_SPLITS = {"train": "train.json", "val": "validate.json", "test": "test.jso
 
 def load_slake(src: str | Path,  # the SLAKE folder holding train.json, validate.json, test.json
                lang: str = "en",  # 'en', 'zh' or 'all'
+               max_bad: float = 0.02,  # stop when more than this share of the records are broken
               ) -> _Collector:
     "Read SLAKE 1.0's three JSON splits into records (ids `slake_{qid}`)."
     if lang not in ("en", "zh", "all"): raise ValueError(f"lang {lang!r}: expected 'en', 'zh' or 'all'")
-    src, collected = Path(src), _Collector()
+    src = Path(src)
+    collected = _Collector(src, max_bad)
     for split, name in SLAKE_SPLITS.items():
-        for i, row in _question_rows(_find(src, (name,), f"SLAKE {name}")):
+        for i, row in _question_rows(_find(src, (name,), f"SLAKE {name}"), collected):
             if lang != "all" and row.get("q_lang") != lang: continue
             collected.add(split, f"slake_{row.get('qid', f'{split}{i}')}", row.get("img_name", ""),
                           row.get("question", ""), row.get("answer", ""), row.get("answer_type", ""),
@@ -135,11 +155,16 @@ class SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': only builtin containers, "
                                      f"str, int, float, bool and None are allowed in data pickles")
 
+class _BadPickle(pickle.UnpicklingError, ValueError):
+    "A data pickle that is refused or damaged: bad input (a `ValueError`), named with its file."
+
 def safe_load_pickle(path: str | Path) -> Any:
     "Load a data pickle with `SafeUnpickler`; the error names the file and the refused global."
     with open(path, "rb") as f:
         try: return SafeUnpickler(f, encoding="utf-8").load()
-        except pickle.UnpicklingError as e: raise pickle.UnpicklingError(f"{path}: {e}") from None
+        except pickle.UnpicklingError as e: raise _BadPickle(f"{path}: {e}") from None
+        except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:  # a damaged file
+            raise _BadPickle(f"{path}: not a readable data pickle ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/02b_vqa.ipynb #9320340a
 PATHVQA_SPLITS = ("train", "val", "test")
@@ -154,14 +179,17 @@ def _pathvqa_rows(src: Path, split: str) -> list[dict]:
 
 def load_pathvqa(src: str | Path,  # the PathVQA folder (qas/{split}/{split}_qa.pkl), or the parquet release
                  out: str | Path | None = None,  # where to write images from the parquet release
+                 max_bad: float = 0.02,  # stop when more than this share of the records are broken
                 ) -> _Collector:
     "Read PathVQA's split pickles (safely) or its parquet release into records (ids `pathvqa_{split}_{i}`)."
-    src, collected = Path(src), _Collector()
+    src = Path(src)
+    collected = _Collector(src, max_bad)
     if not list(src.rglob("*.pkl")) and list(src.rglob("*.parquet")):
         return _load_pathvqa_parquet(src, out, collected)
     for split in PATHVQA_SPLITS:
         for i, row in enumerate(_pathvqa_rows(src, split)):
-            if not isinstance(row, dict): collected.skipped["not a record"] += 1; continue
+            collected.n_read += 1
+            if not isinstance(row, dict): collected.broken("not a record", f"{split} record {i}"); continue
             answer, stem = row.get("answer", ""), str(row.get("image", "")).strip()
             image = f"{split}/{stem}.jpg" if stem else ""
             collected.add(split, f"pathvqa_{split}_{i}", image, row.get("question", ""),
@@ -177,10 +205,15 @@ def _load_pathvqa_parquet(src: Path, out, collected: _Collector) -> _Collector:
     from llavamed.pmc import sniff_ext
     for split, stem in _PARQUET_STEMS.items():
         files = sorted(src.rglob(f"{stem}-*.parquet")) or sorted(src.rglob(f"{split}-*.parquet"))
+        collected.inputs.update(f.resolve() for f in files)
         rows = (row for f in files for _, row in iter_records(f))
         for i, row in enumerate(rows):
-            if isinstance(row, RecordError): raise row
-            data, answer = (row.get("image") or {}).get("bytes"), row.get("answer", "")
+            collected.n_read += 1
+            if isinstance(row, RecordError):
+                collected.broken("malformed record", f"{Path(row.path).name}:{row.line}"); continue
+            if not isinstance(row, dict): collected.broken("not a record", f"{split} record {i}"); continue
+            image_field, answer = row.get("image"), row.get("answer", "")
+            data = image_field.get("bytes") if isinstance(image_field, dict) else None
             image = f"{split}/pathvqa_{split}_{i}.{sniff_ext(data or b'') or 'jpg'}"
             if data:
                 (Path(out) / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -208,21 +241,43 @@ class ConversionResult(Result):
             lines.append(f"{label} skipped: " + ", ".join(f"{k} {v}" for k, v in self.skipped.items()))
         return "\n".join(lines)
 
+_SPLITS = {"vqa-rad": ("train", "test"), "slake": tuple(SLAKE_SPLITS), "pathvqa": PATHVQA_SPLITS}
+
+def _write_splits(out: Path, splits: dict[str, list], known: tuple[str, ...], inputs: set[Path]) -> None:
+    "Write every `{split}.json` as one set: all to temporary names, then renamed; stale splits removed."
+    targets = {split: out / f"{split}.json" for split in known}
+    if clash := [str(p) for p in targets.values() if p.resolve() in inputs]:
+        raise ValueError(f"--out {out} would overwrite the dataset's file {clash[0]}: choose another folder")
+    staged = {}
+    try:
+        for split, recs in splits.items(): staged[split] = write_json(out / f".{split}.json.new", recs)
+    except BaseException:
+        for tmp in staged.values(): tmp.unlink(missing_ok=True)
+        raise
+    for split, tmp in staged.items(): os.replace(tmp, targets[split])
+    for split in set(known) - set(splits):  # a split the new conversion has none of: no stale file beside it
+        targets[split].unlink(missing_ok=True)
+
 def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake' or 'pathvqa'; required
                 src: str = None,  # the dataset's folder (or VQA-RAD's JSON file); required
                 out: str = None,  # folder for {split}.json; required
                 variant: str = "official",  # VQA-RAD split variant: 'official', 'freeform' or 'yesno'
                 lang: str = "en",  # SLAKE question language: 'en', 'zh' or 'all'
+                max_bad: float = 0.02,  # stop when more than this share of the records are broken (malformed)
                ) -> ConversionResult:
     "Convert a public medical VQA set into LLaVA VQA records, one JSON file per split; the result counts them."
     for k, v in (("dataset", dataset), ("src", src), ("out", out)):
         if v is None: raise ValueError(f"convert_vqa needs `{k}` (--{k})")
     if dataset not in DATASETS: raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
     if not Path(src).exists(): raise FileNotFoundError(f"src {src} does not exist")
-    if dataset == "vqa-rad": collected, option = load_vqa_rad(src, variant), variant
-    elif dataset == "slake": collected, option = load_slake(src, lang), lang
-    else: collected, option = load_pathvqa(src, out), None
-    for split, recs in collected.splits.items(): write_json(Path(out) / f"{split}.json", recs)
+    if dataset == "vqa-rad": collected, option = load_vqa_rad(src, variant, max_bad), variant
+    elif dataset == "slake": collected, option = load_slake(src, lang, max_bad), lang
+    else: collected, option = load_pathvqa(src, out, max_bad), None
+    collected.bad.check(collected.n_read)
+    if not collected.splits:
+        why = ", ".join(f"{k} {v:,}" for k, v in collected.skipped.items()) or "it holds none"
+        raise ValueError(f"{src}: no question could be converted ({why}); nothing was written to {out}")
+    _write_splits(Path(out), collected.splits, _SPLITS[dataset], collected.inputs)
     return ConversionResult(dataset, option, str(out), collected.counts(), dict(collected.skipped))
 
 # %% ../nbs/02b_vqa.ipynb #44897241
@@ -258,12 +313,10 @@ def phash(im, size: int = 8, scale: int = 4) -> int:
 def image_fingerprint(path: str | Path, flat_std: float = 2.0) -> dict:
     "SHA-256 of a file's bytes and its dHash/pHash; `flat` when the grey image's std is below `flat_std`."
     import numpy as np
-    from PIL import Image
-    data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        flat = float(np.asarray(im.convert("L").resize((64, 64)), dtype=np.float32).std()) < flat_std
-        return {"sha256": hashlib.sha256(data).hexdigest(), "dhash": dhash(im), "phash": phash(im), "flat": flat}
+    im = load_image(path)  # any format the trainer reads, refused above the pixel limit before decoding
+    with open(path, "rb") as f: sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    flat = float(np.asarray(im.convert("L").resize((64, 64)), dtype=np.float32).std()) < flat_std
+    return {"sha256": sha256, "dhash": dhash(im), "phash": phash(im), "flat": flat}
 
 # %% ../nbs/02b_vqa.ipynb #2c345287
 def _hamming(a, b):
@@ -273,23 +326,29 @@ def _hamming(a, b):
     if hasattr(np, "bitwise_count"): return np.bitwise_count(x)
     return np.unpackbits(x[..., None].view(np.uint8), axis=-1).sum(-1)
 
-def _record_images(path: str | Path) -> list[str | None]:
-    "The `image` field of each record of a LLaVA file (None for a text-only record); a malformed record raises."
-    images = []
-    for line, row in iter_records(path):
-        if isinstance(row, RecordError): raise row
-        if not isinstance(row, dict):
-            raise RecordError(path, line, f"a {type(row).__name__}, expected a LLaVA record")
-        images.append(row.get("image") or None)
-    return images
+def _record_images(path: str | Path, folder: Path, max_bad: float = 0.02) -> tuple[list[str | None], dict]:
+    "Each record's `image` (None: none or skipped) and {image: real path}; broken records under `BadRecords`."
+    images, paths, bad = [], {}, BadRecords(str(path), max_share=max_bad)
+    for i, (line, row) in enumerate(iter_records(path)):
+        name = row.get("image") if isinstance(row, dict) else None
+        if isinstance(row, RecordError): bad.skip("malformed record", f"line {row.line}")
+        elif not isinstance(row, dict): bad.skip("not a LLaVA record", f"line {line}")
+        elif name and name not in paths:
+            try: paths[name] = resolve_image(folder, name, record=row.get("id", i))
+            except ImageOutsideRootError:
+                bad.skip("image path outside the images folder", f"record {row.get('id', i)}")
+        images.append(name if name in paths else None)
+    bad.check(len(images))
+    if not images: raise ValueError(f"{path}: the file holds no records")
+    return images, paths
 
 # %% ../nbs/02b_vqa.ipynb #78f6a9db
-def _fingerprints(names, folder: Path, what: str, quiet: bool) -> tuple[dict, dict]:
-    "Fingerprints of the images `names` under `folder`, and why each unreadable one could not be read."
+def _fingerprints(paths: dict, what: str, quiet: bool) -> tuple[dict, dict]:
+    "Fingerprints of the images `paths` ({name: real path}), and why each unreadable one could not be read."
     from tqdm.auto import tqdm
     fps, bad = {}, {}
-    for n in tqdm(sorted(names), desc=f"hashing {what}", unit="img", disable=quiet):
-        try: fps[n] = image_fingerprint(folder / n)
+    for n in tqdm(sorted(paths), desc=f"hashing {what}", unit="img", disable=quiet):
+        try: fps[n] = image_fingerprint(paths[n])
         except Exception as e: bad[n] = f"{type(e).__name__}: {e}"  # missing or undecodable: reported, not fatal
     return fps, bad
 
@@ -347,9 +406,11 @@ def check_leakage(train: str = None,  # training records (LLaVA JSON array or JS
     "Report test images that also appear in training: exact (same bytes) and perceptual near-duplicates."
     if train is None or test is None: raise ValueError("check_leakage needs `train` (--train) and `test` (--test)")
     train_dir, test_dir = (Path(d or images or ".") for d in (train_images, test_images))
-    test_record_images = _record_images(test)
-    train_fps, train_bad = _fingerprints({n for n in _record_images(train) if n}, train_dir, "train", quiet)
-    test_fps, test_bad = _fingerprints({n for n in test_record_images if n}, test_dir, "test", quiet)
+    if out and Path(out).resolve() in (Path(train).resolve(), Path(test).resolve()):
+        raise ValueError(f"--out {out} is one of the input files: write the report elsewhere")
+    test_record_images, test_paths = _record_images(test, test_dir)
+    train_fps, train_bad = _fingerprints(_record_images(train, train_dir)[1], "train", quiet)
+    test_fps, test_bad = _fingerprints(test_paths, "test", quiet)
     by_sha: dict[str, list[str]] = {}
     for n, f in train_fps.items(): by_sha.setdefault(f["sha256"], []).append(n)
     exact = [{"test_image": n, "train_images": by_sha[f["sha256"]], "sha256": f["sha256"]}
