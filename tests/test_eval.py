@@ -409,6 +409,8 @@ def test_evaluate_scores_answers_already_there_without_a_model(files, tmp_path):
     from llavamed.report import evaluate
     pred, gt = files
     out = tmp_path / "ev"; out.mkdir()
+    from PIL import Image
+    for i in range(1, 9): Image.new("RGB", (4, 4)).save(tmp_path / f"q{i}.png")  # predict checks images first
     md = {"decoding": {"do_sample": False, "max_new_tokens": 8, "seed": 0}, "image_ablation": "none",
           "prompt_suffix": None, "model": "no-such-model"}
     rows = [{"question_id": f"q{i}", "text": "no", "metadata": md} for i in range(1, 9)]
