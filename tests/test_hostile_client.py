@@ -227,3 +227,16 @@ def test_cli_subprocess_has_no_traceback(tmp_path, llavamed_cmd):
     r = subprocess.run([llavamed_cmd, *instruct_args(cap, tmp_path / "out.jsonl")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "not UTF-8 text at line 1" in one_error_line(r.stderr, "instruct")
+
+
+def test_torn_checkpoint_line_is_not_glued_to_the_next_row(tmp_path):
+    cap = write_teacher_input(tmp_path / "captions.json", 6)
+    out = tmp_path / "out.jsonl"
+    assert main(instruct_args(cap, out, None, "--limit", "3")) == 0
+    raw = sidecar_path(out)
+    with open(raw, "ab") as f: f.write(b'{"id": "30000099_F1", "status": "do')  # a run killed mid-append
+    assert main(instruct_args(cap, out)) == 0
+    assert len(out.read_text().splitlines()) == 6
+    rows = raw.read_bytes().splitlines()
+    assert rows[3] == b'{"id": "30000099_F1", "status": "do'  # the torn line stays alone, the next row intact
+    assert [json.loads(r)["status"] for r in rows[:3] + rows[4:]] == ["done"] * 6
