@@ -93,7 +93,7 @@ def to_uint8(a,  # a 2-D (or H x W x C) array of any numeric type
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 # %% ../nbs/01_images.ipynb #2fb8f9b3
-MAX_PIXELS = 2 ** 25  # ~33.5 M pixels per image or frame (8192 x 4096; ~100 MB as RGB): larger ones are refused
+MAX_PIXELS = 2 ** 25  # ~33.5 M pixels per image or frame (8192 x 4096, ~100 MB as RGB): more are refused
 MAX_VOXELS = 2 ** 27  # ~134 M voxels per volume (512 x 512 x 512): larger volumes are refused
 
 def _check_size(name, n: int, max_pixels: int | None, what: str = "pixels"):
@@ -265,7 +265,8 @@ def load_image(src: str | Path | bytes,  # an image file, or its bytes
             fp.seek(0)
             if _is_nifti(inner): return _load_nifti(fp, name, max_voxels, frame, percentiles, gz=True)
             raise UnsupportedImageError(name, "gzip file that does not hold a NIfTI volume")
-    raise UnsupportedImageError(name, f"not a PNG/JPEG/GIF/TIFF/BMP/WebP/DICOM/NIfTI file ({_what_it_is(head)})")
+    raise UnsupportedImageError(name, "not a PNG/JPEG/GIF/TIFF/BMP/WebP/DICOM/NIfTI file "
+                                      f"({_what_it_is(head)})")
 
 # %% ../nbs/01_images.ipynb #a6811e6d
 class ImageOutsideRootError(ImageError):
@@ -289,13 +290,14 @@ def resolve_image(root: str | Path,  # the images folder the record's paths are 
 def relative_image_name(name: str,  # an image path from a data file
                         record: str | None = None,  # the record's id, named in the error
                        ) -> str:
-    "`name` when it is a relative path that cannot climb out of its folder; `ImageOutsideRootError` otherwise."
+    "`name` when it is a relative path that cannot climb out of its folder, else `ImageOutsideRootError`."
     where = f"record {record}: " if record is not None else ""
     if not isinstance(name, str) or not name.strip():
         raise ImageOutsideRootError("image path", f"{where}image path {name!r} is empty or not a string")
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     if posix.is_absolute() or windows.drive or windows.root or ".." in windows.parts:
-        raise ImageOutsideRootError("image path", f"{where}image path {name!r} is absolute or climbs out with '..'")
+        raise ImageOutsideRootError("image path",
+                                    f"{where}image path {name!r} is absolute or climbs out with '..'")
     return name
 
 # %% ../nbs/01_images.ipynb #e58b5e18
