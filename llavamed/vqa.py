@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/vqa.html.md"""
 
 # %% ../nbs/02b_vqa.ipynb #0724b8de
 from __future__ import annotations
-import builtins, hashlib, io, pickle, re
+import builtins, hashlib, io, pickle, re, shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,14 +270,25 @@ def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake' or 'pathvqa'; require
         if v is None: raise ValueError(f"convert_vqa needs `{k}` (--{k})")
     if dataset not in DATASETS: raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
     if not Path(src).exists(): raise FileNotFoundError(f"src {src} does not exist")
-    if dataset == "vqa-rad": collected, option = load_vqa_rad(src, variant, max_bad), variant
-    elif dataset == "slake": collected, option = load_slake(src, lang, max_bad), lang
-    else: collected, option = load_pathvqa(src, out, max_bad), None
-    collected.bad.check(collected.n_read)
-    if not collected.splits:
-        why = ", ".join(f"{k} {v:,}" for k, v in collected.skipped.items()) or "it holds none"
-        raise ValueError(f"{src}: no question could be converted ({why}); nothing was written to {out}")
-    _write_splits(Path(out), collected.splits, _SPLITS[dataset], collected.inputs)
+    out, had_out = Path(out), Path(out).exists()
+    staging = out / ".incoming"  # the parquet release's images: moved into `out` only with the splits
+    try:
+        if dataset == "vqa-rad": collected, option = load_vqa_rad(src, variant, max_bad), variant
+        elif dataset == "slake": collected, option = load_slake(src, lang, max_bad), lang
+        else: collected, option = load_pathvqa(src, staging, max_bad), None
+        collected.bad.check(collected.n_read)
+        if not collected.splits:
+            why = ", ".join(f"{k} {v:,}" for k, v in collected.skipped.items()) or "it holds none"
+            raise ValueError(f"{src}: no question could be converted ({why}); nothing was written to {out}")
+        _write_splits(out, collected.splits, _SPLITS[dataset], collected.inputs)
+        for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+            target = out / f.relative_to(staging); target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
+    except BaseException:
+        if not had_out and out.is_dir() and not any(p != staging for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)  # a folder this failed run made: gone with it
+        raise
+    finally: shutil.rmtree(staging, ignore_errors=True)
     return ConversionResult(dataset, option, str(out), collected.counts(), dict(collected.skipped))
 
 # %% ../nbs/02b_vqa.ipynb #44897241

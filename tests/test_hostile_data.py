@@ -321,3 +321,18 @@ def test_leakage_bomb_and_fake_images_are_unreadable_not_fatal(tmp_path, images,
     rep = json.loads(out)
     assert rc == 0 and "exceeds the limit" in rep["unreadable"]["train"]["bomb.png"]
     assert "it holds text" in rep["unreadable"]["test"]["fake.png"]
+
+
+def test_vqa_convert_parquet_images_arrive_only_with_their_splits(tmp_path, capsys):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    import io
+    png = io.BytesIO(); Image.new("RGB", (8, 8)).save(png, "PNG")
+    d = tmp_path / "path-vqa" / "data"; d.mkdir(parents=True)
+    for name in ("train-00000-of-00001", "validation-00000-of-00001", "test-00000-of-00001"):
+        rows = [{"image": {"bytes": png.getvalue(), "path": None}, "question": "", "answer": "no"}] * 2
+        pq.write_table(pa.Table.from_pylist(rows), d / f"{name}.parquet")
+    rc, _, err = run(capsys, "vqa-convert", "--dataset", "pathvqa", "--src", tmp_path / "path-vqa",
+                     "--out", tmp_path / "o")
+    err = "\n".join(l for l in err.splitlines() if " WARNING llavamed.vqa: " not in l)  # the first skips, logged
+    assert rc == 2 and "no question could be converted (empty question 6" in one_error_line(err, "vqa-convert")
+    assert not (tmp_path / "o").exists()  # no images written ahead of splits that never came
