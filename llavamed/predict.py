@@ -151,12 +151,13 @@ def _batches(xs: list, n: int):
 def _answer_rows(chunk: list[Question], answer, paths: dict[str, Path], swap: dict, meta: dict,
                  model: str) -> list[dict]:
     "Official-format answer rows of one batch; `answer(messages, images)` generates the texts."
-    from llavamed.images import load_image
+    from llavamed.images import ImageError, load_image
     convs, prompts, imgs, shown = [], [], [], []
     for q in chunk:
         msgs, prompt = question_messages(q, meta["prompt_suffix"])
         name = swap.get(q.id, q.image)
-        img = load_image(paths[name]) if name else None
+        try: img = load_image(paths[name]) if name else None
+        except ImageError as e: raise ValueError(f"question {q.id}: {e}") from None  # answers so far stay
         convs.append(msgs); prompts.append(prompt); shown.append(name)
         if img: img = ablate_image(img, meta["image_ablation"], q.id, meta["decoding"]["seed"])
         imgs.append(img)
@@ -206,7 +207,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             dtype: str = None,  # 'bfloat16', 'float32', ... (default: the device's best)
             progress: bool = True,  # show a progress bar
             max_prompt_tokens: int = 2048,  # refuse a question whose prompt has more tokens (before generating)
-            max_question_chars: int = 100_000,  # refuse a question text longer than this (before loading the model)
+            max_question_chars: int = 100_000,  # refuse a longer question text (before the model loads)
            ) -> Predictions:
     "Answer the questions of `data` with `model`, appending official-format answers to `out` (resumable)."
     _check_request(model, data, out, image_ablation, batch_size, max_new_tokens)
@@ -238,7 +239,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
                                                 batch_size=batch_size)
     swap = shuffled_images(questions, seed) if image_ablation == "shuffle" else {}
     res.repaired_bytes = _repair_tail(out)
-    if res.repaired_bytes: log.warning(f"{out}: cut a torn last line ({res.repaired_bytes} bytes) before appending")
+    if res.repaired_bytes: log.warning(f"{out}: cut a torn last line ({res.repaired_bytes} bytes) off")
     bar = tqdm(total=len(todo), desc=f"predict ({image_ablation})", unit="q", disable=not progress,
                dynamic_ncols=True)
     t0 = time.perf_counter()
