@@ -17,25 +17,31 @@ from .data import iter_caption_pairs
 from .client import ChatClient, Reply, load_checkpoint, run_chat_requests
 
 # %% auto #0
-__all__ = ['log', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts', 'format_target', 'format_conversation',
-           'build_messages', 'split_turns', 'load_rules', 'clean_pairs', 'to_record', 'record_problems',
-           'TemplateTeacher', 'sidecar_path', 'build_output', 'pick_figures', 'InstructReport', 'self_instruct']
+__all__ = ['log', 'MAX_CAPTION_CHARS', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts', 'format_target',
+           'format_conversation', 'build_messages', 'split_turns', 'load_rules', 'clean_pairs', 'to_record',
+           'record_problems', 'TemplateTeacher', 'sidecar_path', 'build_output', 'pick_figures', 'InstructReport',
+           'self_instruct']
 
 # %% ../nbs/04_instruct.ipynb #f47e494a
 log = get_logger("instruct")
 
 # %% ../nbs/04_instruct.ipynb #44242f42
-def _problem(rec, seen: set) -> str | None:
+MAX_CAPTION_CHARS = 20_000  # caption plus mentions; PMC captions run to a few thousand characters
+
+def _problem(rec, seen: set, max_chars: int) -> str | None:
     "Why a teacher-input record cannot be used, or None."
     if isinstance(rec, RecordError): return rec.msg.split(" (")[0]
     if not isinstance(rec, dict): return f"not an object ({type(rec).__name__})"
     for k in ("pair_id", "fig_caption"):
         if not rec.get(k): return f"record has no {k!r}"
     if str(rec["pair_id"]) in seen: return "duplicate pair_id"
+    text = len(str(rec["fig_caption"])) + len(str(rec.get("in_text_mention") or ""))
+    if text > max_chars: return f"caption and mentions longer than {max_chars:,} characters"
     return None
 
 def load_captions(path: str | Path,  # teacher input: JSON dict keyed by domain, JSON list, or JSONL
                   bad: BadRecords | None = None,  # where bad records are counted (default: a fresh policy)
+                  max_caption_chars: int = MAX_CAPTION_CHARS,  # a longer caption (with mentions) is a bad record
                  ) -> list[dict]:
     "Figure records with `pair_id`, `fig_caption` and `domain` flags; bad ones skipped and counted in `bad`."
     bad = bad if bad is not None else BadRecords(str(path))
@@ -43,7 +49,7 @@ def load_captions(path: str | Path,  # teacher input: JSON dict keyed by domain,
     for line, rec, key in iter_caption_pairs(path):
         where = f"{key}[{position[key]}]" if key else f"line {line}"
         position[key] += 1
-        why = _problem(rec, seen)
+        why = _problem(rec, seen, max_caption_chars)
         if why:
             bad.skip(why, f"{where} (pair_id {rec['pair_id']!r})" if why == "duplicate pair_id" else where)
             continue
@@ -366,12 +372,13 @@ def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (
                   prompt: str = "v1",  # prompt template version (or a .yaml path)
                   rules: str = "v1",  # cleaning rules version (or a .yaml path)
                   quiet: bool = False,  # no progress bar or summary
+                  max_caption_chars: int = MAX_CAPTION_CHARS,  # skip (and count) a figure with a longer caption
                  ) -> InstructReport:
     "Have a teacher write conversations about figure captions; write cleaned LLaVA instruction records to `out`."
     if not captions or not out: raise ValueError("self_instruct: both --captions and --out are required")
     captions, out = Path(captions), Path(out)
     checkpoint, bad = sidecar_path(out), BadRecords(str(captions))
-    records = pick_figures(round_robin(load_captions(captions, bad)), checkpoint, limit)
+    records = pick_figures(round_robin(load_captions(captions, bad, max_caption_chars)), checkpoint, limit)
     client = _teacher(teacher, records, seed, model, base_url=base_url, api_key_env=api_key_env,
                       temperature=temperature, max_tokens=max_tokens, timeout=timeout)
     template = load_prompt(prompt)

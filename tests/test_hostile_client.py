@@ -240,3 +240,15 @@ def test_torn_checkpoint_line_is_not_glued_to_the_next_row(tmp_path):
     rows = raw.read_bytes().splitlines()
     assert rows[3] == b'{"id": "30000099_F1", "status": "do'  # the torn line stays alone, the next row intact
     assert [json.loads(r)["status"] for r in rows[:3] + rows[4:]] == ["done"] * 6
+
+
+def test_huge_caption_is_a_bad_record_not_a_prompt(tmp_path, capsys):
+    cap, out = tmp_path / "captions.jsonl", tmp_path / "out.jsonl"
+    huge = json.dumps({**json.loads(caption_lines(1)[0]), "pair_id": "big",
+                       "fig_caption": "lesion " * 1_000_000})  # 7 MB on one line
+    cap.write_text(huge + "\n" + "\n".join(caption_lines(2)) + "\n")
+    assert main(instruct_args(cap, out)) == 2
+    assert "caption and mentions longer than 20,000 characters at line 1" in \
+        one_error_line(capsys.readouterr().err, "instruct")
+    assert main(["--json", *instruct_args(cap, out, None, "--max-caption-chars", "10000000")]) == 0
+    assert json.loads(capsys.readouterr().out)["bad_records"] == {}
