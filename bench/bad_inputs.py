@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse, collections, json, os, shutil, struct, subprocess, sys, tempfile, threading, time, zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,7 +187,7 @@ def latin1_line(rows: list, i: int) -> bytes:
 
 def file_cases(command: str, fname: str, rows: Callable, argv: Callable, missing_key, huge, jsonl=True,
                guard=("out",), model=False, setup=None, names_extra=()):
-    "The data-file kinds for one command: `argv(d, fx, path)` gives the command line, `setup(d, fx)` the earlier output."
+    "The data-file kinds for one command: `argv(d, fx, path)` is its command line, `setup(d, fx)` its earlier output."
     cases = []
     kinds = ["empty file", "truncated", "one bad line", "wrong top-level type", "missing keys", "non-UTF-8",
              "huge line", "does not exist"]
@@ -199,7 +200,7 @@ def file_cases(command: str, fname: str, rows: Callable, argv: Callable, missing
             else: path.write_bytes(bad_file_kinds(good, jsonl, missing_key, huge)[kind][0])
             if setup: setup(d, fx)
             return argv(d, fx, path)
-        lines = {"one bad line": ((f"line 3", f"{fname}:3"),), "non-UTF-8": ((f"line 2", f"{fname}:2"),)}
+        lines = {"one bad line": (("line 3", f"{fname}:3"),), "non-UTF-8": (("line 2", f"{fname}:2"),)}
         names = (fname,) + lines.get(kind, ()) + names_extra
         if kind == "missing keys": names = (fname,)
         cases.append(Case(command, kind, build, names=names, guard=guard, model=model))
@@ -402,7 +403,8 @@ INSTRUCT_OUT = ("out/instruct.jsonl", "out/instruct.jsonl.raw.jsonl")  # the rec
 
 def instruct_cases() -> list:
     def argv(d, fx, path):
-        return ["instruct", "--captions", path, "--out", d / "out" / "instruct.jsonl", "--teacher", "template", "--quiet"]
+        return ["instruct", "--captions", path, "--out", d / "out" / "instruct.jsonl", "--teacher", "template",
+                "--quiet"]
     setup = earlier("instruct", good_instruct)
     cases = file_cases("instruct", "pairs.jsonl", lambda fx: fx.pairs, argv, setup=setup, guard=INSTRUCT_OUT,
                        missing_key=lambda r: {k: v for k, v in r.items() if k not in ("fig_caption", "caption")},
@@ -417,13 +419,14 @@ def instruct_cases() -> list:
         setup(d, fx)
         write_jsonl(d / "pairs.jsonl", [{**p, "pair_id": "NEW" + p["pair_id"]} for p in fx.pairs])
         url = fx.once("srv500", lambda g: (g / "url").write_text(fx.server(fault_rate=1.0, faults=["500"])))
-        return ["instruct", "--captions", d / "pairs.jsonl", "--out", d / "out" / "instruct.jsonl", "--teacher", "openai",
-                "--base-url", (url / "url").read_text(), "--model", "m", "--max-attempts", "1", "--backoff", "0",
-                "--quiet"]
+        return ["instruct", "--captions", d / "pairs.jsonl", "--out", d / "out" / "instruct.jsonl",
+                "--teacher", "openai", "--base-url", (url / "url").read_text(), "--model", "m",
+                "--max-attempts", "1", "--backoff", "0", "--quiet"]
 
     def out_is_input(d, fx):
         write_jsonl(d / "pairs.jsonl", fx.pairs)
-        return ["instruct", "--captions", d / "pairs.jsonl", "--out", d / "pairs.jsonl", "--teacher", "template", "--quiet"]
+        return ["instruct", "--captions", d / "pairs.jsonl", "--out", d / "pairs.jsonl", "--teacher", "template",
+                "--quiet"]
     return cases + [
         Case("instruct", "--limit 3 rerun over 8 done", limit_rerun, codes=(0,), guard=INSTRUCT_OUT),
         Case("instruct", "every request failed", all_failed, names=(), codes=(1, 2), guard=("out/instruct.jsonl",),
@@ -459,8 +462,8 @@ def predict_cases() -> list:
     def argv(d, fx, path): return predict_argv(fx, path, d / "out" / "answers.jsonl")
     cases = file_cases("predict", "data.jsonl", lambda fx: fx.vqa, argv, setup=setup, model=True,
                        missing_key=lambda r: {k: v for k, v in r.items() if k != "conversations"},
-                       huge=lambda r: {**r, "conversations": [{"from": "human", "value": "<image>\n" + "why " * 12_500_000},
-                                                              r["conversations"][1]]})
+                       huge=lambda r: {**r, "conversations": [
+                           {"from": "human", "value": "<image>\n" + "why " * 12_500_000}, r["conversations"][1]]})
     for c in cases:
         c.append_only = True
         if c.name == "huge line": c.name, c.memory, c.names = "50 MB question", True, ("SYN90000000_F1_q0",)
@@ -483,7 +486,8 @@ def predict_cases() -> list:
         p = d / "out" / "answers.jsonl"
         try: rows = [json.loads(l) for l in p.read_text().splitlines()]
         except ValueError as e: return "clobbered", f"the resumed answers file has a corrupt line: {str(e)[:60]}"
-        if p.read_bytes().split(b"\n")[0] != (d / "first_line").read_bytes(): return "clobbered", "first answer changed"
+        if p.read_bytes().split(b"\n")[0] != (d / "first_line").read_bytes():
+            return "clobbered", "the first answer changed"
         if proc.returncode == 0: return "ok", f"{len(rows)} answers, every line parses"
     return cases + image_cases("predict") + [huge_pngs("predict", 1)] + [
         Case("predict", "--model does not exist", model_missing, names=("/nope/model", ("does not exist", "no such")),
@@ -496,7 +500,8 @@ def predict_cases() -> list:
 def score_cases() -> list:
     setup = earlier("score", good_score)
     def gt(d, fx): (d / "gt.json").write_text(json.dumps(fx.vqa))
-    def argv(d, fx, path): gt(d, fx); return ["score", "--pred", path, "--gt", d / "gt.json", "--out", d / "out" / "score.json"]
+    def argv(d, fx, path):
+        gt(d, fx); return ["score", "--pred", path, "--gt", d / "gt.json", "--out", d / "out" / "score.json"]
     cases = file_cases("score", "pred.jsonl", gold_answers, argv, setup=setup,
                        missing_key=lambda r: {"answer": r["text"]},
                        huge=lambda r: {**r, "text": "yes " * 5_000_000})
@@ -524,8 +529,8 @@ def judge_cases() -> list:
     setup = earlier("judge", good_judge)
     def argv(d, fx, path):
         write_jsonl(d / "questions.jsonl", fx.bench)
-        return ["judge", "--questions", d / "questions.jsonl", "--answers", path, "--out", d / "out" / "reviews.jsonl",
-                "--judge", "overlap", "--no-progress"]
+        return ["judge", "--questions", d / "questions.jsonl", "--answers", path, "--out",
+                d / "out" / "reviews.jsonl", "--judge", "overlap", "--no-progress"]
     cases = file_cases("judge", "answers.jsonl", bench_answers, argv, setup=setup,
                        missing_key=lambda r: {"answer": r["text"]},
                        huge=lambda r: {**r, "text": "lung " * 5_000_000})
@@ -545,7 +550,8 @@ def judge_cases() -> list:
                 "--max-attempts", "1", "--backoff", "0", "--no-progress"]
 
     def url_credentials(d, fx):
-        url = (fx.once("srvok", lambda g: (g / "url").write_text(fx.server(reply_text="8 7\nBoth fine."))) / "url").read_text()
+        url = fx.once("srvok", lambda g: (g / "url").write_text(fx.server(reply_text="8 7\nBoth fine.")))
+        url = (url / "url").read_text()
         return openai(d, fx, url.replace("http://", f"http://user:{SECRET}@"), cache="new")
 
     def short_key_401(d, fx):
@@ -569,6 +575,12 @@ def judge_cases() -> list:
              env={"OPENAI_API_KEY": SHORT_KEY})]
 
 
+def same_as_pristine(d: Path) -> bool:
+    "Whether d/out holds exactly the files of d/pristine (the earlier output, copied before the run)."
+    old = {k.replace("/pristine/", "/out/"): v for k, v in snapshot([d / "pristine"]).items()}
+    return snapshot([d / "out"]) == old
+
+
 def vqa_cases() -> list:
     setup = earlier("vqa", good_vqa)
     def argv(d, fx, path): return ["vqa-convert", "--dataset", "vqa-rad", "--src", path, "--out", d / "out"]
@@ -583,8 +595,7 @@ def vqa_cases() -> list:
             setup(d, fx); shutil.copytree(d / "out", d / "pristine"); rows = rad_rows(); rows[0]["image_name"] = bad
             (d / "rad.json").write_text(json.dumps(rows)); return argv(d, fx, d / "rad.json")
         def check(d, proc):
-            if proc.returncode and snapshot([d / "out"]) != {k.replace("/pristine/", "/out/"): v
-                                                             for k, v in snapshot([d / "pristine"]).items()}:
+            if proc.returncode and not same_as_pristine(d):
                 return "clobbered", "a failed run changed the earlier output"
             if proc.returncode == 0:
                 passed = [p.name for p in (d / "out").glob("*.json") if bad in p.read_text()]
@@ -605,8 +616,7 @@ def vqa_cases() -> list:
             if (d / "out" / "test.json").exists() and (d / "out" / "test.json").read_bytes() == old.read_bytes():
                 return "clobbered", "the earlier test.json is left beside the new train.json"
             return "ok", "the splits were written as one set"
-        if snapshot([d / "out"]) != {k.replace("/pristine/", "/out/"): v for k, v in snapshot([d / "pristine"]).items()}:
-            return "clobbered", "a failed run changed the earlier output"
+        if not same_as_pristine(d): return "clobbered", "a failed run changed the earlier output"
     return cases + [Case("vqa-convert", f"image {bad}", image_path(bad)[0], names=("vqa-rad_0",),
                          guard=(), check=image_path(bad)[1]) for bad in ("/etc/passwd", "../../outside.jpg")] + [
         Case("vqa-convert", "no test split over earlier set", stale, names=("rad.json",), guard=(), codes=(0, 2),
@@ -714,7 +724,8 @@ def run_case(case: Case, fx: Fixtures, folder: Path, timeout: float = 180, mem_c
                      if not kept(before.get(k), after.get(k)))
     cls, note = classify(case, rc, stdout, stderr, changed, killed)
     if cls not in ("killed", "clobbered", "traceback") and case.check:
-        cls, note = case.check(folder, type("P", (), dict(returncode=rc, stdout=stdout, stderr=stderr))) or (cls, note)
+        proc = SimpleNamespace(returncode=rc, stdout=stdout, stderr=stderr)
+        cls, note = case.check(folder, proc) or (cls, note)
     lines = error_lines(stderr)
     first = next((l for l in lines if l.startswith("llavamed ")), lines[-1] if lines else "")
     if case.where != "stderr" and rc == 1:

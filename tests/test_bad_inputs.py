@@ -48,7 +48,8 @@ def test_bad_input(case, fixtures, tmp_path):
 def test_classify_a_traceback_and_a_clobbered_output():
     case = table.Case("score", "x", build=None, names=("pred.jsonl",))
     assert table.classify(case, 1, "", "Traceback (most recent call last):\n  ...", [], "")[0] == "traceback"
-    assert table.classify(case, 2, "", "llavamed score: error: pred.jsonl: bad", ["out/score.json"], "")[0] == "clobbered"
+    changed = ["out/score.json"]
+    assert table.classify(case, 2, "", "llavamed score: error: pred.jsonl: bad", changed, "")[0] == "clobbered"
     assert table.classify(case, 0, "", "", [], "") == ("silent", "exit 0 on bad input")
     assert table.classify(case, 2, "", "llavamed score: error: pred.jsonl: line 3 bad", [], "") == ("clear", "")
     assert table.classify(case, 2, "", "llavamed score: error: a file is bad", [], "")[0] == "unclear"
