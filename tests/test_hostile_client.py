@@ -49,7 +49,16 @@ def test_split_userinfo_and_short_secrets():
     assert cl.base_url == "http://127.0.0.1:9/v1" and "hunter2" not in repr(cl)
 
 
-def test_userinfo_in_base_url_is_basic_auth_and_never_leaks(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def verbose_reset():
+    "Put the llavamed loggers back to their level after a test that runs `llavamed -v`."
+    from llavamed.core import get_logger
+    level = get_logger().level
+    yield
+    get_logger().setLevel(level)
+
+
+def test_userinfo_in_base_url_is_basic_auth_and_never_leaks(tmp_path, monkeypatch, capsys, verbose_reset):
     user, password, key = "proxyuser", "pw9Zq", "k3y"  # a short password and a short key, as users pick
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     monkeypatch.setenv(KEY_ENV, key)
