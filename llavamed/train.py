@@ -379,8 +379,8 @@ class SupervisedDataset:
         self.dropped[key] += 1; self.examples.setdefault(key, f"{r.id}: {why}")
 
     def _stop_or_warn(self, n: int, max_dropped_share: float) -> None:
-        "Raise `DroppedError` when more than `max_dropped_share` of the `n` records were refused, else log them."
-        if self.skipped: log.info(f"skipped {self.skipped} text-only records: nothing to train, the LLM is frozen")
+        "Raise `DroppedError` when over `max_dropped_share` of the `n` records were refused; else log them."
+        if self.skipped: log.info(f"skipped {self.skipped} text-only records: the LLM is frozen")
         if self.dropped:
             msg = f"{sum(self.dropped.values())} of {n} records dropped: " + "; ".join(
                 f"{k} x{v} (e.g. {self.examples[k]})" for k, v in self.dropped.most_common())
@@ -753,8 +753,9 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
     dtype = "bfloat16" if args.bf16 and run.deepspeed else "float32"
     model, processor, base_dir = _start_model(run, dtype)
     # every record and image is checked before anything in `out` changes
-    ds = SupervisedDataset(run.data, processor, run.images, cfg.max_length, cfg.template,
-                           cfg.max_dropped_share, text_only="llm" in cfg.train, image_workers=run.num_workers)
+    checkers = max(run.num_workers, min(8, os.cpu_count() or 1))  # threads checking the images
+    ds = SupervisedDataset(run.data, processor, run.images, cfg.max_length, cfg.template, cfg.max_dropped_share,
+                           text_only="llm" in cfg.train, image_workers=checkers)
     base_dir = _save_base(model, processor, run, base_dir, rank)
     found = {"attention": _attention(model, device), "trainable": set_trainable(model, cfg.train)}
     if run.lora: model = add_lora(model, cfg)
