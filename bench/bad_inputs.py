@@ -86,6 +86,14 @@ def load_json(path: Path): return json.loads(Path(path).read_text())
 
 
 # ---------------------------------------------------------------- shared fixtures (built once per bench run)
+BUILD_MODEL = """
+import sys
+from llavamed.synth import corpus_texts
+from llavamed.model import build_model, save_model
+m, p = build_model("tiny", tokenizer_texts=corpus_texts(sys.argv[1]))
+save_model(m, p, sys.argv[2])
+"""
+
 class Fixtures:
     "The synthetic corpus, and (lazily) a saved tiny model, good earlier outputs and chat servers."
     def __init__(self, root: Path):
@@ -110,11 +118,10 @@ class Fixtures:
         return self._cache[name]
 
     def model(self) -> Path:
+        "A saved tiny model, built in a child process: a forked child's ru_maxrss starts at its parent's size."
         def make(d):
-            from llavamed.synth import corpus_texts
-            from llavamed.model import build_model, save_model
-            m, p = build_model("tiny", tokenizer_texts=corpus_texts(str(self.corpus)))
-            save_model(m, p, d / "m")
+            subprocess.run([sys.executable, "-c", BUILD_MODEL, str(self.corpus), str(d / "m")], check=True,
+                           capture_output=True)
         return self.once("model", make) / "m"
 
     def server(self, **config) -> str:
