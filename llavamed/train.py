@@ -10,8 +10,8 @@ import dataclasses, json, os, random, time, types, typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (IMAGE_TOKEN, IGNORE_INDEX, Result, Sample, fmt_num, iter_samples, read_json, write_json,
-                           write_jsonl, append_jsonl, get_logger, seed_everything, plot_losses)
+from .core import (IMAGE_TOKEN, IGNORE_INDEX, RecordError, Result, Sample, fmt_num, iter_samples, read_json,
+                           write_json, write_jsonl, append_jsonl, get_logger, seed_everything, plot_losses)
 from .images import (ImageError, ImageOutsideRootError, ImageTooLargeError, load_image, pixel_values,
                              resolve_image)
 from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, save_model
@@ -355,11 +355,15 @@ class SupervisedDataset:
                  text_only: bool = True,  # keep text-only records (False: LLM frozen)
                  image_workers: int = 8,  # threads checking that the images are present and decodable
                 ):
-        if not isinstance(records, list): records = load_records(records)
+        rows = records if isinstance(records, list) else list(iter_samples(records, skip_bad=True))
+        records = [r for r in rows if isinstance(r, Sample)]
         self.processor, self.images = processor, Path(images) if images else None
         self.n_image_tokens = image_token_count(processor)
         tpl = resolve_template(processor, template)
         self.items, self.dropped, self.examples, self.skipped = [], Counter(), {}, 0
+        for e in (r for r in rows if isinstance(r, RecordError)):  # malformed lines: dropped records too
+            self.dropped["malformed record"] += 1
+            self.examples.setdefault("malformed record", f"line {e.line}: {e.msg}")
         tokenized = []
         for r in records:
             if not text_only and not r.image: self.skipped += 1; continue
@@ -371,7 +375,7 @@ class SupervisedDataset:
             path, why = next(checks) if r.image else (None, None)
             if why: self._drop(r, why)
             else: self.items.append({**item, "id": r.id, "image": r.image, "path": path})
-        self._stop_or_warn(len(records) - self.skipped, max_dropped_share)
+        self._stop_or_warn(len(rows) - self.skipped, max_dropped_share)
 
     def _drop(self, r: Sample, why: str) -> None:
         "Count a refused record under its reason (the text before the first colon), keeping a first example."
@@ -621,7 +625,8 @@ def _attention(model, device: str) -> str:
 def _start_model(run: RunConfig, dtype: str):
     "`(model, processor, base_dir)`: the starting model on the CPU in `dtype` and the folder holding it."
     base_dir = run.model if Path(run.model).is_dir() else None
-    texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in load_records(run.data)
+    samples = [] if base_dir else iter_samples(run.data, skip_bad=True)  # the dataset counts the bad ones
+    texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in samples if isinstance(r, Sample)
                                    for t in r.conversations]
     model, processor = load_model(run.model, dtype=dtype, device="cpu", tokenizer_texts=texts)
     return model, processor, base_dir

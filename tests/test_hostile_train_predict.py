@@ -286,3 +286,15 @@ def test_train_skips_a_few_bad_images_and_counts_them(tmp_path, capsys):
     assert code == 2
     one_line_error(err, "train", str(out), "overwrite=True")
     assert snapshot(out) == again
+
+
+def test_train_counts_malformed_lines_as_dropped_records(tmp_path, earlier_run, capsys):
+    make_train_data(tmp_path)
+    good = [json.dumps(r) for r in json.loads((tmp_path / "train.json").read_text())]
+    (tmp_path / "train.json").write_bytes("\n".join(good[:3] + ['{"id": "cut', "[1, 2]"] + good[3:]).encode()
+                                          + b'\n{"id": "\xff\xfe"}\n')
+    before = snapshot(earlier_run)
+    code, _, err = run_cli(capsys, *train_args(tmp_path, earlier_run, "--overwrite"))
+    assert code == 2
+    one_line_error(err, "train", "3 of 9 records dropped", "malformed record x3", "line 4", "max_dropped_share")
+    assert snapshot(earlier_run) == before
