@@ -11,12 +11,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
-from .core import append_jsonl, get_logger, read_jsonl, RecordError
+from .core import RecordError, append_jsonl, get_logger, read_jsonl, repair_torn_tail
 
 # %% auto #0
 __all__ = ['log', 'Reply', 'RequestError', 'ChatRunError', 'redact', 'retry_after_seconds', 'run_sync', 'split_userinfo',
-           'ChatClient', 'load_checkpoint', 'mend_torn_line', 'RunStats', 'backoff_delay', 'arun_chat_requests',
-           'run_chat_requests']
+           'ChatClient', 'load_checkpoint', 'RunStats', 'backoff_delay', 'arun_chat_requests', 'run_chat_requests']
 
 # %% ../nbs/03_client.ipynb #e880460e
 log = get_logger("client")
@@ -195,17 +194,6 @@ def load_checkpoint(path: str | Path) -> dict[str, dict]:
     if bad: log.warning(f"{path}: skipped {bad} unreadable checkpoint line(s); those ids will be sent again")
     return rows
 
-# %% ../nbs/03_client.ipynb #bc7032d6
-def mend_torn_line(path: str | Path) -> bool:
-    "End `path` with a newline if a killed run left a partial last line (True when it did)."
-    path = Path(path)
-    if not path.exists() or not path.stat().st_size: return False
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n": return False
-        f.write(b"\n")
-    return True
-
 # %% ../nbs/03_client.ipynb #8f853de0
 @dataclass
 class RunStats:
@@ -311,7 +299,7 @@ async def arun_chat_requests(client, requests: Iterable[dict], checkpoint: str |
     if concurrency < 1: raise ValueError(f"concurrency={concurrency}: must be >= 1")
     if max_attempts < 1: raise ValueError(f"max_attempts={max_attempts}: must be >= 1")
     requests = _checked_requests(requests)
-    if mend_torn_line(checkpoint): log.warning(f"{checkpoint}: a killed run left a torn last line; ended it")
+    if cut := repair_torn_tail(checkpoint): log.warning(f"{checkpoint}: cut a killed run's torn last line ({cut} bytes)")
     todo = _unfinished(requests, checkpoint, getattr(client, "name", None), retry_failed)
     stats, t0 = RunStats(total=len(requests), skipped=len(requests) - len(todo)), time.perf_counter()
     price = lambda: (stats.prompt_tokens * price_prompt + stats.completion_tokens * price_completion) / 1e6

@@ -15,9 +15,9 @@ from typing import Any, Iterable, Iterator
 __all__ = ['IMAGE_TOKEN', 'IGNORE_INDEX', 'HUMAN', 'GPT', 'DOMAINS', 'DOMAIN_NAMES', 'Turn', 'Sample', 'RecordError',
            'read_jsonl', 'read_json', 'json_layout', 'fix_keys', 'iter_records', 'iter_samples', 'TooManyBadRecords',
            'BadRecords', 'domain_flags', 'primary_domain', 'Question', 'question_from_json', 'load_questions',
-           'atomic_write', 'write_json', 'write_jsonl', 'append_jsonl', 'seed_everything', 'pick_device', 'pick_dtype',
-           'get_logger', 'set_verbosity', 'asset_path', 'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure',
-           'plot_losses']
+           'atomic_write', 'write_json', 'write_jsonl', 'write_set', 'refuse_outputs_over_inputs', 'append_jsonl',
+           'repair_torn_tail', 'seed_everything', 'pick_device', 'pick_dtype', 'get_logger', 'set_verbosity',
+           'asset_path', 'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure', 'plot_losses']
 
 # %% ../nbs/00_core.ipynb #ffad75ed
 IMAGE_TOKEN = "<image>"  # placeholder for the image in a human turn
@@ -89,10 +89,13 @@ class RecordError(ValueError):
         super().__init__(f"{path}:{line}: {msg}")
 
 # %% ../nbs/00_core.ipynb #3fcb3813
-def _jsonl_values(path) -> Iterator[tuple[int, Any]]:
-    "`(line, value | RecordError)` per non-blank line of a JSON Lines file, read as bytes so any line can be bad."
+def _jsonl_values(path, max_record_chars: int = 64 << 20) -> Iterator[tuple[int, Any]]:
+    "`(line, value | RecordError)` per non-blank line of a JSON Lines file; a line longer than the limit is an error."
     with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
+        for i, raw in enumerate(iter(lambda: f.readline(max_record_chars + 1), b""), 1):
+            if len(raw) > max_record_chars and not raw.endswith(b"\n"):  # read no more of it than the limit
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"): pass
+                yield i, RecordError(path, i, f"record longer than {max_record_chars:,} characters"); continue
             if not raw.strip(): continue
             try: yield i, json.loads(raw)
             except json.JSONDecodeError as e:
@@ -210,14 +213,16 @@ class _ArrayStream:
             val, end = self.decode()
             if end is None:
                 e = val
-                too_long = e.pos - self.pos > self.max
+                too_long = len(self.buf) - self.pos > self.max  # the record still buffered, not where it broke
                 msg = f"record longer than {self.max:,} characters" if too_long else f"malformed JSON ({e.msg})"
                 yield line, RecordError(self.path, line, msg)
                 if not self.resync():
                     yield None, self.err("cannot resume after the malformed record; the rest of the file was not read")
                     return
                 continue
-            if self.bad_bytes and _NOT_UTF8.search(self.buf, self.pos, end):
+            if end - self.pos > self.max:  # decoded whole from one chunk, but still over the limit
+                val = RecordError(self.path, line, f"record longer than {self.max:,} characters")
+            elif self.bad_bytes and _NOT_UTF8.search(self.buf, self.pos, end):
                 val = RecordError(self.path, line, "not UTF-8 text")
             yield line, val
             m = _SEP.match(self.buf, end)
@@ -277,7 +282,7 @@ def _iter_json_text(path, max_record_chars: int) -> Iterator[tuple[int | None, A
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             yield from _ArrayStream(path, f, max_record_chars)
         return
-    yield from _jsonl_values(path)  # a line that is not UTF-8 is reported like any malformed line
+    yield from _jsonl_values(path, max_record_chars)  # a line that is not UTF-8 is reported like any bad line
 
 def iter_records(path: str | Path,  # a JSON array, JSON Lines, single-document JSON or parquet file
                  max_record_chars: int = 64 << 20,  # a JSON record longer than this is reported, not buffered
@@ -394,20 +399,27 @@ def question_from_json(d: Any) -> Question:
 # %% ../nbs/00_core.ipynb #48855927
 def load_questions(path: str | Path,  # a VQA file (JSON, JSONL or parquet of LLaVA records) or a benchmark JSONL
                    need_answer: bool = False,  # every question must have a reference answer (for scoring)
+                   bad: BadRecords | None = None,  # count and skip bad records here (None: the first one raises)
                   ) -> list[Question]:
-    "Every question of an evaluation file, ids unique; a bad record raises `ValueError` naming it."
-    out, seen = [], set()
-    for i, (line, v) in enumerate(iter_records(path)):
-        if isinstance(v, RecordError): raise v
+    "Every question of an evaluation file, ids unique; a bad record raises `ValueError` naming it, or is counted."
+    out, seen, n_read = [], set(), 0
+    def refuse(reason: str, where: str, detail: str | None = None):
+        "Raise for the bad record at `where`, or count it."
+        if bad is None: raise ValueError(f"{path}: {where}: {detail or reason}")
+        bad.skip(reason, where)
+    for n_read, (line, v) in enumerate(iter_records(path), 1):
+        if isinstance(v, RecordError):
+            if bad is None: raise v
+            bad.skip(v.msg.split(" (")[0], f"line {line}" if line else f"record {n_read - 1}"); continue
         rid = v.get("id", v.get("question_id")) if isinstance(v, dict) else None
-        where = f"{path}: record {i} (id {rid})"
+        where = (f"line {line}" if line and bad is not None else f"record {n_read - 1}") + f" (id {rid})"
         try: q = question_from_json(v)
-        except ValueError as e: raise ValueError(f"{where}: {e}") from None
+        except ValueError as e: refuse(str(e), where); continue
         if need_answer and q.answer is None:
-            missing = "no 'gpt4_answer'" if q.kind == "benchmark" else "no answer turn after the question"
-            raise ValueError(f"{where}: {missing}")
-        if q.id in seen: raise ValueError(f"{where}: duplicate id {q.id!r}")
-        seen.add(q.id); out.append(q)
+            refuse("no 'gpt4_answer'" if q.kind == "benchmark" else "no answer turn after the question", where)
+        elif q.id in seen: refuse("duplicate id", where, f"duplicate id {q.id!r}")
+        else: seen.add(q.id); out.append(q)
+    if bad is not None: bad.check(n_read)
     return out
 
 # %% ../nbs/00_core.ipynb #6a77a126
@@ -452,6 +464,26 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
             f.write(json.dumps(r, ensure_ascii=False) + "\n"); n += 1
     return n
 
+# %% ../nbs/00_core.ipynb #49929056
+def write_set(texts: dict[str | Path, str],  # {path: text}; the first path is the one readers check first
+             ) -> list[Path]:
+    "Write several files as one set: all to temporary files first, then renamed, the first one first."
+    paths = [Path(p) for p in texts]
+    with contextlib.ExitStack() as stack:  # exits last-in first-out: the first path is renamed first
+        for path, text in reversed(list(zip(paths, texts.values()))):
+            stack.enter_context(atomic_write(path)).write(text)
+        for path in paths[1:]: path.unlink(missing_ok=True)  # a kill now leaves the new first file alone
+    return paths
+
+def refuse_outputs_over_inputs(outputs: dict[str, str | Path | None],  # {flag: path} a command writes
+                               inputs: dict[str, str | Path | None],  # {flag: path} it reads
+                              ) -> None:
+    "Raise `ValueError` when an output path is one of the input files (also through a link)."
+    for oflag, out in outputs.items():
+        for iflag, inp in inputs.items():
+            if out and inp and Path(out).exists() and Path(inp).exists() and Path(out).samefile(inp):
+                raise ValueError(f"--{oflag} {out} is the --{iflag} file: writing it would destroy the input")
+
 # %% ../nbs/00_core.ipynb #103ccda6
 def append_jsonl(path: str | Path, *rows: Any) -> None:
     "Append `rows` to a JSONL file, one durable write per call."
@@ -461,6 +493,22 @@ def append_jsonl(path: str | Path, *rows: Any) -> None:
     try:
         os.write(fd, data); os.fsync(fd)
     finally: os.close(fd)
+
+# %% ../nbs/00_core.ipynb #6f1a51bd
+def repair_torn_tail(path: str | Path) -> int:
+    "Cut a torn last line (a process killed mid-write) off an append-only file, so the next row starts a line."
+    path = Path(path)
+    if not path.exists() or not path.stat().st_size: return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - 1)
+        if f.read(1) == b"\n": return 0
+        keep, step = 0, 1 << 16  # scan back for the last newline a block at a time: bounded memory
+        for end in range(size, 0, -step):
+            f.seek(max(end - step, 0)); block = f.read(end - max(end - step, 0))
+            if (i := block.rfind(b"\n")) >= 0: keep = max(end - step, 0) + i + 1; break
+        f.truncate(keep)
+    return size - keep
 
 # %% ../nbs/00_core.ipynb #963515fe
 def seed_everything(seed: int = 0) -> int:

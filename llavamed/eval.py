@@ -6,20 +6,18 @@ Docs: https://llavamed.github.io/llavamed/eval.html.md"""
 
 # %% ../nbs/07_eval.ipynb #ab25724e
 from __future__ import annotations
-import contextlib, hashlib, json, math, re, sys
+import hashlib, json, math, re, sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
-from .core import (DOMAINS, BadRecords, Question, RecordError, Result, atomic_write, fmt_num,
-                           get_logger, iter_records, load_questions, question_from_json, read_jsonl,
-                           to_jsonable)
+from .core import (DOMAINS, BadRecords, Question, RecordError, Result, fmt_num, get_logger,
+                           iter_records, load_questions, refuse_outputs_over_inputs, to_jsonable, write_set)
 
 # %% auto #0
 __all__ = ['PUNCT', 'NUMBER_WORDS', 'ARTICLES', 'CONTRACTIONS', 'BLEU_WEIGHTS', 'MAX_ANSWER_CHARS', 'METRICS', 'normalize_answer',
            'official_prf', 'official_exact', 'sentence_bleu', 'official_question', 'strict_question', 'load_answers',
-           'read_questions', 'align', 'score_pairs', 'group_scores', 'file_sha256', 'describe_decoding', 'Scores',
-           'write_set', 'refuse_outputs_over_inputs', 'score']
+           'align', 'score_pairs', 'group_scores', 'file_sha256', 'describe_decoding', 'Scores', 'score']
 
 # %% ../nbs/07_eval.ipynb #a076e492
 PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
@@ -227,28 +225,6 @@ def load_answers(path: str | Path,  # answers JSONL (official format: `question_
     bad.check(n_read)
     return rows
 
-# %% ../nbs/07_eval.ipynb #9a8cd18e
-def read_questions(path: str | Path,  # a VQA file (JSON, JSONL, parquet) or a benchmark JSONL
-                   need_answer: bool = False,  # a question without its reference answer is a bad record
-                   bad: BadRecords | None = None,  # counts skipped records (default: a new one)
-                  ) -> list[Question]:
-    "An evaluation file's questions (as `load_questions`); bad records skipped and counted; too many stop."
-    bad = BadRecords(str(path)) if bad is None else bad
-    out, seen, n_read = [], set(), 0
-    for n_read, (line, v) in enumerate(iter_records(path), 1):
-        if isinstance(v, RecordError): bad.skip(_reason(v), _where(line, n_read - 1)); continue
-        rid = v.get("id", v.get("question_id")) if isinstance(v, dict) else None
-        where = _where(line, n_read - 1) + ("" if rid is None else f" (id {rid})")
-        try: q = question_from_json(v)
-        except ValueError as e: bad.skip(str(e), where); continue
-        if need_answer and q.answer is None:
-            missing = "no 'gpt4_answer'" if q.kind == "benchmark" else "no answer turn after the question"
-            bad.skip(missing, where)
-        elif q.id in seen: bad.skip("duplicate id", where)
-        else: seen.add(q.id); out.append(q)
-    bad.check(n_read)
-    return out
-
 # %% ../nbs/07_eval.ipynb #efd845dc
 def align(questions: list[Question],  # from `llavamed.core.load_questions`
           answers: list[dict],  # from `load_answers`
@@ -432,32 +408,13 @@ def _detail_rows(pairs, per_q: dict[str, list]):
         yield {"id": q.id, "answer_type": q.answer_type, "gt": q.answer, "pred": text,
                **{m: rows[i] for m, rows in per_q.items()}}
 
-# %% ../nbs/07_eval.ipynb #298ec2c6
-def write_set(texts: dict[str | Path, str]) -> list[Path]:
-    "Write {path: text} as one set: all to temporary files, then the old later ones removed and all renamed."
-    paths = [Path(p) for p in texts]
-    with contextlib.ExitStack() as stack:  # exits last-in first-out: the first path is renamed first
-        for path, text in reversed(list(zip(paths, texts.values()))):
-            stack.enter_context(atomic_write(path)).write(text)
-        for path in paths[1:]: path.unlink(missing_ok=True)
-    return paths
-
-def refuse_outputs_over_inputs(outputs: dict[str, str | Path | None],  # {flag: path} written by a command
-                               inputs: dict[str, str | Path | None],  # {flag: path} it reads
-                              ) -> None:
-    "Raise a `ValueError` when an output path is one of the input files (also through a link)."
-    for oflag, o in outputs.items():
-        for iflag, i in inputs.items():
-            if o and i and Path(o).exists() and Path(i).exists() and Path(o).samefile(i):
-                raise ValueError(f"--{oflag} {o} is the --{iflag} file: writing it would destroy the input")
-
 # %% ../nbs/07_eval.ipynb #11491f7f
 def _read_pairs(pred, gt, missing: str, max_answer_chars: int) -> tuple[list, dict, list[dict]]:
     "Answers and questions, read and paired (bad records counted); empty or unpaired inputs raise."
     bad_answers, bad_questions = BadRecords(str(pred)), BadRecords(str(gt))
     answers = load_answers(pred, bad_answers, max_answer_chars)
     if not answers: raise ValueError(f"{pred}: no answers (an empty file)")
-    questions = read_questions(gt, need_answer=True, bad=bad_questions)
+    questions = load_questions(gt, need_answer=True, bad=bad_questions)
     if not questions: raise ValueError(f"{gt}: no questions (an empty file)")
     pairs, info = align(questions, answers, missing)
     if info["n_missing"] == len(questions):

@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib, json as _json, re
 from dataclasses import dataclass, field
 from pathlib import Path
-from .core import DOMAIN_NAMES, BadRecords, Question, Result, fmt_num, get_logger, load_questions
+from .core import (DOMAIN_NAMES, BadRecords, Question, Result, fmt_num, get_logger, load_questions,
+                           refuse_outputs_over_inputs, repair_torn_tail, write_set)
 from .instruct import mention_texts
-from .eval import (MAX_ANSWER_CHARS, describe_decoding, file_sha256, load_answers, normalize_answer,
-                           read_questions, refuse_outputs_over_inputs, write_set)
-from .predict import _repair_tail
+from .eval import MAX_ANSWER_CHARS, describe_decoding, file_sha256, load_answers, normalize_answer
 
 # %% auto #0
 __all__ = ['log', 'JUDGES', 'ORDERS', 'PROXY_LABEL', 'JUDGE_SYSTEM', 'GROUPS', 'ORDERS_OF', 'judge_messages', 'parse_scores',
@@ -226,7 +225,7 @@ def _require_benchmark(qs: list[Question], path) -> list[Question]:
 def _judge_inputs(questions, answers, max_answer_chars: int) -> tuple[list[Question], list[dict], dict]:
     "Benchmark questions and answer rows (bad records skipped and counted); empty or unpaired inputs raise."
     bad_questions, bad_answers = BadRecords(str(questions)), BadRecords(str(answers))
-    qs = _require_benchmark(read_questions(questions, need_answer=True, bad=bad_questions), questions)
+    qs = _require_benchmark(load_questions(questions, need_answer=True, bad=bad_questions), questions)
     if not qs: raise ValueError(f"{questions}: no questions (an empty file)")
     rows = load_answers(answers, bad_answers, max_answer_chars)
     if not rows: raise ValueError(f"{answers}: no answers (an empty file)")
@@ -268,7 +267,7 @@ def _llm_judge(qs: list[Question], answers: dict[str, str], order: str, cache: P
     "Reviews by an LLM judge; requests already answered in `cache` are not sent again (a killed run resumes)."
     from llavamed.client import ChatClient, load_checkpoint, run_chat_requests
     reqs, keys = build_requests(qs, answers, order, client["model"])
-    if cut := _repair_tail(cache): log.warning(f"{cache}: cut a torn last line ({cut} bytes) before resuming")
+    if cut := repair_torn_tail(cache): log.warning(f"{cache}: cut a torn last line ({cut} bytes) before resuming")
     run_chat_requests(ChatClient(**client), reqs, cache, parse=parse_scores, desc="judge", **run)
     return _llm_reviews(qs, keys, load_checkpoint(cache), order)
 

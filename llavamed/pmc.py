@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from . import __version__
 from .core import (BadRecords, RecordError, Result, append_jsonl, atomic_write, get_logger, iter_records,
-                           read_jsonl)
+                           read_jsonl, repair_torn_tail)
 
 # %% auto #0
 __all__ = ['log', 'STATUSES', 'FINISHED', 'FigureRef', 'read_url_list', 'mirror_url', 'sniff_ext', 'prepare_image', 'FetchConfig',
@@ -270,13 +270,6 @@ def finished_pairs(out: str | Path) -> dict[str, str]:
     return {pair_id: status for pair_id, (status, file) in last.items()
             if status in FINISHED and (status != "ok" or (file and (out / file).exists()))}
 
-def _mend(path: Path) -> None:
-    "End `path` with a newline if a killed run left a partial last line."
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb+") as f:
-            f.seek(-1, 2)
-            if f.read(1) != b"\n": f.write(b"\n")
-
 # %% ../nbs/02a_pmc.ipynb #083c42db
 @dataclass
 class FetchResult(Result):
@@ -346,7 +339,7 @@ def fetch_figures(urls: str = None,  # the image URL list (llava_med_image_urls.
         raise ValueError(f"fetch_figures: --mirror {mirror!r}: expected an http(s):// or file:// URL")
     refs, skipped = read_url_list(urls, limit)  # a bad list stops here, before `out` is touched
     out = Path(out); images = out / "images"; images.mkdir(parents=True, exist_ok=True)
-    manifest = out / "manifest.jsonl"; _mend(manifest)
+    manifest = out / "manifest.jsonl"; repair_torn_tail(manifest)  # a killed run's torn last line
     done = finished_pairs(out)
     groups: dict[str, list[FigureRef]] = {}
     for r in refs:

@@ -6,11 +6,11 @@ Docs: https://llavamed.github.io/llavamed/predict.html.md"""
 
 # %% ../nbs/07a_predict.ipynb #8fe31780
 from __future__ import annotations
-import hashlib, os, random, time
+import hashlib, random, time
 from dataclasses import dataclass
 from pathlib import Path
 from .core import (HUMAN, BadRecords, Question, RecordError, Result, Sample, Turn, append_jsonl, fmt_num,
-                           get_logger, iter_records, question_from_json, read_jsonl)
+                           get_logger, load_questions, read_jsonl, repair_torn_tail)
 
 # %% auto #0
 __all__ = ['ABLATIONS', 'log', 'shuffled_images', 'ablate_image', 'question_messages', 'Predictions', 'predict']
@@ -75,37 +75,16 @@ def _settings(md: dict | None) -> dict:
     md = md or {}
     return {k: md.get(k) for k in ("decoding", "image_ablation", "prompt_suffix", "model")}
 
-def _repair_tail(out: Path) -> int:
-    "Cut a torn last line (a run killed mid-write) off `out`, so the next row starts a line; bytes cut."
-    if not out.exists() or not out.stat().st_size: return 0
-    with open(out, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(size - 1, 0)); last = f.read(1)
-        if last == b"\n": return 0
-        keep, step = 0, 1 << 16  # scan back for the last newline, one block at a time (bounded memory)
-        for end in range(size, 0, -step):
-            f.seek(max(end - step, 0)); block = f.read(min(step, end))
-            if (i := block.rfind(b"\n")) >= 0: keep = max(end - step, 0) + i + 1; break
-        f.truncate(keep)
-    return size - keep
-
 # %% ../nbs/07a_predict.ipynb #a02a0393
 def _read_questions(data: Path, max_question_chars: int) -> tuple[list[Question], BadRecords]:
-    "The questions of `data`; bad records are skipped and counted (`core.BadRecords`) up to its threshold."
-    bad, questions, seen, n = BadRecords(str(data)), [], set(), 0
-    for n, (line, v) in enumerate(iter_records(data), 1):
-        rid = v.get("id", v.get("question_id")) if isinstance(v, dict) else None
-        where = f"line {line}" if line else f"record {rid if rid is not None else n - 1}"
-        if isinstance(v, RecordError): bad.skip("malformed record", where); continue
-        try: q = question_from_json(v)
-        except ValueError as e: bad.skip(str(e).split(":")[0], where); continue
-        if q.id in seen: bad.skip("duplicate id", f"record {q.id}"); continue
+    "The questions of `data`, bad records skipped and counted (`core.BadRecords`); an over-long one stops the run."
+    bad = BadRecords(str(data))
+    questions = load_questions(data, bad=bad)
+    for q in questions:
         if len(q.question) > max_question_chars:
             raise ValueError(f"{data}: question {q.id}: {len(q.question):,} characters > "
                              f"max_question_chars {max_question_chars:,}")
-        seen.add(q.id); questions.append(q)
-    bad.check(n)
-    if not questions: raise ValueError(f"{data}: no questions ({n} records read; {bad.summary()})")
+    if not questions: raise ValueError(f"{data}: no questions ({bad.summary() if bad.total else 'no records'})")
     return questions, bad
 
 def _image_paths(questions: list[Question], images: Path) -> dict[str, Path]:
@@ -238,7 +217,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
                                                 do_sample=do_sample, temperature=temperature, seed=seed,
                                                 batch_size=batch_size)
     swap = shuffled_images(questions, seed) if image_ablation == "shuffle" else {}
-    res.repaired_bytes = _repair_tail(out)
+    res.repaired_bytes = repair_torn_tail(out)
     if res.repaired_bytes: log.warning(f"{out}: cut a torn last line ({res.repaired_bytes} bytes) off")
     bar = tqdm(total=len(todo), desc=f"predict ({image_ablation})", unit="q", disable=not progress,
                dynamic_ncols=True)

@@ -246,9 +246,8 @@ def test_torn_checkpoint_line_is_not_glued_to_the_next_row(tmp_path):
     with open(raw, "ab") as f: f.write(b'{"id": "30000099_F1", "status": "do')  # a run killed mid-append
     assert main(instruct_args(cap, out)) == 0
     assert len(out.read_text().splitlines()) == 6
-    rows = raw.read_bytes().splitlines()
-    assert rows[3] == b'{"id": "30000099_F1", "status": "do'  # the torn line stays alone, the next row intact
-    assert [json.loads(r)["status"] for r in rows[:3] + rows[4:]] == ["done"] * 6
+    rows = raw.read_bytes().splitlines()  # the torn line is cut off: every line is a whole row, none glued
+    assert [json.loads(r)["status"] for r in rows] == ["done"] * 6
 
 
 def test_huge_caption_is_a_bad_record_not_a_prompt(tmp_path, capsys):
