@@ -17,9 +17,9 @@ from .images import (MAX_PIXELS, ImageError, ImageOutsideRootError, ImageTooLarg
                              relative_image_name, resolve_image)
 
 # %% auto #0
-__all__ = ['REASONS', 'MAX_RECORD_CHARS', 'check_record', 'Problem', 'ValidationReport', 'validate_records', 'validate_file',
-           'align_prompts', 'iter_caption_pairs', 'alignment_record', 'write_records', 'AlignmentResult',
-           'build_alignment']
+__all__ = ['REASONS', 'MAX_RECORD_CHARS', 'MAX_CAPTION_CHARS', 'check_record', 'Problem', 'ValidationReport', 'validate_records',
+           'validate_file', 'align_prompts', 'iter_caption_pairs', 'alignment_record', 'write_records',
+           'AlignmentResult', 'build_alignment']
 
 # %% ../nbs/02_data.ipynb #dc4b22c0
 REASONS = {  # reason code: what it means
@@ -420,9 +420,10 @@ def write_records(out: str | Path,  # a .json file (array, one record per line) 
         if not jsonl: f.write("\n]\n")
     return n
 
-_BAD_PAIR = {"malformed_json", "not_object", "missing_id", "image_outside_root"}  # broken, not merely unusable
+_BAD_PAIR = {"malformed_json", "not_object", "missing_id", "image_outside_root", "too_long"}  # broken, not unusable
+MAX_CAPTION_CHARS = 20_000  # a caption (with its mentions) longer than this is a broken record: PMC's run to thousands
 
-def _pair_problem(pair, seen: set) -> tuple[str, str] | None:
+def _pair_problem(pair, seen: set, max_caption_chars: int = MAX_CAPTION_CHARS) -> tuple[str, str] | None:
     "(reason, message) when `pair` cannot make a record, else None (and its id is remembered)."
     if isinstance(pair, RecordError): return "malformed_json", pair.msg
     if not isinstance(pair, dict): return "not_object", f"a {type(pair).__name__}, expected an object"
@@ -433,6 +434,8 @@ def _pair_problem(pair, seen: set) -> tuple[str, str] | None:
         except ImageOutsideRootError as e: return "image_outside_root", e.msg
     cap = pair.get("caption", pair.get("fig_caption"))
     if not isinstance(cap, str) or not cap.strip(): return "empty_caption", f"pair {pid} has no caption"
+    if len(cap) > max_caption_chars:
+        return "too_long", f"pair {pid}: a caption of {len(cap):,} characters > max_caption_chars {max_caption_chars:,}"
     if str(pid) in seen: return "duplicate_id", f"pair {pid} repeats an earlier id"
     seen.add(str(pid))
 
@@ -449,7 +452,8 @@ class AlignmentResult(Result):
         skips = f"; skipped {sum(self.skipped.values()):,}: {self.skipped}" if self.skipped else ""
         return f"wrote {self.written:,} alignment records to {self.out}{skips}"
 
-def _alignment_rows(captions, prompts: list[str], seed: int, quiet: bool, bad: BadRecords, skipped: Counter):
+def _alignment_rows(captions, prompts: list[str], seed: int, quiet: bool, bad: BadRecords, skipped: Counter,
+                    max_caption_chars: int = MAX_CAPTION_CHARS):
     "The alignment records of `captions`; unusable pairs counted in `skipped`, broken ones also in `bad`."
     from tqdm.auto import tqdm
     pairs = tqdm(iter_caption_pairs(captions), unit=" pairs", desc="align", disable=True if quiet else None,
@@ -457,7 +461,7 @@ def _alignment_rows(captions, prompts: list[str], seed: int, quiet: bool, bad: B
     n_read = n_made = 0
     seen: set[str] = set()
     for i, (line, pair, key) in enumerate(pairs):
-        n_read, problem = n_read + 1, _pair_problem(pair, seen)
+        n_read, problem = n_read + 1, _pair_problem(pair, seen, max_caption_chars)
         if problem is None: n_made += 1; yield alignment_record(pair, prompts, seed, key); continue
         reason, message = problem
         skipped[reason] += 1
@@ -475,6 +479,7 @@ def build_alignment(captions: str = None,  # figure-caption pairs: teacher-input
                     style: str = "all",  # instruction set: 'all', 'detailed' or 'concise'
                     quiet: bool = False,  # do not report each skipped pair
                     max_bad: float = 0.02,  # stop when more than this share of the pairs are broken records
+                    max_caption_chars: int = MAX_CAPTION_CHARS,  # a longer caption is a broken record
                    ) -> AlignmentResult:
     "Turn figure-caption pairs into stage-1 alignment records; the result counts written and skipped pairs."
     if captions is None or out is None:
@@ -483,5 +488,5 @@ def build_alignment(captions: str = None,  # figure-caption pairs: teacher-input
     if Path(out).resolve() == Path(captions).resolve():
         raise ValueError(f"--out {out} is the captions file itself: write the alignment set to another file")
     prompts, skipped, bad = align_prompts(style), Counter(), BadRecords(str(captions), max_share=max_bad)
-    written = write_records(out, _alignment_rows(captions, prompts, seed, quiet, bad, skipped))
+    written = write_records(out, _alignment_rows(captions, prompts, seed, quiet, bad, skipped, max_caption_chars))
     return AlignmentResult(str(out), written, dict(skipped))

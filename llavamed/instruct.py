@@ -12,22 +12,20 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sample, asset_path,
-                           domain_flags, get_logger, primary_domain, write_json, write_jsonl)
-from .data import iter_caption_pairs
+                           domain_flags, get_logger, primary_domain, refuse_outputs_over_inputs, write_json,
+                           write_jsonl)
+from .data import MAX_CAPTION_CHARS, iter_caption_pairs
 from .client import ChatClient, Reply, load_checkpoint, run_chat_requests
 
 # %% auto #0
-__all__ = ['log', 'MAX_CAPTION_CHARS', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts', 'format_target',
-           'format_conversation', 'build_messages', 'split_turns', 'load_rules', 'clean_pairs', 'to_record',
-           'record_problems', 'TemplateTeacher', 'sidecar_path', 'build_output', 'pick_figures', 'InstructReport',
-           'self_instruct']
+__all__ = ['log', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts', 'format_target', 'format_conversation',
+           'build_messages', 'split_turns', 'load_rules', 'clean_pairs', 'to_record', 'record_problems',
+           'TemplateTeacher', 'sidecar_path', 'build_output', 'pick_figures', 'InstructReport', 'self_instruct']
 
 # %% ../nbs/04_instruct.ipynb #f47e494a
 log = get_logger("instruct")
 
 # %% ../nbs/04_instruct.ipynb #44242f42
-MAX_CAPTION_CHARS = 20_000  # caption plus mentions; PMC captions run to a few thousand characters
-
 def _problem(rec, seen: set, max_chars: int) -> str | None:
     "Why a teacher-input record cannot be used, or None."
     if isinstance(rec, RecordError): return rec.msg.split(" (")[0]
@@ -378,6 +376,7 @@ def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (
     if not captions or not out: raise ValueError("self_instruct: both --captions and --out are required")
     captions, out = Path(captions), Path(out)
     checkpoint, bad = sidecar_path(out), BadRecords(str(captions))
+    refuse_outputs_over_inputs({"out": out, "out (raw replies)": checkpoint}, {"captions": captions})
     records = pick_figures(round_robin(load_captions(captions, bad, max_caption_chars)), checkpoint, limit)
     client = _teacher(teacher, records, seed, model, base_url=base_url, api_key_env=api_key_env,
                       temperature=temperature, max_tokens=max_tokens, timeout=timeout)

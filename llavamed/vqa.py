@@ -17,9 +17,9 @@ from .core import (GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sam
 from .images import ImageOutsideRootError, load_image, relative_image_name, resolve_image
 
 # %% auto #0
-__all__ = ['log', 'DATASETS', 'VQA_RAD_VARIANTS', 'SLAKE_SPLITS', 'PATHVQA_SPLITS', 'vqa_record', 'is_yes_no', 'load_vqa_rad',
-           'load_slake', 'SafeUnpickler', 'safe_load_pickle', 'load_pathvqa', 'ConversionResult', 'convert_vqa',
-           'dhash', 'phash', 'image_fingerprint', 'LeakageReport', 'check_leakage']
+__all__ = ['log', 'DATASETS', 'VQA_RAD_VARIANTS', 'MAX_TEXT_CHARS', 'SLAKE_SPLITS', 'PATHVQA_SPLITS', 'vqa_record', 'is_yes_no',
+           'load_vqa_rad', 'load_slake', 'SafeUnpickler', 'safe_load_pickle', 'load_pathvqa', 'ConversionResult',
+           'convert_vqa', 'dhash', 'phash', 'image_fingerprint', 'LeakageReport', 'check_leakage']
 
 # %% ../nbs/02b_vqa.ipynb #7a5e724e
 log = get_logger("llavamed.vqa")
@@ -51,6 +51,8 @@ def is_yes_no(answer) -> bool:
     return str(answer).strip().lower().rstrip(".") in ("yes", "no")
 
 # %% ../nbs/02b_vqa.ipynb #f3dd070d
+MAX_TEXT_CHARS = 20_000  # a longer question or answer is a broken record (real ones are a sentence or two)
+
 class _Collector:
     "Records per split, with skip reasons and repeated ids counted; broken records go through `bad`."
     def __init__(self, source: str = "<questions>", max_bad: float = 0.02):
@@ -70,10 +72,12 @@ class _Collector:
             try: relative_image_name(image, id)
             except ImageOutsideRootError:
                 return self.broken("image path outside the images folder", f"record {id}")
+        if any(isinstance(t, str) and len(t) > MAX_TEXT_CHARS for t in args[:2]):
+            return self.broken(f"question or answer longer than {MAX_TEXT_CHARS:,} characters", f"record {id}")
         try: rec = vqa_record(id, image, *args, **kw)
         except ValueError as e:
             self.skipped[re.sub(r"^record \S+: ", "", str(e)).split(" '")[0]] += 1
-            if sum(self.skipped.values()) <= 5: log.warning(f"{e}; skipped")
+            if sum(self.skipped.values()) <= 5: log.info(f"{e}; skipped")  # counted in the result
             return
         self.splits.setdefault(split, []).append(rec)
 

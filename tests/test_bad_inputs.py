@@ -12,14 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bad_inputs as table  # noqa: E402
 
-KNOWN = {  # case id -> what the table finds today
-    "validate:huge line": "a 20 MB answer is reported valid (no record-size limit)",
-    "align:huge line": "a 25 MB caption is accepted and the earlier output replaced (no record-size limit)",
-    "instruct:--out equal to --captions": "instruct appends its records into its own captions file",
-    "vqa-convert:wrong top-level type": "one line per skipped record is logged on stderr before the error line",
-    "vqa-convert:missing keys": "one line per skipped record is logged on stderr before the error line",
-    "vqa-convert:huge line": "a 20 MB question is converted and the earlier output replaced (no record-size limit)",
-}
+KNOWN: dict[str, str] = {}  # case id -> what the table still gets wrong (strict xfail, so a fix flips it)
 CASES = table.all_cases(model=False)
 
 
