@@ -355,6 +355,7 @@ class SupervisedDataset:
                  text_only: bool = True,  # keep text-only records (False: LLM frozen)
                  image_workers: int = 8,  # threads checking that the images are present and decodable
                 ):
+        self.source = "" if isinstance(records, list) else f"{records}: "  # named in messages about the file
         rows = records if isinstance(records, list) else list(iter_samples(records, skip_bad=True))
         records = [r for r in rows if isinstance(r, Sample)]
         self.processor, self.images = processor, Path(images) if images else None
@@ -386,12 +387,12 @@ class SupervisedDataset:
         "Raise `DroppedError` when over `max_dropped_share` of the `n` records were refused; else log them."
         if self.skipped: log.info(f"skipped {self.skipped} text-only records: the LLM is frozen")
         if self.dropped:
-            msg = f"{sum(self.dropped.values())} of {n} records dropped: " + "; ".join(
+            msg = f"{self.source}{sum(self.dropped.values())} of {n} records dropped: " + "; ".join(
                 f"{k} x{v} (e.g. {self.examples[k]})" for k, v in self.dropped.most_common())
             if sum(self.dropped.values()) > max_dropped_share * n:
                 raise DroppedError(msg + f" > max_dropped_share {max_dropped_share}")
             log.warning(msg)
-        if not self.items: raise DroppedError(f"no trainable records among {n}")
+        if not self.items: raise DroppedError(f"{self.source}no trainable records among {n}")
 
     def __len__(self): return len(self.items)
 
