@@ -176,12 +176,20 @@ def _flattens(func) -> bool:
     except NameError: return False  # an annotation naming something imported later: not a dataclass of ours
     return any(_dataclass_in(a) for k, a in hints.items() if k != "return")
 
+def _say_what_off_means(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Word the help of each `--no-X` flag as what it turns off (docments describe the setting when on)."
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction) and action.help:
+            action.help = "turn off: " + action.help.replace(" (default: True)", "")
+    return parser
+
 def command_parser(name: str):
     "The `argparse` parser of subcommand `name`, built from its function's signature and docments."
     mod, fn, _ = COMMANDS[name]
     func = getattr(importlib.import_module(mod), fn)
     prog = f"llavamed {name}"
-    return func, settings_parser(func, prog) if _flattens(func) else anno_parser(func, prog=prog)
+    parser = settings_parser(func, prog) if _flattens(func) else anno_parser(func, prog=prog)
+    return func, _say_what_off_means(parser)
 
 # %% ../nbs/10_cli.ipynb #ae913a71
 def main(argv: list[str] | None = None) -> int:

@@ -104,3 +104,9 @@ def test_bad_input_is_one_line_and_exit_2(llavamed_cmd, tmp_path):
     assert "Traceback" not in r.stderr and r.stdout == ""
     r = run(llavamed_cmd, "--debug", "validate", str(missing))
     assert r.returncode == 1 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
+
+
+def test_off_flags_say_what_they_turn_off(llavamed_cmd):
+    r = run(llavamed_cmd, "predict", "--help")
+    line = next(l for l in r.stdout.splitlines() if l.strip().startswith("--no-progress"))
+    assert "turn off: show a progress bar" in line and "(default: True)" not in line, line
