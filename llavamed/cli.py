@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/cli.html.md"""
 
 # %% ../nbs/10_cli.ipynb #732c61a2
 from __future__ import annotations
-import argparse, dataclasses, difflib, importlib, inspect, json, sys, types, typing
+import argparse, dataclasses, difflib, importlib, inspect, json, os, sys, types, typing
 from fastcore.docments import docments
 from fastcore.script import anno_parser, bool_arg
 from . import __version__
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(rest))
     args.pop("pdb", None); args.pop("xtra", None)
     if _flattens(func): args = settings_kwargs(func, args)
+    if not debug:  # transformers' own warnings (read when it is imported) would stand beside our one-line errors
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try: res = func(**args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
