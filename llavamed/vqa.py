@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/vqa.html.md"""
 
 # %% ../nbs/02b_vqa.ipynb #0724b8de
 from __future__ import annotations
-import builtins, hashlib, io, pickle, re, shutil
+import builtins, hashlib, pickle, re, shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
