@@ -214,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         rest, as_json = [a for a in rest if a != "--json"], True
     args = vars(parser.parse_args(rest))
     args.pop("pdb", None); args.pop("xtra", None)
-    if _flattens(func): args = settings_kwargs(func, args)
     if not debug:  # transformers' own warnings (read when it is imported) would stand beside our one-line errors
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try: res = func(**args)
+    try:
+        if _flattens(func): args = settings_kwargs(func, args)  # building the settings checks their values
+        res = func(**args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
     except EXPECTED_ERRORS as e:  # bad input: one line naming the problem, the traceback only with --debug

@@ -110,3 +110,13 @@ def test_off_flags_say_what_they_turn_off(llavamed_cmd):
     r = run(llavamed_cmd, "predict", "--help")
     line = next(l for l in r.stdout.splitlines() if l.strip().startswith("--no-progress"))
     assert "turn off: show a progress bar" in line and "(default: True)" not in line, line
+
+
+def test_bad_settings_values_are_one_line(llavamed_cmd, tmp_path):
+    "A preset or field value the settings dataclasses refuse is the same one-line error as any bad input."
+    for args, said in ((["--stage", "nope"], "stage: 'nope' is neither a preset"),
+                       (["--stage", "align", "--epochs", "-1"], "StageConfig.epochs: must be > 0")):
+        r = run(llavamed_cmd, "train", *args, "--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().startswith("llavamed train: error: ") and said in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
