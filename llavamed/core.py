@@ -17,7 +17,8 @@ __all__ = ['IMAGE_TOKEN', 'IGNORE_INDEX', 'HUMAN', 'GPT', 'DOMAINS', 'DOMAIN_NAM
            'BadRecords', 'domain_flags', 'primary_domain', 'Question', 'question_from_json', 'load_questions',
            'atomic_write', 'write_json', 'write_jsonl', 'write_set', 'refuse_outputs_over_inputs', 'append_jsonl',
            'repair_torn_tail', 'seed_everything', 'pick_device', 'pick_dtype', 'get_logger', 'set_verbosity',
-           'asset_path', 'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure', 'plot_losses']
+           'asset_path', 'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure', 'plot_losses', 'Shard',
+           'parse_shard']
 
 # %% ../nbs/00_core.ipynb #ffad75ed
 IMAGE_TOKEN = "<image>"  # placeholder for the image in a human turn
@@ -645,3 +646,30 @@ def plot_losses(runs: dict[str, str | Path],  # {panel title: run folder holding
     fig = loss_figure({title: rows(d) for title, d in runs.items()})
     with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=100)
     return Path(path)
+
+# %% ../nbs/00_core.ipynb #5dfea699
+@dataclass(frozen=True)
+class Shard:
+    "Share `index` (from 0) of `count` disjoint shares of a job, chosen by a stable hash of each item's key."
+    index: int  # this machine's share, 0 <= index < count
+    count: int  # how many shares the job is split into
+
+    def __post_init__(self):
+        if not (isinstance(self.index, int) and isinstance(self.count, int) and 0 <= self.index < self.count):
+            raise ValueError(f"shard {self.index}/{self.count}: want K/N with N >= 1 and 0 <= K < N, e.g. 0/4")
+
+    def __str__(self): return f"{self.index}/{self.count}"
+
+    def holds(self, key: str) -> bool:
+        "Whether the item with this key (a pair id, a PMCID) belongs to this share."
+        import hashlib
+        digest = hashlib.sha256(str(key).encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index
+
+def parse_shard(text: str | Shard | None,  # 'K/N' (K from 0), a `Shard`, or None (the whole job)
+               ) -> Shard | None:
+    "The `Shard` that `--shard K/N` names; a one-line error for anything else."
+    if text is None or isinstance(text, Shard): return text
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m: raise ValueError(f"--shard {text!r}: want K/N, e.g. 0/4 for the first of four machines")
+    return Shard(int(m.group(1)), int(m.group(2)))
