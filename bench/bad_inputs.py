@@ -140,7 +140,7 @@ def must(argv: list, **kw):
 
 def predict_argv(fx, data, out, images=None, model=None):
     return ["predict", "--model", model or fx.model(), "--data", data, "--images", images or fx.images,
-            "--out", out, "--max-new-tokens", "4", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+            "--out", out, "--max-new-tokens", "4", "--batch-size", "8", "--device", "cpu", "--quiet"]
 
 
 def train_argv(fx, data, out, images=None):
@@ -245,7 +245,7 @@ def good_judge(d, fx):
     write_jsonl(d / "questions.jsonl", fx.bench)
     write_jsonl(d / "good_answers.jsonl", bench_answers(fx))
     must(["judge", "--questions", d / "questions.jsonl", "--answers", d / "good_answers.jsonl", "--out",
-          d / "out" / "reviews.jsonl", "--judge", "overlap", "--no-progress"])
+          d / "out" / "reviews.jsonl", "--judge", "overlap", "--quiet"])
 
 
 def rad(qid, phrase="freeform", img="synpic100.jpg", answer="yes", atype="CLOSED"):
@@ -537,7 +537,7 @@ def judge_cases() -> list:
     def argv(d, fx, path):
         write_jsonl(d / "questions.jsonl", fx.bench)
         return ["judge", "--questions", d / "questions.jsonl", "--answers", path, "--out",
-                d / "out" / "reviews.jsonl", "--judge", "overlap", "--no-progress"]
+                d / "out" / "reviews.jsonl", "--judge", "overlap", "--quiet"]
     cases = file_cases("judge", "answers.jsonl", bench_answers, argv, setup=setup,
                        missing_key=lambda r: {"answer": r["text"]},
                        huge=lambda r: {**r, "text": "lung " * 5_000_000})
@@ -548,13 +548,13 @@ def judge_cases() -> list:
         setup(d, fx); write_jsonl(d / "answers.jsonl", bench_answers(fx))
         write_jsonl(d / "questions.jsonl", [{k: v for k, v in q.items() if k != "gpt4_answer"} for q in fx.bench])
         return ["judge", "--questions", d / "questions.jsonl", "--answers", d / "answers.jsonl", "--out",
-                d / "out" / "reviews.jsonl", "--judge", "overlap", "--no-progress"]
+                d / "out" / "reviews.jsonl", "--judge", "overlap", "--quiet"]
 
     def openai(d, fx, url, cache="out"):
         write_jsonl(d / "questions.jsonl", fx.bench[:2]); write_jsonl(d / "answers.jsonl", bench_answers(fx)[:2])
         return ["judge", "--questions", d / "questions.jsonl", "--answers", d / "answers.jsonl", "--out",
                 d / cache / "reviews.jsonl", "--judge", "openai", "--model", "m", "--base-url", url,
-                "--max-attempts", "1", "--backoff", "0", "--no-progress"]
+                "--max-attempts", "1", "--backoff", "0", "--quiet"]
 
     def url_credentials(d, fx):
         url = fx.once("srvok", lambda g: (g / "url").write_text(fx.server(reply_text="8 7\nBoth fine.")))

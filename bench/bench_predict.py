@@ -18,7 +18,7 @@ if __name__ == "__main__":
         (d / "test.json").write_text(json.dumps(qs))
         m, p = build_model("tiny", tokenizer_texts=corpus_texts(str(d / "corpus")))
         save_model(m, p, d / "model")
-        kw = dict(images=str(d / "corpus" / "images"), max_new_tokens=args.max_new_tokens, device=args.device, progress=False)
+        kw = dict(images=str(d / "corpus" / "images"), max_new_tokens=args.max_new_tokens, device=args.device, quiet=True)
         predict(str(d / "model"), str(d / "test.json"), out=str(d / "warm.jsonl"), batch_size=4, limit=4, **kw)  # warm-up
         rates = {}
         for bs in (1, 16):

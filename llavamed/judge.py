@@ -294,7 +294,7 @@ def judge(questions: str = None,  # benchmark JSONL (question_id, text, gpt4_ans
           max_tokens: int = 512,  # longest judge reply
           backoff: float = 1.0,  # first wait before a retry, in seconds (doubles each attempt)
           cache: str = None,  # request cache / checkpoint JSONL (default: beside `out`)
-          progress: bool = True,  # show a progress bar
+          quiet: bool = False,  # no progress bar
           max_answer_chars: int = MAX_ANSWER_CHARS,  # a longer answer stops the run (no model's real answer)
          ) -> JudgeSummary:
     "Judge benchmark answers against the reference answers; write the reviews and the paper's summary table."
@@ -317,7 +317,7 @@ def judge(questions: str = None,  # benchmark JSONL (question_id, text, gpt4_ans
         label = f"openai:{model}" + (f" at {server}" if server else "") + f", order={order}"
         client = dict(model=model, base_url=base_url, api_key_env=api_key_env, temperature=temperature,
                       max_tokens=max_tokens)
-        run = dict(concurrency=concurrency, max_attempts=max_attempts, backoff=backoff, progress=progress)
+        run = dict(concurrency=concurrency, max_attempts=max_attempts, backoff=backoff, progress=not quiet)
         reviews = _llm_judge(qs, ans, order, cache, client, run)
     for r in reviews: r["judge"] = label
     text = "".join(_json.dumps(r, ensure_ascii=False) + "\n" for r in reviews)

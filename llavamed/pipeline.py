@@ -257,7 +257,7 @@ def _evaluate_step(cfg: DemoConfig, model_dir: Path, corpus: Path, quiet: bool, 
                        chat=None if vqa else str(corpus / "chat_eval.jsonl"), images=str(corpus / "images"),
                        out=str(d), ablations="none,blank", batch_size=cfg.eval_batch_size,
                        max_new_tokens=cfg.max_new_tokens, chat_max_new_tokens=cfg.chat_max_new_tokens,
-                       seed=cfg.seed, write_report=False, progress=not quiet)
+                       seed=cfg.seed, write_report=False, quiet=quiet)
         if not vqa: return {"judge": res.chat.judge, "n_questions": res.chat.n_questions,
                             "groups": res.chat.groups}
         return {abl: {m: {k: v[k] for k in _SCORE_KEYS} for m, v in s.metrics.items()}

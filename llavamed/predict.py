@@ -184,7 +184,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             limit: int = None,  # answer at most this many new questions (a quick look)
             device: str = None,  # 'cpu', 'cuda', ... (default: the best available)
             dtype: str = None,  # 'bfloat16', 'float32', ... (default: the device's best)
-            progress: bool = True,  # show a progress bar
+            quiet: bool = False,  # no progress bar
             max_prompt_tokens: int = 2048,  # refuse a question whose prompt has more tokens (before generating)
             max_question_chars: int = 100_000,  # refuse a longer question text (before the model loads)
            ) -> Predictions:
@@ -219,7 +219,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
     swap = shuffled_images(questions, seed) if image_ablation == "shuffle" else {}
     res.repaired_bytes = repair_torn_tail(out)
     if res.repaired_bytes: log.warning(f"{out}: cut a torn last line ({res.repaired_bytes} bytes) off")
-    bar = tqdm(total=len(todo), desc=f"predict ({image_ablation})", unit="q", disable=not progress,
+    bar = tqdm(total=len(todo), desc=f"predict ({image_ablation})", unit="q", disable=quiet,
                dynamic_ncols=True)
     t0 = time.perf_counter()
     for chunk in _batches(todo, batch_size):

@@ -316,7 +316,7 @@ def evaluate(model: str = None,  # saved model directory
              dtype: str = None,  # 'bfloat16', 'float32', ... (default: the device's best)
              write_report: bool = True,  # write report.md and its figures into `out`
              title: str = "llavamed evaluation",  # the report's heading
-             progress: bool = True,  # show progress bars
+             quiet: bool = False,  # no progress bars
             ) -> Evaluation:
     "Answer under each image ablation, score both modes and per group, proxy-judge the benchmark, report."
     if not model or not (data or chat): raise ValueError("evaluate needs --model and --data and/or --chat")
@@ -332,7 +332,7 @@ def evaluate(model: str = None,  # saved model directory
         "Answer a question file with the model (resuming `answers`)."
         return predict(str(model), str(questions), images, str(answers), batch_size=batch_size,
                        max_new_tokens=tokens, image_ablation=ablation, prompt_suffix=suffix, seed=seed,
-                       device=device, dtype=dtype, progress=progress)
+                       device=device, dtype=dtype, quiet=quiet)
     res = Evaluation(str(out), {}, {})
     for abl in abls if data else []:
         res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, by, name, answer)
@@ -340,7 +340,7 @@ def evaluate(model: str = None,  # saved model directory
         chat_tokens = chat_max_new_tokens or max(64, max_new_tokens)  # conversations need longer answers
         answer(chat, out / "chat_answers.jsonl", "none", chat_tokens, None)
         res.chat = judge(str(chat), str(out / "chat_answers.jsonl"), str(out / "chat_reviews.jsonl"),
-                         judge="overlap")
+                         judge="overlap", quiet=quiet)
     if write_report:
         inputs = [str(out / f"scores_{a}.json") for a in res.scores]
         if chat: inputs.append(str(out / "chat_reviews.summary.json"))

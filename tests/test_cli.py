@@ -107,9 +107,9 @@ def test_bad_input_is_one_line_and_exit_2(llavamed_cmd, tmp_path):
 
 
 def test_off_flags_say_what_they_turn_off(llavamed_cmd):
-    r = run(llavamed_cmd, "predict", "--help")
-    line = next(l for l in r.stdout.splitlines() if l.strip().startswith("--no-progress"))
-    assert "turn off: show a progress bar" in line and "(default: True)" not in line, line
+    r = run(llavamed_cmd, "evaluate", "--help")
+    line = next(l for l in r.stdout.splitlines() if l.strip().startswith("--no-write-report"))
+    assert "turn off: write report.md" in line and "(default: True)" not in line, line
 
 
 def test_bad_settings_values_are_one_line(llavamed_cmd, tmp_path):

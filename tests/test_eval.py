@@ -200,7 +200,7 @@ def _reply(messages, key):
 def test_judge_both_orders_averaged(tmp_path):
     q, a = _judge_files(tmp_path)
     with ChatServer(reply_fn=_reply) as srv:
-        s = judge(str(q), str(a), str(tmp_path / "rev.jsonl"), model="judge-x", base_url=srv.base_url, progress=False)
+        s = judge(str(q), str(a), str(tmp_path / "rev.jsonl"), model="judge-x", base_url=srv.base_url, quiet=True)
         assert srv.stats()["requests"] == 6  # 3 questions x 2 orders
     rows = [json.loads(l) for l in (tmp_path / "rev.jsonl").read_text().splitlines()]
     assert [(r["reference_score"], r["model_score"]) for r in rows] == [(8.5, 5.0)] * 3
@@ -218,11 +218,11 @@ def test_judge_both_orders_averaged(tmp_path):
 def test_judge_cache_sends_nothing_twice(tmp_path):
     q, a = _judge_files(tmp_path)
     with ChatServer(reply_fn=_reply) as srv:
-        judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, progress=False)
-        judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, progress=False)
+        judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, quiet=True)
+        judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, quiet=True)
         assert srv.stats()["requests"] == 6
         _judge_files(tmp_path, {**MODEL_ANS, 3: "Haematoxylin and eosin."})  # one changed answer: 2 new requests
-        judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, progress=False)
+        judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, quiet=True)
         assert srv.stats()["requests"] == 8
 
 def test_judge_retries_then_records_unparsed(tmp_path):
@@ -232,7 +232,7 @@ def test_judge_retries_then_records_unparsed(tmp_path):
     script = {keys[("1", "official")]: ["garbage", "ok"], keys[("2", "official")]: ["garbage"] * 5}
     with ChatServer(reply_fn=_reply, script=script) as srv:
         s = judge(str(q), str(a), str(tmp_path / "r.jsonl"), model="m", base_url=srv.base_url, order="official",
-                  max_attempts=2, backoff=0.01, progress=False)
+                  max_attempts=2, backoff=0.01, quiet=True)
         assert srv.stats()["requests"] == 2 + 2 + 1
     rows = {r["question_id"]: r for r in map(json.loads, (tmp_path / "r.jsonl").read_text().splitlines())}
     assert rows["1"]["status"] == "done" and rows["1"]["reference_score"] == 8.0
@@ -328,7 +328,7 @@ def test_shuffle_never_returns_own_image(tmp_path):
 
 @pytest.mark.slow
 def test_predict_resumes_and_scores(tiny, tmp_path):
-    out, kw = tmp_path / "a.jsonl", dict(images=str(tiny / "corpus" / "images"), batch_size=4, max_new_tokens=4, progress=False)
+    out, kw = tmp_path / "a.jsonl", dict(images=str(tiny / "corpus" / "images"), batch_size=4, max_new_tokens=4, quiet=True)
     r1 = predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(out), limit=3, **kw)
     assert r1.answered == 3 and len(_rows(out)) == 3
     r2 = predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(out), **kw)
@@ -345,7 +345,7 @@ def test_predict_resumes_and_scores(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_predict_ablations_change_the_image(tiny, tmp_path):
-    kw = dict(images=str(tiny / "corpus" / "images"), batch_size=8, max_new_tokens=2, progress=False)
+    kw = dict(images=str(tiny / "corpus" / "images"), batch_size=8, max_new_tokens=2, quiet=True)
     predict(str(tiny / "model"), str(tiny / "test8.json"), out=str(tmp_path / "s.jsonl"), image_ablation="shuffle", **kw)
     own = {q.id: q.image for q in load_questions(tiny / "test8.json")}
     rows = _rows(tmp_path / "s.jsonl")
@@ -359,7 +359,7 @@ def test_evaluate_writes_report_with_blank_ablation(tiny, tmp_path):
     from llavamed.report import evaluate
     res = evaluate(str(tiny / "model"), str(tiny / "test8.json"), str(tiny / "corpus" / "images"), str(tmp_path / "ev"),
                    ablations="none,blank", batch_size=8, max_new_tokens=2, chat=str(tiny / "corpus" / "chat_eval.jsonl"),
-                   progress=False)
+                   quiet=True)
     text = Path(res.report.report).read_text()
     assert "| none |" in text and "| blank |" in text and "### Image ablations" in text and "proxy" in text
     assert set(res.scores) == {"none", "blank"} and res.scores["none"].pairing["n_missing"] == 0
@@ -416,7 +416,7 @@ def test_evaluate_scores_answers_already_there_without_a_model(files, tmp_path):
     rows = [{"question_id": f"q{i}", "text": "no", "metadata": md} for i in range(1, 9)]
     (out / "answers_none.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = evaluate("no-such-model", str(gt), str(tmp_path), str(out), ablations="none", max_new_tokens=8,
-                   progress=False)
+                   quiet=True)
     assert res.scores["none"].metrics["official"]["closed_accuracy"] == 50.0  # q1 and q3 are 'no'
     for f in ("scores_none.json", "scores_none.txt", "per_domain_none.json", "per_kind_none.json", "report.md"):
         assert (out / f).exists(), f
@@ -428,7 +428,7 @@ def test_evaluate_command_prints_its_result(tiny, tmp_path, llavamed_cmd):
     out = tmp_path / "ev"
     r = subprocess.run([llavamed_cmd, "--json", "evaluate", "--model", str(tiny / "model"), "--data",
                         str(tiny / "test8.json"), "--images", str(tiny / "corpus" / "images"), "--out", str(out),
-                        "--ablations", "none", "--max-new-tokens", "2", "--no-progress"], capture_output=True, text=True)
+                        "--ablations", "none", "--max-new-tokens", "2", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert set(res["scores"]) == {"none"} and (out / "report.md").exists() and (out / "scores_none.json").exists()

@@ -227,7 +227,7 @@ def test_judge_with_every_review_failed_exits_1_and_keeps_the_old_reviews(judged
     monkeypatch.setenv(KEY_ENV, "sk-loopback-test")
     with ChatServer(reply_text="I cannot rate these answers.") as srv:
         rc = main(_judge_args(q, a, out, "--model", "m", "--base-url", srv.base_url, "--api-key-env", KEY_ENV,
-                              "--order", "official", "--max-attempts", "1", "--no-progress"))
+                              "--order", "official", "--max-attempts", "1", "--quiet"))
     assert rc == 1
     captured = capsys.readouterr()
     assert "nothing written" in captured.out and "Traceback" not in captured.err
@@ -244,7 +244,7 @@ def test_killed_judge_resumes_with_only_the_missing_requests(judged, tmp_path, l
     cache = out.with_name("reviews.cache.jsonl")
     env = {**os.environ, KEY_ENV: "sk-loopback-test"}
     args = _judge_args(q, a, out, "--model", "m", "--api-key-env", KEY_ENV, "--order", "official",
-                       "--concurrency", "1", "--no-progress")
+                       "--concurrency", "1", "--quiet")
     with ChatServer(reply_text="8 6\nThe first answer is better.", latency=0.25) as srv:
         p = subprocess.Popen([llavamed_cmd, *args, "--base-url", srv.base_url], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -307,7 +307,7 @@ def test_judge_keeps_base_url_credentials_out_of_its_outputs(tmp_path, capsys, m
     with ChatServer(reply_text="8 6\nThe first answer is better.") as srv:
         url = srv.base_url.replace("http://", "http://judge-user:s3cr3t-in-url@")
         assert main(["--json", *_judge_args(q, a, out, "--model", "m", "--base-url", url, "--api-key-env", KEY_ENV,
-                                           "--order", "official", "--no-progress")]) == 0
+                                           "--order", "official", "--quiet")]) == 0
     captured = capsys.readouterr()
     files = [p.read_text() for p in tmp_path.iterdir() if p.is_file()]
     for text in [captured.out, captured.err, *files]: assert "s3cr3t-in-url" not in text

@@ -60,7 +60,7 @@ def vqa(tmp_path):
 def predict_args(d: Path, data="vqa.json", out="answers.jsonl", model="tiny", *more):
     "The `llavamed predict` command line over folder `d`."
     return ["predict", "--model", model, "--data", d / data, "--images", d / "images", "--out", d / out,
-            "--max-new-tokens", 2, "--no-progress", *more]
+            "--max-new-tokens", 2, "--quiet", *more]
 
 
 # ---------------------------------------------------------------- predict: item 1, image paths
