@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/cli.html.md"""
 
 # %% ../nbs/10_cli.ipynb #732c61a2
 from __future__ import annotations
-import argparse, dataclasses, difflib, importlib, inspect, json, os, sys, types, typing
+import argparse, contextlib, dataclasses, difflib, importlib, inspect, json, os, sys, types, typing
 from fastcore.docments import docments
 from fastcore.script import anno_parser, bool_arg
 from . import __version__
@@ -191,6 +191,21 @@ def command_parser(name: str):
     parser = settings_parser(func, prog) if _flattens(func) else anno_parser(func, prog=prog)
     return func, _say_what_off_means(parser)
 
+# %% ../nbs/10_cli.ipynb #f35b4bd3
+@contextlib.contextmanager
+def _stray_output_to_stderr():
+    "Send what libraries print to standard output (Python or C level) to standard error while the block runs."
+    sys.stdout.flush()
+    try: saved = os.dup(1)
+    except OSError: saved = None  # no file descriptor 1 (an embedding host): only sys.stdout is switched
+    if saved is not None: os.dup2(2, 1)
+    out, sys.stdout = sys.stdout, sys.stderr
+    try: yield
+    finally:
+        sys.stdout.flush(); sys.stdout = out
+        if saved is not None: os.dup2(saved, 1); os.close(saved)
+
+
 # %% ../nbs/10_cli.ipynb #ae913a71
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `llavamed` console command."
@@ -217,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:  # transformers' own warnings (read when it is imported) would stand beside our one-line errors
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        if _flattens(func): args = settings_kwargs(func, args)  # building the settings checks their values
-        res = func(**args)
+        with _stray_output_to_stderr() if as_json else contextlib.nullcontext():  # stdout: the JSON alone
+            if _flattens(func): args = settings_kwargs(func, args)  # building the settings checks their values
+            res = func(**args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
     except EXPECTED_ERRORS as e:  # bad input: one line naming the problem, the traceback only with --debug

@@ -1,5 +1,5 @@
 "The `llavamed` console command: discovery, errors and exit codes as a shell user sees them."
-import subprocess
+import json, subprocess
 from llavamed.cli import COMMANDS, main
 
 def run(cmd, *args):
@@ -120,3 +120,22 @@ def test_bad_settings_values_are_one_line(llavamed_cmd, tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().startswith("llavamed train: error: ") and said in r.stderr, r.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_json_stdout_holds_the_json_alone(tmp_path, monkeypatch, capfd):
+    "Notices that libraries print while a command runs (DeepSpeed's, at Python or C level) go to stderr under --json."
+    (tmp_path / "noisy_command.py").write_text(
+        "import os\nfrom llavamed.cli import Info\n"
+        "def noisy() -> Info:\n"
+        "    'A command whose libraries print while it runs.'\n"
+        "    print('notice from Python'); os.write(1, b'notice from C\\n')\n"
+        "    return Info({'answer': 42})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(COMMANDS, "noisy", ("noisy_command", "noisy", "prints notices"))
+    assert main(["--json", "noisy"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"values": {"answer": 42}}, out
+    assert "notice from Python" in err and "notice from C" in err
+    assert main(["noisy"]) == 0  # without --json the notices stay where the library put them
+    out, _ = capfd.readouterr()
+    assert "notice from Python" in out and "answer" in out
