@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from . import __version__
 from .core import (BadRecords, RecordError, Result, append_jsonl, atomic_write, get_logger, iter_records,
-                           read_jsonl, repair_torn_tail)
+                           parse_shard, read_jsonl, repair_torn_tail, Shard)
 
 # %% auto #0
 __all__ = ['log', 'STATUSES', 'FINISHED', 'FigureRef', 'read_url_list', 'mirror_url', 'sniff_ext', 'prepare_image', 'FetchConfig',
-           'TruncatedDownload', 'extract_figures', 'fetch_tarball', 'finished_pairs', 'FetchResult', 'fetch_figures']
+           'TruncatedDownload', 'extract_figures', 'stream_url', 'fetch_tarball', 'finished_pairs', 'FetchResult',
+           'run_jobs', 'fetch_figures']
 
 # %% ../nbs/02a_pmc.ipynb #683ff5d4
 log = get_logger("llavamed.pmc")
@@ -56,10 +57,11 @@ def _check_row(row) -> tuple[str, str] | None:
 def read_url_list(path: str | Path,  # the image URL list (JSON Lines)
                   limit: int | None = None,  # keep only the first `limit` distinct figures
                   bad: BadRecords | None = None,  # where bad lines are counted (default: skip any number)
+                  shard: Shard | None = None,  # keep only this share's figures (by pair id); `limit` counts them
                  ) -> tuple[list[FigureRef], Counter]:
     "Read the image URL list into `FigureRef`s, plus the counts of skipped lines by reason."
     bad = bad if bad is not None else BadRecords(str(path), max_share=1.0)
-    refs, seen, urls, n_read = [], set(), {}, 0
+    refs, seen, urls, n_read, n_elsewhere = [], set(), {}, 0, 0
     for line, row in iter_records(path):
         if limit is not None and len(refs) >= limit: break
         n_read += 1
@@ -71,11 +73,12 @@ def read_url_list(path: str | Path,  # the image URL list (JSON Lines)
             if bad.total <= 5: log.warning(f"{path}: line {line}: {reason} ({detail}); skipped")
             continue
         seen.add(row["pair_id"])
+        if shard is not None and not shard.holds(row["pair_id"]): n_elsewhere += 1; continue
         url = row["pmc_tar_url"].strip()
         tar_url = urls.setdefault(url, url)  # one string per tarball, shared by its figures
         refs.append(FigureRef(row["pair_id"], tar_url, row["image_file_path"].strip()))
     bad.check(n_read)
-    if not refs and n_read and (limit is None or limit > 0):
+    if not refs and n_read > n_elsewhere and (limit is None or limit > 0):
         raise ValueError(f"{path}: no usable line; {bad.summary()}")
     return refs, Counter(bad.counts)
 
@@ -216,6 +219,35 @@ def _open(url: str, timeout: float):
     req = urllib.request.Request(url, headers={"User-Agent": f"llavamed/{__version__}"})
     return urllib.request.urlopen(req, timeout=timeout)
 
+def stream_url(url: str,  # what to download (http(s):// or file://)
+               consume,  # consume(body): reads one attempt's length-checked body; called again on a retry
+               cfg: FetchConfig,
+               stop: threading.Event | None = None,  # set on interruption: give up at the next retry wait
+              ) -> tuple[str, str] | None:
+    "Stream `url` into `consume` with retries: None when an attempt was read through, else (status, reason)."
+    error = "no attempt made"
+    for attempt in range(cfg.retries + 1):
+        if attempt and stop is not None and stop.wait(cfg.delay(attempt - 1)): return ("interrupted", error)
+        if attempt and stop is None: time.sleep(cfg.delay(attempt - 1))
+        try:
+            with _open(url, cfg.timeout) as resp:
+                length = resp.headers.get("Content-Length")
+                consume(_LengthChecked(resp, int(length) if length and length.isdigit() else None))
+            return None
+        except urllib.error.HTTPError as e:
+            error = f"HTTP {e.code} {e.reason}"
+            if e.code in (404, 410): return ("not_found", error)
+            if e.code < 500 and e.code not in _RETRY_HTTP: return ("error", error)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            return ("corrupt", f"bad tarball ({type(e).__name__}: {e})")
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, FileNotFoundError): return ("not_found", str(e.reason))
+            error = f"{type(e.reason).__name__}: {e.reason}"
+        except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
+            error = f"{type(e).__name__}: {e}"
+        log.info(f"{url}: attempt {attempt + 1}/{cfg.retries + 1} failed: {error}")
+    return ("error", f"gave up after {cfg.retries + 1} attempts: {error}")
+
 def fetch_tarball(url: str,  # where to download the tarball (after mirroring)
                   refs: list[FigureRef],  # the figures wanted from it
                   images: Path,  # folder the figures are written to
@@ -224,39 +256,17 @@ def fetch_tarball(url: str,  # where to download the tarball (after mirroring)
                  ) -> list[dict]:
     "Download one article tarball (streamed, never stored) and return a manifest row for each wanted figure."
     results: dict[str, dict] = {}
-    def mark(status, reason):
-        "Give every figure without a row yet the row (`status`, `reason`)."
-        for r in refs:
-            if r.pair_id not in results: results[r.pair_id] = _row(r, status, reason)
-    finished = lambda: [results[r.pair_id] for r in refs if r.pair_id in results]
-    error = "no attempt made"
-    for attempt in range(cfg.retries + 1):
-        if attempt and stop is not None and stop.wait(cfg.delay(attempt - 1)): return finished()
-        if attempt and stop is None: time.sleep(cfg.delay(attempt - 1))
+    def consume(body):
+        "Look for the figures that have no row yet in one attempt's body."
         wanted: dict[str, list[FigureRef]] = {}
         for r in refs:
             if r.pair_id not in results: wanted.setdefault(_norm(r.member), []).append(r)
-        try:
-            with _open(url, cfg.timeout) as resp:
-                length = resp.headers.get("Content-Length")
-                body = _LengthChecked(resp, int(length) if length and length.isdigit() else None)
-                extract_figures(body, wanted, images, cfg, results, stop)
-            if stop is not None and stop.is_set(): return finished()
-            mark("missing", "member not in tarball")
-            break
-        except urllib.error.HTTPError as e:
-            error = f"HTTP {e.code} {e.reason}"
-            if e.code in (404, 410): mark("not_found", error); break
-            if e.code < 500 and e.code not in _RETRY_HTTP: mark("error", error); break
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-            mark("corrupt", f"bad tarball ({type(e).__name__}: {e})"); break
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, FileNotFoundError): mark("not_found", str(e.reason)); break
-            error = f"{type(e.reason).__name__}: {e.reason}"
-        except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
-            error = f"{type(e).__name__}: {e}"
-        log.info(f"{url}: attempt {attempt + 1}/{cfg.retries + 1} failed: {error}")
-    else: mark("error", f"gave up after {cfg.retries + 1} attempts: {error}")
+        extract_figures(body, wanted, images, cfg, results, stop)
+    failure = stream_url(url, consume, cfg, stop)
+    if stop is not None and stop.is_set(): return [results[r.pair_id] for r in refs if r.pair_id in results]
+    status, reason = failure or ("missing", "member not in tarball")
+    for r in refs:
+        if r.pair_id not in results: results[r.pair_id] = _row(r, status, reason)
     return [results[r.pair_id] for r in refs]
 
 # %% ../nbs/02a_pmc.ipynb #823f0034
@@ -294,35 +304,45 @@ class FetchResult(Result):
         "'pmc: ok N, missing N, ...': every count."
         return "pmc: " + ", ".join(f"{k} {v}" for k, v in self.rows())
 
-def _fetch_all(groups: dict[str, list[FigureRef]], images: Path, manifest: Path, cfg: FetchConfig,
-               counts: Counter, bar) -> None:
-    "Download the tarballs of `groups` on `cfg.workers` threads, appending each one's rows to `manifest`."
-    todo = iter(groups.items())
-    pool, stop = ThreadPoolExecutor(cfg.workers, thread_name_prefix="pmc"), threading.Event()
+def run_jobs(jobs,  # an iterable of work items, consumed lazily (a 721K-item list never becomes 721K tasks)
+             work,  # work(job, stop) -> result, run on a pool thread; `stop` is set when the run is interrupted
+             done,  # done(result), called on the calling thread as each job finishes (appends, counts)
+             workers: int = 8,  # jobs run at once
+            ) -> None:
+    "Run `work` over `jobs` on `workers` threads with at most `2 x workers` pending, handing results to `done`."
+    todo = iter(jobs)
+    pool, stop = ThreadPoolExecutor(workers, thread_name_prefix="pmc"), threading.Event()
     try:
         inflight = set()
         def top_up():
-            "Submit tarballs until `2 x workers` are pending (or the list is done)."
-            for url, refs in todo:
-                inflight.add(pool.submit(fetch_tarball, url, refs, images, cfg, stop))
-                if len(inflight) >= 2 * cfg.workers: break
+            "Submit jobs until `2 x workers` are pending (or the jobs are all submitted)."
+            for job in todo:
+                inflight.add(pool.submit(work, job, stop))
+                if len(inflight) >= 2 * workers: break
         top_up()
         while inflight:
             finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                rows = fut.result()
-                append_jsonl(manifest, *rows)
-                for row in rows: counts[row["status"]] += 1; counts["bytes"] += row["bytes"]
-                bar.update(len(rows)); bar.set_postfix({s: counts[s] for s in STATUSES}, refresh=False)
+            for fut in finished: done(fut.result())
             top_up()
-    finally:  # on Ctrl-C: running downloads stop at their next read or retry; finished rows are already saved
+    finally:  # on Ctrl-C: running jobs stop at their next read or retry; finished results were handed over
         stop.set(); pool.shutdown(wait=True, cancel_futures=True)
+
+def _fetch_all(groups: dict[str, list[FigureRef]], images: Path, manifest: Path, cfg: FetchConfig,
+               counts: Counter, bar) -> None:
+    "Download the tarballs of `groups` on `cfg.workers` threads, appending each one's rows to `manifest`."
+    def work(job, stop): return fetch_tarball(*job, images, cfg, stop)
+    def done(rows):
+        append_jsonl(manifest, *rows)
+        for row in rows: counts[row["status"]] += 1; counts["bytes"] += row["bytes"]
+        bar.update(len(rows)); bar.set_postfix({s: counts[s] for s in STATUSES}, refresh=False)
+    run_jobs(groups.items(), work, done, cfg.workers)
 
 def fetch_figures(urls: str = None,  # the image URL list (llava_med_image_urls.jsonl); required
                   out: str = None,  # output folder for images/ and manifest.jsonl; required
                   workers: int = 8,  # tarballs downloaded at once
                   mirror: str = None,  # base URL replacing everything up to /pub/pmc/ in each tarball URL
-                  limit: int = None,  # fetch only the first N figures of the list
+                  limit: int = None,  # fetch only the first N figures of the list (of this shard's share)
+                  shard: str = None,  # K/N: fetch only share K (from 0) of N, split by pair id, e.g. 0/4
                   timeout: float = 60.0,  # seconds a connection may stay silent before a retry
                   retries: int = 4,  # extra attempts after timeouts, connection errors and 5xx
                   backoff: float = 1.0,  # first retry delay in seconds (doubles, with jitter)
@@ -337,7 +357,7 @@ def fetch_figures(urls: str = None,  # the image URL list (llava_med_image_urls.
                       max_member_mb=max_member_mb, jpeg=jpeg)
     if mirror and urllib.parse.urlsplit(mirror).scheme.lower() not in ("http", "https", "file"):
         raise ValueError(f"fetch_figures: --mirror {mirror!r}: expected an http(s):// or file:// URL")
-    refs, skipped = read_url_list(urls, limit)  # a bad list stops here, before `out` is touched
+    refs, skipped = read_url_list(urls, limit, shard=parse_shard(shard))  # a bad list stops here, before `out`
     out = Path(out); images = out / "images"; images.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"; repair_torn_tail(manifest)  # a killed run's torn last line
     done = finished_pairs(out)

@@ -147,3 +147,25 @@ def test_sigkill_midway_then_resume_refetches_nothing_finished(tmp_path, llavame
             if {f"f{i}a", f"f{i}b"} <= done_first: assert server.requests[path] == 1, path  # never refetched
             else: assert server.requests[path] == before.get(path, 0) + 1, path
         assert sum(server.requests.values()) <= n + 4  # at most the in-flight tarballs were fetched twice
+
+
+def test_shard_splits_the_list_into_disjoint_shares(server, tmp_path, llavamed_cmd):
+    from llavamed.core import Shard
+    for i in range(6): serve(server, f"PMC{i}", make_tar({f"PMC{i}/a.jpg": PNG, f"PMC{i}/b.jpg": JPG}))
+    rows = [line(f"f{i}{m}", f"PMC{i}", f"PMC{i}/{m}.jpg") for i in range(6) for m in "ab"]
+    urls = write_list(tmp_path / "u.jsonl", rows)
+    r = subprocess.run([llavamed_cmd, "pmc", "--urls", urls, "--out", str(tmp_path / "o0"), "--mirror", server.base,
+                        "--shard", "0/3", "--quiet"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    shares = [{m["pair_id"] for m in manifest(tmp_path / "o0")}]
+    for k in (1, 2):
+        s = fetch_figures(urls, str(tmp_path / f"o{k}"), mirror=server.base, shard=f"{k}/3", quiet=True)
+        shares.append({m["pair_id"] for m in manifest(tmp_path / f"o{k}")} if s.ok else set())
+    assert set().union(*shares) == {row["pair_id"] for row in rows} and sum(map(len, shares)) == len(rows)
+    for k, share in enumerate(shares): assert all(Shard(k, 3).holds(p) for p in share)
+    # a share's limit counts its own figures; a bad --shard is one line and exit 2, with nothing written
+    assert fetch_figures(urls, str(tmp_path / "lim"), mirror=server.base, shard="1/3", limit=1, quiet=True).ok == 1
+    r = subprocess.run([llavamed_cmd, "pmc", "--urls", urls, "--out", str(tmp_path / "bad"), "--shard", "3/3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "shard 3/3" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad").exists()
