@@ -15,7 +15,8 @@ from .core import RecordError, append_jsonl, get_logger, read_jsonl, repair_torn
 
 # %% auto #0
 __all__ = ['log', 'Reply', 'RequestError', 'ChatRunError', 'redact', 'retry_after_seconds', 'run_sync', 'split_userinfo',
-           'ChatClient', 'load_checkpoint', 'RunStats', 'backoff_delay', 'arun_chat_requests', 'run_chat_requests']
+           'reply_of', 'ChatClient', 'parse_extra_body', 'image_part', 'load_checkpoint', 'RunStats', 'backoff_delay',
+           'arun_chat_requests', 'run_chat_requests']
 
 # %% ../nbs/03_client.ipynb #e880460e
 log = get_logger("client")
@@ -111,17 +112,33 @@ def _classify(e: Exception, timeout: float, secrets: tuple[str, ...]) -> Request
         return RequestError("malformed response (not a chat completion)")
     return RequestError(f"{type(e).__name__}: {redact(str(e), *secrets)[:200]}")
 
+# %% ../nbs/03_client.ipynb #34879b39
+def reply_of(completion) -> Reply:
+    "The `Reply` in a chat completion (an `openai` object or its JSON, as a batch output line holds it)."
+    get = (lambda o, k: o.get(k) if isinstance(o, dict) else getattr(o, k, None))
+    choices = get(completion, "choices")
+    if not choices or not isinstance(choices, list): raise RequestError("malformed response (no choices)")
+    message = get(choices[0], "message") or {}
+    text = get(message, "content")
+    if not isinstance(text, str) or not text.strip():
+        raise RequestError(f"empty reply (finish_reason={get(choices[0], 'finish_reason')})")
+    u = get(completion, "usage") or {}
+    return Reply(text, get(u, "prompt_tokens") or 0, get(u, "completion_tokens") or 0)
+
 # %% ../nbs/03_client.ipynb #3fa6001a
 @dataclass
 class ChatClient:
     "An OpenAI-compatible chat-completions client that raises `RequestError` with a retry decision."
     model: str  # model or deployment name, e.g. 'gpt-4o' or the name a vLLM server serves
     base_url: str | None = None  # API root, e.g. 'http://127.0.0.1:8000/v1' (None: OpenAI's); user:password@ allowed
-    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key (never the key)
+    api_key_env: str = "OPENAI_API_KEY"  # variable holding the key (never the key); '' or 'none': a keyless server
     temperature: float = 0.7  # sampling temperature
     max_tokens: int = 1024  # most tokens per reply
     timeout: float = 60.0  # seconds before an attempt counts as timed out
     extra_body: dict = field(default_factory=dict)  # extra request fields a server understands
+    max_completion_tokens: bool = False  # send the limit as `max_completion_tokens` (models that reject max_tokens)
+    organization_env: str = "OPENAI_ORG_ID"  # variable whose value goes in the `OpenAI-Organization` header
+    project_env: str = "OPENAI_PROJECT_ID"  # variable whose value goes in the `OpenAI-Project` header
 
     def __post_init__(self):
         if not self.model: raise ValueError("ChatClient.model: a model name is required")
@@ -129,6 +146,8 @@ class ChatClient:
             raise ValueError(f"ChatClient.temperature={self.temperature}: must be in [0, 2]")
         if self.max_tokens < 1: raise ValueError(f"ChatClient.max_tokens={self.max_tokens}: must be >= 1")
         if self.timeout <= 0: raise ValueError(f"ChatClient.timeout={self.timeout}: must be > 0")
+        if not isinstance(self.extra_body, dict):
+            raise ValueError(f"ChatClient.extra_body: want a JSON object, got {type(self.extra_body).__name__}")
         self.base_url, userinfo = split_userinfo(self.base_url)  # the credentials never stay in the URL
         self._api, self._key, self._headers, self._secrets = None, None, {}, ()
         if userinfo:
@@ -137,6 +156,11 @@ class ChatClient:
 
     @property
     def name(self) -> str: return f"openai:{self.model}"
+
+    @property
+    def keyless(self) -> bool:
+        "Whether the server needs no key (`api_key_env` is '' or 'none')."
+        return (self.api_key_env or "none").lower() == "none"
 
     def redact(self, text: str) -> str:
         "`text` without any credential this client holds (the key, the URL's user and password, the Basic token)."
@@ -149,39 +173,65 @@ class ChatClient:
     def _client(self):
         if self._api is None:
             import openai
-            key = os.environ.get(self.api_key_env)
+            key = None if self.keyless else os.environ.get(self.api_key_env)
             if not key:
-                if not (self.base_url and any(h in self.base_url for h in _LOCAL)):
-                    raise ChatRunError(f"environment variable {self.api_key_env} is not set "
-                                       "(it must hold the API key)")
-                key = "EMPTY"  # local servers ignore the key; the client refuses an empty one
+                if not (self.keyless or self.base_url and any(h in self.base_url for h in _LOCAL)):
+                    raise ChatRunError(f"environment variable {self.api_key_env} is not set (it must hold the API "
+                                       "key; --api-key-env none for a server that needs no key)")
+                key = "EMPTY"  # keyless servers ignore the key; the client refuses an empty one
             self._key = key
-            self._api = openai.AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=0,
-                                           timeout=self.timeout, default_headers=self._headers or None)
+            self._api = openai.AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=self.timeout,
+                                           organization=os.environ.get(self.organization_env) or None,
+                                           project=os.environ.get(self.project_env) or None,
+                                           default_headers=self._headers or None)
         return self._api
+
+    def body(self, messages: list[dict] | Callable[[], list[dict]]) -> dict:
+        "The chat-completions request body for `messages` (the same for a single request and a batch line)."
+        if callable(messages): messages = messages()  # built when sent: a figure's image part is read then
+        limit = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+        return {"model": self.model, "messages": messages, "temperature": self.temperature,
+                limit: self.max_tokens, **self.extra_body}
 
     async def complete(self, messages: list[dict], id: str | None = None) -> Reply:
         "Send one chat request; return its `Reply` or raise `RequestError`."
         from openai.types.chat import ChatCompletion
         api = self._client()
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, **self.extra_body}
         try:
-            r = await api.post("/chat/completions", cast_to=ChatCompletion, body=body,
+            r = await api.post("/chat/completions", cast_to=ChatCompletion, body=self.body(messages),
                                options={"headers": {"X-Client-Request-Id": str(id)}} if _header_safe(id) else {})
         except Exception as e: raise _classify(e, self.timeout, self._held()) from None
-        choices = getattr(r, "choices", None)
-        if not choices: raise RequestError("malformed response (no choices)")
-        text = choices[0].message.content
-        if not text or not text.strip():
-            raise RequestError(f"empty reply (finish_reason={choices[0].finish_reason})")
-        u = getattr(r, "usage", None)
-        return Reply(text, getattr(u, "prompt_tokens", 0) or 0, getattr(u, "completion_tokens", 0) or 0)
+        return reply_of(r)
 
     async def aclose(self):
         "Close the HTTP connections (a new event loop gets a fresh client)."
         if self._api is not None: await self._api.close()
         self._api = None
+
+# %% ../nbs/03_client.ipynb #af1e2a67
+def parse_extra_body(text: str | dict | None) -> dict:
+    "The `--extra-body` JSON object as a dict ({} for None); a `ValueError` naming the flag for anything else."
+    if text is None or text == "": return {}
+    if isinstance(text, dict): return text
+    try: value = json.loads(text)
+    except json.JSONDecodeError as e: raise ValueError(f"--extra-body: not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict): raise ValueError(f"--extra-body: want a JSON object, got {type(value).__name__}")
+    return value
+
+# %% ../nbs/03_client.ipynb #531da19e
+def image_part(path: str | Path,  # an image file in any format `llavamed.images.load_image` reads
+               max_side: int = 768,  # longest side in pixels after shrinking (never enlarged)
+               quality: int = 90,  # JPEG quality
+              ) -> dict:
+    "An `image_url` chat message part holding the image at `path`, shrunk and encoded as a JPEG data URL."
+    import io
+    from llavamed.images import load_image
+    if max_side < 16: raise ValueError(f"image_part: max_side={max_side}: must be >= 16")
+    im = load_image(path).convert("RGB")
+    im.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()}}
 
 # %% ../nbs/03_client.ipynb #c1d44315
 def load_checkpoint(path: str | Path) -> dict[str, dict]:

@@ -12,15 +12,19 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sample, asset_path,
-                           domain_flags, get_logger, primary_domain, refuse_outputs_over_inputs, write_json,
-                           write_jsonl)
+                           domain_flags, get_logger, iter_records, parse_shard, primary_domain,
+                           refuse_outputs_over_inputs, write_json, write_jsonl)
+from .images import ImageError, resolve_image
 from .data import MAX_CAPTION_CHARS, iter_caption_pairs
-from .client import ChatClient, Reply, load_checkpoint, run_chat_requests
+from .client import (ChatClient, Reply, image_part, load_checkpoint, parse_extra_body,
+                             run_chat_requests)
+from .batch import BatchSettings, run_batch_requests
 
 # %% auto #0
 __all__ = ['log', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts', 'format_target', 'format_conversation',
-           'build_messages', 'split_turns', 'load_rules', 'clean_pairs', 'to_record', 'record_problems',
-           'TemplateTeacher', 'sidecar_path', 'build_output', 'pick_figures', 'InstructReport', 'self_instruct']
+           'build_messages', 'split_turns', 'load_rules', 'clean_pairs', 'language_shares', 'conversation_problem',
+           'conversation_keys', 'to_record', 'record_problems', 'TemplateTeacher', 'sidecar_path', 'build_output',
+           'pick_figures', 'InstructReport', 'self_instruct', 'MergeReport', 'merge_instruct']
 
 # %% ../nbs/04_instruct.ipynb #f47e494a
 log = get_logger("instruct")
@@ -105,8 +109,10 @@ def format_conversation(pairs) -> str:
     "Question-answer pairs in the teacher's `User:`/`Assistant:` line format."
     return "\n".join(f"User: {q}\nAssistant: {a}" for q, a in pairs)
 
-def build_messages(record: dict, prompt: dict | None = None, inline_mentions: bool = False) -> list[dict]:
-    "Chat messages asking the teacher for a conversation about `record`'s figure."
+def build_messages(record: dict, prompt: dict | None = None, inline_mentions: bool = False,
+                   image: dict | None = None,  # an image part (`llavamed.client.image_part`) for a teacher that sees
+                  ) -> list[dict]:
+    "Chat messages asking the teacher for a conversation about `record`'s figure (with its image part, if given)."
     prompt = prompt or load_prompt()
     msgs = [{"role": "system", "content": prompt["system"].strip()}]
     for ex in prompt["examples"]:
@@ -114,7 +120,8 @@ def build_messages(record: dict, prompt: dict | None = None, inline_mentions: bo
         msgs.append({"role": "user", "content": format_target(ex["caption"], mentions, prompt)})
         msgs.append({"role": "assistant", "content": format_conversation(ex["conversation"])})
     m = record.get("in_text_mention") if inline_mentions else None
-    msgs.append({"role": "user", "content": format_target(record["fig_caption"], m, prompt)})
+    target = format_target(record["fig_caption"], m, prompt)
+    msgs.append({"role": "user", "content": [{"type": "text", "text": target}, image] if image else target})
     return msgs
 
 # %% ../nbs/04_instruct.ipynb #c7a0bd85
@@ -144,11 +151,16 @@ def split_turns(text: str) -> list[tuple[str, str]]:
     return pairs
 
 # %% ../nbs/04_instruct.ipynb #63150d6c
+_RECORD_RULES = {"turn_chars": list, "conversation_chars": list, "min_pairs": int, "language": str,
+                 "min_latin_share": float, "min_function_word_share": float, "dedupe_exact": bool,
+                 "dedupe_near": bool}
+
 @lru_cache(maxsize=None)
-def load_rules(version: str = "v1") -> dict[str, dict[str, re.Pattern]]:
-    "Compiled cleaning rules {'drop': {name: regex}, 'strip': {name: regex}} from `instruct_clean_{version}.yaml`."
+def load_rules(version: str = "v1") -> dict[str, dict]:
+    "Compiled cleaning rules {'drop': {name: regex}, 'strip': {name: regex}, 'record': {name: value}} of a version."
     import yaml
     p = Path(version) if version.endswith((".yaml", ".yml")) else asset_path(f"instruct_clean_{version}.yaml")
+    if not p.exists(): raise FileNotFoundError(f"no cleaning rules {p}")
     d = yaml.safe_load(p.read_text(encoding="utf-8"))
     out = {}
     for kind in ("drop", "strip"):
@@ -156,6 +168,13 @@ def load_rules(version: str = "v1") -> dict[str, dict[str, re.Pattern]]:
         for name, pat in (d.get(kind) or {}).items():
             try: out[kind][name] = re.compile(pat, re.I)
             except re.error as e: raise ValueError(f"{p}: rule {kind}.{name}: bad pattern ({e})") from None
+    out["record"] = dict(d.get("record") or {})
+    for name, value in out["record"].items():
+        want = _RECORD_RULES.get(name)
+        if want is None: raise ValueError(f"{p}: rule record.{name}: unknown (known: {', '.join(_RECORD_RULES)})")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else isinstance(value, want)
+        if want is list: ok = ok and len(value) == 2 and all(isinstance(v, int) for v in value) and value[0] <= value[1]
+        if not ok: raise ValueError(f"{p}: rule record.{name}={value!r}: want {'[min, max]' if want is list else want.__name__}")
     return out
 
 # %% ../nbs/04_instruct.ipynb #8f47cc80
@@ -165,8 +184,9 @@ def _tidy(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 def clean_pairs(pairs, rules: dict | None = None) -> tuple[list[tuple[str, str]], Counter]:
-    "Pairs left after the drop rules, with strip-rule phrases removed; and a Counter of rule hits."
+    "Pairs left after the drop rules (and the per-turn length bound), with strip-rule phrases removed; and the hits."
     rules = rules or load_rules()
+    lo, hi = (rules.get("record") or {}).get("turn_chars", (0, float("inf")))
     kept, hits = [], Counter()
     for q, a in pairs:
         n_strip = Counter()
@@ -177,9 +197,42 @@ def clean_pairs(pairs, rules: dict | None = None) -> tuple[list[tuple[str, str]]
         bad = next((n for n, rx in rules["drop"].items() if rx.search(q) or rx.search(a)), None)
         if bad: hits[f"drop:{bad}"] += 1; continue
         hits += n_strip
-        if q and a: kept.append((q, a))
-        else: hits["drop:empty_after_strip"] += 1
+        if not (q and a): hits["drop:empty_after_strip"] += 1
+        elif not (lo <= len(q) <= hi and lo <= len(a) <= hi): hits["drop:turn_chars"] += 1
+        else: kept.append((q, a))
     return kept, hits
+
+# %% ../nbs/04_instruct.ipynb #657c0672
+_FUNCTION_WORDS = frozenset("""a an the of in on at to for from with by and or but not no is are was were be been
+this that these those it its there here which who what where when how why as than then so if into over under
+between within without can may might should would could will shows show seen appears appear""".split())
+
+def language_shares(text: str) -> tuple[float, float]:
+    "(share of letters that are Latin, share of words that are English function words) of `text`."
+    letters = [c for c in text if c.isalpha()]
+    latin = sum(c.isascii() or "\u00c0" <= c <= "\u024f" for c in letters) / len(letters) if letters else 0.0
+    words = re.findall(r"[^\W\d_]+", text.lower())
+    return latin, (sum(w in _FUNCTION_WORDS for w in words) / len(words) if words else 0.0)
+
+def conversation_problem(pairs, rules: dict | None = None) -> str | None:
+    "The name of the first conversation rule (`rules['record']`) that `pairs` break, or None."
+    rec = (rules or load_rules())["record"]
+    if len(pairs) < rec.get("min_pairs", 1): return "min_pairs"
+    lo, hi = rec.get("conversation_chars", (0, float("inf")))
+    if not lo <= sum(len(q) + len(a) for q, a in pairs) <= hi: return "conversation_chars"
+    if rec.get("language"):
+        latin, function = language_shares(" ".join(a for _, a in pairs))
+        if latin < rec.get("min_latin_share", 0) or function < rec.get("min_function_word_share", 0):
+            return "language"
+    return None
+
+# %% ../nbs/04_instruct.ipynb #578bc7cc
+def conversation_keys(pairs) -> tuple[str, str]:
+    "(exact, near) hashes of a conversation: its text, and its text in lower case without punctuation or spacing."
+    import hashlib
+    text = "\n".join(f"{q}\n{a}" for q, a in pairs)
+    near = " ".join(re.findall(r"[^\W_]+", text.lower()))
+    return tuple(hashlib.sha1(t.encode("utf-8")).hexdigest()[:16] for t in (text, near))
 
 # %% ../nbs/04_instruct.ipynb #ab919412
 def to_record(record: dict,  # the figure's teacher-input record
@@ -277,7 +330,7 @@ def build_output(records: list[dict], checkpoint: str | Path, out: str | Path, r
                 ) -> dict:
     "Write the cleaned records of the figures done in `checkpoint` to `out` (never an empty file); the counts."
     ck, rl, images = load_checkpoint(checkpoint), load_rules(rules), images or {}
-    rows, hits, dropped, status = [], Counter(), Counter(), Counter()
+    rows, hits, dropped, status, seen = [], Counter(), Counter(), Counter(), ({}, {})
     pairs_in = pairs_out = 0
     for rec in records:
         row = ck.get(rec["pair_id"])
@@ -286,13 +339,22 @@ def build_output(records: list[dict], checkpoint: str | Path, out: str | Path, r
         try: pairs = [tuple(p) for p in row["parsed"]] if row.get("parsed") else split_turns(row["text"])
         except ValueError: dropped["no conversation in reply"] += 1; continue
         kept, h = clean_pairs(pairs, rl)
-        hits += h; pairs_in += len(pairs); pairs_out += len(kept)
+        hits += h; pairs_in += len(pairs)
         if not kept:
             rules_hit = ", ".join(sorted(k.split(":", 1)[1] for k in h if k.startswith("drop:")))
             dropped[f"no usable turn after cleaning (dropped by {rules_hit})"] += 1; continue
+        why = conversation_problem(kept, rl)
+        if why is None:
+            for key, rule, known in zip(conversation_keys(kept), ("dedupe_exact", "dedupe_near"), seen):
+                if rl["record"].get(rule) and key in known:
+                    why = "duplicate" if rule == "dedupe_exact" else "near_duplicate"; break
+        if why:
+            hits[f"record:{why}"] += 1; dropped[f"conversation rule {why}"] += 1; continue
         d = to_record(rec, kept, images.get(rec["pair_id"]), seed)
         probs = record_problems(d)
         if probs: dropped[f"invalid record: {probs[0]}"] += 1; continue
+        for key, known in zip(conversation_keys(kept), seen): known.setdefault(key, rec["pair_id"])
+        pairs_out += len(kept)
         rows.append(d)
     if write and rows: write_jsonl(out, rows)
     return {"records": len(rows), "status": dict(status), "pairs_in": pairs_in, "pairs_out": pairs_out,
@@ -322,13 +384,16 @@ class InstructReport(Result):
     status: dict[str, int]  # figures by checkpoint status (done, failed, unparsed, missing)
     pairs_in: int  # question-answer pairs in the parsed replies
     pairs_out: int  # pairs kept after cleaning
-    rule_hits: dict[str, int]  # hits per cleaning rule ('drop:NAME', 'strip:NAME')
+    rule_hits: dict[str, int]  # hits per cleaning rule ('drop:NAME', 'strip:NAME', 'record:NAME')
     samples_dropped: dict[str, int]  # figures that made no record, by reason
     out: str = ""  # the records file
     run_summary: str = ""  # the runner's one-line summary
     quiet: bool = False  # the command's --quiet: no text (unless nothing was written)
     bad_records: dict[str, int] = field(default_factory=dict)  # teacher-input records skipped, by reason
     failure: str = ""  # why nothing was written (every request failed, no record survived); `out` left as it was
+    backend: str = "loop"  # 'loop' (one request per figure) or 'batch' (the provider's Batch API)
+    shard: str = ""  # 'K/N' when this run covered one share of the captions
+    rules: str = "v1"  # the cleaning rules' version
 
     @property
     def exit_code(self) -> int: return 1 if self.failure else 0
@@ -338,7 +403,8 @@ class InstructReport(Result):
         if self.failure: return f"no records written: {self.failure}; {self.out} left as it was ({self.run_summary})"
         if self.quiet: return ""
         skipped = f"; skipped input records: {self.bad_records}" if self.bad_records else ""
-        return (f"{self.records} records -> {self.out} ({self.run_summary})\n"
+        share = f" (shard {self.shard})" if self.shard else ""
+        return (f"{self.records} records -> {self.out}{share} ({self.run_summary})\n"
                 f"cleaning: {self.pairs_out}/{self.pairs_in} question-answer pairs kept; rule hits: "
                 f"{self.rule_hits or 'none'}; samples dropped: {self.samples_dropped or 'none'}{skipped}")
 
@@ -350,50 +416,158 @@ def _teacher(name: str | None, records: list[dict], seed: int, model: str | None
     if not model: raise ValueError("self_instruct: --model is required for the openai teacher")
     return ChatClient(model, **client_args)
 
+def _refuse_lost_checkpoint(out: Path, checkpoint: Path, overwrite: bool):
+    "Refuse a run that would rebuild an existing `out` without the raw checkpoint its records came from."
+    if out.exists() and not checkpoint.exists() and not overwrite:
+        raise ValueError(f"{out} exists but its raw checkpoint {checkpoint} does not: this run would rebuild "
+                         f"{out.name} from new replies only and lose its records; pass --overwrite to replace it, "
+                         f"or restore {checkpoint.name}")
+
+def _image_paths(records: list[dict], root: Path, names: dict[str, str], bad: BadRecords) -> dict[str, Path]:
+    "Each figure's image file under `root` (for a teacher that sees it); a missing or escaping one is a bad record."
+    paths = {}
+    for r in records:
+        pid = r["pair_id"]
+        try: p = resolve_image(root, r.get("image") or names.get(pid) or f"{pid}.jpg", record=pid)
+        except ImageError as e: bad.skip("image path outside the images folder", f"pair_id {pid}"); continue
+        if not p.is_file(): bad.skip("image file not found", f"pair_id {pid}"); continue
+        paths[pid] = p
+    bad.check(len(records))
+    return paths
+
+def _lazy_messages(record, template, inline_mentions, image: Path | None, image_size: int):
+    "The figure's messages, built when sent (an image part is read and encoded then, not held for the whole run)."
+    if image is None: return build_messages(record, template, inline_mentions)
+    return lambda: build_messages(record, template, inline_mentions, image_part(image, image_size))
+
 def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (official layout), JSON list, JSONL
                   out: str = None,  # JSONL of cleaned LLaVA instruction records; raw replies go to OUT.raw.jsonl
                   teacher: str = None,  # 'openai' or 'template' (default: template when every record has 'facts')
                   base_url: str = None,  # OpenAI-compatible API root (none: OpenAI), e.g. http://localhost:8000/v1
                   model: str = None,  # teacher model or deployment name (openai teacher)
-                  api_key_env: str = "OPENAI_API_KEY",  # environment variable that holds the API key
+                  api_key_env: str = "OPENAI_API_KEY",  # environment variable that holds the API key ('none': no key)
                   concurrency: int = 16,  # most requests in flight
                   inline_mentions: bool = False,  # give the teacher the article sentences that mention the figure
                   limit: int = None,  # ask about at most N figures not yet done (round-robin order); adds to OUT
                   temperature: float = 0.7,  # teacher sampling temperature
                   max_tokens: int = 1024,  # most tokens per teacher reply
+                  max_completion_tokens: bool = False,  # send the limit as max_completion_tokens (newer OpenAI models)
+                  extra_body: str = None,  # JSON object of extra request fields, e.g. '{"top_k": 20}'
                   timeout: float = 60.0,  # seconds before a request counts as timed out
                   max_attempts: int = 6,  # attempts per figure before it is recorded as failed
                   backoff: float = 1.0,  # first retry wait in seconds (doubles, jittered; Retry-After is a floor)
                   price_prompt: float = 0.0,  # USD per 1M prompt tokens, for the running cost
                   price_completion: float = 0.0,  # USD per 1M completion tokens
                   seed: int = 0,  # seed of image-token placement, template wording and backoff jitter
-                  prompt: str = "v1",  # prompt template version (or a .yaml path)
-                  rules: str = "v1",  # cleaning rules version (or a .yaml path)
-                  quiet: bool = False,  # no progress bar or summary
+                  prompt: str = None,  # prompt template version or .yaml path (default: v1; image-v1 if it sees)
+                  rules: str = "v1",  # cleaning rules version (or a .yaml path); v2 adds conversation rules
+                  quiet: bool = False,  # no progress bar
                   max_caption_chars: int = MAX_CAPTION_CHARS,  # skip (and count) a figure with a longer caption
+                  shard: str = None,  # K/N: only this machine's share of the captions (K from 0); merge with `merge`
+                  overwrite: bool = False,  # replace OUT even though its raw checkpoint OUT.raw.jsonl is gone
+                  teacher_sees_image: bool = False,  # send the figure itself to the teacher as an image part
+                  images: str = None,  # images folder for --teacher-sees-image (default: images/ beside captions)
+                  image_size: int = 768,  # longest side in pixels of the image sent to the teacher
+                  backend: str = "loop",  # 'loop' (one request per figure) or 'batch' (the provider's Batch API)
+                  batch_max_requests: int = 50_000,  # most requests per batch (the provider's limit)
+                  batch_max_bytes: int = 190_000_000,  # most bytes per batch input file (OpenAI: 200 MB)
+                  poll_interval: float = 30.0,  # first wait between batch status checks, seconds (doubles)
+                  poll_max: float = 600.0,  # longest wait between batch status checks
+                  batch_retry: str = "batch",  # failed or expired batch requests: 'batch', 'loop' or 'none'
+                  batch_rounds: int = 3,  # most batch rounds in one run (the first and its retries)
+                  batch_price_factor: float = 0.5,  # batch price as a share of the request price
+                  batch_wait: float = None,  # stop polling after this many seconds; run again to collect
                  ) -> InstructReport:
     "Have a teacher write conversations about figure captions; write cleaned LLaVA instruction records to `out`."
     if not captions or not out: raise ValueError("self_instruct: both --captions and --out are required")
-    captions, out = Path(captions), Path(out)
+    if backend not in ("loop", "batch"): raise ValueError(f"self_instruct: --backend {backend!r}: want loop or batch")
+    captions, out, share = Path(captions), Path(out), parse_shard(shard)
     checkpoint, bad = sidecar_path(out), BadRecords(str(captions))
     refuse_outputs_over_inputs({"out": out, "out (raw replies)": checkpoint}, {"captions": captions})
-    records = pick_figures(round_robin(load_captions(captions, bad, max_caption_chars)), checkpoint, limit)
+    load_rules(rules)  # a bad rules file is refused before any request is paid for
+    settings = BatchSettings(batch_max_requests, batch_max_bytes, poll_interval, poll_max, retry=batch_retry,
+                             rounds=batch_rounds, price_factor=batch_price_factor, wait=batch_wait)
+    records = load_captions(captions, bad, max_caption_chars)
+    _refuse_lost_checkpoint(out, checkpoint, overwrite)
+    if share: records = [r for r in records if share.holds(r["pair_id"])]
+    records = pick_figures(round_robin(records), checkpoint, limit)
     client = _teacher(teacher, records, seed, model, base_url=base_url, api_key_env=api_key_env,
-                      temperature=temperature, max_tokens=max_tokens, timeout=timeout)
-    template = load_prompt(prompt)
-    meta = {"prompt": template["version"], "inline_mentions": inline_mentions}
-    requests = [{"id": r["pair_id"], "messages": build_messages(r, template, inline_mentions), "meta": meta}
+                      temperature=temperature, max_tokens=max_tokens, timeout=timeout,
+                      extra_body=parse_extra_body(extra_body), max_completion_tokens=max_completion_tokens)
+    if backend == "batch" and not isinstance(client, ChatClient):
+        raise ValueError("self_instruct: --backend batch needs the openai teacher (--teacher openai --model ...)")
+    template = load_prompt(prompt or ("image-v1" if teacher_sees_image else "v1"))
+    names = _image_names(captions)
+    paths = {}
+    if teacher_sees_image:
+        paths = _image_paths(records, Path(images) if images else captions.parent / "images", names, bad)
+        records = [r for r in records if r["pair_id"] in paths]
+    meta = {"prompt": template["version"], "inline_mentions": inline_mentions,
+            **({"teacher_sees_image": True, "image_size": image_size} if teacher_sees_image else {})}
+    requests = [{"id": r["pair_id"], "meta": meta,
+                 "messages": _lazy_messages(r, template, inline_mentions, paths.get(r["pair_id"]), image_size)}
                 for r in records]
-    stats = run_chat_requests(client, requests, checkpoint, concurrency=concurrency, max_attempts=max_attempts,
-                              parse=lambda t: [list(p) for p in split_turns(t)], backoff=backoff,
-                              price_prompt=price_prompt, price_completion=price_completion, seed=seed,
-                              progress=not quiet, desc=f"instruct ({client.name})")
+    parse = lambda t: [list(p) for p in split_turns(t)]
+    desc = f"instruct ({client.name}{', batch' if backend == 'batch' else ''})"
+    if backend == "batch":
+        stats = run_batch_requests(client, requests, checkpoint, settings, parse, price_prompt, price_completion,
+                                   seed=seed, progress=not quiet, desc=desc)
+    else:
+        stats = run_chat_requests(client, requests, checkpoint, concurrency=concurrency, max_attempts=max_attempts,
+                                  parse=parse, backoff=backoff, price_prompt=price_prompt,
+                                  price_completion=price_completion, seed=seed, progress=not quiet, desc=desc)
     all_failed = not stats.done and stats.failed + stats.unparsed > 0
-    built = build_output(records, checkpoint, out, rules, seed, _image_names(captions), write=not all_failed)
-    failure = ("every request failed" if all_failed else "no record survived cleaning" if not built["records"]
-               else "")
+    built = build_output(records, checkpoint, out, rules, seed, names, write=not all_failed)
+    pending = getattr(stats, "pending", 0)
+    failure = ("every request failed" if all_failed else
+               f"{pending} requests still in batches (run again to collect them)" if pending and not built["records"]
+               else "no record survived cleaning" if not built["records"] else "")
     report = InstructReport(client.name, template["version"], len(records), stats.to_json(), **built, out=str(out),
-                            run_summary=stats.summary(), quiet=quiet, bad_records=dict(bad.counts), failure=failure)
+                            run_summary=stats.summary(), quiet=quiet, bad_records=dict(bad.counts), failure=failure,
+                            backend=backend, shard=str(share or ""), rules=rules)
     if not failure:
         write_json(out.with_name(out.name + ".report.json"), {k: v for k, v in report.to_json().items() if k != "quiet"})
     return report
+
+# %% ../nbs/04_instruct.ipynb #5a8bd47b
+@dataclass
+class MergeReport(Result):
+    "What `merge_instruct` wrote: the merged file and the records taken from each input."
+    out: str  # the merged records file
+    records: int  # records written
+    inputs: dict[str, int]  # records per input file
+    quiet: bool = False  # the command's --quiet: no text
+
+    def __str__(self) -> str:
+        return "" if self.quiet else f"{self.records} records from {len(self.inputs)} files -> {self.out}"
+
+_SIDECARS = (".raw.jsonl", ".batches.jsonl")  # a run's own checkpoint and batch journal: a glob skips them
+
+def merge_instruct(inputs: str = None,  # the shards' instruction files: paths or globs, comma-separated
+                   out: str = None,  # the merged JSONL file
+                   quiet: bool = False,  # no progress bar or summary
+                  ) -> MergeReport:
+    "Merge the instruction records of several shards into one file; a record id in two places is refused."
+    import glob
+    if not inputs or not out: raise ValueError("merge: both --inputs and --out are required")
+    files = []
+    for p in (x.strip() for x in inputs.split(",") if x.strip()):
+        hits = sorted(h for h in glob.glob(p) if not h.endswith(_SIDECARS)) if any(c in p for c in "*?[") else [p]
+        if not hits or not all(Path(h).is_file() for h in hits): raise FileNotFoundError(f"merge: no file {p!r}")
+        files += [h for h in hits if h not in files]
+    refuse_outputs_over_inputs({"out": out}, {f"inputs ({f})": f for f in files})
+    rows, where, counts = [], {}, Counter()
+    for f in files:
+        for line, rec in iter_records(f):
+            if isinstance(rec, RecordError): raise ValueError(f"merge: {rec.msg}")
+            if not isinstance(rec, dict) or "id" not in rec or "conversations" not in rec:
+                raise ValueError(f"merge: {f}:{line}: not an instruction record (no 'id' and 'conversations')")
+            rid = str(rec["id"])
+            if rid in where:
+                raise ValueError(f"merge: {f}:{line}: record id {rid!r} is also at {where[rid]}; the shards overlap "
+                                 "(give every machine the same N in --shard K/N, and each output once)")
+            where[rid] = f"{f}:{line}"; counts[f] += 1
+            rows.append(rec)
+    if not rows: raise ValueError(f"merge: no records in {', '.join(files)}")
+    write_jsonl(out, rows)
+    return MergeReport(str(out), len(rows), {f: counts[f] for f in files}, quiet)

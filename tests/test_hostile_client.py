@@ -125,10 +125,26 @@ def test_no_record_survives_exits_1_and_keeps_output(tmp_path, capsys):
     cap = write_teacher_input(tmp_path / "captions.json", 3, facts=False)
     out = tmp_path / "out.jsonl"
     out.write_text('{"earlier": "good output"}\n')
+    sidecar_path(out).write_text("")  # its checkpoint is there (without one, the run is refused: see below)
     with ChatServer(reply_text="User: What does the caption say?\nAssistant: The caption says so.") as srv:
         assert main(instruct_args(cap, out, srv.base_url)) == 1
     assert "no records written: no record survived cleaning" in capsys.readouterr().out
     assert out.read_text() == '{"earlier": "good output"}\n'
+
+
+def test_rerun_without_the_raw_checkpoint_is_refused_unless_overwrite(tmp_path, capsys):
+    cap = write_teacher_input(tmp_path / "captions.json", 6)
+    out = tmp_path / "out.jsonl"
+    assert main(instruct_args(cap, out, None, "--limit", "4")) == 0
+    before = out.read_bytes()
+    sidecar_path(out).unlink()  # the raw replies lost (deleted, or OUT copied without them)
+    capsys.readouterr()
+    assert main(instruct_args(cap, out, None, "--limit", "2")) == 2
+    err = one_error_line(capsys.readouterr().err, "instruct")
+    assert str(out) in err and str(sidecar_path(out)) in err and "--overwrite" in err and "restore" in err
+    assert out.read_bytes() == before and not sidecar_path(out).exists()
+    assert main(instruct_args(cap, out, None, "--limit", "2", "--overwrite")) == 0
+    assert len(out.read_text().splitlines()) == 2  # replaced, as asked
 
 
 def test_limit_on_a_rerun_never_shrinks_the_output(tmp_path):
