@@ -1,4 +1,4 @@
-"""Answer a VQA file (or the conversation benchmark) with a model: batched, resumable, with image ablations.
+"""Answer a VQA file (or the conversation benchmark) with a model: batched, resumable, data-parallel, worded as each harness words it, with image ablations.
 
 Docs: https://llavamed.github.io/llavamed/predict.html.md"""
 
@@ -6,14 +6,18 @@ Docs: https://llavamed.github.io/llavamed/predict.html.md"""
 
 # %% ../nbs/07a_predict.ipynb #8fe31780
 from __future__ import annotations
-import hashlib, random, time
+import hashlib, os, random, time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from .core import (HUMAN, BadRecords, Question, RecordError, Result, Sample, Turn, append_jsonl, fmt_num,
-                           get_logger, load_questions, read_jsonl, repair_torn_tail)
+                           get_logger, load_questions, read_jsonl, repair_torn_tail, write_jsonl)
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'log', 'shuffled_images', 'ablate_image', 'question_messages', 'Predictions', 'predict']
+__all__ = ['ABLATIONS', 'log', 'CHOICE_INSTRUCTION', 'LETTERS', 'PROTOCOLS', 'MAX_NEW_TOKENS', 'shuffled_images', 'ablate_image',
+           'PromptProtocol', 'get_protocol', 'render_choices', 'question_prompt', 'question_messages',
+           'default_max_new_tokens', 'check_images', 'launch_rank', 'part_path', 'merge_answers', 'Predictions',
+           'predict']
 
 # %% ../nbs/07a_predict.ipynb #ac68f1fc
 ABLATIONS = ("none", "blank", "noise", "shuffle")
@@ -51,29 +55,144 @@ def ablate_image(img,  # a PIL image
         return Image.fromarray(a, "RGB")
     raise ValueError(f"image_ablation={how!r}: expected one of {ABLATIONS}")
 
+# %% ../nbs/07a_predict.ipynb #f88aa36d
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+@dataclass(frozen=True)
+class PromptProtocol:
+    "How one evaluation harness asks a question: what follows an open or a closed one, how choices are laid out."
+    open: str = ""  # appended to an OPEN question (its separator included)
+    closed: str = ""  # appended to a CLOSED question whose reference answer is yes or no
+    closed_other: str | None = None  # appended to any other CLOSED question (None: as `closed`)
+    choices: str = "llava"  # layout of a multiple-choice question: 'llava' or 'medevalkit'
+    source: str = ""  # the public script the wording comes from
+
+_PHRASE = "\nAnswer the question using a single word or phrase."
+PROTOCOLS = {
+    "llava-med": PromptProtocol(source="microsoft/LLaVA-Med llava/eval/model_vqa.py: the question as it is"),
+    "llava-med-run-eval": PromptProtocol(source="as llava-med; llava/eval/run_eval.py only scores differently"),
+    "strict": PromptProtocol(source="as llava-med; only the scoring is stricter"),
+    "lmms-eval": PromptProtocol(_PHRASE, _PHRASE, source="lmms-eval lmms_eval/tasks/slake/_default_template_yaml"),
+    "medevalkit": PromptProtocol("\nPlease answer the question concisely.",
+                                 "\nPlease output 'yes' or 'no'(no extra output).", _PHRASE, "medevalkit",
+                                 "MedEvalKit utils/question_formats.py"),
+}
+
+def get_protocol(name: str,  # a key of `PROTOCOLS`
+                ) -> PromptProtocol:
+    "The `PromptProtocol` named `name`; a `ValueError` listing the names otherwise."
+    if name not in PROTOCOLS: raise ValueError(f"protocol={name!r}: expected one of {sorted(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+# %% ../nbs/07a_predict.ipynb #b87a3331
+def render_choices(question: str,  # the question text
+                   options: list[str],  # the choices, in order (lettered A, B, ...)
+                   layout: str = "llava",  # 'llava' (LLaVA-1.5's MMBench prompt) or 'medevalkit'
+                  ) -> str:
+    "The question and its lettered options as `layout` writes them (the answering instruction excluded)."
+    lines = [f"{letter}. {text}" for letter, text in zip(LETTERS, options)]
+    if layout == "medevalkit": return f"\nQuestion: {question}\nOptions: \n" + "\n".join(lines)
+    if layout != "llava": raise ValueError(f"layout={layout!r}: expected 'llava' or 'medevalkit'")
+    return "\n".join([question, *lines])
+
+# %% ../nbs/07a_predict.ipynb #374a4811
+def _answer_kind(q: Question) -> str:
+    "Which suffix of a protocol `q` gets: 'open', 'closed' (yes/no), 'closed_other' or '' (none)."
+    if q.kind == "benchmark": return ""
+    yes_no = (q.answer or "").strip().lower() in ("yes", "no")
+    if q.answer_type == "CLOSED": return "closed" if yes_no or q.answer is None else "closed_other"
+    if q.answer_type == "OPEN": return "open"
+    return "closed" if yes_no else "open"
+
+def question_prompt(q: Question,  # the question (its `question`, `kind`, `options`, `answer_type`)
+                    protocol: str = "llava-med",  # a key of `PROTOCOLS`
+                    prompt_suffix: str | None = None,  # replaces the protocol's suffix (or choice instruction)
+                   ) -> str:
+    "The text asking `q` under `protocol`: options rendered for a choice question, then the harness's suffix."
+    p = get_protocol(protocol)
+    if q.kind == "choice":
+        if not q.options or not 2 <= len(q.options) <= len(LETTERS):
+            raise ValueError(f"question {q.id}: {len(q.options or [])} options; a choice question needs 2 to "
+                             f"{len(LETTERS)}")
+        body = render_choices(q.question, [str(o) for o in q.options], p.choices)
+        return body + "\n" + (prompt_suffix.strip() if prompt_suffix else CHOICE_INSTRUCTION)
+    if prompt_suffix: return f"{q.question} {prompt_suffix.strip()}"
+    kind = _answer_kind(q)
+    if kind == "closed_other" and p.closed_other is None: kind = "closed"
+    return q.question + (getattr(p, kind) if kind else "")
+
 # %% ../nbs/07a_predict.ipynb #23d20ba1
 def question_messages(q: Question,  # the question to ask (its `id`, `image` and `question`)
-                      prompt_suffix: str | None = None,  # text appended to the question
+                      prompt_suffix: str | None = None,  # replaces the protocol's suffix
+                      protocol: str = "llava-med",  # a key of `PROTOCOLS`
                      ) -> tuple[list[dict], str]:
     "The chat messages asking `q` (image part first when it has an image) and the prompt text."
     from llavamed.model import sample_to_messages
-    text = q.question + (f" {prompt_suffix.strip()}" if prompt_suffix else "")
+    text = question_prompt(q, protocol, prompt_suffix)
     return sample_to_messages(Sample(id=q.id, conversations=[Turn(HUMAN, text)], image=q.image)), text
 
+# %% ../nbs/07a_predict.ipynb #da099402
+MAX_NEW_TOKENS = {"vqa": 32, "choice": 32, "benchmark": 1024}  # question kind: default answer length in tokens
+
+def default_max_new_tokens(questions: list[Question],  # from `llavamed.core.load_questions`
+                          ) -> tuple[int, str]:
+    "The answer length these questions need when none is given, and why (the longest their kinds need)."
+    kind = max({q.kind for q in questions}, key=lambda k: (MAX_NEW_TOKENS.get(k, 0), k))
+    return MAX_NEW_TOKENS.get(kind, MAX_NEW_TOKENS["vqa"]), f"default for {kind} questions"
+
+# %% ../nbs/07a_predict.ipynb #8ba9d97b
+def check_images(questions: list[Question],  # the questions about to be answered
+                 images: str | Path,  # the images folder their paths are relative to
+                 swap: dict[str, str] | None = None,  # question id -> the image shown instead (`shuffled_images`)
+                 workers: int = 8,  # threads decoding images
+                ) -> dict[str, Path]:
+    "Image name -> real path for every image the questions will be shown; one `ValueError` counting the bad ones."
+    from concurrent.futures import ThreadPoolExecutor
+    from llavamed.data import _check_image
+    from llavamed.images import resolve_image
+    shown = {}  # image name -> the first question shown it
+    for q in questions:
+        name = (swap or {}).get(q.id, q.image)
+        if name: shown.setdefault(name, q.id)
+    with ThreadPoolExecutor(max(1, min(workers, len(shown)))) as pool:
+        problems = list(pool.map(lambda name: _check_image(Path(images), name), shown))
+    counts, first, paths = Counter(), {}, {}
+    for (name, qid), problem in zip(shown.items(), problems):
+        if problem is None: paths[name] = resolve_image(images, name, qid); continue
+        reason, message = problem
+        counts[reason] += 1
+        first.setdefault(reason, f"{'record' if reason == 'image_outside_root' else 'question'} {qid}: {message}")
+    if counts:
+        listed = "; ".join(f"{reason} {n} (first: {first[reason]})" for reason, n in counts.most_common())
+        raise ValueError(f"{sum(counts.values())} of {len(shown)} images cannot be shown, nothing was answered: "
+                         f"{listed}")
+    return paths
+
 # %% ../nbs/07a_predict.ipynb #c9672993
-def _answered(out: Path) -> tuple[set[str], dict | None]:
-    "Ids already answered in `out` and the metadata of its first answer."
-    if not out.exists(): return set(), None
+def _answer_rows_in(path: Path) -> list[dict]:
+    "The answer rows of one JSONL file (a torn or malformed line is left out: its question is not answered)."
+    if not path.exists(): return []
+    return [r for r in read_jsonl(path, skip_bad=True) if isinstance(r, dict) and "question_id" in r]
+
+def _answer_files(out: Path) -> list[Path]:
+    "`out` and every part file of a multi-process run beside it."
+    parts = out.parent / f"{out.name}.parts"
+    return [out, *sorted(parts.glob("*.jsonl"))] if parts.is_dir() else [out]
+
+def _answered(files: list[Path]) -> tuple[set[str], dict | None]:
+    "Ids already answered in `files` and the metadata of the first answer."
     ids, md = set(), None
-    for r in read_jsonl(out, skip_bad=True):
-        if isinstance(r, RecordError) or not isinstance(r, dict) or "question_id" not in r: continue
-        ids.add(str(r["question_id"])); md = md or r.get("metadata")
+    for path in files:
+        for r in _answer_rows_in(path):
+            ids.add(str(r["question_id"])); md = md or r.get("metadata")
     return ids, md
 
 def _settings(md: dict | None) -> dict:
     "The settings in an answer's metadata that must agree within one answers file."
     md = md or {}
-    return {k: md.get(k) for k in ("decoding", "image_ablation", "prompt_suffix", "model")}
+    return {**{k: md.get(k) for k in ("decoding", "image_ablation", "prompt_suffix", "model")},
+            "protocol": md.get("protocol", "llava-med")}  # answers from before protocols: asked as llava-med asks
 
 # %% ../nbs/07a_predict.ipynb #a02a0393
 def _read_questions(data: Path, max_question_chars: int) -> tuple[list[Question], BadRecords]:
@@ -87,20 +206,9 @@ def _read_questions(data: Path, max_question_chars: int) -> tuple[list[Question]
     if not questions: raise ValueError(f"{data}: no questions ({bad.summary() if bad.total else 'no records'})")
     return questions, bad
 
-def _image_paths(questions: list[Question], images: Path) -> dict[str, Path]:
-    "Image name -> its real path under `images`; an image outside the folder or missing names its question."
-    from llavamed.images import resolve_image
-    paths = {}
-    for q in questions:
-        if not q.image or q.image in paths: continue
-        p = resolve_image(images, q.image, q.id)
-        if not p.is_file(): raise FileNotFoundError(f"question {q.id}: image {q.image!r} not found in {images}")
-        paths[q.image] = p
-    return paths
-
-def _check_prompts(questions: list[Question], tokenizer, prompt_suffix, max_prompt_tokens: int) -> None:
+def _check_prompts(questions: list[Question], prompts: dict[str, str], tokenizer, max_prompt_tokens: int) -> None:
     "Refuse, before any generation, a question whose prompt is longer than `max_prompt_tokens` tokens."
-    texts = [question_messages(q, prompt_suffix)[1] for q in questions]
+    texts = [prompts[q.id] for q in questions]
     for q, ids in zip(questions, tokenizer(texts, add_special_tokens=False)["input_ids"]):
         if len(ids) > max_prompt_tokens:
             raise ValueError(f"question {q.id}: prompt is {len(ids):,} tokens > max_prompt_tokens "
@@ -112,16 +220,25 @@ def _check_model(model) -> None:
     if str(model) not in PRESETS and not Path(model).exists():
         raise FileNotFoundError(f"model {model}: no such directory (and not a preset: {sorted(PRESETS)})")
 
-def _check_request(model, data, out, image_ablation: str, batch_size: int, max_new_tokens: int) -> None:
+def _check_request(model, data, out, image_ablation: str, batch_size: int, max_new_tokens: int | None,
+                   protocol: str) -> None:
     "A `ValueError` naming the first argument of `predict` that is missing or out of range."
     if not (model and data and out): raise ValueError("predict needs --model, --data and --out")
     if image_ablation not in ABLATIONS:
         raise ValueError(f"image_ablation={image_ablation!r}: expected one of {ABLATIONS}")
+    get_protocol(protocol)
     if batch_size < 1: raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    if max_new_tokens < 1: raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     if not Path(data).is_file(): raise FileNotFoundError(f"data {data}: no such file")
     if Path(out).resolve() == Path(data).resolve():  # resolve(): a symlink to the data file is the same file
         raise ValueError(f"out {out} is the data file {data}: answers would be appended to the questions")
+
+def _rank_device(device: str | None, local_rank: int, world: int) -> str | None:
+    "This process's device: as given, but its own GPU (`cuda:LOCAL_RANK`) when several processes share a machine."
+    from llavamed.core import pick_device
+    if world > 1 and (device or pick_device()) == "cuda": return f"cuda:{local_rank}"
+    return device
 
 def _batches(xs: list, n: int):
     "Consecutive chunks of `xs` of length `n` (the last may be shorter)."
@@ -133,10 +250,10 @@ def _answer_rows(chunk: list[Question], answer, paths: dict[str, Path], swap: di
     from llavamed.images import ImageError, load_image
     convs, prompts, imgs, shown = [], [], [], []
     for q in chunk:
-        msgs, prompt = question_messages(q, meta["prompt_suffix"])
+        msgs, prompt = question_messages(q, meta["prompt_suffix"], meta["protocol"])
         name = swap.get(q.id, q.image)
         try: img = load_image(paths[name]) if name else None
-        except ImageError as e: raise ValueError(f"question {q.id}: {e}") from None  # answers so far stay
+        except ImageError as e: raise ValueError(f"question {q.id}: {e}") from None  # changed since the check
         convs.append(msgs); prompts.append(prompt); shown.append(name)
         if img: img = ablate_image(img, meta["image_ablation"], q.id, meta["decoding"]["seed"])
         imgs.append(img)
@@ -146,28 +263,91 @@ def _answer_rows(chunk: list[Question], answer, paths: dict[str, Path], swap: di
              "model_id": Path(str(model)).name,
              "metadata": {**meta, "image": s}} for q, p, t, s in zip(chunk, prompts, texts, shown)]
 
+# %% ../nbs/07a_predict.ipynb #224270da
+def launch_rank(env: dict | None = None,  # the environment (default: `os.environ`)
+               ) -> tuple[int, int, int]:
+    "(rank, world size, local rank) as torchrun / accelerate launch set them; (0, 1, 0) for a lone process."
+    env = os.environ if env is None else env
+    def number(key: str, default: int) -> int:
+        "The integer in `env[key]`, or `default` when unset."
+        try: return int(env.get(key, default))
+        except ValueError: raise ValueError(f"{key}={env[key]!r}: not an integer (the launcher sets it)") from None
+    rank, world = number("RANK", 0), number("WORLD_SIZE", 1)
+    if not 0 <= rank < world: raise ValueError(f"RANK={rank} with WORLD_SIZE={world}: want 0 <= RANK < WORLD_SIZE")
+    return rank, world, number("LOCAL_RANK", rank)
+
+def part_path(out: str | Path,  # the merged answers file (`--out`)
+              rank: int,  # this process's rank
+              world: int,  # the number of processes
+             ) -> Path:
+    "Where rank `rank` of `world` appends its answers until they are merged into `out`."
+    out = Path(out)
+    return out.parent / f"{out.name}.parts" / f"rank{rank}-of-{world}.jsonl"
+
+# %% ../nbs/07a_predict.ipynb #74b6a004
+def merge_answers(out: str | Path,  # the answers file the parts merge into
+                  questions: list[Question],  # the questions of the data file, in order
+                 ) -> int | None:
+    "Merge the part files into `out` once every question is answered; the rows of `out`, or None (not yet)."
+    out = Path(out)
+    parts = out.parent / f"{out.name}.parts"
+    if not parts.is_dir(): return None
+    fd = os.open(parts, os.O_RDONLY)
+    try:
+        try: import fcntl; fcntl.flock(fd, fcntl.LOCK_EX)  # one merge at a time; the next finds the parts gone
+        except ImportError: pass  # no flock (Windows): ranks finishing at the same instant could both merge
+        files = sorted(parts.glob("*.jsonl"))
+        if not files: return None
+        earlier, first = _answer_rows_in(out), {}
+        for row in earlier + [r for f in files for r in _answer_rows_in(f)]:
+            first.setdefault(str(row["question_id"]), row)
+        ids = [q.id for q in questions]
+        if any(i not in first for i in ids): return None
+        known = set(ids)
+        n = write_jsonl(out, [first[i] for i in ids] + [r for r in earlier if str(r["question_id"]) not in known])
+        for f in files: f.unlink()
+        try: parts.rmdir()
+        except OSError: pass  # something else was put there: left alone
+        log.info(f"{out}: merged {len(files)} part files, {n:,} answers")
+        return n
+    finally: os.close(fd)
+
 # %% ../nbs/07a_predict.ipynb #4d953747
 @dataclass
 class Predictions(Result):
     "What `predict` did: the questions it answered now, those already answered in `out`, and how fast."
     out: str  # the answers JSONL
     questions: int  # questions in the data file
-    skipped: int  # questions already answered in `out`
+    skipped: int  # questions of this process's share already answered (in `out` or a part file)
     answered: int = 0  # questions answered by this call
     seconds: float = 0.0  # generation time of this call
     questions_per_s: float | None = None  # answered / seconds (None when nothing was generated)
     bad_records: str = ""  # the data file's bad records, skipped (`BadRecords.summary()`; '' when none)
     repaired_bytes: int = 0  # bytes of a torn last line cut off `out` before appending
+    protocol: str = "llava-med"  # how the questions were worded (`PROTOCOLS`)
+    max_new_tokens: int | None = None  # the answer length used
+    max_new_tokens_from: str = ""  # 'given', or the default it came from ('default for vqa questions')
+    images_checked: int = 0  # distinct images checked before the first batch
+    rank: int = 0  # this process's rank (the launcher's RANK)
+    world: int = 1  # processes answering the file together (WORLD_SIZE)
+    share: int | None = None  # questions in this process's share (None: one process, all of them)
+    part: str = ""  # this process's part file ('' with one process)
+    merged: int | None = None  # answers in `out` after this process merged the parts (None: it did not)
 
     def __str__(self) -> str:
-        "One line: what was answered, what was already there, and the speed; then any repair or skip."
-        speed = f" in {self.seconds:.1f} s ({fmt_num(self.questions_per_s)} questions/s)"
-        if not self.answered: speed = ""
-        notes = [f"skipped {self.bad_records}"] if self.bad_records else []
+        "What was answered, what was already there, and the speed; how the questions were asked; any repair or merge."
+        speed = f" in {self.seconds:.1f} s ({fmt_num(self.questions_per_s)} questions/s)" if self.answered else ""
+        head = (f"{self.out}: answered {fmt_num(self.answered)} of {fmt_num(self.questions)} questions"
+                if self.world == 1 else f"{self.part}: rank {self.rank} of {self.world} answered "
+                f"{fmt_num(self.answered)} of its {fmt_num(self.share)} of {fmt_num(self.questions)} questions")
+        notes = [f"protocol {self.protocol}, max_new_tokens {fmt_num(self.max_new_tokens)}"
+                 + (f" ({self.max_new_tokens_from})" if self.max_new_tokens_from else "")
+                 + (f", {fmt_num(self.images_checked)} images checked first" if self.images_checked else "")]
+        if self.bad_records: notes.append(f"skipped {self.bad_records}")
         if self.repaired_bytes:
-            notes.append(f"cut a torn last line ({fmt_num(self.repaired_bytes)} bytes) off {self.out}")
-        return (f"{self.out}: answered {fmt_num(self.answered)} of {fmt_num(self.questions)} questions"
-                f"{speed}; {fmt_num(self.skipped)} were already answered" + "".join(f"\n{n}" for n in notes))
+            notes.append(f"cut a torn last line ({fmt_num(self.repaired_bytes)} bytes) off {self.part or self.out}")
+        if self.merged is not None: notes.append(f"merged the parts: {self.out} holds {fmt_num(self.merged)} answers")
+        return f"{head}{speed}; {fmt_num(self.skipped)} were already answered" + "".join(f"\n{n}" for n in notes)
 
 # %% ../nbs/07a_predict.ipynb #c07a1ecb
 def predict(model: str = None,  # saved model directory (or a preset name such as 'tiny', built fresh)
@@ -175,59 +355,78 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             images: str = None,  # image folder (default: the data file's folder)
             out: str = None,  # answers JSONL: appended to; questions already answered there are skipped
             batch_size: int = 16,  # questions per generation batch
-            max_new_tokens: int = 64,  # most tokens per answer
+            max_new_tokens: int = None,  # most tokens per answer (default: by question kind, `MAX_NEW_TOKENS`)
             image_ablation: str = "none",  # 'none', 'blank' (black), 'noise' (seeded), 'shuffle' (another's)
-            prompt_suffix: str = None,  # text appended to every question, e.g. 'Answer with one word.'
+            prompt_suffix: str = None,  # replaces the protocol's suffix, e.g. 'Answer with one word.'
+            protocol: str = "llava-med",  # wording: llava-med, llava-med-run-eval, strict, lmms-eval, medevalkit
             do_sample: bool = False,  # sample instead of greedy decoding
             temperature: float = 0.7,  # sampling temperature (with --do-sample)
             seed: int = 0,  # seed of sampling, noise images and the shuffle
-            limit: int = None,  # answer at most this many new questions (a quick look)
-            device: str = None,  # 'cpu', 'cuda', ... (default: the best available)
+            limit: int = None,  # answer at most this many new questions per process (a quick look)
+            device: str = None,  # 'cpu', 'cuda', ... (default: the best available; cuda:LOCAL_RANK per process)
             dtype: str = None,  # 'bfloat16', 'float32', ... (default: the device's best)
             quiet: bool = False,  # no progress bar
             max_prompt_tokens: int = 2048,  # refuse a question whose prompt has more tokens (before generating)
             max_question_chars: int = 100_000,  # refuse a longer question text (before the model loads)
            ) -> Predictions:
     "Answer the questions of `data` with `model`, appending official-format answers to `out` (resumable)."
-    _check_request(model, data, out, image_ablation, batch_size, max_new_tokens)
+    _check_request(model, data, out, image_ablation, batch_size, max_new_tokens, protocol)
+    rank, world, local_rank = launch_rank()
     data, out = Path(data), Path(out)
     images = Path(images) if images else data.parent
     questions, bad = _read_questions(data, max_question_chars)
-    decoding = {"do_sample": bool(do_sample), "max_new_tokens": max_new_tokens, "seed": seed}
+    prompts = {q.id: question_prompt(q, protocol, prompt_suffix) for q in questions}  # bad choices stop here
+    tokens, tokens_from = (max_new_tokens, "given") if max_new_tokens else default_max_new_tokens(questions)
+    decoding = {"do_sample": bool(do_sample), "max_new_tokens": tokens, "seed": seed}
     if do_sample: decoding["temperature"] = temperature
     meta = {"decoding": decoding, "image_ablation": image_ablation, "prompt_suffix": prompt_suffix,
-            "model": str(model)}
-    done, prev = _answered(out)
+            "model": str(model), "protocol": protocol}
+    done, prev = _answered(_answer_files(out))
     if prev is not None and _settings(prev) != _settings(meta):
         raise ValueError(f"{out} holds answers made with other settings ({_settings(prev)}); this run: "
                          f"{_settings(meta)}. Write to another file.")
-    paths = _image_paths(questions, images)
-    remaining = [q for q in questions if q.id not in done]
+    share = questions[rank::world]  # every world-th question: fixed whatever is answered, balanced to one
+    target = out if world == 1 else part_path(out, rank, world)
+    remaining = [q for q in share if q.id not in done]
     todo = remaining[:limit]
-    res = Predictions(str(out), len(questions), len(questions) - len(remaining),
-                      bad_records=bad.summary() if bad.total else "")
-    if not todo: log.info(f"{out}: all {len(questions)} questions already answered"); return res
+    res = Predictions(str(out), len(questions), len(share) - len(remaining),
+                      bad_records=bad.summary() if bad.total else "", protocol=protocol, max_new_tokens=tokens,
+                      max_new_tokens_from=tokens_from, rank=rank, world=world,
+                      share=len(share) if world > 1 else None, part=str(target) if world > 1 else "")
+    if todo: _answer_all(res, todo, questions, prompts, model, images, target, meta, batch_size, device,
+                         dtype, local_rank, quiet, max_prompt_tokens)
+    else: log.info(f"{target}: all {len(share)} questions already answered")
+    res.merged = merge_answers(out, questions)  # None unless parts exist and every question is answered
+    return res
+
+# %% ../nbs/07a_predict.ipynb #c8480e4c
+def _answer_all(res: Predictions, todo: list[Question], questions: list[Question], prompts: dict[str, str],
+                model, images: Path, target: Path, meta: dict, batch_size: int, device, dtype, local_rank: int,
+                quiet: bool, max_prompt_tokens: int) -> None:
+    "Check the images, load the model, and append the answers to `todo` to `target` batch by batch (into `res`)."
     from tqdm.auto import tqdm
     from llavamed.model import load_model
     from llavamed.generate import generate_batch
+    dec = meta["decoding"]
+    swap = shuffled_images(questions, dec["seed"]) if meta["image_ablation"] == "shuffle" else {}
+    paths = check_images(todo, images, swap)
+    res.images_checked = len(paths)
     _check_model(model)  # before `load_model`, which would take a missing folder for a hub repo id
-    mdl, proc = load_model(model, dtype=dtype, device=device)
-    _check_prompts(todo, proc.tokenizer, prompt_suffix, max_prompt_tokens)
-    answer = lambda convs, imgs: generate_batch(mdl, proc, convs, imgs, max_new_tokens=max_new_tokens,
-                                                do_sample=do_sample, temperature=temperature, seed=seed,
-                                                batch_size=batch_size)
-    swap = shuffled_images(questions, seed) if image_ablation == "shuffle" else {}
-    res.repaired_bytes = repair_torn_tail(out)
-    if res.repaired_bytes: log.warning(f"{out}: cut a torn last line ({res.repaired_bytes} bytes) off")
-    bar = tqdm(total=len(todo), desc=f"predict ({image_ablation})", unit="q", disable=quiet,
-               dynamic_ncols=True)
+    mdl, proc = load_model(model, dtype=dtype, device=_rank_device(device, local_rank, res.world))
+    _check_prompts(todo, prompts, proc.tokenizer, max_prompt_tokens)
+    answer = lambda convs, imgs: generate_batch(mdl, proc, convs, imgs, max_new_tokens=dec["max_new_tokens"],
+                                                do_sample=dec["do_sample"], temperature=dec.get("temperature", 0.7),
+                                                seed=dec["seed"], batch_size=batch_size)
+    res.repaired_bytes = repair_torn_tail(target)
+    if res.repaired_bytes: log.warning(f"{target}: cut a torn last line ({res.repaired_bytes} bytes) off")
+    desc = f"predict ({meta['image_ablation']})" + (f" rank 0 of {res.world}" if res.world > 1 else "")
+    bar = tqdm(total=len(todo), desc=desc, unit="q", disable=quiet or res.rank > 0, dynamic_ncols=True)
     t0 = time.perf_counter()
     for chunk in _batches(todo, batch_size):
         rows = _answer_rows(chunk, answer, paths, swap, meta, model)
-        append_jsonl(out, *rows)
+        append_jsonl(target, *rows)
         res.answered += len(rows); bar.update(len(rows))
     bar.close()
     res.seconds = time.perf_counter() - t0
     res.questions_per_s = res.answered / res.seconds if res.seconds else None
-    log.info(f"predict: {res.answered} answers in {res.seconds:.1f}s -> {out}")
-    return res
+    log.info(f"predict: {res.answered} answers in {res.seconds:.1f}s -> {target}")
