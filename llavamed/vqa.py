@@ -1,4 +1,4 @@
-"""VQA-RAD, SLAKE and PathVQA converted into LLaVA VQA records with their official splits, a safe pickle loader, and a train/test image leakage check.
+"""VQA-RAD, SLAKE, PathVQA, PMC-VQA and OmniMedVQA converted into LLaVA VQA records (official releases and hub downloads), safe pickle and ZIP readers, and a train/test image leakage check.
 
 Docs: https://llavamed.github.io/llavamed/vqa.html.md"""
 
@@ -6,43 +6,79 @@ Docs: https://llavamed.github.io/llavamed/vqa.html.md"""
 
 # %% ../nbs/02b_vqa.ipynb #0724b8de
 from __future__ import annotations
-import builtins, hashlib, pickle, re, shutil
+import builtins, csv, difflib, hashlib, pickle, re, shutil, stat, string, zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 import os
 from .core import (GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sample, Turn, get_logger,
                            iter_records, write_json)
 from .images import ImageOutsideRootError, load_image, relative_image_name, resolve_image
 
 # %% auto #0
-__all__ = ['log', 'DATASETS', 'VQA_RAD_VARIANTS', 'MAX_TEXT_CHARS', 'SLAKE_SPLITS', 'PATHVQA_SPLITS', 'vqa_record', 'is_yes_no',
-           'load_vqa_rad', 'load_slake', 'SafeUnpickler', 'safe_load_pickle', 'load_pathvqa', 'ConversionResult',
-           'convert_vqa', 'dhash', 'phash', 'image_fingerprint', 'LeakageReport', 'check_leakage']
+__all__ = ['log', 'DATASETS', 'VQA_RAD_VARIANTS', 'ANSWER_TYPES', 'LETTERS', 'MAX_TEXT_CHARS', 'HUB_REPOS', 'SLAKE_SPLITS',
+           'PATHVQA_SPLITS', 'PMC_VQA_VERSIONS', 'PMC_VQA_COLUMNS', 'vqa_record', 'is_yes_no', 'hub_snapshot',
+           'ZipImages', 'load_vqa_rad', 'load_slake', 'SafeUnpickler', 'safe_load_pickle', 'load_pathvqa',
+           'load_pmc_vqa', 'load_omnimedvqa', 'ConversionResult', 'convert_vqa', 'dhash', 'phash', 'image_fingerprint',
+           'LeakageReport', 'check_leakage']
 
 # %% ../nbs/02b_vqa.ipynb #7a5e724e
 log = get_logger("llavamed.vqa")
-DATASETS = ("vqa-rad", "slake", "pathvqa")  # what `convert_vqa` reads
+DATASETS = ("vqa-rad", "slake", "pathvqa", "pmc-vqa", "omnimedvqa")  # what `convert_vqa` reads
 VQA_RAD_VARIANTS = ("official", "freeform", "yesno")  # see `load_vqa_rad`
+ANSWER_TYPES = ("OPEN", "CLOSED", "CHOICE")  # a record's `answer_type`
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the option letters of a CHOICE record, in order
 
 # %% ../nbs/02b_vqa.ipynb #775a1927
+class _Unusable(ValueError):
+    "A question that cannot become a record: `reason` is what the converters count, the message names the record."
+    def __init__(self, reason: str, id=None, detail: str = "", broken: bool = False):
+        self.reason, self.broken = reason, broken  # broken: counted under the bad-record policy
+        super().__init__(f"record {id}: {reason}" + (f" ({detail})" if detail else ""))
+
+def _choice(id, options, answer, answer_label) -> tuple[str, list[str], str]:
+    "The correct option's text, the option texts and the correct letter of a multiple-choice question."
+    opts = ["" if o is None else str(o).strip() for o in (options or [])]
+    if len(opts) < 2: raise _Unusable("fewer than two options", id, f"{len(opts)} given")
+    if len(opts) > len(LETTERS): raise _Unusable(f"more than {len(LETTERS)} options", id, f"{len(opts)} given")
+    if "" in opts: raise _Unusable("an empty option", id, f"option {LETTERS[opts.index('')]}")
+    letters = LETTERS[:len(opts)]
+    if answer_label not in (None, ""):
+        label = str(answer_label).strip().upper()
+        if label not in letters or len(label) != 1:
+            raise _Unusable("answer letter outside the options", id,
+                            f"{str(answer_label)[:20]!r}, options A-{letters[-1]}")
+        return opts[letters.index(label)], opts, label
+    wanted = "" if answer is None else str(answer).strip().casefold()
+    hits = [i for i, o in enumerate(opts) if o.casefold() == wanted]
+    if not hits: raise _Unusable("answer is none of the options", id, f"{len(opts)} options")
+    return opts[hits[0]], opts, letters[hits[0]]
+
 def vqa_record(id: str,  # stable record id, e.g. 'slake_11934'
                image: str,  # image path relative to the dataset's image folder
                question: str,
-               answer,  # the reference answer (numbers are written as text)
-               answer_type: str,  # 'OPEN' or 'CLOSED' (case and spaces are ignored)
+               answer,  # the reference answer (numbers are written as text); CHOICE: the option text or None
+               answer_type: str,  # 'OPEN', 'CLOSED' or 'CHOICE' (case and spaces are ignored)
                question_type: str | None = None,  # the dataset's question category, when it has one
+               options: list[str] | None = None,  # CHOICE: the option texts in order A, B, C, ... (no letters)
+               answer_label: str | None = None,  # CHOICE: the correct letter; None: the option equal to `answer`
                **extra,  # other fields kept on the record (organ, modality, ...)
               ) -> dict:
     "A LLaVA VQA record as a JSON-ready dict; raises `ValueError` naming `id` for an unusable question."
-    q, a, t = str(question).strip(), str(answer).strip(), str(answer_type).strip().upper()
-    if not q or not a: raise ValueError(f"record {id}: empty {'question' if not q else 'answer'}")
-    if t not in ("OPEN", "CLOSED"):
-        raise ValueError(f"record {id}: answer_type {answer_type!r} is not OPEN or CLOSED")
+    q, t = ("" if question is None else str(question).strip()), str(answer_type).strip().upper()
+    if t not in ANSWER_TYPES:
+        raise _Unusable("answer_type", id, f"{str(answer_type)[:20]!r} is not OPEN, CLOSED or CHOICE")
+    choice = {}
+    if t == "CHOICE":
+        answer, options, answer_label = _choice(id, options, answer, answer_label)
+        choice = {"options": options, "answer_label": answer_label}
+    elif options or answer_label: raise _Unusable("options on a question that is not CHOICE", id)
+    a = "" if answer is None else str(answer).strip()
+    if not q or not a: raise _Unusable(f"empty {'question' if not q else 'answer'}", id)
     s = Sample(id=id, image=image, conversations=[Turn(HUMAN, f"{q}\n{IMAGE_TOKEN}"), Turn(GPT, a)],
                answer_type=t, question_type=question_type or None,
-               extra={k: v for k, v in extra.items() if v not in (None, "")})
+               extra={**choice, **{k: v for k, v in extra.items() if v not in (None, "")}})
     return s.to_json()
 
 # %% ../nbs/02b_vqa.ipynb #fe04992c
@@ -54,36 +90,206 @@ def is_yes_no(answer) -> bool:
 MAX_TEXT_CHARS = 20_000  # a longer question or answer is a broken record (real ones are a sentence or two)
 
 class _Collector:
-    "Records per split, with skip reasons and repeated ids counted; broken records go through `bad`."
-    def __init__(self, source: str = "<questions>", max_bad: float = 0.02):
+    "Records per split, with skip reasons (and where each was first seen) counted; broken ones through `bad`."
+    def __init__(self, source: str = "<questions>", max_bad: float = 0.02,
+                 staging: Path | None = None):  # where images that come inside the files are written
         "`source` names the dataset in the bad-record policy's messages."
-        self.splits, self.skipped, self._seen = {}, Counter(), Counter()
+        self.splits, self.skipped, self.first, self._seen = {}, Counter(), {}, Counter()
         self.bad, self.n_read, self.inputs = BadRecords(str(source), max_share=max_bad), 0, set()
+        self.staging, self.images, self.layout, self._staged = staging, None, "", set()
+
+    def skip(self, reason: str, where: str) -> None:
+        "Count one question left out, remembering where the reason was first seen."
+        self.skipped[reason] += 1; self.first.setdefault(reason, str(where))
 
     def broken(self, reason: str, where: str) -> None:
         "Count one broken record (malformed, not an object, an escaping image path) under the policy."
-        self.skipped[reason] += 1; self.bad.skip(reason, where)
+        self.skip(reason, where); self.bad.skip(reason, where)
 
-    def add(self, split: str, id: str, image: str, *args, **kw) -> None:
-        "Add one record (arguments of `vqa_record` after `id`) to `split`, or count why it was skipped."
+    def stage(self, name: str, data: bytes) -> None:
+        "Write image bytes that came inside the dataset's files to `staging/images/name` (once per name)."
+        if self.staging is None:
+            raise ValueError(f"{self.bad.source}: this layout holds its images: pass `out` to write them")
+        if name in self._staged: return
+        path = self.staging / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True); path.write_bytes(data); self._staged.add(name)
+
+    def add(self, split: str, id: str, image: str, question, answer, answer_type: str,
+            question_type: str | None = None, *,
+            where: str | None = None,  # the row in its file, named in skip reasons (default: the id)
+            image_data: Callable[[], bytes] | None = None,  # the image's bytes, staged as `image`
+            **kw) -> dict | None:
+        "Add one record (the arguments of `vqa_record`) to `split`, or count why it was skipped."
         self._seen[id] += 1
-        if self._seen[id] > 1: self.skipped["repeated id (suffixed)"] += 1; id = f"{id}_{self._seen[id]}"
+        if self._seen[id] > 1: self.skip("repeated id (suffixed)", f"record {id}"); id = f"{id}_{self._seen[id]}"
+        where = f"record {id}" if where is None else f"{where} (id {id})"
         if image:
             try: relative_image_name(image, id)
-            except ImageOutsideRootError:
-                return self.broken("image path outside the images folder", f"record {id}")
-        if any(isinstance(t, str) and len(t) > MAX_TEXT_CHARS for t in args[:2]):
-            return self.broken(f"question or answer longer than {MAX_TEXT_CHARS:,} characters", f"record {id}")
-        try: rec = vqa_record(id, image, *args, **kw)
-        except ValueError as e:
-            self.skipped[re.sub(r"^record \S+: ", "", str(e)).split(" '")[0]] += 1
+            except ImageOutsideRootError: return self.broken("image path outside the images folder", where)
+        if any(isinstance(t, str) and len(t) > MAX_TEXT_CHARS for t in (question, answer)):
+            return self.broken(f"question or answer longer than {MAX_TEXT_CHARS:,} characters", where)
+        try:
+            rec = vqa_record(id, image, question, answer, answer_type, question_type, **kw)
+            if image_data is not None: self.stage(image, image_data())
+        except _Unusable as e:
+            (self.broken if e.broken else self.skip)(e.reason, where)
             if sum(self.skipped.values()) <= 5: log.info(f"{e}; skipped")  # counted in the result
-            return
+            return None
         self.splits.setdefault(split, []).append(rec)
+        return rec
 
     def counts(self) -> dict:
-        "Per split: total records and the OPEN/CLOSED counts."
+        "Per split: total records and the count of each answer type."
         return {k: {"total": len(v), **Counter(r["answer_type"] for r in v)} for k, v in self.splits.items()}
+
+# %% ../nbs/02b_vqa.ipynb #b7a2a863
+HUB_REPOS = {"vqa-rad": ("flaviagiammarino/vqa-rad",), "pathvqa": ("flaviagiammarino/path-vqa",),
+             "slake": ("BoKelvin/SLAKE",), "pmc-vqa": ("xmcmic/PMC-VQA", "RadGenome/PMC-VQA"),
+             "omnimedvqa": ("foreverbeliever/OmniMedVQA",)}  # the hub repositories each dataset is read from
+
+def hub_snapshot(src: str | Path,  # a snapshot folder, a `datasets--ORG--NAME` cache folder, or the cache root
+                 dataset: str | None = None,  # picks the dataset's repository (`HUB_REPOS`) in a cache root
+                ) -> Path:
+    "The snapshot folder a hub cache path stands for (its `refs/main`, or its only snapshot); else `src` itself."
+    src = Path(src)
+    if src.is_dir() and dataset and not (src / "snapshots").is_dir():
+        repos = [src / ("datasets--" + r.replace("/", "--")) for r in HUB_REPOS.get(dataset, ())]
+        src = next((r for r in repos if (r / "snapshots").is_dir()), src)
+    if not src.is_dir() or not (src / "snapshots").is_dir(): return src
+    ref = src / "refs" / "main"
+    rev = ref.read_text().strip() if ref.is_file() else ""
+    if re.fullmatch(r"[0-9a-f]{40}", rev) and (src / "snapshots" / rev).is_dir(): return src / "snapshots" / rev
+    snapshots = sorted(p for p in (src / "snapshots").iterdir() if p.is_dir())
+    if len(snapshots) == 1: return snapshots[0]
+    raise FileNotFoundError(f"{src}: {len(snapshots)} snapshots and no usable refs/main: pass one snapshot "
+                            f"folder as --src ({', '.join(p.name[:12] for p in snapshots[:5]) or 'none'})")
+
+# %% ../nbs/02b_vqa.ipynb #bc206f73
+class ZipImages:
+    "The files of a ZIP archive by name, read safely: no member leaving the archive's folder, no link, bounded sizes."
+    def __init__(self, path: str | Path,  # the ZIP archive
+                 max_member_mb: float = 100.0,  # a member larger than this (unpacked) is refused
+                 max_ratio: float = 100.0,  # a member over 1 MB unpacking to more than this many times its size
+                ):
+        "Index the archive's members; refused ones are kept with the reason in `refused`."
+        import zipfile
+        self.path, self.max_bytes, self.max_ratio = Path(path), int(max_member_mb * 2**20), max_ratio
+        try: self._zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"{path}: not a readable ZIP archive ({type(e).__name__}: {e})") from None
+        self.members, self.refused = {}, {}
+        for info in self._zip.infolist():
+            if info.is_dir(): continue
+            name = info.filename.replace("\\", "/")
+            why = self._refusal(info, name)
+            if why: self.refused[name] = why
+            else: self.members[name] = info
+        names = [*self.members, *self.refused]
+        tops = {n.split("/", 1)[0] for n in names}
+        self.prefix = f"{tops.pop()}/" if len(tops) == 1 and all("/" in n for n in names) else ""  # e.g. 'imgs/'
+
+    def _refusal(self, info, name: str) -> str | None:
+        "Why member `info` must not be read, or None."
+        parts = name.split("/")
+        if name.startswith("/") or ":" in parts[0] or ".." in parts: return "its name leaves the archive's folder"
+        if stat.S_ISLNK(info.external_attr >> 16): return "it is a symbolic link"
+        if info.flag_bits & 0x1: return "it is encrypted"
+        if info.file_size > self.max_bytes: return f"{info.file_size:,} bytes, over the {self.max_bytes:,}-byte limit"
+        if info.file_size > 2**20 and info.file_size > self.max_ratio * max(info.compress_size, 1):
+            return f"it unpacks to {info.file_size / max(info.compress_size, 1):,.0f} times its size"
+        return None
+
+    def find(self, name: str) -> str | None:
+        "The member holding `name` (with or without the archive's one top folder), or None."
+        return next((m for m in (name, self.prefix + name) if m in self.members or m in self.refused), None)
+
+    def read(self, name: str) -> bytes:
+        "The bytes of `name`: `KeyError` when absent, `ValueError` naming the member when refused or damaged."
+        import zipfile
+        member = self.find(name)
+        if member is None: raise KeyError(name)
+        if member in self.refused: raise ValueError(f"{self.path.name}: member {member!r} refused: {self.refused[member]}")
+        info = self.members[member]
+        try:
+            with self._zip.open(info) as f: data = f.read(self.max_bytes + 1)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+            raise ValueError(f"{self.path.name}: member {member!r} is damaged ({type(e).__name__})") from None
+        if len(data) != info.file_size:
+            raise ValueError(f"{self.path.name}: member {member!r} holds {len(data):,} bytes, not the {info.file_size:,} declared")
+        return data
+
+    def close(self) -> None:
+        "Close the archive."
+        self._zip.close()
+
+def _zip_image(archive: ZipImages, name: str) -> Callable[[], bytes]:
+    "A function returning image `name` from `archive`; a missing or refused member is an unusable question."
+    def read() -> bytes:
+        "The image's bytes."
+        try: return archive.read(name)
+        except KeyError: raise _Unusable(f"image not in {archive.path.name}", name) from None
+        except ValueError as e: raise _Unusable("image member refused or damaged", name, str(e), broken=True) from None
+    return read
+
+# %% ../nbs/02b_vqa.ipynb #e6b71ac4
+_SPLIT_STEMS = {"train": ("train",), "val": ("validation", "validate", "val"), "test": ("test",)}
+
+def _split_of(name: str) -> str | None:
+    "The split a release file's name starts with ('validation-00000-of-00001.parquet' -> 'val'), or None."
+    stem = re.split(r"[-_.]", name, maxsplit=1)[0].lower()
+    return next((split for split, stems in _SPLIT_STEMS.items() if stem in stems), None)
+
+def _parquet_files(src: Path) -> dict[str, list[Path]]:
+    "The parquet files of each split under `src` (or `src` itself), by the split their names start with."
+    files, by_split = ([src] if src.is_file() else sorted(src.rglob("*.parquet"))), {}
+    for f in files:
+        if split := _split_of(f.name): by_split.setdefault(split, []).append(f)
+    if not by_split:
+        raise FileNotFoundError(f"no train-, validation- or test-*.parquet file under {src}" if src.is_dir() else
+                                f"{src}: cannot tell its split from its name (train-, validation- or test-...)")
+    return {split: by_split[split] for split in _SPLIT_STEMS if split in by_split}
+
+def _check_parquet(path: Path) -> None:
+    "Refuse a parquet file without the hub's `image` {bytes, path}, `question` and `answer` columns, naming it."
+    import pyarrow as pa, pyarrow.parquet as pq
+    try: schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow has its own error types for a damaged file
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+    if missing := [c for c in ("image", "question", "answer") if c not in schema.names]:
+        raise ValueError(f"{path}: no {' or '.join(map(repr, missing))} column (it has "
+                         f"{', '.join(n[:40] for n in schema.names[:20]) or 'none'}); the hub files have "
+                         "image {bytes, path}, question, answer")
+    kind = schema.field("image").type
+    if not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0):
+        raise ValueError(f"{path}: column 'image' holds {kind}, not the {{bytes, path}} struct of the hub files "
+                         "(image paths instead of the images?)")
+
+def _parquet_questions(src: Path, prefix: str, collected: _Collector) -> _Collector:
+    "Add the hub parquet files' questions (ids `{prefix}_{split}_{row}`, yes/no CLOSED), staging their images."
+    from llavamed.pmc import sniff_ext
+    for split, files in _parquet_files(src).items():
+        for f in files: _check_parquet(f)
+        collected.inputs.update(f.resolve() for f in files)
+        n = 0
+        for f in files:
+            for row_no, row in iter_records(f):
+                collected.n_read += 1
+                if isinstance(row, RecordError): collected.broken("unreadable parquet file", f.name); continue
+                id, where = f"{prefix}_{split}_{n}", f"{f.name}:row {row_no}"; n += 1
+                image = row.get("image")
+                data = image.get("bytes") if isinstance(image, dict) else None
+                if not data:
+                    has_path = isinstance(image, dict) and image.get("path")
+                    collected.broken("image holds a path, not the image bytes" if has_path else "no image bytes",
+                                     f"{where} (id {id})"); continue
+                ext = sniff_ext(data)
+                if ext is None: collected.broken("image bytes in no known image format", f"{where} (id {id})"); continue
+                name = f"{split}/{hashlib.sha256(data).hexdigest()[:16]}.{ext}"  # one file per distinct image
+                answer = row.get("answer")
+                collected.add(split, id, name, row.get("question"), answer, "CLOSED" if is_yes_no(answer) else "OPEN",
+                              where=where, image_data=lambda data=data: data)
+    collected.layout, collected.images = "hub parquet (image bytes)", "images"
+    return collected
 
 # %% ../nbs/02b_vqa.ipynb #14b7e634
 def _find(src: Path, names: tuple[str, ...], what: str) -> Path:
@@ -105,15 +311,30 @@ def _question_rows(path: Path, collected: _Collector) -> Iterator[tuple[int, dic
         elif not isinstance(row, dict): collected.broken("not a question object", f"{path.name}:{line}")
         else: yield i, row
 
-def load_vqa_rad(src: str | Path,  # the VQA-RAD JSON file, or a folder holding it
+def _is_parquet_release(src: Path, official: str) -> bool:
+    "Whether `src` is a parquet file, or a folder with parquet files and no file of the `official` release."
+    if src.is_file(): return src.suffix == ".parquet"
+    return next(src.rglob("*.parquet"), None) is not None and next(src.rglob(official), None) is None
+
+def load_vqa_rad(src: str | Path,  # the VQA-RAD JSON file or its folder, or the hub's parquet files or folder
                  variant: str = "official",  # 'official', 'freeform' or 'yesno' (see above)
                  max_bad: float = 0.02,  # stop when more than this share of the records are broken
+                 out: str | Path | None = None,  # where to write the images of the hub's parquet files
                 ) -> _Collector:
-    "Read the public VQA-RAD JSON into train/test records (ids `vqa-rad_{qid}`)."
+    "Read the public VQA-RAD JSON (ids `vqa-rad_{qid}`) or the hub's parquet (ids `vqa-rad_{split}_{row}`)."
     if variant not in VQA_RAD_VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {VQA_RAD_VARIANTS}")
-    path = _find(Path(src), ("VQA_RAD Dataset Public.json", "*.json"), "VQA-RAD JSON")
+    src = Path(src)
+    if _is_parquet_release(src, "VQA_RAD Dataset Public.json"):
+        if variant == "freeform":
+            raise ValueError(f"{src}: the hub's parquet files have no phrase_type, so no 'freeform' variant: "
+                             "use the official JSON")
+        if out is None: raise ValueError(f"{src}: the parquet files hold the images: pass `out` to write them")
+        return _parquet_questions(src, "vqa-rad", _Collector(src, max_bad, Path(out)))
+    path = _find(src, ("VQA_RAD Dataset Public.json", "*.json"), "VQA-RAD JSON")
     collected = _Collector(path, max_bad)
+    collected.layout = "official JSON"
+    if (path.parent / "VQA_RAD Image Folder").is_dir(): collected.images = str(path.parent / "VQA_RAD Image Folder")
     for i, row in _question_rows(path, collected):
         phrase = str(row.get("phrase_type", "")).strip().lower()
         split = "test" if phrase.startswith("test") else "train"
@@ -128,23 +349,42 @@ def load_vqa_rad(src: str | Path,  # the VQA-RAD JSON file, or a folder holding 
     return collected
 
 # %% ../nbs/02b_vqa.ipynb #f641c119
-SLAKE_SPLITS = {"train": "train.json", "val": "validate.json", "test": "test.json"}
+SLAKE_SPLITS = {"train": ("train.json",), "val": ("validate.json", "validation.json"), "test": ("test.json",)}
 
-def load_slake(src: str | Path,  # the SLAKE folder holding train.json, validate.json, test.json
+def _slake_images(folder: Path, collected: _Collector) -> ZipImages | None:
+    "SLAKE's images: the `imgs/` folder beside the JSON files (kept where it is), or `imgs.zip` (read safely)."
+    if (folder / "imgs").is_dir(): collected.images = str(folder / "imgs"); return None
+    if not (folder / "imgs.zip").is_file(): return None
+    if collected.staging is None: raise ValueError(f"{folder}: the images are in imgs.zip: pass `out` to write them")
+    collected.images = "images"
+    return ZipImages(folder / "imgs.zip")
+
+def load_slake(src: str | Path,  # the SLAKE folder (train, validate or validation, test .json), or one of them
                lang: str = "en",  # 'en', 'zh' or 'all'
                max_bad: float = 0.02,  # stop when more than this share of the records are broken
+               out: str | Path | None = None,  # where to write the images of `imgs.zip`
               ) -> _Collector:
-    "Read SLAKE 1.0's three JSON splits into records (ids `slake_{qid}`)."
+    "Read SLAKE 1.0's JSON splits (the release or the hub's copy) into records (ids `slake_{qid}`)."
     if lang not in ("en", "zh", "all"): raise ValueError(f"lang {lang!r}: expected 'en', 'zh' or 'all'")
     src = Path(src)
-    collected = _Collector(src, max_bad)
-    for split, name in SLAKE_SPLITS.items():
-        for i, row in _question_rows(_find(src, (name,), f"SLAKE {name}"), collected):
-            if lang != "all" and row.get("q_lang") != lang: continue
-            collected.add(split, f"slake_{row.get('qid', f'{split}{i}')}", row.get("img_name", ""),
-                          row.get("question", ""), row.get("answer", ""), row.get("answer_type", ""),
-                          row.get("content_type"), modality=row.get("modality"), location=row.get("location"),
-                          base_type=row.get("base_type"), q_lang=row.get("q_lang"))
+    collected = _Collector(src, max_bad, None if out is None else Path(out))
+    if src.is_file(): files = {_split_of(src.name) or "test": src}
+    else: files = {split: _find(src, names, f"SLAKE {' or '.join(names)}") for split, names in SLAKE_SPLITS.items()}
+    archive = _slake_images(files.get("test", next(iter(files.values()))).parent, collected)
+    collected.layout = "JSON" + (" + imgs.zip" if archive else " + imgs/" if collected.images else "")
+    try:
+        for split, path in files.items():
+            for i, row in _question_rows(path, collected):
+                if lang != "all" and row.get("q_lang") != lang: continue
+                image = row.get("img_name", "")
+                collected.add(split, f"slake_{row.get('qid', f'{split}{i}')}", image, row.get("question", ""),
+                              row.get("answer", ""), row.get("answer_type", ""), row.get("content_type"),
+                              where=f"{path.name} record {i}",
+                              image_data=_zip_image(archive, image) if archive and image else None,
+                              modality=row.get("modality"), location=row.get("location"),
+                              base_type=row.get("base_type"), q_lang=row.get("q_lang"))
+    finally:
+        if archive: archive.close()
     return collected
 
 # %% ../nbs/02b_vqa.ipynb #5d4d40cb
@@ -181,15 +421,18 @@ def _pathvqa_rows(src: Path, split: str) -> list[dict]:
         raise ValueError(f"{path}: expected a list of records, got {type(rows).__name__}")
     return rows
 
-def load_pathvqa(src: str | Path,  # the PathVQA folder (qas/{split}/{split}_qa.pkl), or the parquet release
-                 out: str | Path | None = None,  # where to write images from the parquet release
+def load_pathvqa(src: str | Path,  # the PathVQA folder (qas/{split}/{split}_qa.pkl), or the hub's parquet files
+                 out: str | Path | None = None,  # where to write the images of the parquet files
                  max_bad: float = 0.02,  # stop when more than this share of the records are broken
                 ) -> _Collector:
-    "Read PathVQA's split pickles (safely) or its parquet release into records (ids `pathvqa_{split}_{i}`)."
+    "Read PathVQA's split pickles (safely) or the hub's parquet files into records (ids `pathvqa_{split}_{i}`)."
     src = Path(src)
+    if _is_parquet_release(src, "*.pkl"):
+        if out is None: raise ValueError(f"{src}: the parquet files hold the images: pass `out` to write them")
+        return _parquet_questions(src, "pathvqa", _Collector(src, max_bad, Path(out)))
     collected = _Collector(src, max_bad)
-    if not list(src.rglob("*.pkl")) and list(src.rglob("*.parquet")):
-        return _load_pathvqa_parquet(src, out, collected)
+    collected.layout = "official pickles"
+    if (src / "images").is_dir(): collected.images = str(src / "images")
     for split in PATHVQA_SPLITS:
         for i, row in enumerate(_pathvqa_rows(src, split)):
             collected.n_read += 1
@@ -200,52 +443,149 @@ def load_pathvqa(src: str | Path,  # the PathVQA folder (qas/{split}/{split}_qa.
                           answer, "CLOSED" if is_yes_no(answer) else "OPEN")
     return collected
 
-# %% ../nbs/02b_vqa.ipynb #5c398d81
-_PARQUET_STEMS = {"train": "train", "val": "validation", "test": "test"}  # split: file-name stem of the release
+# %% ../nbs/02b_vqa.ipynb #a1d56cb6
+PMC_VQA_VERSIONS = {"2": ({"train": "train_2.csv", "test": "test_2.csv"}, ("figures", "images"), "images_2.zip"),
+                    "1": ({"train": "train.csv", "test": "test.csv"}, ("images", "figures"), "images.zip"),
+                    "1-clean": ({"train": "train.csv", "test": "test_clean.csv"}, ("images", "figures"), "images.zip")}
+PMC_VQA_COLUMNS = ("Figure_path", "Question", "Answer", "Choice A", "Choice B")  # every release has these
+_QUOTES = string.whitespace + "'\"\xa0\u200a"  # stray quotes and spaces around the cells of the released CSVs
 
-def _load_pathvqa_parquet(src: Path, out, collected: _Collector) -> _Collector:
-    "The parquet release: files named {split}-*.parquet with image {bytes, path}, question, answer."
-    if out is None: raise ValueError("the PathVQA parquet release holds its images: pass `out` to write them")
-    from llavamed.pmc import sniff_ext
-    for split, stem in _PARQUET_STEMS.items():
-        files = sorted(src.rglob(f"{stem}-*.parquet")) or sorted(src.rglob(f"{split}-*.parquet"))
-        collected.inputs.update(f.resolve() for f in files)
-        rows = (row for f in files for _, row in iter_records(f))
-        for i, row in enumerate(rows):
+def _csv_rows(path: Path, required: tuple[str, ...], collected: _Collector) -> Iterator[tuple[int, dict]]:
+    "`(line, row)` for each row of a CSV file; a header missing a `required` column is an error naming it."
+    collected.inputs.add(path.resolve())
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try: header = [h.strip() for h in next(reader, [])]
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: unreadable CSV header ({type(e).__name__})") from None
+        if missing := [c for c in required if c not in header]:
+            hints = [f"{c!r}" + (f" (is {close[0]!r} it, misspelt?)" if (close := difflib.get_close_matches(
+                     c, header, 1, 0.6)) else "") for c in missing]
+            raise ValueError(f"{path}: no column {', '.join(hints)}; the header is "
+                             f"{', '.join(h[:40] for h in header[:20]) or 'empty'}")
+        while True:
+            try: cells = next(reader)
+            except StopIteration: return
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text after line {reader.line_num}") from None
+            except csv.Error:  # an over-long field, a NUL byte: the row is lost, the reader goes on
+                collected.n_read += 1; collected.broken("malformed CSV row", f"{path.name}:line {reader.line_num}")
+                continue
+            if not cells: continue  # a blank line
             collected.n_read += 1
-            if isinstance(row, RecordError):
-                collected.broken("malformed record", f"{Path(row.path).name}:{row.line}"); continue
-            if not isinstance(row, dict): collected.broken("not a record", f"{split} record {i}"); continue
-            image_field, answer = row.get("image"), row.get("answer", "")
-            data = image_field.get("bytes") if isinstance(image_field, dict) else None
-            image = f"{split}/pathvqa_{split}_{i}.{sniff_ext(data or b'') or 'jpg'}"
-            if data:
-                (Path(out) / "images" / split).mkdir(parents=True, exist_ok=True)
-                (Path(out) / "images" / image).write_bytes(data)
-            collected.add(split, f"pathvqa_{split}_{i}", image if data else "", row.get("question", ""), answer,
-                          "CLOSED" if is_yes_no(answer) else "OPEN")
+            if len(cells) != len(header):
+                collected.broken("a row with more or fewer cells than the header", f"{path.name}:line {reader.line_num}")
+            else: yield reader.line_num, dict(zip(header, cells))
+
+def _pmc_options(row: dict) -> list[str]:
+    "The option texts of a PMC-VQA row in order, without their 'A:' prefixes; empty trailing options dropped."
+    options = []
+    for letter in LETTERS:
+        if (cell := row.get(f"Choice {letter}")) is None: break
+        text = cell.strip(_QUOTES)
+        prefix = re.match(rf"{letter}\s*[:.]\s*", text)
+        options.append(text[prefix.end():].strip(_QUOTES) if prefix else text)
+    while options and not options[-1]: options.pop()
+    return options
+
+def _pmc_answer(row: dict) -> tuple[str, str | None]:
+    "The answer text and letter of a PMC-VQA row: `Answer_label` (v1) or a letter in `Answer` (v2)."
+    answer = row["Answer"].strip(_QUOTES)
+    if "Answer_label" in row and row["Answer_label"].strip(_QUOTES): return answer, row["Answer_label"].strip(_QUOTES)
+    if m := re.fullmatch(r"([A-Z])(\s*[:.].*)?", answer, re.S): return answer, m[1]
+    return answer, None
+
+def load_pmc_vqa(src: str | Path,  # the PMC-VQA folder (CSV files, images folder or ZIP), or one CSV file
+                 version: str = "2",  # '2' (*_2.csv), '1' (train.csv, test.csv) or '1-clean' (test_clean.csv)
+                 max_bad: float = 0.02,  # stop when more than this share of the records are broken
+                 out: str | Path | None = None,  # where to write the images of a ZIP archive
+                ) -> _Collector:
+    "Read PMC-VQA's CSV files into CHOICE records (ids `pmc-vqa_{split}_{index}`), images from a folder or ZIP."
+    if version not in PMC_VQA_VERSIONS: raise ValueError(f"version {version!r}: expected one of {tuple(PMC_VQA_VERSIONS)}")
+    src, (names, folders, zip_name) = Path(src), PMC_VQA_VERSIONS[version]
+    collected = _Collector(src, max_bad, None if out is None else Path(out))
+    if src.is_file(): files = {_split_of(src.name) or "test": src}
+    else:
+        files = {split: hits[0] for split, name in names.items() if (hits := sorted(src.rglob(name)))}
+        if "test" not in files: raise FileNotFoundError(f"no PMC-VQA {names['test']} under {src} (version {version})")
+    folder, archive = files["test" if "test" in files else next(iter(files))].parent, None
+    if img_dir := next((folder / d for d in folders if (folder / d).is_dir()), None): collected.images = str(img_dir)
+    elif (zip_path := folder / zip_name).is_file():
+        if collected.staging is None: raise ValueError(f"{zip_path}: the images are in a ZIP: pass `out` to write them")
+        archive, collected.images = ZipImages(zip_path), "images"
+    collected.layout = f"CSV v{version}" + (f" + {zip_name}" if archive else f" + {img_dir.name}/" if img_dir else "")
+    try:
+        for split, path in files.items():
+            for line, row in _csv_rows(path, PMC_VQA_COLUMNS, collected):
+                image, (answer, label) = row["Figure_path"].strip(_QUOTES), _pmc_answer(row)
+                id, where = f"pmc-vqa_{split}_{row.get('index', '').strip() or line}", f"{path.name}:line {line}"
+                if not image: collected.skip("no Figure_path", f"{where} (id {id})"); continue
+                collected.add(split, id, image, row["Question"].strip(_QUOTES), answer, "CHOICE", where=where,
+                              options=_pmc_options(row), answer_label=label, caption=row.get("Caption", "").strip(),
+                              image_data=_zip_image(archive, image) if archive else None)
+    finally:
+        if archive: archive.close()
+    return collected
+
+# %% ../nbs/02b_vqa.ipynb #e5bc89c6
+def _omni_files(src: Path) -> tuple[list[Path], Path]:
+    "OmniMedVQA's open-access JSON files and the folder their `image_path`s are relative to."
+    if src.is_file(): qa = src.parent; files = [src]
+    else:
+        qa = next((d for d in (src / "QA_information" / "Open-access", src / "Open-access", src)
+                   if d.is_dir() and next(d.glob("*.json"), None)), None) or next(src.rglob("Open-access"), None)
+        files = sorted(qa.glob("*.json")) if qa else []
+        if not files: raise FileNotFoundError(f"no OmniMedVQA QA_information/Open-access/*.json under {src}")
+    root = qa.parent.parent if qa.name == "Open-access" and qa.parent.name == "QA_information" else qa
+    return files, root
+
+def load_omnimedvqa(src: str | Path,  # the OmniMedVQA folder (QA_information/, Images/), or one of its JSON files
+                    max_bad: float = 0.02,  # stop when more than this share of the records are broken
+                   ) -> _Collector:
+    "Read OmniMedVQA's open-access JSON into one test split of CHOICE records (ids `omnimedvqa_{question_id}`)."
+    files, root = _omni_files(Path(src))
+    collected = _Collector(src, max_bad)
+    collected.layout, collected.images = "open-access JSON", str(root)
+    for path in files:
+        for i, row in _question_rows(path, collected):
+            options = []
+            for letter in LETTERS:
+                if row.get(f"option_{letter}") is None: break
+                options.append(row[f"option_{letter}"])
+            collected.add("test", f"omnimedvqa_{row.get('question_id', f'{path.stem}_{i}')}", row.get("image_path", ""),
+                          row.get("question"), row.get("gt_answer"), "CHOICE", row.get("question_type"),
+                          where=f"{path.name} record {i}", options=options,
+                          modality=row.get("modality_type", row.get("modality")), dataset=row.get("dataset"))
     return collected
 
 # %% ../nbs/02b_vqa.ipynb #402db44c
 @dataclass
 class ConversionResult(Result):
-    "What `convert_vqa` wrote: questions per split with their OPEN/CLOSED counts, and the skips by reason."
-    dataset: str  # 'vqa-rad', 'slake' or 'pathvqa'
-    option: str | None  # the VQA-RAD variant or the SLAKE language (None for PathVQA)
+    "What `convert_vqa` wrote: questions per split with their counts per answer type, and the skips by reason."
+    dataset: str  # one of `DATASETS`
+    option: str | None  # the VQA-RAD variant, the SLAKE language or the PMC-VQA version (None otherwise)
     out: str  # the folder holding {split}.json
-    splits: dict[str, dict[str, int]]  # split: {'total': n, 'OPEN': n, 'CLOSED': n}
+    splits: dict[str, dict[str, int]]  # split: {'total': n, 'OPEN': n, 'CLOSED': n, 'CHOICE': n} (types present)
     skipped: dict[str, int] = field(default_factory=dict)  # questions left out, by reason
+    first_skipped: dict[str, str] = field(default_factory=dict)  # reason: the first row or record it left out
+    layout: str = ""  # the input layout read, e.g. 'hub parquet (image bytes)' or 'CSV v2 + images_2.zip'
+    images: str | None = None  # the folder the records' `image` paths are relative to (None: not found)
 
     def __str__(self) -> str:
-        "'DATASET (OPTION) SPLIT: N questions (N open, N closed)' per split, then the skips."
+        "'DATASET (OPTION) SPLIT: N questions (N open, N closed[, N choice])' per split, then skips and layout."
         label = self.dataset + (f" ({self.option})" if self.option else "")
-        lines = [f"{label} {split}: {n['total']} questions ({n.get('OPEN', 0)} open, {n.get('CLOSED', 0)} closed)"
-                 for split, n in self.splits.items()]
+        def kinds(n): return f"{n.get('OPEN', 0)} open, {n.get('CLOSED', 0)} closed" + (
+            f", {n['CHOICE']} choice" if n.get("CHOICE") else "")
+        lines = [f"{label} {split}: {n['total']} questions ({kinds(n)})" for split, n in self.splits.items()]
         if self.skipped:
-            lines.append(f"{label} skipped: " + ", ".join(f"{k} {v}" for k, v in self.skipped.items()))
+            lines.append(f"{label} skipped: " + ", ".join(
+                f"{k} {v}" + (f" (first: {self.first_skipped[k]})" if k in self.first_skipped else "")
+                for k, v in self.skipped.items()))
+        if self.layout: lines.append(f"{label} read as {self.layout}; images: {self.images or 'not found'}")
         return "\n".join(lines)
 
-_SPLITS = {"vqa-rad": ("train", "test"), "slake": tuple(SLAKE_SPLITS), "pathvqa": PATHVQA_SPLITS}
+_SPLITS = {"vqa-rad": ("train", "test"), "slake": tuple(SLAKE_SPLITS), "pathvqa": PATHVQA_SPLITS,
+           "pmc-vqa": ("train", "test"), "omnimedvqa": ("test",)}
 
 def _write_splits(out: Path, splits: dict[str, list], known: tuple[str, ...], inputs: set[Path]) -> None:
     "Write every `{split}.json` as one set: all to temporary names, then renamed; stale splits removed."
@@ -262,11 +602,21 @@ def _write_splits(out: Path, splits: dict[str, list], known: tuple[str, ...], in
     for split in set(known) - set(splits):  # a split the new conversion has none of: no stale file beside it
         targets[split].unlink(missing_ok=True)
 
-def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake' or 'pathvqa'; required
-                src: str = None,  # the dataset's folder (or VQA-RAD's JSON file); required
-                out: str = None,  # folder for {split}.json; required
+def _load(dataset: str, src: Path, staging: Path, variant: str, lang: str, version: str,
+          max_bad: float) -> tuple[_Collector, str | None]:
+    "The records of `dataset` read from `src`, and the option that chose them."
+    if dataset == "vqa-rad": return load_vqa_rad(src, variant, max_bad, staging), variant
+    if dataset == "slake": return load_slake(src, lang, max_bad, staging), lang
+    if dataset == "pathvqa": return load_pathvqa(src, staging, max_bad), None
+    if dataset == "pmc-vqa": return load_pmc_vqa(src, version, max_bad, staging), version
+    return load_omnimedvqa(src, max_bad), None
+
+def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake', 'pathvqa', 'pmc-vqa' or 'omnimedvqa'; required
+                src: str = None,  # the download: a folder, a hub snapshot or cache folder, or the files; required
+                out: str = None,  # folder for {split}.json (and images/ when the images come inside files); required
                 variant: str = "official",  # VQA-RAD split variant: 'official', 'freeform' or 'yesno'
                 lang: str = "en",  # SLAKE question language: 'en', 'zh' or 'all'
+                version: str = "2",  # PMC-VQA release: '2' (*_2.csv), '1' (train.csv, test.csv) or '1-clean'
                 max_bad: float = 0.02,  # stop when more than this share of the records are broken (malformed)
                ) -> ConversionResult:
     "Convert a public medical VQA set into LLaVA VQA records, one JSON file per split; the result counts them."
@@ -275,11 +625,9 @@ def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake' or 'pathvqa'; require
     if dataset not in DATASETS: raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
     if not Path(src).exists(): raise FileNotFoundError(f"src {src} does not exist")
     out, had_out = Path(out), Path(out).exists()
-    staging = out / ".incoming"  # the parquet release's images: moved into `out` only with the splits
+    staging = out / ".incoming"  # images that come inside the files: moved into `out` only with the splits
     try:
-        if dataset == "vqa-rad": collected, option = load_vqa_rad(src, variant, max_bad), variant
-        elif dataset == "slake": collected, option = load_slake(src, lang, max_bad), lang
-        else: collected, option = load_pathvqa(src, staging, max_bad), None
+        collected, option = _load(dataset, hub_snapshot(src, dataset), staging, variant, lang, version, max_bad)
         collected.bad.check(collected.n_read)
         if not collected.splits:
             why = ", ".join(f"{k} {v:,}" for k, v in collected.skipped.items()) or "it holds none"
@@ -293,7 +641,10 @@ def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake' or 'pathvqa'; require
             shutil.rmtree(out, ignore_errors=True)  # a folder this failed run made: gone with it
         raise
     finally: shutil.rmtree(staging, ignore_errors=True)
-    return ConversionResult(dataset, option, str(out), collected.counts(), dict(collected.skipped))
+    images = str(out / "images") if collected.images == "images" else collected.images
+    return ConversionResult(dataset, option, str(out), collected.counts(), dict(collected.skipped),
+                            {k: v for k, v in collected.first.items() if k in collected.skipped}, collected.layout,
+                            images)
 
 # %% ../nbs/02b_vqa.ipynb #44897241
 def _bits(a) -> int:
@@ -325,11 +676,15 @@ def phash(im, size: int = 8, scale: int = 4) -> int:
     return _bits(low > np.median(low.ravel()[1:]))
 
 # %% ../nbs/02b_vqa.ipynb #fab10876
-def image_fingerprint(path: str | Path, flat_std: float = 2.0) -> dict:
-    "SHA-256 of a file's bytes and its dHash/pHash; `flat` when the grey image's std is below `flat_std`."
+def image_fingerprint(path: str | Path | bytes,  # an image file, or an image's bytes (held in a parquet file)
+                      flat_std: float = 2.0,  # a grey image with a smaller standard deviation is `flat`
+                     ) -> dict:
+    "SHA-256 of the image's bytes and its dHash/pHash; `flat` when the grey image's std is below `flat_std`."
     import numpy as np
     im = load_image(path)  # any format the trainer reads, refused above the pixel limit before decoding
-    with open(path, "rb") as f: sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    if isinstance(path, (bytes, bytearray)): sha256 = hashlib.sha256(path).hexdigest()
+    else:
+        with open(path, "rb") as f: sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     flat = float(np.asarray(im.convert("L").resize((64, 64)), dtype=np.float32).std()) < flat_std
     return {"sha256": sha256, "dhash": dhash(im), "phash": phash(im), "flat": flat}
 
@@ -341,30 +696,43 @@ def _hamming(a, b):
     if hasattr(np, "bitwise_count"): return np.bitwise_count(x)
     return np.unpackbits(x[..., None].view(np.uint8), axis=-1).sum(-1)
 
-def _record_images(path: str | Path, folder: Path, max_bad: float = 0.02) -> tuple[list[str | None], dict]:
-    "Each record's `image` (None: none or skipped) and {image: real path}; broken records under `BadRecords`."
-    images, paths, bad = [], {}, BadRecords(str(path), max_share=max_bad)
+def _record_images(path: str | Path, folder: Path, max_bad: float = 0.02) -> tuple[list[str | None], dict, dict]:
+    "Each record's image name (None: skipped), {name: real path}, {name: fingerprint or why not} of images in the file."
+    images, paths, inside, by_digest = [], {}, {}, {}
+    bad = BadRecords(str(path), max_share=max_bad)
     for i, (line, row) in enumerate(iter_records(path)):
         name = row.get("image") if isinstance(row, dict) else None
         if isinstance(row, RecordError): bad.skip("malformed record", f"line {row.line}")
         elif not isinstance(row, dict): bad.skip("not a LLaVA record", f"line {line}")
+        elif isinstance(name, dict):  # the image itself: named by its first row, one fingerprint per distinct image
+            data = name.get("bytes")
+            if not data: bad.skip("image without bytes", f"line {line}"); name = None
+            else:
+                name = by_digest.setdefault(hashlib.sha256(data).hexdigest(), f"{Path(path).name}:row {line}")
+                if name not in inside:
+                    try: inside[name] = image_fingerprint(bytes(data))
+                    except Exception as e: inside[name] = f"{type(e).__name__}: {e}"  # reported, not fatal
+        elif name is not None and not isinstance(name, str):
+            bad.skip("image is neither a path nor image bytes", f"record {row.get('id', i)}"); name = None
         elif name and name not in paths:
             try: paths[name] = resolve_image(folder, name, record=row.get("id", i))
             except ImageOutsideRootError:
                 bad.skip("image path outside the images folder", f"record {row.get('id', i)}")
-        images.append(name if name in paths else None)
+        images.append(name if name in paths or name in inside else None)
     bad.check(len(images))
     if not images: raise ValueError(f"{path}: the file holds no records")
-    return images, paths
+    return images, paths, inside
+
 
 # %% ../nbs/02b_vqa.ipynb #78f6a9db
-def _fingerprints(paths: dict, what: str, quiet: bool) -> tuple[dict, dict]:
-    "Fingerprints of the images `paths` ({name: real path}), and why each unreadable one could not be read."
+def _fingerprints(paths: dict, inside: dict, what: str, quiet: bool) -> tuple[dict, dict]:
+    "Fingerprints of the images `paths` ({name: real path}) and `inside` the file, and why unreadable ones failed."
     from tqdm.auto import tqdm
     fps, bad = {}, {}
     for n in tqdm(sorted(paths), desc=f"hashing {what}", unit="img", disable=quiet):
         try: fps[n] = image_fingerprint(paths[n])
         except Exception as e: bad[n] = f"{type(e).__name__}: {e}"  # missing or undecodable: reported, not fatal
+    for n, f in inside.items(): (fps if isinstance(f, dict) else bad)[n] = f
     return fps, bad
 
 def _near_duplicates(train: dict, test: dict, skip: set, threshold: int) -> list[dict]:
@@ -409,7 +777,7 @@ class LeakageReport(Result):
                 f"{self.test_records_affected} of {self.test_records} test records affected; "
                 f"{n_bad} unreadable, {self.flat_images} flat images matched exactly only")
 
-def check_leakage(train: str = None,  # training records (LLaVA JSON array or JSONL); required
+def check_leakage(train: str = None,  # training records (LLaVA JSON, JSONL or parquet, or the hub's parquet); required
                   test: str = None,  # test records, e.g. a converted VQA test split; required
                   images: str = None,  # folder the `image` fields of both files are relative to
                   train_images: str = None,  # folder for the training images, when it differs from `images`
@@ -423,9 +791,9 @@ def check_leakage(train: str = None,  # training records (LLaVA JSON array or JS
     train_dir, test_dir = (Path(d or images or ".") for d in (train_images, test_images))
     if out and Path(out).resolve() in (Path(train).resolve(), Path(test).resolve()):
         raise ValueError(f"--out {out} is one of the input files: write the report elsewhere")
-    test_record_images, test_paths = _record_images(test, test_dir)
-    train_fps, train_bad = _fingerprints(_record_images(train, train_dir)[1], "train", quiet)
-    test_fps, test_bad = _fingerprints(test_paths, "test", quiet)
+    test_record_images, test_paths, test_inside = _record_images(test, test_dir)
+    train_fps, train_bad = _fingerprints(*_record_images(train, train_dir)[1:], "train", quiet)
+    test_fps, test_bad = _fingerprints(test_paths, test_inside, "test", quiet)
     by_sha: dict[str, list[str]] = {}
     for n, f in train_fps.items(): by_sha.setdefault(f["sha256"], []).append(n)
     exact = [{"test_image": n, "train_images": by_sha[f["sha256"]], "sha256": f["sha256"]}
