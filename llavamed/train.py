@@ -7,7 +7,7 @@ Docs: https://llavamed.github.io/llavamed/train.html.md"""
 # %% ../nbs/06_train.ipynb #f49a4256
 from __future__ import annotations
 import dataclasses, json, os, random, time, types, typing
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from .core import (IMAGE_TOKEN, IGNORE_INDEX, RecordError, Result, Sample, fmt_num, iter_samples, read_json,
@@ -17,10 +17,12 @@ from .images import (ImageError, ImageOutsideRootError, ImageTooLargeError, load
 from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, save_model
 
 # %% auto #0
-__all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'RECIPES', 'StageConfig', 'deepspeed_config', 'RunConfig',
-           'Recipe', 'recipe_yaml', 'resolve_template', 'image_token_count', 'tokenize_sample', 'load_records',
-           'DroppedError', 'SupervisedDataset', 'Collator', 'grouped_order', 'GroupedSampler', 'padding_share',
-           'part_of', 'set_trainable', 'add_lora', 'last_checkpoint', 'TrainResult', 'train', 'merge_lora']
+__all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'RECIPES', 'CACHE_VERSION', 'StageConfig',
+           'deepspeed_config', 'RunConfig', 'Recipe', 'recipe_yaml', 'resolve_template', 'image_token_count',
+           'TemplateError', 'tokenize_sample', 'cache_root', 'cache_key', 'TokenCache', 'build_token_cache',
+           'open_token_cache', 'load_records', 'DroppedError', 'SupervisedDataset', 'Collator', 'grouped_order',
+           'GroupedSampler', 'padding_share', 'part_of', 'set_trainable', 'add_lora', 'last_checkpoint', 'TrainResult',
+           'train', 'merge_lora']
 
 # %% ../nbs/06_train.ipynb #61bcdf9c
 log = get_logger("llavamed.train")
@@ -180,6 +182,7 @@ class RunConfig:
     save_total_limit: int = 2  # checkpoints kept
     logging_steps: int = 1  # log the loss every N optimiser steps
     num_workers: int = 2  # data-loader worker processes
+    tokenize_workers: int = 0  # processes tokenising a data file not yet cached (0: one per core over 4 MB)
     quiet: bool = False  # no progress bar or loss lines on the terminal (`log_history.jsonl` is written anyway)
 
     def __post_init__(self):
@@ -190,8 +193,8 @@ class RunConfig:
         for k in ("save_steps", "save_total_limit", "logging_steps", "max_steps"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ValueError(f"RunConfig.{k}: must be a positive integer, got {getattr(self, k)}")
-        if self.num_workers < 0:
-            raise ValueError(f"RunConfig.num_workers: must be >= 0, got {self.num_workers}")
+        for k in ("num_workers", "tokenize_workers"):
+            if getattr(self, k) < 0: raise ValueError(f"RunConfig.{k}: must be >= 0, got {getattr(self, k)}")
         ds = self.deepspeed
         if ds is not None and ds not in DEEPSPEED_CONFIGS and not Path(ds).is_file():
             raise ValueError(f"RunConfig.deepspeed: {ds!r} is neither one of {sorted(DEEPSPEED_CONFIGS)} "
@@ -269,23 +272,94 @@ def image_token_count(processor) -> int:
     return sum(1 for i in out["input_ids"][0] if i == processor.image_token_id)
 
 # %% ../nbs/06_train.ipynb #38957305
+class TemplateError(ValueError):
+    "A chat template whose replies cannot be located in what it renders."
+
+def _render_replies(tok, msgs: list[dict], template: str) -> list[tuple[int, str, tuple[int, int]]]:
+    "`(n_messages, text, reply span)` up to each assistant reply: the render before it and with it, any template."
+    def render(part, gen):
+        return tok.apply_chat_template(part, chat_template=template, tokenize=False, add_generation_prompt=gen)
+    out = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant": continue
+        before, upto = render(msgs[:i], True), render(msgs[:i + 1], False)
+        if not upto.startswith(before) or (out and not before.startswith(out[-1][1])):
+            raise TemplateError(f"chat template: the conversation rendered up to reply {len(out) + 1} does not "
+                                f"start with the text rendered before it, so its replies cannot be located")
+        said = "".join(c.get("text", "") for c in m["content"]) if isinstance(m["content"], list) else m["content"]
+        if said.strip() not in upto[len(before):]:
+            raise TemplateError("chat template renders no assistant text: the reply is not in what it adds to "
+                                "the rendered conversation, so there is nothing to train on; pass another template")
+        out.append((i + 1, upto, (len(before), len(upto))))
+    return out
+
+# %% ../nbs/06_train.ipynb #2a6a16fe
+def _close_replies(tok, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+    "`text` with the end token after each reply that does not end in a special token; the new reply spans."
+    ends = tuple(t for t in tok.all_special_tokens if t)
+    eos, parts, new, pos, shift = tok.eos_token or "", [], [], 0, 0
+    for s, e in spans:
+        reply = text[s:e]
+        core = reply.rstrip()
+        parts.append(text[pos:s])
+        if eos and core and not core.endswith(ends):  # the reply's trailing space stays after the end token
+            parts.append(core + eos + reply[len(core):])
+            new.append((s + shift, s + shift + len(core) + len(eos))); shift += len(eos)
+        else: parts.append(reply); new.append((s + shift, e + shift))
+        pos = e
+    parts.append(text[pos:])
+    return "".join(parts), new
+
+# %% ../nbs/06_train.ipynb #4009f701
 def _special_affixes(tok) -> tuple[list[int], list[int]]:
     "Token ids the tokenizer adds before and after a text when asked to add special tokens."
     plain, full = tok("x", add_special_tokens=False).input_ids, tok("x").input_ids
     i = full.index(plain[0]) if plain and plain[0] in full else 0
     return full[:i], full[i + len(plain):]
 
-def _render(processor, msgs, template):
-    "Token ids and assistant mask of `msgs`, as the processor would tokenise the rendered prompt."
-    tok = processor.tokenizer
-    out = tok.apply_chat_template(msgs, chat_template=template, tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+def _tokens_and_mask(tok, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    "Token ids of `text` as the processor tokenises a prompt, and 1 for each token overlapping a reply span."
+    try: enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise ValueError(f"tokenizer {type(tok).__name__} gives no character offsets (a slow tokenizer): "
+                         f"reply tokens cannot be located; use its fast version") from e
+    ids, mask, k = list(enc["input_ids"]), [], 0
+    for a, b in enc["offset_mapping"]:
+        while k < len(spans) and spans[k][1] <= a: k += 1
+        mask.append(int(k < len(spans) and a < b and spans[k][0] < b))
     # the processor adds special tokens unless the rendered prompt already starts with BOS (processing_utils)
     if not (tok.bos_token and ids and ids[0] == tok.bos_token_id):
         pre, post = _special_affixes(tok)
         ids, mask = pre + ids + post, [0] * len(pre) + mask + [0] * len(post)
     return ids, mask
+
+# %% ../nbs/06_train.ipynb #070e19c5
+def _compact_tokens(sample: Sample, tok, template: str, max_length: int, n_img: int, image_id: int):
+    "`(ids, mask, n_turns)` with one image placeholder for a trainable record, else the reason it is refused."
+    n_marks = sum(t.text.count(IMAGE_TOKEN) for t in sample.conversations)
+    if n_marks != (1 if sample.image else 0): return f"{n_marks} {IMAGE_TOKEN} tokens with image={sample.image!r}"
+    replies = _render_replies(tok, sample_to_messages(sample), template)
+    if not replies: return "no supervised tokens"
+    for keep in range(len(replies), 0, -1):  # drop later exchanges until it fits
+        text, spans = _close_replies(tok, replies[keep - 1][1], [r[2] for r in replies[:keep]])
+        ids, mask = _tokens_and_mask(tok, text, spans)
+        n_at = ids.count(image_id)
+        if n_at != (1 if sample.image else 0):
+            return f"template produced {n_at} image tokens, expected {1 if sample.image else 0}"
+        n = len(ids) + (n_img - 1) * n_at  # one placeholder -> n_img tokens
+        if n <= max_length: break
+    else: return f"too long: first exchange is {n} tokens > max_length {max_length}"
+    if not any(mask): return "no supervised tokens"
+    return ids, mask, replies[keep - 1][0]
+
+def _expand(ids, mask, image_id: int, n_img: int) -> tuple[list[int], list[int]]:
+    "`(input_ids, labels)`: the image placeholder repeated `n_img` times, labels on the reply tokens only."
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    if image_id in ids:
+        j = ids.index(image_id)
+        ids = ids[:j] + [image_id] * n_img + ids[j + 1:]
+        labels = labels[:j] + [IGNORE_INDEX] * n_img + labels[j + 1:]
+    return ids, labels
 
 # %% ../nbs/06_train.ipynb #dfd653e9
 def tokenize_sample(sample: Sample,  # one LLaVA record
@@ -297,26 +371,214 @@ def tokenize_sample(sample: Sample,  # one LLaVA record
     "`({'input_ids', 'labels', 'n_turns'}, None)` for a trainable record, else `(None, reason)`."
     tpl = resolve_template(processor, template)
     n_img = image_token_count(processor) if n_image_tokens is None else n_image_tokens
-    n_marks = sum(t.text.count(IMAGE_TOKEN) for t in sample.conversations)
-    if n_marks != (1 if sample.image else 0):
-        return None, f"{n_marks} {IMAGE_TOKEN} tokens with image={sample.image!r}"
-    msgs = sample_to_messages(sample)
-    n_pairs = len(msgs) // 2
-    for keep in range(n_pairs, 0, -1):  # drop later exchanges until it fits
-        ids, mask = _render(processor, msgs[:2 * keep], tpl)
-        img_at = [i for i, t in enumerate(ids) if t == processor.image_token_id]
-        if len(img_at) != (1 if sample.image else 0):
-            return None, f"template produced {len(img_at)} image tokens, expected {1 if sample.image else 0}"
-        if img_at:  # one placeholder -> n_img tokens, none of them supervised
-            j = img_at[0]
-            ids = ids[:j] + [processor.image_token_id] * n_img + ids[j + 1:]
-            mask = mask[:j] + [0] * n_img + mask[j + 1:]
-        if len(ids) <= max_length: break
-    else:
-        return None, f"too long: first exchange is {len(ids)} tokens > max_length {max_length}"
-    if not any(mask): return None, "no supervised tokens"
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return {"input_ids": ids, "labels": labels, "n_turns": 2 * keep}, None
+    got = _compact_tokens(sample, processor.tokenizer, tpl, max_length, n_img, processor.image_token_id)
+    if isinstance(got, str): return None, got
+    ids, labels = _expand(got[0], got[1], processor.image_token_id, n_img)
+    return {"input_ids": ids, "labels": labels, "n_turns": got[2]}, None
+
+# %% ../nbs/06_train.ipynb #599cb0b8
+CACHE_VERSION = 1  # changes when the cached layout or the tokenisation rules change
+
+def cache_root() -> Path:
+    "Folder of tokenised-data caches: `$LLAVAMED_CACHE`, else `llavamed` in `$XDG_CACHE_HOME` or `~/.cache`."
+    if os.environ.get("LLAVAMED_CACHE"): return Path(os.environ["LLAVAMED_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llavamed"
+
+def _file_fingerprint(path: Path) -> dict:
+    "Size, modification time and content hash of a data file."
+    import hashlib
+    st, h = path.stat(), hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22): h.update(chunk)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "blake2b": h.hexdigest()}
+
+def _tokenizer_fingerprint(tok) -> str:
+    "A hash of everything the tokenizer's output depends on: its vocabulary, merges, added and special tokens."
+    import hashlib
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    extra = json.dumps([type(tok).__name__, tok.all_special_tokens, tok.bos_token, tok.eos_token])
+    return hashlib.blake2b((text + extra).encode(), digest_size=16).hexdigest()
+
+def cache_key(data: str | Path,  # the data file
+              processor,  # the model's processor
+              template: str,  # the resolved chat template text
+              max_length: int,  # longest sequence in tokens
+             ) -> str:
+    "The cache entry name of a data file tokenised with this tokenizer, template and length limit."
+    import hashlib
+    parts = {"version": CACHE_VERSION, "data": _file_fingerprint(Path(data)),
+             "tokenizer": _tokenizer_fingerprint(processor.tokenizer), "template": template,
+             "max_length": max_length, "image_tokens": image_token_count(processor),
+             "image_token_id": processor.image_token_id}
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+# %% ../nbs/06_train.ipynb #152175c7
+_WORKER = {}  # the tokenizer and settings of a tokenising worker process (set once per process by fork)
+
+def _init_worker(settings: dict) -> None:
+    "Keep the tokenizer and settings in a worker process."
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(settings)
+
+def _tokenize_chunk(samples: list[Sample]) -> list:
+    "`_compact_tokens` of each sample, as int32/uint8 arrays (small to send back to the parent)."
+    import numpy as np
+    w, out = _WORKER, []
+    for s in samples:
+        got = _compact_tokens(s, w["tok"], w["template"], w["max_length"], w["n_img"], w["image_id"])
+        out.append(got if isinstance(got, str) else
+                   (np.asarray(got[0], dtype=np.int32), np.asarray(got[1], dtype=np.uint8), got[2]))
+    return out
+
+def _chunks(rows, size: int = 256):
+    "Lists of `size` rows of an iterable."
+    chunk = []
+    for r in rows:
+        chunk.append(r)
+        if len(chunk) == size: yield chunk; chunk = []
+    if chunk: yield chunk
+
+# %% ../nbs/06_train.ipynb #891de156
+class _Builder:
+    "Accumulates tokenised records into the files of a `TokenCache` folder."
+    def __init__(self, folder: Path, n_img: int):
+        import array
+        self.folder, self.n_img = folder, n_img
+        self.ids, self.mask = open(folder / "ids.bin", "wb"), open(folder / "mask.bin", "wb")
+        self.offsets, self.image = array.array("q", [0]), array.array("i")
+        self.length, self.supervised = array.array("i"), array.array("i")
+        self.names, self.record_ids = {}, open(folder / "record_ids.jsonl", "w", encoding="utf-8")
+        self.drops, self.n_rows = {}, 0  # (modality, reason) -> [count, first row, example]
+
+    def drop(self, modality: str, key: str, example: str, first: int | None = None) -> None:
+        "Count a refused row under `key`, keeping the first example and where it occurred."
+        self.drops.setdefault((modality, key), [0, self.n_rows if first is None else first, example])[0] += 1
+
+    def add(self, sample: Sample, got) -> None:
+        "Append one tokenised record, or count why it is refused."
+        modality = "image" if sample.image else "text"
+        if isinstance(got, str): self.drop(modality, got.split(":")[0], f"{sample.id}: {got}")
+        else:
+            ids, mask, _ = got
+            self.ids.write(ids.tobytes()); self.mask.write(mask.tobytes())
+            self.offsets.append(self.offsets[-1] + len(ids))
+            self.image.append(self.names.setdefault(sample.image, len(self.names)) if sample.image else -1)
+            self.length.append(len(ids) + (self.n_img - 1 if sample.image else 0))
+            self.supervised.append(int(mask.sum()))
+            self.record_ids.write(json.dumps(sample.id) + "\n")
+        self.n_rows += 1
+
+    def finish(self, meta: dict) -> None:
+        "Write the index arrays and `meta.json` (last: a folder with it is complete)."
+        import numpy as np
+        for f in (self.ids, self.mask, self.record_ids): f.close()
+        for name, arr, dtype in (("offsets", self.offsets, np.int64), ("image", self.image, np.int32),
+                                 ("length", self.length, np.int32), ("supervised", self.supervised, np.int32)):
+            np.save(self.folder / f"{name}.npy", np.frombuffer(arr, dtype=dtype) if len(arr) else
+                    np.zeros(0, dtype))
+        drops = sorted(self.drops.items(), key=lambda kv: kv[1][1])  # in the order they first occurred
+        write_json(self.folder / "images.json", list(self.names))
+        write_json(self.folder / "meta.json", {**meta, "version": CACHE_VERSION, "rows": self.n_rows,
+                                               "records": len(self.image), "drops": [
+            {"modality": m, "reason": k, "count": c, "example": ex} for (m, k), (c, _, ex) in drops]})
+
+# %% ../nbs/06_train.ipynb #2e0ae051
+class TokenCache:
+    "The tokenised records of one data file, memory-mapped read-only: compact ids, label masks and an index."
+    def __init__(self, folder: str | Path):  # a folder `build_token_cache` wrote
+        import numpy as np
+        self.folder = Path(folder)
+        self.meta = read_json(self.folder / "meta.json")
+        def mapped(name, dtype):  # an empty file cannot be mapped
+            p = self.folder / name
+            return np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype)
+        self.ids, self.mask = mapped("ids.bin", np.int32), mapped("mask.bin", np.uint8)
+        self.offsets, self.image, self.length, self.supervised = (
+            np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in ("offsets", "image", "length", "supervised"))
+        self.images = read_json(self.folder / "images.json")  # unique image names; `image` indexes them
+
+    def __len__(self): return len(self.image)
+
+    def tokens(self, i: int) -> tuple[list[int], list[int]]:
+        "Compact token ids and reply mask of record `i` (one image placeholder)."
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[a:b].tolist(), self.mask[a:b].tolist()
+
+    def record_ids(self) -> list[str]:
+        "The records' ids (read from disk on each call: only messages need them)."
+        with open(self.folder / "record_ids.jsonl", encoding="utf-8") as f: return [json.loads(l) for l in f]
+
+# %% ../nbs/06_train.ipynb #57802f0c
+def build_token_cache(rows,  # `Sample`s and `RecordError`s (`iter_samples(path, skip_bad=True)`)
+                      processor,  # the model's processor
+                      template: str,  # the resolved chat template text
+                      max_length: int,  # longest sequence in tokens
+                      folder: str | Path,  # empty folder to write into
+                      workers: int = 1,  # tokenising processes (1: this one)
+                      meta: dict | None = None,  # extra values for meta.json (the key's inputs)
+                     ) -> TokenCache:
+    "Tokenise `rows` into a `TokenCache` folder, in `workers` forked processes, reading the rows once."
+    import multiprocessing
+    n_img, folder = image_token_count(processor), Path(folder)
+    settings = {"tok": processor.tokenizer, "template": template, "max_length": max_length, "n_img": n_img,
+                "image_id": processor.image_token_id}
+    build = _Builder(folder, n_img)
+    def tokenised(chunks):  # (chunk, results) pairs, in file order
+        if workers <= 1:
+            _init_worker(settings)
+            yield from ((c, _tokenize_chunk(c)) for c in chunks)
+            return
+        with multiprocessing.get_context("fork").Pool(workers, _init_worker, (settings,)) as pool:
+            pending = deque()  # a few chunks in flight per worker: the file is never all in memory
+            for c in chunks:
+                pending.append((c, pool.apply_async(_tokenize_chunk, (c,))))
+                if len(pending) >= 4 * workers: c, job = pending.popleft(); yield c, job.get()
+            while pending: c, job = pending.popleft(); yield c, job.get()
+    for chunk, results in tokenised(_chunks(r for r in rows if _count_bad(r, build))):
+        for s, got in zip(chunk, results): build.add(s, got)
+    build.finish({**(meta or {}), "image_tokens": n_img, "max_length": max_length})
+    return TokenCache(folder)
+
+def _count_bad(row, build: _Builder) -> bool:
+    "False for a malformed row (counted, first in the drop list, as the whole-file reader reported them)."
+    if isinstance(row, Sample): return True
+    build.drop("any", "malformed record", f"line {row.line}: {row.msg}", first=-1); build.n_rows += 1
+    return False
+
+# %% ../nbs/06_train.ipynb #0f7f0278
+def _cpus() -> int:
+    "CPU cores this process may run on."
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+def open_token_cache(data: str | Path,  # a LLaVA JSON/JSONL/parquet file
+                     processor,  # the model's processor
+                     template: str | None = None,  # chat template name or text (None: the processor's)
+                     max_length: int = 2048,  # longest sequence in tokens
+                     workers: int = 0,  # tokenising processes (0: one per core for files over 4 MB)
+                    ) -> tuple[TokenCache, bool]:
+    "`(cache, warm)`: the data file's tokens from the cache, built first when missing (by one process at a time)."
+    import fcntl, shutil, tempfile
+    tpl = resolve_template(processor, template)
+    key = cache_key(data, processor, tpl, max_length)
+    root = cache_root() / "tokens"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    if (final / "meta.json").exists(): return TokenCache(final), True
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait here, then map what it wrote
+        if (final / "meta.json").exists(): return TokenCache(final), True
+        n = workers or (_cpus() if Path(data).stat().st_size > 4 << 20 else 1)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{key}.part"))
+        try:
+            t0 = time.perf_counter()
+            build_token_cache(iter_samples(data, skip_bad=True), processor, tpl, max_length, tmp, n,
+                              {"source": str(data)})
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True); raise
+        log.info(f"{data}: tokenised in {time.perf_counter() - t0:.1f} s with {n} processes into {final}")
+    return TokenCache(final), False
 
 # %% ../nbs/06_train.ipynb #696bd5b7
 def load_records(path: str | Path) -> list[Sample]:
@@ -327,10 +589,10 @@ def load_records(path: str | Path) -> list[Sample]:
 class DroppedError(ValueError):
     "Too many records lost all supervision; the message lists the reasons with counts."
 
-def _image_problem(images: Path | None, name: str, rid: str) -> tuple[Path | None, str | None]:
-    "`(real path, None)` for a record's image inside `images`, present and decodable; else `(None, reason)`."
+def _image_problem(images: Path | None, name: str) -> tuple[Path | None, str | None]:
+    "`(real path, None)` for an image inside `images`, present and decodable; else `(None, reason)`."
     if images is None: return None, "no images folder given"
-    try: path = resolve_image(images, name, rid)
+    try: path = resolve_image(images, name)
     except ImageOutsideRootError: return None, f"image outside the images folder: {name!r}"
     if not path.is_file(): return None, f"image file missing: {name!r}"
     try: load_image(path)  # decoded once here, so a bad file stops the run now, not mid-epoch
@@ -338,14 +600,14 @@ def _image_problem(images: Path | None, name: str, rid: str) -> tuple[Path | Non
     except (ImageError, OSError) as e: return None, f"image unreadable: {e}"
     return path, None
 
-def _check_images(images: Path | None, records: list[Sample], workers: int) -> list[tuple]:
-    "`_image_problem` of each record's image, checked in `workers` threads (image decoding releases the GIL)."
+def _check_images(images: Path | None, names: list[str], workers: int) -> list[tuple]:
+    "`_image_problem` of each image name, checked in `workers` threads (image decoding releases the GIL)."
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(lambda r: _image_problem(images, r.image, r.id), records))
+        return list(pool.map(lambda name: _image_problem(images, name), names))
 
 class SupervisedDataset:
-    "Tokenised LLaVA records with labels, lengths and modality, for `Trainer`; their images checked up front."
+    "Tokenised LLaVA records (cached, memory-mapped) with labels, lengths and modality; images checked up front."
     def __init__(self, records: list[Sample] | str | Path,  # records, or a JSON/JSONL file of them
                  processor,  # the model's processor
                  images: str | Path | None = None,  # folder the records' `image` names are relative to
@@ -354,34 +616,49 @@ class SupervisedDataset:
                  max_dropped_share: float = 0.02,  # raise `DroppedError` above this share of refused records
                  text_only: bool = True,  # keep text-only records (False: LLM frozen)
                  image_workers: int = 8,  # threads checking that the images are present and decodable
+                 tokenize_workers: int = 0,  # processes tokenising a file (0: one per core for files over 4 MB)
                 ):
+        import numpy as np
         self.source = "" if isinstance(records, list) else f"{records}: "  # named in messages about the file
-        rows = records if isinstance(records, list) else list(iter_samples(records, skip_bad=True))
-        records = [r for r in rows if isinstance(r, Sample)]
-        self.processor, self.images = processor, Path(images) if images else None
+        self.images, self.image_id = Path(images) if images else None, processor.image_token_id
         self.n_image_tokens = image_token_count(processor)
-        tpl = resolve_template(processor, template)
-        self.items, self.dropped, self.examples, self.skipped = [], Counter(), {}, 0
-        for e in (r for r in rows if isinstance(r, RecordError)):  # malformed lines: dropped records too
-            self.dropped["malformed record"] += 1
-            self.examples.setdefault("malformed record", f"line {e.line}: {e.msg}")
-        tokenized = []
-        for r in records:
-            if not text_only and not r.image: self.skipped += 1; continue
-            item, why = tokenize_sample(r, processor, max_length, tpl, self.n_image_tokens)
-            if item is None: self._drop(r, why)
-            else: tokenized.append((r, item))
-        checks = iter(_check_images(self.images, [r for r, _ in tokenized if r.image], image_workers))
-        for r, item in tokenized:
-            path, why = next(checks) if r.image else (None, None)
-            if why: self._drop(r, why)
-            else: self.items.append({**item, "id": r.id, "image": r.image, "path": path})
-        self._stop_or_warn(len(rows) - self.skipped, max_dropped_share)
+        if isinstance(records, list):  # records in memory: tokenised into a folder that goes with the dataset
+            import tempfile
+            self._tmp = tempfile.TemporaryDirectory(prefix="llavamed-tokens-")
+            self.tokens, self.warm = build_token_cache(records, processor, resolve_template(processor, template),
+                                                       max_length, self._tmp.name), False
+        else: self.tokens, self.warm = open_token_cache(records, processor, template, max_length, tokenize_workers)
+        drops = [d for d in self.tokens.meta["drops"] if text_only or d["modality"] != "text"]
+        self.dropped, self.examples = Counter(), {}
+        for d in drops:
+            self.dropped[d["reason"]] += d["count"]; self.examples.setdefault(d["reason"], d["example"])
+        rows, has_image = np.arange(len(self.tokens)), self.tokens.image >= 0
+        self.skipped = 0 if text_only else int((~has_image).sum()) + sum(
+            d["count"] for d in self.tokens.meta["drops"] if d["modality"] == "text")
+        self.index = self._preflight(rows if text_only else rows[has_image], image_workers)
+        self._stop_or_warn(self.tokens.meta["rows"] - self.skipped, max_dropped_share)
 
-    def _drop(self, r: Sample, why: str) -> None:
+    def _preflight(self, rows, workers: int):
+        "The `rows` whose image passes `_image_problem`; each distinct image is checked once, in threads."
+        import numpy as np
+        t0, image = time.perf_counter(), self.tokens.image
+        used = [int(k) for k in np.unique(image[rows]) if k >= 0]
+        checks = _check_images(self.images, [self.tokens.images[k] for k in used], workers)
+        self.paths = {k: path for k, (path, _) in zip(used, checks) if path is not None}
+        bad = {k: why for k, (_, why) in zip(used, checks) if why}
+        self.preflight = {"images": len(used), "ok": len(self.paths),
+                          **Counter(why.split(":")[0] for why in bad.values())}
+        log.info(f"{self.source}image preflight: {self.preflight} in {time.perf_counter() - t0:.1f} s")
+        if not bad: return rows
+        is_bad = np.isin(image[rows], list(bad))
+        record_ids = self.tokens.record_ids()
+        for j in rows[is_bad]: self._drop(record_ids[j], bad[int(image[j])])
+        return rows[~is_bad]
+
+    def _drop(self, rid: str, why: str) -> None:
         "Count a refused record under its reason (the text before the first colon), keeping a first example."
         key = why.split(":")[0]
-        self.dropped[key] += 1; self.examples.setdefault(key, f"{r.id}: {why}")
+        self.dropped[key] += 1; self.examples.setdefault(key, f"{rid}: {why}")
 
     def _stop_or_warn(self, n: int, max_dropped_share: float) -> None:
         "Raise `DroppedError` when over `max_dropped_share` of the `n` records were refused; else log them."
@@ -392,29 +669,32 @@ class SupervisedDataset:
             if sum(self.dropped.values()) > max_dropped_share * n:
                 raise DroppedError(msg + f" > max_dropped_share {max_dropped_share}")
             log.warning(msg)
-        if not self.items: raise DroppedError(f"{self.source}no trainable records among {n}")
+        if not len(self.index): raise DroppedError(f"{self.source}no trainable records among {n}")
 
-    def __len__(self): return len(self.items)
+    def __len__(self): return len(self.index)
 
     @property
     def lengths(self) -> list[int]:
-        "Token length of each item (image tokens included)."
-        return [len(it["input_ids"]) for it in self.items]
+        "Token length of each item (image tokens included), read from the cache's index."
+        return self.tokens.length[self.index].tolist()
 
     @property
     def has_image(self) -> list[bool]:
         "Whether each item carries an image."
-        return [it["image"] is not None for it in self.items]
+        return (self.tokens.image[self.index] >= 0).tolist()
 
     def __getitem__(self, i: int) -> dict:
-        it = self.items[i]
-        img = load_image(it["path"]) if it["image"] else None
-        return {"input_ids": it["input_ids"], "labels": it["labels"], "image": img}
+        "Item `i` with its image placeholder expanded and its image decoded."
+        row = int(self.index[i])
+        ids, labels = _expand(*self.tokens.tokens(row), self.image_id, self.n_image_tokens)
+        k = int(self.tokens.image[row])
+        return {"input_ids": ids, "labels": labels, "image": load_image(self.paths[k]) if k >= 0 else None}
 
     def summary(self) -> dict:
-        "Counts worth logging: records kept, dropped by reason, supervised tokens."
-        return {"kept": len(self.items), "dropped": dict(self.dropped), "skipped_text_only": self.skipped,
-                "supervised_tokens": sum(sum(l != IGNORE_INDEX for l in it["labels"]) for it in self.items)}
+        "Counts worth logging: records kept, dropped by reason, skipped, supervised tokens, images checked."
+        return {"kept": len(self), "dropped": dict(self.dropped), "skipped_text_only": self.skipped,
+                "supervised_tokens": int(self.tokens.supervised[self.index].sum()),
+                "images_checked": self.preflight["images"]}
 
 # %% ../nbs/06_train.ipynb #128bd757
 class Collator:
@@ -761,7 +1041,10 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
     # every record and image is checked before anything in `out` changes
     checkers = max(run.num_workers, min(8, os.cpu_count() or 1))  # threads checking the images
     ds = SupervisedDataset(run.data, processor, run.images, cfg.max_length, cfg.template, cfg.max_dropped_share,
-                           text_only="llm" in cfg.train, image_workers=checkers)
+                           text_only="llm" in cfg.train, image_workers=checkers,
+                           tokenize_workers=run.tokenize_workers)
+    log.info(f"{run.data}: {len(ds)} records from the token cache {ds.tokens.folder} "
+             f"({'warm' if ds.warm else 'built now'})")
     base_dir = _save_base(model, processor, run, base_dir, rank)
     found = {"attention": _attention(model, device), "trainable": set_trainable(model, cfg.train)}
     if run.lora: model = add_lora(model, cfg)

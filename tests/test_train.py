@@ -13,6 +13,9 @@ from llavamed import train as T
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+import tempfile
+CACHE = tempfile.mkdtemp(prefix="llavamed-test-cache-")  # token caches of this module's runs, not the user's
+os.environ["LLAVAMED_CACHE"] = CACHE
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 torch.set_num_threads(1)  # 2 shared cores: one thread per process is faster than two contending
 
@@ -115,12 +118,12 @@ def test_vanished_supervision_is_counted_and_stops_the_run(tiny, data):
     assert len(ds) == len(recs) and ds.dropped == {"2 <image> tokens with image='fig0.png'": 1}
     with pytest.raises(T.DroppedError, match="1 of 33 records dropped"):
         T.SupervisedDataset(recs + [bad], proc, data.parent / "images", max_dropped_share=0.0)
-    no_gen = TEMPLATES["mistral_instruct"].replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
-    with pytest.raises(T.DroppedError, match="no supervised tokens x32"):
-        T.SupervisedDataset(recs, proc, data.parent / "images", template=no_gen)
+    mute = TEMPLATES["mistral_instruct"].replace("' ' + reply_text(m) + eos_token", "''")
+    with pytest.raises(T.TemplateError, match="chat template renders no assistant text"):
+        T.SupervisedDataset(recs, proc, data.parent / "images", template=mute)
     short = T.SupervisedDataset(recs, proc, data.parent / "images", max_length=40, max_dropped_share=1.0)
     assert short.dropped["too long"] >= sum(r.image is not None for r in recs)  # 64 image tokens are never cut
-    assert all(it["image"] is None for it in short.items)
+    assert not any(short.has_image)
 
 
 # ---------------------------------------------------------------- batching
@@ -197,7 +200,9 @@ def test_configs_are_written_from_the_presets():
         for var, value in (("MODEL", r.run.model), ("DATA", r.run.data), ("IMAGES", r.run.images),
                            ("OUT", r.run.out), ("DS", r.run.deepspeed)):
             assert f"{var}=${{{var}:-{value}}}" in launch, (r.file, var)
-        assert f"--stage configs/{r.file}.yaml" in launch and f"--num-workers {r.run.num_workers}" in launch
+        shared = (ROOT / "configs" / "launch.sh").read_text()  # what every stage script sources
+        assert f"RECIPE=configs/{r.file}.yaml" in launch and '--stage "$RECIPE"' in shared
+        assert f'--num-workers "${{NUM_WORKERS:-{r.run.num_workers}}}"' in shared
 
 
 def test_projector_gets_its_own_learning_rate(tiny, data, tmp_path):
@@ -382,3 +387,161 @@ def test_recipe_named_after_a_preset_starts_from_it(tmp_path):
     assert (s.name, s.lr, s.train, s.epochs) == ("align", T.STAGES["align"].lr, T.STAGES["align"].train, 2.0)
     (tmp_path / "q.yaml").write_text("name: my-stage\nlr: 1.0e-4\n")  # not a preset: the default stage's fields
     assert T.StageConfig.load(str(tmp_path / "q.yaml")).lr == 1e-4
+
+
+# ---------------------------------------------------------------- any chat template (no generation markers)
+
+# llava-hf/llava-1.5-7b-hf's chat template (chat_template.json) without its {% generation %} markers
+LLAVA_HF = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+            "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+            "{{ '<image>\\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', "
+            "'text') %}{{ content['text'] + ' '}}{% endfor %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+# a Vicuna v1 style template as hub repos write it: system line, 'USER: ... ASSISTANT: ...</s>', no markers
+VICUNA_STYLE = ("{{ bos_token }}{{ 'A chat between a curious user and an artificial intelligence assistant. ' }}"
+                "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' }}"
+                "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}"
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ ' ' }}"
+                "{% else %}{{ 'ASSISTANT: ' + m['content'][0]['text'] + eos_token }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def _runs(labels):
+    "The runs of consecutive supervised labels."
+    runs, cur = [], []
+    for l in labels:
+        if l != IGNORE_INDEX: cur.append(l)
+        elif cur: runs.append(cur); cur = []
+    return runs + ([cur] if cur else [])
+
+
+@pytest.mark.parametrize("template", [LLAVA_HF, VICUNA_STYLE])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_template_without_markers_supervises_replies_and_end_token(tiny, template, where):
+    "Multi-turn, image before or after the question: each supervised run decodes to one reply plus the end token."
+    _, proc = tiny
+    q = "What is shown?"
+    first = f"{IMAGE_TOKEN}\n{q}" if where == "before" else f"{q}\n{IMAGE_TOKEN}"
+    replies = ["A chest X-ray.", "Yes, in the left lung.", "No effusion."]
+    conv = [Turn("human", first), Turn("gpt", replies[0]), Turn("human", "Any nodule?"), Turn("gpt", replies[1]),
+            Turn("human", "Effusion?"), Turn("gpt", replies[2])]
+    item, why = T.tokenize_sample(Sample("r", conv, image="x.png"), proc, 2048, template=template)
+    assert why is None
+    eos, tok = proc.tokenizer.eos_token, proc.tokenizer
+    assert [tok.decode(r).strip() for r in _runs(item["labels"])] == [r + eos for r in replies]
+    assert tok.decode([t for t in item["labels"] if t != IGNORE_INDEX]).count(eos) == 3
+    n_img = [i for i, t in enumerate(item["input_ids"]) if t == proc.image_token_id]
+    assert len(n_img) == T.image_token_count(proc) and n_img == list(range(n_img[0], n_img[-1] + 1))
+    assert "What is shown?" in tok.decode(item["input_ids"]) and "Effusion?" in tok.decode(item["input_ids"])
+
+
+def test_marker_path_and_render_difference_agree_on_the_library_templates(tiny, data):
+    "With the {% generation %} markers transformers computes the mask; the render difference gives the same labels."
+    _, proc = tiny
+    for name in ("mistral_instruct", "vicuna_v1", "plain"):
+        for r in T.load_records(data):
+            item, _ = T.tokenize_sample(r, proc, 2048, template=name)
+            out = proc.tokenizer.apply_chat_template(sample_to_messages(r), chat_template=TEMPLATES[name],
+                                                     tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+            if ids[0] != proc.tokenizer.bos_token_id:  # what the processor adds to a prompt without BOS
+                pre, post = T._special_affixes(proc.tokenizer)
+                ids, mask = pre + ids + post, [0] * len(pre) + mask + [0] * len(post)
+            ids, labels = T._expand(ids, mask, proc.image_token_id, T.image_token_count(proc))
+            assert (item["input_ids"], item["labels"]) == (ids, labels), (name, r.id)
+
+
+def test_template_that_renders_no_reply_is_one_clear_error(base_dir, data, tmp_path):
+    mute = LLAVA_HF.replace("{{ content['text'] + ' '}}", "{% if message['role'] == 'user' %}{{ content['text'] }}{% endif %}")
+    (tmp_path / "mute.jinja").write_text(mute)
+    p = subprocess.run([str(BIN / "llavamed"), "train", "--stage", "instruct", "--model", base_dir, "--data", str(data),
+                        "--images", str(data.parent / "images"), "--out", str(tmp_path / "out"), "--template", mute,
+                        "--max-steps", "1", "--num-workers", "0"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()  # (model loading may draw progress bars before it)
+    assert "Traceback" not in p.stderr and [l for l in lines if "error" in l] == lines[-1:], p.stderr[-2000:]
+    assert lines[-1].startswith("llavamed train: error: chat template renders no assistant text"), lines[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tiny):
+    _, proc = tiny
+    last_only = "{{ messages[-1]['content'][0]['text'] }}{% if add_generation_prompt %}:{% endif %}"
+    r = Sample("r", [Turn("human", "Hi"), Turn("gpt", "Hello.")])
+    with pytest.raises(T.TemplateError, match="does not start with the text rendered before it"):
+        T.tokenize_sample(r, proc, 2048, template=last_only)
+
+
+# ---------------------------------------------------------------- the token cache
+
+def test_cache_is_reused_and_invalidated_by_file_tokenizer_template_and_length(tiny, data, tmp_path, monkeypatch):
+    _, proc = tiny
+    monkeypatch.setenv("LLAVAMED_CACHE", str(tmp_path / "c"))
+    f = tmp_path / "train.json"; f.write_text(data.read_text())
+    a = T.SupervisedDataset(f, proc, data.parent / "images")
+    b = T.SupervisedDataset(f, proc, data.parent / "images")
+    assert (a.warm, b.warm) == (False, True) and a.tokens.folder == b.tokens.folder
+    assert a.tokens.folder.parent == tmp_path / "c" / "tokens"
+    assert [a[i]["input_ids"] for i in range(len(a))] == [b[i]["input_ids"] for i in range(len(b))]
+    assert not T.SupervisedDataset(f, proc, data.parent / "images", template="vicuna_v1").warm
+    assert not T.SupervisedDataset(f, proc, data.parent / "images", max_length=1000).warm
+    recs = json.loads(f.read_text()); recs[0]["conversations"][1]["value"] += " More."
+    f.write_text(json.dumps(recs))
+    changed = T.SupervisedDataset(f, proc, data.parent / "images")
+    assert not changed.warm and changed.summary()["supervised_tokens"] > a.summary()["supervised_tokens"]
+    other = copy.deepcopy(proc); other.tokenizer.add_tokens(["nodule"])
+    assert not T.SupervisedDataset(f, other, data.parent / "images").warm
+    assert len(list((tmp_path / "c" / "tokens").glob("*/meta.json"))) == 5
+
+
+def test_cache_equals_the_old_list_path_item_by_item(tiny, data, tmp_path, monkeypatch):
+    "Each item is the processor's own chat-template tokenisation with its assistant mask (marker path), expanded."
+    _, proc = tiny
+    monkeypatch.setenv("LLAVAMED_CACHE", str(tmp_path / "c"))
+    recs = [r for r in T.load_records(data)]
+    ds = T.SupervisedDataset(data, proc, data.parent / "images", tokenize_workers=2)
+    mem = T.SupervisedDataset(recs, proc, data.parent / "images")
+    assert len(ds) == len(mem) == len(recs) and ds.lengths == mem.lengths and ds.has_image == mem.has_image
+    n_img = T.image_token_count(proc)
+    for i, r in enumerate(recs):
+        out = proc.tokenizer.apply_chat_template(sample_to_messages(r), chat_template=T.resolve_template(proc),
+                                                 tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, labels = T._expand(list(out["input_ids"]), list(out["assistant_masks"]), proc.image_token_id, n_img)
+        got = ds[i]
+        assert (got["input_ids"], got["labels"]) == (ids, labels) == (mem[i]["input_ids"], mem[i]["labels"])
+        assert ds.lengths[i] == len(ids) and (got["image"] is None) == (r.image is None)
+
+
+def test_two_processes_share_one_build(tiny, data, tmp_path):
+    "Two processes open the same file at once: one tokenises, the other waits on the lock and maps its result."
+    cache = tmp_path / "c"
+    code = ("import sys, json; from llavamed.train import SupervisedDataset; from llavamed.model import load_model;"
+            "m, p = load_model(sys.argv[1], dtype='float32', device='cpu');"
+            "ds = SupervisedDataset(sys.argv[2], p, sys.argv[3]);"
+            "print(json.dumps({'warm': ds.warm, 'folder': str(ds.tokens.folder), 'n': len(ds)}))")
+    d = tmp_path / "m"; save_model(*tiny, d)
+    env = {**ENV, "LLAVAMED_CACHE": str(cache)}
+    ps = [subprocess.Popen([sys.executable, "-c", code, str(d), str(data), str(data.parent / "images")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in ps]
+    assert all(p.returncode == 0 for p in ps), [o[1][-1500:] for o in outs]
+    res = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert sorted(r["warm"] for r in res) == [False, True] and res[0]["folder"] == res[1]["folder"]
+    assert res[0]["n"] == res[1]["n"] == 32 and len(list((cache / "tokens").iterdir())) == 2  # entry + lock
+
+
+def test_resume_and_a_second_run_use_the_cache(base_dir, data, tmp_path, monkeypatch):
+    "Only a cache miss takes the build lock (creating its lock file): after the first run none appears."
+    monkeypatch.setenv("LLAVAMED_CACHE", str(tmp_path / "c"))
+    stage = T.StageConfig.load("instruct", global_batch_size=4, per_device_batch_size=4)
+    kw = dict(model=base_dir, data=str(data), images=str(data.parent / "images"), num_workers=0, save_steps=1)
+    T.train(stage, T.RunConfig(out=str(tmp_path / "a"), max_steps=1, **kw))
+    tokens = tmp_path / "c" / "tokens"
+    entry, = [p for p in tokens.iterdir() if p.is_dir()]
+    (lock,) = tokens.glob("*.lock"); lock.unlink()
+    stamp = (entry / "ids.bin").stat().st_mtime_ns
+    assert T.train(stage, T.RunConfig(out=str(tmp_path / "a"), max_steps=2, resume=True, **kw)).steps == 2
+    T.train(stage, T.RunConfig(out=str(tmp_path / "b"), max_steps=1, **kw))
+    assert list(tokens.iterdir()) == [entry] and (entry / "ids.bin").stat().st_mtime_ns == stamp
+    T.train(T.StageConfig.load(stage, template="vicuna_v1"), T.RunConfig(out=str(tmp_path / "v"), max_steps=1, **kw))
+    assert len(list(tokens.glob("*.lock"))) == 1 and len([p for p in tokens.iterdir() if p.is_dir()]) == 2
