@@ -1,4 +1,4 @@
-"""VQA metrics in two named modes: `official` (LLaVA-Med v1.0's scorer, quirks included) and `strict`.
+"""VQA and multiple-choice metrics under five named protocols: LLaVA-Med's two official scorers, strict, lmms-eval and MedEvalKit.
 
 Docs: https://llavamed.github.io/llavamed/eval.html.md"""
 
@@ -6,18 +6,24 @@ Docs: https://llavamed.github.io/llavamed/eval.html.md"""
 
 # %% ../nbs/07_eval.ipynb #ab25724e
 from __future__ import annotations
-import hashlib, json, math, re, sys
+import hashlib, json, math, re, string, sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 from .core import (DOMAINS, BadRecords, Question, RecordError, Result, fmt_num, get_logger,
-                           iter_records, load_questions, refuse_outputs_over_inputs, to_jsonable, write_set)
+                           iter_records, load_questions, read_json, refuse_outputs_over_inputs, repair_torn_tail,
+                           to_jsonable, write_set)
 
 # %% auto #0
-__all__ = ['PUNCT', 'NUMBER_WORDS', 'ARTICLES', 'CONTRACTIONS', 'BLEU_WEIGHTS', 'MAX_ANSWER_CHARS', 'METRICS', 'normalize_answer',
-           'official_prf', 'official_exact', 'sentence_bleu', 'official_question', 'strict_question', 'load_answers',
-           'align', 'score_pairs', 'group_scores', 'file_sha256', 'describe_decoding', 'Scores', 'score']
+__all__ = ['PUNCT', 'NUMBER_WORDS', 'ARTICLES', 'CONTRACTIONS', 'BLEU_WEIGHTS', 'PROTOCOLS', 'PROTOCOL_ALIASES',
+           'PROTOCOL_SOURCES', 'MAX_ANSWER_CHARS', 'METRICS', 'OPEN_METRICS', 'OVERALL', 'JUDGE_PROMPT', 'SETTINGS',
+           'normalize_answer', 'official_prf', 'official_exact', 'sentence_bleu', 'official_question',
+           'strict_question', 'protocol_name', 'parse_protocols', 'run_eval_closed_hit', 'load_candidates',
+           'CandidateMatcher', 'run_eval_question', 'lmms_normalize', 'lmms_question', 'last_boxed',
+           'medevalkit_response', 'medevalkit_question', 'choice_letter', 'choice_label', 'choice_question',
+           'load_answers', 'align', 'score_pairs', 'parse_verdict', 'judge_open_answers', 'group_scores', 'file_sha256',
+           'describe_decoding', 'Scores', 'check_choices', 'score']
 
 # %% ../nbs/07_eval.ipynb #a076e492
 PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
@@ -194,14 +200,219 @@ def strict_question(pred: str,  # the model's answer
     return {"recall": recall, "precision": precision, "f1": f1, "exact_match": float(p == g),
             "substring_hit": float(_phrase_in(g, p))}
 
+# %% ../nbs/07_eval.ipynb #157462b2
+PROTOCOLS = ("llava-med", "llava-med-run-eval", "strict", "lmms-eval", "medevalkit")
+PROTOCOL_ALIASES = {"official": "llava-med"}  # the first protocol's former name (today's `--mode official`)
+PROTOCOL_SOURCES = {
+    "llava-med": "LLaVA-Med v1.0, llava/eval/run_eval_batch.py",
+    "llava-med-run-eval": "LLaVA-Med, llava/eval/run_eval.py as first published (commit ad758b6)",
+    "strict": "llavamed strict (word-boundary yes/no, set-based recall)",
+    "lmms-eval": "lmms-eval, tasks/slake/utils.py (exact match after its normalisation)",
+    "medevalkit": "MedEvalKit, utils/utils.py (yes/no rule; open exact match or an LLM judge)"}
+
+def protocol_name(name: str) -> str:
+    "The protocol a name refers to (`official` is the first protocol's former name); `ValueError` otherwise."
+    key = str(name).strip().lower()
+    key = PROTOCOL_ALIASES.get(key, key)
+    if key not in PROTOCOLS:
+        raise ValueError(f"protocol {name!r}: expected one of {', '.join(PROTOCOLS)} (or 'official', 'all')")
+    return key
+
+def parse_protocols(spec: str) -> list[str]:
+    "The protocols asked for, as named: comma-separated; 'all' stands for 'official,strict' (today's two modes)."
+    names = [n.strip() for n in str(spec).split(",") if n.strip()]
+    names = [m for n in names for m in (("official", "strict") if n.lower() == "all" else (n,))]
+    if not names: raise ValueError(f"protocol {spec!r}: no protocol named")
+    canonical = [protocol_name(n) for n in names]
+    if len(set(canonical)) < len(canonical): raise ValueError(f"protocol {spec!r}: a protocol named twice")
+    return names
+
+# %% ../nbs/07_eval.ipynb #d4923136
+def run_eval_closed_hit(pred: str,  # once-normalised prediction
+                        gt: str,  # once-normalised reference
+                       ) -> float | None:
+    "Closed hit as the first `run_eval.py` scores it; None (dropped) when yes or no appears but the reference does not."
+    if "yes" in pred or "no" in pred: return 1.0 if gt in pred else None
+    return 0.0
+
+def load_candidates(path: str | Path) -> list[str]:
+    "The answers of a `run_eval.py` candidate file (`{\"0\": [answer, ...]}` as released, or a plain list)."
+    data = read_json(path)
+    items = data.get("0") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a non-empty candidate list (JSON {{\"0\": [answer, ...]}} or a list)")
+    for i, c in enumerate(items):
+        if not isinstance(c, (str, int)) or isinstance(c, bool):
+            raise ValueError(f"{path}: candidate {i} is a {type(c).__name__}, expected text or an integer")
+    return [str(c) for c in items]
+
+# %% ../nbs/07_eval.ipynb #8bfc23cf
+class CandidateMatcher:
+    "The candidate `run_eval.py` picks for an answer: the most shared words per candidate word, the first on ties."
+    def __init__(self, candidates: list[str],  # candidate answers in file order
+                 norm=normalize_answer):  # the normalisation (a cached one in bulk scoring)
+        self.texts = [norm(c) for c in candidates]  # each candidate is normalised once
+        self.sizes = [len(set(t.split())) for t in self.texts]
+        self.index: dict[str, list[int]] = {}  # word -> the candidates holding it, so a pick reads few of them
+        for i, t in enumerate(self.texts):
+            for w in set(t.split()): self.index.setdefault(w, []).append(i)
+        self._picked: dict[str, str] = {}
+
+    def pick(self, pred: str) -> str:
+        "The chosen candidate's normalised text for a (twice-normalised) prediction."
+        hit = self._picked.get(pred)
+        if hit is not None: return hit
+        shared: dict[int, int] = {}
+        for w in set(pred.split()):
+            for i in self.index.get(w, ()): shared[i] = shared.get(i, 0) + 1
+        best, best_i = 0.0, 0  # nothing shared: every similarity is 0 and argmax is the first candidate
+        for i in sorted(shared):
+            if shared[i] / self.sizes[i] > best: best, best_i = shared[i] / self.sizes[i], i
+        self._picked[pred] = hit = self.texts[best_i]
+        return hit
+
+# %% ../nbs/07_eval.ipynb #2359db57
+def run_eval_question(pred: str,  # the model's answer
+                      gt: str,  # the reference answer
+                      answer_type: str,  # 'OPEN' or 'CLOSED'
+                      norm=normalize_answer,  # the normalisation (a cached one in bulk scoring)
+                      matcher: CandidateMatcher | None = None,  # the candidate answers (open questions need them)
+                     ) -> dict:
+    "One question's metrics as the first `run_eval.py` computes them (`closed_hit` None: left out)."
+    p, g = norm(pred.lower()), norm(gt.lower())
+    if answer_type == "CLOSED": return {"closed_hit": run_eval_closed_hit(p, g)}
+    if matcher is None: raise ValueError("llava-med-run-eval needs the candidate answers (--candidates FILE)")
+    return {**official_question(pred, gt, answer_type, norm), "candidate_hit": float(matcher.pick(norm(p)) == norm(g))}
+
+# %% ../nbs/07_eval.ipynb #79157224
+_LMMS_YES = frozenset({"yes", "yeah", "yep", "true", "是", "是的", "有", "包含", "可以", "能", "会", "正常"})
+_LMMS_NO = frozenset({"no", "nope", "false", "否", "不是", "没有", "无", "不包含", "不能", "不会", "不可以", "不正常",
+                      "异常"})
+_ZH_PUNCT = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～、，。；：《》？【】（）"
+_LMMS_SPACES = str.maketrans({c: " " for c in string.punctuation + _ZH_PUNCT})
+_PAREN, _ZH_PAREN = re.compile(r"\([^)]*\)"), re.compile(r"（[^）]*）")
+
+def lmms_normalize(text: str) -> str:
+    "lmms-eval's SLAKE answer normalisation (six steps, in order)."
+    t = _ZH_PAREN.sub(" ", _PAREN.sub(" ", str(text).strip().lower()))  # 1-2
+    t = " ".join(t.translate(_LMMS_SPACES).split())  # 3-4
+    if t in ("x ray", "xray"): return "xray"  # 5
+    return "yes" if t in _LMMS_YES else "no" if t in _LMMS_NO else t  # 6
+
+def lmms_question(pred: str,  # the model's answer
+                  gt: str,  # the reference answer
+                  answer_type: str,  # 'OPEN' or 'CLOSED' (the same rule for both)
+                  norm=lmms_normalize,  # the normalisation (a cached one in bulk scoring)
+                 ) -> dict:
+    "lmms-eval's SLAKE score of one question: exact match after normalisation."
+    return {"hit": float(norm(pred) == norm(gt))}
+
+# %% ../nbs/07_eval.ipynb #791d2d2c
+_ANSWER_MARKS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is", "answer:", "答案:",
+                 "final answer", "final answer is")
+
+def last_boxed(text: str) -> str | None:
+    "The stripped content of the last `\\boxed{...}` (braces balanced), or None."
+    start = text.rfind("\\boxed{")
+    if start < 0: return None
+    depth, body = 0, text[start + 7:]
+    for i, ch in enumerate(body):
+        depth += (ch == "{") - (ch == "}")
+        if depth < 0: return body[:i].strip()
+    return None
+
+def _tagged(text: str, tag: str = "answer") -> str:
+    "Every `<tag>...</tag>` span joined by spaces, or the text itself when there is none."
+    spans = re.findall(f"<{tag}>(.*?)</{tag}>", text, flags=re.S)
+    return " ".join(spans).strip() if spans and " ".join(spans).strip() else text
+
+def medevalkit_response(text: str) -> str:
+    "The part of an answer MedEvalKit scores: boxed or tagged content, lowercased, after its last answer mark."
+    boxed = last_boxed(text)
+    r = boxed if boxed is not None and boxed != "None" else _tagged(text) if "<answer>" in text else text
+    r = r.lower().strip()
+    if "boxed" in r: r = last_boxed(r) or "None"  # as the harness does: the word alone leaves 'None'
+    elif "<answer>" in r: r = _tagged(r)
+    for mark in _ANSWER_MARKS:
+        if mark in r: r = r.split(mark)[-1]
+    return r
+
+# %% ../nbs/07_eval.ipynb #6c67de7e
+def medevalkit_question(pred: str,  # the model's answer
+                        gt: str,  # the reference answer
+                        answer_type: str,  # 'OPEN' or 'CLOSED'
+                        norm=medevalkit_response,  # the response extraction (a cached one in bulk scoring)
+                       ) -> dict:
+    "MedEvalKit's score of one question: the yes/no rule, closed equality, or open exact match and set F1."
+    g, r = gt.lower().strip(), norm(pred)
+    if answer_type == "CLOSED":
+        r = r.replace("\n", "").replace(".", "")
+        if g in ("yes", "no"): return {"closed_hit": float((("yes" in r) != ("no" in r)) and g in r)}
+        return {"closed_hit": float(r == g)}
+    ps, gs = set(r.split()), set(g.split())
+    common = len(ps & gs)
+    precision, recall = (common / len(ps), common / len(gs)) if ps and gs else (0, 0)
+    f1 = 2 * precision * recall / (precision + recall) if common else 0
+    return {"hit": float(r == g), "exact_match": float(r == g), "recall": recall, "precision": precision, "f1": f1}
+
+# %% ../nbs/07_eval.ipynb #7063e0fd
+_LETTER_AT_START = re.compile(r"^\s*\(?([A-Za-z])\s*[.):]")
+_LETTER_IN_PARENS = re.compile(r"\(([A-Za-z])\)")
+_LETTER_AFTER_WORD = re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?([A-Za-z])\)?"
+                                r"(?=\s*$|[.,;:!)\n]|\s+[-–(])", re.I)
+_BARE_LETTER = re.compile(r"^\s*\(?([A-Za-z])\)?\s*[.!]?\s*$")
+
+def _words_of(text: str) -> str:
+    "Lowercased words without punctuation, single-spaced (for matching option texts)."
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+def choice_letter(answer: str,  # the model's answer
+                  options: list[str],  # the option texts, in order A, B, ...
+                 ) -> str | None:
+    "The option letter an answer names (upper case), or None when it names none or two different ones."
+    valid = {chr(65 + i) for i in range(len(options))}
+    bare = _BARE_LETTER.match(answer)
+    found = {bare.group(1).upper()} if bare else {
+        m.upper() for rx in (_LETTER_AT_START, _LETTER_IN_PARENS, _LETTER_AFTER_WORD) for m in rx.findall(answer)}
+    found &= valid
+    if len(found) == 1: return found.pop()
+    if found: return None  # two different letters
+    text = f" {_words_of(answer)} "
+    named = [i for i, o in enumerate(options) if _words_of(o) and f" {_words_of(o)} " in text]
+    # an option inside a longer named option ('lung' in 'left lung') is not named on its own
+    named = [i for i in named if not any(j != i and f" {_words_of(options[i])} " in f" {_words_of(options[j])} "
+                                         for j in named)]
+    return chr(65 + named[0]) if len(named) == 1 else None
+
+# %% ../nbs/07_eval.ipynb #0d8388f1
+def choice_label(q: Question) -> str:
+    "The correct letter of a multiple-choice question; `ValueError` when the options or the letter are unusable."
+    opts = q.options or []
+    if len(opts) < 2: raise ValueError(f"fewer than two options ({len(opts)})")
+    label = q.extra.get("answer_label")
+    if label is None:
+        if q.answer not in opts: raise ValueError("no 'answer_label' and the answer is none of the options")
+        return chr(65 + opts.index(q.answer))
+    label = str(label).strip().upper()
+    if len(label) != 1 or not "A" <= label < chr(65 + len(opts)):
+        raise ValueError(f"answer_label outside the options ({label!r}; options A-{chr(64 + len(opts))})")
+    return label
+
+def choice_question(pred: str,  # the model's answer
+                    q: Question,  # a checked multiple-choice question
+                   ) -> dict:
+    "One multiple-choice question: the letter read from the answer (None: unparsed) and whether it is right."
+    letter = choice_letter(pred, q.options)
+    return {"letter": letter, "hit": float(letter == choice_label(q))}
+
 # %% ../nbs/07_eval.ipynb #12e5353e
 def _where(line: int | None, index: int) -> str:
     "Where a record sits: its line, or its index in formats without lines (parquet)."
     return f"line {line}" if line else f"record {index}"
 
-def _reason(e: RecordError) -> str:
-    "A malformed record's reason without its details (so equal reasons count together)."
-    return e.msg.split(" (")[0]
+def _reason(e: Exception) -> str:
+    "A bad record's reason without its details (so equal reasons count together)."
+    return (e.msg if isinstance(e, RecordError) else str(e)).split(" (")[0]
 
 MAX_ANSWER_CHARS = 100_000  # far above any generated answer (the paper's are at most 1024 tokens)
 
@@ -244,10 +455,21 @@ def align(questions: list[Question],  # from `llavamed.core.load_questions`
             "missing_policy": missing}
     return pairs, info
 
-# %% ../nbs/07_eval.ipynb #3cd7a129
+# %% ../nbs/07_eval.ipynb #69dcc83e
 METRICS = ("open_recall", "closed_accuracy", "open_substring_accuracy", "exact_match", "f1", "precision")
-_FROM = {"open_recall": "recall", "open_substring_accuracy": "substring_hit", "exact_match": "exact_match",
-         "f1": "f1", "precision": "precision", **{k: k for k in ("bleu", "bleu1", "bleu2", "bleu3")}}
+_BLEU = {k: k for k in ("bleu", "bleu1", "bleu2", "bleu3")}
+# protocol: {aggregate key: the per-question field averaged over OPEN questions}
+OPEN_METRICS = {
+    "llava-med": {"open_recall": "recall", "open_substring_accuracy": "substring_hit", "exact_match": "exact_match",
+                  "f1": "f1", "precision": "precision", **_BLEU, "open_accuracy": "substring_hit"},
+    "llava-med-run-eval": {"open_recall": "recall", "open_accuracy": "candidate_hit", "exact_match": "exact_match",
+                           "f1": "f1", "precision": "precision", **_BLEU},
+    "strict": {"open_recall": "recall", "open_substring_accuracy": "substring_hit", "exact_match": "exact_match",
+               "f1": "f1", "precision": "precision"},
+    "lmms-eval": {"open_accuracy": "hit"},
+    "medevalkit": {"open_accuracy": "hit", "exact_match": "exact_match", "open_recall": "recall", "f1": "f1",
+                   "precision": "precision"}}
+OVERALL = ("lmms-eval", "medevalkit")  # the protocols whose headline is accuracy over every question
 
 def _mean100(xs: list[float]) -> float | None:
     "Mean x 100 summed in order, as the official script does; None for no values."
@@ -263,28 +485,107 @@ def _cached(f):
         return r
     return cached_call
 
+# %% ../nbs/07_eval.ipynb #b8de34e6
+def _per_question(protocol: str, norm, matcher, judged: dict | None):
+    "The function scoring one (question, answer) pair of an OPEN or CLOSED question under `protocol`."
+    if protocol == "llava-med": return lambda q, text: official_question(text, q.answer, q.answer_type, norm)
+    if protocol == "strict": return lambda q, text: strict_question(text, q.answer, q.answer_type, norm)
+    if protocol == "llava-med-run-eval":
+        return lambda q, text: run_eval_question(text, q.answer, q.answer_type, norm, matcher)
+    if protocol == "lmms-eval":
+        lnorm = _cached(lmms_normalize)
+        return lambda q, text: {("closed_hit" if q.answer_type == "CLOSED" else "hit"):
+                                lmms_question(text, q.answer, q.answer_type, lnorm)["hit"]}
+    mnorm = _cached(medevalkit_response)
+    def medevalkit_pair(q, text):
+        "The medevalkit score, an LLM judge's verdict replacing exact match on open questions."
+        r = medevalkit_question(text, q.answer, q.answer_type, mnorm)
+        if judged is not None and q.answer_type == "OPEN" and judged.get(q.id) is not None:
+            r["hit"] = float(judged[q.id])
+        return r
+    return medevalkit_pair
+
 def score_pairs(pairs: Iterable[tuple[Question, str]],  # (question with `answer`, `answer_type`; answer text)
-                mode: str = "official",  # 'official' or 'strict'
-                norm=None,  # a (cached) `normalize_answer`, shared when scoring several modes
+                mode: str = "official",  # a protocol name (`PROTOCOLS`) or 'official'
+                norm=None,  # a (cached) `normalize_answer`, shared when scoring several protocols
                 details: list | None = None,  # if given, each question's metrics are appended here
+                candidates: CandidateMatcher | list[str] | None = None,  # llava-med-run-eval's candidate answers
+                judged: dict | None = None,  # medevalkit: {question id: the judge's verdict} for open questions
                ) -> dict:
-    "Aggregate metrics (percent) of one mode over question/answer pairs."
-    if mode not in ("official", "strict"): raise ValueError(f"mode={mode!r}: expected 'official' or 'strict'")
-    per_q = official_question if mode == "official" else strict_question
-    norm = norm or _cached(normalize_answer)
-    opens, closed, other = [], [], 0
+    "Aggregate metrics (percent) of one protocol over question/answer pairs; choice questions in every protocol."
+    protocol, norm = protocol_name(mode), norm or _cached(normalize_answer)
+    if isinstance(candidates, list): candidates = CandidateMatcher(candidates, norm)
+    per_q = _per_question(protocol, norm, candidates, judged)
+    opens, closed, choices, other = [], [], [], 0
     for q, text in pairs:
         t = q.answer_type
-        if t not in ("OPEN", "CLOSED"): other += 1; continue
-        r = per_q(text, q.answer, t, norm)
-        (closed.append(r["closed_hit"]) if t == "CLOSED" else opens.append(r))
+        if t == "CHOICE" or q.kind == "choice":
+            try: r = choice_question(text, q)
+            except ValueError as e: raise ValueError(f"question {q.id}: {e}") from None
+            choices.append(r)
+        elif t in ("OPEN", "CLOSED"):
+            r = per_q(q, text)
+            (closed.append(r["closed_hit"]) if t == "CLOSED" else opens.append(r))
+        else: other += 1; continue
         if details is not None: details.append(r)
-    out = {"mode": mode, "open_recall": None, "closed_accuracy": _mean100(closed)}
-    for k, src in _FROM.items():
-        if opens and src in opens[0]: out[k] = _mean100([r[src] for r in opens])
-        elif mode == "official" or not k.startswith("bleu"): out[k] = None
-    out.update(n_open=len(opens), n_closed=len(closed), n_other_type=other)
+    scored = [h for h in closed if h is not None]
+    out = {"mode": mode, "protocol": protocol, **dict.fromkeys(("open_recall",) if "open_recall" in OPEN_METRICS[protocol] else ()),
+           "closed_accuracy": _mean100(scored) if scored or not closed else 0.0}  # all left out: 0, as run_eval.py
+    for k, field_ in OPEN_METRICS[protocol].items():
+        out[k] = _mean100([r[field_] for r in opens])
+    if protocol in OVERALL:
+        out["overall_accuracy"] = _mean100(scored + [r["hit"] for r in opens + choices])
+    out.update(choice_accuracy=_mean100([r["hit"] for r in choices]), n_open=len(opens), n_closed=len(closed),
+               n_choice=len(choices), n_unparsed=sum(r["letter"] is None for r in choices), n_other_type=other)
+    if protocol == "llava-med-run-eval": out["n_closed_left_out"] = len(closed) - len(scored)
+    if protocol == "medevalkit" and judged is not None:
+        out["n_judged"] = sum(judged.get(q.id) is not None for q, _ in pairs if q.answer_type == "OPEN")
     return out
+
+# %% ../nbs/07_eval.ipynb #433834ef
+JUDGE_PROMPT = (
+    "Decide whether a user's answer to a question about a medical image is correct, given the standard answer. "
+    "An answer that means the same as the standard answer, or is another valid reading of it, is correct.\n\n"
+    "Question: {question}\nStandard answer: {answer}\nUser's answer: {response}\n\n"
+    "Reply in exactly this format, 0 for correct and 1 for incorrect:\n<think>one short reason</think>\n"
+    "<judge>0 or 1</judge>")
+
+def parse_verdict(text: str) -> bool:
+    "A judge reply's verdict: True for `<judge>0</judge>` (correct), False for 1; `ValueError` for anything else."
+    spans = re.findall(r"<judge>(.*?)</judge>", text or "", flags=re.S)
+    value = (" ".join(spans) if spans else text or "").strip()
+    if value not in ("0", "1"): raise ValueError(f"no <judge>0</judge> or <judge>1</judge> verdict in {value[:40]!r}")
+    return value == "0"
+
+def _judge_requests(pairs: list[tuple[Question, str]],  # (question, answer) pairs; only OPEN ones are judged
+                   model: str,  # the judge model (part of each request's id, so a new judge asks again)
+                  ) -> list[dict]:
+    "One chat request per open question; its id hashes the judge, the question and both answers."
+    reqs = []
+    for q, text in pairs:
+        if q.answer_type != "OPEN": continue
+        response = medevalkit_response(text)
+        key = json.dumps([model, q.id, q.question, q.answer, response], ensure_ascii=False)
+        prompt = JUDGE_PROMPT.format(question=q.question, answer=q.answer.lower().strip(), response=response)
+        reqs.append({"id": hashlib.sha256(key.encode()).hexdigest()[:20], "messages": [
+            {"role": "user", "content": prompt}], "meta": {"question_id": q.id}})
+    return reqs
+
+def judge_open_answers(pairs: list[tuple[Question, str]],  # (question, answer) pairs
+                       cache: str | Path,  # request checkpoint JSONL: finished requests are not sent again
+                       client: dict,  # `llavamed.client.ChatClient` fields: model, base_url, api_key_env, ...
+                       concurrency: int = 8,  # requests in flight at once
+                       quiet: bool = False,  # no progress bar
+                      ) -> dict[str, bool | None]:
+    "{question id: verdict} for the open questions (None where the judge failed or its reply had no verdict)."
+    from llavamed.client import ChatClient, load_checkpoint, run_chat_requests
+    reqs = _judge_requests(pairs, client["model"])
+    if cut := repair_torn_tail(cache): get_logger().warning(f"{cache}: cut a torn last line ({cut} bytes)")
+    run_chat_requests(ChatClient(**client), reqs, cache, concurrency=concurrency, parse=parse_verdict,
+                      progress=not quiet, desc="medevalkit judge")
+    done = load_checkpoint(cache)
+    rows = {r["meta"]["question_id"]: done.get(r["id"]) for r in reqs}
+    return {qid: row["parsed"] if row and row.get("status") == "done" else None for qid, row in rows.items()}
 
 # %% ../nbs/07_eval.ipynb #675de567
 def _group_order(g: str) -> tuple:
@@ -335,86 +636,131 @@ def describe_decoding(answers: list[dict]) -> str:
     if len(seen) == 1: return next(iter(seen))
     return "MIXED: " + "; ".join(f"{n} x {s}" for s, n in seen.most_common())
 
-# %% ../nbs/07_eval.ipynb #8d6c501c
+# %% ../nbs/07_eval.ipynb #22bded45
+SETTINGS = ("zero-shot", "fine-tuned", "unknown")
+
+def _answers_setting(answers: list[dict],  # answer rows (their `metadata`)
+                    key: str,  # a metadata key, e.g. 'prompt_suffix' or 'protocol'
+                   ) -> str | None:
+    "The one value of a metadata key across answers (None when absent), or 'MIXED: a, b' when they differ."
+    values = sorted({str((a.get("metadata") or {}).get(key)) for a in answers if (a.get("metadata") or {}).get(key)})
+    absent = any(not (a.get("metadata") or {}).get(key) for a in answers)
+    if not values: return None
+    if len(values) == 1 and not absent: return values[0]
+    return "MIXED: " + ", ".join(values + (["none"] if absent else []))
+
+# %% ../nbs/07_eval.ipynb #1374790b
 _LABELS = {"open_recall": "open (token recall)", "closed_accuracy": "closed (accuracy)",
-           "open_substring_accuracy": "open substring accuracy", "exact_match": "exact match", "f1": "F1",
-           "precision": "precision", "bleu": "BLEU", "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3"}
+           "open_accuracy": "open accuracy", "overall_accuracy": "overall accuracy",
+           "choice_accuracy": "choice accuracy", "open_substring_accuracy": "open substring accuracy",
+           "exact_match": "exact match", "f1": "F1", "precision": "precision", "bleu": "BLEU", "bleu1": "BLEU-1",
+           "bleu2": "BLEU-2", "bleu3": "BLEU-3"}
+_MODE_NAMES = ("official", "strict")  # today's two modes: their columns say 'mode'
+
+def _column_name(key: str) -> str:
+    "A metrics column's heading: 'official mode' and 'strict mode' for today's two modes, else the protocol."
+    return f"{key} mode" if key in _MODE_NAMES else key
 
 @dataclass
 class Scores(Result):
-    "What `score` found: each mode's metrics (percent), how answers paired with questions, what made them."
+    "What `score` found: each protocol's metrics (percent), how answers paired with questions, what made them."
     dataset: str  # the dataset's name in reports
     pred: str  # the answers file
     gt: str  # the VQA file
     gt_sha256: str  # SHA-256 of the VQA file's bytes
     decoding: str  # the answers' decoding settings (`describe_decoding`)
     image_ablation: str  # the answers' image ablation: 'none', 'blank', ... or 'mixed'
-    mode: str  # 'official', 'strict' or 'all' (both)
-    metrics: dict  # {mode: aggregate metrics from `score_pairs`}: one mode, or both for 'all'
+    mode: str  # the protocols as asked, e.g. 'llava-med', 'all' or 'lmms-eval,medevalkit'
+    metrics: dict  # {protocol as named: aggregate metrics from `score_pairs`}
     pairing: dict  # what `align` counted: n_questions, n_answers, n_missing, missing_ids, ...
+    setting: str = "unknown"  # 'zero-shot', 'fine-tuned' or 'unknown', as the user states it
+    prompt_suffix: str | None = None  # the answers' prompt suffix (from their metadata)
+    inputs: dict = field(default_factory=dict)  # what else the protocols read: candidate file and hash, the judge
 
     def counts(self) -> dict:
-        "Questions scored per answer type (the same in every mode)."
+        "Questions scored per answer type (the same in every protocol)."
         first = next(iter(self.metrics.values()))
-        return {k: first[k] for k in ("n_open", "n_closed", "n_other_type")}
+        return {k: first.get(k, 0) for k in ("n_open", "n_closed", "n_choice", "n_other_type")}
 
     def table(self) -> list[tuple[str, list]]:
-        "(metric label, one value per mode) for every metric some mode has."
+        "(metric label, one value per protocol) for every metric some protocol has."
         return [(label, [m.get(k) for m in self.metrics.values()]) for k, label in _LABELS.items()
                 if any(m.get(k) is not None for m in self.metrics.values())]
 
     def heading(self) -> list[str]:
-        "The lines above the terminal table: data, answers, decoding and pairing counts."
+        "The lines above the terminal table: data, answers, protocols, setting, decoding and pairing counts."
         p, n = self.pairing, self.counts()
         scored_as = "empty" if p["missing_policy"] == "empty" else "skipped"
+        protocols = "; ".join(f"{k} = {PROTOCOL_SOURCES[m['protocol']]}" for k, m in self.metrics.items())
+        unparsed = next(iter(self.metrics.values())).get("n_unparsed", 0)
+        choice = f", choice {n['n_choice']} ({unparsed} unparsed)" if n["n_choice"] else ""
         return [f"VQA scores | {self.dataset} | data {self.gt} sha256 {self.gt_sha256}",
                 f"answers {self.pred} | decoding: {self.decoding}",
-                f"questions {p['n_questions']} (open {n['n_open']}, closed {n['n_closed']}) | "
+                f"protocols: {protocols} | setting: {self.setting} | prompt suffix: {self.prompt_suffix!r}",
+                f"questions {p['n_questions']} (open {n['n_open']}, closed {n['n_closed']}{choice}) | "
                 f"missing answers {p['n_missing']} (scored as {scored_as}), extra {p['n_extra']}, "
                 f"duplicate {p['n_duplicate']}"] + [
+                f"{k}: {v}" for k, v in self.inputs.items()] + [
                 f"skipped bad {name}: {p[f'bad_{name}']}" for name in ("answers", "questions")
                 if p.get(f"bad_{name}")]
 
     def __str__(self) -> str:
-        "The terminal table: the heading, then one row per metric and one column per mode."
+        "The terminal table: the heading, then one row per metric and one column per protocol."
         w = max(map(len, _LABELS.values()))
-        rows = [f"{'metric':{w}}  " + "  ".join(f"{m + ' mode':>14}" for m in self.metrics)]
+        rows = [f"{'metric':{w}}  " + "  ".join(f"{_column_name(k):>18}" for k in self.metrics)]
         for label, vals in self.table():
-            rows.append(f"{label:{w}}  " + "  ".join(f"{fmt_num(v, 2):>14}" for v in vals))
+            rows.append(f"{label:{w}}  " + "  ".join(f"{fmt_num(v, 2):>18}" for v in vals))
         return "\n".join(self.heading() + [""] + rows)
 
     def _repr_markdown_(self) -> str:
-        "The table as Markdown, headed by the dataset, the decoding and the data hash."
-        head = f"**{self.dataset}** ({self.decoding}; data sha256 `{self.gt_sha256[:12]}`)\n\n"
-        rows = [f"| {label} | " + " | ".join(fmt_num(v, 2) for v in vals) + " |"
-                for label, vals in self.table()]
-        return (head + "| metric | " + " | ".join(f"{m} mode" for m in self.metrics) + " |\n|---|"
+        "The table as Markdown, headed by the dataset, the setting, the decoding and the data hash."
+        head = (f"**{self.dataset}** ({self.setting}; {self.decoding}; data sha256 `{self.gt_sha256[:12]}`)\n\n")
+        rows = [f"| {label} | " + " | ".join(fmt_num(v, 2) for v in vals) + " |" for label, vals in self.table()]
+        return (head + "| metric | " + " | ".join(_column_name(k) for k in self.metrics) + " |\n|---|"
                 + "---|" * len(self.metrics) + "\n" + "\n".join(rows))
 
     def to_json(self) -> dict:
-        "What `score --out` writes: one mode's metrics at the top level, or `official` and `strict` objects."
+        "What `score --out` writes: one protocol's metrics at the top level, or one object per protocol."
         d = {"dataset": self.dataset, "pred": self.pred, "gt": self.gt, "gt_sha256": self.gt_sha256,
-             "decoding": self.decoding, "image_ablation": self.image_ablation, **self.pairing,
+             "decoding": self.decoding, "image_ablation": self.image_ablation, "setting": self.setting,
+             "prompt_suffix": self.prompt_suffix, "protocols": list(self.metrics), **self.inputs, **self.pairing,
              **self.counts()}
-        d.update(self.metrics if self.mode == "all" else self.metrics[self.mode])
+        d.update(self.metrics if len(self.metrics) > 1 else next(iter(self.metrics.values())))
         d["mode"] = self.mode
         return to_jsonable(d)
 
-# %% ../nbs/07_eval.ipynb #f9ea80d3
+# %% ../nbs/07_eval.ipynb #5f47691c
+def _scored(q: Question) -> bool:
+    "Whether a question is scored: open, closed or multiple choice."
+    return q.answer_type in ("OPEN", "CLOSED", "CHOICE") or q.kind == "choice"
+
 def _detail_rows(pairs, per_q: dict[str, list]):
-    "One row per scored question: id, type, reference, answer and each mode's metrics (fractions)."
-    scored = [(q, t) for q, t in pairs if q.answer_type in ("OPEN", "CLOSED")]
-    for i, (q, text) in enumerate(scored):
-        yield {"id": q.id, "answer_type": q.answer_type, "gt": q.answer, "pred": text,
+    "One row per scored question: id, type, reference, answer and each protocol's metrics (fractions)."
+    for i, (q, text) in enumerate((q, t) for q, t in pairs if _scored(q)):
+        yield {"id": q.id, "answer_type": q.answer_type or "CHOICE", "gt": q.answer, "pred": text,
                **{m: rows[i] for m, rows in per_q.items()}}
 
-# %% ../nbs/07_eval.ipynb #11491f7f
+# %% ../nbs/07_eval.ipynb #01d33614
+def check_choices(questions: list[Question],  # from `load_questions`
+                  bad: BadRecords,  # the question file's bad records: unusable choice questions are counted here
+                 ) -> list[Question]:
+    "The questions without the multiple-choice ones that cannot be scored (under two options, a letter outside)."
+    kept = []
+    for q in questions:
+        if q.answer_type == "CHOICE" or q.kind == "choice":
+            try: choice_label(q)
+            except ValueError as e: bad.skip(_reason(e), f"id {q.id}"); continue
+        kept.append(q)
+    bad.check(len(questions) + bad.total - (len(questions) - len(kept)))
+    return kept
+
+# %% ../nbs/07_eval.ipynb #73fc96e7
 def _read_pairs(pred, gt, missing: str, max_answer_chars: int) -> tuple[list, dict, list[dict]]:
     "Answers and questions, read and paired (bad records counted); empty or unpaired inputs raise."
     bad_answers, bad_questions = BadRecords(str(pred)), BadRecords(str(gt))
     answers = load_answers(pred, bad_answers, max_answer_chars)
     if not answers: raise ValueError(f"{pred}: no answers (an empty file)")
-    questions = load_questions(gt, need_answer=True, bad=bad_questions)
+    questions = check_choices(load_questions(gt, need_answer=True, bad=bad_questions), bad_questions)
     if not questions: raise ValueError(f"{gt}: no questions (an empty file)")
     pairs, info = align(questions, answers, missing)
     if info["n_missing"] == len(questions):
@@ -424,33 +770,74 @@ def _read_pairs(pred, gt, missing: str, max_answer_chars: int) -> tuple[list, di
         info[f"n_bad_{name}"], info[f"bad_{name}"] = bad.total, bad.summary() if bad.total else None
     return pairs, info, answers
 
+def _protocol_inputs(names: list[str], candidates, judge_model, setting: str) -> None:
+    "Refuse options that do not fit the protocols asked for, before any file is read."
+    protocols = {protocol_name(n) for n in names}
+    if setting not in SETTINGS: raise ValueError(f"setting={setting!r}: expected one of {', '.join(SETTINGS)}")
+    if "llava-med-run-eval" in protocols and not candidates:
+        raise ValueError("protocol llava-med-run-eval needs --candidates (the official candidate-answer JSON)")
+    if candidates and "llava-med-run-eval" not in protocols:
+        raise ValueError("--candidates is read by the llava-med-run-eval protocol only; add it to --protocol")
+    if judge_model and "medevalkit" not in protocols:
+        raise ValueError("--judge-model judges the medevalkit protocol's open answers; add it to --protocol")
+
 def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from `llavamed predict`
           gt: str = None,  # the VQA file with the reference answers (`id`, `answer_type`, conversations)
-          mode: str = "official",  # 'official' (LLaVA-Med v1.0 scorer), 'strict', or 'all' (both)
+          mode: str = None,  # the former name of --protocol ('official', 'strict' or 'all'), still accepted
+          protocol: str = None,  # comma-separated: llava-med (default), llava-med-run-eval, strict, lmms-eval, medevalkit
           missing: str = "empty",  # questions without an answer: 'empty' (count as wrong) or 'skip'
           out: str = None,  # also write the result as JSON here (what `llavamed report` reads)
           name: str = None,  # the dataset's name in reports (default: the data file's folder and stem)
-          details: str = None,  # also write each question's metrics (every mode scored) to this JSONL file
+          details: str = None,  # also write each question's metrics (every protocol scored) to this JSONL file
+          setting: str = "unknown",  # how the model met this dataset: 'zero-shot', 'fine-tuned' or 'unknown'
+          candidates: str = None,  # llava-med-run-eval: the official candidate-answer JSON ({"0": [...]})
+          judge_model: str = None,  # medevalkit: judge open answers with this LLM (default: exact match)
+          base_url: str = None,  # the judge's OpenAI-compatible API root (default: OpenAI's)
+          api_key_env: str = "OPENAI_API_KEY",  # environment variable holding the judge's API key
+          judge_cache: str = None,  # judge request checkpoint (default: beside --out, else beside --pred)
+          concurrency: int = 8,  # judge requests in flight at once
+          quiet: bool = False,  # no progress bar
           max_answer_chars: int = MAX_ANSWER_CHARS,  # a longer answer stops the run (no model's real answer)
          ) -> Scores:
-    "Score VQA answers against references in the official and/or strict mode."
+    "Score VQA and multiple-choice answers under one or more named protocols."
     if pred is None or gt is None: raise ValueError("score needs both --pred (answers) and --gt (VQA file)")
-    if mode not in ("official", "strict", "all"):
-        raise ValueError(f"mode={mode!r}: expected official, strict or all")
-    refuse_outputs_over_inputs({"out": out, "details": details}, {"pred": pred, "gt": gt})
+    if mode and protocol and parse_protocols(mode) != parse_protocols(protocol):
+        raise ValueError(f"--mode {mode!r} and --protocol {protocol!r} disagree (--mode is --protocol's old name)")
+    spec = protocol or mode or "llava-med"
+    try: names = parse_protocols(spec)
+    except ValueError as e: raise ValueError(f"mode={spec!r}: {e}") from None
+    _protocol_inputs(names, candidates, judge_model, setting)
+    cache = Path(judge_cache) if judge_cache else Path(out or pred).with_name(Path(out or pred).stem
+                                                                             + ".judge.jsonl")
+    refuse_outputs_over_inputs({"out": out, "details": details, "judge_cache": cache if judge_model else None},
+                               {"pred": pred, "gt": gt, "candidates": candidates})
+    matcher_texts = load_candidates(candidates) if candidates else None
     pairs, info, answers = _read_pairs(pred, gt, missing, max_answer_chars)
     if info["n_missing"] or info["n_extra"]:
         get_logger().warning(f"{info['n_missing']} questions have no answer, "
                              f"{info['n_extra']} answers match no question")
-    modes = ("official", "strict") if mode == "all" else (mode,)
-    norm = _cached(normalize_answer)  # both modes normalise the same strings
-    per_q = {m: [] if details else None for m in modes}
-    metrics = {m: score_pairs(pairs, m, norm, per_q[m]) for m in modes}
+    norm = _cached(normalize_answer)  # the protocols built on it normalise the same strings
+    inputs, judged = {}, None
+    if candidates:
+        inputs.update(candidates=str(candidates), candidates_sha256=file_sha256(candidates),
+                      n_candidates=len(matcher_texts))
+    if judge_model:
+        from llavamed.client import split_userinfo
+        server = split_userinfo(base_url)[0]  # credentials in the URL never reach the result
+        inputs["judge"] = f"openai:{judge_model}" + (f" at {server}" if server else "")
+        client = dict(model=judge_model, base_url=base_url, api_key_env=api_key_env, temperature=0.0,
+                      max_tokens=512)
+        judged = judge_open_answers(pairs, cache, client, concurrency, quiet)
+        inputs.update(judge_cache=str(cache), n_judge_failed=sum(v is None for v in judged.values()))
+    per_q = {n: [] if details else None for n in names}
+    matcher = CandidateMatcher(matcher_texts, norm) if candidates else None
+    metrics = {n: score_pairs(pairs, n, norm, per_q[n], matcher, judged) for n in names}
     ablations = {(a.get("metadata") or {}).get("image_ablation", "none") for a in answers} or {"none"}
     res = Scores(dataset=name or f"{Path(gt).resolve().parent.name}/{Path(gt).stem}", pred=str(pred),
                  gt=str(gt), gt_sha256=file_sha256(gt), decoding=describe_decoding(answers),
-                 image_ablation=ablations.pop() if len(ablations) == 1 else "mixed", mode=mode,
-                 metrics=metrics, pairing=info)
+                 image_ablation=ablations.pop() if len(ablations) == 1 else "mixed", mode=spec,
+                 metrics=metrics, pairing=info, setting=setting,
+                 prompt_suffix=_answers_setting(answers, "prompt_suffix"), inputs=inputs)
     texts = {out: json.dumps(res.to_json(), indent=2, ensure_ascii=False)} if out else {}
     if details: texts[details] = "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                          for r in _detail_rows(pairs, per_q))
