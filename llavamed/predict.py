@@ -237,8 +237,9 @@ def _check_request(model, data, out, image_ablation: str, batch_size: int, max_n
 def _rank_device(device: str | None, local_rank: int, world: int) -> str | None:
     "This process's device: as given, but its own GPU (`cuda:LOCAL_RANK`) when several processes share a machine."
     from llavamed.core import pick_device
-    if world > 1 and (device or pick_device()) == "cuda": return f"cuda:{local_rank}"
-    return device
+    if world == 1 or (device or pick_device()) != "cuda": return device
+    import torch
+    return f"cuda:{local_rank % torch.cuda.device_count()}"  # more processes than GPUs: some share one
 
 def _batches(xs: list, n: int):
     "Consecutive chunks of `xs` of length `n` (the last may be shorter)."
