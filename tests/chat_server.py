@@ -94,6 +94,7 @@ class _Server(ThreadingHTTPServer):
             self.batches: dict[str, dict] = {}  # id -> {"obj": batch object, "lines": [...], "index": n}
             self.batch_by_key, self.image_parts, self.headers_seen = collections.Counter(), 0, collections.Counter()
             self.upload_bytes = self.uploads = 0
+            self.body_keys = collections.Counter()  # top-level request fields seen (chat requests and batch lines)
 
     def decide(self, key: str) -> tuple[str, float]:
         with self.lock:
@@ -116,7 +117,7 @@ class _Server(ThreadingHTTPServer):
                     "batches_created": len(self.batches), "batch_lines": sum(self.batch_by_key.values()),
                     "batch_by_key": dict(self.batch_by_key), "uploads": self.uploads,
                     "upload_bytes": self.upload_bytes, "image_parts": self.image_parts,
-                    "headers_seen": dict(self.headers_seen),
+                    "headers_seen": dict(self.headers_seen), "body_keys": dict(self.body_keys),
                     "batch_status": {b: d["obj"]["status"] for b, d in self.batches.items()}}
 
     def batch_action(self, key: str) -> str:
@@ -194,6 +195,7 @@ class _Server(ThreadingHTTPServer):
         results = []
         for i, line in enumerate(lines if not failing else []):
             key, req = line["custom_id"], line.get("body") or {}
+            with self.lock: self.body_keys.update(list(req))
             act = self.batch_action(key)
             if act == "ok" or act == "garbage": self.count_images(req.get("messages") or [])
             if index in cfg["expire_batches"] and i >= len(lines) // 2: act = "expire"
@@ -384,6 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name in ("OpenAI-Organization", "OpenAI-Project"):
             if self.headers.get(name):
                 with srv.lock: srv.headers_seen[f"{name}={self.headers[name]}"] += 1
+        with srv.lock: srv.body_keys.update(list(req))
         try: srv.count_images(messages)
         except (ValueError, KeyError, TypeError) as e:
             return self._error(400, f"bad image part: {e}", "invalid_request_error")
