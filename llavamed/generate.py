@@ -118,7 +118,7 @@ class ChatResult(Result):
         "The answers, one per line, unless they were shown already."
         return "" if self.shown else "\n".join(self.answers)
 
-def chat(model: str = None,  # a saved model directory or preset (or a `(model, processor)` pair from Python)
+def chat(model: str = None,  # a preset, model folder, raw release or hub id (or a `(model, processor)` pair)
          image: str = None,  # the image file: PNG/JPEG/DICOM/NIfTI
          question: str = None,  # answer this one question and exit (otherwise: interactive)
          max_new_tokens: int = 256,  # new tokens per answer at most

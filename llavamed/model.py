@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/model.html.md"""
 
 # %% ../nbs/05_model.ipynb #374cceb1
 from __future__ import annotations
-import dataclasses, functools, json, math
+import contextlib, dataclasses, functools, json, math, os, re, shutil, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,12 @@ from .images import load_image, pixel_values
 
 # %% auto #0
 __all__ = ['log', 'VICUNA_SYSTEM', 'TEMPLATES', 'PROJECTORS', 'ASPECTS', 'TINY_VISION', 'TINY_LM', 'PRESETS', 'SPECIALS',
-           'CLIP_MEAN', 'CLIP_STD', 'sample_to_messages', 'ModelConfig', 'train_tokenizer', 'add_special_tokens',
-           'make_image_processor', 'make_processor', 'set_template', 'template_name', 'linear_llava_class',
-           'model_class', 'build_model', 'check_image_tokens', 'save_model', 'load_model', 'pretrain_tower',
-           'infer_clip_config', 'ConvertedCheckpoint', 'convert_checkpoint', 'tiny_release_checkpoint']
+           'CLIP_MEAN', 'CLIP_STD', 'TOWERS', 'RELEASE_TYPES', 'sample_to_messages', 'ModelConfig', 'train_tokenizer',
+           'add_special_tokens', 'make_image_processor', 'make_processor', 'set_template', 'template_name',
+           'linear_llava_class', 'model_class', 'tower_type', 'build_model', 'check_image_tokens', 'hub_cache',
+           'hub_offline', 'resolve_source', 'is_release', 'llavamed_cache', 'resolve_model', 'save_model', 'load_model',
+           'pretrain_tower', 'infer_clip_config', 'ConvertedCheckpoint', 'convert_checkpoint', 'train_sentencepiece',
+           'tiny_release_checkpoint', 'BuiltModel', 'build']
 
 # %% ../nbs/05_model.ipynb #39750108
 log = get_logger("llavamed.model")
@@ -179,14 +181,20 @@ def make_image_processor(image_size: int,  # the tower's input size in pixels
                                   crop_size={"height": image_size, "width": image_size}, do_pad=aspect == "pad",
                                   do_center_crop=True, image_mean=list(mean), image_std=list(std))
 
+TOWERS = {  # vision model_type: (transformers class, tokens before the patches (CLS), image mean, std)
+    "clip_vision_model": ("CLIPVisionModel", 1, CLIP_MEAN, CLIP_STD),
+    "siglip_vision_model": ("SiglipVisionModel", 0, [0.5] * 3, [0.5] * 3),
+}
+
 def make_processor(tokenizer, vision_config, template: str = "mistral_instruct", aspect: str = "pad",
                    strategy: str = "default", image_processor=None):
-    "A `LlavaProcessor` for `tokenizer` and a CLIP `vision_config`, with the named chat template."
+    "A `LlavaProcessor` for `tokenizer` and a CLIP/SigLIP `vision_config`, with the named chat template."
     from transformers import LlavaProcessor
-    ip = image_processor or make_image_processor(vision_config.image_size, aspect)
+    _, n_cls, mean, std = TOWERS[vision_config.model_type]
+    ip = image_processor or make_image_processor(vision_config.image_size, aspect, mean, std)
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=vision_config.patch_size,
                           vision_feature_select_strategy=strategy, chat_template=TEMPLATES[template],
-                          image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+                          image_token=IMAGE_TOKEN, num_additional_image_tokens=n_cls)
 
 def set_template(processor, name: str):
     "Switch `processor` to the chat template `name` (e.g. 'plain' for stage 1); returns the processor."
@@ -231,11 +239,41 @@ def model_class(config):
     return linear_llava_class() if proj == "linear" else LlavaForConditionalGeneration
 
 # %% ../nbs/05_model.ipynb #7970db05
+def tower_type(config: dict, name="vision tower") -> str:
+    "The `TOWERS` key of a vision model's config.json (a full CLIP/SigLIP model gives its vision part)."
+    mt = config.get("model_type")
+    mt = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(mt, mt)
+    if mt not in TOWERS:
+        raise ValueError(f"--vision {name}: model_type {config.get('model_type')!r} is not a vision tower "
+                         f"llavamed can use (CLIP or SigLIP vision models: {', '.join(TOWERS)})")
+    return mt
+
+def _source_dir(name, what: str) -> Path:
+    "The local folder of a part named by folder or hub id (a preset name is not a part)."
+    src = resolve_source(name, what)
+    if isinstance(src, str): raise ValueError(f"--{what} {name}: a preset name, not a {what} folder or hub id")
+    return src
+
 def _load_tower(vision, dtype):
-    "A CLIP vision tower: loaded from an id/path, or randomly initialised from a dict of config values."
-    from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
+    "A vision tower (CLIP or SigLIP): loaded from a folder or hub id, or a random CLIP from config values."
+    import transformers
+    from transformers import AutoModel, CLIPVisionConfig
     if isinstance(vision, dict): return AutoModel.from_config(CLIPVisionConfig(**vision))
-    return CLIPVisionModel.from_pretrained(vision, dtype=dtype)
+    path = _source_dir(vision, "vision")
+    cls = TOWERS[tower_type(_read_config(path, "--vision"), vision)][0]
+    return getattr(transformers, cls).from_pretrained(path, dtype=dtype)
+
+def _tower_norm(vision, vision_config) -> tuple[list, list]:
+    "The tower's image mean and std: from its preprocessor_config.json when it has one, else its family's."
+    _, _, mean, std = TOWERS[vision_config.model_type]
+    if isinstance(vision, dict): return mean, std
+    f = _source_dir(vision, "vision") / "preprocessor_config.json"
+    pre = json.loads(f.read_text()) if f.is_file() else {}
+    return pre.get("image_mean", mean), pre.get("image_std", std)
+
+def _vocab_rows(config: dict) -> int | None:
+    "The embedding rows a causal LM's config.json declares."
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
 def _load_lm(lm, tokenizer, dtype):
     "A causal LM sized to `tokenizer`: loaded (new rows mean-initialised) or a random Llama from config values."
@@ -244,10 +282,28 @@ def _load_lm(lm, tokenizer, dtype):
         cfg = LlamaConfig(**{**lm, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
         return AutoModelForCausalLM.from_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(lm, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(_source_dir(lm, "lm"), dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model
+
+def _lm_tokenizer(lm, tokenizer=None):
+    "A real LM's tokenizer, checked against its embeddings (a tokenizer larger than them is another model's)."
+    from transformers import AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    path = _source_dir(lm, "lm")
+    cfg = _read_config(path, "--lm")
+    if cfg.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"--lm {lm}: model_type {cfg.get('model_type')!r} is not a causal language model")
+    tok_dir = _source_dir(tokenizer, "tokenizer") if tokenizer else path
+    try: tok = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"--lm {lm}: cannot read the tokenizer in {tok_dir} ({type(e).__name__}: {e})") from e
+    rows = _vocab_rows(cfg)
+    if rows and len(tok) > rows:
+        raise ValueError(f"--lm {lm}: the tokenizer has {len(tok)} tokens but the embeddings {rows} rows "
+                         f"(vocab_size): tokenizer and weights are from different models")
+    return tok
 
 # %% ../nbs/05_model.ipynb #a334d9e3
 def _assemble(tower, lm, tokenizer, cfg: ModelConfig):
@@ -255,7 +311,11 @@ def _assemble(tower, lm, tokenizer, cfg: ModelConfig):
     import torch
     from transformers import LlavaConfig
     vcfg = tower.config
-    n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
+    n_cls = TOWERS[vcfg.model_type][1]
+    if n_cls == 0 and cfg.vision_feature_select_strategy == "default":
+        raise ValueError(f"vision tower {vcfg.model_type} has no CLS token to drop: use feature select 'full'")
+    keep_cls = cfg.vision_feature_select_strategy == "full"
+    n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + n_cls * keep_cls
     # the parts' own config objects, shared, so later switches (attention implementation, ...) reach every layer
     config = LlavaConfig(vision_config=vcfg, text_config=lm.config,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -278,27 +338,27 @@ def _assemble(tower, lm, tokenizer, cfg: ModelConfig):
     return model
 
 # %% ../nbs/05_model.ipynb #bc330fac
-def build_model(preset: str | ModelConfig = "tiny",  # preset name, a `ModelConfig`, or a LLaVA checkpoint dir
+def build_model(preset: str | ModelConfig = "tiny",  # a preset, a `ModelConfig`, a LLaVA checkpoint or hub id
                 tokenizer_texts: list[str] | None = None,  # text to train the tiny preset's tokenizer on
                 **overrides,  # `ModelConfig` fields to change (e.g. template='plain', projector='linear')
                ):
     "Compose a LLaVA model and its processor; returns `(model, processor)`."
     from transformers import AutoTokenizer
-    if isinstance(preset, (str, Path)) and str(preset) not in PRESETS and Path(preset).is_dir():
-        return _from_checkpoint(preset, **overrides)
     if isinstance(preset, ModelConfig): cfg = dataclasses.replace(preset, **overrides)
-    elif preset in PRESETS: cfg = dataclasses.replace(PRESETS[preset], **overrides)
-    else:
-        raise ValueError(f"unknown preset {preset!r}: expected one of {tuple(PRESETS)} or a checkpoint directory")
+    elif str(preset) in PRESETS and not Path(preset).is_dir():
+        cfg = dataclasses.replace(PRESETS[str(preset)], **overrides)
+    else: return _from_checkpoint(resolve_model(preset), **overrides)
     dtype = pick_dtype(dtype=cfg.dtype)
     if isinstance(cfg.lm, dict) and cfg.tokenizer is None:  # a random LM: a BPE trained on the given text
         tok = train_tokenizer(tokenizer_texts, cfg.vocab_size)
-    else: tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.lm)
+    elif isinstance(cfg.lm, dict): tok = AutoTokenizer.from_pretrained(_source_dir(cfg.tokenizer, "tokenizer"))
+    else: tok = _lm_tokenizer(cfg.lm, cfg.tokenizer)
     added = add_special_tokens(tok)
     if added: log.info(f"tokenizer: added {added}")
-    tower, lm = _load_tower(cfg.vision, dtype), _load_lm(cfg.lm, tok, dtype)
-    model = _assemble(tower, lm, tok, cfg)
-    proc = make_processor(tok, tower.config, cfg.template, cfg.aspect, cfg.vision_feature_select_strategy)
+    tower = _load_tower(cfg.vision, dtype)
+    model = _assemble(tower, _load_lm(cfg.lm, tok, dtype), tok, cfg)
+    ip = make_image_processor(tower.config.image_size, cfg.aspect, *_tower_norm(cfg.vision, tower.config))
+    proc = make_processor(tok, tower.config, cfg.template, cfg.aspect, cfg.vision_feature_select_strategy, ip)
     return model.eval(), proc
 
 # %% ../nbs/05_model.ipynb #8e7e6a55
@@ -332,6 +392,140 @@ def check_image_tokens(input_ids,  # (b, t) token ids
             name = f"sample {ids[i]!r}" if ids else f"sample {i}"
             raise ValueError(f"{name}: {c} image tokens, expected {k * per} ({k} image(s) x {per} features)")
 
+# %% ../nbs/05_model.ipynb #affd8878
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")  # org/name[@revision]
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+def hub_cache() -> Path:
+    "The Hugging Face hub cache in use now: `HF_HUB_CACHE`, else `HF_HOME`/hub, else huggingface_hub's default."
+    if os.environ.get("HF_HUB_CACHE"): return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"): return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+    return Path(constants.HF_HUB_CACHE)
+
+def hub_offline() -> bool:
+    "Whether `HF_HUB_OFFLINE` is set now (read at each call, not when huggingface_hub was imported)."
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+
+def _fetch_command(repo: str, rev: str | None) -> str:
+    "The command that puts `repo` (at `rev`) in the hub cache."
+    return f"`hf download {repo}" + (f" --revision {rev}`" if rev else "`")
+
+# %% ../nbs/05_model.ipynb #96dad457
+def _snapshot(name: str, what: str) -> Path:
+    "The local snapshot folder of hub id `org/name[@revision]`: from the cache, downloading unless offline."
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    repo, _, rev = name.partition("@")
+    rev, cache = rev or None, hub_cache()
+    try: return Path(snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=hub_offline()))
+    except GatedRepoError as e:
+        raise FileNotFoundError(f"{what} {name}: a gated model: accept its terms on the Hub, "
+                                f"then `hf auth login`") from e
+    except RevisionNotFoundError as e:
+        raise FileNotFoundError(f"{what} {name}: the Hub has no revision {rev!r} of {repo}") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{what} {name}: no such directory, and no such model on the Hugging Face "
+                                f"Hub (a private one needs `hf auth login`)") from e
+    except LocalEntryNotFoundError as e:
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
+        raise FileNotFoundError(f"{what} {name}: no such directory, and not in the Hugging Face cache "
+                                f"{cache} while {why}: fetch it with {_fetch_command(repo, rev)}") from e
+
+def resolve_source(name: str | Path,  # a preset name, a local directory or a hub id `org/name[@revision]`
+                   what: str = "model",  # what the name is for, in error messages ('model', '--vision', ...)
+                  ) -> str | Path:
+    "A preset name as is; a local directory, or a hub id's snapshot folder in the hub cache, as a `Path`."
+    if name is None or str(name) == "": raise ValueError(f"{what}: a preset, directory or hub id is needed")
+    path = Path(name).expanduser()
+    if str(name) in PRESETS and not path.is_dir(): return str(name)
+    if path.is_dir(): return path
+    if path.exists(): raise ValueError(f"{what} {name}: a file, not a model directory")
+    if _HUB_ID.fullmatch(str(name)): return _snapshot(str(name), what)
+    if len(path.parts) == 1:  # a bare word: most likely a preset misspelt
+        raise ValueError(f"unknown preset {str(name)!r}: expected one of {tuple(PRESETS)}, a model directory "
+                         f"or a hub id (org/name[@revision])")
+    raise FileNotFoundError(f"{what} {name}: no such directory, not a preset ({', '.join(PRESETS)}) "
+                            f"and not a hub id (org/name[@revision])")
+
+# %% ../nbs/05_model.ipynb #7911d56c
+RELEASE_TYPES = {"llava_mistral": "mistral", "llava_llama": "llama", "llava": "llama"}  # release: its LM
+
+def _read_config(path: Path, what: str) -> dict:
+    "A model directory's config.json, or a clear error naming the directory."
+    f = path / "config.json"
+    if not f.is_file():
+        kind = "an open_clip model (open_clip_config.json)" if (path / "open_clip_config.json").is_file() else ""
+        raise FileNotFoundError(f"{what} {path}: no config.json" + (f": {kind}, not a transformers model"
+                                if kind else ": not a transformers model directory"))
+    try: cfg = json.loads(f.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {f}: not a JSON config ({e})") from e
+    if not isinstance(cfg, dict): raise ValueError(f"{what} {f}: not a JSON object")
+    return cfg
+
+def is_release(cfg: dict) -> bool:
+    "Whether a config.json is a raw LLaVA / LLaVA-Med release (`llava_mistral`, `llava_llama`, v1.0 `llava`)."
+    mt = cfg.get("model_type", "")
+    if mt == "llava": return "text_config" not in cfg and any(k.startswith("mm_") for k in cfg)
+    return mt in RELEASE_TYPES
+
+def llavamed_cache() -> Path:
+    "Where raw releases are converted: `LLAVAMED_CACHE`, else `XDG_CACHE_HOME`/llavamed, else ~/.cache/llavamed."
+    if os.environ.get("LLAVAMED_CACHE"): return Path(os.environ["LLAVAMED_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "llavamed"
+
+# %% ../nbs/05_model.ipynb #ee6294cc
+def _release_key(src: Path) -> str:
+    "A short hash of a release's real path and its files' sizes and times: a changed release converts anew."
+    import hashlib
+    h = hashlib.sha256(str(src.resolve()).encode())
+    for f in sorted(src.iterdir()):
+        if f.is_file(): st = f.stat(); h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+def _has_tower_weights(src: Path) -> bool:
+    "Whether a release's weights include its vision tower, read off the weight names only (no tensor loaded)."
+    from safetensors import safe_open
+    index = src / "model.safetensors.index.json"
+    if index.is_file(): names = json.loads(index.read_text()).get("weight_map", {})
+    elif any(src.glob("*.safetensors")):
+        names = [k for f in src.glob("*.safetensors") for k in safe_open(f, "pt").keys()]
+    else: return True  # PyTorch .bin files: only loading them tells; the converter says so if not
+    return any(k.startswith("model.vision_tower.vision_tower.") for k in names)
+
+def _auto_convert(src: Path, cfg: dict) -> Path:
+    "The converted copy of the raw release `src` in `llavamed_cache()`, converted on first use."
+    out = llavamed_cache() / "converted" / f"{src.name}-{_release_key(src)}"
+    if (out / "config.json").is_file(): return out
+    command, mt = f"llavamed convert --src {src} --out DIR", cfg.get("model_type")
+    if not any(src.glob("*.safetensors")) and not any(src.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(f"{src}: a raw {mt} release without weight files")
+    if not _has_tower_weights(src):
+        raise ValueError(f"{src}: a raw {mt} release without its vision tower's weights; run `{command} --tower "
+                         f"{cfg.get('mm_vision_tower', 'CLIP_DIR')}` and pass --model DIR")
+    log.warning(f"{src} is a raw {mt} release: converting it once into {out} "
+                f"(what `{command}` does)")
+    try: convert_checkpoint(str(src), str(out))
+    except ValueError as e:
+        raise ValueError(f"{src}: a raw {mt} release that does not convert on its own "
+                         f"({e}); run `{command}` and pass --model DIR") from e
+    return out
+
+def resolve_model(name: str | Path,  # a preset, a model directory, a raw release or a hub id
+                  what: str = "model",  # what the name is for, in error messages
+                 ) -> str | Path:
+    "What `load_model` loads: a preset name, or a LLaVA checkpoint folder (a raw release converted first)."
+    src = resolve_source(name, what)
+    if isinstance(src, str): return src
+    cfg = _read_config(src, what)
+    if is_release(cfg): return _auto_convert(src, cfg)
+    if cfg.get("model_type") != "llava":
+        raise ValueError(f"{what} {name}: model_type {cfg.get('model_type')!r} is not a LLaVA model; compose one "
+                         f"with `llavamed build --vision TOWER --lm LM --out DIR`")
+    return src
+
 # %% ../nbs/05_model.ipynb #872e1b1f
 def save_model(model, processor, out: str | Path) -> Path:
     "Save `model` (safetensors) and `processor` to the directory `out`; returns it."
@@ -344,24 +538,29 @@ def save_model(model, processor, out: str | Path) -> Path:
     processor.save_pretrained(out)
     return out
 
-def load_model(path_or_preset: str | Path,  # a saved model directory, or a preset name (built fresh)
+def load_model(path_or_preset: str | Path,  # a preset, a model folder, a raw release or a hub id `org/name[@rev]`
                dtype: str | None = None,  # 'bfloat16' / 'float32' (default: `pick_dtype(device)`)
                device: str | None = None,  # 'cpu', 'cuda', ... (default: `pick_device()`)
                tokenizer_texts: list[str] | None = None,  # a preset only: text its tiny tokenizer is trained on
               ):
-    "`(model, processor)` from a directory saved by `save_model` (or any HF LLaVA checkpoint), or a preset."
+    "`(model, processor)` from a preset, a saved or hub LLaVA checkpoint, or a raw release (converted once)."
     from transformers import AutoConfig, AutoProcessor
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
-    if str(path_or_preset) in PRESETS and not Path(path_or_preset).is_dir():
+    src = resolve_model(path_or_preset)
+    if isinstance(src, str):
         dtype_name = str(torch_dtype).replace("torch.", "")
-        model, proc = build_model(str(path_or_preset), tokenizer_texts, dtype=dtype_name)
+        model, proc = build_model(src, tokenizer_texts, dtype=dtype_name)
         return model.to(device, torch_dtype), proc
-    config = AutoConfig.from_pretrained(path_or_preset)
+    config, proc = AutoConfig.from_pretrained(src), AutoProcessor.from_pretrained(src)
+    rows = config.text_config.vocab_size
+    if len(proc.tokenizer) > rows:
+        raise ValueError(f"model {path_or_preset}: the tokenizer has {len(proc.tokenizer)} tokens but the "
+                         f"embeddings {rows} rows: tokenizer and weights are from different models")
     # on the CPU no device map: DeepSpeed ZeRO-3 partitions the weights as they load, which a map forbids
     placement = {} if device == "cpu" else {"device_map": device}
-    model = model_class(config).from_pretrained(path_or_preset, dtype=torch_dtype, **placement)
-    return model.eval(), AutoProcessor.from_pretrained(path_or_preset)
+    model = model_class(config).from_pretrained(src, dtype=torch_dtype, **placement)
+    return model.eval(), proc
 
 # %% ../nbs/05_model.ipynb #162995ed
 def _resolve_images(images, keys):
@@ -522,31 +721,59 @@ def _release_config(cfg: dict, lm_type: str, tok, vcfg, projector: str, template
                        llavamed={"projector": projector, "template": template, "aspect": aspect,
                                  "converted_from": cfg.get("_name_or_path") or str(src)})
 
-def _release_tokenizer(src: Path):
-    "The release's tokenizer with the image and pad tokens added."
+def _release_tokenizer(src: Path, rows: int):
+    "The release's tokenizer (checked against its `rows` embedding rows) with the image and pad tokens added."
     from transformers import AutoTokenizer
     try: tok = AutoTokenizer.from_pretrained(src)
-    except (ImportError, ValueError) as e:  # a tokenizer.model alone needs sentencepiece
-        raise RuntimeError(f"{src}: cannot read the tokenizer ({e}); with only tokenizer.model, "
-                           f"`pip install sentencepiece`") from e
+    except (ImportError, ValueError, OSError, TypeError) as e:  # a tokenizer.model needs sentencepiece + protobuf
+        raise ImportError(f"{src}: cannot read the tokenizer ({type(e).__name__}: {e}); a SentencePiece "
+                          f"tokenizer.model needs `pip install sentencepiece protobuf`") from e
+    if len(tok) > rows:
+        raise ValueError(f"{src}: the tokenizer has {len(tok)} tokens but embed_tokens {rows} rows: "
+                         f"tokenizer and weights are from different models")
     add_special_tokens(tok)
     return tok
 
-def convert_checkpoint(src: str = None,  # released LLaVA-Med directory: config, weights, tokenizer
-                       out: str = None,  # where to write the transformers LLaVA checkpoint
+def _check_new_dir(out, flag: str = "--out") -> Path:
+    "`out` as a Path, when it is a folder to create (absent or empty); earlier output is never replaced."
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{flag} {out} exists and is not empty: choose a new folder (the old one stays as it is)")
+    return out
+
+@contextlib.contextmanager
+def _staged_dir(out: Path, flag: str = "--out"):
+    "A temporary folder beside `out` that becomes `out` only when the block succeeds."
+    out = _check_new_dir(out, flag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists(): out.rmdir()
+        os.replace(tmp, out)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
+def convert_checkpoint(src: str = None,  # released LLaVA-Med folder or hub id: config, weights, tokenizer
+                       out: str = None,  # the new folder for the transformers LLaVA checkpoint
                        template: str = None,  # chat template (default: mistral_instruct or vicuna_v1)
                        dtype: str = None,  # save dtype (default: the checkpoint's own)
-                       tower: str = None,  # local CLIP tower, for releases without one (v1.0)
+                       tower: str = None,  # CLIP tower folder or hub id, for releases without one (v1.0)
                       ) -> ConvertedCheckpoint:
     "Convert a released LLaVA-Med (llava_mistral / llava_llama) checkpoint to `LlavaForConditionalGeneration`."
     from transformers import CLIPVisionConfig
     if not src or not out: raise ValueError("convert needs --src DIR and --out DIR")
-    src, cfg = Path(src), json.loads((Path(src) / "config.json").read_text())
+    if template is not None and template not in TEMPLATES:
+        raise ValueError(f"--template {template!r}: expected one of {tuple(TEMPLATES)}")
+    name, out = src, _check_new_dir(out)
+    src = _source_dir(src, "src")
+    cfg = _read_config(src, "--src")
     mt = cfg.get("model_type", "")
     if not mt.startswith("llava"):
         raise ValueError(f"{src}/config.json: model_type {mt!r} is not a LLaVA checkpoint")
-    lm_type = {"llava_mistral": "mistral", "llava_llama": "llama", "llava": "llama"}.get(mt)
-    if lm_type is None: raise ValueError(f"{src}: model_type {mt!r} not supported (llava_mistral, llava_llama)")
+    if not is_release(cfg):
+        raise ValueError(f"{src}: model_type {mt!r} is not a LLaVA-Med release (llava_mistral, llava_llama, "
+                         f"v1.0 llava): a transformers LLaVA checkpoint needs no conversion")
+    lm_type = RELEASE_TYPES[mt]
     projector = "linear" if cfg.get("mm_projector_type", "linear") == "linear" else "mlp2x_gelu"
     if cfg.get("mm_projector_type", "mlp2x_gelu") not in ("linear", "mlp2x_gelu"):
         raise ValueError(f"mm_projector_type {cfg['mm_projector_type']!r}: expected 'linear' or 'mlp2x_gelu'")
@@ -556,13 +783,14 @@ def convert_checkpoint(src: str = None,  # released LLaVA-Med directory: config,
             raise ValueError(f"{src} holds no model.vision_tower.vision_tower.* weights: pass --tower DIR, "
                              f"a local copy of {cfg.get('mm_vision_tower', 'its CLIP vision tower')}")
         from transformers import CLIPVisionModel
-        tower_sd = {k: v for k, v in CLIPVisionModel.from_pretrained(tower).state_dict().items()
-                    if "position_ids" not in k}
-    vcfg, tok = CLIPVisionConfig(**infer_clip_config(tower_sd)), _release_tokenizer(src)
+        tower_sd = {k: v for k, v in CLIPVisionModel.from_pretrained(_source_dir(tower, "tower")).state_dict()
+                    .items() if "position_ids" not in k}
+    rows = lm_sd["model.language_model.embed_tokens.weight"].shape[0]
+    vcfg, tok = CLIPVisionConfig(**infer_clip_config(tower_sd)), _release_tokenizer(src, rows)
     for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
         if k in lm_sd: lm_sd[k] = _grow_rows(lm_sd[k], len(tok))
     template = template or ("mistral_instruct" if lm_type == "mistral" else "vicuna_v1")
-    config = _release_config(cfg, lm_type, tok, vcfg, projector, template, src)
+    config = _release_config(cfg, lm_type, tok, vcfg, projector, template, name)
     sd = {**{f"model.vision_tower.{k}": v for k, v in tower_sd.items()},
           **{f"model.multi_modal_projector.{k}": v for k, v in proj_sd.items()}, **lm_sd}
     torch_dtype = pick_dtype("cpu", dtype) if dtype else lm_sd["lm_head.weight"].dtype
@@ -573,7 +801,8 @@ def convert_checkpoint(src: str = None,  # released LLaVA-Med directory: config,
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.generation_config, k, getattr(tok, k))
     aspect, strategy = config.llavamed["aspect"], config.vision_feature_select_strategy
-    save_model(model.eval(), make_processor(tok, vcfg, template, aspect, strategy), out)
+    proc = make_processor(tok, vcfg, template, aspect, strategy)
+    with _staged_dir(out) as tmp: save_model(model.eval(), proc, tmp)
     log.info(f"converted {src} ({mt}, {len(sd)} tensors) -> {out}")
     return ConvertedCheckpoint(str(out), mt, len(sd), projector, template, aspect)
 
@@ -587,27 +816,60 @@ _RELEASE_V15_CONFIG = {  # config.json keys of the LLaVA-Med v1.5 (llava_mistral
     "tokenizer_model_max_length": 4096, "tokenizer_padding_side": "right", "tune_mm_mlp_adapter": False,
     "freeze_mm_mlp_adapter": False, "use_mm_proj": True}
 
-def tiny_release_checkpoint(out: str | Path,  # directory to write
-                            seed: int = 0,  # seed of the random weights
-                            image_size: int = 32, patch_size: int = 8,  # tower geometry (the converter infers it)
-                            with_tower: bool = True,  # False: the tower apart in `out/clip` (v1.0)
-                           ) -> Path:
-    "Write a tiny random checkpoint in the released LLaVA-Med v1.5 (`llava_mistral`) layout."
-    import torch
-    from safetensors.torch import save_file
+_RELEASE_SP_TOKENIZER = {  # tokenizer_config.json of the v1.5 release: Mistral's SentencePiece, pad = unk
+    "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+    "model_max_length": 4096, "padding_side": "right", "clean_up_tokenization_spaces": False,
+    "sp_model_kwargs": {}, "spaces_between_special_tokens": False, "use_default_system_prompt": False}
+
+def _bpe_tokenizer(out: Path) -> int:
+    "Save a small byte-level BPE (`tokenizer.json`) with `<unk>`, `<s>`, `</s>` to `out`; returns its size."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM,
-                              PreTrainedTokenizerFast)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     bpe.train_from_iterator([_FALLBACK_TEXT], trainers.BpeTrainer(
         vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    lm_cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    tok.save_pretrained(out)
+    return len(tok)
+
+def train_sentencepiece(out: Path, texts: list[str] | None = None, vocab_size: int = 320) -> int:
+    "Train a Mistral-style SentencePiece BPE offline and save it as a release does (`tokenizer.model`)."
+    import io
+    import sentencepiece as spm
+    model = io.BytesIO()
+    lines = [s.strip() + "." for s in " ".join(texts or [_FALLBACK_TEXT]).split(".") if s.strip()]
+    # Mistral's choices: byte fallback, digits split, unk/bos/eos = 0/1/2, no pad piece, no normalisation
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines * 4), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, character_coverage=1.0, add_dummy_prefix=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps(_RELEASE_SP_TOKENIZER, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {k: _RELEASE_SP_TOKENIZER[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2))
+    return vocab_size
+
+def tiny_release_checkpoint(out: str | Path,  # directory to write
+                            seed: int = 0,  # seed of the random weights
+                            image_size: int = 32, patch_size: int = 8,  # tower geometry (the converter infers it)
+                            with_tower: bool = True,  # False: the tower apart in `out/clip` (v1.0)
+                            tokenizer: str = "bpe",  # 'sentencepiece': only a `tokenizer.model`, as v1.5 ships
+                           ) -> Path:
+    "Write a tiny random checkpoint in the released LLaVA-Med v1.5 (`llava_mistral`) layout."
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
+    if tokenizer not in ("bpe", "sentencepiece"):
+        raise ValueError(f"tokenizer={tokenizer!r}: expected 'bpe' or 'sentencepiece'")
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vocab = train_sentencepiece(out) if tokenizer == "sentencepiece" else _bpe_tokenizer(out)
+    lm_cfg = MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                            bos_token_id=1, eos_token_id=2, sliding_window=None)
     lm = MistralForCausalLM(lm_cfg)
@@ -631,5 +893,68 @@ def tiny_release_checkpoint(out: str | Path,  # directory to write
     cfg = {k: v for k, v in lm_cfg.to_dict().items() if k not in ("dtype", "transformers_version")}
     cfg.update(_RELEASE_V15_CONFIG)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok.save_pretrained(out)
     return out
+
+# %% ../nbs/05_model.ipynb #97f97094
+@dataclass
+class BuiltModel(Result):
+    "What `build` wrote: an untrained LLaVA (fresh projector) and its processor, where stage 1 starts."
+    out: str  # the new model folder
+    vision: str  # the tower's folder or hub id
+    vision_type: str  # 'clip_vision_model' or 'siglip_vision_model'
+    lm: str  # the LM's folder or hub id
+    lm_type: str  # the LM's model_type ('mistral', 'llama', 'qwen2', ...)
+    projector: str  # 'mlp2x_gelu' or 'linear'
+    image_tokens: int  # placeholders per image
+    template: str  # the chat template's name, or 'custom' (from a file)
+    parameters: int  # weights in all
+
+def _template_text(template: str) -> str:
+    "A chat template by name in `TEMPLATES`, or read from a Jinja file; it must render the assistant's reply."
+    from transformers.utils.chat_template_utils import render_jinja_template
+    if template in TEMPLATES: return TEMPLATES[template]
+    if not Path(template).is_file():
+        raise FileNotFoundError(f"--template {template}: neither a template name ({', '.join(TEMPLATES)}) "
+                                f"nor a file")
+    text = Path(template).read_text()
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "REPLY_PROBE"}]}]
+    try: rendered, _ = render_jinja_template(conversations=[probe], chat_template=text, bos_token="<s>",
+                                             eos_token="</s>")
+    except Exception as e: raise ValueError(f"--template {template}: does not render ({e})") from e
+    if "REPLY_PROBE" not in rendered[0]:
+        raise ValueError(f"--template {template}: renders no assistant text (a reply must appear in the prompt)")
+    return text
+
+# %% ../nbs/05_model.ipynb #0268f040
+def build(vision: str = None,  # vision tower: folder or hub id (a transformers CLIP or SigLIP model)
+          lm: str = None,  # causal LM: folder or hub id, with its tokenizer
+          out: str = None,  # the new model folder (absent or empty)
+          projector: str = "mlp2x_gelu",  # 'mlp2x_gelu' (LLaVA-1.5, v1.5) or 'linear' (LLaVA-Med v1.0)
+          feature_layer: int = -2,  # tower layer feeding the projector (-2: second to last, as the paper)
+          feature_select: str = None,  # 'default' drops CLS, 'full' keeps it (default: 'full' for SigLIP)
+          aspect: str = "pad",  # 'pad' to square with the mean colour (v1.5) or 'crop' (v1.0)
+          template: str = "mistral_instruct",  # chat template: a name in TEMPLATES or a Jinja file
+          dtype: str = None,  # weights' dtype, e.g. 'bfloat16' (default: bf16 on CUDA, else float32)
+         ) -> BuiltModel:
+    "Compose an untrained LLaVA from a vision tower and a causal LM; `train --stage align --model OUT` goes on."
+    if not (vision and lm and out):
+        raise ValueError("build needs --vision ID_OR_DIR, --lm ID_OR_DIR and --out DIR")
+    out = _check_new_dir(out)
+    chat_template = _template_text(template)
+    vision_dir = _source_dir(vision, "vision")
+    kind = tower_type(_read_config(vision_dir, "--vision"), vision)
+    feature_select = feature_select or ("full" if TOWERS[kind][1] == 0 else "default")
+    if TOWERS[kind][1] == 0 and feature_select == "default":
+        raise ValueError(f"--feature-select default drops a CLS token, which {kind} ({vision}) has not: use full")
+    lm_dir = _source_dir(lm, "lm")
+    cfg = ModelConfig(vision=str(vision_dir), lm=str(lm_dir), projector=projector, vision_feature_layer=feature_layer,
+                      vision_feature_select_strategy=feature_select, aspect=aspect, dtype=dtype,
+                      template=template if template in TEMPLATES else "mistral_instruct")
+    model, proc = build_model(cfg)
+    proc.chat_template = chat_template
+    with _staged_dir(out) as tmp: save_model(model, proc, tmp)
+    log.info(f"built {kind} + {model.config.text_config.model_type} -> {out}")
+    return BuiltModel(str(out), str(vision), kind, str(lm), model.config.text_config.model_type, projector,
+                      model.config.image_seq_length, template_name(proc) or "custom",
+                      sum(p.numel() for p in model.parameters()))

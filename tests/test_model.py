@@ -222,7 +222,7 @@ def test_presets_are_valid_and_named():
     with pytest.raises(ValueError, match="unknown preset 'huge'"): build_model("huge")
 
 
-def _reference_llava_med(src, pil_image, prompt):
+def _reference_llava_med(src, pil_image, prompt, ids=None):
     """The release's forward, rebuilt from its files: LLaVA's pad-to-square, CLIP preprocessing, tokens split at
     <image> with index -200, features of layer -2 without CLS through mm_projector, spliced where -200 stood."""
     import numpy as np
@@ -250,9 +250,10 @@ def _reference_llava_med(src, pil_image, prompt):
     sq.paste(pil_image, ((side - w) // 2, (side - h) // 2))
     arr = np.asarray(sq.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255.0
     pix = torch.from_numpy(((arr - mean) / std).astype(np.float32)).permute(2, 0, 1)[None]  # (1, 3, 32, 32)
-    tok = AutoTokenizer.from_pretrained(src)
-    chunks = [tok(c, add_special_tokens=False).input_ids for c in prompt.split("<image>")]
-    ids = [tok.bos_token_id] + chunks[0] + [-200] + chunks[1]
+    if ids is None:  # tokenizer_image_token with the release's own tokenizer (given: a SentencePiece reference)
+        tok = AutoTokenizer.from_pretrained(src)
+        chunks = [tok(c, add_special_tokens=False).input_ids for c in prompt.split("<image>")]
+        ids = [tok.bos_token_id] + chunks[0] + [-200] + chunks[1]
     with torch.no_grad():
         feats = mlp(tower(pix, output_hidden_states=True).hidden_states[-2][:, 1:])[0]  # (16, 64)
         at = ids.index(-200)
@@ -347,3 +348,219 @@ def test_convert_release_without_tower_weights_takes_a_tower_path(tmp_path):
     enc = _inputs(pa, _img(size=(40, 40)))
     enc.pop("assistant_masks")
     with torch.no_grad(): torch.testing.assert_close(ma(**enc).logits, mb(**enc).logits)
+
+
+# ---------------------------------------------------------------- SentencePiece releases, servers, composition
+
+def _release_ids_sentencepiece(src, prompt):
+    "The release's tokenizer_image_token with the SentencePiece model itself: BOS, each chunk encoded alone, -200."
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    chunks = prompt.split("<image>")
+    return [sp.bos_id()] + sp.encode(chunks[0]) + [-200] + sp.encode(chunks[1])
+
+
+def test_convert_sentencepiece_release_matches_reference_forward(tmp_path, capsys):
+    "The v1.5 layout with only a SentencePiece tokenizer.model converts; logits equal the release's own forward."
+    from llavamed.cli import main
+    from llavamed.model import tiny_release_checkpoint
+    src = tiny_release_checkpoint(tmp_path / "release", seed=7, tokenizer="sentencepiece")
+    assert (src / "tokenizer.model").is_file() and not (src / "tokenizer.json").exists()
+    assert main(["convert", "--src", str(src), "--out", str(tmp_path / "hf")]) == 0
+    model, proc = load_model(tmp_path / "hf", device="cpu")
+    img = _img(size=(44, 30))
+    prompt = "[INST] <image>\nIs there a nodule in the 2 views? [/INST]"
+    ref_ids = _release_ids_sentencepiece(src, prompt)
+    _, ref_pix, ref_logits = _reference_llava_med(src, img, prompt, ids=ref_ids)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a nodule in the 2 views?"}]}]
+    rendered = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    assert rendered == "<s>" + prompt
+    enc = proc(text=rendered, images=img, return_tensors="pt", add_special_tokens=False)
+    at, n = ref_ids.index(-200), model.config.image_seq_length
+    assert enc["input_ids"][0].tolist() == ref_ids[:at] + [model.config.image_token_id] * n + ref_ids[at + 1:]
+    with torch.no_grad(): ours = model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"]).logits
+    vocab = ref_logits.shape[-1]
+    diff = float((ours[..., :vocab] - ref_logits).abs().max())
+    with capsys.disabled(): print(f"\nSentencePiece release conversion: max abs logit difference {diff:.3g}")
+    torch.testing.assert_close(ours[..., :vocab], ref_logits, rtol=1e-4, atol=1e-5)
+    assert proc.tokenizer.pad_token == "<unk>"  # the release pads with <unk>; no new <pad> row
+
+
+def test_converted_checkpoint_serves_with_vanilla_transformers(tmp_path):
+    "No llavamed import: AutoProcessor + AutoModelForImageTextToText load the converted folder and generate."
+    from llavamed.model import convert_checkpoint, tiny_release_checkpoint
+    src = tiny_release_checkpoint(tmp_path / "release", seed=1, tokenizer="sentencepiece")
+    convert_checkpoint(str(src), str(tmp_path / "hf"))
+    out = tmp_path / "hf"
+    proc_cfg = json.loads((out / "processor_config.json").read_text())
+    assert {k: proc_cfg[k] for k in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")} \
+        == {"patch_size": 8, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    assert proc_cfg["image_processor"]["do_pad"] is True
+    assert "[INST]" in (out / "chat_template.jinja").read_text()
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+    _img(size=(40, 30)).save(tmp_path / "x.png")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        proc = AutoProcessor.from_pretrained({str(out)!r})
+        model = AutoModelForImageTextToText.from_pretrained({str(out)!r})
+        msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown?"}}]}}]
+        text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+        enc = proc(text=text, images=Image.open({str(tmp_path / 'x.png')!r}), return_tensors="pt",
+                   add_special_tokens=False)
+        ids = model.generate(**enc, max_new_tokens=4, do_sample=False)
+        assert "llavamed" not in sys.modules
+        print(type(model).__name__, ids.shape[1] - enc["input_ids"].shape[1])
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    name, new = p.stdout.split()[-2:]
+    assert name == "LlavaForConditionalGeneration" and 1 <= int(new) <= 4
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    "A tiny CLIP tower, a tiny SigLIP tower and a tiny Llama LM with its own tokenizer, saved to disk."
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig,
+                              SiglipVisionModel)
+    from llavamed.model import TINY_LM, TINY_VISION
+    d = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(d / "clip")
+    SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2)).save_pretrained(d / "siglip")
+    tok = train_tokenizer(TEXTS, vocab_size=400)
+    LlamaForCausalLM(LlamaConfig(**TINY_LM, vocab_size=len(tok))).save_pretrained(d / "lm")
+    tok.save_pretrained(d / "lm")
+    return d
+
+
+@pytest.mark.parametrize("tower, tokens, strategy", [("clip", 64, "default"), ("siglip", 16, "full")])
+def test_build_composes_a_llava_that_matches_its_parts(parts, tmp_path, tower, tokens, strategy):
+    "`llavamed build`: the saved model's tower and LM are the parts' own weights; one image = grid^2 tokens."
+    from transformers import AutoModel, AutoModelForCausalLM
+    from llavamed.cli import main
+    from llavamed.model import check_image_tokens
+    out = tmp_path / "llava"
+    assert main(["build", "--vision", str(parts / tower), "--lm", str(parts / "lm"), "--projector", "linear",
+                 "--feature-layer", "-1", "--aspect", "crop", "--out", str(out)]) == 0
+    model, proc = load_model(out, device="cpu")
+    c = model.config
+    assert (c.image_seq_length, c.vision_feature_select_strategy, c.vision_feature_layer) == (tokens, strategy, -1)
+    assert c.llavamed["projector"] == "linear" and proc.image_processor.do_pad is False
+    ref_tower, ref_lm = AutoModel.from_pretrained(parts / tower), AutoModelForCausalLM.from_pretrained(parts / "lm")
+    for k, v in ref_tower.state_dict().items(): assert torch.equal(model.model.vision_tower.state_dict()[k], v), k
+    lm_sd = model.model.language_model.state_dict()
+    for k, v in ref_lm.model.state_dict().items():
+        if "embed_tokens" not in k: assert torch.equal(lm_sd[k], v), k
+    n_old = ref_lm.get_input_embeddings().weight.shape[0]
+    assert torch.equal(lm_sd["embed_tokens.weight"][:n_old], ref_lm.get_input_embeddings().weight)
+    enc = _inputs(proc)
+    check_image_tokens(enc["input_ids"], 1, c)
+    enc.pop("assistant_masks")
+    with torch.no_grad(): assert model(**enc).logits.isfinite().all()
+
+
+def test_build_then_train_align_starts_from_it(parts, tmp_path):
+    "The paper's 'from Vicuna' setting: stage 1 trains the projector of a built model."
+    from llavamed.cli import main
+    assert main(["build", "--vision", str(parts / "clip"), "--lm", str(parts / "lm"), "--out", str(tmp_path / "llava")]) == 0
+    (tmp_path / "images").mkdir()
+    recs = []
+    for i in range(4):
+        _img(colour=(40 * i, 30, 200 - 40 * i)).save(tmp_path / "images" / f"f{i}.png")
+        recs.append({"id": f"f{i}", "image": f"f{i}.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"A chest X-ray number {i}."}]})
+    (tmp_path / "align.json").write_text(json.dumps(recs))
+    rc = main(["train", "--stage", "align", "--model", str(tmp_path / "llava"), "--data", str(tmp_path / "align.json"),
+               "--images", str(tmp_path / "images"), "--out", str(tmp_path / "stage1"), "--max-steps", "1",
+               "--global-batch-size", "2", "--per-device-batch-size", "2", "--num-workers", "0"])
+    assert rc in (0, None)
+    assert (tmp_path / "stage1" / "config.json").is_file()
+
+
+def test_build_with_a_template_file(parts, tmp_path):
+    from llavamed.model import build
+    good, bad = tmp_path / "chatml.jinja", tmp_path / "silent.jinja"
+    good.write_text("{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] is string %}{{ m['content'] }}"
+                    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}"
+                    "{% endif %}{% endfor %}{% endif %}{% endfor %}")
+    bad.write_text("{% for m in messages if m['role'] == 'user' %}{{ m['content'][-1]['text'] }}{% endfor %}")
+    res = build(vision=str(parts / "clip"), lm=str(parts / "lm"), template=str(good), out=str(tmp_path / "a"))
+    assert res.template == "custom"
+    assert (tmp_path / "a" / "chat_template.jinja").read_text() == good.read_text()
+    with pytest.raises(ValueError, match="renders no assistant text"):
+        build(vision=str(parts / "clip"), lm=str(parts / "lm"), template=str(bad), out=str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+
+
+def _bad_lm(parts, tmp_path):
+    "An LM folder whose tokenizer is larger than its embeddings (a tokenizer of another model)."
+    import shutil
+    d = tmp_path / "lm-mismatch"
+    shutil.copytree(parts / "lm", d)
+    cfg = json.loads((d / "config.json").read_text())
+    from transformers import AutoTokenizer
+    n = len(AutoTokenizer.from_pretrained(d))
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": n - 10}))
+    return d, n
+
+
+@pytest.mark.parametrize("case", ["no_config", "tokenizer_vs_embeddings", "not_a_vision_tower", "open_clip",
+                                  "missing_hub_id", "out_not_empty"])
+def test_build_bad_input_one_line_exit_2_nothing_written(parts, tmp_path, capsys, monkeypatch, case):
+    from llavamed.cli import main
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf")); monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    vision, lm, out = str(parts / "clip"), str(parts / "lm"), tmp_path / "out"
+    if case == "no_config":
+        (tmp_path / "empty").mkdir(); vision, expect = str(tmp_path / "empty"), "no config.json"
+    elif case == "tokenizer_vs_embeddings":
+        d, n = _bad_lm(parts, tmp_path)
+        lm, expect = str(d), f"the tokenizer has {n} tokens but the embeddings {n - 10} rows"
+    elif case == "not_a_vision_tower": vision, expect = lm, "model_type 'llama' is not a vision tower"
+    elif case == "open_clip":
+        (tmp_path / "biomedclip").mkdir()
+        (tmp_path / "biomedclip" / "open_clip_config.json").write_text("{}")
+        vision, expect = str(tmp_path / "biomedclip"), "an open_clip model"
+    elif case == "missing_hub_id": lm, expect = "org/no-such-lm", "hf download org/no-such-lm"
+    else:
+        out.mkdir(); (out / "keep.txt").write_text("earlier"); expect = "exists and is not empty"
+    capsys.readouterr()
+    assert main(["build", "--vision", vision, "--lm", lm, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and expect in err, err
+    if case == "out_not_empty": assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else: assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging folder left
+
+
+def test_load_and_convert_refuse_tokenizer_larger_than_embeddings(tiny, tmp_path, capsys):
+    from llavamed.cli import main
+    from llavamed.model import tiny_release_checkpoint, train_sentencepiece
+    model, proc = tiny
+    save_model(model, proc, tmp_path / "saved")
+    cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
+    cfg["text_config"]["vocab_size"] = len(proc.tokenizer) - 5
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"the tokenizer has {len(proc.tokenizer)} tokens but the embeddings"):
+        load_model(tmp_path / "saved", device="cpu")
+    src = tiny_release_checkpoint(tmp_path / "release", tokenizer="sentencepiece")
+    train_sentencepiece(src, vocab_size=400)  # a larger tokenizer than the weights' 320 rows
+    capsys.readouterr()
+    assert main(["convert", "--src", str(src), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the tokenizer has 400 tokens but embed_tokens 320 rows" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_convert_and_load_name_a_folder_without_config(tmp_path, capsys):
+    from llavamed.cli import main
+    (tmp_path / "weights").mkdir()
+    assert main(["convert", "--src", str(tmp_path / "weights"), "--out", str(tmp_path / "hf")]) == 2
+    assert "weights: no config.json" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no config.json"): load_model(tmp_path / "weights", device="cpu")
+    assert not (tmp_path / "hf").exists()

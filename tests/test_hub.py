@@ -1,0 +1,171 @@
+"Hub ids, raw releases and composition: resolved from a real hub cache layout on disk, with the network off."
+import hashlib, json, logging, os
+from pathlib import Path
+import pytest
+
+torch = pytest.importorskip("torch")
+from PIL import Image
+from llavamed.cli import main
+from llavamed.model import (TINY_LM, TINY_VISION, build_model, load_model, resolve_model, resolve_source, save_model,
+                            tiny_release_checkpoint, train_tokenizer)
+
+COMMIT = "3f2a9c1d" * 5  # a 40-hex commit, as the hub names snapshots
+
+
+def to_hub_cache(folder: Path, repo: str, cache: Path, commit: str = COMMIT, tag: str | None = None) -> Path:
+    """Copy `folder` into `cache` exactly as huggingface_hub lays a download out: `models--org--name/blobs/<sha256>`,
+    `refs/main` (and a tag) holding the commit, `snapshots/<commit>/<file>` relative symlinks to the blobs."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = root / "snapshots" / commit / f.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    if tag: (root / "refs" / tag).write_text(commit)
+    return root / "snapshots" / commit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    "An empty HF_HOME with the network off, and a converted-release cache of the test's own."
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LLAVAMED_CACHE", str(tmp_path / "llavamed-cache"))
+    return tmp_path / "hf" / "hub"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    "A tiny CLIP tower, a tiny SigLIP tower and a tiny Llama LM with its tokenizer, saved as downloads are."
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig,
+                              SiglipVisionModel)
+    d = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(d / "clip")
+    SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2)).save_pretrained(d / "siglip")
+    tok = train_tokenizer(vocab_size=400)
+    LlamaForCausalLM(LlamaConfig(**TINY_LM, vocab_size=len(tok))).save_pretrained(d / "lm")
+    tok.save_pretrained(d / "lm")
+    return d
+
+
+def _img():
+    im = Image.new("RGB", (48, 40), (200, 30, 30))
+    im.paste((255, 255, 255), (0, 0, 20, 12))
+    return im
+
+
+def _one_line(capsys, *parts):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for p in parts: assert p in err, err
+    return err
+
+
+def test_hub_ids_resolve_from_the_cache_offline(hub, parts):
+    snap = to_hub_cache(parts / "clip", "org/tiny-clip", hub, tag="v1")
+    from huggingface_hub import scan_cache_dir
+    assert [r.repo_id for r in scan_cache_dir(hub).repos] == ["org/tiny-clip"]  # huggingface_hub reads our layout
+    assert resolve_source("org/tiny-clip") == snap
+    assert resolve_source(f"org/tiny-clip@{COMMIT}") == snap
+    assert resolve_source("org/tiny-clip@v1") == snap
+    assert (snap / "config.json").is_symlink() and json.loads((snap / "config.json").read_text())["model_type"]
+    assert resolve_source("tiny") == "tiny"
+    assert resolve_source(str(parts / "clip")) == parts / "clip"
+
+
+def test_hub_cache_env_wins_over_hf_home(hub, parts, tmp_path, monkeypatch):
+    other = tmp_path / "elsewhere"
+    snap = to_hub_cache(parts / "clip", "org/tiny-clip", other)
+    monkeypatch.setenv("HF_HUB_CACHE", str(other))
+    assert resolve_source("org/tiny-clip") == snap
+
+
+def test_not_cached_offline_names_the_id_and_the_fetch_command(hub, parts, tmp_path, capsys):
+    to_hub_cache(parts / "clip", "org/tiny-clip", hub)
+    with pytest.raises(FileNotFoundError) as e: resolve_source("org/missing-model")
+    msg = str(e.value)
+    assert "org/missing-model" in msg and "HF_HUB_OFFLINE is set" in msg and "`hf download org/missing-model`" in msg
+    with pytest.raises(FileNotFoundError, match=r"`hf download org/tiny-clip --revision v9`"):
+        resolve_source("org/tiny-clip@v9")
+    _img().save(tmp_path / "x.png")
+    assert main(["chat", "--model", "org/missing-model", "--image", str(tmp_path / "x.png"), "--question", "q"]) == 2
+    _one_line(capsys, "llavamed chat: error:", "org/missing-model", "hf download org/missing-model")
+    out = tmp_path / "built"
+    assert main(["build", "--vision", "org/no-tower", "--lm", str(parts / "lm"), "--out", str(out)]) == 2
+    _one_line(capsys, "org/no-tower", "hf download org/no-tower")
+    assert not out.exists()
+
+
+def test_load_model_from_a_hub_id(hub, parts, tmp_path):
+    torch.manual_seed(0)
+    model, proc = build_model("tiny")
+    save_model(model, proc, tmp_path / "saved")
+    to_hub_cache(tmp_path / "saved", "org/tiny-llava", hub)
+    m2, p2 = load_model("org/tiny-llava", device="cpu")
+    for (k, a), b in zip(model.state_dict().items(), m2.state_dict().values()): assert torch.equal(a, b), k
+    assert p2.chat_template == proc.chat_template
+
+
+def test_raw_release_by_hub_id_converts_once_into_the_cache(hub, tmp_path, caplog):
+    rel = tiny_release_checkpoint(tmp_path / "release", seed=2, tokenizer="sentencepiece")
+    snap = to_hub_cache(rel, "microsoft/llava-med-v1.5-mistral-7b", hub)
+    with caplog.at_level(logging.WARNING, logger="llavamed.model"):
+        m, p = load_model("microsoft/llava-med-v1.5-mistral-7b", device="cpu")
+    said = [r.getMessage() for r in caplog.records if "raw llava_mistral release" in r.getMessage()]
+    assert len(said) == 1 and "llavamed convert --src" in said[0], said
+    converted = resolve_model("microsoft/llava-med-v1.5-mistral-7b")
+    assert converted.parent == tmp_path / "llavamed-cache" / "converted"
+    assert type(m).__name__ == "LlavaForConditionalGeneration" and m.config.llavamed["template"] == "mistral_instruct"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llavamed.model"): resolve_model(snap)
+    assert not [r for r in caplog.records if "raw" in r.getMessage()]  # the second time: the cached copy
+
+
+def test_chat_on_a_raw_release_directory(hub, tmp_path, capsys):
+    rel = tiny_release_checkpoint(tmp_path / "release", seed=4, tokenizer="sentencepiece")
+    _img().save(tmp_path / "x.png")
+    rc = main(["chat", "--model", str(rel), "--image", str(tmp_path / "x.png"), "--question", "Is there a nodule?",
+               "--max-new-tokens", "3", "--no-stream", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert list((tmp_path / "llavamed-cache" / "converted").iterdir())
+
+
+def test_v1_release_without_tower_stops_with_the_convert_command(hub, tmp_path, capsys):
+    bare = tiny_release_checkpoint(tmp_path / "v1", with_tower=False)
+    _img().save(tmp_path / "x.png")
+    capsys.readouterr()
+    assert main(["chat", "--model", str(bare), "--image", str(tmp_path / "x.png"), "--question", "q"]) == 2
+    err = _one_line(capsys, f"llavamed convert --src {bare} --out DIR --tower openai/clip-vit-large-patch14-336")
+    assert "unknown model type" not in err.lower()
+    assert not (tmp_path / "llavamed-cache" / "converted").exists() or \
+        not list((tmp_path / "llavamed-cache" / "converted").iterdir())
+    # the command it names works, with the tower given by hub id
+    to_hub_cache(bare / "clip", "openai/clip-vit-large-patch14-336", hub)
+    assert main(["convert", "--src", str(bare), "--out", str(tmp_path / "v1-hf"),
+                 "--tower", "openai/clip-vit-large-patch14-336"]) == 0
+    assert (tmp_path / "v1-hf" / "config.json").is_file()
+
+
+def test_build_from_hub_ids(hub, parts, tmp_path):
+    to_hub_cache(parts / "clip", "openai/tiny-clip", hub)
+    to_hub_cache(parts / "lm", "lmsys/tiny-vicuna", hub)
+    rc = main(["build", "--vision", "openai/tiny-clip", "--lm", "lmsys/tiny-vicuna", "--template", "vicuna_v1",
+               "--out", str(tmp_path / "llava")])
+    assert rc == 0
+    model, proc = load_model(tmp_path / "llava", device="cpu")
+    assert model.config.llavamed["template"] == "vicuna_v1" and model.config.image_seq_length == 64
