@@ -1,4 +1,4 @@
-"""Figure-caption pairs from PubMed Central Open Access articles: article selection, safe JATS parsing, inline mentions, domain tags, a resumable fetch.
+"""Figure-caption pairs from PubMed Central Open Access articles: selection, safe JATS parsing, mentions, domains.
 
 Docs: https://llavamed.github.io/llavamed/pmc_pairs.html.md"""
 
@@ -99,7 +99,8 @@ def select_packages(path: str | Path,  # the package list, oa_file_list.csv
                     bad: BadRecords | None = None,  # where bad rows are counted (default: stop past 2%)
                    ) -> tuple[list[Package], Counter]:
     "The packages of the list that pass the filters, in list order, and the rows left out by filter."
-    if license not in ("any", "comm", "noncomm"): raise ValueError(f"--license {license!r}: want any, comm or noncomm")
+    if license not in ("any", "comm", "noncomm"):
+        raise ValueError(f"--license {license!r}: want any, comm or noncomm")
     for flag, day in (("since", since), ("until", until)):
         if day is not None and not _DATE.match(str(day)): raise ValueError(f"--{flag} {day!r}: want YYYY-MM-DD")
     shard, bad = parse_shard(shard), bad if bad is not None else BadRecords(str(path))
@@ -146,7 +147,8 @@ def parse_xml(data: bytes,  # the article XML's bytes
     from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
     try: root = DET.fromstring(data, forbid_dtd=False, forbid_entities=True, forbid_external=True)
     except EntitiesForbidden: raise ArticleRefused("XML declares entities") from None
-    except (ExternalReferenceForbidden, DTDForbidden): raise ArticleRefused("XML refers to an external resource") from None
+    except (ExternalReferenceForbidden, DTDForbidden):
+        raise ArticleRefused("XML refers to an external resource") from None
     except ET.ParseError as e: raise ArticleRefused("malformed XML", str(e)) from None
     if _local(root.tag) != "article": raise ArticleRefused("not a JATS article", f"root <{_local(root.tag)}>")
     return root
@@ -178,7 +180,7 @@ def flat_text(el,  # an element (a caption, a label, a title), or None
 # %% ../nbs/02d_pmc_pairs.ipynb #c3fig
 @dataclass
 class Figure:
-    "One `<fig>` of an article: id, label, flattened caption, the graphic file it names, the sentences citing it."
+    "One `<fig>` of an article: id, label, flat caption, the graphic file it names, the sentences citing it."
     fig_id: str  # the fig's id attribute, e.g. 'F1' ('' when it has none)
     label: str  # e.g. 'Figure 1'
     caption: str  # the caption as plain text
@@ -199,7 +201,8 @@ def _ids(front) -> dict[str, str]:
     "pub-id-type -> value of the `<article-id>`s in an article's `<front>`."
     out = {}
     for el in (front.iter() if front is not None else ()):
-        if _local(el.tag) == "article-id": out.setdefault(_attr(el, "pub-id-type") or "", (el.text or "").strip())
+        if _local(el.tag) == "article-id":
+            out.setdefault(_attr(el, "pub-id-type") or "", (el.text or "").strip())
         if _local(el.tag) == "article-meta" and out: break
     return out
 
@@ -232,14 +235,18 @@ def _child(el, name: str):
     "The first child of `el` with local name `name`, or None."
     return next((c for c in el if _local(c.tag) == name), None)
 
+def _first(el, name: str):
+    "The first element under `el` (None: none) with local name `name`, or None."
+    return next((e for e in el.iter() if _local(e.tag) == name), None) if el is not None else None
+
 def read_article(root,  # the root from `parse_xml`
                  max_mentions: int = 10,  # keep at most this many citing sentences per figure
                 ) -> Article:
     "Identifiers, title, licence and figures (with the body sentences citing each) of a JATS article."
     front = _child(root, "front")
-    meta = next((e for e in front.iter() if _local(e.tag) == "article-meta"), None) if front is not None else None
+    meta = _first(front, "article-meta")
     ids = _ids(meta if meta is not None else front)
-    title = next((e for e in (meta.iter() if meta is not None else ()) if _local(e.tag) == "article-title"), None)
+    title = _first(meta, "article-title")
     pmcid = ids.get("pmc") or ids.get("pmcid") or ids.get("pmcaid", "")
     pmcid = f"PMC{pmcid}" if pmcid.isdigit() else pmcid
     figures = [Figure((_attr(f, "id") or "").strip(), flat_text(_child(f, "label")),
@@ -273,7 +280,7 @@ def label_number(label: str) -> int | None:
     return int(m.group(1)) if m else None
 
 def cited_numbers(sentence: str) -> set[int]:
-    "Figure numbers a sentence names after 'Fig.'/'Figure': lists, panels and ranges ('Figs. 2-4', '1A,B and 3')."
+    "Figure numbers a sentence names after 'Fig.'/'Figure', lists, panels and ranges too ('Figs. 2-4')."
     out = set()
     for m in _FIG_WORD.finditer(sentence):
         prev, dash = None, False
@@ -283,7 +290,7 @@ def cited_numbers(sentence: str) -> set[int]:
                 if dash and prev is not None and 0 < n - prev <= 50: out.update(range(prev + 1, n))
                 out.add(n); prev, dash = n, False
             elif tok in "-–—" or tok.lower() == "to": dash = True
-            elif len(tok) > 1 and tok.lower() not in ("and", "or"): break  # the sentence goes on: the list ended
+            elif len(tok) > 1 and tok.lower() not in ("and", "or"): break  # a word: the list ended
     return out
 
 # %% ../nbs/02d_pmc_pairs.ipynb #c4cite
@@ -331,15 +338,16 @@ def cite_figures(body,  # the article's `<body>` element
 # %% ../nbs/02d_pmc_pairs.ipynb #c5dom
 DOMAIN_RULES: dict[str, list[str]] = {  # domain: regular expressions searched in the caption
     "chest_xray": [r"(?i:\bchest\s+(?:x-?rays?|radiographs?|radiography|films?|roentgenograms?)\b)", r"\bCXR\b",
-                   r"(?i:\b(?:postero-?anterior|antero-?posterior|PA|AP)\s+(?:chest\s+)?(?:radiograph|x-?ray))"],
-    "mri": [r"\bMRI?\b", r"\bMRA\b", r"(?i:\bmagnetic\s+resonance\b)", r"(?i:\bT[12][- ]?weighted\b)", r"\bFLAIR\b",
-            r"(?i:\bdiffusion[- ]weighted\b)", r"\bDWI\b"],
+                   r"(?i:\b(?:postero-?anterior|antero-?posterior)\s+(?:chest\s+)?(?:radiograph|x-?ray))",
+                   r"\b(?:PA|AP)\s+(?:chest\s+)?(?:radiograph|[Xx]-?ray)"],
+    "mri": [r"\bMRI?\b", r"\bMRA\b", r"(?i:\bmagnetic\s+resonance\b)", r"(?i:\bT[12][- ]?weighted\b)",
+            r"\bFLAIR\b", r"(?i:\bdiffusion[- ]weighted\b)", r"\bDWI\b"],
     "ct_scan": [r"\bCT\b", r"\bCTA\b", r"\bHRCT\b", r"\bMDCT\b", r"(?i:\bcomputed\s+tomograph)",
                 r"(?i:\bCT\s+(?:scan|image|angiograph))"],
     "histology": [r"\bH\s*&\s*E\b", r"(?i:\bha?ematoxylin\b)", r"(?i:\bhistolog)", r"(?i:\bhistopatholog)",
                   r"(?i:\bimmunohistochem)", r"\bIHC\b", r"(?i:\bphotomicrograph)", r"(?i:\bmicrograph)",
                   r"(?i:\b(?:original\s+)?magnification\b)", r"(?i:\bstain(?:ed|ing)?\b)"],
-    "gross": [r"(?i:\bgross(?:ly)?\s+(?:appearance|specimen|pathology|photograph|examination|view|image|features?))",
+    "gross": [r"(?i:\bgross(?:ly)?\s+(?:appearance|specimen|pathology|photograph|examination|view|image))",
               r"(?i:\bmacroscopic)", r"(?i:\b(?:resected|surgical|excised|autopsy)\s+specimen)",
               r"(?i:\bcut\s+surface\b)"],
 }
@@ -356,12 +364,12 @@ _PANELS = [re.compile(r"\(([A-Ha-h])\)"),  # (A) ... (B) ...
            re.compile(r"(?i:\bpanels?)\s+\(?([A-H])\)?(?:\s*(?:and|,|-|–)\s*\(?([A-H])\)?)?")]
 
 def is_compound(caption: str) -> bool:
-    "Whether a caption describes several panels: at least two distinct panel letters ('(A) ... (B)', 'A, ... B, ...')."
+    "Whether a caption describes several panels: two or more panel letters ('(A) ... (B)', 'A, ... B, ...')."
     letters = {g.lower() for r in _PANELS for m in r.finditer(caption) for g in m.groups() if g}
     return len(letters) >= 2
 
 # %% ../nbs/02d_pmc_pairs.ipynb #c6pkg
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp", "gif")  # match order: a .gif is often a thumbnail
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp", "gif")  # match order: .gif is often a thumbnail
 
 @dataclass
 class PackageFiles:
@@ -515,7 +523,8 @@ def finished_articles(out: str | Path) -> set[str]:
     "PMCIDs of the packages in `out` that a rerun need not read again."
     out = Path(out)
     articles, figures = _last_rows(out / "articles.jsonl", "pmcid"), _last_rows(out / "manifest.jsonl", "pair_id")
-    lost = {r.get("pmcid") for r in figures.values() if r.get("status") == "ok" and not (out / r["file"]).is_file()}
+    lost = {r.get("pmcid") for r in figures.values()
+            if r.get("status") == "ok" and not (out / r["file"]).is_file()}
     return {p for p, r in articles.items() if r.get("status") in FINAL and p not in lost}
 
 def caption_sets(out: str | Path,  # an output folder
@@ -556,8 +565,10 @@ class PairsResult(Result):
 
     def __str__(self) -> str:
         "One line of counts, then one line per group of reasons."
-        groups = {"domains": self.domains, "skipped": self.reasons, "left out": self.left_out, "bad rows": self.bad_rows}
-        lines = [f"  {name}: " + ", ".join(f"{k} {n:,}" for k, n in sorted(v.items(), key=lambda kv: (-kv[1], kv[0])))
+        groups = {"domains": self.domains, "skipped": self.reasons, "left out": self.left_out,
+                  "bad rows": self.bad_rows}
+        by_count = lambda kv: (-kv[1], kv[0])
+        lines = [f"  {name}: " + ", ".join(f"{k} {n:,}" for k, n in sorted(v.items(), key=by_count))
                  for name, v in groups.items() if v]
         return "\n".join(["pmc-pairs: " + ", ".join(f"{k} {v:,}" for k, v in self.rows()), *lines])
 
@@ -580,8 +591,10 @@ def _count(res: PairsResult, rows: list[dict], article: dict) -> None:
     "Add one package's rows to the counts of `res` (its `reasons` and `domains` are Counters while it runs)."
     res.articles += 1
     res.bytes_downloaded += article["bytes_read"]; res.unsafe_members += article["unsafe_members"]
-    if article["status"] == "skipped": res.skipped_articles += 1; res.reasons[f"package: {article['reason']}"] += 1
-    elif article["status"] != "ok": res.failed_articles += 1; res.reasons[f"package {article['status']}"] += 1
+    if article["status"] == "skipped":
+        res.skipped_articles += 1; res.reasons[f"package: {article['reason']}"] += 1
+    elif article["status"] != "ok":
+        res.failed_articles += 1; res.reasons[f"package {article['status']}"] += 1
     for r in rows:
         if r["status"] != "ok": res.skipped_figures += 1; res.reasons[f"figure: {r['reason']}"] += 1; continue
         res.pairs += 1; res.bytes_kept += r["bytes"]; res.compound += r["record"]["compound"]
@@ -603,7 +616,7 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
                 max_member_mb: float = 100.0,  # refuse package members larger than this
                 jpeg: bool = False,  # re-encode every figure as JPEG
                 max_mentions: int = 10,  # most citing sentences kept per figure
-                classifier: str = None,  # 'module:function' from caption to domain flags (default: keyword rules)
+                classifier: str = None,  # 'module:function', caption -> domain flags (default: keyword rules)
                 drop_other: bool = False,  # leave figures of no LLaVA-Med domain out of fig_captions.json
                 max_bad: float = 0.02,  # stop when more than this share of the list's rows are bad
                 quiet: bool = False,  # no progress bar
@@ -641,5 +654,6 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
         run_jobs(todo, work, finished, cfg.workers)
     sets = caption_sets(out, drop_other)
     write_json(out / "fig_captions.json", sets, indent=1)
-    res.total_pairs, res.reasons, res.domains = sum(map(len, sets.values())), dict(res.reasons), dict(res.domains)
+    res.total_pairs = sum(map(len, sets.values()))
+    res.reasons, res.domains = dict(res.reasons), dict(res.domains)
     return res
