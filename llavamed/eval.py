@@ -200,7 +200,7 @@ def strict_question(pred: str,  # the model's answer
     return {"recall": recall, "precision": precision, "f1": f1, "exact_match": float(p == g),
             "substring_hit": float(_phrase_in(g, p))}
 
-# %% ../nbs/07_eval.ipynb #157462b2
+# %% ../nbs/07_eval.ipynb #850e8d35
 PROTOCOLS = ("llava-med", "llava-med-run-eval", "strict", "lmms-eval", "medevalkit")
 PROTOCOL_ALIASES = {"official": "llava-med"}  # the first protocol's former name (today's `--mode official`)
 PROTOCOL_SOURCES = {
@@ -227,7 +227,7 @@ def parse_protocols(spec: str) -> list[str]:
     if len(set(canonical)) < len(canonical): raise ValueError(f"protocol {spec!r}: a protocol named twice")
     return names
 
-# %% ../nbs/07_eval.ipynb #d4923136
+# %% ../nbs/07_eval.ipynb #0a085fce
 def run_eval_closed_hit(pred: str,  # once-normalised prediction
                         gt: str,  # once-normalised reference
                        ) -> float | None:
@@ -246,7 +246,7 @@ def load_candidates(path: str | Path) -> list[str]:
             raise ValueError(f"{path}: candidate {i} is a {type(c).__name__}, expected text or an integer")
     return [str(c) for c in items]
 
-# %% ../nbs/07_eval.ipynb #8bfc23cf
+# %% ../nbs/07_eval.ipynb #9bfa2c82
 class CandidateMatcher:
     "The candidate `run_eval.py` picks for an answer: the most shared words per candidate word, the first on ties."
     def __init__(self, candidates: list[str],  # candidate answers in file order
@@ -271,7 +271,7 @@ class CandidateMatcher:
         self._picked[pred] = hit = self.texts[best_i]
         return hit
 
-# %% ../nbs/07_eval.ipynb #2359db57
+# %% ../nbs/07_eval.ipynb #5e73c368
 def run_eval_question(pred: str,  # the model's answer
                       gt: str,  # the reference answer
                       answer_type: str,  # 'OPEN' or 'CLOSED'
@@ -284,7 +284,7 @@ def run_eval_question(pred: str,  # the model's answer
     if matcher is None: raise ValueError("llava-med-run-eval needs the candidate answers (--candidates FILE)")
     return {**official_question(pred, gt, answer_type, norm), "candidate_hit": float(matcher.pick(norm(p)) == norm(g))}
 
-# %% ../nbs/07_eval.ipynb #79157224
+# %% ../nbs/07_eval.ipynb #eac26a6d
 _LMMS_YES = frozenset({"yes", "yeah", "yep", "true", "是", "是的", "有", "包含", "可以", "能", "会", "正常"})
 _LMMS_NO = frozenset({"no", "nope", "false", "否", "不是", "没有", "无", "不包含", "不能", "不会", "不可以", "不正常",
                       "异常"})
@@ -307,7 +307,7 @@ def lmms_question(pred: str,  # the model's answer
     "lmms-eval's SLAKE score of one question: exact match after normalisation."
     return {"hit": float(norm(pred) == norm(gt))}
 
-# %% ../nbs/07_eval.ipynb #791d2d2c
+# %% ../nbs/07_eval.ipynb #852345c6
 _ANSWER_MARKS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is", "answer:", "答案:",
                  "final answer", "final answer is")
 
@@ -337,7 +337,7 @@ def medevalkit_response(text: str) -> str:
         if mark in r: r = r.split(mark)[-1]
     return r
 
-# %% ../nbs/07_eval.ipynb #6c67de7e
+# %% ../nbs/07_eval.ipynb #8e05db6c
 def medevalkit_question(pred: str,  # the model's answer
                         gt: str,  # the reference answer
                         answer_type: str,  # 'OPEN' or 'CLOSED'
@@ -355,7 +355,7 @@ def medevalkit_question(pred: str,  # the model's answer
     f1 = 2 * precision * recall / (precision + recall) if common else 0
     return {"hit": float(r == g), "exact_match": float(r == g), "recall": recall, "precision": precision, "f1": f1}
 
-# %% ../nbs/07_eval.ipynb #7063e0fd
+# %% ../nbs/07_eval.ipynb #3ea2976d
 _LETTER_AT_START = re.compile(r"^\s*\(?([A-Za-z])\s*[.):]")
 _LETTER_IN_PARENS = re.compile(r"\(([A-Za-z])\)")
 _LETTER_AFTER_WORD = re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?([A-Za-z])\)?"
@@ -384,7 +384,7 @@ def choice_letter(answer: str,  # the model's answer
                                          for j in named)]
     return chr(65 + named[0]) if len(named) == 1 else None
 
-# %% ../nbs/07_eval.ipynb #0d8388f1
+# %% ../nbs/07_eval.ipynb #3d426dca
 def choice_label(q: Question) -> str:
     "The correct letter of a multiple-choice question; `ValueError` when the options or the letter are unusable."
     opts = q.options or []
@@ -455,7 +455,7 @@ def align(questions: list[Question],  # from `llavamed.core.load_questions`
             "missing_policy": missing}
     return pairs, info
 
-# %% ../nbs/07_eval.ipynb #69dcc83e
+# %% ../nbs/07_eval.ipynb #01a84cbd
 METRICS = ("open_recall", "closed_accuracy", "open_substring_accuracy", "exact_match", "f1", "precision")
 _BLEU = {k: k for k in ("bleu", "bleu1", "bleu2", "bleu3")}
 # protocol: {aggregate key: the per-question field averaged over OPEN questions}
@@ -485,7 +485,7 @@ def _cached(f):
         return r
     return cached_call
 
-# %% ../nbs/07_eval.ipynb #b8de34e6
+# %% ../nbs/07_eval.ipynb #eb8cf9ca
 def _per_question(protocol: str, norm, matcher, judged: dict | None):
     "The function scoring one (question, answer) pair of an OPEN or CLOSED question under `protocol`."
     if protocol == "llava-med": return lambda q, text: official_question(text, q.answer, q.answer_type, norm)
@@ -542,7 +542,7 @@ def score_pairs(pairs: Iterable[tuple[Question, str]],  # (question with `answer
         out["n_judged"] = sum(judged.get(q.id) is not None for q, _ in pairs if q.answer_type == "OPEN")
     return out
 
-# %% ../nbs/07_eval.ipynb #433834ef
+# %% ../nbs/07_eval.ipynb #b13a7877
 JUDGE_PROMPT = (
     "Decide whether a user's answer to a question about a medical image is correct, given the standard answer. "
     "An answer that means the same as the standard answer, or is another valid reading of it, is correct.\n\n"
@@ -594,7 +594,7 @@ def _group_order(g: str) -> tuple:
 
 def group_scores(pairs: list[tuple[Question, str]],  # from `align`
                  by: str = "domain",  # the `Question` field to group by: 'domain' or 'question_type'
-                 mode: str = "official",  # 'official' or 'strict'
+                 mode: str = "official",  # a protocol name (`PROTOCOLS`, or 'official')
                  norm=None,  # a (cached) `normalize_answer`, shared when scoring several groupings
                 ) -> dict[str, dict]:
     "Closed accuracy and open recall (percent) with their counts, per group of questions."
@@ -606,7 +606,9 @@ def group_scores(pairs: list[tuple[Question, str]],  # from `align`
     out = {}
     for g in sorted(groups, key=_group_order):
         s = score_pairs(groups[g], mode, norm)
-        out[g] = {k: s[k] for k in ("closed_accuracy", "open_recall", "n_closed", "n_open")}
+        keys = ("closed_accuracy", "open_recall", "n_closed", "n_open") + (
+            ("open_accuracy", "overall_accuracy") if s["protocol"] in OVERALL else ())
+        out[g] = {k: s.get(k) for k in keys}
     return out
 
 # %% ../nbs/07_eval.ipynb #4e3fee53
@@ -636,7 +638,7 @@ def describe_decoding(answers: list[dict]) -> str:
     if len(seen) == 1: return next(iter(seen))
     return "MIXED: " + "; ".join(f"{n} x {s}" for s, n in seen.most_common())
 
-# %% ../nbs/07_eval.ipynb #22bded45
+# %% ../nbs/07_eval.ipynb #61bb5102
 SETTINGS = ("zero-shot", "fine-tuned", "unknown")
 
 def _answers_setting(answers: list[dict],  # answer rows (their `metadata`)
@@ -649,7 +651,7 @@ def _answers_setting(answers: list[dict],  # answer rows (their `metadata`)
     if len(values) == 1 and not absent: return values[0]
     return "MIXED: " + ", ".join(values + (["none"] if absent else []))
 
-# %% ../nbs/07_eval.ipynb #1374790b
+# %% ../nbs/07_eval.ipynb #a6447b06
 _LABELS = {"open_recall": "open (token recall)", "closed_accuracy": "closed (accuracy)",
            "open_accuracy": "open accuracy", "overall_accuracy": "overall accuracy",
            "choice_accuracy": "choice accuracy", "open_substring_accuracy": "open substring accuracy",
@@ -729,7 +731,7 @@ class Scores(Result):
         d["mode"] = self.mode
         return to_jsonable(d)
 
-# %% ../nbs/07_eval.ipynb #5f47691c
+# %% ../nbs/07_eval.ipynb #8e3c3486
 def _scored(q: Question) -> bool:
     "Whether a question is scored: open, closed or multiple choice."
     return q.answer_type in ("OPEN", "CLOSED", "CHOICE") or q.kind == "choice"
@@ -740,7 +742,7 @@ def _detail_rows(pairs, per_q: dict[str, list]):
         yield {"id": q.id, "answer_type": q.answer_type or "CHOICE", "gt": q.answer, "pred": text,
                **{m: rows[i] for m, rows in per_q.items()}}
 
-# %% ../nbs/07_eval.ipynb #01d33614
+# %% ../nbs/07_eval.ipynb #c3055f39
 def check_choices(questions: list[Question],  # from `load_questions`
                   bad: BadRecords,  # the question file's bad records: unusable choice questions are counted here
                  ) -> list[Question]:
@@ -754,7 +756,7 @@ def check_choices(questions: list[Question],  # from `load_questions`
     bad.check(len(questions) + bad.total - (len(questions) - len(kept)))
     return kept
 
-# %% ../nbs/07_eval.ipynb #73fc96e7
+# %% ../nbs/07_eval.ipynb #4791c2b2
 def _read_pairs(pred, gt, missing: str, max_answer_chars: int) -> tuple[list, dict, list[dict]]:
     "Answers and questions, read and paired (bad records counted); empty or unpaired inputs raise."
     bad_answers, bad_questions = BadRecords(str(pred)), BadRecords(str(gt))

@@ -1,4 +1,4 @@
-"""The one evaluation orchestrator, and a Markdown report with figures beside the paper's numbers.
+"""The one evaluation orchestrator, and a Markdown report with figures beside published numbers of the same protocol.
 
 Docs: https://llavamed.github.io/llavamed/report.html.md"""
 
@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import (DOMAINS, Result, atomic_write, fmt_num, load_questions, pyplot, read_json,
                            write_json)
-from .eval import align, group_scores, load_answers, score
+from .eval import align, group_scores, load_answers, protocol_name, score
 from .judge import JudgeSummary, judge
 from .predict import ABLATIONS, predict
 
 # %% auto #0
-__all__ = ['PAPER_VQA', 'PAPER_CHAT', 'PAPER_CHAT_MODELS', 'CHAT_COLUMNS', 'paper_dataset', 'load_inputs', 'vqa_table',
-           'ablation_deltas', 'paper_table', 'chat_table', 'bar_chart', 'plot_metrics', 'plot_deltas', 'plot_chat',
-           'Report', 'report', 'Evaluation', 'evaluate']
+__all__ = ['PAPER_VQA', 'PAPER_CHAT', 'PAPER_CHAT_MODELS', 'PUBLISHED', 'CHAT_COLUMNS', 'published', 'paper_dataset',
+           'load_inputs', 'protocol_metrics', 'headline', 'vqa_table', 'ablation_deltas', 'published_table',
+           'chat_table', 'bar_chart', 'plot_metrics', 'plot_deltas', 'plot_chat', 'Report', 'report', 'Evaluation',
+           'evaluate']
 
 # %% ../nbs/07c_report.ipynb #b6b9c8fb
 # model: {dataset: (open recall, closed accuracy)}, fine-tuned per dataset (the paper's VQA table)
@@ -34,6 +35,23 @@ PAPER_CHAT = {  # relative scores of LLaVA-Med 60K-IM, the paper's best conversa
     "gross": 51.8, "ct_scan": 50.1, "overall": 50.2}
 PAPER_CHAT_MODELS = {"LLaVA": 36.1, "LLaVA-Med stage 1": 23.3, "LLaVA-Med 10K": 39.9, "LLaVA-Med 60K": 49.4,
                      "LLaVA-Med 60K-IM": 50.2}
+# The published figures a run may stand beside: each with its source, protocol and setting.
+_PAPER = "LLaVA-Med paper (Li et al., NeurIPS 2023, arXiv 2306.00890), VQA table"
+_LINGSHU = "Lingshu-7B model card (lingshu-medical-mllm, Hugging Face), MedEvalKit"
+_LINGSHU_ROWS = {"LLaVA-Med-7B": (53.7, 48.0, 38.8), "HuatuoGPT-V-7B": (67.0, 67.8, 48.0),
+                 "MedGemma-4B": (72.5, 76.4, 48.8), "Qwen2.5-VL-7B": (64.5, 67.2, 44.1),
+                 "Lingshu-7B": (67.9, 83.1, 61.9), "Lingshu-32B": (76.5, 89.2, 65.9), "GPT-4.1": (65.0, 72.2, 55.5)}
+PUBLISHED = (
+    [{"model": m, "dataset": ds, "protocol": "llava-med", "setting": "fine-tuned", "open_recall": v[ds][0],
+      "closed_accuracy": v[ds][1], "source": _PAPER} for m, v in PAPER_VQA.items() for ds in v]
+    + [{"model": m, "dataset": ds, "protocol": "medevalkit", "setting": "zero-shot", "overall_accuracy": v[i],
+        "source": _LINGSHU} for m, v in _LINGSHU_ROWS.items() for i, ds in enumerate(("VQA-RAD", "SLAKE", "PathVQA"))])
+
+def published(dataset: str | None,  # 'VQA-RAD', 'SLAKE' or 'PathVQA' (`paper_dataset`)
+              protocol: str,  # a protocol name (`llavamed.eval.PROTOCOLS`)
+             ) -> list[dict]:
+    "The published figures for one dataset under one protocol (none for another protocol)."
+    return [p for p in PUBLISHED if p["dataset"] == dataset and p["protocol"] == protocol]
 
 def paper_dataset(path_or_name: str) -> str | None:
     "The published dataset a data file's path or name refers to ('VQA-RAD', 'SLAKE', 'PathVQA'), if any."
@@ -61,58 +79,85 @@ def load_inputs(inputs: str | list[str],  # paths or globs, a list or one comma-
         else: raise ValueError(f"{f}: neither a score result (llavamed score --out) nor a judge summary")
     return scores, judged
 
-# %% ../nbs/07c_report.ipynb #880a30f9
-_DELTA_KEYS = ("official open", "official closed", "strict open", "strict closed")
-
-def _modes(r: dict) -> dict[str, dict]:
-    "A score result's per-mode metrics, whatever mode it was run in."
+# %% ../nbs/07c_report.ipynb #02383ca5
+def protocol_metrics(r: dict) -> dict[str, dict]:
+    "A score result's metrics per protocol, as named when scored (results of earlier releases included)."
+    if "protocols" in r:
+        keys = r["protocols"]
+        return {keys[0]: r} if len(keys) == 1 else {k: r[k] for k in keys if k in r}
     if r.get("mode") == "all": return {m: r[m] for m in ("official", "strict") if m in r}
     return {r.get("mode", "official"): r}
 
-# %% ../nbs/07c_report.ipynb #0c022970
+def _protocol(key: str, m: dict) -> str:
+    "The protocol of a result's metrics (the name it was scored under, if the metrics do not say)."
+    return m.get("protocol") or protocol_name(key)
+
+def headline(key: str, m: dict) -> dict:
+    "A protocol's headline numbers: open (recall or accuracy, and which), closed, overall, choice."
+    recall = _protocol(key, m) in ("llava-med", "llava-med-run-eval", "strict")
+    return {"open": m.get("open_recall" if recall else "open_accuracy"), "open_is": "recall" if recall else "accuracy",
+            "closed": m.get("closed_accuracy"), "overall": m.get("overall_accuracy"), "choice": m.get("choice_accuracy")}
+
+# %% ../nbs/07c_report.ipynb #f54f1a58
 def vqa_table(scores: list[dict]) -> str:
-    "Markdown table: one row per score result, official and strict numbers side by side."
-    head = ("| dataset | ablation | decoding | official open | official closed | strict open | strict closed "
-            "| open / closed questions | missing | data sha256 |\n|" + "---|" * 10)
+    "Markdown table: one row per score result and protocol, the protocols of one run side by side."
+    head = ("| dataset | ablation | protocol | setting | decoding | open | closed | overall | choice "
+            "| open / closed / choice questions | missing | data sha256 |\n|" + "---|" * 12)
     rows = []
     for r in scores:
-        by_mode = _modes(r); official, strict = by_mode.get("official", {}), by_mode.get("strict", {})
-        nums = " | ".join(fmt_num(m.get(k), 2) for m in (official, strict)
-                          for k in ("open_recall", "closed_accuracy"))
-        rows.append(f"| {r['dataset']} | {r.get('image_ablation', 'none')} | {r['decoding']} | {nums} "
-                    f"| {r['n_open']} / {r['n_closed']} | {r['n_missing']} | `{r['gt_sha256'][:12]}` |")
+        for key, m in protocol_metrics(r).items():
+            h = headline(key, m)
+            opened = "-" if h["open"] is None else f"{fmt_num(h['open'], 2)} ({h['open_is']})"
+            nums = " | ".join(fmt_num(h[k], 2) for k in ("closed", "overall", "choice"))
+            rows.append(f"| {r['dataset']} | {r.get('image_ablation', 'none')} | {key} | {r.get('setting', 'unknown')} "
+                        f"| {r['decoding']} | {opened} | {nums} | {r['n_open']} / {r['n_closed']} / "
+                        f"{r.get('n_choice', 0)} | {r['n_missing']} | `{r['gt_sha256'][:12]}` |")
     return "\n".join([head] + rows)
 
-# %% ../nbs/07c_report.ipynb #ea4a8722
+# %% ../nbs/07c_report.ipynb #dd7055a0
 def ablation_deltas(scores: list[dict]) -> list[dict]:
-    "Per dataset and ablation: the change of each mode's open and closed numbers against the run without one."
-    base = {(r["dataset"], r["gt_sha256"]): r for r in scores if r.get("image_ablation", "none") == "none"}
+    "Per dataset and ablation: the change of each protocol's open and closed numbers against the run without one."
+    base: dict[tuple, dict] = {}  # (dataset, data hash): {protocol: metrics} of the runs without ablation
+    for r in scores:
+        if r.get("image_ablation", "none") == "none":
+            for key, m in protocol_metrics(r).items(): base.setdefault((r["dataset"], r["gt_sha256"]), {}).setdefault(key, m)
     out = []
     for r in scores:
         b = base.get((r["dataset"], r["gt_sha256"]))
-        if b is None or r is b or r.get("image_ablation", "none") == "none": continue
+        if b is None or r.get("image_ablation", "none") == "none": continue
         row = {"dataset": r["dataset"], "ablation": r["image_ablation"]}
-        for mode, mr in _modes(r).items():
-            mb = _modes(b).get(mode)
+        for key, mr in protocol_metrics(r).items():
+            mb = b.get(key)
             if not mb: continue
-            for k, short in (("open_recall", "open"), ("closed_accuracy", "closed")):
-                if mr.get(k) is not None and mb.get(k) is not None: row[f"{mode} {short}"] = mr[k] - mb[k]
+            hr, hb = headline(key, mr), headline(key, mb)
+            for short in ("open", "closed", "overall", "choice"):
+                if hr[short] is not None and hb[short] is not None: row[f"{key} {short}"] = hr[short] - hb[short]
         out.append(row)
     return out
 
-# %% ../nbs/07c_report.ipynb #eb8c47e4
-def paper_table(scores: list[dict]) -> str:
-    "Markdown table of our official numbers beside the paper's, for datasets the paper reports."
+def _delta_keys(deltas: list[dict]) -> list[str]:
+    "The change columns some ablation row has, in first-seen order."
+    return list(dict.fromkeys(k for d in deltas for k in d if k not in ("dataset", "ablation")))
+
+# %% ../nbs/07c_report.ipynb #4ff0b6fc
+def published_table(scores: list[dict]) -> str:
+    "Markdown table of our numbers beside published ones, only where the dataset and the protocol both match."
     rows = []
     for r in scores:
         ds = paper_dataset(r["gt"]) or paper_dataset(r["dataset"])
-        o = _modes(r).get("official")
-        if ds is None or o is None or r.get("image_ablation", "none") != "none": continue
-        rows.append(f"| {ds} | this run ({r['decoding']}) | {fmt_num(o['open_recall'], 2)} "
-                    f"| {fmt_num(o['closed_accuracy'], 2)} |")
-        rows += [f"| {ds} | paper: {m} | {fmt_num(v[ds][0], 2)} | {fmt_num(v[ds][1], 2)} |" for m, v in PAPER_VQA.items()]
+        if ds is None or r.get("image_ablation", "none") != "none": continue
+        for key, m in protocol_metrics(r).items():
+            refs = published(ds, _protocol(key, m))
+            if not refs: continue
+            cells = lambda d: " | ".join(fmt_num(d.get(k), 2) for k in ("open_recall", "closed_accuracy",
+                                                                      "overall_accuracy"))
+            rows.append(f"| {ds} | {_protocol(key, m)} | this run ({r['decoding']}) | {r.get('setting', 'unknown')} "
+                        f"| {cells(m)} | llavamed score |")
+            rows += [f"| {ds} | {p['protocol']} | {p['model']} | {p['setting']} | {cells(p)} | {p['source']} |"
+                     for p in refs]
     if not rows: return ""
-    return "| dataset | model | open (recall) | closed (accuracy) |\n|---|---|---|---|\n" + "\n".join(rows)
+    return ("| dataset | protocol | model | setting | open (recall) | closed (accuracy) | overall (accuracy) "
+            "| source |\n|" + "---|" * 8 + "\n" + "\n".join(rows))
 
 # %% ../nbs/07c_report.ipynb #b33b5ea9
 CHAT_COLUMNS = ("conversation", "description", *DOMAINS, "overall")
@@ -168,21 +213,23 @@ def bar_chart(labels: list[str],  # one group of bars per label
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/07c_report.ipynb #4a2c7d79
+# %% ../nbs/07c_report.ipynb #8db002b2
 def plot_metrics(scores: list[dict], path: Path) -> Path:
-    "Bars of open and closed numbers per run, official and strict modes side by side."
+    "Bars of each protocol's headline numbers per run (open, closed; overall and choice where defined)."
     labels = [f"{r['dataset']} ({r.get('image_ablation', 'none')})" for r in scores]
-    metrics = (("open", "open_recall"), ("closed", "closed_accuracy"))
-    series = {f"{m} {s}": [_modes(r).get(m, {}).get(k) for r in scores] for m in ("official", "strict")
-              for s, k in metrics}
-    return bar_chart(labels, series, path, "percent", "VQA metrics by dataset and mode")
+    by_run = [protocol_metrics(r) for r in scores]
+    series = {}
+    for key in dict.fromkeys(k for ms in by_run for k in ms):
+        for short in ("open", "closed", "overall", "choice"):
+            vals = [headline(key, ms[key])[short] if key in ms else None for ms in by_run]
+            if any(v is not None for v in vals): series[f"{key} {short}"] = vals
+    return bar_chart(labels, series, path, "percent", "VQA metrics by dataset and protocol")
 
 def plot_deltas(deltas: list[dict], path: Path) -> Path:
     "Bars of the change each image ablation causes (points against the run that sees the images)."
     labels = [f"{d['dataset']} {d['ablation']}" for d in deltas]
-    keys = [k for k in _DELTA_KEYS if any(k in d for d in deltas)]
-    return bar_chart(labels, {k: [d.get(k) for d in deltas] for k in keys}, path, "change (points)",
-                     "Image ablations: change against the real image")
+    return bar_chart(labels, {k: [d.get(k) for d in deltas] for k in _delta_keys(deltas)}, path,
+                     "change (points)", "Image ablations: change against the real image")
 
 def plot_chat(judged: list[dict], path: Path) -> Path:
     "Bars of relative scores per benchmark group, one series per judge summary (the paper's beside LLMs)."
@@ -206,10 +253,14 @@ class Report(Result):
         "One line naming what was written."
         return f"wrote {self.report} and {len(self.figures)} figure(s)"
 
-_VQA_ABOUT = ("Open = mean token recall over open questions; closed = accuracy over closed questions. "
-              "*Official* reproduces LLaVA-Med v1.0's scorer (substring hits: a reference 'no' counts as "
-              "found in 'nodule'; recall counts repeated words); *strict* uses first yes/no word and "
-              "set-based recall. Answers are paired with questions by id.")
+_VQA_ABOUT = ("Each row is one protocol. *llava-med* (named *official* in earlier releases) reproduces "
+              "LLaVA-Med v1.0's scorer, run_eval_batch.py (open = mean token recall, closed = substring "
+              "accuracy: a reference 'no' counts as found in 'nodule'); *llava-med-run-eval* the first "
+              "run_eval.py (closed answers naming yes/no but missing the reference are left out; open "
+              "accuracy by a candidate list); *strict* uses the first yes/no word and set-based recall; "
+              "*lmms-eval* exact match after lmms-eval's normalisation; *medevalkit* MedEvalKit's yes/no "
+              "rule and open exact match (or its LLM judge), with overall accuracy its headline. Choice = "
+              "multiple-choice accuracy (unparsed answers are wrong). Answers are paired with questions by id.")
 _CHAT_ABOUT = ("Relative score = mean over questions of (model score / reference score) x 100. Rows "
                "judged by the offline *proxy* judge (word overlap with the caption) are not comparable "
                "with the paper's GPT-4 judged numbers, which are shown only beside LLM judges. Position "
@@ -222,7 +273,7 @@ def _vqa_section(scores: list[dict], out: Path, figs: dict) -> list[str]:
     md = ["## Medical VQA", "", _VQA_ABOUT, "", vqa_table(scores), "", "![VQA metrics](vqa_metrics.png)", ""]
     deltas = ablation_deltas(scores)
     if deltas:
-        keys = [k for k in _DELTA_KEYS if any(k in d for d in deltas)]
+        keys = _delta_keys(deltas)
         md += ["### Image ablations", "", "Change in points against the same model seeing the real images; "
                "a model that uses the image loses points.", "",
                "| dataset | ablation | " + " | ".join(keys) + " |",
@@ -231,9 +282,10 @@ def _vqa_section(scores: list[dict], out: Path, figs: dict) -> list[str]:
                + " |" for d in deltas]
         figs["ablations"] = plot_deltas(deltas, out / "ablation_deltas.png")
         md += ["", "![Ablation deltas](ablation_deltas.png)", ""]
-    pt = paper_table(scores)
-    if pt: md += ["### Against the paper", "", "The paper's rows are fine-tuned per dataset and sampled at "
-                  "temperature 0.7 (official mode).", "", pt, ""]
+    pt = published_table(scores)
+    if pt: md += ["### Against published numbers", "", "Only rows of the same dataset and protocol stand side "
+                  "by side. The LLaVA-Med paper's rows are fine-tuned per dataset and sampled at temperature 0.7; "
+                  "the Lingshu card's are zero-shot.", "", pt, ""]
     return md
 
 def report(inputs: str = None,  # score results and judge summaries: paths or globs, comma-separated
@@ -272,8 +324,8 @@ class Evaluation(Result):
         rows = []
         for abl, s in self.scores.items():
             rows.append((f"VQA, image ablation {abl}", "; ".join(
-                f"{m} closed {fmt_num(v['closed_accuracy'], 2)}, open {fmt_num(v['open_recall'], 2)}"
-                for m, v in s.metrics.items())))
+                f"{m} closed {fmt_num(h['closed'], 2)}, open {fmt_num(h['open'], 2)}"
+                for m, h in ((m, headline(m, v)) for m, v in s.metrics.items()))))
         if self.chat: rows.append(("benchmark relative score (proxy judge)",
                                    fmt_num(self.chat.groups["overall"]["relative_score"])))
         if self.report:
@@ -288,14 +340,16 @@ class Evaluation(Result):
                 "report": self.report.to_json() if self.report else None}
 
 # %% ../nbs/07c_report.ipynb #3d4ee8cf
-def _evaluate_vqa(data: Path, out: Path, ablation: str, groups: tuple, name: str | None, answer) -> tuple:
-    "Answer `data` under one image ablation, score it in both modes and per group: (Scores, groups)."
+def _evaluate_vqa(data: Path, out: Path, ablation: str, groups: tuple, name: str | None, answer,
+                  protocol: str = "all", setting: str = "unknown") -> tuple:
+    "Answer `data` under one image ablation, score it under each protocol and per group: (Scores, groups)."
     answers = out / f"answers_{ablation}.jsonl"
     answer(data, answers, ablation)
-    res = score(str(answers), str(data), mode="all", out=str(out / f"scores_{ablation}.json"), name=name)
+    res = score(str(answers), str(data), protocol=protocol, out=str(out / f"scores_{ablation}.json"), name=name,
+                setting=setting)
     (out / f"scores_{ablation}.txt").write_text(str(res) + "\n", encoding="utf-8")
     pairs, _ = align(load_questions(data, need_answer=True), load_answers(answers))
-    by_group = {by: {m: group_scores(pairs, by, m) for m in ("official", "strict")} for by in groups}
+    by_group = {by: {m: group_scores(pairs, by, m) for m in res.metrics} for by in groups}
     for by, numbers in by_group.items(): write_json(out / f"{_GROUP_FILES[by]}_{ablation}.json", numbers)
     return res, by_group
 
@@ -307,6 +361,8 @@ def evaluate(model: str = None,  # saved model directory
              groups: str = "domain,question_type",  # also score per these question fields ('' for none)
              chat: str = None,  # also answer this benchmark JSONL and judge it (offline proxy judge)
              name: str = None,  # the VQA dataset's name in the report (default: its folder and stem)
+             protocol: str = "all",  # scoring protocols, comma-separated ('all': official and strict)
+             setting: str = "unknown",  # how the model met the VQA dataset: 'zero-shot', 'fine-tuned', 'unknown'
              batch_size: int = 16,  # questions per generation batch
              max_new_tokens: int = 32,  # most tokens per VQA answer
              chat_max_new_tokens: int = None,  # most tokens per benchmark answer (None: at least 64)
@@ -335,7 +391,7 @@ def evaluate(model: str = None,  # saved model directory
                        device=device, dtype=dtype, quiet=quiet)
     res = Evaluation(str(out), {}, {})
     for abl in abls if data else []:
-        res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, by, name, answer)
+        res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, by, name, answer, protocol, setting)
     if chat:
         chat_tokens = chat_max_new_tokens or max(64, max_new_tokens)  # conversations need longer answers
         answer(chat, out / "chat_answers.jsonl", "none", chat_tokens, None)
