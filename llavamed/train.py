@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/train.html.md"""
 
 # %% ../nbs/06_train.ipynb #f49a4256
 from __future__ import annotations
-import dataclasses, json, os, random, time, types, typing
+import dataclasses, functools, json, os, random, time, types, typing
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,12 +277,14 @@ class TemplateError(ValueError):
 
 def _render_replies(tok, msgs: list[dict], template: str) -> list[tuple[int, str, tuple[int, int]]]:
     "`(n_messages, text, reply span)` up to each assistant reply: the render before it and with it, any template."
-    def render(part, gen):
-        return tok.apply_chat_template(part, chat_template=template, tokenize=False, add_generation_prompt=gen)
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    def render(parts, gen):  # one batched call per kind of prefix
+        return tok.apply_chat_template(parts, chat_template=template, tokenize=False, add_generation_prompt=gen)
+    befores = render([msgs[:i] for i in turns], True) if turns else []
+    uptos = render([msgs[:i + 1] for i in turns], False) if turns else []
     out = []
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant": continue
-        before, upto = render(msgs[:i], True), render(msgs[:i + 1], False)
+    for i, before, upto in zip(turns, befores, uptos):
+        m = msgs[i]
         if not upto.startswith(before) or (out and not before.startswith(out[-1][1])):
             raise TemplateError(f"chat template: the conversation rendered up to reply {len(out) + 1} does not "
                                 f"start with the text rendered before it, so its replies cannot be located")
@@ -311,6 +313,7 @@ def _close_replies(tok, text: str, spans: list[tuple[int, int]]) -> tuple[str, l
     return "".join(parts), new
 
 # %% ../nbs/06_train.ipynb #4009f701
+@functools.lru_cache(maxsize=8)
 def _special_affixes(tok) -> tuple[list[int], list[int]]:
     "Token ids the tokenizer adds before and after a text when asked to add special tokens."
     plain, full = tok("x", add_special_tokens=False).input_ids, tok("x").input_ids
@@ -319,18 +322,19 @@ def _special_affixes(tok) -> tuple[list[int], list[int]]:
 
 def _tokens_and_mask(tok, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     "Token ids of `text` as the processor tokenises a prompt, and 1 for each token overlapping a reply span."
-    try: enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError as e:
+    backend = getattr(tok, "backend_tokenizer", None)  # the Rust tokenizer `tok(text)` calls, without its overhead
+    if backend is None:
         raise ValueError(f"tokenizer {type(tok).__name__} gives no character offsets (a slow tokenizer): "
-                         f"reply tokens cannot be located; use its fast version") from e
-    ids, mask, k = list(enc["input_ids"]), [], 0
-    for a, b in enc["offset_mapping"]:
+                         f"reply tokens cannot be located; use its fast version")
+    enc = backend.encode(text, add_special_tokens=False)
+    ids, mask, k = list(enc.ids), [], 0
+    for a, b in enc.offsets:
         while k < len(spans) and spans[k][1] <= a: k += 1
         mask.append(int(k < len(spans) and a < b and spans[k][0] < b))
     # the processor adds special tokens unless the rendered prompt already starts with BOS (processing_utils)
     if not (tok.bos_token and ids and ids[0] == tok.bos_token_id):
         pre, post = _special_affixes(tok)
-        ids, mask = pre + ids + post, [0] * len(pre) + mask + [0] * len(post)
+        ids, mask = [*pre, *ids, *post], [0] * len(pre) + mask + [0] * len(post)
     return ids, mask
 
 # %% ../nbs/06_train.ipynb #070e19c5
