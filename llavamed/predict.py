@@ -1,4 +1,4 @@
-"""Answer a VQA file (or the conversation benchmark) with a model: batched, resumable, data-parallel, worded as each harness words it, with image ablations.
+"""Answer a VQA file or the conversation benchmark with a model: batched, resumable, data-parallel, ablated.
 
 Docs: https://llavamed.github.io/llavamed/predict.html.md"""
 
@@ -336,7 +336,7 @@ class Predictions(Result):
     merged: int | None = None  # answers in `out` after this process merged the parts (None: it did not)
 
     def __str__(self) -> str:
-        "What was answered, what was already there, and the speed; how the questions were asked; any repair or merge."
+        "What was answered, what was there, how fast; how the questions were asked; any repair or merge."
         speed = f" in {self.seconds:.1f} s ({fmt_num(self.questions_per_s)} questions/s)" if self.answered else ""
         head = (f"{self.out}: answered {fmt_num(self.answered)} of {fmt_num(self.questions)} questions"
                 if self.world == 1 else f"{self.part}: rank {self.rank} of {self.world} answered "
@@ -346,8 +346,10 @@ class Predictions(Result):
                  + (f", {fmt_num(self.images_checked)} images checked first" if self.images_checked else "")]
         if self.bad_records: notes.append(f"skipped {self.bad_records}")
         if self.repaired_bytes:
-            notes.append(f"cut a torn last line ({fmt_num(self.repaired_bytes)} bytes) off {self.part or self.out}")
-        if self.merged is not None: notes.append(f"merged the parts: {self.out} holds {fmt_num(self.merged)} answers")
+            notes.append(f"cut a torn last line ({fmt_num(self.repaired_bytes)} bytes) off "
+                         f"{self.part or self.out}")
+        if self.merged is not None:
+            notes.append(f"merged the parts: {self.out} holds {fmt_num(self.merged)} answers")
         return f"{head}{speed}; {fmt_num(self.skipped)} were already answered" + "".join(f"\n{n}" for n in notes)
 
 # %% ../nbs/07a_predict.ipynb #c07a1ecb
@@ -356,7 +358,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             images: str = None,  # image folder (default: the data file's folder)
             out: str = None,  # answers JSONL: appended to; questions already answered there are skipped
             batch_size: int = 16,  # questions per generation batch
-            max_new_tokens: int = None,  # most tokens per answer (default: by question kind, `MAX_NEW_TOKENS`)
+            max_new_tokens: int = None,  # most tokens per answer (default: 32; 1,024 for the benchmark)
             image_ablation: str = "none",  # 'none', 'blank' (black), 'noise' (seeded), 'shuffle' (another's)
             prompt_suffix: str = None,  # replaces the protocol's suffix, e.g. 'Answer with one word.'
             protocol: str = "llava-med",  # wording: llava-med, llava-med-run-eval, strict, lmms-eval, medevalkit
@@ -415,9 +417,9 @@ def _answer_all(res: Predictions, todo: list[Question], questions: list[Question
     _check_model(model)  # before `load_model`, which would take a missing folder for a hub repo id
     mdl, proc = load_model(model, dtype=dtype, device=_rank_device(device, local_rank, res.world))
     _check_prompts(todo, prompts, proc.tokenizer, max_prompt_tokens)
-    answer = lambda convs, imgs: generate_batch(mdl, proc, convs, imgs, max_new_tokens=dec["max_new_tokens"],
-                                                do_sample=dec["do_sample"], temperature=dec.get("temperature", 0.7),
-                                                seed=dec["seed"], batch_size=batch_size)
+    gen = dict(max_new_tokens=dec["max_new_tokens"], do_sample=dec["do_sample"], seed=dec["seed"],
+               temperature=dec.get("temperature", 0.7), batch_size=batch_size)
+    answer = lambda convs, imgs: generate_batch(mdl, proc, convs, imgs, **gen)
     res.repaired_bytes = repair_torn_tail(target)
     if res.repaired_bytes: log.warning(f"{target}: cut a torn last line ({res.repaired_bytes} bytes) off")
     desc = f"predict ({meta['image_ablation']})" + (f" rank 0 of {res.world}" if res.world > 1 else "")

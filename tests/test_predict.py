@@ -1,4 +1,4 @@
-"`llavamed predict` at benchmark scale: prompt protocols, choices, answer length, the image preflight, data parallel."
+"`llavamed predict` at benchmark scale: protocols, choices, answer length, the image preflight, several processes."
 import json, os, shutil, struct, subprocess, sys, zlib
 from pathlib import Path
 import pytest
@@ -26,7 +26,8 @@ def png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
 
 def rows(path: Path) -> list[dict]:
@@ -47,7 +48,8 @@ def model_dir(tmp_path_factory) -> Path:
 def vqa(tmp_path) -> Path:
     "images/ with 6 distinct pictures and vqa.json with 11 questions about them (open, closed and choice)."
     (tmp_path / "images").mkdir()
-    for i in range(6): Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)).save(tmp_path / "images" / f"i{i}.png")
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)).save(tmp_path / "images" / f"i{i}.png")
     recs = [record(f"q{k}", f"i{k % 6}.png", f"Question {k}: is the organ enlarged?", "yes" if k % 2 else "no")
             for k in range(9)]
     recs.append(record("open9", "i1.png", "What organ is shown?", "liver", "OPEN"))
@@ -70,16 +72,18 @@ def last_line(err: str) -> str:
 KW = dict(batch_size=4, max_new_tokens=3, quiet=True, device="cpu")
 
 
-# ---------------------------------------------------------------- protocols and choices, as recorded in the answers
+# ---------------------------------------------------------------- protocols and choices, as the answers record them
 def test_protocol_words_each_question_and_choices_are_lettered(vqa, model_dir):
     out = vqa / "a.jsonl"
-    res = predict(str(model_dir), str(vqa / "vqa.json"), str(vqa / "images"), str(out), protocol="medevalkit", **KW)
+    res = predict(str(model_dir), str(vqa / "vqa.json"), str(vqa / "images"), str(out), protocol="medevalkit",
+                  **KW)
     assert res.answered == 11 and res.protocol == "medevalkit"
     by_id = {r["question_id"]: r for r in rows(out)}
-    assert by_id["q0"]["prompt"] == "Question 0: is the organ enlarged?\nPlease output 'yes' or 'no'(no extra output)."
+    assert by_id["q0"]["prompt"] == ("Question 0: is the organ enlarged?\n"
+                                     "Please output 'yes' or 'no'(no extra output).")
     assert by_id["open9"]["prompt"] == "What organ is shown?\nPlease answer the question concisely."
-    assert by_id["mc10"]["prompt"] == ("\nQuestion: Which organ is shown?\nOptions: \nA. liver\nB. spleen\nC. kidney\n"
-                                       "Answer with the option's letter from the given choices directly.")
+    assert by_id["mc10"]["prompt"] == ("\nQuestion: Which organ is shown?\nOptions: \nA. liver\nB. spleen\n"
+                                       "C. kidney\nAnswer with the option's letter from the given choices directly.")
     assert all(r["metadata"]["protocol"] == "medevalkit" and r["metadata"]["prompt_suffix"] is None
                for r in by_id.values())
 
@@ -143,17 +147,20 @@ def test_default_max_new_tokens_follows_the_question_kind(vqa, model_dir):
 
 def test_the_benchmark_gets_long_answers_by_default(tmp_path):
     bench = tmp_path / "qa.jsonl"
-    bench.write_text("".join(json.dumps({"question_id": i, "image": "a.png", "text": f"Describe {i}.\n<image>"}) + "\n"
-                             for i in range(3)))
+    lines = [{"question_id": i, "image": "a.png", "text": f"Describe {i}.\n<image>"} for i in range(3)]
+    bench.write_text("".join(json.dumps(line) + "\n" for line in lines))
     md = {"decoding": {"do_sample": False, "max_new_tokens": 1024, "seed": 0}, "image_ablation": "none",
           "prompt_suffix": None, "model": "tiny", "protocol": "llava-med"}
     answers = tmp_path / "answers.jsonl"
-    answers.write_text("".join(json.dumps({"question_id": str(i), "text": "x", "metadata": md}) + "\n" for i in range(3)))
+    answered = [{"question_id": str(i), "text": "x", "metadata": md} for i in range(3)]
+    answers.write_text("".join(json.dumps(row) + "\n" for row in answered))
     res = predict("tiny", str(bench), out=str(answers), quiet=True)  # all answered with 1,024: nothing to generate
-    assert (res.max_new_tokens, res.max_new_tokens_from, res.skipped) == (1024, "default for benchmark questions", 3)
+    assert (res.max_new_tokens, res.max_new_tokens_from) == (1024, "default for benchmark questions")
+    assert res.skipped == 3
     md["decoding"]["max_new_tokens"] = 64  # answered with the old default: this run's 1,024 differs
     answers.write_text(json.dumps({"question_id": "0", "text": "x", "metadata": md}) + "\n")
-    with pytest.raises(ValueError, match="other settings"): predict("tiny", str(bench), out=str(answers), quiet=True)
+    with pytest.raises(ValueError, match="other settings"):
+        predict("tiny", str(bench), out=str(answers), quiet=True)
 
 
 # ---------------------------------------------------------------- the image preflight
@@ -164,7 +171,8 @@ def test_every_bad_image_is_counted_by_reason_before_anything_loads(vqa, capsys)
     (imgs / "cut.png").write_bytes((imgs / "i0.png").read_bytes()[:40])
     (vqa / "secret.png").write_bytes(b"secret bytes")
     recs = json.loads((vqa / "vqa.json").read_text())
-    for rec, name in zip(recs, ["bomb.png", "text.png", "cut.png", "gone.png", "../secret.png"]): rec["image"] = name
+    for rec, name in zip(recs, ["bomb.png", "text.png", "cut.png", "gone.png", "../secret.png"]):
+        rec["image"] = name
     (vqa / "vqa.json").write_text(json.dumps(recs))
     (vqa / "a.jsonl").write_text('{"question_id": "earlier", "text": "kept"}\n')
     before = (vqa / "a.jsonl").read_bytes()
@@ -271,7 +279,7 @@ def test_a_bad_launcher_environment_is_a_one_line_error(vqa, capsys, monkeypatch
 def test_torchrun_two_processes_match_one(vqa, model_dir):
     exe = Path(sys.executable).parent
     torchrun, llavamed = exe / "torchrun", exe / "llavamed"
-    if not torchrun.exists() or not llavamed.exists(): pytest.skip("torchrun or the llavamed command not installed")
+    if not (torchrun.exists() and llavamed.exists()): pytest.skip("torchrun or the llavamed command is missing")
     common = [str(a) for a in ["predict", "--model", model_dir, "--data", vqa / "vqa.json", "--images", vqa / "images",
                                "--max-new-tokens", 4, "--batch-size", 3, "--device", "cpu", "--quiet"]]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
