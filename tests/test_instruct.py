@@ -1,5 +1,5 @@
 "Self-instruct and the chat runner against a real loopback chat-completions server, with injected faults."
-import os, signal, subprocess, sys, time
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
@@ -228,3 +228,49 @@ def test_sigkill_midway_then_resume_pays_nothing_twice(tmp_path, llavamed_cmd):
     assert not (saved & set(by_key)), "already-saved captions were requested again"
     assert set(by_key) | saved == set(pair_ids(cap))
     assert len(lines(out)) == 60 and len({x["id"] for x in lines(out)}) == 60
+
+
+# ---- the verifier pass ----
+
+def test_verify_keeps_records_at_the_threshold_and_records_every_score(tmp_path, capsys):
+    from llavamed.cli import main
+    from llavamed.verify import scores_path
+    cap = write_teacher_input(tmp_path / "captions.json", 12)
+    made = tmp_path / "instruct.jsonl"
+    assert main(["instruct", "--captions", str(cap), "--out", str(made), "--quiet"]) == 0
+    ids = [r["id"] for r in lines(made)]
+    replies = {ids[0]: "faithful: 1\nanswerable: 5\nplausible: 5", ids[1]: "faithful: 4\nanswerable: 3\nplausible: 4",
+               ids[2]: "I would rather not rate this."}
+    out = tmp_path / "verified.jsonl"
+    args = ["--json", "verify", "--pairs", str(made), "--captions", str(cap), "--out", str(out), "--model", "judge",
+            "--api-key-env", "none", "--threshold", "4", "--backoff", "0.01", "--max-attempts", "2", "--quiet"]
+    with ChatServer(reply_text="faithful: 5\nanswerable: 4\nplausible: 4", replies=replies) as srv:
+        capsys.readouterr()
+        assert main([*args, "--base-url", srv.base_url]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        first = srv.stats()
+        assert main([*args, "--base-url", srv.base_url]) == 0  # resumed: only the unrated record is asked again
+        again = srv.stats()["requests"] - first["requests"]
+    assert first["requests"] == 12 + 1 and again == 2
+    assert (rep["kept"], rep["dropped"], rep["unrated"], rep["rated"]) == (9, 2, 1, 11)
+    assert rep["kept_share"] == pytest.approx(9 / 12) and rep["score_counts"] == {"1": 1, "3": 1, "4": 9}
+    assert sorted(r["id"] for r in lines(out)) == sorted(ids[3:])
+    scores = load_checkpoint(scores_path(out))
+    assert scores[ids[0]]["parsed"] == {"faithful": 1, "answerable": 5, "plausible": 5}
+    assert scores[ids[2]]["status"] == "unparsed"
+
+
+def test_verify_with_nothing_kept_exits_1_and_keeps_earlier_output(tmp_path, capsys):
+    from llavamed.cli import main
+    cap = write_teacher_input(tmp_path / "captions.json", 4)
+    made, out = tmp_path / "instruct.jsonl", tmp_path / "verified.jsonl"
+    assert main(["instruct", "--captions", str(cap), "--out", str(made), "--quiet"]) == 0
+    out.write_text('{"earlier": "good output"}\n')
+    with ChatServer(reply_text="faithful: 2\nanswerable: 2\nplausible: 2") as srv:
+        code = main(["verify", "--pairs", str(made), "--captions", str(cap), "--out", str(out), "--model", "judge",
+                     "--api-key-env", "none", "--base-url", srv.base_url, "--quiet"])
+    assert code == 1 and "no record reached the threshold" in capsys.readouterr().out
+    assert out.read_text() == '{"earlier": "good output"}\n'
+    assert main(["verify", "--pairs", str(made), "--captions", str(cap), "--out", str(made), "--model", "m"]) == 2
+    assert main(["verify", "--pairs", str(made), "--captions", str(cap), "--out", str(out), "--model", "m",
+                 "--threshold", "7"]) == 2
