@@ -18,7 +18,7 @@ from .images import ImageOutsideRootError, load_image, relative_image_name, reso
 
 # %% auto #0
 __all__ = ['log', 'DATASETS', 'VQA_RAD_VARIANTS', 'ANSWER_TYPES', 'LETTERS', 'MAX_TEXT_CHARS', 'HUB_REPOS', 'SLAKE_SPLITS',
-           'PATHVQA_SPLITS', 'PMC_VQA_VERSIONS', 'PMC_VQA_COLUMNS', 'vqa_record', 'is_yes_no', 'hub_snapshot',
+           'PATHVQA_SPLITS', 'PMC_VQA_RELEASES', 'PMC_VQA_COLUMNS', 'vqa_record', 'is_yes_no', 'hub_snapshot',
            'ZipImages', 'load_vqa_rad', 'load_slake', 'SafeUnpickler', 'safe_load_pickle', 'load_pathvqa',
            'load_pmc_vqa', 'load_omnimedvqa', 'ConversionResult', 'convert_vqa', 'dhash', 'phash', 'image_fingerprint',
            'LeakageReport', 'check_leakage']
@@ -208,14 +208,16 @@ class ZipImages:
         import zipfile
         member = self.find(name)
         if member is None: raise KeyError(name)
-        if member in self.refused: raise ValueError(f"{self.path.name}: member {member!r} refused: {self.refused[member]}")
+        if member in self.refused:
+            raise ValueError(f"{self.path.name}: member {member!r} refused: {self.refused[member]}")
         info = self.members[member]
         try:
             with self._zip.open(info) as f: data = f.read(self.max_bytes + 1)
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
             raise ValueError(f"{self.path.name}: member {member!r} is damaged ({type(e).__name__})") from None
         if len(data) != info.file_size:
-            raise ValueError(f"{self.path.name}: member {member!r} holds {len(data):,} bytes, not the {info.file_size:,} declared")
+            raise ValueError(f"{self.path.name}: member {member!r} holds {len(data):,} bytes, "
+                             f"not the {info.file_size:,} declared")
         return data
 
     def close(self) -> None:
@@ -283,11 +285,13 @@ def _parquet_questions(src: Path, prefix: str, collected: _Collector) -> _Collec
                     collected.broken("image holds a path, not the image bytes" if has_path else "no image bytes",
                                      f"{where} (id {id})"); continue
                 ext = sniff_ext(data)
-                if ext is None: collected.broken("image bytes in no known image format", f"{where} (id {id})"); continue
+                if ext is None:
+                    collected.broken("image bytes in no known image format", f"{where} (id {id})"); continue
                 name = f"{split}/{hashlib.sha256(data).hexdigest()[:16]}.{ext}"  # one file per distinct image
                 answer = row.get("answer")
-                collected.add(split, id, name, row.get("question"), answer, "CLOSED" if is_yes_no(answer) else "OPEN",
-                              where=where, image_data=lambda data=data: data)
+                answer_type = "CLOSED" if is_yes_no(answer) else "OPEN"
+                collected.add(split, id, name, row.get("question"), answer, answer_type, where=where,
+                              image_data=lambda data=data: data)
     collected.layout, collected.images = "hub parquet (image bytes)", "images"
     return collected
 
@@ -369,7 +373,8 @@ def load_slake(src: str | Path,  # the SLAKE folder (train, validate or validati
     src = Path(src)
     collected = _Collector(src, max_bad, None if out is None else Path(out))
     if src.is_file(): files = {_split_of(src.name) or "test": src}
-    else: files = {split: _find(src, names, f"SLAKE {' or '.join(names)}") for split, names in SLAKE_SPLITS.items()}
+    else: files = {split: _find(src, names, f"SLAKE {' or '.join(names)}")
+                   for split, names in SLAKE_SPLITS.items()}
     archive = _slake_images(files.get("test", next(iter(files.values()))).parent, collected)
     collected.layout = "JSON" + (" + imgs.zip" if archive else " + imgs/" if collected.images else "")
     try:
@@ -444,9 +449,10 @@ def load_pathvqa(src: str | Path,  # the PathVQA folder (qas/{split}/{split}_qa.
     return collected
 
 # %% ../nbs/02b_vqa.ipynb #a1d56cb6
-PMC_VQA_VERSIONS = {"2": ({"train": "train_2.csv", "test": "test_2.csv"}, ("figures", "images"), "images_2.zip"),
-                    "1": ({"train": "train.csv", "test": "test.csv"}, ("images", "figures"), "images.zip"),
-                    "1-clean": ({"train": "train.csv", "test": "test_clean.csv"}, ("images", "figures"), "images.zip")}
+PMC_VQA_RELEASES = {  # release: ({split: CSV file}, image folders to look for, images ZIP)
+    "2": ({"train": "train_2.csv", "test": "test_2.csv"}, ("figures", "images"), "images_2.zip"),
+    "1": ({"train": "train.csv", "test": "test.csv"}, ("images", "figures"), "images.zip"),
+    "1-clean": ({"train": "train.csv", "test": "test_clean.csv"}, ("images", "figures"), "images.zip")}
 PMC_VQA_COLUMNS = ("Figure_path", "Question", "Answer", "Choice A", "Choice B")  # every release has these
 _QUOTES = string.whitespace + "'\"\xa0\u200a"  # stray quotes and spaces around the cells of the released CSVs
 
@@ -474,7 +480,8 @@ def _csv_rows(path: Path, required: tuple[str, ...], collected: _Collector) -> I
             if not cells: continue  # a blank line
             collected.n_read += 1
             if len(cells) != len(header):
-                collected.broken("a row with more or fewer cells than the header", f"{path.name}:line {reader.line_num}")
+                collected.broken("a row with more or fewer cells than the header",
+                                 f"{path.name}:line {reader.line_num}")
             else: yield reader.line_num, dict(zip(header, cells))
 
 def _pmc_options(row: dict) -> list[str]:
@@ -496,24 +503,26 @@ def _pmc_answer(row: dict) -> tuple[str, str | None]:
     return answer, None
 
 def load_pmc_vqa(src: str | Path,  # the PMC-VQA folder (CSV files, images folder or ZIP), or one CSV file
-                 version: str = "2",  # '2' (*_2.csv), '1' (train.csv, test.csv) or '1-clean' (test_clean.csv)
+                 release: str = "2",  # '2' (*_2.csv), '1' (train.csv, test.csv) or '1-clean' (test_clean.csv)
                  max_bad: float = 0.02,  # stop when more than this share of the records are broken
                  out: str | Path | None = None,  # where to write the images of a ZIP archive
                 ) -> _Collector:
     "Read PMC-VQA's CSV files into CHOICE records (ids `pmc-vqa_{split}_{index}`), images from a folder or ZIP."
-    if version not in PMC_VQA_VERSIONS: raise ValueError(f"version {version!r}: expected one of {tuple(PMC_VQA_VERSIONS)}")
-    src, (names, folders, zip_name) = Path(src), PMC_VQA_VERSIONS[version]
+    if release not in PMC_VQA_RELEASES:
+        raise ValueError(f"release {release!r}: expected one of {tuple(PMC_VQA_RELEASES)}")
+    src, (names, folders, zip_name) = Path(src), PMC_VQA_RELEASES[release]
     collected = _Collector(src, max_bad, None if out is None else Path(out))
     if src.is_file(): files = {_split_of(src.name) or "test": src}
     else:
         files = {split: hits[0] for split, name in names.items() if (hits := sorted(src.rglob(name)))}
-        if "test" not in files: raise FileNotFoundError(f"no PMC-VQA {names['test']} under {src} (version {version})")
+        if "test" not in files: raise FileNotFoundError(f"no PMC-VQA {names['test']} under {src} (release {release})")
     folder, archive = files["test" if "test" in files else next(iter(files))].parent, None
     if img_dir := next((folder / d for d in folders if (folder / d).is_dir()), None): collected.images = str(img_dir)
     elif (zip_path := folder / zip_name).is_file():
         if collected.staging is None: raise ValueError(f"{zip_path}: the images are in a ZIP: pass `out` to write them")
         archive, collected.images = ZipImages(zip_path), "images"
-    collected.layout = f"CSV v{version}" + (f" + {zip_name}" if archive else f" + {img_dir.name}/" if img_dir else "")
+    images_from = f" + {zip_name}" if archive else f" + {img_dir.name}/" if img_dir else ""
+    collected.layout = f"CSV v{release[0]}{images_from}"
     try:
         for split, path in files.items():
             for line, row in _csv_rows(path, PMC_VQA_COLUMNS, collected):
@@ -552,8 +561,9 @@ def load_omnimedvqa(src: str | Path,  # the OmniMedVQA folder (QA_information/, 
             for letter in LETTERS:
                 if row.get(f"option_{letter}") is None: break
                 options.append(row[f"option_{letter}"])
-            collected.add("test", f"omnimedvqa_{row.get('question_id', f'{path.stem}_{i}')}", row.get("image_path", ""),
-                          row.get("question"), row.get("gt_answer"), "CHOICE", row.get("question_type"),
+            id = f"omnimedvqa_{row.get('question_id', f'{path.stem}_{i}')}"
+            collected.add("test", id, row.get("image_path", ""), row.get("question"), row.get("gt_answer"), "CHOICE",
+                          row.get("question_type"),
                           where=f"{path.name} record {i}", options=options,
                           modality=row.get("modality_type", row.get("modality")), dataset=row.get("dataset"))
     return collected
@@ -563,7 +573,7 @@ def load_omnimedvqa(src: str | Path,  # the OmniMedVQA folder (QA_information/, 
 class ConversionResult(Result):
     "What `convert_vqa` wrote: questions per split with their counts per answer type, and the skips by reason."
     dataset: str  # one of `DATASETS`
-    option: str | None  # the VQA-RAD variant, the SLAKE language or the PMC-VQA version (None otherwise)
+    option: str | None  # the VQA-RAD variant, the SLAKE language or the PMC-VQA release (None otherwise)
     out: str  # the folder holding {split}.json
     splits: dict[str, dict[str, int]]  # split: {'total': n, 'OPEN': n, 'CLOSED': n, 'CHOICE': n} (types present)
     skipped: dict[str, int] = field(default_factory=dict)  # questions left out, by reason
@@ -602,13 +612,13 @@ def _write_splits(out: Path, splits: dict[str, list], known: tuple[str, ...], in
     for split in set(known) - set(splits):  # a split the new conversion has none of: no stale file beside it
         targets[split].unlink(missing_ok=True)
 
-def _load(dataset: str, src: Path, staging: Path, variant: str, lang: str, version: str,
+def _load(dataset: str, src: Path, staging: Path, variant: str, lang: str, release: str,
           max_bad: float) -> tuple[_Collector, str | None]:
     "The records of `dataset` read from `src`, and the option that chose them."
     if dataset == "vqa-rad": return load_vqa_rad(src, variant, max_bad, staging), variant
     if dataset == "slake": return load_slake(src, lang, max_bad, staging), lang
     if dataset == "pathvqa": return load_pathvqa(src, staging, max_bad), None
-    if dataset == "pmc-vqa": return load_pmc_vqa(src, version, max_bad, staging), version
+    if dataset == "pmc-vqa": return load_pmc_vqa(src, release, max_bad, staging), release
     return load_omnimedvqa(src, max_bad), None
 
 def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake', 'pathvqa', 'pmc-vqa' or 'omnimedvqa'; required
@@ -616,7 +626,7 @@ def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake', 'pathvqa', 'pmc-vqa'
                 out: str = None,  # folder for {split}.json (and images/ when the images come inside files); required
                 variant: str = "official",  # VQA-RAD split variant: 'official', 'freeform' or 'yesno'
                 lang: str = "en",  # SLAKE question language: 'en', 'zh' or 'all'
-                version: str = "2",  # PMC-VQA release: '2' (*_2.csv), '1' (train.csv, test.csv) or '1-clean'
+                release: str = "2",  # PMC-VQA release: '2' (*_2.csv), '1' (train.csv, test.csv) or '1-clean'
                 max_bad: float = 0.02,  # stop when more than this share of the records are broken (malformed)
                ) -> ConversionResult:
     "Convert a public medical VQA set into LLaVA VQA records, one JSON file per split; the result counts them."
@@ -627,7 +637,7 @@ def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake', 'pathvqa', 'pmc-vqa'
     out, had_out = Path(out), Path(out).exists()
     staging = out / ".incoming"  # images that come inside the files: moved into `out` only with the splits
     try:
-        collected, option = _load(dataset, hub_snapshot(src, dataset), staging, variant, lang, version, max_bad)
+        collected, option = _load(dataset, hub_snapshot(src, dataset), staging, variant, lang, release, max_bad)
         collected.bad.check(collected.n_read)
         if not collected.splits:
             why = ", ".join(f"{k} {v:,}" for k, v in collected.skipped.items()) or "it holds none"

@@ -422,10 +422,10 @@ def test_pmc_vqa_v2_with_images_zip_and_v1_with_folder(tmp_path):
     rows = [[f"PMC{i}_F1.jpg", f"Q{i}?", " B:MRI ", "A:CT", "B:MRI", "C:PET", "D:US", "B"] for i in range(3)]
     write_csv(v1 / "train.csv", PMC1_HEADER, rows); write_csv(v1 / "test.csv", PMC1_HEADER, rows[:2])
     write_csv(v1 / "test_clean.csv", PMC1_HEADER, rows[:1])
-    one = convert_vqa("pmc-vqa", str(v1), str(tmp_path / "o1"), version="1")
+    one = convert_vqa("pmc-vqa", str(v1), str(tmp_path / "o1"), release="1")
     assert one.splits["test"]["total"] == 2 and one.images == str(v1 / "images") and one.layout == "CSV v1 + images/"
     assert load(tmp_path / "o1/test.json")[0]["conversations"][1]["value"] == "MRI"
-    clean = convert_vqa("pmc-vqa", str(v1), str(tmp_path / "o2"), version="1-clean")
+    clean = convert_vqa("pmc-vqa", str(v1), str(tmp_path / "o2"), release="1-clean")
     assert (clean.splits["train"]["total"], clean.splits["test"]["total"]) == (3, 1)
     only = convert_vqa("pmc-vqa", str(v1 / "test_clean.csv"), str(tmp_path / "o3"))
     assert list(only.splits) == ["test"] and only.splits["test"]["total"] == 1
