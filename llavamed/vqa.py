@@ -154,7 +154,11 @@ def hub_snapshot(src: str | Path,  # a snapshot folder, a `datasets--ORG--NAME` 
     src = Path(src)
     if src.is_dir() and dataset and not (src / "snapshots").is_dir():
         repos = [src / ("datasets--" + r.replace("/", "--")) for r in HUB_REPOS.get(dataset, ())]
+        others = sorted(p.name for p in src.glob("datasets--*--*"))
         src = next((r for r in repos if (r / "snapshots").is_dir()), src)
+        if others and not (src / "snapshots").is_dir():  # a cache root without this dataset: never another's files
+            raise FileNotFoundError(f"{src}: a hub cache without {' or '.join(r.name for r in repos) or dataset} "
+                                    f"(it holds {', '.join(others[:5])})")
     if not src.is_dir() or not (src / "snapshots").is_dir(): return src
     ref = src / "refs" / "main"
     rev = ref.read_text().strip() if ref.is_file() else ""

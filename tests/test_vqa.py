@@ -281,6 +281,9 @@ def test_vqa_rad_from_the_hub_cache(tmp_path):
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["images", "test.json"]
     with pytest.raises(ValueError, match="no 'freeform' variant"):
         convert_vqa("vqa-rad", str(snap), str(tmp_path / "f"), variant="freeform")
+    with pytest.raises(FileNotFoundError, match="a hub cache without datasets--flaviagiammarino--path-vqa "
+                                                "\\(it holds datasets--flaviagiammarino--vqa-rad\\)"):
+        convert_vqa("pathvqa", str(cache), str(tmp_path / "p"))  # never another dataset's files
 
 
 def test_hub_snapshot_needs_a_choice_between_snapshots(tmp_path):
@@ -451,6 +454,9 @@ def test_pmc_vqa_bad_inputs(tmp_path, capsys):
                                "answer letter outside the options": "test_2.csv:line 7 (id pmc-vqa_test_5)",
                                "an empty option": "test_2.csv:line 8 (id pmc-vqa_test_6)"}
     assert c.images is None and "images: not found" in str(c)
+    with open(src / "test_2.csv", "a", newline="") as f: f.write('61,PMC9_F1.jpg,"an extra cell",Q?,A:x,B:y,C:z,D:w,A,test,9\n')
+    c = convert_vqa("pmc-vqa", str(src), str(tmp_path / "o"), max_bad=0.1)
+    assert c.first_skipped["a row with more or fewer cells than the header"] == "test_2.csv:line 62"
 
 
 def test_omnimedvqa_open_access_json(tmp_path):
