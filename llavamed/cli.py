@@ -22,17 +22,26 @@ COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-li
     "validate": ("llavamed.data", "validate_file", "Check a LLaVA conversation file and report every bad record"),
     "align": ("llavamed.data", "build_alignment", "Turn figure-caption pairs into stage-1 alignment records"),
     "pmc": ("llavamed.pmc", "fetch_figures", "Fetch PubMed Central figures from the image URL list (resumable)"),
-    "vqa-convert": ("llavamed.vqa", "convert_vqa", "Convert VQA-RAD, SLAKE or PathVQA into LLaVA VQA records"),
+    "pmc-pairs": ("llavamed.pmc_pairs", "fetch_pairs",
+                  "Make figure-caption pairs with inline mentions from PubMed Central Open Access articles"),
+    "vqa-convert": ("llavamed.vqa", "convert_vqa",
+                    "Convert VQA-RAD, SLAKE, PathVQA, PMC-VQA or OmniMedVQA into LLaVA VQA records"),
     "leakage": ("llavamed.vqa", "check_leakage", "Report VQA test images that also appear in training data"),
     "instruct": ("llavamed.instruct", "self_instruct",
-                 "Have a teacher LLM write conversations from figure captions"),
+                 "Have a teacher LLM write conversations from figure captions (request loop or Batch API)"),
+    "verify": ("llavamed.verify", "verify",
+               "Have a second model rate generated conversations against their captions; keep the good ones"),
+    "merge": ("llavamed.instruct", "merge_instruct",
+              "Merge the outputs of `instruct --shard K/N` runs into one file, refusing duplicate ids"),
+    "build": ("llavamed.model", "build",
+              "Compose an untrained LLaVA from a vision tower (CLIP or SigLIP) and a language model"),
     "convert": ("llavamed.model", "convert_checkpoint",
-                "Convert a released LLaVA-Med v1.5 checkpoint to the transformers format"),
+                "Convert a released LLaVA-Med checkpoint (v1.5 or v1.0) to the transformers format"),
     "chat": ("llavamed.generate", "chat", "Talk with a model about an image (PNG/JPEG/DICOM/NIfTI)"),
     "train": ("llavamed.train", "train", "Train a curriculum stage: align, instruct or finetune"),
     "predict": ("llavamed.predict", "predict",
-                "Answer a VQA file with a model (batched, resumable, with image ablations)"),
-    "score": ("llavamed.eval", "score", "Score VQA answers in the official and strict modes"),
+                "Answer a VQA file with a model (batched, resumable, data-parallel, with image ablations)"),
+    "score": ("llavamed.eval", "score", "Score VQA answers under a named protocol (llava-med, strict, lmms-eval, ...)"),
     "judge": ("llavamed.judge", "judge", "Judge conversation-benchmark answers against reference answers"),
     "report": ("llavamed.report", "report", "Write a Markdown report with figures from scores and reviews"),
     "evaluate": ("llavamed.report", "evaluate",
@@ -248,4 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry():
     "Console-script entry point: run `main` and exit with its status."
-    sys.exit(main())
+    try: status = main()
+    except BrokenPipeError:  # the reader went away (`llavamed --help | head`): stop quietly, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141
+    sys.exit(status)
