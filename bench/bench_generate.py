@@ -7,12 +7,16 @@ Measures, in one run:
   2. peak memory of `load_model(dir, dtype='bfloat16')` for a moderately sized random LLaVA saved to disk, measured in
      a fresh subprocess as peak RSS (VmHWM) after loading (and reading every weight) minus peak RSS after a
      warm-up load of a tiny model (imports, code paths), vs the parameter bytes
-     (target <= 1.2x).
+     (target <= 1.2x);
+  3. where a model comes from: a raw release-layout checkpoint (SentencePiece tokenizer) given as --model converts
+     once into the cache (seconds), later resolves reuse the copy (milliseconds), and a hub id resolves from a hub
+     cache layout with HF_HUB_OFFLINE=1 (milliseconds per call).
 
     .venv/bin/python bench/bench_generate.py [--new 32] [--threads 1] [--lm-layers 8] [--lm-width 1024]
+        [--skip-memory] [--skip-resolve]
 """
 from __future__ import annotations
-import argparse, json, subprocess, sys, tempfile, time
+import argparse, hashlib, json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 
 
@@ -100,6 +104,37 @@ def bench_load_memory(args):
             "load_ratio": ratio}
 
 
+def _to_hub_cache(folder: Path, repo: str, cache: Path, commit: str = "ab12" * 10) -> None:
+    "Lay `folder` out in `cache` as huggingface_hub does: blobs by hash, refs/main, snapshot symlinks."
+    root = cache / f"models--{repo.replace('/', '--')}"
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True); blob.write_bytes(f.read_bytes())
+        link = root / "snapshots" / commit / f.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True); link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir(exist_ok=True); (root / "refs" / "main").write_text(commit)
+
+
+def bench_resolve(args):
+    from llavamed.model import resolve_model, resolve_source, tiny_release_checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        os.environ.update(LLAVAMED_CACHE=str(d / "cache"), HF_HOME=str(d / "hf"), HF_HUB_OFFLINE="1")
+        os.environ.pop("HF_HUB_CACHE", None)
+        rel = tiny_release_checkpoint(d / "release", tokenizer="sentencepiece")
+        t0 = time.perf_counter(); resolve_model(rel); first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(20): resolve_model(rel)
+        again = (time.perf_counter() - t0) / 20
+        _to_hub_cache(rel, "org/release", d / "hf" / "hub")
+        t0 = time.perf_counter()
+        for _ in range(20): resolve_source("org/release")
+        hub = (time.perf_counter() - t0) / 20
+    print(f"raw release as --model: first resolve (converts) {first:.2f} s, later resolves {again * 1e3:.1f} ms; "
+          f"hub id from the cache offline {hub * 1e3:.1f} ms")
+    return {"convert_first_s": first, "resolve_cached_ms": again * 1e3, "resolve_hub_offline_ms": hub * 1e3}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new", type=int, default=32, help="new tokens per answer")
@@ -107,12 +142,14 @@ def main():
     ap.add_argument("--lm-layers", type=int, default=8)
     ap.add_argument("--lm-width", type=int, default=1024)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-resolve", action="store_true")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     out = bench_generation(args)
     if not args.skip_memory: out.update(bench_load_memory(args))
+    if not args.skip_resolve: out.update(bench_resolve(args))
     print(json.dumps(out))
 
 

@@ -412,6 +412,9 @@ def _fetch_command(repo: str, rev: str | None) -> str:
     return f"`hf download {repo}" + (f" --revision {rev}`" if rev else "`")
 
 # %% ../nbs/05_model.ipynb #96dad457
+_NOT_READ = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "flax_model*", "tf_model*", "onnx/*", "openvino/*",
+             "coreml/*"]  # other frameworks' copies of the weights: never downloaded
+
 def _snapshot(name: str, what: str) -> Path:
     "The local snapshot folder of hub id `org/name[@revision]`: from the cache, downloading unless offline."
     from huggingface_hub import snapshot_download
@@ -419,7 +422,8 @@ def _snapshot(name: str, what: str) -> Path:
                                         RevisionNotFoundError)
     repo, _, rev = name.partition("@")
     rev, cache = rev or None, hub_cache()
-    try: return Path(snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=hub_offline()))
+    try: return Path(snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=hub_offline(),
+                                       ignore_patterns=_NOT_READ))
     except GatedRepoError as e:
         raise FileNotFoundError(f"{what} {name}: a gated model: accept its terms on the Hub, "
                                 f"then `hf auth login`") from e
@@ -538,7 +542,7 @@ def save_model(model, processor, out: str | Path) -> Path:
     processor.save_pretrained(out)
     return out
 
-def load_model(path_or_preset: str | Path,  # a preset, a model folder, a raw release or a hub id `org/name[@rev]`
+def load_model(path_or_preset: str | Path,  # a preset, model folder, raw release or hub id `org/name[@rev]`
                dtype: str | None = None,  # 'bfloat16' / 'float32' (default: `pick_dtype(device)`)
                device: str | None = None,  # 'cpu', 'cuda', ... (default: `pick_device()`)
                tokenizer_texts: list[str] | None = None,  # a preset only: text its tiny tokenizer is trained on
@@ -725,7 +729,7 @@ def _release_tokenizer(src: Path, rows: int):
     "The release's tokenizer (checked against its `rows` embedding rows) with the image and pad tokens added."
     from transformers import AutoTokenizer
     try: tok = AutoTokenizer.from_pretrained(src)
-    except (ImportError, ValueError, OSError, TypeError) as e:  # a tokenizer.model needs sentencepiece + protobuf
+    except (ImportError, ValueError, OSError, TypeError) as e:  # tokenizer.model: sentencepiece + protobuf
         raise ImportError(f"{src}: cannot read the tokenizer ({type(e).__name__}: {e}); a SentencePiece "
                           f"tokenizer.model needs `pip install sentencepiece protobuf`") from e
     if len(tok) > rows:
@@ -738,7 +742,7 @@ def _check_new_dir(out, flag: str = "--out") -> Path:
     "`out` as a Path, when it is a folder to create (absent or empty); earlier output is never replaced."
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{flag} {out} exists and is not empty: choose a new folder (the old one stays as it is)")
+        raise ValueError(f"{flag} {out} exists and is not empty: choose a new folder (the old one stays)")
     return out
 
 @contextlib.contextmanager
@@ -934,7 +938,7 @@ def build(vision: str = None,  # vision tower: folder or hub id (a transformers 
           feature_layer: int = -2,  # tower layer feeding the projector (-2: second to last, as the paper)
           feature_select: str = None,  # 'default' drops CLS, 'full' keeps it (default: 'full' for SigLIP)
           aspect: str = "pad",  # 'pad' to square with the mean colour (v1.5) or 'crop' (v1.0)
-          template: str = "mistral_instruct",  # chat template: a name in TEMPLATES or a Jinja file
+          template: str = "mistral_instruct",  # mistral_instruct, vicuna_v1, plain, or a Jinja file
           dtype: str = None,  # weights' dtype, e.g. 'bfloat16' (default: bf16 on CUDA, else float32)
          ) -> BuiltModel:
     "Compose an untrained LLaVA from a vision tower and a causal LM; `train --stage align --model OUT` goes on."
@@ -946,10 +950,11 @@ def build(vision: str = None,  # vision tower: folder or hub id (a transformers 
     kind = tower_type(_read_config(vision_dir, "--vision"), vision)
     feature_select = feature_select or ("full" if TOWERS[kind][1] == 0 else "default")
     if TOWERS[kind][1] == 0 and feature_select == "default":
-        raise ValueError(f"--feature-select default drops a CLS token, which {kind} ({vision}) has not: use full")
+        raise ValueError(f"--feature-select default drops a CLS token, which {kind} ({vision}) has not: "
+                         f"use full")
     lm_dir = _source_dir(lm, "lm")
-    cfg = ModelConfig(vision=str(vision_dir), lm=str(lm_dir), projector=projector, vision_feature_layer=feature_layer,
-                      vision_feature_select_strategy=feature_select, aspect=aspect, dtype=dtype,
+    cfg = ModelConfig(vision=str(vision_dir), lm=str(lm_dir), projector=projector, aspect=aspect, dtype=dtype,
+                      vision_feature_layer=feature_layer, vision_feature_select_strategy=feature_select,
                       template=template if template in TEMPLATES else "mistral_instruct")
     model, proc = build_model(cfg)
     proc.chat_template = chat_template

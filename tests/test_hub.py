@@ -169,3 +169,22 @@ def test_build_from_hub_ids(hub, parts, tmp_path):
     assert rc == 0
     model, proc = load_model(tmp_path / "llava", device="cpu")
     assert model.config.llavamed["template"] == "vicuna_v1" and model.config.image_seq_length == 64
+
+
+def test_train_starts_from_a_raw_release_directory(hub, tmp_path):
+    "`train --model RELEASE`: the release converts once into the cache and training goes on from the copy."
+    rel = tiny_release_checkpoint(tmp_path / "release", seed=6, tokenizer="sentencepiece")
+    (tmp_path / "images").mkdir()
+    recs = []
+    for i in range(4):
+        _img().save(tmp_path / "images" / f"f{i}.png")
+        recs.append({"id": f"f{i}", "image": f"f{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"A chest X-ray, view {i}."}]})
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    rc = main(["train", "--stage", "finetune", "--model", str(rel), "--data", str(tmp_path / "train.json"),
+               "--images", str(tmp_path / "images"), "--out", str(tmp_path / "run"), "--max-steps", "1",
+               "--global-batch-size", "2", "--per-device-batch-size", "2", "--num-workers", "0"])
+    assert rc in (0, None)
+    assert list((tmp_path / "llavamed-cache" / "converted").iterdir())
+    model, _ = load_model(tmp_path / "run", device="cpu")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
