@@ -116,13 +116,13 @@ class _Collector:
 
     def add(self, split: str, id: str, image: str, question, answer, answer_type: str,
             question_type: str | None = None, *,
-            where: str | None = None,  # the row in its file, named in skip reasons (default: the id)
+            where: str | None = None,  # the row in its file, named after the id in skip reasons
             image_data: Callable[[], bytes] | None = None,  # the image's bytes, staged as `image`
             **kw) -> dict | None:
         "Add one record (the arguments of `vqa_record`) to `split`, or count why it was skipped."
         self._seen[id] += 1
         if self._seen[id] > 1: self.skip("repeated id (suffixed)", f"record {id}"); id = f"{id}_{self._seen[id]}"
-        where = f"record {id}" if where is None else f"{where} (id {id})"
+        where = f"record {id}" + (f" ({where})" if where else "")
         if image:
             try: relative_image_name(image, id)
             except ImageOutsideRootError: return self.broken("image path outside the images folder", where)
@@ -287,10 +287,10 @@ def _parquet_questions(src: Path, prefix: str, collected: _Collector) -> _Collec
                 if not data:
                     has_path = isinstance(image, dict) and image.get("path")
                     collected.broken("image holds a path, not the image bytes" if has_path else "no image bytes",
-                                     f"{where} (id {id})"); continue
+                                     f"record {id} ({where})"); continue
                 ext = sniff_ext(data)
                 if ext is None:
-                    collected.broken("image bytes in no known image format", f"{where} (id {id})"); continue
+                    collected.broken("image bytes in no known image format", f"record {id} ({where})"); continue
                 name = f"{split}/{hashlib.sha256(data).hexdigest()[:16]}.{ext}"  # one file per distinct image
                 answer = row.get("answer")
                 answer_type = "CLOSED" if is_yes_no(answer) else "OPEN"
@@ -532,7 +532,7 @@ def load_pmc_vqa(src: str | Path,  # the PMC-VQA folder (CSV files, images folde
             for line, row in _csv_rows(path, PMC_VQA_COLUMNS, collected):
                 image, (answer, label) = row["Figure_path"].strip(_QUOTES), _pmc_answer(row)
                 id, where = f"pmc-vqa_{split}_{row.get('index', '').strip() or line}", f"{path.name}:line {line}"
-                if not image: collected.skip("no Figure_path", f"{where} (id {id})"); continue
+                if not image: collected.skip("no Figure_path", f"record {id} ({where})"); continue
                 collected.add(split, id, image, row["Question"].strip(_QUOTES), answer, "CHOICE", where=where,
                               options=_pmc_options(row), answer_label=label, caption=row.get("Caption", "").strip(),
                               image_data=_zip_image(archive, image) if archive else None)

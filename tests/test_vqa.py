@@ -321,11 +321,11 @@ def test_parquet_bad_inputs(tmp_path):
     write_hub_parquet(d / "test-00000-of-00001.parquet", good[:10])
     c = convert_vqa("vqa-rad", str(tmp_path / "rad"), str(tmp_path / "o2"), max_bad=0.05)
     assert c.skipped == {"image holds a path, not the image bytes": 1} and c.splits["train"]["total"] == 59
-    assert c.first_skipped["image holds a path, not the image bytes"] == "train-00000-of-00001.parquet:row 8 (id vqa-rad_train_7)"
-    assert "(first: train-00000-of-00001.parquet:row 8 (id vqa-rad_train_7))" in str(c)
+    assert c.first_skipped["image holds a path, not the image bytes"] == "record vqa-rad_train_7 (train-00000-of-00001.parquet:row 8)"
+    assert "(first: record vqa-rad_train_7 (train-00000-of-00001.parquet:row 8))" in str(c)
     # ... a file of them all is refused, naming the first row
     write_hub_parquet(d / "train-00000-of-00001.parquet", [{**r, "image": {"bytes": None, "path": "x.jpg"}} for r in good])
-    with pytest.raises(TooManyBadRecords, match=r"image holds a path, not the image bytes at train-00000-of-00001.parquet:row 1"):
+    with pytest.raises(TooManyBadRecords, match=r"image holds a path, not the image bytes at record vqa-rad_train_0 \(train-00000-of-00001.parquet:row 1\)"):
         convert_vqa("vqa-rad", str(tmp_path / "rad"), str(tmp_path / "o"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.json")} == before
 
@@ -372,13 +372,13 @@ def test_slake_hub_layout_with_imgs_zip(tmp_path):
     for name, r in rows.items(): write_json_file(src / name, r)
     make_zip(src / "imgs.zip", {**{f"imgs/xmlab{i}/source.jpg": image_bytes(i) for i in range(3)},
                                 "imgs/xmlab3/source.jpg@link": b"../../../../etc/passwd"})
-    with pytest.raises(TooManyBadRecords, match=r"image member refused or damaged at test.json record 1 \(id slake_6\)"):
+    with pytest.raises(TooManyBadRecords, match=r"image member refused or damaged at record slake_6 \(test.json record 1\)"):
         convert_vqa("slake", str(src), str(tmp_path / "o"))  # a link in the archive is a broken record, past 2%
     assert not (tmp_path / "o").exists()
     c = convert_vqa("slake", str(src), str(tmp_path / "o"), max_bad=0.5)
     assert {k: v["total"] for k, v in c.splits.items()} == {"train": 1, "val": 1, "test": 1}
     assert c.skipped == {"image not in imgs.zip": 1, "image member refused or damaged": 1}
-    assert c.first_skipped["image not in imgs.zip"] == "train.json record 2 (id slake_3)"
+    assert c.first_skipped["image not in imgs.zip"] == "record slake_3 (train.json record 2)"
     assert c.layout == "JSON + imgs.zip" and c.images == str(tmp_path / "o/images")
     assert (tmp_path / "o/images/xmlab2/source.jpg").read_bytes() == image_bytes(2)
     assert sorted(str(p.relative_to(tmp_path / "o")) for p in (tmp_path / "o").rglob("*") if p.is_file()) == [
@@ -450,9 +450,9 @@ def test_pmc_vqa_bad_inputs(tmp_path, capsys):
     c = convert_vqa("pmc-vqa", str(src), str(tmp_path / "o"), max_bad=0.1)
     assert c.splits["test"]["total"] == 57
     assert c.skipped == {"fewer than two options": 1, "answer letter outside the options": 1, "an empty option": 1}
-    assert c.first_skipped == {"fewer than two options": "test_2.csv:line 5 (id pmc-vqa_test_3)",
-                               "answer letter outside the options": "test_2.csv:line 7 (id pmc-vqa_test_5)",
-                               "an empty option": "test_2.csv:line 8 (id pmc-vqa_test_6)"}
+    assert c.first_skipped == {"fewer than two options": "record pmc-vqa_test_3 (test_2.csv:line 5)",
+                               "answer letter outside the options": "record pmc-vqa_test_5 (test_2.csv:line 7)",
+                               "an empty option": "record pmc-vqa_test_6 (test_2.csv:line 8)"}
     assert c.images is None and "images: not found" in str(c)
     with open(src / "test_2.csv", "a", newline="") as f: f.write('61,PMC9_F1.jpg,"an extra cell",Q?,A:x,B:y,C:z,D:w,A,test,9\n')
     c = convert_vqa("pmc-vqa", str(src), str(tmp_path / "o"), max_bad=0.1)
@@ -474,7 +474,7 @@ def test_omnimedvqa_open_access_json(tmp_path):
     c = convert_vqa("omnimedvqa", str(root), str(tmp_path / "o"), max_bad=0.5)
     assert c.splits == {"test": {"total": 3, "CHOICE": 3}} and c.images == str(root)
     assert c.skipped == {"answer is none of the options": 1, "fewer than two options": 1}
-    assert c.first_skipped["answer is none of the options"] == "Chest CT Scan.json record 0 (id omnimedvqa_Chest CT Scan_0002)"
+    assert c.first_skipped["answer is none of the options"] == "record omnimedvqa_Chest CT Scan_0002 (Chest CT Scan.json record 0)"
     recs = load(tmp_path / "o/test.json")
     assert [(r["answer_label"], r["options"][-1], r["conversations"][1]["value"]) for r in recs[:2]] == [("B", "MRI", "MRI"), ("D", "US", "US")]
     assert recs[0]["image"] == "Images/ACRIMA/0.png" and recs[0]["modality"] == "CT" and recs[0]["question_type"] == "Modality Recognition"
