@@ -200,7 +200,7 @@ def strict_question(pred: str,  # the model's answer
     return {"recall": recall, "precision": precision, "f1": f1, "exact_match": float(p == g),
             "substring_hit": float(_phrase_in(g, p))}
 
-# %% ../nbs/07_eval.ipynb #850e8d35
+# %% ../nbs/07_eval.ipynb #0348e7a2
 PROTOCOLS = ("llava-med", "llava-med-run-eval", "strict", "lmms-eval", "medevalkit")
 PROTOCOL_ALIASES = {"official": "llava-med"}  # the first protocol's former name (today's `--mode official`)
 PROTOCOL_SOURCES = {
@@ -219,7 +219,7 @@ def protocol_name(name: str) -> str:
     return key
 
 def parse_protocols(spec: str) -> list[str]:
-    "The protocols asked for, as named: comma-separated; 'all' stands for 'official,strict' (today's two modes)."
+    "The protocols asked for, as named: comma-separated; 'all' = 'official,strict' (today's two modes)."
     names = [n.strip() for n in str(spec).split(",") if n.strip()]
     names = [m for n in names for m in (("official", "strict") if n.lower() == "all" else (n,))]
     if not names: raise ValueError(f"protocol {spec!r}: no protocol named")
@@ -227,11 +227,11 @@ def parse_protocols(spec: str) -> list[str]:
     if len(set(canonical)) < len(canonical): raise ValueError(f"protocol {spec!r}: a protocol named twice")
     return names
 
-# %% ../nbs/07_eval.ipynb #0a085fce
+# %% ../nbs/07_eval.ipynb #c78bf577
 def run_eval_closed_hit(pred: str,  # once-normalised prediction
                         gt: str,  # once-normalised reference
                        ) -> float | None:
-    "Closed hit as the first `run_eval.py` scores it; None (dropped) when yes or no appears but the reference does not."
+    "Closed hit as the first `run_eval.py` scores it; None (left out): yes/no appears, the reference not."
     if "yes" in pred or "no" in pred: return 1.0 if gt in pred else None
     return 0.0
 
@@ -240,20 +240,20 @@ def load_candidates(path: str | Path) -> list[str]:
     data = read_json(path)
     items = data.get("0") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: expected a non-empty candidate list (JSON {{\"0\": [answer, ...]}} or a list)")
+        raise ValueError(f"{path}: expected a non-empty candidate list (JSON {{\"0\": [...]}} or a list)")
     for i, c in enumerate(items):
         if not isinstance(c, (str, int)) or isinstance(c, bool):
             raise ValueError(f"{path}: candidate {i} is a {type(c).__name__}, expected text or an integer")
     return [str(c) for c in items]
 
-# %% ../nbs/07_eval.ipynb #9bfa2c82
+# %% ../nbs/07_eval.ipynb #cf156fa5
 class CandidateMatcher:
-    "The candidate `run_eval.py` picks for an answer: the most shared words per candidate word, the first on ties."
+    "The candidate `run_eval.py` picks for an answer: most shared words per candidate word, first on ties."
     def __init__(self, candidates: list[str],  # candidate answers in file order
                  norm=normalize_answer):  # the normalisation (a cached one in bulk scoring)
         self.texts = [norm(c) for c in candidates]  # each candidate is normalised once
         self.sizes = [len(set(t.split())) for t in self.texts]
-        self.index: dict[str, list[int]] = {}  # word -> the candidates holding it, so a pick reads few of them
+        self.index: dict[str, list[int]] = {}  # word -> candidates holding it: a pick reads few of them
         for i, t in enumerate(self.texts):
             for w in set(t.split()): self.index.setdefault(w, []).append(i)
         self._picked: dict[str, str] = {}
@@ -271,23 +271,24 @@ class CandidateMatcher:
         self._picked[pred] = hit = self.texts[best_i]
         return hit
 
-# %% ../nbs/07_eval.ipynb #5e73c368
+# %% ../nbs/07_eval.ipynb #df050c3d
 def run_eval_question(pred: str,  # the model's answer
                       gt: str,  # the reference answer
                       answer_type: str,  # 'OPEN' or 'CLOSED'
                       norm=normalize_answer,  # the normalisation (a cached one in bulk scoring)
-                      matcher: CandidateMatcher | None = None,  # the candidate answers (open questions need them)
+                      matcher: CandidateMatcher | None = None,  # the candidates (open questions need them)
                      ) -> dict:
     "One question's metrics as the first `run_eval.py` computes them (`closed_hit` None: left out)."
     p, g = norm(pred.lower()), norm(gt.lower())
     if answer_type == "CLOSED": return {"closed_hit": run_eval_closed_hit(p, g)}
     if matcher is None: raise ValueError("llava-med-run-eval needs the candidate answers (--candidates FILE)")
-    return {**official_question(pred, gt, answer_type, norm), "candidate_hit": float(matcher.pick(norm(p)) == norm(g))}
+    hit = float(matcher.pick(norm(p)) == norm(g))  # the answer normalised twice, as the script does
+    return {**official_question(pred, gt, answer_type, norm), "candidate_hit": hit}
 
-# %% ../nbs/07_eval.ipynb #eac26a6d
+# %% ../nbs/07_eval.ipynb #25e122d2
 _LMMS_YES = frozenset({"yes", "yeah", "yep", "true", "是", "是的", "有", "包含", "可以", "能", "会", "正常"})
-_LMMS_NO = frozenset({"no", "nope", "false", "否", "不是", "没有", "无", "不包含", "不能", "不会", "不可以", "不正常",
-                      "异常"})
+_LMMS_NO = frozenset({"no", "nope", "false", "否", "不是", "没有", "无", "不包含", "不能", "不会", "不可以",
+                      "不正常", "异常"})
 _ZH_PUNCT = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～、，。；：《》？【】（）"
 _LMMS_SPACES = str.maketrans({c: " " for c in string.punctuation + _ZH_PUNCT})
 _PAREN, _ZH_PAREN = re.compile(r"\([^)]*\)"), re.compile(r"（[^）]*）")
@@ -307,7 +308,7 @@ def lmms_question(pred: str,  # the model's answer
     "lmms-eval's SLAKE score of one question: exact match after normalisation."
     return {"hit": float(norm(pred) == norm(gt))}
 
-# %% ../nbs/07_eval.ipynb #852345c6
+# %% ../nbs/07_eval.ipynb #df1614e9
 _ANSWER_MARKS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is", "answer:", "答案:",
                  "final answer", "final answer is")
 
@@ -327,7 +328,7 @@ def _tagged(text: str, tag: str = "answer") -> str:
     return " ".join(spans).strip() if spans and " ".join(spans).strip() else text
 
 def medevalkit_response(text: str) -> str:
-    "The part of an answer MedEvalKit scores: boxed or tagged content, lowercased, after its last answer mark."
+    "The part of an answer MedEvalKit scores: boxed or tagged content, lowercased, after its answer mark."
     boxed = last_boxed(text)
     r = boxed if boxed is not None and boxed != "None" else _tagged(text) if "<answer>" in text else text
     r = r.lower().strip()
@@ -337,7 +338,7 @@ def medevalkit_response(text: str) -> str:
         if mark in r: r = r.split(mark)[-1]
     return r
 
-# %% ../nbs/07_eval.ipynb #8e05db6c
+# %% ../nbs/07_eval.ipynb #239d4d8b
 def medevalkit_question(pred: str,  # the model's answer
                         gt: str,  # the reference answer
                         answer_type: str,  # 'OPEN' or 'CLOSED'
@@ -353,13 +354,16 @@ def medevalkit_question(pred: str,  # the model's answer
     common = len(ps & gs)
     precision, recall = (common / len(ps), common / len(gs)) if ps and gs else (0, 0)
     f1 = 2 * precision * recall / (precision + recall) if common else 0
-    return {"hit": float(r == g), "exact_match": float(r == g), "recall": recall, "precision": precision, "f1": f1}
+    exact = float(r == g)
+    return {"hit": exact, "exact_match": exact, "recall": recall, "precision": precision, "f1": f1}
 
-# %% ../nbs/07_eval.ipynb #3ea2976d
+# %% ../nbs/07_eval.ipynb #1a21639e
 _LETTER_AT_START = re.compile(r"^\s*\(?([A-Za-z])\s*[.):]")
 _LETTER_IN_PARENS = re.compile(r"\(([A-Za-z])\)")
+_LETTER_MARKED = re.compile(r"(?<![\w.])([A-Z])[.)](?=\s|$)")  # 'No, B.' anywhere: upper case only
 _LETTER_AFTER_WORD = re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?([A-Za-z])\)?"
                                 r"(?=\s*$|[.,;:!)\n]|\s+[-–(])", re.I)
+_LETTER_RULES = (_LETTER_AT_START, _LETTER_IN_PARENS, _LETTER_MARKED, _LETTER_AFTER_WORD)
 _BARE_LETTER = re.compile(r"^\s*\(?([A-Za-z])\)?\s*[.!]?\s*$")
 
 def _words_of(text: str) -> str:
@@ -373,20 +377,20 @@ def choice_letter(answer: str,  # the model's answer
     valid = {chr(65 + i) for i in range(len(options))}
     bare = _BARE_LETTER.match(answer)
     found = {bare.group(1).upper()} if bare else {
-        m.upper() for rx in (_LETTER_AT_START, _LETTER_IN_PARENS, _LETTER_AFTER_WORD) for m in rx.findall(answer)}
+        m.upper() for rx in _LETTER_RULES for m in rx.findall(answer)}
     found &= valid
     if len(found) == 1: return found.pop()
     if found: return None  # two different letters
     text = f" {_words_of(answer)} "
     named = [i for i, o in enumerate(options) if _words_of(o) and f" {_words_of(o)} " in text]
     # an option inside a longer named option ('lung' in 'left lung') is not named on its own
-    named = [i for i in named if not any(j != i and f" {_words_of(options[i])} " in f" {_words_of(options[j])} "
-                                         for j in named)]
+    inside = lambda i, j: f" {_words_of(options[i])} " in f" {_words_of(options[j])} "
+    named = [i for i in named if not any(j != i and inside(i, j) for j in named)]
     return chr(65 + named[0]) if len(named) == 1 else None
 
-# %% ../nbs/07_eval.ipynb #3d426dca
+# %% ../nbs/07_eval.ipynb #40f9ee3d
 def choice_label(q: Question) -> str:
-    "The correct letter of a multiple-choice question; `ValueError` when the options or the letter are unusable."
+    "The correct letter of a multiple-choice question; `ValueError` when its options or letter are unusable."
     opts = q.options or []
     if len(opts) < 2: raise ValueError(f"fewer than two options ({len(opts)})")
     label = q.extra.get("answer_label")
@@ -455,17 +459,18 @@ def align(questions: list[Question],  # from `llavamed.core.load_questions`
             "missing_policy": missing}
     return pairs, info
 
-# %% ../nbs/07_eval.ipynb #01a84cbd
+# %% ../nbs/07_eval.ipynb #5f0ffbdd
 METRICS = ("open_recall", "closed_accuracy", "open_substring_accuracy", "exact_match", "f1", "precision")
 _BLEU = {k: k for k in ("bleu", "bleu1", "bleu2", "bleu3")}
 # protocol: {aggregate key: the per-question field averaged over OPEN questions}
 OPEN_METRICS = {
-    "llava-med": {"open_recall": "recall", "open_substring_accuracy": "substring_hit", "exact_match": "exact_match",
-                  "f1": "f1", "precision": "precision", **_BLEU, "open_accuracy": "substring_hit"},
-    "llava-med-run-eval": {"open_recall": "recall", "open_accuracy": "candidate_hit", "exact_match": "exact_match",
-                           "f1": "f1", "precision": "precision", **_BLEU},
-    "strict": {"open_recall": "recall", "open_substring_accuracy": "substring_hit", "exact_match": "exact_match",
-               "f1": "f1", "precision": "precision"},
+    "llava-med": {"open_recall": "recall", "open_substring_accuracy": "substring_hit",
+                  "exact_match": "exact_match", "f1": "f1", "precision": "precision", **_BLEU,
+                  "open_accuracy": "substring_hit"},
+    "llava-med-run-eval": {"open_recall": "recall", "open_accuracy": "candidate_hit",
+                           "exact_match": "exact_match", "f1": "f1", "precision": "precision", **_BLEU},
+    "strict": {"open_recall": "recall", "open_substring_accuracy": "substring_hit",
+               "exact_match": "exact_match", "f1": "f1", "precision": "precision"},
     "lmms-eval": {"open_accuracy": "hit"},
     "medevalkit": {"open_accuracy": "hit", "exact_match": "exact_match", "open_recall": "recall", "f1": "f1",
                    "precision": "precision"}}
@@ -485,7 +490,7 @@ def _cached(f):
         return r
     return cached_call
 
-# %% ../nbs/07_eval.ipynb #eb8cf9ca
+# %% ../nbs/07_eval.ipynb #9326a9d4
 def _per_question(protocol: str, norm, matcher, judged: dict | None):
     "The function scoring one (question, answer) pair of an OPEN or CLOSED question under `protocol`."
     if protocol == "llava-med": return lambda q, text: official_question(text, q.answer, q.answer_type, norm)
@@ -509,10 +514,10 @@ def score_pairs(pairs: Iterable[tuple[Question, str]],  # (question with `answer
                 mode: str = "official",  # a protocol name (`PROTOCOLS`) or 'official'
                 norm=None,  # a (cached) `normalize_answer`, shared when scoring several protocols
                 details: list | None = None,  # if given, each question's metrics are appended here
-                candidates: CandidateMatcher | list[str] | None = None,  # llava-med-run-eval's candidate answers
-                judged: dict | None = None,  # medevalkit: {question id: the judge's verdict} for open questions
+                candidates: CandidateMatcher | list[str] | None = None,  # llava-med-run-eval's candidates
+                judged: dict | None = None,  # medevalkit: {question id: the judge's verdict} (open questions)
                ) -> dict:
-    "Aggregate metrics (percent) of one protocol over question/answer pairs; choice questions in every protocol."
+    "Aggregate metrics (percent) of one protocol over question/answer pairs (choice questions in each)."
     protocol, norm = protocol_name(mode), norm or _cached(normalize_answer)
     if isinstance(candidates, list): candidates = CandidateMatcher(candidates, norm)
     per_q = _per_question(protocol, norm, candidates, judged)
@@ -529,32 +534,37 @@ def score_pairs(pairs: Iterable[tuple[Question, str]],  # (question with `answer
         else: other += 1; continue
         if details is not None: details.append(r)
     scored = [h for h in closed if h is not None]
-    out = {"mode": mode, "protocol": protocol, **dict.fromkeys(("open_recall",) if "open_recall" in OPEN_METRICS[protocol] else ()),
-           "closed_accuracy": _mean100(scored) if scored or not closed else 0.0}  # all left out: 0, as run_eval.py
+    out = {"mode": mode, "protocol": protocol}
+    if "open_recall" in OPEN_METRICS[protocol]: out["open_recall"] = None  # the paper's two numbers first
+    # every closed question left out: 0, as run_eval.py reports
+    out["closed_accuracy"] = _mean100(scored) if scored or not closed else 0.0
     for k, field_ in OPEN_METRICS[protocol].items():
         out[k] = _mean100([r[field_] for r in opens])
     if protocol in OVERALL:
         out["overall_accuracy"] = _mean100(scored + [r["hit"] for r in opens + choices])
     out.update(choice_accuracy=_mean100([r["hit"] for r in choices]), n_open=len(opens), n_closed=len(closed),
-               n_choice=len(choices), n_unparsed=sum(r["letter"] is None for r in choices), n_other_type=other)
+               n_choice=len(choices), n_unparsed=sum(r["letter"] is None for r in choices),
+               n_other_type=other)
     if protocol == "llava-med-run-eval": out["n_closed_left_out"] = len(closed) - len(scored)
     if protocol == "medevalkit" and judged is not None:
         out["n_judged"] = sum(judged.get(q.id) is not None for q, _ in pairs if q.answer_type == "OPEN")
     return out
 
-# %% ../nbs/07_eval.ipynb #b13a7877
+# %% ../nbs/07_eval.ipynb #481a84d4
 JUDGE_PROMPT = (
-    "Decide whether a user's answer to a question about a medical image is correct, given the standard answer. "
-    "An answer that means the same as the standard answer, or is another valid reading of it, is correct.\n\n"
+    "Decide whether a user's answer to a question about a medical image is correct, given the standard "
+    "answer. An answer that means the same as the standard answer, or is another valid reading of it, "
+    "is correct.\n\n"
     "Question: {question}\nStandard answer: {answer}\nUser's answer: {response}\n\n"
     "Reply in exactly this format, 0 for correct and 1 for incorrect:\n<think>one short reason</think>\n"
     "<judge>0 or 1</judge>")
 
 def parse_verdict(text: str) -> bool:
-    "A judge reply's verdict: True for `<judge>0</judge>` (correct), False for 1; `ValueError` for anything else."
+    "A judge reply's verdict: True for `<judge>0</judge>` (correct), False for 1; `ValueError` otherwise."
     spans = re.findall(r"<judge>(.*?)</judge>", text or "", flags=re.S)
     value = (" ".join(spans) if spans else text or "").strip()
-    if value not in ("0", "1"): raise ValueError(f"no <judge>0</judge> or <judge>1</judge> verdict in {value[:40]!r}")
+    if value not in ("0", "1"):
+        raise ValueError(f"no <judge>0</judge> or <judge>1</judge> verdict in {value[:40]!r}")
     return value == "0"
 
 def _judge_requests(pairs: list[tuple[Question, str]],  # (question, answer) pairs; only OPEN ones are judged
@@ -638,25 +648,25 @@ def describe_decoding(answers: list[dict]) -> str:
     if len(seen) == 1: return next(iter(seen))
     return "MIXED: " + "; ".join(f"{n} x {s}" for s, n in seen.most_common())
 
-# %% ../nbs/07_eval.ipynb #61bb5102
+# %% ../nbs/07_eval.ipynb #7038436b
 SETTINGS = ("zero-shot", "fine-tuned", "unknown")
 
 def _answers_setting(answers: list[dict],  # answer rows (their `metadata`)
                     key: str,  # a metadata key, e.g. 'prompt_suffix' or 'protocol'
                    ) -> str | None:
     "The one value of a metadata key across answers (None when absent), or 'MIXED: a, b' when they differ."
-    values = sorted({str((a.get("metadata") or {}).get(key)) for a in answers if (a.get("metadata") or {}).get(key)})
-    absent = any(not (a.get("metadata") or {}).get(key) for a in answers)
+    found = [(a.get("metadata") or {}).get(key) for a in answers]
+    values, absent = sorted({str(v) for v in found if v}), not all(found)
     if not values: return None
     if len(values) == 1 and not absent: return values[0]
     return "MIXED: " + ", ".join(values + (["none"] if absent else []))
 
-# %% ../nbs/07_eval.ipynb #a6447b06
+# %% ../nbs/07_eval.ipynb #c4365865
 _LABELS = {"open_recall": "open (token recall)", "closed_accuracy": "closed (accuracy)",
            "open_accuracy": "open accuracy", "overall_accuracy": "overall accuracy",
            "choice_accuracy": "choice accuracy", "open_substring_accuracy": "open substring accuracy",
-           "exact_match": "exact match", "f1": "F1", "precision": "precision", "bleu": "BLEU", "bleu1": "BLEU-1",
-           "bleu2": "BLEU-2", "bleu3": "BLEU-3"}
+           "exact_match": "exact match", "f1": "F1", "precision": "precision", "bleu": "BLEU",
+           "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3"}
 _MODE_NAMES = ("official", "strict")  # today's two modes: their columns say 'mode'
 
 def _column_name(key: str) -> str:
@@ -665,7 +675,7 @@ def _column_name(key: str) -> str:
 
 @dataclass
 class Scores(Result):
-    "What `score` found: each protocol's metrics (percent), how answers paired with questions, what made them."
+    "What `score` found: each protocol's metrics (percent), how answers paired with questions, their making."
     dataset: str  # the dataset's name in reports
     pred: str  # the answers file
     gt: str  # the VQA file
@@ -677,7 +687,7 @@ class Scores(Result):
     pairing: dict  # what `align` counted: n_questions, n_answers, n_missing, missing_ids, ...
     setting: str = "unknown"  # 'zero-shot', 'fine-tuned' or 'unknown', as the user states it
     prompt_suffix: str | None = None  # the answers' prompt suffix (from their metadata)
-    inputs: dict = field(default_factory=dict)  # what else the protocols read: candidate file and hash, the judge
+    inputs: dict = field(default_factory=dict)  # what else the protocols read: candidates and hash, the judge
 
     def counts(self) -> dict:
         "Questions scored per answer type (the same in every protocol)."
@@ -716,22 +726,24 @@ class Scores(Result):
 
     def _repr_markdown_(self) -> str:
         "The table as Markdown, headed by the dataset, the setting, the decoding and the data hash."
-        head = (f"**{self.dataset}** ({self.setting}; {self.decoding}; data sha256 `{self.gt_sha256[:12]}`)\n\n")
-        rows = [f"| {label} | " + " | ".join(fmt_num(v, 2) for v in vals) + " |" for label, vals in self.table()]
-        return (head + "| metric | " + " | ".join(_column_name(k) for k in self.metrics) + " |\n|---|"
+        head = f"**{self.dataset}** ({self.setting}; {self.decoding}; data sha256 `{self.gt_sha256[:12]}`)"
+        rows = [f"| {label} | " + " | ".join(fmt_num(v, 2) for v in vals) + " |"
+                for label, vals in self.table()]
+        columns = " | ".join(_column_name(k) for k in self.metrics)
+        return (head + f"\n\n| metric | {columns} |\n|---|"
                 + "---|" * len(self.metrics) + "\n" + "\n".join(rows))
 
     def to_json(self) -> dict:
         "What `score --out` writes: one protocol's metrics at the top level, or one object per protocol."
         d = {"dataset": self.dataset, "pred": self.pred, "gt": self.gt, "gt_sha256": self.gt_sha256,
              "decoding": self.decoding, "image_ablation": self.image_ablation, "setting": self.setting,
-             "prompt_suffix": self.prompt_suffix, "protocols": list(self.metrics), **self.inputs, **self.pairing,
-             **self.counts()}
+             "prompt_suffix": self.prompt_suffix, "protocols": list(self.metrics), **self.inputs,
+             **self.pairing, **self.counts()}
         d.update(self.metrics if len(self.metrics) > 1 else next(iter(self.metrics.values())))
         d["mode"] = self.mode
         return to_jsonable(d)
 
-# %% ../nbs/07_eval.ipynb #8e3c3486
+# %% ../nbs/07_eval.ipynb #5b42bae2
 def _scored(q: Question) -> bool:
     "Whether a question is scored: open, closed or multiple choice."
     return q.answer_type in ("OPEN", "CLOSED", "CHOICE") or q.kind == "choice"
@@ -742,11 +754,11 @@ def _detail_rows(pairs, per_q: dict[str, list]):
         yield {"id": q.id, "answer_type": q.answer_type or "CHOICE", "gt": q.answer, "pred": text,
                **{m: rows[i] for m, rows in per_q.items()}}
 
-# %% ../nbs/07_eval.ipynb #c3055f39
+# %% ../nbs/07_eval.ipynb #6101c536
 def check_choices(questions: list[Question],  # from `load_questions`
-                  bad: BadRecords,  # the question file's bad records: unusable choice questions are counted here
+                  bad: BadRecords,  # the question file's bad records: unusable choice questions count here
                  ) -> list[Question]:
-    "The questions without the multiple-choice ones that cannot be scored (under two options, a letter outside)."
+    "The questions less the multiple-choice ones that cannot be scored (under two options, letter outside)."
     kept = []
     for q in questions:
         if q.answer_type == "CHOICE" or q.kind == "choice":
@@ -756,7 +768,7 @@ def check_choices(questions: list[Question],  # from `load_questions`
     bad.check(len(questions) + bad.total - (len(questions) - len(kept)))
     return kept
 
-# %% ../nbs/07_eval.ipynb #4791c2b2
+# %% ../nbs/07_eval.ipynb #339701b4
 def _read_pairs(pred, gt, missing: str, max_answer_chars: int) -> tuple[list, dict, list[dict]]:
     "Answers and questions, read and paired (bad records counted); empty or unpaired inputs raise."
     bad_answers, bad_questions = BadRecords(str(pred)), BadRecords(str(gt))
@@ -775,9 +787,10 @@ def _read_pairs(pred, gt, missing: str, max_answer_chars: int) -> tuple[list, di
 def _protocol_inputs(names: list[str], candidates, judge_model, setting: str) -> None:
     "Refuse options that do not fit the protocols asked for, before any file is read."
     protocols = {protocol_name(n) for n in names}
-    if setting not in SETTINGS: raise ValueError(f"setting={setting!r}: expected one of {', '.join(SETTINGS)}")
+    if setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r}: expected one of {', '.join(SETTINGS)}")
     if "llava-med-run-eval" in protocols and not candidates:
-        raise ValueError("protocol llava-med-run-eval needs --candidates (the official candidate-answer JSON)")
+        raise ValueError("protocol llava-med-run-eval needs --candidates (the official candidate JSON)")
     if candidates and "llava-med-run-eval" not in protocols:
         raise ValueError("--candidates is read by the llava-med-run-eval protocol only; add it to --protocol")
     if judge_model and "medevalkit" not in protocols:
@@ -786,11 +799,11 @@ def _protocol_inputs(names: list[str], candidates, judge_model, setting: str) ->
 def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from `llavamed predict`
           gt: str = None,  # the VQA file with the reference answers (`id`, `answer_type`, conversations)
           mode: str = None,  # the former name of --protocol ('official', 'strict' or 'all'), still accepted
-          protocol: str = None,  # comma-separated: llava-med (default), llava-med-run-eval, strict, lmms-eval, medevalkit
+          protocol: str = None,  # llava-med (default), llava-med-run-eval, strict, lmms-eval, medevalkit; a,b
           missing: str = "empty",  # questions without an answer: 'empty' (count as wrong) or 'skip'
           out: str = None,  # also write the result as JSON here (what `llavamed report` reads)
           name: str = None,  # the dataset's name in reports (default: the data file's folder and stem)
-          details: str = None,  # also write each question's metrics (every protocol scored) to this JSONL file
+          details: str = None,  # also write each question's metrics (every protocol) to this JSONL file
           setting: str = "unknown",  # how the model met this dataset: 'zero-shot', 'fine-tuned' or 'unknown'
           candidates: str = None,  # llava-med-run-eval: the official candidate-answer JSON ({"0": [...]})
           judge_model: str = None,  # medevalkit: judge open answers with this LLM (default: exact match)
@@ -804,15 +817,15 @@ def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from 
     "Score VQA and multiple-choice answers under one or more named protocols."
     if pred is None or gt is None: raise ValueError("score needs both --pred (answers) and --gt (VQA file)")
     if mode and protocol and parse_protocols(mode) != parse_protocols(protocol):
-        raise ValueError(f"--mode {mode!r} and --protocol {protocol!r} disagree (--mode is --protocol's old name)")
+        raise ValueError(f"--mode {mode!r} and --protocol {protocol!r} disagree (--mode is an old name)")
     spec = protocol or mode or "llava-med"
     try: names = parse_protocols(spec)
     except ValueError as e: raise ValueError(f"mode={spec!r}: {e}") from None
     _protocol_inputs(names, candidates, judge_model, setting)
     cache = Path(judge_cache) if judge_cache else Path(out or pred).with_name(Path(out or pred).stem
                                                                              + ".judge.jsonl")
-    refuse_outputs_over_inputs({"out": out, "details": details, "judge_cache": cache if judge_model else None},
-                               {"pred": pred, "gt": gt, "candidates": candidates})
+    outputs = {"out": out, "details": details, "judge_cache": cache if judge_model else None}
+    refuse_outputs_over_inputs(outputs, {"pred": pred, "gt": gt, "candidates": candidates})
     matcher_texts = load_candidates(candidates) if candidates else None
     pairs, info, answers = _read_pairs(pred, gt, missing, max_answer_chars)
     if info["n_missing"] or info["n_extra"]:

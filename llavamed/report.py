@@ -40,12 +40,14 @@ _PAPER = "LLaVA-Med paper (Li et al., NeurIPS 2023, arXiv 2306.00890), VQA table
 _LINGSHU = "Lingshu-7B model card (lingshu-medical-mllm, Hugging Face), MedEvalKit"
 _LINGSHU_ROWS = {"LLaVA-Med-7B": (53.7, 48.0, 38.8), "HuatuoGPT-V-7B": (67.0, 67.8, 48.0),
                  "MedGemma-4B": (72.5, 76.4, 48.8), "Qwen2.5-VL-7B": (64.5, 67.2, 44.1),
-                 "Lingshu-7B": (67.9, 83.1, 61.9), "Lingshu-32B": (76.5, 89.2, 65.9), "GPT-4.1": (65.0, 72.2, 55.5)}
+                 "Lingshu-7B": (67.9, 83.1, 61.9), "Lingshu-32B": (76.5, 89.2, 65.9),
+                 "GPT-4.1": (65.0, 72.2, 55.5)}  # VQA-RAD, SLAKE, PathVQA
 PUBLISHED = (
     [{"model": m, "dataset": ds, "protocol": "llava-med", "setting": "fine-tuned", "open_recall": v[ds][0],
       "closed_accuracy": v[ds][1], "source": _PAPER} for m, v in PAPER_VQA.items() for ds in v]
     + [{"model": m, "dataset": ds, "protocol": "medevalkit", "setting": "zero-shot", "overall_accuracy": v[i],
-        "source": _LINGSHU} for m, v in _LINGSHU_ROWS.items() for i, ds in enumerate(("VQA-RAD", "SLAKE", "PathVQA"))])
+        "source": _LINGSHU} for m, v in _LINGSHU_ROWS.items()
+       for i, ds in enumerate(("VQA-RAD", "SLAKE", "PathVQA"))])
 
 def published(dataset: str | None,  # 'VQA-RAD', 'SLAKE' or 'PathVQA' (`paper_dataset`)
               protocol: str,  # a protocol name (`llavamed.eval.PROTOCOLS`)
@@ -79,7 +81,7 @@ def load_inputs(inputs: str | list[str],  # paths or globs, a list or one comma-
         else: raise ValueError(f"{f}: neither a score result (llavamed score --out) nor a judge summary")
     return scores, judged
 
-# %% ../nbs/07c_report.ipynb #02383ca5
+# %% ../nbs/07c_report.ipynb #403cf911
 def protocol_metrics(r: dict) -> dict[str, dict]:
     "A score result's metrics per protocol, as named when scored (results of earlier releases included)."
     if "protocols" in r:
@@ -95,10 +97,11 @@ def _protocol(key: str, m: dict) -> str:
 def headline(key: str, m: dict) -> dict:
     "A protocol's headline numbers: open (recall or accuracy, and which), closed, overall, choice."
     recall = _protocol(key, m) in ("llava-med", "llava-med-run-eval", "strict")
-    return {"open": m.get("open_recall" if recall else "open_accuracy"), "open_is": "recall" if recall else "accuracy",
-            "closed": m.get("closed_accuracy"), "overall": m.get("overall_accuracy"), "choice": m.get("choice_accuracy")}
+    return {"open": m.get("open_recall" if recall else "open_accuracy"),
+            "open_is": "recall" if recall else "accuracy", "closed": m.get("closed_accuracy"),
+            "overall": m.get("overall_accuracy"), "choice": m.get("choice_accuracy")}
 
-# %% ../nbs/07c_report.ipynb #f54f1a58
+# %% ../nbs/07c_report.ipynb #23818308
 def vqa_table(scores: list[dict]) -> str:
     "Markdown table: one row per score result and protocol, the protocols of one run side by side."
     head = ("| dataset | ablation | protocol | setting | decoding | open | closed | overall | choice "
@@ -109,18 +112,20 @@ def vqa_table(scores: list[dict]) -> str:
             h = headline(key, m)
             opened = "-" if h["open"] is None else f"{fmt_num(h['open'], 2)} ({h['open_is']})"
             nums = " | ".join(fmt_num(h[k], 2) for k in ("closed", "overall", "choice"))
-            rows.append(f"| {r['dataset']} | {r.get('image_ablation', 'none')} | {key} | {r.get('setting', 'unknown')} "
-                        f"| {r['decoding']} | {opened} | {nums} | {r['n_open']} / {r['n_closed']} / "
-                        f"{r.get('n_choice', 0)} | {r['n_missing']} | `{r['gt_sha256'][:12]}` |")
+            rows.append(f"| {r['dataset']} | {r.get('image_ablation', 'none')} | {key} "
+                        f"| {r.get('setting', 'unknown')} | {r['decoding']} | {opened} | {nums} "
+                        f"| {r['n_open']} / {r['n_closed']} / {r.get('n_choice', 0)} | {r['n_missing']} "
+                        f"| `{r['gt_sha256'][:12]}` |")
     return "\n".join([head] + rows)
 
-# %% ../nbs/07c_report.ipynb #dd7055a0
+# %% ../nbs/07c_report.ipynb #79f542a4
 def ablation_deltas(scores: list[dict]) -> list[dict]:
-    "Per dataset and ablation: the change of each protocol's open and closed numbers against the run without one."
+    "Per dataset and ablation: the change of each protocol's headline numbers against the run without one."
     base: dict[tuple, dict] = {}  # (dataset, data hash): {protocol: metrics} of the runs without ablation
     for r in scores:
         if r.get("image_ablation", "none") == "none":
-            for key, m in protocol_metrics(r).items(): base.setdefault((r["dataset"], r["gt_sha256"]), {}).setdefault(key, m)
+            seen = base.setdefault((r["dataset"], r["gt_sha256"]), {})
+            for key, m in protocol_metrics(r).items(): seen.setdefault(key, m)
     out = []
     for r in scores:
         b = base.get((r["dataset"], r["gt_sha256"]))
@@ -131,7 +136,8 @@ def ablation_deltas(scores: list[dict]) -> list[dict]:
             if not mb: continue
             hr, hb = headline(key, mr), headline(key, mb)
             for short in ("open", "closed", "overall", "choice"):
-                if hr[short] is not None and hb[short] is not None: row[f"{key} {short}"] = hr[short] - hb[short]
+                if hr[short] is not None and hb[short] is not None:
+                    row[f"{key} {short}"] = hr[short] - hb[short]
         out.append(row)
     return out
 
@@ -139,7 +145,7 @@ def _delta_keys(deltas: list[dict]) -> list[str]:
     "The change columns some ablation row has, in first-seen order."
     return list(dict.fromkeys(k for d in deltas for k in d if k not in ("dataset", "ablation")))
 
-# %% ../nbs/07c_report.ipynb #4ff0b6fc
+# %% ../nbs/07c_report.ipynb #f32d6ac2
 def published_table(scores: list[dict]) -> str:
     "Markdown table of our numbers beside published ones, only where the dataset and the protocol both match."
     rows = []
@@ -151,10 +157,10 @@ def published_table(scores: list[dict]) -> str:
             if not refs: continue
             cells = lambda d: " | ".join(fmt_num(d.get(k), 2) for k in ("open_recall", "closed_accuracy",
                                                                       "overall_accuracy"))
-            rows.append(f"| {ds} | {_protocol(key, m)} | this run ({r['decoding']}) | {r.get('setting', 'unknown')} "
-                        f"| {cells(m)} | llavamed score |")
-            rows += [f"| {ds} | {p['protocol']} | {p['model']} | {p['setting']} | {cells(p)} | {p['source']} |"
-                     for p in refs]
+            rows.append(f"| {ds} | {_protocol(key, m)} | this run ({r['decoding']}) "
+                        f"| {r.get('setting', 'unknown')} | {cells(m)} | llavamed score |")
+            rows += [f"| {ds} | {p['protocol']} | {p['model']} | {p['setting']} | {cells(p)} "
+                     f"| {p['source']} |" for p in refs]
     if not rows: return ""
     return ("| dataset | protocol | model | setting | open (recall) | closed (accuracy) | overall (accuracy) "
             "| source |\n|" + "---|" * 8 + "\n" + "\n".join(rows))
@@ -213,7 +219,7 @@ def bar_chart(labels: list[str],  # one group of bars per label
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/07c_report.ipynb #8db002b2
+# %% ../nbs/07c_report.ipynb #5db33d86
 def plot_metrics(scores: list[dict], path: Path) -> Path:
     "Bars of each protocol's headline numbers per run (open, closed; overall and choice where defined)."
     labels = [f"{r['dataset']} ({r.get('image_ablation', 'none')})" for r in scores]
@@ -284,8 +290,8 @@ def _vqa_section(scores: list[dict], out: Path, figs: dict) -> list[str]:
         md += ["", "![Ablation deltas](ablation_deltas.png)", ""]
     pt = published_table(scores)
     if pt: md += ["### Against published numbers", "", "Only rows of the same dataset and protocol stand side "
-                  "by side. The LLaVA-Med paper's rows are fine-tuned per dataset and sampled at temperature 0.7; "
-                  "the Lingshu card's are zero-shot.", "", pt, ""]
+                  "by side. The LLaVA-Med paper's rows are fine-tuned per dataset and sampled at temperature "
+                  "0.7; the Lingshu card's are zero-shot.", "", pt, ""]
     return md
 
 def report(inputs: str = None,  # score results and judge summaries: paths or globs, comma-separated
@@ -362,7 +368,7 @@ def evaluate(model: str = None,  # saved model directory
              chat: str = None,  # also answer this benchmark JSONL and judge it (offline proxy judge)
              name: str = None,  # the VQA dataset's name in the report (default: its folder and stem)
              protocol: str = "all",  # scoring protocols, comma-separated ('all': official and strict)
-             setting: str = "unknown",  # how the model met the VQA dataset: 'zero-shot', 'fine-tuned', 'unknown'
+             setting: str = "unknown",  # how the model met the VQA data: 'zero-shot', 'fine-tuned', 'unknown'
              batch_size: int = 16,  # questions per generation batch
              max_new_tokens: int = 32,  # most tokens per VQA answer
              chat_max_new_tokens: int = None,  # most tokens per benchmark answer (None: at least 64)
@@ -391,7 +397,8 @@ def evaluate(model: str = None,  # saved model directory
                        device=device, dtype=dtype, quiet=quiet)
     res = Evaluation(str(out), {}, {})
     for abl in abls if data else []:
-        res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, by, name, answer, protocol, setting)
+        res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, by, name, answer, protocol,
+                                                         setting)
     if chat:
         chat_tokens = chat_max_new_tokens or max(64, max_new_tokens)  # conversations need longer answers
         answer(chat, out / "chat_answers.jsonl", "none", chat_tokens, None)

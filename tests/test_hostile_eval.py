@@ -312,3 +312,51 @@ def test_judge_keeps_base_url_credentials_out_of_its_outputs(tmp_path, capsys, m
     files = [p.read_text() for p in tmp_path.iterdir() if p.is_file()]
     for text in [captured.out, captured.err, *files]: assert "s3cr3t-in-url" not in text
     assert json.loads(captured.out)["judge"] == f"openai:m at {srv.base_url}, order=official"
+
+
+# ---------------------------------------------------------------- multiple choice
+def _choice(i, options=("left", "right"), label="B"):
+    return {"id": f"q{i}", "image": f"q{i}.png", "answer_type": "CHOICE", "options": list(options),
+            "answer_label": label, "conversations": [{"from": "human", "value": "<image>\nWhich side?"},
+                                                     {"from": "gpt", "value": "right"}]}
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (dict(options=("left",)), "fewer than two options at id q7 (1)"),
+    (dict(options=()), "fewer than two options at id q7 (1)"),
+    (dict(label="E"), "answer_label outside the options at id q7 (1)"),
+    (dict(label="AB"), "answer_label outside the options at id q7 (1)"),
+])
+def test_score_counts_an_unusable_choice_record(scored, tmp_path, capsys, bad, reason):
+    gt, pred, out, _ = scored
+    records = [_choice(i) for i in range(100)]
+    records[7] = _choice(7, **bad)
+    gt.write_text(json.dumps(records))
+    pred.write_text("".join(_answer(i, "B") for i in range(100)))
+    capsys.readouterr()
+    assert main(["--json", "score", "--pred", str(pred), "--gt", str(gt), "--protocol", "llava-med,lmms-eval"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_bad_questions"] == 1 and reason in res["bad_questions"], res["bad_questions"]
+    assert res["n_questions"] == 99 and res["n_choice"] == 99 and res["llava-med"]["choice_accuracy"] == 100.0
+
+
+def test_score_stops_on_too_many_unusable_choice_records(scored, tmp_path, capsys):
+    gt, pred, out, before = scored
+    records = [_choice(i) for i in range(100)]
+    for i in (2, 3, 4): records[i] = _choice(i, label="Z")
+    gt.write_text(json.dumps(records))
+    capsys.readouterr()
+    assert _score(pred, gt, out) == 2
+    _one_error_line(capsys, "score", str(gt), "3 of 100 records are bad", "answer_label outside the options at id q2 (3)")
+    assert out.read_bytes() == before
+
+
+def test_score_choice_letter_outside_the_options_is_unparsed(scored, tmp_path, capsys):
+    gt, pred, out, _ = scored
+    gt.write_text(json.dumps([_choice(i) for i in range(4)]))
+    pred.write_text("".join(_answer(i, t) for i, t in enumerate(["B", "(C)", "Answer: A or B", "right"])))
+    capsys.readouterr()
+    assert main(["--json", "score", "--pred", str(pred), "--gt", str(gt)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    # q0 'B' right; q1 'C' is no option (two options): unparsed; q2 two letters: unparsed; q3 the option text: B
+    assert (res["choice_accuracy"], res["n_unparsed"], res["n_choice"]) == (50.0, 2, 4)
