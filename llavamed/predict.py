@@ -214,12 +214,6 @@ def _check_prompts(questions: list[Question], prompts: dict[str, str], tokenizer
             raise ValueError(f"question {q.id}: prompt is {len(ids):,} tokens > max_prompt_tokens "
                              f"{max_prompt_tokens:,}")
 
-def _check_model(model) -> None:
-    "A `FileNotFoundError` when `model` is neither a preset nor an existing folder (not a hub id lookup)."
-    from llavamed.model import PRESETS
-    if str(model) not in PRESETS and not Path(model).exists():
-        raise FileNotFoundError(f"model {model}: no such directory (and not a preset: {sorted(PRESETS)})")
-
 def _check_request(model, data, out, image_ablation: str, batch_size: int, max_new_tokens: int | None,
                    protocol: str) -> None:
     "A `ValueError` naming the first argument of `predict` that is missing or out of range."
@@ -414,7 +408,6 @@ def _answer_all(res: Predictions, todo: list[Question], questions: list[Question
     swap = shuffled_images(questions, dec["seed"]) if meta["image_ablation"] == "shuffle" else {}
     paths = check_images(todo, images, swap)
     res.images_checked = len(paths)
-    _check_model(model)  # before `load_model`, which would take a missing folder for a hub repo id
     mdl, proc = load_model(model, dtype=dtype, device=_rank_device(device, local_rank, res.world))
     _check_prompts(todo, prompts, proc.tokenizer, max_prompt_tokens)
     gen = dict(max_new_tokens=dec["max_new_tokens"], do_sample=dec["do_sample"], seed=dec["seed"],
