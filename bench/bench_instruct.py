@@ -5,9 +5,15 @@ Measures, in one run:
      requests sent per caption (target 1.00 without faults);
   2. the same with 10% injected faults (429 + Retry-After, 500, slow past the timeout, dropped connection,
      unparseable reply): every caption ends done or failed with a reason, no id twice in the output, retries;
-  3. SIGKILL of a `llavamed instruct` process halfway, then a rerun: requests for already-saved captions (target 0).
+  3. SIGKILL of a `llavamed instruct` process halfway, then a rerun: requests for already-saved captions (target 0);
+  4. (--scale N) N captions through the batch backend (--backend batch) with the provider's 24-hour window
+     simulated as a 10-minute batch compressed 100x (6 s; polls every 0.3-1 s instead of 30-60 s): requests per
+     caption (target 1.00), batches, bytes uploaded, wall time, cost at the batch price; then the request loop
+     on the same captions (concurrency 32): requests per caption, wall time, cost at the full price;
+  5. (--scale N) the cleaning rules' counts (v1 and v2) on the synthetic corpus's teacher output (template teacher).
 
     .venv/bin/python bench/bench_instruct.py [--n 500] [--latency 0.2] [--c1-n 500]
+    .venv/bin/python bench/bench_instruct.py --only-scale --scale 10000 [--synth 2000]
 """
 from __future__ import annotations
 import argparse, collections, os, signal, subprocess, sys, tempfile, time
@@ -38,7 +44,13 @@ def main():
     ap.add_argument("--latency", type=float, default=0.2, help="server seconds per reply")
     ap.add_argument("--c1-n", type=int, default=None, help="captions for the concurrency-1 run (default: --n)")
     ap.add_argument("--fault-rate", type=float, default=0.1)
+    ap.add_argument("--scale", type=int, default=0, help="captions for the batch-vs-loop comparison (0: skip)")
+    ap.add_argument("--synth", type=int, default=2000, help="synthetic-corpus figures for the cleaning counts")
+    ap.add_argument("--only-scale", action="store_true", help="run only parts 4 and 5")
     a = ap.parse_args()
+    if a.only_scale:
+        os.environ[KEY_ENV] = "sk-bench-not-a-real-key-000"
+        return scale(a.scale or 10_000, a.synth, Path(tempfile.mkdtemp(prefix="bench_instruct_scale_")))
     c1_n = a.c1_n or a.n
     os.environ[KEY_ENV] = "sk-bench-not-a-real-key-000"
     tmp = Path(tempfile.mkdtemp(prefix="bench_instruct_"))
@@ -109,6 +121,50 @@ def main():
         print(f"  rerun: exit {r.returncode}, {tr:.2f} s, {second['requests']} requests; "
               f"requests for already-saved captions: {again} (target 0)")
         print(f"  final output: {len(out_ids)} records, {len(set(out_ids))} distinct ids, all captions: {set(out_ids) == ids}")
+
+
+def scale(n: int, n_synth: int, tmp: Path):
+    "Parts 4 and 5: batch backend vs request loop on `n` captions; cleaning counts on the synthetic corpus."
+    cap = write_teacher_input(tmp / "captions.json", n, facts=False)
+    prices = dict(price_prompt=2.5, price_completion=10.0)
+    import openai  # noqa: F401
+    print(f"[4] {n} captions, server in a child process; work dir {tmp}")
+    with ChatServerProcess(batch_seconds=6.0, latency=0.05) as srv:
+        t0 = time.perf_counter()
+        rep = self_instruct(str(cap), str(tmp / "batch.jsonl"), teacher="openai", base_url=srv.base_url, model="bench",
+                            api_key_env=KEY_ENV, quiet=True, backend="batch", batch_max_requests=4000,
+                            poll_interval=0.3, poll_max=1.0, **prices)
+        tb, st = time.perf_counter() - t0, srv.stats()
+        print(f"  batch backend: {rep.records} records in {tb:.1f} s (the simulated window: 6 s per batch, batches "
+              f"in parallel); {st['batches_created']} batches of <= 4,000 requests; requests/caption "
+              f"{(st['batch_lines'] + st['requests']) / n:.2f} (batch lines {st['batch_lines']}, chat requests "
+              f"{st['requests']}); uploaded {st['upload_bytes']:,} bytes in {st['uploads']} files "
+              f"({st['upload_bytes'] / n:,.0f} bytes/caption); {rep.run['polls']} status checks; cost "
+              f"${rep.run['cost']:.2f} at the batch price (half of $2.50/$10 per 1M tokens)")
+        srv.reset()
+        t0 = time.perf_counter()
+        rep2 = self_instruct(str(cap), str(tmp / "loop.jsonl"), teacher="openai", base_url=srv.base_url, model="bench",
+                             api_key_env=KEY_ENV, quiet=True, concurrency=32, **prices)
+        tl, st2 = time.perf_counter() - t0, srv.stats()
+        print(f"  request loop (concurrency 32, 50 ms server latency): {rep2.records} records in {tl:.1f} s "
+              f"({n / tl:.0f}/s); requests/caption {st2['requests'] / n:.2f}; cost ${rep2.run['cost']:.2f} at the "
+              f"full price; the batch's cost is {rep.run['cost'] / rep2.run['cost']:.2f} of it")
+    from llavamed.instruct import build_output, load_captions
+    for rules in ("v1", "v2"):
+        b = build_output(load_captions(cap), sidecar_path(tmp / "batch.jsonl"), tmp / "unused.jsonl", rules, write=False)
+        print(f"  rules {rules} on the loopback teacher's {n} replies: {b['records']} records, "
+              f"{b['pairs_out']}/{b['pairs_in']} pairs kept; rule hits {dict(sorted(b['rule_hits'].items()))}")
+    from llavamed.synth import make_corpus
+    corpus = tmp / "synth"
+    t0 = time.perf_counter()
+    make_corpus(str(corpus), n_train=n_synth, n_test=max(10, n_synth // 8), size=64, n_chat=5, quiet=True)
+    print(f"\n[5] cleaning on the synthetic corpus's teacher output ({n_synth} training figures, template "
+          f"teacher; corpus made in {time.perf_counter() - t0:.0f} s)")
+    for rules in ("v1", "v2"):
+        r = self_instruct(str(corpus / "instruct_captions.json"), str(tmp / f"synth_{rules}.jsonl"), quiet=True,
+                          rules=rules)
+        print(f"  rules {rules}: {r.records}/{r.figures} records, {r.pairs_out}/{r.pairs_in} pairs kept; rule hits "
+              f"{dict(sorted(r.rule_hits.items()))}; samples dropped {dict(sorted(r.samples_dropped.items()))}")
 
 
 if __name__ == "__main__":
