@@ -6,36 +6,35 @@ Docs: https://llavamed.github.io/llavamed/pmc_pairs.html.md"""
 
 # %% ../nbs/02d_pmc_pairs.ipynb #c0imp
 from __future__ import annotations
-import csv, hashlib, importlib, re, shutil, tarfile, tempfile, threading, urllib.parse
+import contextlib, csv, hashlib, importlib, json, re, shutil, tarfile, tempfile, threading, urllib.parse
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from .core import (DOMAINS, BadRecords, Result, append_jsonl, atomic_write, get_logger, parse_shard,
-                           primary_domain, read_jsonl, repair_torn_tail, write_json)
+                           primary_domain, read_jsonl, repair_torn_tail)
 from .pmc import FetchConfig, _norm, _refuse, _SAFE_ID, prepare_image, run_jobs, stream_url
 
 # %% auto #0
-__all__ = ['log', 'COMMERCIAL', 'NONCOMMERCIAL', 'DOMAIN_RULES', 'Classifier', 'FINAL', 'PMC_FTP', 'license_class', 'Package',
-           'select_packages', 'ArticleRefused', 'parse_xml', 'flat_text', 'Figure', 'Article', 'read_article',
-           'split_sentences', 'label_number', 'cited_numbers', 'cite_figures', 'keyword_domains', 'is_compound',
-           'PackageFiles', 'read_package', 'match_graphic', 'pair_record', 'article_pairs', 'fetch_package',
-           'finished_articles', 'caption_sets', 'PairsResult', 'load_classifier', 'fetch_pairs']
+__all__ = ['log', 'COMMERCIAL', 'DOMAIN_RULES', 'Classifier', 'FINAL', 'PMC_FTP', 'license_class', 'Package', 'select_packages',
+           'ArticleRefused', 'parse_xml', 'flat_text', 'Figure', 'Article', 'read_article', 'split_sentences',
+           'label_number', 'cited_numbers', 'cite_figures', 'keyword_domains', 'is_compound', 'PackageFiles',
+           'read_package', 'match_graphic', 'pair_record', 'article_pairs', 'fetch_package', 'finished_articles',
+           'write_captions', 'PairsResult', 'load_classifier', 'fetch_pairs']
 
 # %% ../nbs/02d_pmc_pairs.ipynb #c0log
 log = get_logger("llavamed.pmc_pairs")
 
 # %% ../nbs/02d_pmc_pairs.ipynb #c1lic
-COMMERCIAL = ("CC0", "CC BY", "CC BY-SA", "CC BY-ND")  # PMC's commercial-use subset
-NONCOMMERCIAL = ("CC BY-NC", "CC BY-NC-SA", "CC BY-NC-ND")  # PMC's non-commercial subset
+COMMERCIAL = ("CC0", "CC BY")  # the licences of PMC's commercial-use subset (oa_comm)
 
 def license_class(text: str | None) -> str:
     "'comm', 'noncomm' or 'other': the Open Access subset a licence string puts an article in."
     s = re.sub(r"[\s_]+", " ", str(text or "")).strip().upper().replace("CC-BY", "CC BY")
     s = re.sub(r"\s+\d+(\.\d+)?$", "", s)  # 'CC BY 4.0' is CC BY
     if s in COMMERCIAL: return "comm"
-    if s in NONCOMMERCIAL: return "noncomm"
+    if re.fullmatch(r"CC BY-[A-Z-]+", s): return "noncomm"  # BY-NC, BY-SA, BY-ND, BY-NC-SA, BY-NC-ND
     return "other"
 
 # %% ../nbs/02d_pmc_pairs.ipynb #c1pkg
@@ -90,7 +89,7 @@ def _read_pmids(path) -> set[str]:
     return out
 
 def select_packages(path: str | Path,  # the package list, oa_file_list.csv
-                    license: str = "any",  # 'any', 'comm' (commercial use allowed) or 'noncomm'
+                    license: str = "any",  # 'any', 'comm' (CC BY, CC0) or 'noncomm' (other CC licences)
                     since: str | None = None,  # keep articles last updated on or after this day (YYYY-MM-DD)
                     until: str | None = None,  # ... and on or before this day
                     pmids: set[str] | None = None,  # keep only these PMIDs
@@ -511,32 +510,55 @@ def fetch_package(pkg: Package, url: str, images: Path, cfg: FetchConfig,
 # %% ../nbs/02d_pmc_pairs.ipynb #c9state
 FINAL = ("ok", "skipped", "not_found")  # article states a rerun does not retry
 
-def _last_rows(path: Path, key: str) -> dict[str, dict]:
-    "The last row per `key` of an append-only JSONL file (a torn line skipped)."
-    out = {}
-    if path.exists():
-        for row in read_jsonl(path, skip_bad=True):
-            if isinstance(row, dict) and isinstance(row.get(key), str): out[row[key]] = row
-    return out
+def _manifest_index(path: Path) -> dict[str, tuple[int, str, str, str]]:
+    "pair_id -> (byte offset, pmcid, status, file) of its last manifest row: small tuples, not the rows."
+    index = {}
+    if not path.exists(): return index
+    with open(path, "rb") as f:
+        offset = 0
+        for line in f:
+            try: row = json.loads(line)
+            except ValueError: row = None  # a torn line of a killed run
+            if isinstance(row, dict) and isinstance(row.get("pair_id"), str):
+                index[row["pair_id"]] = (offset, row.get("pmcid"), row.get("status"), row.get("file"))
+            offset += len(line)
+    return index
 
 def finished_articles(out: str | Path) -> set[str]:
     "PMCIDs of the packages in `out` that a rerun need not read again."
-    out = Path(out)
-    articles, figures = _last_rows(out / "articles.jsonl", "pmcid"), _last_rows(out / "manifest.jsonl", "pair_id")
-    lost = {r.get("pmcid") for r in figures.values()
-            if r.get("status") == "ok" and not (out / r["file"]).is_file()}
-    return {p for p, r in articles.items() if r.get("status") in FINAL and p not in lost}
+    out, states = Path(out), {}
+    for row in (read_jsonl(out / "articles.jsonl", skip_bad=True) if (out / "articles.jsonl").exists() else ()):
+        if isinstance(row, dict) and isinstance(row.get("pmcid"), str): states[row["pmcid"]] = row.get("status")
+    lost = {pmcid for _, pmcid, status, file in _manifest_index(out / "manifest.jsonl").values()
+            if status == "ok" and not (file and (out / file).is_file())}
+    return {p for p, status in states.items() if status in FINAL and p not in lost}
 
-def caption_sets(out: str | Path,  # an output folder
-                 drop_other: bool = False,  # leave out figures of no LLaVA-Med domain
-                ) -> dict[str, list[dict]]:
-    "The teacher-input dict of an output folder: its pairs by primary domain (then 'other'), by pair id."
-    out, sets = Path(out), {d: [] for d in (*DOMAINS, "other")}
-    for pair_id, row in sorted(_last_rows(out / "manifest.jsonl", "pair_id").items()):
-        if row.get("status") == "ok" and isinstance(row.get("record"), dict) and (out / row["file"]).is_file():
-            sets[primary_domain(row["record"]["domain"])].append(row["record"])
-    if drop_other: del sets["other"]
-    return sets
+# %% ../nbs/02d_pmc_pairs.ipynb #c9write
+def write_captions(out: str | Path,  # an output folder with manifest.jsonl
+                   drop_other: bool = False,  # leave out figures of no LLaVA-Med domain
+                  ) -> dict[str, int]:
+    "Rebuild `out/fig_captions.json` from the manifest: pairs by primary domain, by pair id; their counts."
+    out = Path(out)
+    index, keys = _manifest_index(out / "manifest.jsonl"), [*DOMAINS] + ([] if drop_other else ["other"])
+    counts = dict.fromkeys(keys, 0)
+    with contextlib.ExitStack() as stack:  # one unnamed temp file per domain: a kill leaves nothing behind
+        parts = {d: stack.enter_context(tempfile.TemporaryFile("w+", dir=out, encoding="utf-8")) for d in keys}
+        manifest = stack.enter_context(open(out / "manifest.jsonl", "rb")) if index else None
+        for pair_id in sorted(index):
+            offset, _, status, file = index[pair_id]
+            if status != "ok" or not file or not (out / file).is_file(): continue
+            manifest.seek(offset); record = json.loads(manifest.readline()).get("record")
+            domain = primary_domain(record.get("domain") or {}) if isinstance(record, dict) else None
+            if domain not in parts: continue
+            parts[domain].write(("," if counts[domain] else "") + "\n" + json.dumps(record, ensure_ascii=False))
+            counts[domain] += 1
+        with atomic_write(out / "fig_captions.json") as f:  # streamed: 700K pairs are never one list in memory
+            for i, d in enumerate(keys):
+                f.write(("{" if not i else ",") + f"\n{json.dumps(d)}: [")
+                parts[d].seek(0); shutil.copyfileobj(parts[d], f)
+                f.write("\n]" if counts[d] else "]")
+            f.write("\n}\n")
+    return counts
 
 # %% ../nbs/02d_pmc_pairs.ipynb #c10res
 @dataclass
@@ -603,7 +625,7 @@ def _count(res: PairsResult, rows: list[dict], article: dict) -> None:
 def fetch_pairs(file_list: str = None,  # the Open Access subset's package list (oa_file_list.csv); required
                 out: str = None,  # output folder: images/, fig_captions.json, manifest.jsonl; required
                 mirror: str = PMC_FTP,  # base URL (http(s):// or file://) the list's package paths are below
-                license: str = "any",  # 'any', 'comm' (commercial use allowed, as PMC classifies) or 'noncomm'
+                license: str = "any",  # 'any', 'comm' (CC BY, CC0: PMC's oa_comm) or 'noncomm' (oa_noncomm)
                 since: str = None,  # only articles last updated on or after this day (YYYY-MM-DD)
                 until: str = None,  # only articles last updated on or before this day (YYYY-MM-DD)
                 pmids: str = None,  # a file of PMIDs, one a line: only these articles
@@ -652,8 +674,6 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
             append_jsonl(articles, article)
             _count(res, rows, article); bar.update(1); bar.set_postfix(pairs=res.pairs, refresh=False)
         run_jobs(todo, work, finished, cfg.workers)
-    sets = caption_sets(out, drop_other)
-    write_json(out / "fig_captions.json", sets, indent=1)
-    res.total_pairs = sum(map(len, sets.values()))
+    res.total_pairs = sum(write_captions(out, drop_other).values())
     res.reasons, res.domains = dict(res.reasons), dict(res.domains)
     return res

@@ -155,7 +155,7 @@ def test_cli_filters_shards_and_errors(server, tmp_path, llavamed_cmd):
         serve(server, p, {f"{p}/a.nxml": jats_article(r["pmid"], p, [fig(1, "<p>CT.</p>", "g1")], []), f"{p}/g1.png": PNG})
     csv = write(tmp_path / "oa.csv", oa_file_list(rows))
     pick = lambda **kw: [p.pmcid for p in select_packages(csv, **kw)[0]]
-    assert len(pick(license="comm")) == 6 and len(pick(license="noncomm")) == 4 and len(pick()) == 12
+    assert len(pick(license="comm")) == 4 and len(pick(license="noncomm")) == 6 and len(pick()) == 12
     assert pick(since="2020-01-01", until="2020-12-31") == ["PMC3002", "PMC3006", "PMC3010"]
     pmids = write(tmp_path / "pmids.txt", "3003\n# a comment\nPMID:3005\n\n")
     cmd = [llavamed_cmd, "pmc-pairs", "--file-list", csv, "--mirror", server.base, "--quiet"]
