@@ -260,7 +260,8 @@ def _iter_parquet(path, batch_rows: int = 256) -> Iterator[tuple[int | None, Any
     try: import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading parquet needs pyarrow: pip install 'llavamed[parquet]'") from None
-    try: pf = pq.ParquetFile(path)
+    # pyarrow pre-buffers a whole file by default (memory grows with its size): read it in 1 MiB pieces
+    try: pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except Exception as e:  # pyarrow raises its own error types for a damaged file
         err = RecordError(path, 1, f"not a readable parquet file ({e})"); err.file_level = True
         yield None, err; return
