@@ -10,7 +10,7 @@ import asyncio, dataclasses, hashlib, json, random, time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from .core import append_jsonl, get_logger, read_jsonl, repair_torn_tail
 from .client import (ChatRunError, RequestError, RunStats, _checked_requests, _classify, _unfinished,
                              arun_chat_requests, backoff_delay, load_checkpoint, redact, reply_of, run_sync)
@@ -60,16 +60,16 @@ def batch_line(client, request: dict) -> bytes:
 # %% ../nbs/03a_batch.ipynb #4cb411e0
 def split_batches(lines: Iterable[tuple[str, bytes]],  # (id, batch line) pairs in order
                   max_requests: int, max_bytes: int,
-                 ) -> tuple[list[list[tuple[str, bytes]]], list[tuple[str, int]]]:
-    "The lines cut into batches of at most `max_requests` lines and `max_bytes` bytes; and the (id, bytes) too big."
-    batches, current, size, too_big = [], [], 0, []
+                 ) -> Iterator[tuple[list[tuple[str, bytes]], list[tuple[str, int]]]]:
+    "Batches of at most `max_requests` lines and `max_bytes` bytes, as they fill; each with the (id, bytes) too big."
+    current, size, too_big = [], 0, []
     for rid, line in lines:
         if len(line) > max_bytes: too_big.append((rid, len(line))); continue
         if current and (len(current) == max_requests or size + len(line) > max_bytes):
-            batches.append(current); current, size = [], 0
+            yield current, too_big
+            current, size, too_big = [], 0, []
         current.append((rid, line)); size += len(line)
-    if current: batches.append(current)
-    return batches, too_big
+    if current or too_big: yield current, too_big
 
 # %% ../nbs/03a_batch.ipynb #ea6cf4eb
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -194,18 +194,19 @@ class _Run:
     async def submit(self, ids: list[str], round_no: int) -> list[dict]:
         "Plan, upload and create the batches for `ids`; their journal states (too-big requests recorded failed)."
         lines = ((rid, batch_line(self.client, self.requests[rid])) for rid in ids)
-        chunks, too_big = split_batches(lines, self.settings.max_requests, self.settings.max_bytes)
-        if too_big:
-            self.save({rid: dict(id=rid, status="failed", text=None, parsed=None, attempts=0,
-                                 reason=f"request of {n:,} bytes is over the batch file limit "
-                                        f"({self.settings.max_bytes:,} bytes)", model=self.client.name,
-                                 usage=dict(prompt_tokens=0, completion_tokens=0))
-                       for rid, n in too_big})
         states, known = [], len(read_journal(self.journal))
-        for i, chunk in enumerate(chunks):
+        for chunk, too_big in split_batches(lines, self.settings.max_requests, self.settings.max_bytes):
+            if too_big:
+                limit = self.settings.max_bytes
+                self.save({rid: dict(id=rid, status="failed", text=None, parsed=None, attempts=0, errors=[],
+                                     reason=f"request of {n:,} bytes is over the batch file limit ({limit:,} bytes)",
+                                     model=self.client.name, usage=dict(prompt_tokens=0, completion_tokens=0))
+                           for rid, n in too_big})
+            if not chunk: continue
             rids = [rid for rid, _ in chunk]
-            key = f"c{known + i:05d}-" + hashlib.sha1("\n".join(rids).encode()).hexdigest()[:10]
+            key = f"c{known + len(states):05d}-" + hashlib.sha1("\n".join(rids).encode()).hexdigest()[:10]
             data = b"".join(line for _, line in chunk)
+            del chunk  # the file's bytes are all this run holds of the batch
             self.note("planned", key, round=round_no, ids=rids, bytes=len(data))
             states.append(await self.create({"chunk": key, "ids": rids, "round": round_no}, data))
         return states

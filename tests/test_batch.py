@@ -291,3 +291,16 @@ def test_shards_are_disjoint_and_merge_refuses_duplicates(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "overlap.jsonl:1: record id" in err and f"{outs[0]}:1" in err and not (tmp_path / "x.jsonl").exists()
     assert main(["merge", "--inputs", str(merged), "--out", str(merged)]) == 2
+
+
+def test_a_request_over_the_byte_limit_is_recorded_failed_not_sent(tmp_path):
+    reqs = [{"id": f"q{i}", "messages": [{"role": "user", "content": "Caption: CT. " + "x" * (5000 if i == 1 else 10)}]}
+            for i in range(4)]
+    with ChatServer(batch_seconds=0.1, batch_max_bytes=2000) as srv:
+        st = run_batch_requests(ChatClient("any", base_url=srv.base_url, api_key_env="none"), reqs,
+                                tmp_path / "ck.jsonl", BatchSettings(max_bytes=2000, **FAST), progress=False)
+        served = srv.stats()
+    ck = load_checkpoint(tmp_path / "ck.jsonl")
+    assert ck["q1"]["status"] == "failed" and "over the batch file limit (2,000 bytes)" in ck["q1"]["reason"]
+    assert "q1" not in served["batch_by_key"] and st.done == 3 and st.failed == 1
+    assert set(served["batch_status"].values()) == {"completed"}

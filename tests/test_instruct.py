@@ -274,3 +274,18 @@ def test_verify_with_nothing_kept_exits_1_and_keeps_earlier_output(tmp_path, cap
     assert main(["verify", "--pairs", str(made), "--captions", str(cap), "--out", str(made), "--model", "m"]) == 2
     assert main(["verify", "--pairs", str(made), "--captions", str(cap), "--out", str(out), "--model", "m",
                  "--threshold", "7"]) == 2
+
+
+def test_verify_through_the_batch_backend(tmp_path):
+    from llavamed.verify import verify
+    cap = write_teacher_input(tmp_path / "captions.json", 6)
+    made = tmp_path / "instruct.jsonl"
+    self_instruct(str(cap), str(made), quiet=True)
+    ids = [r["id"] for r in lines(made)]
+    with ChatServer(reply_text="faithful: 4\nanswerable: 4\nplausible: 5", batch_seconds=0.1,
+                    replies={ids[0]: "faithful: 3\nanswerable: 4\nplausible: 5"}) as srv:
+        rep = verify(str(made), str(cap), str(tmp_path / "v.jsonl"), model="judge", base_url=srv.base_url,
+                     api_key_env="none", backend="batch", poll_interval=0.05, poll_max=0.2, quiet=True)
+        st = srv.stats()
+    assert st["requests"] == 0 and st["batch_lines"] == 6 and st["batches_created"] == 1
+    assert (rep.kept, rep.dropped, rep.run["batches"]) == (5, 1, 1)
