@@ -200,7 +200,7 @@ def strict_question(pred: str,  # the model's answer
     return {"recall": recall, "precision": precision, "f1": f1, "exact_match": float(p == g),
             "substring_hit": float(_phrase_in(g, p))}
 
-# %% ../nbs/07_eval.ipynb #0348e7a2
+# %% ../nbs/07_eval.ipynb #b76542ec
 PROTOCOLS = ("llava-med", "llava-med-run-eval", "strict", "lmms-eval", "medevalkit")
 PROTOCOL_ALIASES = {"official": "llava-med"}  # the first protocol's former name (today's `--mode official`)
 PROTOCOL_SOURCES = {
@@ -227,7 +227,7 @@ def parse_protocols(spec: str) -> list[str]:
     if len(set(canonical)) < len(canonical): raise ValueError(f"protocol {spec!r}: a protocol named twice")
     return names
 
-# %% ../nbs/07_eval.ipynb #c78bf577
+# %% ../nbs/07_eval.ipynb #354f9887
 def run_eval_closed_hit(pred: str,  # once-normalised prediction
                         gt: str,  # once-normalised reference
                        ) -> float | None:
@@ -246,32 +246,35 @@ def load_candidates(path: str | Path) -> list[str]:
             raise ValueError(f"{path}: candidate {i} is a {type(c).__name__}, expected text or an integer")
     return [str(c) for c in items]
 
-# %% ../nbs/07_eval.ipynb #cf156fa5
+# %% ../nbs/07_eval.ipynb #89cba3b4
 class CandidateMatcher:
     "The candidate `run_eval.py` picks for an answer: most shared words per candidate word, first on ties."
     def __init__(self, candidates: list[str],  # candidate answers in file order
                  norm=normalize_answer):  # the normalisation (a cached one in bulk scoring)
+        import numpy as np
         self.texts = [norm(c) for c in candidates]  # each candidate is normalised once
-        self.sizes = [len(set(t.split())) for t in self.texts]
-        self.index: dict[str, list[int]] = {}  # word -> candidates holding it: a pick reads few of them
+        self.sizes = np.array([len(set(t.split())) for t in self.texts], dtype=np.int64)
+        index: dict[str, list[int]] = {}  # word -> candidates holding it: a pick counts only those
         for i, t in enumerate(self.texts):
-            for w in set(t.split()): self.index.setdefault(w, []).append(i)
+            for w in set(t.split()): index.setdefault(w, []).append(i)
+        self.index = {w: np.array(ids, dtype=np.int64) for w, ids in index.items()}
         self._picked: dict[str, str] = {}
 
     def pick(self, pred: str) -> str:
         "The chosen candidate's normalised text for a (twice-normalised) prediction."
         hit = self._picked.get(pred)
         if hit is not None: return hit
-        shared: dict[int, int] = {}
-        for w in set(pred.split()):
-            for i in self.index.get(w, ()): shared[i] = shared.get(i, 0) + 1
-        best, best_i = 0.0, 0  # nothing shared: every similarity is 0 and argmax is the first candidate
-        for i in sorted(shared):
-            if shared[i] / self.sizes[i] > best: best, best_i = shared[i] / self.sizes[i], i
-        self._picked[pred] = hit = self.texts[best_i]
+        import numpy as np
+        hits = [self.index[w] for w in set(pred.split()) if w in self.index]
+        best = 0  # nothing shared: every share is 0 and argmax is the first candidate
+        if hits:
+            shared = np.bincount(np.concatenate(hits), minlength=len(self.texts))
+            share = np.divide(shared, self.sizes, out=np.zeros(len(self.texts)), where=self.sizes > 0)
+            best = int(np.argmax(share))  # the first of the highest, as the script's list.index(max(...))
+        self._picked[pred] = hit = self.texts[best]
         return hit
 
-# %% ../nbs/07_eval.ipynb #df050c3d
+# %% ../nbs/07_eval.ipynb #cd274c55
 def run_eval_question(pred: str,  # the model's answer
                       gt: str,  # the reference answer
                       answer_type: str,  # 'OPEN' or 'CLOSED'
@@ -285,7 +288,7 @@ def run_eval_question(pred: str,  # the model's answer
     hit = float(matcher.pick(norm(p)) == norm(g))  # the answer normalised twice, as the script does
     return {**official_question(pred, gt, answer_type, norm), "candidate_hit": hit}
 
-# %% ../nbs/07_eval.ipynb #25e122d2
+# %% ../nbs/07_eval.ipynb #46abf39e
 _LMMS_YES = frozenset({"yes", "yeah", "yep", "true", "是", "是的", "有", "包含", "可以", "能", "会", "正常"})
 _LMMS_NO = frozenset({"no", "nope", "false", "否", "不是", "没有", "无", "不包含", "不能", "不会", "不可以",
                       "不正常", "异常"})
@@ -308,7 +311,7 @@ def lmms_question(pred: str,  # the model's answer
     "lmms-eval's SLAKE score of one question: exact match after normalisation."
     return {"hit": float(norm(pred) == norm(gt))}
 
-# %% ../nbs/07_eval.ipynb #df1614e9
+# %% ../nbs/07_eval.ipynb #8cb3e15f
 _ANSWER_MARKS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is", "answer:", "答案:",
                  "final answer", "final answer is")
 
@@ -338,7 +341,7 @@ def medevalkit_response(text: str) -> str:
         if mark in r: r = r.split(mark)[-1]
     return r
 
-# %% ../nbs/07_eval.ipynb #239d4d8b
+# %% ../nbs/07_eval.ipynb #9cb20620
 def medevalkit_question(pred: str,  # the model's answer
                         gt: str,  # the reference answer
                         answer_type: str,  # 'OPEN' or 'CLOSED'
@@ -357,7 +360,7 @@ def medevalkit_question(pred: str,  # the model's answer
     exact = float(r == g)
     return {"hit": exact, "exact_match": exact, "recall": recall, "precision": precision, "f1": f1}
 
-# %% ../nbs/07_eval.ipynb #1a21639e
+# %% ../nbs/07_eval.ipynb #0e78e7d1
 _LETTER_AT_START = re.compile(r"^\s*\(?([A-Za-z])\s*[.):]")
 _LETTER_IN_PARENS = re.compile(r"\(([A-Za-z])\)")
 _LETTER_MARKED = re.compile(r"(?<![\w.])([A-Z])[.)](?=\s|$)")  # 'No, B.' anywhere: upper case only
@@ -388,7 +391,7 @@ def choice_letter(answer: str,  # the model's answer
     named = [i for i in named if not any(j != i and inside(i, j) for j in named)]
     return chr(65 + named[0]) if len(named) == 1 else None
 
-# %% ../nbs/07_eval.ipynb #40f9ee3d
+# %% ../nbs/07_eval.ipynb #1635dc04
 def choice_label(q: Question) -> str:
     "The correct letter of a multiple-choice question; `ValueError` when its options or letter are unusable."
     opts = q.options or []
@@ -459,7 +462,7 @@ def align(questions: list[Question],  # from `llavamed.core.load_questions`
             "missing_policy": missing}
     return pairs, info
 
-# %% ../nbs/07_eval.ipynb #5f0ffbdd
+# %% ../nbs/07_eval.ipynb #f3f69d61
 METRICS = ("open_recall", "closed_accuracy", "open_substring_accuracy", "exact_match", "f1", "precision")
 _BLEU = {k: k for k in ("bleu", "bleu1", "bleu2", "bleu3")}
 # protocol: {aggregate key: the per-question field averaged over OPEN questions}
@@ -490,7 +493,7 @@ def _cached(f):
         return r
     return cached_call
 
-# %% ../nbs/07_eval.ipynb #9326a9d4
+# %% ../nbs/07_eval.ipynb #bc18d0c9
 def _per_question(protocol: str, norm, matcher, judged: dict | None):
     "The function scoring one (question, answer) pair of an OPEN or CLOSED question under `protocol`."
     if protocol == "llava-med": return lambda q, text: official_question(text, q.answer, q.answer_type, norm)
@@ -550,7 +553,7 @@ def score_pairs(pairs: Iterable[tuple[Question, str]],  # (question with `answer
         out["n_judged"] = sum(judged.get(q.id) is not None for q, _ in pairs if q.answer_type == "OPEN")
     return out
 
-# %% ../nbs/07_eval.ipynb #481a84d4
+# %% ../nbs/07_eval.ipynb #94a5c731
 JUDGE_PROMPT = (
     "Decide whether a user's answer to a question about a medical image is correct, given the standard "
     "answer. An answer that means the same as the standard answer, or is another valid reading of it, "
@@ -648,7 +651,7 @@ def describe_decoding(answers: list[dict]) -> str:
     if len(seen) == 1: return next(iter(seen))
     return "MIXED: " + "; ".join(f"{n} x {s}" for s, n in seen.most_common())
 
-# %% ../nbs/07_eval.ipynb #7038436b
+# %% ../nbs/07_eval.ipynb #3b8ce167
 SETTINGS = ("zero-shot", "fine-tuned", "unknown")
 
 def _answers_setting(answers: list[dict],  # answer rows (their `metadata`)
@@ -661,7 +664,7 @@ def _answers_setting(answers: list[dict],  # answer rows (their `metadata`)
     if len(values) == 1 and not absent: return values[0]
     return "MIXED: " + ", ".join(values + (["none"] if absent else []))
 
-# %% ../nbs/07_eval.ipynb #c4365865
+# %% ../nbs/07_eval.ipynb #02fec826
 _LABELS = {"open_recall": "open (token recall)", "closed_accuracy": "closed (accuracy)",
            "open_accuracy": "open accuracy", "overall_accuracy": "overall accuracy",
            "choice_accuracy": "choice accuracy", "open_substring_accuracy": "open substring accuracy",
@@ -743,7 +746,7 @@ class Scores(Result):
         d["mode"] = self.mode
         return to_jsonable(d)
 
-# %% ../nbs/07_eval.ipynb #5b42bae2
+# %% ../nbs/07_eval.ipynb #9652e0fb
 def _scored(q: Question) -> bool:
     "Whether a question is scored: open, closed or multiple choice."
     return q.answer_type in ("OPEN", "CLOSED", "CHOICE") or q.kind == "choice"
@@ -754,7 +757,7 @@ def _detail_rows(pairs, per_q: dict[str, list]):
         yield {"id": q.id, "answer_type": q.answer_type or "CHOICE", "gt": q.answer, "pred": text,
                **{m: rows[i] for m, rows in per_q.items()}}
 
-# %% ../nbs/07_eval.ipynb #6101c536
+# %% ../nbs/07_eval.ipynb #a2645367
 def check_choices(questions: list[Question],  # from `load_questions`
                   bad: BadRecords,  # the question file's bad records: unusable choice questions count here
                  ) -> list[Question]:
@@ -768,7 +771,7 @@ def check_choices(questions: list[Question],  # from `load_questions`
     bad.check(len(questions) + bad.total - (len(questions) - len(kept)))
     return kept
 
-# %% ../nbs/07_eval.ipynb #339701b4
+# %% ../nbs/07_eval.ipynb #660140f7
 def _read_pairs(pred, gt, missing: str, max_answer_chars: int) -> tuple[list, dict, list[dict]]:
     "Answers and questions, read and paired (bad records counted); empty or unpaired inputs raise."
     bad_answers, bad_questions = BadRecords(str(pred)), BadRecords(str(gt))

@@ -229,3 +229,15 @@ def test_report_compares_only_matching_protocols(files, tmp_path):
     vqa = text.split("## Medical VQA")[1].split("###")[0]
     for key in ("official", "strict", "lmms-eval", "medevalkit"):
         assert f"| vqa_rad/test | none | {key} | zero-shot |" in vqa, key
+
+
+def test_candidate_matcher_agrees_with_the_rule_written_plainly():
+    "The indexed pick against the rule as stated: shares in candidate order, list.index(max(shares))."
+    import random
+    rng, words = random.Random(0), "a b c d e f g".split()
+    cands = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 4))) for _ in range(60)]
+    m = CandidateMatcher(cands, norm=lambda s: s)
+    for _ in range(2000):
+        pred = " ".join(rng.choice(words) for _ in range(rng.randint(0, 6)))
+        shares = [len(set(pred.split()) & set(c.split())) / len(set(c.split())) if c.split() else 0.0 for c in cands]
+        assert m.pick(pred) == cands[shares.index(max(shares))], pred
