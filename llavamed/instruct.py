@@ -537,14 +537,23 @@ class MergeReport(Result):
     records: int  # records written
     inputs: dict[str, int]  # records per input file
     quiet: bool = False  # the command's --quiet: no text
+    rule_hits: dict[str, int] = field(default_factory=dict)  # conversations duplicated across shards, dropped
 
     def __str__(self) -> str:
-        return "" if self.quiet else f"{self.records} records from {len(self.inputs)} files -> {self.out}"
+        if self.quiet: return ""
+        dropped = f"; dropped: {self.rule_hits}" if self.rule_hits else ""
+        return f"{self.records} records from {len(self.inputs)} files -> {self.out}{dropped}"
+
+def _pairs_of(record: dict) -> list[tuple[str, str]]:
+    "The question-answer pairs of an instruction record, without the image token (as cleaning saw them)."
+    turns = [str(t.get("value", "")).replace(IMAGE_TOKEN, "").strip() for t in record.get("conversations") or []]
+    return list(zip(turns[0::2], turns[1::2]))
 
 _SIDECARS = (".raw.jsonl", ".batches.jsonl")  # a run's own checkpoint and batch journal: a glob skips them
 
 def merge_instruct(inputs: str = None,  # the shards' instruction files: paths or globs, comma-separated
                    out: str = None,  # the merged JSONL file
+                   rules: str = None,  # cleaning rules whose dedupe_exact/dedupe_near apply across shards (e.g. v2)
                    quiet: bool = False,  # no progress bar or summary
                   ) -> MergeReport:
     "Merge the instruction records of several shards into one file; a record id in two places is refused."
@@ -556,7 +565,8 @@ def merge_instruct(inputs: str = None,  # the shards' instruction files: paths o
         if not hits or not all(Path(h).is_file() for h in hits): raise FileNotFoundError(f"merge: no file {p!r}")
         files += [h for h in hits if h not in files]
     refuse_outputs_over_inputs({"out": out}, {f"inputs ({f})": f for f in files})
-    rows, where, counts = [], {}, Counter()
+    record_rules = load_rules(rules)["record"] if rules else {}
+    rows, where, counts, hits, seen = [], {}, Counter(), Counter(), ({}, {})
     for f in files:
         for line, rec in iter_records(f):
             if isinstance(rec, RecordError): raise ValueError(f"merge: {rec.msg}")
@@ -566,8 +576,15 @@ def merge_instruct(inputs: str = None,  # the shards' instruction files: paths o
             if rid in where:
                 raise ValueError(f"merge: {f}:{line}: record id {rid!r} is also at {where[rid]}; the shards overlap "
                                  "(give every machine the same N in --shard K/N, and each output once)")
-            where[rid] = f"{f}:{line}"; counts[f] += 1
+            where[rid] = f"{f}:{line}"
+            keys = conversation_keys(_pairs_of(rec))
+            dup = next((name for key, known, rule, name in zip(keys, seen, ("dedupe_exact", "dedupe_near"),
+                                                               ("duplicate", "near_duplicate"))
+                        if record_rules.get(rule) and key in known), None)
+            if dup: hits[f"record:{dup}"] += 1; continue
+            for key, known in zip(keys, seen): known.setdefault(key, rid)
+            counts[f] += 1
             rows.append(rec)
     if not rows: raise ValueError(f"merge: no records in {', '.join(files)}")
     write_jsonl(out, rows)
-    return MergeReport(str(out), len(rows), {f: counts[f] for f in files}, quiet)
+    return MergeReport(str(out), len(rows), {f: counts[f] for f in files}, quiet, dict(hits))

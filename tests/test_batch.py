@@ -304,3 +304,29 @@ def test_a_request_over_the_byte_limit_is_recorded_failed_not_sent(tmp_path):
     assert ck["q1"]["status"] == "failed" and "over the batch file limit (2,000 bytes)" in ck["q1"]["reason"]
     assert "q1" not in served["batch_by_key"] and st.done == 3 and st.failed == 1
     assert set(served["batch_status"].values()) == {"completed"}
+
+
+def test_polling_stopped_by_batch_wait_is_collected_by_the_next_run(tmp_path, key, capsys):
+    cap = write_teacher_input(tmp_path / "captions.json", 6, facts=False)
+    out = tmp_path / "out.jsonl"
+    args = ["instruct", "--captions", str(cap), "--out", str(out), "--teacher", "openai", "--model", "any",
+            "--api-key-env", KEY_ENV, "--backend", "batch", "--poll-interval", "0.05", "--poll-max", "0.1", "--quiet"]
+    with ChatServer(batch_seconds=1.5) as srv:
+        assert main([*args, "--base-url", srv.base_url, "--batch-wait", "0.2"]) == 1
+        assert "6 requests still in batches (run again to collect them)" in capsys.readouterr().out
+        assert not out.exists() and srv.stats()["batches_created"] == 1
+        assert main([*args, "--base-url", srv.base_url]) == 0
+        st = srv.stats()
+    assert st["batches_created"] == 1 and st["batch_lines"] == 6 and len(lines(out)) == 6
+
+
+def test_merge_drops_conversations_repeated_across_shards_with_v2_rules(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    conv = lambda q: [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "A chest X-ray."}]
+    a.write_text(json.dumps({"id": "1", "image": "1.jpg", "conversations": conv("What is shown?")}) + "\n")
+    b.write_text(json.dumps({"id": "2", "image": "2.jpg", "conversations": conv("what is shown")}) + "\n"
+                 + json.dumps({"id": "3", "image": "3.jpg", "conversations": conv("Which side?")}) + "\n")
+    assert merge_instruct(f"{a},{b}", str(tmp_path / "ids.jsonl")).records == 3
+    rep = merge_instruct(f"{a},{b}", str(tmp_path / "m.jsonl"), rules="v2")
+    assert rep.records == 2 and rep.rule_hits == {"record:near_duplicate": 1}
+    assert [r["id"] for r in lines(tmp_path / "m.jsonl")] == ["1", "3"]
