@@ -13,7 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from .core import (GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, asset_path, get_logger,
                            iter_records, refuse_outputs_over_inputs, write_json, write_jsonl)
-from .client import ChatClient, load_checkpoint, parse_extra_body, run_chat_requests
+from .client import ChatClient, image_part, load_checkpoint, parse_extra_body, run_chat_requests
+from .images import ImageError, resolve_image
 from .batch import BatchSettings, run_batch_requests
 from .instruct import load_captions
 
@@ -43,12 +44,14 @@ def conversation_text(record: dict) -> str:
     return "\n".join(f"{role.get(t.get('from'), t.get('from'))}: {str(t.get('value', '')).replace(IMAGE_TOKEN, '').strip()}"
                      for t in record.get("conversations") or [])
 
-def verify_messages(record: dict, caption: str, prompt: dict | None = None) -> list[dict]:
-    "Chat messages asking the verifier to rate `record`'s conversation against `caption`."
+def verify_messages(record: dict, caption: str, prompt: dict | None = None,
+                    image: dict | None = None,  # an image part (`llavamed.client.image_part`) for a verifier that sees
+                   ) -> list[dict]:
+    "Chat messages asking the verifier to rate `record`'s conversation against `caption` (and the image, if given)."
     prompt = prompt or load_verify_prompt()
+    text = prompt["target"].format(caption=caption.strip(), conversation=conversation_text(record)).strip()
     return [{"role": "system", "content": prompt["system"].strip()},
-            {"role": "user", "content": prompt["target"].format(caption=caption.strip(),
-                                                                conversation=conversation_text(record)).strip()}]
+            {"role": "user", "content": [{"type": "text", "text": text}, image] if image else text}]
 
 # %% ../nbs/04a_verify.ipynb #2a692c3f
 def parse_scores(text: str, prompt: dict | None = None) -> dict[str, int]:
@@ -120,6 +123,18 @@ def _read_pairs(pairs: Path, captions: dict[str, str], bad: BadRecords) -> list[
     bad.check(n)
     return out
 
+def _image_files(records: list[dict], root: Path, bad: BadRecords) -> dict[str, Path]:
+    "Each record's image file under `root`; a missing or escaping one is a bad record."
+    paths = {}
+    for r in records:
+        rid = str(r["id"])
+        try: p = resolve_image(root, r.get("image") or "", record=rid)
+        except ImageError: bad.skip("image path outside the images folder", f"id {rid!r}"); continue
+        if not p.is_file(): bad.skip("image file not found", f"id {rid!r}"); continue
+        paths[rid] = p
+    bad.check(len(records))
+    return paths
+
 def verify(pairs: str = None,  # instruction records to check (`llavamed instruct --out`)
            captions: str = None,  # the teacher input they were made from (their captions, by pair id)
            out: str = None,  # JSONL of the records kept; scores go to OUT.scores.jsonl
@@ -128,7 +143,10 @@ def verify(pairs: str = None,  # instruction records to check (`llavamed instruc
            api_key_env: str = "OPENAI_API_KEY",  # environment variable that holds the API key ('none': no key)
            threshold: float = 4.0,  # lowest score kept (a record's score is its lowest criterion, 1-5)
            keep_unrated: bool = False,  # keep records the verifier could not rate
-           prompt: str = "v1",  # verifier prompt version (or a .yaml path)
+           prompt: str = None,  # verifier prompt version or .yaml path (default: v1; image-v1 with --sees-image)
+           sees_image: bool = False,  # show the verifier the figure too (answerable from the image is then seen)
+           images: str = None,  # images folder for --sees-image (default: images/ beside --pairs)
+           image_size: int = 768,  # longest side in pixels of the image sent to the verifier
            concurrency: int = 16,  # most requests in flight (request loop)
            max_attempts: int = 4,  # attempts per record before it is recorded as unrated
            temperature: float = 0.0,  # verifier sampling temperature
@@ -150,17 +168,23 @@ def verify(pairs: str = None,  # instruction records to check (`llavamed instruc
     if not model: raise ValueError("verify: --model is required")
     if backend not in ("loop", "batch"): raise ValueError(f"verify: --backend {backend!r}: want loop or batch")
     pairs, out = Path(pairs), Path(out)
-    checkpoint, template = scores_path(out), load_verify_prompt(prompt)
+    checkpoint, template = scores_path(out), load_verify_prompt(prompt or ("image-v1" if sees_image else "v1"))
     lo, hi = template["scale"]
     if not lo <= threshold <= hi: raise ValueError(f"verify: --threshold {threshold:g}: must be within {lo}-{hi}")
     refuse_outputs_over_inputs({"out": out, "out (scores)": checkpoint}, {"pairs": pairs, "captions": captions})
     by_id = {r["pair_id"]: r["fig_caption"] for r in load_captions(captions)}
     bad = BadRecords(str(pairs))
     records = _read_pairs(pairs, by_id, bad)
+    paths = _image_files(records, Path(images) if images else pairs.parent / "images", bad) if sees_image else {}
+    records = [r for r in records if not sees_image or str(r["id"]) in paths]
     client = ChatClient(model, base_url=base_url, api_key_env=api_key_env, temperature=temperature,
                         max_tokens=max_tokens, timeout=timeout, extra_body=parse_extra_body(extra_body),
                         max_completion_tokens=max_completion_tokens)
-    requests = [{"id": str(r["id"]), "messages": verify_messages(r, by_id[str(r["id"])], template),
+    def messages(r):
+        rid = str(r["id"])
+        if rid not in paths: return verify_messages(r, by_id[rid], template)
+        return lambda: verify_messages(r, by_id[rid], template, image_part(paths[rid], image_size))  # read when sent
+    requests = [{"id": str(r["id"]), "messages": messages(r),
                  "meta": {"verify_prompt": template["version"]}} for r in records]
     parse = lambda text: parse_scores(text, template)
     if backend == "batch":

@@ -289,3 +289,28 @@ def test_verify_through_the_batch_backend(tmp_path):
         st = srv.stats()
     assert st["requests"] == 0 and st["batch_lines"] == 6 and st["batches_created"] == 1
     assert (rep.kept, rep.dropped, rep.run["batches"]) == (5, 1, 1)
+
+
+def test_verifier_sees_the_image(tmp_path):
+    from PIL import Image
+    from llavamed.verify import verify
+    cap = write_teacher_input(tmp_path / "captions.json", 4)
+    made = tmp_path / "instruct.jsonl"
+    self_instruct(str(cap), str(made), quiet=True)
+    recs = lines(made)
+    (tmp_path / "images").mkdir()
+    for r in recs: Image.new("RGB", (300, 200), (10, 20, 30)).save(tmp_path / "images" / r["image"], "JPEG")
+    seen = []
+    def reply(messages, key):
+        seen.append(messages[-1]["content"])
+        return "faithful: 5\nanswerable: 5\nplausible: 5"
+    with ChatServer(reply_fn=reply) as srv:
+        rep = verify(str(made), str(cap), str(tmp_path / "v.jsonl"), model="judge", base_url=srv.base_url,
+                     api_key_env="none", sees_image=True, image_size=128, quiet=True)
+        st = srv.stats()
+    assert st["image_parts"] == 4 and rep.kept == 4 and rep.prompt == "image-v1"
+    assert seen[0][0]["text"].startswith("The figure is attached.") and seen[0][1]["type"] == "image_url"
+    (tmp_path / "images" / recs[0]["image"]).unlink()
+    with pytest.raises(ValueError, match="image file not found"):
+        verify(str(made), str(cap), str(tmp_path / "v2.jsonl"), model="judge", base_url="http://127.0.0.1:9/v1",
+               api_key_env="none", sees_image=True, quiet=True)
