@@ -330,3 +330,20 @@ def test_merge_drops_conversations_repeated_across_shards_with_v2_rules(tmp_path
     rep = merge_instruct(f"{a},{b}", str(tmp_path / "m.jsonl"), rules="v2")
     assert rep.records == 2 and rep.rule_hits == {"record:near_duplicate": 1}
     assert [r["id"] for r in lines(tmp_path / "m.jsonl")] == ["1", "3"]
+
+
+def test_image_part_renders_dicom_and_nifti_through_the_one_loader():
+    import base64, io
+    import numpy as np
+    from PIL import Image
+    from llavamed.client import image_part
+    from llavamed.images import load_image
+    pydicom_data = pytest.importorskip("pydicom.data")
+    nib_testing = pytest.importorskip("nibabel.testing")
+    for path in (pydicom_data.get_testdata_file("CT_small.dcm"), Path(nib_testing.data_path) / "anatomical.nii"):
+        url = image_part(path, max_side=24)["image_url"]["url"]
+        assert url.startswith("data:image/jpeg;base64,")
+        sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+        want = load_image(path).convert("RGB"); want.thumbnail((24, 24))
+        assert sent.size == want.size and max(sent.size) == 24
+        assert np.abs(np.asarray(sent, float) - np.asarray(want, float)).mean() < 8  # JPEG, same picture
