@@ -499,6 +499,16 @@ def _has_tower_weights(src: Path) -> bool:
     else: return True  # PyTorch .bin files: only loading them tells; the converter says so if not
     return any(k.startswith("model.vision_tower.vision_tower.") for k in names)
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    "Hold an exclusive lock on `lock_path` for the block (POSIX; elsewhere no lock)."
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        try: import fcntl
+        except ImportError: fcntl = None
+        if fcntl: fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
 def _auto_convert(src: Path, cfg: dict) -> Path:
     "The converted copy of the raw release `src` in `llavamed_cache()`, converted on first use."
     out = llavamed_cache() / "converted" / f"{src.name}-{_release_key(src)}"
@@ -509,12 +519,13 @@ def _auto_convert(src: Path, cfg: dict) -> Path:
     if not _has_tower_weights(src):
         raise ValueError(f"{src}: a raw {mt} release without its vision tower's weights; run `{command} --tower "
                          f"{cfg.get('mm_vision_tower', 'CLIP_DIR')}` and pass --model DIR")
-    log.warning(f"{src} is a raw {mt} release: converting it once into {out} "
-                f"(what `{command}` does)")
-    try: convert_checkpoint(str(src), str(out))
-    except ValueError as e:
-        raise ValueError(f"{src}: a raw {mt} release that does not convert on its own "
-                         f"({e}); run `{command}` and pass --model DIR") from e
+    with _exclusive(out.parent / f".{out.name}.lock"):  # the ranks of one run: one converts, the others wait
+        if (out / "config.json").is_file(): return out
+        log.warning(f"{src} is a raw {mt} release: converting it once into {out} (what `{command}` does)")
+        try: convert_checkpoint(str(src), str(out))
+        except ValueError as e:
+            raise ValueError(f"{src}: a raw {mt} release that does not convert on its own "
+                             f"({e}); run `{command}` and pass --model DIR") from e
     return out
 
 def resolve_model(name: str | Path,  # a preset, a model directory, a raw release or a hub id

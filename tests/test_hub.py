@@ -188,3 +188,36 @@ def test_train_starts_from_a_raw_release_directory(hub, tmp_path):
     assert list((tmp_path / "llavamed-cache" / "converted").iterdir())
     model, _ = load_model(tmp_path / "run", device="cpu")
     assert type(model).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_v1_llava_config_is_a_release_and_converts_like_v1_5(hub, tmp_path):
+    "A v1.0-style `llava` config (LLaVA's mm_* keys, a Llama LM, no text_config) converts automatically too."
+    from llavamed.model import is_release
+    v15 = tiny_release_checkpoint(tmp_path / "v15", seed=8)
+    v1 = tiny_release_checkpoint(tmp_path / "v1", seed=8)
+    cfg = json.loads((v1 / "config.json").read_text())
+    cfg.update(model_type="llava", architectures=["LlavaLlamaForCausalLM"])  # Mistral without a window = Llama
+    cfg.pop("sliding_window", None)
+    (v1 / "config.json").write_text(json.dumps(cfg))
+    assert is_release(cfg)
+    (ma, pa), (mb, pb) = load_model(v15, device="cpu"), load_model(v1, device="cpu")
+    assert mb.config.text_config.model_type == "llama" and pb.chat_template != pa.chat_template  # vicuna_v1
+    ids = torch.tensor([[1, 5, 9, 30, 200, 7]])
+    with torch.no_grad(): torch.testing.assert_close(ma(input_ids=ids).logits, mb(input_ids=ids).logits)
+
+
+def test_two_processes_convert_a_release_once(hub, tmp_path):
+    "Two ranks loading the same raw release at once: one converts under the lock, the other reuses its copy."
+    import subprocess, sys
+    rel = tiny_release_checkpoint(tmp_path / "release", seed=9, tokenizer="sentencepiece")
+    code = ("import logging, sys; from llavamed.model import resolve_model; logging.basicConfig(level=logging.WARNING);"
+            "print(resolve_model(sys.argv[1]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(rel)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert outs[0][0].split()[-1] == outs[1][0].split()[-1]
+    assert sum("converting it once" in e for _, e in outs) == 1, [e[-600:] for _, e in outs]
+    copies = [p for p in (tmp_path / "llavamed-cache" / "converted").iterdir() if not p.name.endswith(".lock")]
+    assert len(copies) == 1  # and no staging folder left (the lock file is hidden, and stays)
