@@ -20,8 +20,8 @@ from .pmc import FetchConfig, _norm, _refuse, _SAFE_ID, prepare_image, run_jobs,
 __all__ = ['log', 'COMMERCIAL', 'DOMAIN_RULES', 'Classifier', 'FINAL', 'PMC_FTP', 'license_class', 'Package', 'select_packages',
            'ArticleRefused', 'parse_xml', 'flat_text', 'Figure', 'Article', 'read_article', 'split_sentences',
            'label_number', 'cited_numbers', 'cite_figures', 'keyword_domains', 'is_compound', 'PackageFiles',
-           'read_package', 'match_graphic', 'pair_record', 'article_pairs', 'fetch_package', 'finished_articles',
-           'write_captions', 'PairsResult', 'load_classifier', 'fetch_pairs']
+           'read_package', 'match_graphic', 'pair_record', 'article_pairs', 'fetch_package', 'fetch_article',
+           'finished_articles', 'write_captions', 'PairsResult', 'load_classifier', 'fetch_pairs']
 
 # %% ../nbs/02d_pmc_pairs.ipynb #c0log
 log = get_logger("llavamed.pmc_pairs")
@@ -459,10 +459,11 @@ def article_pairs(files: PackageFiles,  # what `read_package` kept
                   cfg: FetchConfig,  # `jpeg`, `verify`
                   classify: Classifier = keyword_domains,
                   max_mentions: int = 10,
+                  article: Article | None = None,  # the article already read from `files.xml`, if it was
                  ) -> tuple[list[dict], str, str]:
     "Write the figures of one package and return (manifest rows, article status, reason)."
     if files.xml is None: return [], "skipped", "package has no XML"
-    try: article = read_article(parse_xml(files.xml), max_mentions)
+    try: article = article or read_article(parse_xml(files.xml), max_mentions)
     except ArticleRefused as e: return [], "skipped", e.reason
     article.pmid, article.pmcid = pkg.pmid or article.pmid, pkg.pmcid
     rows, seen = [], set()
@@ -506,6 +507,63 @@ def fetch_package(pkg: Package, url: str, images: Path, cfg: FetchConfig,
     article.update(status=status, reason=reason, bytes_read=files.bytes_read,
                    unsafe_members=sum(bool(v) for v in files.members.values()))
     return rows, article
+
+# %% ../nbs/02d_pmc_pairs.ipynb #c8art
+def _template_problem(template: str, fields: tuple[str, ...]) -> str | None:
+    "Why a URL template cannot be used, or None."
+    try: template.format(pmcid="PMC1", pmid="1", name="x")
+    except (KeyError, IndexError, ValueError) as e: return f"bad placeholder ({type(e).__name__}: {e})"
+    if not any("{" + f + "}" in template for f in fields):
+        return "needs " + " or ".join("{%s}" % f for f in fields)
+    if urllib.parse.urlsplit(template).scheme.lower() not in ("http", "https", "file"):
+        return "not an http(s):// or file:// URL"
+    return None
+
+def _candidates(href: str) -> list[str]:
+    "File names a graphic may have on a per-article source: as given, then its stem with each image extension."
+    base = href.replace("\\", "/").rsplit("/", 1)[-1]
+    stem = base.rsplit(".", 1)[0] if _ext(base) in _IMAGE_EXTS else base
+    return list(dict.fromkeys([base] * (stem != base) + [f"{stem}.{e}" for e in ("jpg", "png", "tif", "gif")]))
+
+def fetch_article(pkg: Package, article_url: str, figure_url: str, images: Path, cfg: FetchConfig,
+                  classify: Classifier = keyword_domains, max_mentions: int = 10,
+                  stop: threading.Event | None = None,  # set on interruption
+                 ) -> tuple[list[dict], dict] | None:
+    "Download one article's XML and figure files by URL and write its pairs: (rows, article row), or None."
+    fill = lambda t, **kw: t.format(pmcid=pkg.pmcid, pmid=pkg.pmid or pkg.pmcid, **kw)
+    files = PackageFiles(spool=tempfile.SpooledTemporaryFile(max_size=32 * 2**20))
+    article_row = {"pmcid": pkg.pmcid, "package": fill(article_url), "status": "", "reason": "",
+                   "bytes_read": 0, "unsafe_members": 0}
+    def keep(name):
+        "A `consume` that copies one attempt's body into the spool as member `name` (a retry starts again)."
+        def consume(body):
+            offset = files.spool.seek(0, 2)
+            data = body.read(int(cfg.max_member_mb * 2**20) + 1)
+            files.bytes_read += len(data)
+            if len(data) > cfg.max_member_mb * 2**20:
+                files.members[name] = f"{name!r} over the size limit"; return
+            files.spool.write(data); files.held[name] = (offset, len(data)); files.members[name] = None
+        return consume
+    try:
+        failure = stream_url(fill(article_url), keep("article.xml"), cfg, stop)
+        if not failure and "article.xml" in files.held: files.xml = files.data("article.xml")
+        article = None
+        if files.xml is not None:
+            try: article = read_article(parse_xml(files.xml), max_mentions)
+            except ArticleRefused: pass  # article_pairs counts it
+        for fig in (article.figures if article else []):
+            for name in (_candidates(fig.graphic) if fig.graphic and fig.caption else []):
+                if name in files.members or failure: break
+                url = fill(figure_url, name=urllib.parse.quote(name, safe=""))
+                failure = stream_url(url, keep(name), cfg, stop)
+                if failure and failure[0] == "not_found": failure = None; continue
+                break
+        if stop is not None and stop.is_set(): return None
+        if failure: article_row.update(status=failure[0], reason=failure[1]); return [], article_row
+        rows, status, reason = article_pairs(files, pkg, images, cfg, classify, max_mentions, article)
+    finally: files.spool.close()
+    article_row.update(status=status, reason=reason, bytes_read=files.bytes_read)
+    return [{**r, "package": article_row["package"]} for r in rows], article_row
 
 # %% ../nbs/02d_pmc_pairs.ipynb #c9state
 FINAL = ("ok", "skipped", "not_found")  # article states a rerun does not retry
@@ -641,6 +699,8 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
                 classifier: str = None,  # 'module:function', caption -> domain flags (default: keyword rules)
                 drop_other: bool = False,  # leave figures of no LLaVA-Med domain out of fig_captions.json
                 max_bad: float = 0.02,  # stop when more than this share of the list's rows are bad
+                article_url: str = None,  # per-article source instead of packages: the XML's URL, {pmcid} or {pmid}
+                figure_url: str = None,  # with --article-url: a figure file's URL, with {name} (and {pmcid}, {pmid})
                 quiet: bool = False,  # no progress bar
                ) -> PairsResult:
     "Make figure-caption pairs from PMC Open Access packages into `out`, resumably; the result counts them."
@@ -650,6 +710,9 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
         raise ValueError(f"pmc-pairs: --mirror {mirror!r}: expected an http(s):// or file:// URL")
     cfg = FetchConfig(workers=workers, timeout=timeout, retries=retries, backoff=backoff,
                       max_member_mb=max_member_mb, jpeg=jpeg)
+    for flag, template, fields in (("article-url", article_url, ("pmcid", "pmid")), ("figure-url", figure_url, ("name",))):
+        if (article_url or figure_url) and (why := _template_problem(template or "", fields)):
+            raise ValueError(f"pmc-pairs: --{flag} {template!r}: {why}")
     classify, out = load_classifier(classifier), Path(out)
     if out.exists() and not out.is_dir(): raise ValueError(f"--out {out} is a file, not a folder")
     bad = BadRecords(str(file_list), max_share=max_bad)
@@ -664,6 +727,7 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
     res = PairsResult(already_done=len(picked) - len(todo), reasons=Counter(), domains=Counter(),
                       left_out=dict(left_out), bad_rows=dict(bad.counts))
     def work(pkg, stop):
+        if article_url: return fetch_article(pkg, article_url, figure_url, images, cfg, classify, max_mentions, stop)
         url = mirror.rstrip("/") + "/" + pkg.path.lstrip("/")
         return fetch_package(pkg, url, images, cfg, classify, max_mentions, stop)
     with tqdm(total=len(todo), unit="article", desc="pmc-pairs", disable=quiet) as bar:

@@ -250,3 +250,34 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path, llavam
         assert _tree(out) == _tree(ref)
         for p in done_first: assert server.requests["/" + path_of(p)] == 1  # finished packages never refetched
         assert sum(server.requests.values()) <= n + 4 and sum(before.values()) < n
+
+
+def test_per_article_source_gives_the_same_pairs_as_packages(server, tmp_path):
+    rows = styles(server)
+    for path, route in list(server.routes.items()):  # the same articles, served one file per URL
+        import io, tarfile
+        with tarfile.open(fileobj=io.BytesIO(route["body"]), mode="r:gz") as tf:
+            for m in tf.getmembers():
+                pmcid, name = m.name.split("/")
+                data = tf.extractfile(m).read()
+                server.add(f"/cloud/{pmcid}/{pmcid}.xml" if name.endswith(".nxml") else f"/cloud/{pmcid}/{name}", data)
+    hostile = jats_article("1003", "PMC1003", [fig(1, "<p>Axial CT.</p>", "../../secret")], [])
+    server.add("/cloud/PMC1003/PMC1003.xml", hostile)
+    csv = write(tmp_path / "oa.csv", oa_file_list(rows + [{"pmcid": "PMC1003", "pmid": "1003"}, {"pmcid": "PMC1004"}]))
+    by_package = fetch_pairs(csv, str(tmp_path / "pk"), mirror=server.base, quiet=True)
+    res = fetch_pairs(csv, str(tmp_path / "url"), article_url=server.base + "/cloud/{pmcid}/{pmcid}.xml",
+                      figure_url=server.base + "/cloud/{pmcid}/{name}", quiet=True, workers=2)
+    assert (res.pairs, by_package.pairs) == (6, 6)
+    assert res.reasons == {"figure: graphic not in package": 1, "package not_found": 1}
+    assert (tmp_path / "url/fig_captions.json").read_bytes() == (tmp_path / "pk/fig_captions.json").read_bytes()
+    for name in ("1001_F1.jpg", "1001_F2.png", "1002_F1.png"):
+        assert (tmp_path / "url/images" / name).read_bytes() == (tmp_path / "pk/images" / name).read_bytes()
+    # the hostile href '../../secret' is only a file name in its article's folder on the source's host
+    asked = sorted(p for p in server.requests if "PMC1003" in p and p.startswith("/cloud/"))
+    assert asked == sorted(f"/cloud/PMC1003/{n}" for n in ["PMC1003.xml", "secret.jpg", "secret.png", "secret.tif",
+                                                             "secret.gif"])
+    assert last(tmp_path / "url/manifest.jsonl")["1001_F1"]["member"] == "a-g001.jpg"
+    r = fetch_pairs  # a template without its placeholder is refused before --out exists
+    with pytest.raises(ValueError, match="needs {name}"):
+        r(csv, str(tmp_path / "no"), article_url=server.base + "/{pmcid}.xml", figure_url=server.base + "/x.jpg")
+    assert not (tmp_path / "no").exists()
