@@ -699,8 +699,8 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
                 classifier: str = None,  # 'module:function', caption -> domain flags (default: keyword rules)
                 drop_other: bool = False,  # leave figures of no LLaVA-Med domain out of fig_captions.json
                 max_bad: float = 0.02,  # stop when more than this share of the list's rows are bad
-                article_url: str = None,  # per-article source instead of packages: the XML's URL, {pmcid} or {pmid}
-                figure_url: str = None,  # with --article-url: a figure file's URL, with {name} (and {pmcid}, {pmid})
+                article_url: str = None,  # per-article source, not packages: the XML's URL with {pmcid}/{pmid}
+                figure_url: str = None,  # with --article-url: a figure file's URL with {name} (and {pmcid})
                 quiet: bool = False,  # no progress bar
                ) -> PairsResult:
     "Make figure-caption pairs from PMC Open Access packages into `out`, resumably; the result counts them."
@@ -710,7 +710,8 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
         raise ValueError(f"pmc-pairs: --mirror {mirror!r}: expected an http(s):// or file:// URL")
     cfg = FetchConfig(workers=workers, timeout=timeout, retries=retries, backoff=backoff,
                       max_member_mb=max_member_mb, jpeg=jpeg)
-    for flag, template, fields in (("article-url", article_url, ("pmcid", "pmid")), ("figure-url", figure_url, ("name",))):
+    templates = (("article-url", article_url, ("pmcid", "pmid")), ("figure-url", figure_url, ("name",)))
+    for flag, template, fields in templates:
         if (article_url or figure_url) and (why := _template_problem(template or "", fields)):
             raise ValueError(f"pmc-pairs: --{flag} {template!r}: {why}")
     classify, out = load_classifier(classifier), Path(out)
@@ -727,7 +728,8 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
     res = PairsResult(already_done=len(picked) - len(todo), reasons=Counter(), domains=Counter(),
                       left_out=dict(left_out), bad_rows=dict(bad.counts))
     def work(pkg, stop):
-        if article_url: return fetch_article(pkg, article_url, figure_url, images, cfg, classify, max_mentions, stop)
+        if article_url:
+            return fetch_article(pkg, article_url, figure_url, images, cfg, classify, max_mentions, stop)
         url = mirror.rstrip("/") + "/" + pkg.path.lstrip("/")
         return fetch_package(pkg, url, images, cfg, classify, max_mentions, stop)
     with tqdm(total=len(todo), unit="article", desc="pmc-pairs", disable=quiet) as bar:
