@@ -182,7 +182,7 @@ class RunConfig:
     save_total_limit: int = 2  # checkpoints kept
     logging_steps: int = 1  # log the loss every N optimiser steps
     num_workers: int = 2  # data-loader worker processes
-    tokenize_workers: int = 0  # processes tokenising a data file not yet cached (0: one per core over 4 MB)
+    tokenize_workers: int = 0  # processes tokenising a data file not yet cached (0: cores - 1 over 4 MB, else 1)
     quiet: bool = False  # no progress bar or loss lines on the terminal (`log_history.jsonl` is written anyway)
 
     def __post_init__(self):
@@ -559,7 +559,7 @@ def open_token_cache(data: str | Path,  # a LLaVA JSON/JSONL/parquet file
                      processor,  # the model's processor
                      template: str | None = None,  # chat template name or text (None: the processor's)
                      max_length: int = 2048,  # longest sequence in tokens
-                     workers: int = 0,  # tokenising processes (0: one per core for files over 4 MB)
+                     workers: int = 0,  # tokenising processes (0: cores - 1 for files over 4 MB, else 1)
                     ) -> tuple[TokenCache, bool]:
     "`(cache, warm)`: the data file's tokens from the cache, built first when missing (by one process at a time)."
     import fcntl, shutil, tempfile
@@ -572,7 +572,8 @@ def open_token_cache(data: str | Path,  # a LLaVA JSON/JSONL/parquet file
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait here, then map what it wrote
         if (final / "meta.json").exists(): return TokenCache(final), True
-        n = workers or (_cpus() if Path(data).stat().st_size > 4 << 20 else 1)
+        # the parent reads and parses the file: the workers get the other cores
+        n = workers or (max(1, _cpus() - 1) if Path(data).stat().st_size > 4 << 20 else 1)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{key}.part"))
         try:
             t0 = time.perf_counter()
@@ -620,7 +621,7 @@ class SupervisedDataset:
                  max_dropped_share: float = 0.02,  # raise `DroppedError` above this share of refused records
                  text_only: bool = True,  # keep text-only records (False: LLM frozen)
                  image_workers: int = 8,  # threads checking that the images are present and decodable
-                 tokenize_workers: int = 0,  # processes tokenising a file (0: one per core for files over 4 MB)
+                 tokenize_workers: int = 0,  # processes tokenising a file (0: cores - 1 for files over 4 MB, else 1)
                 ):
         import numpy as np
         self.source = "" if isinstance(records, list) else f"{records}: "  # named in messages about the file
