@@ -437,7 +437,8 @@ def pair_record(article: Article, fig: Figure, pair_id: str, image: str, license
     return {"pair_id": pair_id, "pmid": article.pmid, "fig_id": fig.fig_id, "fig_label": fig.label,
             "fig_caption": fig.caption, "in_text_mention": " ".join(fig.mentions),
             "domain": {d: bool(flags.get(d, False)) for d in DOMAINS}, "image": image, "pmcid": article.pmcid,
-            "compound": is_compound(fig.caption), "article_title": article.title, "license": license}
+            "compound": is_compound(fig.caption), "article_title": article.title, "license": license,
+            "license_url": article.license}
 
 def _figure_problem(fig: Figure, pair_id: str, files: PackageFiles, seen: set) -> tuple[str, str | None]:
     "(reason, member) for a figure that cannot be a pair (reason ''), or ('', member) when it can."

@@ -82,6 +82,7 @@ def test_pairs_mentions_domains_and_manifest(server, tmp_path):
     assert by_id["1002_F2"][1]["in_text_mention"] == "Figs. 1 and 2 agree."
     assert by_id["1001_F2"][1]["compound"] and not by_id["1001_F1"][1]["compound"]
     assert by_id["1002_F1"][1]["license"] == "CC BY-NC"
+    assert r["license_url"] == "https://creativecommons.org/licenses/by/4.0/" and r["article_title"] == "An article"
     # the graphic matched whatever its extension: the JPEG, not the GIF thumbnail; a PNG named .jpg is saved .png
     man = last(out / "manifest.jsonl")
     assert man["1001_F1"]["member"] == "PMC1001/a-g001.jpg" and man["1001_F2"]["file"] == "images/1001_F2.png"
