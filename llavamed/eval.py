@@ -200,7 +200,7 @@ def strict_question(pred: str,  # the model's answer
     return {"recall": recall, "precision": precision, "f1": f1, "exact_match": float(p == g),
             "substring_hit": float(_phrase_in(g, p))}
 
-# %% ../nbs/07_eval.ipynb #b76542ec
+# %% ../nbs/07_eval.ipynb #3557c363
 PROTOCOLS = ("llava-med", "llava-med-run-eval", "strict", "lmms-eval", "medevalkit")
 PROTOCOL_ALIASES = {"official": "llava-med"}  # the first protocol's former name (today's `--mode official`)
 PROTOCOL_SOURCES = {
@@ -227,7 +227,7 @@ def parse_protocols(spec: str) -> list[str]:
     if len(set(canonical)) < len(canonical): raise ValueError(f"protocol {spec!r}: a protocol named twice")
     return names
 
-# %% ../nbs/07_eval.ipynb #354f9887
+# %% ../nbs/07_eval.ipynb #83b9ccb4
 def run_eval_closed_hit(pred: str,  # once-normalised prediction
                         gt: str,  # once-normalised reference
                        ) -> float | None:
@@ -246,7 +246,7 @@ def load_candidates(path: str | Path) -> list[str]:
             raise ValueError(f"{path}: candidate {i} is a {type(c).__name__}, expected text or an integer")
     return [str(c) for c in items]
 
-# %% ../nbs/07_eval.ipynb #89cba3b4
+# %% ../nbs/07_eval.ipynb #17cc7139
 class CandidateMatcher:
     "The candidate `run_eval.py` picks for an answer: most shared words per candidate word, first on ties."
     def __init__(self, candidates: list[str],  # candidate answers in file order
@@ -274,7 +274,7 @@ class CandidateMatcher:
         self._picked[pred] = hit = self.texts[best]
         return hit
 
-# %% ../nbs/07_eval.ipynb #cd274c55
+# %% ../nbs/07_eval.ipynb #1b45ad82
 def run_eval_question(pred: str,  # the model's answer
                       gt: str,  # the reference answer
                       answer_type: str,  # 'OPEN' or 'CLOSED'
@@ -288,7 +288,7 @@ def run_eval_question(pred: str,  # the model's answer
     hit = float(matcher.pick(norm(p)) == norm(g))  # the answer normalised twice, as the script does
     return {**official_question(pred, gt, answer_type, norm), "candidate_hit": hit}
 
-# %% ../nbs/07_eval.ipynb #46abf39e
+# %% ../nbs/07_eval.ipynb #d8c2b72d
 _LMMS_YES = frozenset({"yes", "yeah", "yep", "true", "是", "是的", "有", "包含", "可以", "能", "会", "正常"})
 _LMMS_NO = frozenset({"no", "nope", "false", "否", "不是", "没有", "无", "不包含", "不能", "不会", "不可以",
                       "不正常", "异常"})
@@ -311,7 +311,7 @@ def lmms_question(pred: str,  # the model's answer
     "lmms-eval's SLAKE score of one question: exact match after normalisation."
     return {"hit": float(norm(pred) == norm(gt))}
 
-# %% ../nbs/07_eval.ipynb #8cb3e15f
+# %% ../nbs/07_eval.ipynb #d152a7c4
 _ANSWER_MARKS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is", "answer:", "答案:",
                  "final answer", "final answer is")
 
@@ -341,7 +341,7 @@ def medevalkit_response(text: str) -> str:
         if mark in r: r = r.split(mark)[-1]
     return r
 
-# %% ../nbs/07_eval.ipynb #9cb20620
+# %% ../nbs/07_eval.ipynb #5896ea47
 def medevalkit_question(pred: str,  # the model's answer
                         gt: str,  # the reference answer
                         answer_type: str,  # 'OPEN' or 'CLOSED'
@@ -360,7 +360,7 @@ def medevalkit_question(pred: str,  # the model's answer
     exact = float(r == g)
     return {"hit": exact, "exact_match": exact, "recall": recall, "precision": precision, "f1": f1}
 
-# %% ../nbs/07_eval.ipynb #0e78e7d1
+# %% ../nbs/07_eval.ipynb #e9c00a3f
 _LETTER_AT_START = re.compile(r"^\s*\(?([A-Za-z])\s*[.):]")
 _LETTER_IN_PARENS = re.compile(r"\(([A-Za-z])\)")
 _LETTER_MARKED = re.compile(r"(?<![\w.])([A-Z])[.)](?=\s|$)")  # 'No, B.' anywhere: upper case only
@@ -391,7 +391,7 @@ def choice_letter(answer: str,  # the model's answer
     named = [i for i in named if not any(j != i and inside(i, j) for j in named)]
     return chr(65 + named[0]) if len(named) == 1 else None
 
-# %% ../nbs/07_eval.ipynb #1635dc04
+# %% ../nbs/07_eval.ipynb #d239ab55
 def choice_label(q: Question) -> str:
     "The correct letter of a multiple-choice question; `ValueError` when its options or letter are unusable."
     opts = q.options or []
@@ -462,7 +462,7 @@ def align(questions: list[Question],  # from `llavamed.core.load_questions`
             "missing_policy": missing}
     return pairs, info
 
-# %% ../nbs/07_eval.ipynb #f3f69d61
+# %% ../nbs/07_eval.ipynb #0170d91d
 METRICS = ("open_recall", "closed_accuracy", "open_substring_accuracy", "exact_match", "f1", "precision")
 _BLEU = {k: k for k in ("bleu", "bleu1", "bleu2", "bleu3")}
 # protocol: {aggregate key: the per-question field averaged over OPEN questions}
@@ -493,7 +493,7 @@ def _cached(f):
         return r
     return cached_call
 
-# %% ../nbs/07_eval.ipynb #bc18d0c9
+# %% ../nbs/07_eval.ipynb #088f41df
 def _per_question(protocol: str, norm, matcher, judged: dict | None):
     "The function scoring one (question, answer) pair of an OPEN or CLOSED question under `protocol`."
     if protocol == "llava-med": return lambda q, text: official_question(text, q.answer, q.answer_type, norm)
@@ -553,7 +553,7 @@ def score_pairs(pairs: Iterable[tuple[Question, str]],  # (question with `answer
         out["n_judged"] = sum(judged.get(q.id) is not None for q, _ in pairs if q.answer_type == "OPEN")
     return out
 
-# %% ../nbs/07_eval.ipynb #94a5c731
+# %% ../nbs/07_eval.ipynb #3b6f0907
 JUDGE_PROMPT = (
     "Decide whether a user's answer to a question about a medical image is correct, given the standard "
     "answer. An answer that means the same as the standard answer, or is another valid reading of it, "
@@ -651,7 +651,7 @@ def describe_decoding(answers: list[dict]) -> str:
     if len(seen) == 1: return next(iter(seen))
     return "MIXED: " + "; ".join(f"{n} x {s}" for s, n in seen.most_common())
 
-# %% ../nbs/07_eval.ipynb #3b8ce167
+# %% ../nbs/07_eval.ipynb #b5168344
 SETTINGS = ("zero-shot", "fine-tuned", "unknown")
 
 def _answers_setting(answers: list[dict],  # answer rows (their `metadata`)
@@ -664,7 +664,7 @@ def _answers_setting(answers: list[dict],  # answer rows (their `metadata`)
     if len(values) == 1 and not absent: return values[0]
     return "MIXED: " + ", ".join(values + (["none"] if absent else []))
 
-# %% ../nbs/07_eval.ipynb #02fec826
+# %% ../nbs/07_eval.ipynb #65f8d2cb
 _LABELS = {"open_recall": "open (token recall)", "closed_accuracy": "closed (accuracy)",
            "open_accuracy": "open accuracy", "overall_accuracy": "overall accuracy",
            "choice_accuracy": "choice accuracy", "open_substring_accuracy": "open substring accuracy",
@@ -672,9 +672,9 @@ _LABELS = {"open_recall": "open (token recall)", "closed_accuracy": "closed (acc
            "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3"}
 _MODE_NAMES = ("official", "strict")  # today's two modes: their columns say 'mode'
 
-def _column_name(key: str) -> str:
-    "A metrics column's heading: 'official mode' and 'strict mode' for today's two modes, else the protocol."
-    return f"{key} mode" if key in _MODE_NAMES else key
+def _column_name(key: str, keys) -> str:
+    "A metrics column's heading: 'official mode', 'strict mode' among today's two modes only, else the name."
+    return f"{key} mode" if set(keys) <= set(_MODE_NAMES) else key
 
 @dataclass
 class Scores(Result):
@@ -722,7 +722,8 @@ class Scores(Result):
     def __str__(self) -> str:
         "The terminal table: the heading, then one row per metric and one column per protocol."
         w = max(map(len, _LABELS.values()))
-        rows = [f"{'metric':{w}}  " + "  ".join(f"{_column_name(k):>18}" for k in self.metrics)]
+        rows = [f"{'metric':{w}}  " + "  ".join(f"{_column_name(k, self.metrics):>18}"
+                                               for k in self.metrics)]
         for label, vals in self.table():
             rows.append(f"{label:{w}}  " + "  ".join(f"{fmt_num(v, 2):>18}" for v in vals))
         return "\n".join(self.heading() + [""] + rows)
@@ -732,7 +733,7 @@ class Scores(Result):
         head = f"**{self.dataset}** ({self.setting}; {self.decoding}; data sha256 `{self.gt_sha256[:12]}`)"
         rows = [f"| {label} | " + " | ".join(fmt_num(v, 2) for v in vals) + " |"
                 for label, vals in self.table()]
-        columns = " | ".join(_column_name(k) for k in self.metrics)
+        columns = " | ".join(_column_name(k, self.metrics) for k in self.metrics)
         return (head + f"\n\n| metric | {columns} |\n|---|"
                 + "---|" * len(self.metrics) + "\n" + "\n".join(rows))
 
@@ -746,7 +747,7 @@ class Scores(Result):
         d["mode"] = self.mode
         return to_jsonable(d)
 
-# %% ../nbs/07_eval.ipynb #9652e0fb
+# %% ../nbs/07_eval.ipynb #3b945abe
 def _scored(q: Question) -> bool:
     "Whether a question is scored: open, closed or multiple choice."
     return q.answer_type in ("OPEN", "CLOSED", "CHOICE") or q.kind == "choice"
@@ -757,7 +758,7 @@ def _detail_rows(pairs, per_q: dict[str, list]):
         yield {"id": q.id, "answer_type": q.answer_type or "CHOICE", "gt": q.answer, "pred": text,
                **{m: rows[i] for m, rows in per_q.items()}}
 
-# %% ../nbs/07_eval.ipynb #a2645367
+# %% ../nbs/07_eval.ipynb #1c3895a4
 def check_choices(questions: list[Question],  # from `load_questions`
                   bad: BadRecords,  # the question file's bad records: unusable choice questions count here
                  ) -> list[Question]:
@@ -771,7 +772,7 @@ def check_choices(questions: list[Question],  # from `load_questions`
     bad.check(len(questions) + bad.total - (len(questions) - len(kept)))
     return kept
 
-# %% ../nbs/07_eval.ipynb #660140f7
+# %% ../nbs/07_eval.ipynb #b2c1fc8c
 def _read_pairs(pred, gt, missing: str, max_answer_chars: int) -> tuple[list, dict, list[dict]]:
     "Answers and questions, read and paired (bad records counted); empty or unpaired inputs raise."
     bad_answers, bad_questions = BadRecords(str(pred)), BadRecords(str(gt))
