@@ -415,6 +415,14 @@ def _fetch_command(repo: str, rev: str | None) -> str:
 _NOT_READ = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "flax_model*", "tf_model*", "onnx/*", "openvino/*",
              "coreml/*"]  # other frameworks' copies of the weights: never downloaded
 
+def _not_read(repo: str, rev: str | None) -> list[str]:
+    "File patterns a download skips: other frameworks' weights, and PyTorch .bin copies beside safetensors."
+    if hub_offline(): return _NOT_READ
+    from huggingface_hub import HfApi
+    try: files = [s.rfilename for s in HfApi().model_info(repo, revision=rev).siblings or []]
+    except Exception: return _NOT_READ  # snapshot_download tries again and names what is wrong
+    return _NOT_READ + (["*.bin", "*.pt", "*.pth"] if any(f.endswith(".safetensors") for f in files) else [])
+
 def _snapshot(name: str, what: str) -> Path:
     "The local snapshot folder of hub id `org/name[@revision]`: from the cache, downloading unless offline."
     from huggingface_hub import snapshot_download
@@ -423,7 +431,7 @@ def _snapshot(name: str, what: str) -> Path:
     repo, _, rev = name.partition("@")
     rev, cache = rev or None, hub_cache()
     try: return Path(snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=hub_offline(),
-                                       ignore_patterns=_NOT_READ))
+                                       ignore_patterns=_not_read(repo, rev)))
     except GatedRepoError as e:
         raise FileNotFoundError(f"{what} {name}: a gated model: accept its terms on the Hub, "
                                 f"then `hf auth login`") from e
@@ -551,6 +559,8 @@ def save_model(model, processor, out: str | Path) -> Path:
     model.config.llavamed = meta
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    # the image processor alone too: loaders older than transformers 5 (and servers built on them) read this file
+    processor.image_processor.save_pretrained(out)
     return out
 
 def load_model(path_or_preset: str | Path,  # a preset, model folder, raw release or hub id `org/name[@rev]`

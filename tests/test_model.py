@@ -396,6 +396,7 @@ def test_converted_checkpoint_serves_with_vanilla_transformers(tmp_path):
     assert {k: proc_cfg[k] for k in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")} \
         == {"patch_size": 8, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
     assert proc_cfg["image_processor"]["do_pad"] is True
+    assert json.loads((out / "preprocessor_config.json").read_text())["do_pad"] is True  # for pre-5 loaders
     assert "[INST]" in (out / "chat_template.jinja").read_text()
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
