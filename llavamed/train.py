@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/train.html.md"""
 
 # %% ../nbs/06_train.ipynb #f49a4256
 from __future__ import annotations
-import dataclasses, functools, json, os, random, time, types, typing
+import dataclasses, functools, importlib.util, json, os, random, time, types, typing
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +17,12 @@ from .images import (ImageError, ImageOutsideRootError, ImageTooLargeError, load
 from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, save_model
 
 # %% auto #0
-__all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'RECIPES', 'CACHE_VERSION', 'StageConfig',
+__all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'REPORT_TO', 'RECIPES', 'CACHE_VERSION', 'StageConfig',
            'deepspeed_config', 'RunConfig', 'Recipe', 'recipe_yaml', 'resolve_template', 'image_token_count',
            'TemplateError', 'tokenize_sample', 'cache_root', 'cache_key', 'TokenCache', 'build_token_cache',
-           'open_token_cache', 'load_records', 'DroppedError', 'SupervisedDataset', 'Collator', 'grouped_order',
-           'GroupedSampler', 'padding_share', 'part_of', 'set_trainable', 'add_lora', 'last_checkpoint', 'TrainResult',
-           'train', 'merge_lora']
+           'open_token_cache', 'load_records', 'DroppedError', 'SupervisedDataset', 'Collator', 'data_sources',
+           'MixedDataset', 'grouped_order', 'GroupedSampler', 'padding_share', 'part_of', 'set_trainable', 'add_lora',
+           'last_checkpoint', 'TrainResult', 'train', 'merge_lora']
 
 # %% ../nbs/06_train.ipynb #61bcdf9c
 log = get_logger("llavamed.train")
@@ -164,12 +164,13 @@ def deepspeed_config(name_or_path: str | Path | None,  # a name in `DEEPSPEED_CO
 
 # %% ../nbs/06_train.ipynb #7c698902
 GRAD_CKPT = ("auto", "on", "off")  # gradient-checkpointing choices
+REPORT_TO = ("none", "tensorboard", "wandb")  # logging integrations of `Trainer` a run may use
 
 @dataclass
 class RunConfig:
     "Where a stage run reads and writes, and how it is distributed and checkpointed."
     model: str = "tiny"  # preset ('tiny', 'llava-med-v1.5', ...), a saved model, or an earlier stage's output
-    data: str | None = None  # training records (LLaVA JSON array or JSONL); `train` needs one
+    data: tuple[str, ...] | str | None = None  # training files (LLaVA JSON/JSONL), each FILE[:WEIGHT]
     images: str | None = None  # folder the records' `image` paths are relative to
     out: str = "runs/stage"  # output directory of this stage
     deepspeed: str | None = None  # 'zero2', 'zero3', 'zero3_offload' or a DeepSpeed JSON file
@@ -184,17 +185,30 @@ class RunConfig:
     num_workers: int = 2  # data-loader worker processes
     tokenize_workers: int = 0  # processes tokenising a data file not yet cached (0: cores - 1 over 4 MB, else 1)
     quiet: bool = False  # no progress bar or loss lines on the terminal (`log_history.jsonl` is written anyway)
+    eval_data: str | None = None  # held-out records (same format as `data`): their loss every `eval_steps`
+    eval_steps: int = 500  # evaluate every N optimiser steps (with `eval_data`)
+    keep_best: bool = False  # end on the checkpoint with the lowest eval loss (save_steps a multiple of eval_steps)
+    report_to: str = "none"  # also log to 'tensorboard' or 'wandb' (their package must be installed), or 'none'
 
     def __post_init__(self):
         "Check every field, naming the one at fault."
+        if isinstance(self.data, list): self.data = tuple(self.data)
+        if isinstance(self.data, tuple) and len(self.data) == 1: self.data = self.data[0]
         _check_types(self)
         if self.grad_ckpt not in GRAD_CKPT:
             raise ValueError(f"RunConfig.grad_ckpt: expected one of {GRAD_CKPT}, got {self.grad_ckpt!r}")
-        for k in ("save_steps", "save_total_limit", "logging_steps", "max_steps"):
+        for k in ("save_steps", "save_total_limit", "logging_steps", "max_steps", "eval_steps"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ValueError(f"RunConfig.{k}: must be a positive integer, got {getattr(self, k)}")
         for k in ("num_workers", "tokenize_workers"):
             if getattr(self, k) < 0: raise ValueError(f"RunConfig.{k}: must be >= 0, got {getattr(self, k)}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"RunConfig.report_to: expected one of {REPORT_TO}, got {self.report_to!r}")
+        if self.keep_best and self.eval_data is None:
+            raise ValueError("RunConfig.keep_best: needs eval_data (the best checkpoint is the lowest eval loss)")
+        if self.keep_best and self.save_steps % self.eval_steps:
+            raise ValueError(f"RunConfig.keep_best: save_steps {self.save_steps} must be a multiple of "
+                             f"eval_steps {self.eval_steps}, so each evaluated step has a checkpoint")
         ds = self.deepspeed
         if ds is not None and ds not in DEEPSPEED_CONFIGS and not Path(ds).is_file():
             raise ValueError(f"RunConfig.deepspeed: {ds!r} is neither one of {sorted(DEEPSPEED_CONFIGS)} "
@@ -726,6 +740,65 @@ class Collator:
             batch["pixel_values"] = pixel_values(imgs, self.processor.image_processor)  # (N, 3, H, W)
         return batch
 
+# %% ../nbs/06_train.ipynb #ea733944
+def data_sources(data: str | tuple[str, ...] | list[str],  # `FILE[:WEIGHT]` entries (a weight: copies per epoch)
+                ) -> list[tuple[str, float]]:
+    "`(file, weight)` of each data entry; the weight (default 1) is how many copies of the file one epoch sees."
+    out = []
+    for entry in [data] if isinstance(data, str) else list(data):
+        path, _, weight = entry.rpartition(":")
+        try: w = float(weight) if path else None
+        except ValueError: w = None
+        if w is None or (Path(entry).exists() and not Path(path).exists()): path, w = entry, 1.0
+        if not w > 0: raise ValueError(f"data {entry}: the weight must be > 0, got {weight}")
+        out.append((path, w))
+    return out
+
+class MixedDataset:
+    "Several `SupervisedDataset`s as one: each taken `weight` times per epoch (a fraction: a seeded sample)."
+    def __init__(self, parts: list[SupervisedDataset],  # one dataset per source
+                 weights: list[float],  # copies of each per epoch (1.5: every record once, half of them twice)
+                 names: list[str] | None = None,  # the sources' names in `summary`
+                 seed: int = 0,  # which records a fractional weight takes
+                ):
+        import numpy as np
+        rng = np.random.default_rng(seed)
+        self.parts, self.weights, self.names = parts, weights, names or [f"source{i}" for i in range(len(parts))]
+        picks = []
+        for k, (ds, w) in enumerate(zip(parts, weights)):
+            rows = [np.arange(len(ds))] * int(w) + [np.sort(rng.permutation(len(ds))[:round((w % 1) * len(ds))])]
+            rows = np.concatenate(rows)
+            picks.append(np.stack([np.full(len(rows), k), rows], 1))
+        self.index = np.concatenate(picks)  # (N, 2): source, row
+
+    def __len__(self): return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        k, row = self.index[i]
+        return self.parts[int(k)][int(row)]
+
+    @property
+    def lengths(self) -> list[int]:
+        "Token length of each item, from the sources' caches."
+        per = [ds.lengths for ds in self.parts]
+        return [per[k][r] for k, r in self.index.tolist()]
+
+    @property
+    def has_image(self) -> list[bool]:
+        "Whether each item carries an image."
+        per = [ds.has_image for ds in self.parts]
+        return [per[k][r] for k, r in self.index.tolist()]
+
+    def summary(self) -> dict:
+        "Items per epoch, and each source's weight, items and own summary."
+        import numpy as np
+        taken = np.bincount(self.index[:, 0], minlength=len(self.parts))
+        sources = {n: {"weight": w, "items": int(t), **ds.summary()}
+                   for n, w, t, ds in zip(self.names, self.weights, taken, self.parts)}
+        return {"kept": len(self), "dropped": dict(sum((Counter(ds.dropped) for ds in self.parts), Counter())),
+                "skipped_text_only": sum(ds.skipped for ds in self.parts),
+                "supervised_tokens": sum(s["supervised_tokens"] for s in sources.values()), "sources": sources}
+
 # %% ../nbs/06_train.ipynb #cce8fec9
 def grouped_order(lengths: list[int],  # token length per record
                   has_image: list[bool],  # modality per record
@@ -895,6 +968,9 @@ def _log_callback(path: Path):
         def on_log(self, args, state, control, logs=None, **kw):
             if state.is_world_process_zero and logs and "loss" in logs:
                 append_jsonl(path, _log_rows([{**logs, "step": state.global_step}])[0])
+            if state.is_world_process_zero and logs and "eval_loss" in logs:  # beside it: the loss plot's file
+                append_jsonl(path.with_name("eval_history.jsonl"), {"step": state.global_step,
+                                                                     "eval_loss": logs["eval_loss"]})
     return LogHistory()
 
 # %% ../nbs/06_train.ipynb #f27bcd0a
@@ -911,7 +987,8 @@ def _attention(model, device: str) -> str:
 def _start_model(run: RunConfig, dtype: str):
     "`(model, processor, base_dir)`: the starting model on the CPU in `dtype` and the folder holding it."
     base_dir = run.model if Path(run.model).is_dir() else None
-    samples = [] if base_dir else iter_samples(run.data, skip_bad=True)  # the dataset counts the bad ones
+    samples = [] if base_dir else (r for f, _ in data_sources(run.data)  # the dataset counts the bad ones
+                                   for r in iter_samples(f, skip_bad=True))
     texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in samples if isinstance(r, Sample)
                                    for t in r.conversations]
     model, processor = load_model(run.model, dtype=dtype, device="cpu", tokenizer_texts=texts)
@@ -944,13 +1021,16 @@ class TrainResult(Result):
     seconds: float  # wall time of the run
     dataset: dict  # `SupervisedDataset.summary()`: records kept, dropped by reason, skipped; tokens
     metrics: dict  # the metrics `Trainer.train` reports (runtime, samples per second, ...)
+    eval_loss: float | None = None  # the best eval loss (with `eval_data`)
+    best_checkpoint: str | None = None  # the checkpoint of the best eval loss (with `keep_best`)
 
     def rows(self):
         "The plain fields (losses to 4 decimals), then the records kept and dropped."
         return [("out", self.out), ("steps", self.steps), ("train_loss", fmt_num(self.train_loss, 4)),
                 ("final_loss", fmt_num(self.final_loss, 4)), ("seconds", self.seconds),
                 ("records kept", self.dataset.get("kept")),
-                ("records dropped", sum(self.dataset.get("dropped", {}).values()))]
+                ("records dropped", sum(self.dataset.get("dropped", {}).values())),
+                *([("eval_loss", fmt_num(self.eval_loss, 4))] if self.eval_loss is not None else [])]
 
 # %% ../nbs/06_train.ipynb #7ffec07c
 def _training_args(cfg: StageConfig, run: RunConfig, world: int, device: str):
@@ -963,23 +1043,34 @@ def _training_args(cfg: StageConfig, run: RunConfig, world: int, device: str):
         gradient_accumulation_steps=cfg.accumulation(world), num_train_epochs=cfg.epochs,
         max_steps=run.max_steps or -1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, logging_steps=run.logging_steps,
-        save_strategy="steps", save_steps=run.save_steps, save_total_limit=run.save_total_limit, report_to=[],
+        save_strategy="steps", save_steps=run.save_steps, save_total_limit=run.save_total_limit,
+        report_to=[] if run.report_to == "none" else [run.report_to],
         bf16=device == "cuda" and torch.cuda.is_bf16_supported(), activation_checkpointing=ckpt,
         activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None, seed=cfg.seed,
         data_seed=cfg.seed, dataloader_num_workers=run.num_workers, remove_unused_columns=False,
-        deepspeed=deepspeed_config(run.deepspeed), use_cpu=device == "cpu", disable_tqdm=run.quiet)
+        deepspeed=deepspeed_config(run.deepspeed), use_cpu=device == "cpu", disable_tqdm=run.quiet,
+        eval_strategy="steps" if run.eval_data else "no", eval_steps=run.eval_steps,
+        per_device_eval_batch_size=cfg.per_device_batch_size, load_best_model_at_end=run.keep_best,
+        metric_for_best_model="eval_loss", greater_is_better=False)
     _ = args.device  # joins the process group now: ZeRO-3 partitions over every rank while the weights load
     if run.deepspeed:
         import deepspeed
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     return args
 
-_RUN_FILES = ("stage_config.json", "log_history.jsonl", "config.json")  # what a run writes into `out`
+_RUN_FILES = ("stage_config.json", "log_history.jsonl", "config.json", "eval_history.jsonl")  # what a run writes into `out`
 
 def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
     "Refuse a run that cannot start; returns the checkpoint to resume from (None: start fresh)."
     if run.data is None: raise ValueError("RunConfig.data: no training file given")
-    if not Path(run.data).is_file(): raise FileNotFoundError(f"data {run.data}: no such file")
+    for path, _ in data_sources(run.data):
+        if not Path(path).is_file(): raise FileNotFoundError(f"data {path}: no such file")
+    if run.eval_data is not None and not Path(run.eval_data).is_file():
+        raise FileNotFoundError(f"eval_data {run.eval_data}: no such file")
+    need = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(run.report_to, ())
+    if need and not any(importlib.util.find_spec(m) for m in need):
+        raise ImportError(f"report_to {run.report_to}: the {need[0]} package is not installed "
+                          f"(pip install {need[0]}); or pass report_to='none'")
     if run.images is not None and not Path(run.images).is_dir():
         raise FileNotFoundError(f"images {run.images}: no such folder")
     if str(run.model) not in PRESETS and not Path(run.model).is_dir():  # not a hub repo id lookup
@@ -1000,7 +1091,7 @@ def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
 def _clear_run(out: Path) -> None:
     "Remove what an earlier run left in `out` (its loss log and checkpoints): this run starts afresh there."
     import shutil
-    (out / "log_history.jsonl").unlink(missing_ok=True)
+    for name in ("log_history.jsonl", "eval_history.jsonl"): (out / name).unlink(missing_ok=True)
     for ckpt in out.glob("checkpoint-*"): shutil.rmtree(ckpt, ignore_errors=True)
 
 def _write_settings(out: Path, cfg: StageConfig, run: RunConfig, args, base_dir, found: dict) -> None:
@@ -1028,6 +1119,18 @@ def _save_outputs(trainer, processor, out: Path, lora: bool, base_dir: str | Non
     if lora: merge_lora(target, out, base=base_dir)
 
 # %% ../nbs/06_train.ipynb #765c8284
+def _train_dataset(cfg: StageConfig, run: RunConfig, processor, checkers: int):
+    "The run's dataset: one `SupervisedDataset`, or a `MixedDataset` of its weighted sources; counts logged."
+    sources, parts = data_sources(run.data), []
+    for path, weight in sources:
+        parts.append(SupervisedDataset(path, processor, run.images, cfg.max_length, cfg.template,
+                                       cfg.max_dropped_share, text_only="llm" in cfg.train, image_workers=checkers,
+                                       tokenize_workers=run.tokenize_workers))
+        log.info(f"data {path}: {len(parts[-1])} records kept, weight {weight:g}, token cache "
+                 f"{'warm' if parts[-1].warm else 'built now'} ({parts[-1].tokens.folder.name})")
+    if len(parts) == 1 and sources[0][1] == 1: return parts[0]
+    return MixedDataset(parts, [w for _, w in sources], [p for p, _ in sources], seed=cfg.seed)
+
 def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, finetune), YAML/JSON recipe, or config
           run: RunConfig | None = None,  # model, data, output, DeepSpeed, LoRA... (None: `RunConfig()`)
           callbacks: list | None = None,  # extra transformers `TrainerCallback`s
@@ -1045,20 +1148,21 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
     model, processor, base_dir = _start_model(run, dtype)
     # every record and image is checked before anything in `out` changes
     checkers = max(run.num_workers, min(8, os.cpu_count() or 1))  # threads checking the images
-    ds = SupervisedDataset(run.data, processor, run.images, cfg.max_length, cfg.template, cfg.max_dropped_share,
-                           text_only="llm" in cfg.train, image_workers=checkers,
-                           tokenize_workers=run.tokenize_workers)
-    log.info(f"{run.data}: {len(ds)} records from the token cache {ds.tokens.folder} "
-             f"({'warm' if ds.warm else 'built now'})")
+    ds = _train_dataset(cfg, run, processor, checkers)
+    eval_ds = None if run.eval_data is None else SupervisedDataset(
+        run.eval_data, processor, run.images, cfg.max_length, cfg.template, cfg.max_dropped_share,
+        text_only="llm" in cfg.train, image_workers=checkers, tokenize_workers=run.tokenize_workers)
     base_dir = _save_base(model, processor, run, base_dir, rank)
     found = {"attention": _attention(model, device), "trainable": set_trainable(model, cfg.train)}
     if run.lora: model = add_lora(model, cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None: _clear_run(out)
-        _write_settings(out, cfg, run, args, base_dir, {**found, "dataset": ds.summary()})
+        _write_settings(out, cfg, run, args, base_dir, {**found, "dataset": ds.summary(),
+                        **({"eval_dataset": eval_ds.summary()} if eval_ds else {})})
     callbacks = [_log_callback(out / "log_history.jsonl"), *(callbacks or [])]
-    trainer = _trainer_class()(model=model, args=args, train_dataset=ds, data_collator=Collator(processor),
+    trainer = _trainer_class()(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds,
+                               data_collator=Collator(processor),
                                stage=cfg, callbacks=callbacks)
     if run.quiet:  # without a progress bar `Trainer` prints every log line instead
         from transformers.trainer_callback import PrinterCallback
@@ -1070,7 +1174,10 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     res = TrainResult(out=str(out), steps=trainer.state.global_step, train_loss=result.training_loss,
                       final_loss=losses[-1] if losses else None, seconds=round(time.perf_counter() - t0, 2),
-                      dataset=ds.summary(), metrics=result.metrics)
+                      dataset=ds.summary(), metrics=result.metrics,
+                      eval_loss=trainer.state.best_metric if run.keep_best else min(
+                          (h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h), default=None),
+                      best_checkpoint=trainer.state.best_model_checkpoint)
     log.info(f"stage {cfg.name}: {res.to_json()}")
     return res
 

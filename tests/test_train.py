@@ -545,3 +545,45 @@ def test_resume_and_a_second_run_use_the_cache(base_dir, data, tmp_path, monkeyp
     assert list(tokens.iterdir()) == [entry] and (entry / "ids.bin").stat().st_mtime_ns == stamp
     T.train(T.StageConfig.load(stage, template="vicuna_v1"), T.RunConfig(out=str(tmp_path / "v"), max_steps=1, **kw))
     assert len(list(tokens.glob("*.lock"))) == 1 and len([p for p in tokens.iterdir() if p.is_dir()]) == 2
+
+
+# ---------------------------------------------------------------- mixtures, evaluation during training, logging
+
+def test_data_mixture_through_the_cli_counts_each_source(base_dir, data, tmp_path):
+    from llavamed.cli import main
+    second = tmp_path / "second.json"
+    recs = json.loads(data.read_text())[:10]
+    second.write_text(json.dumps([{**r, "id": "b" + r["id"]} for r in recs]))
+    rc = main(["train", "--stage", "finetune", "--model", base_dir, "--data", str(data), f"{second}:1.5",
+               "--images", str(data.parent / "images"), "--out", str(tmp_path / "mix"), "--max-steps", "1",
+               "--global-batch-size", "2", "--per-device-batch-size", "2", "--num-workers", "0", "--quiet"])
+    assert rc in (0, None)
+    sc = json.loads((tmp_path / "mix" / "stage_config.json").read_text())
+    src = sc["dataset"]["sources"]
+    assert (src[str(data)]["items"], src[str(second)]["items"], src[str(second)]["weight"]) == (32, 15, 1.5)
+    assert sc["dataset"]["kept"] == 47 and sc["data"] == [str(data), f"{second}:1.5"]
+
+
+def test_eval_every_n_steps_keeps_the_best_checkpoint(base_dir, data, tmp_path):
+    stage = T.StageConfig.load("instruct", global_batch_size=4, per_device_batch_size=4, lr=1e-3)
+    r = T.train(stage, T.RunConfig(model=base_dir, data=str(data), images=str(data.parent / "images"),
+                                   eval_data=str(data), eval_steps=2, save_steps=2, keep_best=True,
+                                   out=str(tmp_path / "ev"), max_steps=4, num_workers=0, quiet=True))
+    rows = list(read_jsonl(tmp_path / "ev" / "eval_history.jsonl"))
+    assert [row["step"] for row in rows] == [2, 4] and r.eval_loss == min(row["eval_loss"] for row in rows)
+    best = min(rows, key=lambda row: row["eval_loss"])["step"]
+    assert Path(r.best_checkpoint).name == f"checkpoint-{best}"
+    with pytest.raises(ValueError, match="save_steps 3 must be a multiple of eval_steps 2"):
+        T.RunConfig(eval_data="x.json", eval_steps=2, save_steps=3, keep_best=True)
+    with pytest.raises(ValueError, match="keep_best: needs eval_data"): T.RunConfig(keep_best=True)
+
+
+def test_report_to_is_checked_before_anything_is_written(base_dir, data, tmp_path):
+    import importlib.util
+    with pytest.raises(ValueError, match="RunConfig.report_to: expected one of"): T.RunConfig(report_to="mlflow")
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(ImportError, match="report_to tensorboard: the tensorboard package is not installed"):
+        T.train("instruct", T.RunConfig(model=base_dir, data=str(data), images=str(data.parent / "images"),
+                                        out=str(tmp_path / "tb"), report_to="tensorboard", max_steps=1))
+    assert not (tmp_path / "tb").exists()
