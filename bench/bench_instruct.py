@@ -14,6 +14,7 @@ Measures, in one run:
 
     .venv/bin/python bench/bench_instruct.py [--n 500] [--latency 0.2] [--c1-n 500]
     .venv/bin/python bench/bench_instruct.py --only-scale --scale 10000 [--synth 2000]
+    .venv/bin/python bench/bench_instruct.py --n 500 --c1-n 100 --scale 10000 --synth 2000   (all five)
 """
 from __future__ import annotations
 import argparse, collections, os, signal, subprocess, sys, tempfile, time
@@ -65,10 +66,10 @@ def main():
         t1, rep1, st1 = timed_run(cap1, tmp / "c1.jsonl", srv, concurrency=1)
         per32, per1 = t32 / a.n, t1 / c1_n
         print("\n[1] throughput, no faults")
-        print(f"  concurrency 32: {a.n} captions in {t32:.2f} s ({a.n / t32:.1f}/s), {rep32['records']} records, "
+        print(f"  concurrency 32: {a.n} captions in {t32:.2f} s ({a.n / t32:.1f}/s), {rep32.records} records, "
               f"requests/caption {st32['requests'] / a.n:.2f}, peak in flight {st32['max_inflight']}, "
-              f"cost ${rep32['run']['cost']:.4f} at $2.50/$10 per 1M tokens")
-        print(f"  concurrency 1:  {c1_n} captions in {t1:.2f} s ({c1_n / t1:.1f}/s), {rep1['records']} records, "
+              f"cost ${rep32.run['cost']:.4f} at $2.50/$10 per 1M tokens")
+        print(f"  concurrency 1:  {c1_n} captions in {t1:.2f} s ({c1_n / t1:.1f}/s), {rep1.records} records, "
               f"requests/caption {st1['requests'] / c1_n:.2f}")
         note = "" if c1_n == a.n else f" (concurrency 1 measured on {c1_n} captions, compared per caption)"
         print(f"  speed-up 32 vs 1: {per1 / per32:.1f}x (target >= 20x){note}")
@@ -121,6 +122,7 @@ def main():
         print(f"  rerun: exit {r.returncode}, {tr:.2f} s, {second['requests']} requests; "
               f"requests for already-saved captions: {again} (target 0)")
         print(f"  final output: {len(out_ids)} records, {len(set(out_ids))} distinct ids, all captions: {set(out_ids) == ids}")
+    if a.scale: print(); scale(a.scale, a.synth, tmp)
 
 
 def scale(n: int, n_synth: int, tmp: Path):
