@@ -17,9 +17,9 @@ from .images import (MAX_PIXELS, ImageError, ImageOutsideRootError, ImageTooLarg
                              relative_image_name, resolve_image)
 
 # %% auto #0
-__all__ = ['REASONS', 'MAX_RECORD_CHARS', 'MAX_CAPTION_CHARS', 'check_record', 'Problem', 'ValidationReport', 'validate_records',
-           'validate_file', 'align_prompts', 'iter_caption_pairs', 'alignment_record', 'write_records',
-           'AlignmentResult', 'build_alignment']
+__all__ = ['REASONS', 'MAX_RECORD_CHARS', 'MAX_CAPTION_CHARS', 'check_record', 'Problem', 'ValidationReport', 'image_problem',
+           'validate_records', 'validate_file', 'align_prompts', 'iter_caption_pairs', 'alignment_record',
+           'write_records', 'AlignmentResult', 'build_alignment']
 
 # %% ../nbs/02_data.ipynb #dc4b22c0
 REASONS = {  # reason code: what it means
@@ -203,7 +203,7 @@ class ValidationReport(Result):
                 + listed + (f"- ... and {more:,} more\n" if more > 0 else ""))
 
 # %% ../nbs/02_data.ipynb #a689caac
-def _check_image(root: Path, name: str, max_pixels: int | None = MAX_PIXELS) -> tuple[str, str] | None:
+def image_problem(root: Path, name: str, max_pixels: int | None = MAX_PIXELS) -> tuple[str, str] | None:
     "Why the image `name` under `root` is outside it, missing, too large or unreadable; None when it decodes."
     try: path = resolve_image(root, name)
     except ImageOutsideRootError as e: return ("image_outside_root", e.msg)  # never opened, never quoted
@@ -229,10 +229,10 @@ class _ImageChecker:
         "The problem of image `name` (or None) when known now, else `_PENDING` (`ready`/`finish` hand it back)."
         if name in self.cache: return self.cache[name]
         if self.pool is None:
-            self.cache[name] = res = _check_image(self.root, name, self.max_pixels)
+            self.cache[name] = res = image_problem(self.root, name, self.max_pixels)
             return res
         if name not in self.waiting:
-            self.futures[self.pool.submit(_check_image, self.root, name, self.max_pixels)] = name
+            self.futures[self.pool.submit(image_problem, self.root, name, self.max_pixels)] = name
             self.waiting[name] = []
         self.waiting[name].append(who)
         return _PENDING

@@ -149,14 +149,14 @@ def check_images(questions: list[Question],  # the questions about to be answere
                 ) -> dict[str, Path]:
     "Image name -> real path for every image the questions will be shown; one `ValueError` counting the bad ones."
     from concurrent.futures import ThreadPoolExecutor
-    from llavamed.data import _check_image
+    from llavamed.data import image_problem
     from llavamed.images import resolve_image
     shown = {}  # image name -> the first question shown it
     for q in questions:
         name = (swap or {}).get(q.id, q.image)
         if name: shown.setdefault(name, q.id)
     with ThreadPoolExecutor(max(1, min(workers, len(shown)))) as pool:
-        problems = list(pool.map(lambda name: _check_image(Path(images), name), shown))
+        problems = list(pool.map(lambda name: image_problem(Path(images), name), shown))
     counts, first, paths = Counter(), {}, {}
     for (name, qid), problem in zip(shown.items(), problems):
         if problem is None: paths[name] = resolve_image(images, name, qid); continue
