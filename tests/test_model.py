@@ -565,3 +565,23 @@ def test_convert_and_load_name_a_folder_without_config(tmp_path, capsys):
     assert "weights: no config.json" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no config.json"): load_model(tmp_path / "weights", device="cpu")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_build_from_a_full_image_text_model_takes_its_vision_half(parts, tmp_path, family):
+    "openai/clip-* and google/siglip-* ship the whole image-text model: build keeps the vision part's weights."
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+    from llavamed.model import build
+    small = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=2)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+    torch.manual_seed(1)
+    full = (CLIPModel(CLIPConfig(vision_config=small, text_config=text, projection_dim=32)) if family == "clip"
+            else SiglipModel(SiglipConfig(vision_config=small, text_config=text)))
+    full.save_pretrained(tmp_path / family)
+    res = build(vision=str(tmp_path / family), lm=str(parts / "lm"), out=str(tmp_path / "llava"))
+    assert (res.vision_type, res.image_tokens) == (f"{family}_vision_model", 16)
+    model, _ = load_model(tmp_path / "llava", device="cpu")
+    ours = model.model.vision_tower.state_dict()
+    theirs = full.vision_model.state_dict()  # embeddings.*, encoder.*, ...
+    assert len(theirs) and all(torch.equal(ours[k], v) for k, v in theirs.items())
