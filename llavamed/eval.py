@@ -335,7 +335,7 @@ def medevalkit_response(text: str) -> str:
     boxed = last_boxed(text)
     r = boxed if boxed is not None and boxed != "None" else _tagged(text) if "<answer>" in text else text
     r = r.lower().strip()
-    if "boxed" in r: r = last_boxed(r) or "None"  # as the harness does: the word alone leaves 'None'
+    if "boxed" in r: r = "None" if last_boxed(r) is None else last_boxed(r)  # the word alone: 'None', as there
     elif "<answer>" in r: r = _tagged(r)
     for mark in _ANSWER_MARKS:
         if mark in r: r = r.split(mark)[-1]
