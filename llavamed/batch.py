@@ -278,7 +278,8 @@ class _Run:
         if batch.status == "failed":
             why = "; ".join(e.message for e in (getattr(batch.errors, "data", None) or [])[:2]) or "no reason given"
             for row in rows.values():
-                row["reason"] = f"batch failed: {redact(why, *self.client._held())[:200]}"; row["errors"] = [row["reason"]]
+                row["reason"] = f"batch failed: {redact(why, *self.client._held())[:200]}"
+                row["errors"] = [row["reason"]]
             again = set()
         previous = load_checkpoint(self.checkpoint)
         for rid, row in rows.items():  # attempts and errors add up over rounds and runs
@@ -322,7 +323,8 @@ async def arun_batch_requests(client, requests: Iterable[dict], checkpoint: str 
     from tqdm.auto import tqdm
     settings = settings or BatchSettings()
     requests = _checked_requests(requests)
-    if cut := repair_torn_tail(checkpoint): log.warning(f"{checkpoint}: cut a killed run's torn last line ({cut} bytes)")
+    if cut := repair_torn_tail(checkpoint):
+        log.warning(f"{checkpoint}: cut a killed run's torn last line ({cut} bytes)")
     todo = [str(r["id"]) for r in _unfinished(requests, checkpoint, client.name, retry_failed)]
     t0, deadline = time.perf_counter(), None if settings.wait is None else time.monotonic() + settings.wait
     bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, unit="req", dynamic_ncols=True)

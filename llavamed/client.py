@@ -214,7 +214,8 @@ def parse_extra_body(text: str | dict | None) -> dict:
     if text is None or text == "": return {}
     if isinstance(text, dict): return text
     try: value = json.loads(text)
-    except json.JSONDecodeError as e: raise ValueError(f"--extra-body: not JSON ({e.msg} at character {e.pos})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--extra-body: not JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(value, dict): raise ValueError(f"--extra-body: want a JSON object, got {type(value).__name__}")
     return value
 
@@ -231,7 +232,8 @@ def image_part(path: str | Path,  # an image file in any format `llavamed.images
     im.thumbnail((max_side, max_side))
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality)
-    return {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()}}
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
 
 # %% ../nbs/03_client.ipynb #c1d44315
 def load_checkpoint(path: str | Path) -> dict[str, dict]:

@@ -172,9 +172,13 @@ def load_rules(version: str = "v1") -> dict[str, dict]:
     for name, value in out["record"].items():
         want = _RECORD_RULES.get(name)
         if want is None: raise ValueError(f"{p}: rule record.{name}: unknown (known: {', '.join(_RECORD_RULES)})")
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else isinstance(value, want)
-        if want is list: ok = ok and len(value) == 2 and all(isinstance(v, int) for v in value) and value[0] <= value[1]
-        if not ok: raise ValueError(f"{p}: rule record.{name}={value!r}: want {'[min, max]' if want is list else want.__name__}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = number if want is float else isinstance(value, want)
+        if want is list:
+            ok = ok and len(value) == 2 and all(isinstance(v, int) for v in value) and value[0] <= value[1]
+        if not ok:
+            shape = "[min, max]" if want is list else want.__name__
+            raise ValueError(f"{p}: rule record.{name}={value!r}: want {shape}")
     return out
 
 # %% ../nbs/04_instruct.ipynb #8f47cc80

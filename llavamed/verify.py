@@ -41,8 +41,9 @@ def load_verify_prompt(version: str = "v1") -> dict:
 def conversation_text(record: dict) -> str:
     "An instruction record's turns as `User:`/`Assistant:` lines, without the image token."
     role = {HUMAN: "User", GPT: "Assistant"}
-    return "\n".join(f"{role.get(t.get('from'), t.get('from'))}: {str(t.get('value', '')).replace(IMAGE_TOKEN, '').strip()}"
-                     for t in record.get("conversations") or [])
+    turns = record.get("conversations") or []
+    return "\n".join(f"{role.get(t.get('from'), t.get('from'))}: "
+                     f"{str(t.get('value', '')).replace(IMAGE_TOKEN, '').strip()}" for t in turns)
 
 def verify_messages(record: dict, caption: str, prompt: dict | None = None,
                     image: dict | None = None,  # an image part (`llavamed.client.image_part`) for a verifier that sees
@@ -63,7 +64,8 @@ def parse_scores(text: str, prompt: dict | None = None) -> dict[str, int]:
         m = re.search(rf"^\W*{re.escape(name)}\W*[:=]\s*\**\s*(\d+(?:\.\d+)?)", text or "", re.I | re.M)
         if not m: raise ValueError(f"no score for {name!r}")
         value = float(m.group(1))
-        if value != int(value) or not lo <= value <= hi: raise ValueError(f"{name}={m.group(1)}: off the scale {lo}-{hi}")
+        if value != int(value) or not lo <= value <= hi:
+            raise ValueError(f"{name}={m.group(1)}: off the scale {lo}-{hi}")
         scores[name] = int(value)
     return scores
 
@@ -218,5 +220,6 @@ def verify(pairs: str = None,  # instruction records to check (`llavamed instruc
                           dict(sorted(counts.items())), str(out), str(checkpoint), stats.to_json(),
                           stats.summary(), dict(bad.counts), failure, quiet)
     if not failure:
-        write_json(out.with_name(out.name + ".report.json"), {k: v for k, v in report.to_json().items() if k != "quiet"})
+        write_json(out.with_name(out.name + ".report.json"),
+                   {k: v for k, v in report.to_json().items() if k != "quiet"})
     return report
