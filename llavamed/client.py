@@ -220,19 +220,21 @@ def parse_extra_body(text: str | dict | None) -> dict:
     return value
 
 # %% ../nbs/03_client.ipynb #531da19e
-def image_part(path: str | Path,  # an image file in any format `llavamed.images.load_image` reads
-               max_side: int = 768,  # longest side in pixels after shrinking (never enlarged)
+def image_part(image,  # an image file in any format `llavamed.images.load_image` reads, or a PIL image
+               max_side: int | None = 768,  # longest side in pixels after shrinking (never enlarged; None: as is)
                quality: int = 90,  # JPEG quality
+               fmt: str = "JPEG",  # 'JPEG' (small, for teachers and batch files) or 'PNG' (lossless)
               ) -> dict:
-    "An `image_url` chat message part holding the image at `path`, shrunk and encoded as a JPEG data URL."
+    "An `image_url` chat message part holding the image, shrunk and encoded as a JPEG (or PNG) data URL."
     import io
     from llavamed.images import load_image
-    if max_side < 16: raise ValueError(f"image_part: max_side={max_side}: must be >= 16")
-    im = load_image(path).convert("RGB")
-    im.thumbnail((max_side, max_side))
+    if max_side is not None and max_side < 16: raise ValueError(f"image_part: max_side={max_side}: must be >= 16")
+    if fmt not in ("JPEG", "PNG"): raise ValueError(f"image_part: fmt={fmt!r}: want 'JPEG' or 'PNG'")
+    im = (image if hasattr(image, "convert") else load_image(image)).convert("RGB")
+    if max_side is not None: im.thumbnail((max_side, max_side))
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
-    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    im.save(buf, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    url = f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
     return {"type": "image_url", "image_url": {"url": url}}
 
 # %% ../nbs/03_client.ipynb #c1d44315
