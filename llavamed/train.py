@@ -17,18 +17,20 @@ from .images import (ImageError, ImageOutsideRootError, ImageTooLargeError, load
 from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, save_model
 
 # %% auto #0
-__all__ = ['log', 'PARTS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'REPORT_TO', 'RECIPES', 'CACHE_VERSION', 'StageConfig',
-           'deepspeed_config', 'RunConfig', 'Recipe', 'recipe_yaml', 'resolve_template', 'image_token_count',
-           'TemplateError', 'tokenize_sample', 'cache_root', 'cache_key', 'TokenCache', 'build_token_cache',
-           'open_token_cache', 'load_records', 'DroppedError', 'SupervisedDataset', 'Collator', 'data_sources',
-           'MixedDataset', 'grouped_order', 'GroupedSampler', 'padding_share', 'part_of', 'set_trainable', 'add_lora',
-           'last_checkpoint', 'TrainResult', 'train', 'merge_lora']
+__all__ = ['log', 'PARTS', 'SCHEDULERS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'REPORT_TO', 'PRECISIONS', 'ATTENTIONS',
+           'RECIPES', 'CACHE_VERSION', 'StageConfig', 'deepspeed_config', 'RunConfig', 'Recipe', 'recipe_yaml',
+           'resolve_template', 'image_token_count', 'TemplateError', 'tokenize_sample', 'cache_root', 'cache_key',
+           'TokenCache', 'build_token_cache', 'open_token_cache', 'load_records', 'DroppedError', 'SupervisedDataset',
+           'Collator', 'data_sources', 'MixedDataset', 'grouped_order', 'GroupedSampler', 'padding_share', 'part_of',
+           'set_trainable', 'add_lora', 'last_checkpoint', 'TrainResult', 'memory_estimate', 'DryRunResult', 'train',
+           'merge_lora']
 
 # %% ../nbs/06_train.ipynb #61bcdf9c
 log = get_logger("llavamed.train")
 
 # %% ../nbs/06_train.ipynb #bc793806
 PARTS = ("vision", "projector", "llm")  # trainable groups of a LLaVA model
+SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")  # transformers'
 
 def _fits(value, hint) -> bool:
     "Whether `value` fits the annotation `hint`: str, int, float, bool, None, a tuple of str, or a union."
@@ -62,6 +64,7 @@ class StageConfig:
     per_device_batch_size: int = 16  # samples per forward pass on one device
     warmup_ratio: float = 0.03  # share of steps with linear warm-up before the cosine decay
     weight_decay: float = 0.0  # AdamW weight decay
+    scheduler: str = "cosine"  # learning-rate schedule after the warm-up: one of `SCHEDULERS`
     max_length: int = 2048  # longest token sequence; longer samples lose later turns or are dropped
     template: str | None = None  # chat template name ('plain' for stage 1); None: the processor's default
     group_by_modality_length: bool = True  # batches of one modality and similar length (LLaVA-1.5)
@@ -69,12 +72,15 @@ class StageConfig:
     lora_r: int = 128  # LoRA rank (with `--lora`; LLaVA's scripts/v1_5/finetune_lora.sh)
     lora_alpha: int = 256  # LoRA scale numerator
     lora_dropout: float = 0.05  # dropout on the LoRA branch
+    lora_targets: tuple[str, ...] = ()  # LoRA module names (empty: every linear layer of the language model)
     seed: int = 42  # seed of the data order and dropout
 
     def __post_init__(self):
         "Check every field, naming the one at fault."
         if isinstance(self.train, str): self.train = tuple(self.train.replace(",", " ").split())
         if isinstance(self.train, list): self.train = tuple(self.train)
+        if isinstance(self.lora_targets, (list, str)): self.lora_targets = tuple(
+            self.lora_targets.replace(",", " ").split() if isinstance(self.lora_targets, str) else self.lora_targets)
         _check_types(self)
         if not self.train or any(p not in PARTS for p in self.train):
             raise ValueError(f"StageConfig.train: {list(self.train)} must be a non-empty subset of {PARTS}")
@@ -85,6 +91,8 @@ class StageConfig:
             if getattr(self, k) < 1:
                 raise ValueError(f"StageConfig.{k}: must be a positive integer, got {getattr(self, k)}")
         self.accumulation(1)
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"StageConfig.scheduler: expected one of {SCHEDULERS}, got {self.scheduler!r}")
         for k in ("warmup_ratio", "weight_decay", "max_dropped_share", "lora_dropout"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ValueError(f"StageConfig.{k}: must be in [0, 1], got {getattr(self, k)}")
@@ -165,6 +173,8 @@ def deepspeed_config(name_or_path: str | Path | None,  # a name in `DEEPSPEED_CO
 # %% ../nbs/06_train.ipynb #7c698902
 GRAD_CKPT = ("auto", "on", "off")  # gradient-checkpointing choices
 REPORT_TO = ("none", "tensorboard", "wandb")  # logging integrations of `Trainer` a run may use
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # mixed-precision choices
+ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # attention implementations
 
 @dataclass
 class RunConfig:
@@ -188,6 +198,9 @@ class RunConfig:
     eval_data: str | None = None  # held-out records (same format as `data`): their loss every `eval_steps`
     eval_steps: int = 500  # evaluate every N optimiser steps (with `eval_data`)
     keep_best: bool = False  # end on the checkpoint with the lowest eval loss (save_steps a multiple of eval_steps)
+    precision: str = "auto"  # 'bf16', 'fp16', 'fp32', or 'auto' (bf16 on a GPU that has it, else fp32)
+    attention: str = "auto"  # 'auto' (flash-attention 2 on CUDA when installed, else sdpa), 'sdpa', 'eager', ...
+    dry_run: bool = False  # resolve settings, count data and tokens, estimate steps and memory; do not train
     report_to: str = "none"  # also log to 'tensorboard' or 'wandb' (their package must be installed), or 'none'
 
     def __post_init__(self):
@@ -202,6 +215,10 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{k}: must be a positive integer, got {getattr(self, k)}")
         for k in ("num_workers", "tokenize_workers"):
             if getattr(self, k) < 0: raise ValueError(f"RunConfig.{k}: must be >= 0, got {getattr(self, k)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"RunConfig.precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"RunConfig.attention: expected one of {ATTENTIONS}, got {self.attention!r}")
         if self.report_to not in REPORT_TO:
             raise ValueError(f"RunConfig.report_to: expected one of {REPORT_TO}, got {self.report_to!r}")
         if self.keep_best and self.eval_data is None:
@@ -856,10 +873,10 @@ def set_trainable(model, train: tuple[str, ...]) -> dict[str, int]:
 
 # %% ../nbs/06_train.ipynb #610af7fc
 def add_lora(model, cfg: StageConfig):
-    "Wrap `model` with peft LoRA on every linear layer of the language model; the projector trains fully."
+    "Wrap `model` with peft LoRA on the LM's `cfg.lora_targets` (default: every linear layer); the projector trains fully."
     import torch.nn as nn
     from peft import LoraConfig, get_peft_model
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+    targets = list(cfg.lora_targets) or sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                       if isinstance(m, nn.Linear) and part_of(n) == "llm" and not n.endswith("lm_head")})
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=rf".*language_model.*\.({'|'.join(targets)})$",
@@ -974,11 +991,10 @@ def _log_callback(path: Path):
     return LogHistory()
 
 # %% ../nbs/06_train.ipynb #f27bcd0a
-def _attention(model, device: str) -> str:
-    "Use flash-attention 2 on CUDA when installed, else SDPA; returns the implementation in use."
-    import importlib.util
+def _attention(model, device: str, choice: str = "auto") -> str:
+    "Set `choice` (auto: flash-attention 2 on CUDA when installed, else SDPA); returns the implementation in use."
     flash = device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
-    impl = "flash_attention_2" if flash else "sdpa"
+    impl = choice if choice != "auto" else "flash_attention_2" if flash else "sdpa"
     try: model.set_attn_implementation(impl)
     except Exception as e:  # an architecture without that kernel keeps its own
         log.warning(f"attention {impl} unavailable ({e}); keeping {model.config._attn_implementation}")
@@ -1042,18 +1058,19 @@ def _training_args(cfg: StageConfig, run: RunConfig, world: int, device: str):
         output_dir=run.out, per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.accumulation(world), num_train_epochs=cfg.epochs,
         max_steps=run.max_steps or -1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, logging_steps=run.logging_steps,
+        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=run.logging_steps,
         save_strategy="steps", save_steps=run.save_steps, save_total_limit=run.save_total_limit,
         report_to=[] if run.report_to == "none" else [run.report_to],
-        bf16=device == "cuda" and torch.cuda.is_bf16_supported(), activation_checkpointing=ckpt,
+        bf16=run.precision == "bf16" or (run.precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported()),
+        fp16=run.precision == "fp16", activation_checkpointing=ckpt,
         activation_checkpointing_kwargs={"use_reentrant": False} if ckpt else None, seed=cfg.seed,
         data_seed=cfg.seed, dataloader_num_workers=run.num_workers, remove_unused_columns=False,
-        deepspeed=deepspeed_config(run.deepspeed), use_cpu=device == "cpu", disable_tqdm=run.quiet,
+        deepspeed=None if run.dry_run else deepspeed_config(run.deepspeed), use_cpu=device == "cpu", disable_tqdm=run.quiet,
         eval_strategy="steps" if run.eval_data else "no", eval_steps=run.eval_steps,
         per_device_eval_batch_size=cfg.per_device_batch_size, load_best_model_at_end=run.keep_best,
         metric_for_best_model="eval_loss", greater_is_better=False)
     _ = args.device  # joins the process group now: ZeRO-3 partitions over every rank while the weights load
-    if run.deepspeed:
+    if run.deepspeed and not run.dry_run:  # a dry run plans the ZeRO stage, it does not start one
         import deepspeed
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     return args
@@ -1077,6 +1094,7 @@ def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
         raise FileNotFoundError(f"model {run.model}: no such directory (and not a preset: {sorted(PRESETS)})")
     if run.lora and "llm" not in cfg.train:
         raise ValueError(f"RunConfig.lora: stage {cfg.name!r} does not train the language model")
+    if run.dry_run: return None  # a dry run writes nothing: what `out` holds does not matter
     last = last_checkpoint(run.out)
     if last and not run.resume and not run.overwrite:
         raise ValueError(f"out: {run.out} already holds {last.name}; pass resume=True, overwrite=True "
@@ -1118,6 +1136,69 @@ def _save_outputs(trainer, processor, out: Path, lora: bool, base_dir: str | Non
     plot_losses({out.name: out}, out / "loss.png")
     if lora: merge_lora(target, out, base=base_dir)
 
+# %% ../nbs/06_train.ipynb #9dcff95d
+def memory_estimate(params: int,  # parameters of the whole model
+                    trainable: int,  # parameters that learn
+                    zero: int | None,  # DeepSpeed ZeRO stage (2, 3) or None (plain `Trainer`)
+                    world: int,  # processes (GPUs) sharing the partitions
+                    batch: int,  # sequences per forward pass on one GPU
+                    seq: int,  # tokens per sequence (the longest batch)
+                    hidden: int, layers: int, vocab: int,  # the language model's width, depth and vocabulary
+                    offload: bool = False,  # ZeRO-3 with optimiser and parameters offloaded to the CPU
+                   ) -> dict:
+    "GiB per GPU: weights, gradients, Adam states, activations with and without checkpointing (a planning figure)."
+    GiB, half = 2 ** 30, zero is not None  # DeepSpeed trains bf16 weights; plain Trainer keeps fp32 weights
+    weights = params * (2 if half else 4) / (world if zero == 3 and not offload else 1) * (not offload)
+    grads = trainable * (2 if half else 4) / (world if zero in (2, 3) else 1)
+    adam = trainable * (12 if half else 8) / (world if half else 1) * (not offload)  # fp32 master + m + v
+    # per layer, 16-bit: 34 s b h bytes with a fused attention kernel (Korthikanti et al. 2022, no s^2 term);
+    # checkpointing keeps each layer's input (2 s b h) and recomputes one layer at a time
+    logits = batch * seq * vocab * 6  # bf16 logits and their fp32 copy for the loss
+    full = layers * 34 * seq * batch * hidden + logits
+    ckpt = layers * 2 * seq * batch * hidden + 34 * seq * batch * hidden + logits
+    fixed = weights + grads + adam
+    return {k: float(f"{v / GiB:.4g}") for k, v in {  # 4 significant digits
+        "weights": weights, "gradients": grads, "optimizer": adam, "activations": full,
+        "activations_checkpointed": ckpt, "total": fixed + full, "total_checkpointed": fixed + ckpt}.items()}
+
+# %% ../nbs/06_train.ipynb #7f76a03d
+@dataclass
+class DryRunResult(Result):
+    "What a stage run would do: its resolved settings, data and token counts, steps, per-GPU memory."
+    stage: dict  # the resolved `StageConfig`
+    world_size: int  # processes
+    gradient_accumulation_steps: int  # micro-batches per optimiser step on each process
+    dataset: dict  # the dataset's summary (records kept, dropped, sources)
+    tokens: int  # tokens per epoch, image tokens included
+    longest: int  # tokens of the longest record (the activation estimate's sequence length)
+    steps: int  # optimiser steps the run would take
+    params: dict  # parameters: total and trainable
+    memory_gib: dict  # `memory_estimate` for this run's ZeRO stage, batch and longest record
+
+    def rows(self):
+        "Stage, processes and accumulation, counts, steps, then the memory estimate."
+        return [("stage", self.stage["name"]), ("processes", self.world_size),
+                ("gradient accumulation", self.gradient_accumulation_steps),
+                ("records", self.dataset.get("kept")), ("tokens", fmt_num(self.tokens, 0)),
+                ("longest record", self.longest), ("steps", self.steps),
+                ("parameters", fmt_num(self.params["total"], 0)), ("trainable", fmt_num(self.params["trainable"], 0)),
+                *((f"GiB per GPU: {k}", v) for k, v in self.memory_gib.items())]
+
+def _dry_run(cfg: StageConfig, run: RunConfig, args, model, ds) -> DryRunResult:
+    "The plan of a run: counts from the dataset, steps from the stage, memory from the model's sizes."
+    import math
+    lengths, text = ds.lengths, getattr(model.config, "text_config", model.config)
+    params = {"total": sum(p.numel() for p in model.parameters()),
+              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    zero = (deepspeed_config(run.deepspeed) or {}).get("zero_optimization", {}).get("stage")
+    offload = "offload_optimizer" in (deepspeed_config(run.deepspeed) or {}).get("zero_optimization", {})
+    steps = run.max_steps or math.ceil(len(ds) * cfg.epochs / cfg.global_batch_size)
+    mem = memory_estimate(params["total"], params["trainable"], zero, args.world_size, cfg.per_device_batch_size,
+                          max(lengths), text.hidden_size, text.num_hidden_layers, text.vocab_size, offload)
+    return DryRunResult(stage=cfg.to_json(), world_size=args.world_size,
+                        gradient_accumulation_steps=args.gradient_accumulation_steps, dataset=ds.summary(),
+                        tokens=sum(lengths), longest=max(lengths), steps=steps, params=params, memory_gib=mem)
+
 # %% ../nbs/06_train.ipynb #765c8284
 def _train_dataset(cfg: StageConfig, run: RunConfig, processor, checkers: int):
     "The run's dataset: one `SupervisedDataset`, or a `MixedDataset` of its weighted sources; counts logged."
@@ -1134,7 +1215,7 @@ def _train_dataset(cfg: StageConfig, run: RunConfig, processor, checkers: int):
 def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, finetune), YAML/JSON recipe, or config
           run: RunConfig | None = None,  # model, data, output, DeepSpeed, LoRA... (None: `RunConfig()`)
           callbacks: list | None = None,  # extra transformers `TrainerCallback`s
-         ) -> TrainResult:
+         ) -> TrainResult | DryRunResult:
     "Train one curriculum stage with `Trainer` (DeepSpeed, LoRA optional); write a loadable model to `run.out`."
     import torch
     t0, cfg, run = time.perf_counter(), StageConfig.load(stage), run or RunConfig()
@@ -1144,7 +1225,7 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
     seed_everything(cfg.seed)
     args = _training_args(cfg, run, world, device)
     # DeepSpeed keeps fp32 master weights of a bf16 model; plain Trainer mixes precision over fp32 weights
-    dtype = "bfloat16" if args.bf16 and run.deepspeed else "float32"
+    dtype = ("bfloat16" if args.bf16 else "float16" if args.fp16 else "float32") if run.deepspeed else "float32"
     model, processor, base_dir = _start_model(run, dtype)
     # every record and image is checked before anything in `out` changes
     checkers = max(run.num_workers, min(8, os.cpu_count() or 1))  # threads checking the images
@@ -1153,8 +1234,9 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
         run.eval_data, processor, run.images, cfg.max_length, cfg.template, cfg.max_dropped_share,
         text_only="llm" in cfg.train, image_workers=checkers, tokenize_workers=run.tokenize_workers)
     base_dir = _save_base(model, processor, run, base_dir, rank)
-    found = {"attention": _attention(model, device), "trainable": set_trainable(model, cfg.train)}
+    found = {"attention": _attention(model, device, run.attention), "trainable": set_trainable(model, cfg.train)}
     if run.lora: model = add_lora(model, cfg)
+    if run.dry_run: return _dry_run(cfg, run, args, model, ds)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None: _clear_run(out)

@@ -587,3 +587,45 @@ def test_report_to_is_checked_before_anything_is_written(base_dir, data, tmp_pat
         T.train("instruct", T.RunConfig(model=base_dir, data=str(data), images=str(data.parent / "images"),
                                         out=str(tmp_path / "tb"), report_to="tensorboard", max_steps=1))
     assert not (tmp_path / "tb").exists()
+
+
+# ---------------------------------------------------------------- trainer options and the dry run
+
+def test_dry_run_plans_without_writing(base_dir, data, tmp_path, capsys):
+    from llavamed.cli import main
+    out = tmp_path / "earlier"; out.mkdir(); (out / "stage_config.json").write_text("{}")
+    rc = main(["--json", "train", "--stage", "instruct", "--model", base_dir, "--data", str(data), "--images",
+               str(data.parent / "images"), "--out", str(out), "--dry-run", "--deepspeed", "zero3",
+               "--global-batch-size", "8", "--per-device-batch-size", "4", "--epochs", "2"])
+    assert rc in (0, None)
+    res = json.loads(capsys.readouterr().out)
+    assert (res["steps"], res["gradient_accumulation_steps"], res["dataset"]["kept"]) == (8, 2, 32)  # 32 x 2 / 8
+    ds = T.SupervisedDataset(data, T.load_model(base_dir, dtype="float32", device="cpu")[1], data.parent / "images")
+    assert res["tokens"] == sum(ds.lengths) and res["longest"] == max(ds.lengths)
+    mem = res["memory_gib"]
+    assert mem["total_checkpointed"] < mem["total"] and mem["optimizer"] > 0
+    assert [p.name for p in out.iterdir()] == ["stage_config.json"] and (out / "stage_config.json").read_text() == "{}"
+
+
+def test_memory_estimate_partitions_as_zero_does():
+    kw = dict(params=1000 * 2 ** 20, trainable=500 * 2 ** 20, batch=1, seq=1, hidden=1, layers=1, vocab=1)
+    z2, z3 = T.memory_estimate(zero=2, world=4, **kw), T.memory_estimate(zero=3, world=4, **kw)
+    assert (z2["weights"], z3["weights"]) == pytest.approx((2000 / 1024, 500 / 1024), rel=1e-3)  # ZeRO-3 splits weights
+    assert z2["gradients"] == z3["gradients"] == pytest.approx(250 / 1024, rel=1e-3)
+    assert z2["optimizer"] == pytest.approx(1500 / 1024, rel=1e-3)  # 12 bytes per trainable parameter, over 4
+    off = T.memory_estimate(zero=3, world=4, offload=True, **kw)
+    assert off["weights"] == off["optimizer"] == 0
+
+
+def test_trainer_options_reach_the_run(base_dir, data, tmp_path):
+    stage = T.StageConfig.load("instruct", global_batch_size=4, per_device_batch_size=4, scheduler="linear",
+                               lora_targets="q_proj,v_proj", lora_r=4, lora_alpha=8)
+    r = T.train(stage, T.RunConfig(model=base_dir, data=str(data), images=str(data.parent / "images"), lora=True,
+                                   out=str(tmp_path / "o"), attention="eager", precision="fp32", max_steps=2,
+                                   num_workers=0, save_steps=100, quiet=True))
+    sc = json.loads((tmp_path / "o" / "stage_config.json").read_text())
+    assert (sc["attention"], sc["scheduler"], sc["lora_targets"], sc["precision"]) == ("eager", "linear", ["q_proj", "v_proj"], "fp32")
+    ad = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
+    assert "(q_proj|v_proj)" in ad["target_modules"] and r.steps == 2
+    with pytest.raises(ValueError, match="StageConfig.scheduler: expected one of"): T.StageConfig(scheduler="step")
+    with pytest.raises(ValueError, match="RunConfig.precision: expected one of"): T.RunConfig(precision="fp8")
