@@ -248,6 +248,13 @@ def tower_type(config: dict, name="vision tower") -> str:
                          f"llavamed can use (CLIP or SigLIP vision models: {', '.join(TOWERS)})")
     return mt
 
+def _tower_of(path: Path, name) -> str:
+    "The `TOWERS` key of the vision model in `path`; an open_clip model (BiomedCLIP) is refused with the reason."
+    if (path / "open_clip_config.json").is_file():
+        raise ValueError(f"--vision {name}: an open_clip model (such as BiomedCLIP: a timm ViT, no transformers "
+                         f"class), not a transformers CLIP or SigLIP vision model")
+    return tower_type(_read_config(path, "--vision"), name)
+
 def _source_dir(name, what: str) -> Path:
     "The local folder of a part named by folder or hub id (a preset name is not a part)."
     src = resolve_source(name, what)
@@ -260,7 +267,7 @@ def _load_tower(vision, dtype):
     from transformers import AutoModel, CLIPVisionConfig
     if isinstance(vision, dict): return AutoModel.from_config(CLIPVisionConfig(**vision))
     path = _source_dir(vision, "vision")
-    cls = TOWERS[tower_type(_read_config(path, "--vision"), vision)][0]
+    cls = TOWERS[_tower_of(path, vision)][0]
     return getattr(transformers, cls).from_pretrained(path, dtype=dtype)
 
 def _tower_norm(vision, vision_config) -> tuple[list, list]:
@@ -968,7 +975,7 @@ def build(vision: str = None,  # vision tower: folder or hub id (a transformers 
     out = _check_new_dir(out)
     chat_template = _template_text(template)
     vision_dir = _source_dir(vision, "vision")
-    kind = tower_type(_read_config(vision_dir, "--vision"), vision)
+    kind = _tower_of(vision_dir, vision)
     feature_select = feature_select or ("full" if TOWERS[kind][1] == 0 else "default")
     if TOWERS[kind][1] == 0 and feature_select == "default":
         raise ValueError(f"--feature-select default drops a CLS token, which {kind} ({vision}) has not: "

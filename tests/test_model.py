@@ -511,7 +511,7 @@ def _bad_lm(parts, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_config", "tokenizer_vs_embeddings", "not_a_vision_tower", "open_clip",
-                                  "missing_hub_id", "out_not_empty"])
+                                  "open_clip_with_config", "missing_hub_id", "out_not_empty"])
 def test_build_bad_input_one_line_exit_2_nothing_written(parts, tmp_path, capsys, monkeypatch, case):
     from llavamed.cli import main
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf")); monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -527,6 +527,11 @@ def test_build_bad_input_one_line_exit_2_nothing_written(parts, tmp_path, capsys
         (tmp_path / "biomedclip").mkdir()
         (tmp_path / "biomedclip" / "open_clip_config.json").write_text("{}")
         vision, expect = str(tmp_path / "biomedclip"), "an open_clip model"
+    elif case == "open_clip_with_config":  # a config.json too does not make it a transformers model
+        (tmp_path / "biomedclip").mkdir()
+        (tmp_path / "biomedclip" / "open_clip_config.json").write_text("{}")
+        (tmp_path / "biomedclip" / "config.json").write_text(json.dumps({"architectures": ["CustomTextCLIP"]}))
+        vision, expect = str(tmp_path / "biomedclip"), "an open_clip model (such as BiomedCLIP"
     elif case == "missing_hub_id": lm, expect = "org/no-such-lm", "hf download org/no-such-lm"
     else:
         out.mkdir(); (out / "keep.txt").write_text("earlier"); expect = "exists and is not empty"
