@@ -14,8 +14,8 @@ from .core import (HUMAN, BadRecords, Question, RecordError, Result, Sample, Tur
                            get_logger, load_questions, read_jsonl, repair_torn_tail, write_jsonl)
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'log', 'CHOICE_INSTRUCTION', 'LETTERS', 'PROTOCOLS', 'MAX_NEW_TOKENS', 'shuffled_images', 'ablate_image',
-           'PromptProtocol', 'get_protocol', 'render_choices', 'question_prompt', 'question_messages',
+__all__ = ['ABLATIONS', 'log', 'CHOICE_INSTRUCTION', 'LETTERS', 'PROMPT_PROTOCOLS', 'MAX_NEW_TOKENS', 'shuffled_images',
+           'ablate_image', 'PromptProtocol', 'get_protocol', 'render_choices', 'question_prompt', 'question_messages',
            'default_max_new_tokens', 'check_images', 'launch_rank', 'part_path', 'merge_answers', 'Predictions',
            'predict']
 
@@ -69,7 +69,7 @@ class PromptProtocol:
     source: str = ""  # the public script the wording comes from
 
 _PHRASE = "\nAnswer the question using a single word or phrase."
-PROTOCOLS = {
+PROMPT_PROTOCOLS = {
     "llava-med": PromptProtocol(source="microsoft/LLaVA-Med llava/eval/model_vqa.py: the question as it is"),
     "llava-med-run-eval": PromptProtocol(source="as llava-med; llava/eval/run_eval.py only scores differently"),
     "strict": PromptProtocol(source="as llava-med; only the scoring is stricter"),
@@ -79,11 +79,11 @@ PROTOCOLS = {
                                  "MedEvalKit utils/question_formats.py"),
 }
 
-def get_protocol(name: str,  # a key of `PROTOCOLS`
+def get_protocol(name: str,  # a key of `PROMPT_PROTOCOLS`
                 ) -> PromptProtocol:
     "The `PromptProtocol` named `name`; a `ValueError` listing the names otherwise."
-    if name not in PROTOCOLS: raise ValueError(f"protocol={name!r}: expected one of {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    if name not in PROMPT_PROTOCOLS: raise ValueError(f"protocol={name!r}: expected one of {sorted(PROMPT_PROTOCOLS)}")
+    return PROMPT_PROTOCOLS[name]
 
 # %% ../nbs/07a_predict.ipynb #b87a3331
 def render_choices(question: str,  # the question text
@@ -106,7 +106,7 @@ def _answer_kind(q: Question) -> str:
     return "closed" if yes_no else "open"
 
 def question_prompt(q: Question,  # the question (its `question`, `kind`, `options`, `answer_type`)
-                    protocol: str = "llava-med",  # a key of `PROTOCOLS`
+                    protocol: str = "llava-med",  # a key of `PROMPT_PROTOCOLS`
                     prompt_suffix: str | None = None,  # replaces the protocol's suffix (or choice instruction)
                    ) -> str:
     "The text asking `q` under `protocol`: options rendered for a choice question, then the harness's suffix."
@@ -125,7 +125,7 @@ def question_prompt(q: Question,  # the question (its `question`, `kind`, `optio
 # %% ../nbs/07a_predict.ipynb #23d20ba1
 def question_messages(q: Question,  # the question to ask (its `id`, `image` and `question`)
                       prompt_suffix: str | None = None,  # replaces the protocol's suffix
-                      protocol: str = "llava-med",  # a key of `PROTOCOLS`
+                      protocol: str = "llava-med",  # a key of `PROMPT_PROTOCOLS`
                      ) -> tuple[list[dict], str]:
     "The chat messages asking `q` (image part first when it has an image) and the prompt text."
     from llavamed.model import sample_to_messages
@@ -319,7 +319,7 @@ class Predictions(Result):
     questions_per_s: float | None = None  # answered / seconds (None when nothing was generated)
     bad_records: str = ""  # the data file's bad records, skipped (`BadRecords.summary()`; '' when none)
     repaired_bytes: int = 0  # bytes of a torn last line cut off `out` before appending
-    protocol: str = "llava-med"  # how the questions were worded (`PROTOCOLS`)
+    protocol: str = "llava-med"  # how the questions were worded (`PROMPT_PROTOCOLS`)
     max_new_tokens: int | None = None  # the answer length used
     max_new_tokens_from: str = ""  # 'given', or the default it came from ('default for vqa questions')
     images_checked: int = 0  # distinct images checked before the first batch

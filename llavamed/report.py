@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import (DOMAINS, Result, atomic_write, fmt_num, load_questions, pyplot, read_json,
                            write_json)
-from .eval import align, group_scores, load_answers, protocol_name, score
+from .eval import align, group_scores, load_answers, parse_protocols, protocol_name, score
 from .judge import JudgeSummary, judge
 from .predict import ABLATIONS, predict
 
@@ -370,8 +370,8 @@ def evaluate(model: str = None,  # saved model directory
              protocol: str = "all",  # scoring protocols, comma-separated ('all': official and strict)
              setting: str = "unknown",  # how the model met the VQA data: 'zero-shot', 'fine-tuned', 'unknown'
              batch_size: int = 16,  # questions per generation batch
-             max_new_tokens: int = 32,  # most tokens per VQA answer
-             chat_max_new_tokens: int = None,  # most tokens per benchmark answer (None: at least 64)
+             max_new_tokens: int = None,  # most tokens per VQA answer (None: predict's default for VQA, 32)
+             chat_max_new_tokens: int = None,  # most tokens per benchmark answer (None: predict's default, 1,024)
              prompt_suffix: str = None,  # text appended to each VQA question, e.g. 'Answer with one word.'
              seed: int = 0,  # seed of noise images, the shuffle and sampling
              device: str = None,  # 'cpu', 'cuda', ... (default: the best available)
@@ -380,7 +380,7 @@ def evaluate(model: str = None,  # saved model directory
              title: str = "llavamed evaluation",  # the report's heading
              quiet: bool = False,  # no progress bars
             ) -> Evaluation:
-    "Answer under each image ablation, score both modes and per group, proxy-judge the benchmark, report."
+    "Answer under each image ablation, score under each chosen protocol and per group, proxy-judge the benchmark, report."
     if not model or not (data or chat): raise ValueError("evaluate needs --model and --data and/or --chat")
     abls = [a.strip() for a in ablations.split(",") if a.strip()]
     by = tuple(g for g in groups.split(",") if g)
@@ -389,19 +389,21 @@ def evaluate(model: str = None,  # saved model directory
                              f"groups {tuple(_GROUP_FILES)}")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     images = images or str(Path(data or chat).parent)
+    # the questions are worded as the first scoring protocol's harness words them (llava-med for 'all')
+    wording = protocol_name(parse_protocols(protocol)[0])
 
     def answer(questions, answers, ablation, tokens=max_new_tokens, suffix=prompt_suffix):
         "Answer a question file with the model (resuming `answers`)."
         return predict(str(model), str(questions), images, str(answers), batch_size=batch_size,
                        max_new_tokens=tokens, image_ablation=ablation, prompt_suffix=suffix, seed=seed,
+                       protocol=wording,
                        device=device, dtype=dtype, quiet=quiet)
     res = Evaluation(str(out), {}, {})
     for abl in abls if data else []:
         res.scores[abl], res.groups[abl] = _evaluate_vqa(Path(data), out, abl, by, name, answer, protocol,
                                                          setting)
     if chat:
-        chat_tokens = chat_max_new_tokens or max(64, max_new_tokens)  # conversations need longer answers
-        answer(chat, out / "chat_answers.jsonl", "none", chat_tokens, None)
+        answer(chat, out / "chat_answers.jsonl", "none", chat_max_new_tokens, None)
         res.chat = judge(str(chat), str(out / "chat_answers.jsonl"), str(out / "chat_reviews.jsonl"),
                          judge="overlap", quiet=quiet)
     if write_report:
