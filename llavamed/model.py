@@ -524,22 +524,23 @@ def _exclusive(lock_path: Path):
         if fcntl: fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         yield
 
-def _auto_convert(src: Path, cfg: dict) -> Path:
-    "The converted copy of the raw release `src` in `llavamed_cache()`, converted on first use."
-    out = llavamed_cache() / "converted" / f"{src.name}-{_release_key(src)}"
+def _auto_convert(src: Path, cfg: dict, name) -> Path:
+    "The converted copy of the raw release `src` (given as `name`) in `llavamed_cache()`, made on first use."
+    label = src.parent.parent.name.removeprefix("models--") if src.parent.name == "snapshots" else src.name
+    out = llavamed_cache() / "converted" / f"{label}-{_release_key(src)}"
     if (out / "config.json").is_file(): return out
-    command, mt = f"llavamed convert --src {src} --out DIR", cfg.get("model_type")
+    command, mt = f"llavamed convert --src {name} --out DIR", cfg.get("model_type")
     if not any(src.glob("*.safetensors")) and not any(src.glob("pytorch_model*.bin")):
-        raise FileNotFoundError(f"{src}: a raw {mt} release without weight files")
+        raise FileNotFoundError(f"{name}: a raw {mt} release without weight files")
     if not _has_tower_weights(src):
-        raise ValueError(f"{src}: a raw {mt} release without its vision tower's weights; run `{command} --tower "
+        raise ValueError(f"{name}: a raw {mt} release without its vision tower's weights; run `{command} --tower "
                          f"{cfg.get('mm_vision_tower', 'CLIP_DIR')}` and pass --model DIR")
     with _exclusive(out.parent / f".{out.name}.lock"):  # the ranks of one run: one converts, the others wait
         if (out / "config.json").is_file(): return out
-        log.warning(f"{src} is a raw {mt} release: converting it once into {out} (what `{command}` does)")
+        log.warning(f"{name} is a raw {mt} release: converting it once into {out} (what `{command}` does)")
         try: convert_checkpoint(str(src), str(out))
         except ValueError as e:
-            raise ValueError(f"{src}: a raw {mt} release that does not convert on its own "
+            raise ValueError(f"{name}: a raw {mt} release that does not convert on its own "
                              f"({e}); run `{command}` and pass --model DIR") from e
     return out
 
@@ -550,7 +551,7 @@ def resolve_model(name: str | Path,  # a preset, a model directory, a raw releas
     src = resolve_source(name, what)
     if isinstance(src, str): return src
     cfg = _read_config(src, what)
-    if is_release(cfg): return _auto_convert(src, cfg)
+    if is_release(cfg): return _auto_convert(src, cfg, name)
     if cfg.get("model_type") != "llava":
         raise ValueError(f"{what} {name}: model_type {cfg.get('model_type')!r} is not a LLaVA model; compose one "
                          f"with `llavamed build --vision TOWER --lm LM --out DIR`")

@@ -127,9 +127,10 @@ def test_raw_release_by_hub_id_converts_once_into_the_cache(hub, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="llavamed.model"):
         m, p = load_model("microsoft/llava-med-v1.5-mistral-7b", device="cpu")
     said = [r.getMessage() for r in caplog.records if "raw llava_mistral release" in r.getMessage()]
-    assert len(said) == 1 and "llavamed convert --src" in said[0], said
+    assert len(said) == 1 and "llavamed convert --src microsoft/llava-med-v1.5-mistral-7b --out DIR" in said[0], said
     converted = resolve_model("microsoft/llava-med-v1.5-mistral-7b")
     assert converted.parent == tmp_path / "llavamed-cache" / "converted"
+    assert converted.name.startswith("microsoft--llava-med-v1.5-mistral-7b-")  # named by repo, not by commit
     assert type(m).__name__ == "LlavaForConditionalGeneration" and m.config.llavamed["template"] == "mistral_instruct"
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="llavamed.model"): resolve_model(snap)
