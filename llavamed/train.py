@@ -306,11 +306,22 @@ def image_token_count(processor) -> int:
 class TemplateError(ValueError):
     "A chat template whose replies cannot be located in what it renders."
 
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    "transformers' compiled Jinja template (its sandbox and helpers), or None where that function is missing."
+    try: from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError: return None
+    return _compile_jinja_template(template)
+
 def _render_replies(tok, msgs: list[dict], template: str) -> list[tuple[int, str, tuple[int, int]]]:
     "`(n_messages, text, reply span)` up to each assistant reply: the render before it and with it, any template."
     turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    def render(parts, gen):  # one batched call per kind of prefix
-        return tok.apply_chat_template(parts, chat_template=template, tokenize=False, add_generation_prompt=gen)
+    compiled, specials = _compiled_template(template), tok.special_tokens_map
+    def render(parts, gen):  # what `apply_chat_template(tokenize=False)` renders for plain-dict messages
+        if compiled is None:
+            return tok.apply_chat_template(parts, chat_template=template, tokenize=False, add_generation_prompt=gen)
+        return [compiled.render(messages=p, tools=None, documents=None, add_generation_prompt=gen, **specials)
+                for p in parts]
     befores = render([msgs[:i] for i in turns], True) if turns else []
     uptos = render([msgs[:i + 1] for i in turns], False) if turns else []
     out = []
