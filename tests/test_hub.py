@@ -207,6 +207,7 @@ def test_v1_llava_config_is_a_release_and_converts_like_v1_5(hub, tmp_path):
     with torch.no_grad(): torch.testing.assert_close(ma(input_ids=ids).logits, mb(input_ids=ids).logits)
 
 
+@pytest.mark.slow
 def test_two_processes_convert_a_release_once(hub, tmp_path):
     "Two ranks loading the same raw release at once: one converts under the lock, the other reuses its copy."
     import subprocess, sys
