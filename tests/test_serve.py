@@ -1,0 +1,299 @@
+"`llavamed serve`: transformers' server in a real process on loopback, asked through the real `openai` client."
+import json, os, secrets, signal, socket, subprocess, sys, time, urllib.error, urllib.request
+from pathlib import Path
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+import numpy as np
+import openai
+from PIL import Image
+from llavamed.cli import main
+from llavamed.core import IMAGE_TOKEN
+from llavamed.serve import ModelServer, answer_with_api, api_messages, image_part, servable_problems
+
+KEY_ENV = "LLAVAMED_TEST_SERVE_KEY"
+KEY = secrets.token_hex(12)
+TEXTS = ["Is there an effusion? no yes", "Which organ is shown? liver spleen kidney", "Describe the figure."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try: s.bind(("127.0.0.1", port)); return True
+        except OSError: return False
+
+
+def http(url: str, body: bytes | None = None, key: str | None = None) -> tuple[int, dict]:
+    "Status and JSON body of one raw HTTP request (no client library in between)."
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r: return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try: return e.code, json.loads(text)
+        except ValueError: return e.code, {"raw": text.decode(errors="replace")}
+
+
+def start(llavamed_cmd, model, port: int, log: Path, key: str | None = KEY, extra=()) -> subprocess.Popen:
+    "`llavamed serve` in a child process; returns once /health answers (or fails with the server's log)."
+    env = {**os.environ, KEY_ENV: key or "", "DS_ACCELERATOR": "cpu"}
+    args = [llavamed_cmd, *extra, "serve", "--model", str(model), "--port", str(port), "--device", "cpu",
+            "--log-level", "warning"] + (["--api-key-env", KEY_ENV] if key else [])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log, "w"), env=env, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None: pytest.fail(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if http(f"http://127.0.0.1:{port}/health", key=key)[0] == 200: return proc
+        except OSError: pass
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"server not up after 240 s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try: proc.wait(timeout)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+    return proc.returncode
+
+
+def question(qid: str, image: str, text: str, answer: str, kind: str = "CLOSED") -> dict:
+    return {"id": qid, "image": image, "answer_type": kind,
+            "conversations": [{"from": "human", "value": f"{text}\n{IMAGE_TOKEN}"}, {"from": "gpt", "value": answer}]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    "A saved tiny model (random weights, seeded): the server and `predict` load the same weights."
+    import torch
+    from llavamed.model import build_model, save_model
+    torch.manual_seed(0)
+    return save_model(*build_model("tiny", tokenizer_texts=TEXTS * 20), tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory) -> Path:
+    "images/ with 4 pictures (one a DICOM slice) and vqa.json with 8 questions about them."
+    from pydicom.data import get_testdata_file
+    d = tmp_path_factory.mktemp("vqa")
+    (d / "images").mkdir()
+    for i in range(3): Image.new("RGB", (48, 40), (60 * i, 90, 200 - 50 * i)).save(d / "images" / f"i{i}.png")
+    (d / "images" / "ct.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    names = ["images/i0.png", "images/i1.png", "images/i2.png", "images/ct.dcm"]
+    recs = [question(f"q{k}", names[k % 4], f"Question {k}: is the organ enlarged?", "yes" if k % 2 else "no")
+            for k in range(6)]
+    recs += [question("open6", "images/ct.dcm", "What organ is shown?", "liver", "OPEN"),
+             question("open7", "images/i1.png", "Describe the figure.", "a chest film", "OPEN")]
+    (d / "vqa.json").write_text(json.dumps(recs))
+    return d / "vqa.json"
+
+
+@pytest.fixture(scope="module")
+def server(llavamed_cmd, model_dir, tmp_path_factory):
+    "`llavamed serve --model DIR --api-key-env VAR` on a free loopback port: (base_url, model name)."
+    port, log = free_port(), tmp_path_factory.mktemp("log") / "serve.log"
+    proc = start(llavamed_cmd, model_dir, port, log)
+    yield f"http://127.0.0.1:{port}/v1", str(Path(model_dir).resolve())
+    stop(proc)
+
+
+@pytest.fixture(autouse=True)
+def key_in_env(monkeypatch):
+    "The key where `--api-key-env` points, for the clients in this process too."
+    monkeypatch.setenv(KEY_ENV, KEY)
+
+
+@pytest.fixture
+def api(server):
+    return openai.OpenAI(base_url=server[0], api_key=KEY, max_retries=0)
+
+
+def ask(image: str | Path, text: str = "Is there an effusion?") -> list[dict]:
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return api_messages(conv, image)
+
+
+# ---------------------------------------------------------------- replies
+
+
+def test_the_server_lists_its_one_model(api, server):
+    assert [m.id for m in api.models.list().data] == [server[1]]
+
+
+def test_a_reply_to_an_image_sent_as_a_base64_data_url(api, server, vqa):
+    msgs = ask(vqa.parent / "images" / "i0.png")
+    assert msgs[0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    r = api.chat.completions.create(model=server[1], messages=msgs, max_tokens=6, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and isinstance(r.choices[0].message.content, str)
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 64  # 64 image tokens plus the question
+
+
+def test_a_streamed_reply_is_the_same_text(api, server, vqa):
+    msgs = ask(vqa.parent / "images" / "ct.dcm", "What organ is shown?")
+    whole = api.chat.completions.create(model=server[1], messages=msgs, max_tokens=8, temperature=0)
+    chunks = list(api.chat.completions.create(model=server[1], messages=msgs, max_tokens=8, temperature=0,
+                                              stream=True))
+    assert len(chunks) > 2  # several deltas, not one body
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == whole.choices[0].message.content.strip()
+
+
+def test_greedy_answers_equal_llavamed_predict(server, model_dir, vqa, tmp_path):
+    "Same questions, same answer rows: prompt, text and image alike; only the model's name differs."
+    from llavamed.predict import predict
+    predict(model=str(model_dir), data=str(vqa), out=str(tmp_path / "local.jsonl"), batch_size=4,
+            max_new_tokens=8, device="cpu", dtype="float32", quiet=True)
+    res = answer_with_api(str(vqa), str(tmp_path / "api.jsonl"), server[0], api_key_env=KEY_ENV, max_new_tokens=8,
+                          concurrency=4, quiet=True)
+    assert res.answered == 8 and res.images_checked == 4
+    local = {r["question_id"]: r for r in map(json.loads, (tmp_path / "local.jsonl").read_text().splitlines())}
+    remote = {r["question_id"]: r for r in map(json.loads, (tmp_path / "api.jsonl").read_text().splitlines())}
+    assert sorted(local) == sorted(remote)
+    assert any(r["text"] for r in local.values())  # a model answering nothing would prove nothing
+    for qid, row in local.items():
+        got = remote[qid]
+        assert set(got) == set(row)
+        assert (got["prompt"], got["text"], got["metadata"]["image"]) == (row["prompt"], row["text"],
+                                                                          row["metadata"]["image"]), qid
+        assert got["metadata"]["decoding"] == row["metadata"]["decoding"]
+        assert got["metadata"]["model"] == server[1] and got["metadata"]["backend"] == "openai"
+
+
+def test_an_interrupted_run_resumes_without_asking_twice(server, vqa, tmp_path):
+    out = tmp_path / "a.jsonl"
+    first = answer_with_api(str(vqa), str(out), server[0], api_key_env=KEY_ENV, max_new_tokens=4, limit=3,
+                            batch_size=2, quiet=True)
+    torn = '{"question_id": "q7", "te'  # a killed run's torn last line
+    with open(out, "a") as f: f.write(torn)
+    rest = answer_with_api(str(vqa), str(out), server[0], api_key_env=KEY_ENV, max_new_tokens=4, quiet=True)
+    ids = [json.loads(line)["question_id"] for line in out.read_text().splitlines()]
+    assert (first.answered, rest.skipped, rest.answered, rest.repaired_bytes) == (3, 3, 5, len(torn))
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 8
+    with pytest.raises(ValueError, match="other settings"):
+        answer_with_api(str(vqa), str(out), server[0], api_key_env=KEY_ENV, max_new_tokens=5, quiet=True)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_a_request_without_the_key_is_refused(server):
+    base, name = server
+    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    for key in (None, "wrong", KEY[:-1]):
+        status, reply = http(f"{base}/chat/completions", body, key)
+        assert status == 401 and reply["error"]["code"] == "invalid_api_key", (key, status, reply)
+    assert http(f"{base}/models")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+    assert http(f"{base}/chat/completions", body, KEY)[0] == 200
+
+
+def test_a_malformed_request_is_an_error_and_the_server_stays_up(api, server):
+    base, name = server
+    with pytest.raises(openai.BadRequestError, match="malformed request"):
+        api.chat.completions.create(model=name, messages="not a list", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as refused:  # another model's name: transformers' own refusal
+        api.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert "pinned" in refused.value.response.json()["detail"]
+    for body in (b"{not json", b'{"messages": [{"content": "no role"}]}', b'{"messages": [], "bogus": 1}'):
+        status, reply = http(f"{base}/chat/completions", body, KEY)
+        assert 400 <= status < 500, (body, status, reply)
+    r = api.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_serve_arguments_are_one_line_errors(capsys, model_dir, monkeypatch, tmp_path):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert main(["serve", "--model", str(model_dir), "--api-key-env", KEY_ENV]) == 2
+    assert f"--api-key-env {KEY_ENV}: the variable is not set" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0)); busy.listen()
+        assert main(["serve", "--model", str(model_dir), "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen there" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- checkpoints and images
+
+
+def test_image_part_sends_dicom_and_nifti_pixels_losslessly():
+    import base64, io
+    from pydicom.data import get_testdata_file
+    nib_testing = pytest.importorskip("nibabel.testing")
+    from llavamed.images import load_image
+    for path in (get_testdata_file("CT_small.dcm"), Path(nib_testing.data_path) / "anatomical.nii"):
+        url = image_part(path)["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,")
+        sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert np.array_equal(np.asarray(sent), np.asarray(load_image(path)))
+
+
+def test_checkpoints_the_project_writes_carry_what_servers_need(model_dir, vqa, tmp_path):
+    "save_model, convert, build and train outputs: chat template, processor and generation config; v1.0 refused."
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from llavamed import train as T
+    from llavamed.model import TINY_LM, TINY_VISION, build, convert_checkpoint, tiny_release_checkpoint, \
+        train_tokenizer
+    convert_checkpoint(str(tiny_release_checkpoint(tmp_path / "release", seed=3)), str(tmp_path / "converted"))
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(tmp_path / "clip")
+    tok = train_tokenizer(TEXTS, vocab_size=400)
+    LlamaForCausalLM(LlamaConfig(**TINY_LM, vocab_size=len(tok))).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    build(vision=str(tmp_path / "clip"), lm=str(tmp_path / "lm"), out=str(tmp_path / "built"))
+    build(vision=str(tmp_path / "clip"), lm=str(tmp_path / "lm"), out=str(tmp_path / "v1"), projector="linear")
+    stage = T.StageConfig.load("instruct", global_batch_size=2, per_device_batch_size=2)
+    T.train(stage, T.RunConfig(model=str(model_dir), data=str(vqa), images=str(vqa.parent),
+                               out=str(tmp_path / "trained"), max_steps=1, num_workers=0, save_steps=100))
+    for name in ("converted", "built", "trained"):
+        assert servable_problems(tmp_path / name) == [], name
+    assert servable_problems(model_dir) == []
+    assert "linear layer" in " ".join(servable_problems(tmp_path / "v1"))
+    assert json.loads((tmp_path / "converted" / "processor_config.json").read_text())["image_processor"]["do_pad"]
+    with pytest.raises(ValueError, match="linear layer"): ModelServer(str(tmp_path / "v1"), port=free_port())
+
+
+def test_a_converted_release_is_served_unchanged_with_predicts_answers(tmp_path):
+    "transformers' server loads the converted folder as it is and answers what `generate_batch` answers."
+    from llavamed.generate import generate_batch
+    from llavamed.model import convert_checkpoint, load_model, tiny_release_checkpoint
+    out = tmp_path / "converted"
+    convert_checkpoint(str(tiny_release_checkpoint(tmp_path / "release", seed=5)), str(out))
+    img = Image.new("RGB", (60, 30), (200, 30, 90))  # not square: pad-to-square matters
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the figure."}]}]
+    model, proc = load_model(out, device="cpu", dtype="float32")
+    local = generate_batch(model, proc, [conv], [img], max_new_tokens=8)[0]
+    with ModelServer(str(out), port=0, log_level="warning", device="cpu") as srv:
+        api = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0)
+        r = api.chat.completions.create(model=srv.name, messages=api_messages(conv, img), max_tokens=8,
+                                        temperature=0)
+    assert r.choices[0].message.content.strip() == local and r.usage.completion_tokens >= 1
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def test_sigterm_stops_a_served_preset_cleanly(llavamed_cmd, tmp_path):
+    "`--model tiny` is built into a temporary folder, answers, and SIGTERM ends the process: status 0, port free."
+    port = free_port()
+    proc = start(llavamed_cmd, "tiny", port, tmp_path / "log", key=None, extra=["--json"])
+    base = f"http://127.0.0.1:{port}/v1"
+    api = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+    name = api.models.list().data[0].id
+    assert Path(name).is_dir() and "llavamed-serve-tiny-" in name
+    api.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert stop(proc, signal.SIGTERM) == 0, (tmp_path / "log").read_text()[-2000:]
+    served = json.loads(proc.stdout.read())
+    assert served["stopped_by"] == "SIGTERM" and served["name"] == name and not served["api_key"]
+    assert port_is_free(port) and not Path(name).exists()
