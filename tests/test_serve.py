@@ -284,8 +284,9 @@ def test_a_converted_release_is_served_unchanged_with_predicts_answers(tmp_path)
 # ---------------------------------------------------------------- stopping
 
 
-def test_sigterm_stops_a_served_preset_cleanly(llavamed_cmd, tmp_path):
-    "`--model tiny` is built into a temporary folder, answers, and SIGTERM ends the process: status 0, port free."
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_served_preset_cleanly(llavamed_cmd, tmp_path, sig):
+    "`--model tiny` is built into a temporary folder and answers; SIGTERM or Ctrl-C ends it: status 0, port free."
     port = free_port()
     proc = start(llavamed_cmd, "tiny", port, tmp_path / "log", key=None, extra=["--json"])
     base = f"http://127.0.0.1:{port}/v1"
@@ -293,7 +294,7 @@ def test_sigterm_stops_a_served_preset_cleanly(llavamed_cmd, tmp_path):
     name = api.models.list().data[0].id
     assert Path(name).is_dir() and "llavamed-serve-tiny-" in name
     api.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    assert stop(proc, signal.SIGTERM) == 0, (tmp_path / "log").read_text()[-2000:]
+    assert stop(proc, sig) == 0, (tmp_path / "log").read_text()[-2000:]
     served = json.loads(proc.stdout.read())
-    assert served["stopped_by"] == "SIGTERM" and served["name"] == name and not served["api_key"]
+    assert served["stopped_by"] == sig.name and served["name"] == name and not served["api_key"]
     assert port_is_free(port) and not Path(name).exists()
