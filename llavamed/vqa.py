@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/vqa.html.md"""
 
 # %% ../nbs/02b_vqa.ipynb #0724b8de
 from __future__ import annotations
-import builtins, csv, difflib, hashlib, pickle, re, shutil, stat, string, zlib
+import builtins, csv, difflib, hashlib, io, pickle, re, shutil, stat, string, zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator
 import os
 from .core import (GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sample, Turn, get_logger,
                            iter_records, write_json)
-from .images import ImageOutsideRootError, load_image, relative_image_name, resolve_image
+from .images import (MAX_PIXELS, ImageError, ImageOutsideRootError, _open_raster, load_image,
+                             relative_image_name, resolve_image)
 
 # %% auto #0
 __all__ = ['log', 'DATASETS', 'VQA_RAD_VARIANTS', 'ANSWER_TYPES', 'LETTERS', 'MAX_TEXT_CHARS', 'HUB_REPOS', 'SLAKE_SPLITS',
@@ -89,6 +90,19 @@ def is_yes_no(answer) -> bool:
 # %% ../nbs/02b_vqa.ipynb #f3dd070d
 MAX_TEXT_CHARS = 20_000  # a longer question or answer is a broken record (real ones are a sentence or two)
 
+def _is_text(value) -> bool:
+    "Whether a question, answer or option cell holds text (a number is written as text; None is empty)."
+    return value is None or isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+def _prefixed(prefix: str, key: str | None) -> str | None:
+    "A record id `{prefix}_{key}` (None stays None: a key of the wrong type)."
+    return None if key is None else f"{prefix}_{key}"
+
+def _row_id(value, fallback: str) -> str | None:
+    "The id part a release gives a row (`fallback` when it gives none); None when it is not a number or text."
+    if value is None or value == "": return fallback
+    return str(value) if _is_text(value) else None
+
 class _Collector:
     "Records per split, with skip reasons (and where each was first seen) counted; broken ones through `bad`."
     def __init__(self, source: str = "<questions>", max_bad: float = 0.02,
@@ -111,6 +125,9 @@ class _Collector:
         if self.staging is None:
             raise ValueError(f"{self.bad.source}: this layout holds its images: pass `out` to write them")
         if name in self._staged: return
+        try: _open_raster(io.BytesIO(data), name, MAX_PIXELS)  # the header only: no pixel is decoded here
+        except ImageError as e:
+            raise _Unusable("image bytes not a readable image", name, e.msg, broken=True) from None
         path = self.staging / "images" / name
         path.parent.mkdir(parents=True, exist_ok=True); path.write_bytes(data); self._staged.add(name)
 
@@ -120,12 +137,15 @@ class _Collector:
             image_data: Callable[[], bytes] | None = None,  # the image's bytes, staged as `image`
             **kw) -> dict | None:
         "Add one record (the arguments of `vqa_record`) to `split`, or count why it was skipped."
+        if id is None: return self.broken("id is neither a number nor text", where or split)
         self._seen[id] += 1
         if self._seen[id] > 1: self.skip("repeated id (suffixed)", f"record {id}"); id = f"{id}_{self._seen[id]}"
         where = f"record {id}" + (f" ({where})" if where else "")
         if image:
             try: relative_image_name(image, id)
             except ImageOutsideRootError: return self.broken("image path outside the images folder", where)
+        if not all(_is_text(t) for t in (question, answer, *(kw.get("options") or ()))):
+            return self.broken("question, answer or option is not text", where)
         if any(isinstance(t, str) and len(t) > MAX_TEXT_CHARS for t in (question, answer)):
             return self.broken(f"question or answer longer than {MAX_TEXT_CHARS:,} characters", where)
         try:
@@ -351,7 +371,7 @@ def load_vqa_rad(src: str | Path,  # the VQA-RAD JSON file or its folder, or the
         answer = row.get("answer", "")
         if variant == "yesno": answer_type = "CLOSED" if is_yes_no(answer) else "OPEN"
         else: answer_type = row.get("answer_type", "")
-        collected.add(split, f"vqa-rad_{row.get('qid', i)}", row.get("image_name", ""), row.get("question", ""),
+        collected.add(split, _prefixed("vqa-rad", _row_id(row.get("qid"), str(i))), row.get("image_name", ""), row.get("question", ""),
                       answer, answer_type, row.get("question_type"), phrase_type=row.get("phrase_type"),
                       organ=row.get("image_organ"))
     return collected
@@ -383,18 +403,29 @@ def load_slake(src: str | Path,  # the SLAKE folder (train, validate or validati
     collected.layout = "JSON" + (" + imgs.zip" if archive else " + imgs/" if collected.images else "")
     try:
         for split, path in files.items():
+            asked = 0  # questions of the file in the language asked for
             for i, row in _question_rows(path, collected):
-                if lang != "all" and row.get("q_lang") != lang: continue
+                where = f"{path.name} record {i}"
+                if "q_lang" not in row: collected.broken("not a SLAKE question (no q_lang)", where); continue
+                if lang != "all" and row["q_lang"] != lang: continue
+                asked += 1
                 image = row.get("img_name", "")
-                collected.add(split, f"slake_{row.get('qid', f'{split}{i}')}", image, row.get("question", ""),
-                              row.get("answer", ""), row.get("answer_type", ""), row.get("content_type"),
-                              where=f"{path.name} record {i}",
+                collected.add(split, _prefixed("slake", _row_id(row.get("qid"), f"{split}{i}")), image,
+                              row.get("question", ""), row.get("answer", ""), row.get("answer_type", ""),
+                              row.get("content_type"), where=where,
                               image_data=_zip_image(archive, image) if archive and image else None,
                               modality=row.get("modality"), location=row.get("location"),
                               base_type=row.get("base_type"), q_lang=row.get("q_lang"))
+            if asked and split not in collected.splits: _no_split(collected, split, path)
     finally:
         if archive: archive.close()
     return collected
+
+def _no_split(collected: _Collector, split: str, path: Path) -> None:
+    "Stop a conversion whose set would be written without `split`, every question of its `path` skipped."
+    collected.bad.check(collected.n_read)  # broken records: the policy's message lists them first
+    why = ", ".join(f"{k} {v:,}" for k, v in collected.skipped.items())
+    raise ValueError(f"{path}: no question of the {split} split could be converted ({why})")
 
 # %% ../nbs/02b_vqa.ipynb #5d4d40cb
 _SAFE_NAMES = frozenset({"dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool", "bytes",
@@ -565,7 +596,7 @@ def load_omnimedvqa(src: str | Path,  # the OmniMedVQA folder (QA_information/, 
             for letter in LETTERS:
                 if row.get(f"option_{letter}") is None: break
                 options.append(row[f"option_{letter}"])
-            id = f"omnimedvqa_{row.get('question_id', f'{path.stem}_{i}')}"
+            id = _prefixed("omnimedvqa", _row_id(row.get("question_id"), f"{path.stem}_{i}"))
             collected.add("test", id, row.get("image_path", ""), row.get("question"), row.get("gt_answer"), "CHOICE",
                           row.get("question_type"),
                           where=f"{path.name} record {i}", options=options,
@@ -639,6 +670,7 @@ def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake', 'pathvqa', 'pmc-vqa'
     if dataset not in DATASETS: raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
     if not Path(src).exists(): raise FileNotFoundError(f"src {src} does not exist")
     out, had_out = Path(out), Path(out).exists()
+    if had_out and not out.is_dir(): raise ValueError(f"--out {out} is a file: give the folder for the splits")
     staging = out / ".incoming"  # images that come inside the files: moved into `out` only with the splits
     try:
         collected, option = _load(dataset, hub_snapshot(src, dataset), staging, variant, lang, release, max_bad)

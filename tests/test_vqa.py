@@ -501,3 +501,65 @@ def test_leakage_across_formats(tmp_path):
     write_hub_parquet(tmp_path / "test-00000-of-00001.parquet", rows)
     with pytest.raises(TooManyBadRecords, match="image without bytes at line 5"):
         check_leakage(str(tmp_path / "o/test.json"), str(tmp_path / "test-00000-of-00001.parquet"), images=c.images, quiet=True)
+
+
+# ---------- hostile inputs to the hub layouts (each found by trying them) ----------
+def slake_folder(root, test_rows):
+    "A SLAKE hub folder with good train and validation splits, `test_rows` as test.json, and imgs.zip."
+    root.mkdir()
+    write_json_file(root / "train.json", [slake(i, "en", "CLOSED", "xmlab0/source.jpg") for i in range(20)])
+    write_json_file(root / "validation.json", [slake(100 + i, "en", "CLOSED", "xmlab0/source.jpg") for i in range(20)])
+    write_json_file(root / "test.json", test_rows)
+    make_zip(root / "imgs.zip", {"imgs/xmlab0/source.jpg": image_bytes(0)})
+    return root
+
+
+def test_questions_answers_options_and_ids_of_the_wrong_type_are_broken_records(tmp_path, capsys):
+    rows = [slake(200 + i, "en", "CLOSED", "xmlab0/source.jpg") for i in range(20)]
+    rows[1]["question"], rows[2]["answer"], rows[3]["qid"] = {"text": "is it?"}, ["yes", "no"], {"a": 1}
+    src = slake_folder(tmp_path / "SLAKE", rows)
+    code = main(["vqa-convert", "--dataset", "slake", "--src", str(src), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not (tmp_path / "o").exists()
+    assert "3 of 60 records are bad" in err[0]
+    assert "question, answer or option is not text at record slake_201 (test.json record 1) (2)" in err[0]
+    assert "id is neither a number nor text at test.json record 3 (1)" in err[0]
+    c = convert_vqa("slake", str(src), str(tmp_path / "o"), max_bad=0.1)
+    assert c.splits["test"]["total"] == 17
+    assert all(r["id"].removeprefix("slake_").isdigit() for r in load(tmp_path / "o/test.json"))
+    options = {"question_id": "q1", "image_path": "a.png", "question": "Which?", "option_A": {"x": 1}, "option_B": "b",
+               "gt_answer": "b"}
+    write_json_file(tmp_path / "omni.json", [options])
+    with pytest.raises(TooManyBadRecords, match=r"option is not text at record omnimedvqa_q1"):
+        convert_vqa("omnimedvqa", str(tmp_path / "omni.json"), str(tmp_path / "o3"))
+
+
+def test_a_split_file_of_no_slake_questions_is_refused_not_left_out(tmp_path):
+    src = slake_folder(tmp_path / "SLAKE", [slake(200 + i, "en", "CLOSED", "xmlab0/source.jpg") for i in range(20)])
+    first = convert_vqa("slake", str(src), str(tmp_path / "o"))
+    assert set(first.splits) == {"train", "val", "test"}
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.json")}
+    write_json_file(src / "test.json", {"not": "a list"})  # one document, no SLAKE key: not a question
+    with pytest.raises(TooManyBadRecords, match=r"not a SLAKE question \(no q_lang\) at test.json record 0"):
+        convert_vqa("slake", str(src), str(tmp_path / "o"))
+    write_json_file(src / "test.json", [slake(300, "en", "CLOSED", "xmlab7/source.jpg")])  # its image is not there
+    with pytest.raises(ValueError, match=r"test.json: no question of the test split could be converted "
+                                         r"\(image not in imgs.zip 1\)"):
+        convert_vqa("slake", str(src), str(tmp_path / "o"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.json")} == before  # the earlier set intact
+
+
+def test_image_bytes_that_are_no_image_and_an_out_that_is_a_file(tmp_path, capsys):
+    d = tmp_path / "rad"
+    rows = rad_hub_rows(10)
+    rows[4] = {**rows[4], "image": {"bytes": b"GIF89a" + bytes(10), "path": None}}  # the magic, then nothing
+    write_hub_parquet(d / "test-00000-of-00001.parquet", rows)
+    with pytest.raises(TooManyBadRecords, match=r"image bytes not a readable image at record vqa-rad_test_4 "
+                                                r"\(test-00000-of-00001.parquet:row 5\)"):
+        convert_vqa("vqa-rad", str(d), str(tmp_path / "o"))
+    c = convert_vqa("vqa-rad", str(d), str(tmp_path / "o"), max_bad=0.2)
+    assert c.splits["test"]["total"] == 9 and c.skipped == {"image bytes not a readable image": 1}
+    (tmp_path / "file.json").write_text("{}")
+    code = main(["vqa-convert", "--dataset", "vqa-rad", "--src", str(d), "--out", str(tmp_path / "file.json")])
+    assert code == 2 and capsys.readouterr().err.strip().endswith("file.json is a file: give the folder for the splits")
+    assert (tmp_path / "file.json").read_text() == "{}"
