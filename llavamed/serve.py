@@ -302,7 +302,9 @@ def answer_with_api(data: str,  # VQA file (LLaVA records) or conversation-bench
                     protocol: str = "llava-med",  # wording: llava-med, llava-med-run-eval, strict, lmms-eval...
                     prompt_suffix: str | None = None,  # replaces the protocol's suffix
                     image_ablation: str = "none",  # 'none', 'blank', 'noise' (seeded), 'shuffle'
-                    seed: int = 0,  # seed of noise images and the shuffle
+                    do_sample: bool = False,  # sample instead of greedy decoding (temperature 0)
+                    temperature: float = 0.7,  # sampling temperature (with do_sample)
+                    seed: int = 0,  # seed of sampling (sent with each request), noise images and the shuffle
                     limit: int | None = None,  # answer at most this many new questions
                     timeout: float = 600.0,  # seconds per request before it counts as timed out
                     quiet: bool = False,  # no progress bar
@@ -318,8 +320,10 @@ def answer_with_api(data: str,  # VQA file (LLaVA records) or conversation-bench
     prompts = {q.id: P.question_prompt(q, protocol, prompt_suffix) for q in questions}
     tokens, tokens_from = (max_new_tokens, "given") if max_new_tokens else P.default_max_new_tokens(questions)
     model = model or served_model(base_url, api_key_env)
-    meta = {"decoding": {"do_sample": False, "max_new_tokens": tokens, "seed": seed}, "image_ablation": image_ablation,
-            "prompt_suffix": prompt_suffix, "model": model, "protocol": protocol, "backend": "openai"}
+    decoding = {"do_sample": bool(do_sample), "max_new_tokens": tokens, "seed": seed}
+    if do_sample: decoding["temperature"] = temperature
+    meta = {"decoding": decoding, "image_ablation": image_ablation, "prompt_suffix": prompt_suffix, "model": model,
+            "protocol": protocol, "backend": "openai"}
     done, prev = P._answered([out])
     if prev is not None and P._settings(prev) != P._settings(meta):
         raise ValueError(f"{out} holds answers made with other settings ({P._settings(prev)}); this run: "
@@ -342,8 +346,10 @@ def _answer_through(res, todo, questions, base_url, api_key_env, meta, images, o
     swap = P.shuffled_images(questions, meta["decoding"]["seed"]) if meta["image_ablation"] == "shuffle" else {}
     paths = P.check_images(todo, images, swap)
     res.images_checked = len(paths)
-    client = ChatClient(model=meta["model"], base_url=base_url, api_key_env=api_key_env, temperature=0.0,
-                        max_tokens=meta["decoding"]["max_new_tokens"], timeout=timeout)
+    dec = meta["decoding"]
+    client = ChatClient(model=meta["model"], base_url=base_url, api_key_env=api_key_env,
+                        temperature=dec.get("temperature", 0.0), max_tokens=dec["max_new_tokens"], timeout=timeout,
+                        extra_body={"seed": dec["seed"]} if dec["do_sample"] else {})
     answer = lambda convs, imgs: chat_answers(convs, imgs, client, concurrency)
     res.repaired_bytes = repair_torn_tail(out)
     if res.repaired_bytes: log.warning(f"{out}: cut a torn last line ({res.repaired_bytes} bytes) off")

@@ -264,20 +264,22 @@ def test_checkpoints_the_project_writes_carry_what_servers_need(model_dir, vqa, 
     with pytest.raises(ValueError, match="linear layer"): ModelServer(str(tmp_path / "v1"), port=free_port())
 
 
-def test_a_converted_release_is_served_unchanged_with_predicts_answers(tmp_path):
-    "transformers' server loads the converted folder as it is and answers what `generate_batch` answers."
+def test_a_raw_release_is_converted_and_served_with_predicts_answers(tmp_path, monkeypatch):
+    "`--model RAW_RELEASE`: converted once into the cache, which transformers' server loads as it is."
     from llavamed.generate import generate_batch
-    from llavamed.model import convert_checkpoint, load_model, tiny_release_checkpoint
-    out = tmp_path / "converted"
-    convert_checkpoint(str(tiny_release_checkpoint(tmp_path / "release", seed=5)), str(out))
+    from llavamed.model import load_model, tiny_release_checkpoint
+    monkeypatch.setenv("LLAVAMED_CACHE", str(tmp_path / "cache"))
+    raw = tiny_release_checkpoint(tmp_path / "release", seed=5)
     img = Image.new("RGB", (60, 30), (200, 30, 90))  # not square: pad-to-square matters
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the figure."}]}]
-    model, proc = load_model(out, device="cpu", dtype="float32")
-    local = generate_batch(model, proc, [conv], [img], max_new_tokens=8)[0]
-    with ModelServer(str(out), port=0, log_level="warning", device="cpu") as srv:
+    with ModelServer(str(raw), port=0, log_level="warning", device="cpu") as srv:
+        assert Path(srv.name).is_relative_to(tmp_path / "cache") and servable_problems(srv.name) == []
         api = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0)
         r = api.chat.completions.create(model=srv.name, messages=api_messages(conv, img), max_tokens=8,
                                         temperature=0)
+    model, proc = load_model(srv.name, device="cpu", dtype="float32")
+    assert proc.image_processor.do_pad
+    local = generate_batch(model, proc, [conv], [img], max_new_tokens=8)[0]
     assert r.choices[0].message.content.strip() == local and r.usage.completion_tokens >= 1
 
 
