@@ -80,13 +80,31 @@ def _clean_pmid(text: str) -> str:
 
 def _read_pmids(path) -> set[str]:
     "The PMIDs of a file holding one a line (blank lines and '#' comments ignored)."
+    if not Path(path).is_file(): raise FileNotFoundError(f"--pmids {path}: no such file")
+    try: text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text") from None
     out = set()
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         s = line.split("#")[0].strip().removeprefix("PMID:")
         if not s: continue
         if not s.isdigit(): raise ValueError(f"{path}: line {n}: {s[:40]!r} is not a PMID")
         out.add(s)
     return out
+
+def _is_day(text: str) -> bool:
+    "Whether `text` is a calendar day written YYYY-MM-DD."
+    import datetime
+    try: return bool(_DATE.match(text)) and bool(datetime.date.fromisoformat(text))
+    except ValueError: return False
+
+def _text_lines(f, undecodable: set[int]):
+    "The lines of a binary file as text (a leading BOM dropped); the numbers of lines not UTF-8 go to `undecodable`."
+    for n, raw in enumerate(f, 1):
+        if n == 1: raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try: yield raw.decode("utf-8")
+        except UnicodeDecodeError: undecodable.add(n); yield raw.decode("utf-8", "replace")
 
 def select_packages(path: str | Path,  # the package list, oa_file_list.csv
                     license: str = "any",  # 'any', 'comm' (CC BY, CC0) or 'noncomm' (other CC licences)
@@ -101,15 +119,25 @@ def select_packages(path: str | Path,  # the package list, oa_file_list.csv
     if license not in ("any", "comm", "noncomm"):
         raise ValueError(f"--license {license!r}: want any, comm or noncomm")
     for flag, day in (("since", since), ("until", until)):
-        if day is not None and not _DATE.match(str(day)): raise ValueError(f"--{flag} {day!r}: want YYYY-MM-DD")
+        if day is not None and not _is_day(str(day)): raise ValueError(f"--{flag} {day!r}: want YYYY-MM-DD")
+    if limit is not None and limit < 1: raise ValueError(f"--limit {limit}: want at least 1 article")
     shard, bad = parse_shard(shard), bad if bad is not None else BadRecords(str(path))
     out, left_out, seen, n_read = [], Counter(), set(), 0
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        rows = csv.reader(f)
-        cols = _columns(next(rows, []), path)
-        for line, row in enumerate(rows, 2):
-            if limit is not None and len(out) >= limit: break
+    with open(path, "rb") as f:
+        undecodable: set[int] = set()  # physical lines that are not UTF-8
+        rows = csv.reader(_text_lines(f, undecodable))
+        try: cols = _columns(next(rows, []), path)
+        except csv.Error as e: raise ValueError(f"{path}: unreadable header ({e})") from None
+        while limit is None or len(out) < limit:
+            line = rows.line_num + 1  # where the row starts (a quoted cell may span lines)
+            try: row = next(rows, None)
+            except csv.Error:  # an over-long field: the row is lost, the reader goes on
+                n_read += 1; bad.skip("malformed CSV row", f"line {line}"); continue
+            if row is None: break
+            if not row: continue  # a blank line
             n_read += 1
+            if undecodable and any(line <= n <= rows.line_num for n in undecodable):
+                bad.skip("not UTF-8 text", f"line {line}"); continue
             values = {fld: row[i].strip() if i < len(row) else "" for fld, i in cols.items()}
             pkg = Package(**{**values, "pmid": _clean_pmid(values.get("pmid", ""))})
             why = _row_problem(pkg) or ("repeated article" if {pkg.pmcid, pkg.pmid} & seen else None)
@@ -120,6 +148,7 @@ def select_packages(path: str | Path,  # the package list, oa_file_list.csv
             elif pmids is not None and pkg.pmid not in pmids: left_out["PMID list"] += 1
             elif shard is not None and not shard.holds(pkg.pmcid): left_out["other shards"] += 1
             else: out.append(pkg)
+    if not n_read: raise ValueError(f"{path}: the list holds no package row (only its header)")
     bad.check(n_read)
     return out, left_out
 
@@ -707,6 +736,7 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
     "Make figure-caption pairs from PMC Open Access packages into `out`, resumably; the result counts them."
     from tqdm.auto import tqdm
     if not file_list or not out: raise ValueError("pmc-pairs needs both --file-list CSV and --out DIR")
+    if not Path(file_list).is_file(): raise FileNotFoundError(f"--file-list {file_list}: no such file")
     if urllib.parse.urlsplit(mirror or "").scheme.lower() not in ("http", "https", "file"):
         raise ValueError(f"pmc-pairs: --mirror {mirror!r}: expected an http(s):// or file:// URL")
     cfg = FetchConfig(workers=workers, timeout=timeout, retries=retries, backoff=backoff,

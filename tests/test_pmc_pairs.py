@@ -2,7 +2,7 @@
 import hashlib, json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
-from llavamed.core import Shard
+from llavamed.core import BadRecords, Shard
 from llavamed.instruct import load_captions
 from llavamed.pmc_pairs import fetch_pairs, select_packages
 
@@ -282,3 +282,34 @@ def test_per_article_source_gives_the_same_pairs_as_packages(server, tmp_path):
     with pytest.raises(ValueError, match="needs {name}"):
         r(csv, str(tmp_path / "no"), article_url=server.base + "/{pmcid}.xml", figure_url=server.base + "/x.jpg")
     assert not (tmp_path / "no").exists()
+
+
+def test_a_hostile_package_list_is_counted_by_row_or_refused_in_one_line(tmp_path, llavamed_cmd):
+    rows = [{"pmcid": f"PMC40{i:02d}", "pmid": f"40{i:02d}"} for i in range(60)]
+    lines = oa_file_list(rows).splitlines(keepends=True)
+    lines[3] = lines[3].replace("J Test", "J " + "x" * 200_000)  # a field over the csv module's limit
+    (tmp_path / "huge.csv").write_text("".join(lines))
+    picked, _ = select_packages(tmp_path / "huge.csv")
+    assert len(picked) == 59 and "PMC4002" not in {p.pmcid for p in picked}
+    raw = oa_file_list(rows).encode().replace(b"J Test. 2020; PMC4005", b"J \xff\xfeTest")
+    (tmp_path / "latin.csv").write_bytes(raw + b"\n")  # and a blank last line, not a row
+    bad = BadRecords("latin.csv")
+    picked, _ = select_packages(tmp_path / "latin.csv", bad=bad)
+    assert len(picked) == 59 and bad.counts == {"not UTF-8 text": 1} and "line 7" in bad.summary()
+    write(tmp_path / "pmids.txt", "4001\n")
+    (tmp_path / "latin.txt").write_bytes(b"4001\n\xff4002\n")
+    write(tmp_path / "header.csv", oa_file_list([]))
+    cmd = [llavamed_cmd, "pmc-pairs", "--out", str(tmp_path / "out"), "--quiet"]
+    for argv, message in [
+            (["--file-list", tmp_path / "latin.csv", "--max-bad", "0"], "latin.csv: 1 of 60 records are bad"),
+            (["--file-list", tmp_path / "huge.csv", "--max-bad", "0"], "malformed CSV row at line 4"),
+            (["--file-list", tmp_path / "nope.csv"], "--file-list " + str(tmp_path / "nope.csv") + ": no such file"),
+            (["--file-list", tmp_path / "header.csv"], "header.csv: the list holds no package row"),
+            (["--file-list", tmp_path / "huge.csv", "--pmids", tmp_path / "latin.txt"], "latin.txt: line 2: not UTF-8"),
+            (["--file-list", tmp_path / "huge.csv", "--pmids", tmp_path / "gone.txt"], "gone.txt: no such file"),
+            (["--file-list", tmp_path / "huge.csv", "--since", "2020-13-45"], "--since '2020-13-45': want YYYY-MM-DD"),
+            (["--file-list", tmp_path / "huge.csv", "--limit", "0"], "--limit 0: want at least 1 article")]:
+        r = subprocess.run(cmd + [str(a) for a in argv], capture_output=True, text=True, timeout=60)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and message in err[0], (argv, r.stderr)
+    assert not (tmp_path / "out").exists()
