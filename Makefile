@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test test-fast install docs outputs configs clean-venv
+.PHONY: demo test test-fast test-min install docs outputs configs clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,8 +54,26 @@ configs: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# The fast tests in a second environment holding every direct dependency at the floor pyproject.toml declares
+# (scripts/min_versions.py writes the pins from it; torch stays the CPU build TORCH_CPU). It proves the floors.
+MIN_VENV ?= .venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+MIN_STAMP := $(MIN_VENV)/.installed
+
+$(MIN_STAMP): pyproject.toml scripts/min_versions.py
+	@test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install -q --upgrade pip
+	$(MIN_PY) -m pip install -q "$(TORCH_CPU)"
+	$(MIN_PY) scripts/min_versions.py --out $(MIN_VENV)/minimum.txt
+	$(MIN_PY) -m pip install -q -c $(MIN_VENV)/minimum.txt -e ".[dev]"
+	@touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_PY) scripts/min_versions.py --check-installed
+	$(MIN_PY) -m pytest -q -p no:cacheprovider -m "not slow" --ignore tests/test_widgets_browser.py --timeout 600
+
 docs: $(STAMP)
 	$(BIN)/nbdev-docs
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(MIN_VENV)
