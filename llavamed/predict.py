@@ -115,6 +115,9 @@ def question_prompt(q: Question,  # the question (its `question`, `kind`, `optio
         if not q.options or not 2 <= len(q.options) <= len(LETTERS):
             raise ValueError(f"question {q.id}: {len(q.options or [])} options; a choice question needs 2 to "
                              f"{len(LETTERS)}")
+        if kinds := [f"{LETTERS[i]} is a {type(o).__name__}" for i, o in enumerate(q.options)
+                     if not isinstance(o, (str, int, float)) or isinstance(o, bool)]:
+            raise ValueError(f"question {q.id}: option {kinds[0]}, not text")
         body = render_choices(q.question, [str(o) for o in q.options], p.choices)
         return body + "\n" + (prompt_suffix.strip() if prompt_suffix else CHOICE_INSTRUCTION)
     if prompt_suffix: return f"{q.question} {prompt_suffix.strip()}"
@@ -199,9 +202,10 @@ def _read_questions(data: Path, max_question_chars: int) -> tuple[list[Question]
     "The questions of `data`, bad records skipped and counted (`core.BadRecords`); an over-long one stops the run."
     bad = BadRecords(str(data))
     questions = load_questions(data, bad=bad)
-    for q in questions:
-        if len(q.question) > max_question_chars:
-            raise ValueError(f"{data}: question {q.id}: {len(q.question):,} characters > "
+    for q in questions:  # the options count: a choice question's prompt holds them all
+        chars = len(q.question) + sum(len(o) for o in q.options or () if isinstance(o, str))
+        if chars > max_question_chars:
+            raise ValueError(f"{data}: question {q.id}: {chars:,} characters (question and options) > "
                              f"max_question_chars {max_question_chars:,}")
     if not questions: raise ValueError(f"{data}: no questions ({bad.summary() if bad.total else 'no records'})")
     return questions, bad
@@ -225,6 +229,8 @@ def _check_request(model, data, out, image_ablation: str, batch_size: int, max_n
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     if not Path(data).is_file(): raise FileNotFoundError(f"data {data}: no such file")
+    if Path(out).is_dir():
+        raise ValueError(f"out {out} is a folder: give the answers file, e.g. {Path(out) / 'answers.jsonl'}")
     if Path(out).resolve() == Path(data).resolve():  # resolve(): a symlink to the data file is the same file
         raise ValueError(f"out {out} is the data file {data}: answers would be appended to the questions")
 

@@ -130,6 +130,28 @@ def test_a_choice_question_without_two_options_stops_before_the_model(vqa, capsy
     assert not (vqa / "a.jsonl").exists()
 
 
+@pytest.mark.parametrize("options, needle", [
+    (["liver", {"text": "spleen"}], "question mc10: option B is a dict, not text"),
+    (["liver", "x" * 200_000], "question mc10: 200,026 characters (question and options) > max_question_chars"),
+])
+def test_options_of_the_wrong_type_or_size_stop_before_the_model(vqa, capsys, options, needle):
+    recs = json.loads((vqa / "vqa.json").read_text())
+    recs[-1]["options"] = options
+    (vqa / "vqa.json").write_text(json.dumps(recs))
+    code, _, err = run_cli(capsys, "predict", "--model", "/would/not/load", "--data", vqa / "vqa.json",
+                           "--out", vqa / "a.jsonl", "--quiet")
+    assert code == 2 and needle in last_line(err) and len(err.strip().splitlines()) == 1
+    assert not (vqa / "a.jsonl").exists()
+
+
+def test_an_out_that_is_a_folder_is_a_one_line_error(vqa, capsys):
+    code, _, err = run_cli(capsys, "predict", "--model", "/would/not/load", "--data", vqa / "vqa.json",
+                           "--out", vqa / "images", "--quiet")
+    assert code == 2 and last_line(err).endswith(f"out {vqa / 'images'} is a folder: give the answers file, "
+                                                 f"e.g. {vqa / 'images' / 'answers.jsonl'}")
+    assert sorted(p.name for p in (vqa / "images").iterdir()) == [f"i{i}.png" for i in range(6)]
+
+
 def test_unknown_protocol_is_a_one_line_error(vqa, capsys):
     code, _, err = run_cli(capsys, "predict", "--model", "tiny", "--data", vqa / "vqa.json", "--out", vqa / "a.jsonl",
                            "--protocol", "vqav2")
