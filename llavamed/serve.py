@@ -1,4 +1,4 @@
-"""Any LLaVA checkpoint behind an OpenAI-compatible endpoint (transformers' own server), and the client side: PNG image parts and a VQA answerer.
+"""A checkpoint behind an OpenAI-compatible API (transformers' server); lossless image parts; VQA answers through any server.
 
 Docs: https://llavamed.github.io/llavamed/serve.html.md"""
 
@@ -94,7 +94,7 @@ class ApiKeyGate:
         await reply(scope, receive, send)
 
 # %% ../nbs/05b_serve.ipynb #46890694
-MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)  # a body of the wrong shape raises these
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)  # what a misshapen body raises
 
 def harden_app(app,  # transformers' FastAPI app (`transformers.cli.serving.server.build_server`)
                key: str | None = None,  # the API key every request must carry (None: no key)
@@ -115,7 +115,8 @@ def _check_port(host: str, port: int) -> None:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
         try: s.bind((host, port))
-        except OSError as e: raise OSError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+        except OSError as e:
+            raise OSError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
 
 def _api_key(api_key_env: str | None) -> str | None:
     "The key held by the variable `api_key_env` (None without one); a `ValueError` when it is unset or empty."
@@ -228,7 +229,8 @@ def image_part(image,  # a path (PNG/JPEG/DICOM/NIfTI... through `llavamed.image
     img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
     buf = io.BytesIO()
     img.save(buf, "PNG")
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
 
 # %% ../nbs/05b_serve.ipynb #fa1e45f7
 def api_messages(messages: list[dict],  # transformers chat messages; an image part is `{"type": "image"}`
@@ -280,12 +282,13 @@ def chat_answers(conversations: list[list[dict]],  # transformers chat messages,
 def served_model(base_url: str,  # the API root, e.g. 'http://127.0.0.1:8000/v1'
                  api_key_env: str = "none",  # variable holding the key ('none': a keyless server)
                 ) -> str:
-    "The one model the server at `base_url` lists (`GET /models`); a `ValueError` when it lists several or none."
+    "The one model the server at `base_url` lists (`GET /models`); a `ValueError` for several or none."
     import openai
     key = os.environ.get(api_key_env) if (api_key_env or "none").lower() != "none" else None
-    try: ids = [m.id for m in openai.OpenAI(base_url=base_url, api_key=key or "none", max_retries=1).models.list()]
+    api = openai.OpenAI(base_url=base_url, api_key=key or "none", max_retries=1)
+    try: ids = [m.id for m in api.models.list()]
     except openai.OpenAIError as e:
-        raise ValueError(f"{base_url}: cannot list its models ({type(e).__name__}); pass --model NAME") from None
+        raise ValueError(f"{base_url}: cannot list its models ({type(e).__name__}); name the model") from None
     if len(ids) != 1: raise ValueError(f"{base_url} lists {len(ids)} models {ids[:5]}: pass --model NAME")
     return ids[0]
 
@@ -322,8 +325,8 @@ def answer_with_api(data: str,  # VQA file (LLaVA records) or conversation-bench
     model = model or served_model(base_url, api_key_env)
     decoding = {"do_sample": bool(do_sample), "max_new_tokens": tokens, "seed": seed}
     if do_sample: decoding["temperature"] = temperature
-    meta = {"decoding": decoding, "image_ablation": image_ablation, "prompt_suffix": prompt_suffix, "model": model,
-            "protocol": protocol, "backend": "openai"}
+    meta = {"decoding": decoding, "image_ablation": image_ablation, "prompt_suffix": prompt_suffix,
+            "model": model, "protocol": protocol, "backend": "openai"}
     done, prev = P._answered([out])
     if prev is not None and P._settings(prev) != P._settings(meta):
         raise ValueError(f"{out} holds answers made with other settings ({P._settings(prev)}); this run: "
@@ -331,8 +334,8 @@ def answer_with_api(data: str,  # VQA file (LLaVA records) or conversation-bench
     remaining = [q for q in questions if q.id not in done]
     todo = remaining[:limit]
     res = P.Predictions(str(out), len(questions), len(questions) - len(remaining),
-                        bad_records=bad.summary() if bad.total else "", protocol=protocol, max_new_tokens=tokens,
-                        max_new_tokens_from=tokens_from)
+                        bad_records=bad.summary() if bad.total else "", protocol=protocol,
+                        max_new_tokens=tokens, max_new_tokens_from=tokens_from)
     if todo: _answer_through(res, todo, questions, base_url, api_key_env, meta, images, out, concurrency,
                              batch_size, timeout, quiet)
     return res
@@ -348,8 +351,8 @@ def _answer_through(res, todo, questions, base_url, api_key_env, meta, images, o
     res.images_checked = len(paths)
     dec = meta["decoding"]
     client = ChatClient(model=meta["model"], base_url=base_url, api_key_env=api_key_env,
-                        temperature=dec.get("temperature", 0.0), max_tokens=dec["max_new_tokens"], timeout=timeout,
-                        extra_body={"seed": dec["seed"]} if dec["do_sample"] else {})
+                        temperature=dec.get("temperature", 0.0), max_tokens=dec["max_new_tokens"],
+                        timeout=timeout, extra_body={"seed": dec["seed"]} if dec["do_sample"] else {})
     answer = lambda convs, imgs: chat_answers(convs, imgs, client, concurrency)
     res.repaired_bytes = repair_torn_tail(out)
     if res.repaired_bytes: log.warning(f"{out}: cut a torn last line ({res.repaired_bytes} bytes) off")
@@ -382,7 +385,7 @@ class Served(Result):
 
 # %% ../nbs/05b_serve.ipynb #a56ef6e4
 def serve(model: str = None,  # a preset, a model folder, a raw LLaVA-Med release or a hub id `org/name[@rev]`
-          host: str = "127.0.0.1",  # address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
+          host: str = "127.0.0.1",  # address to listen on (127.0.0.1: this machine only; 0.0.0.0: all)
           port: int = 8000,  # TCP port
           api_key_env: str = None,  # environment variable holding the key every request must carry
           device: str = "auto",  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
@@ -390,7 +393,7 @@ def serve(model: str = None,  # a preset, a model folder, a raw LLaVA-Med releas
           log_level: str = "info",  # the server's log level ('warning': no line per request)
           seed: int = 0,  # seed of a preset's random weights
          ) -> Served:
-    "Serve `model` behind an OpenAI-compatible chat-completions API (transformers serve) until Ctrl-C or SIGTERM."
+    "Serve `model` behind an OpenAI-compatible chat API (transformers serve) until Ctrl-C or SIGTERM."
     if not model: raise ValueError("serve needs --model")
     key = _api_key(api_key_env)
     srv = ModelServer(model, host, port, key, device, dtype, log_level, seed)
