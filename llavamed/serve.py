@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/serve.html.md"""
 
 # %% ../nbs/05b_serve.ipynb #8a355923
 from __future__ import annotations
-import base64, hmac, io, json, os, shutil, signal, socket, tempfile, threading, time
+import base64, hmac, io, json, logging, os, shutil, signal, socket, sys, tempfile, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,8 +14,9 @@ from .core import Result, append_jsonl, get_logger, repair_torn_tail
 from .client import ChatClient, run_chat_requests
 
 # %% auto #0
-__all__ = ['log', 'SERVE_FAMILIES', 'MALFORMED', 'ServeFamily', 'servable_problems', 'ApiKeyGate', 'harden_app', 'ModelServer',
-           'image_part', 'api_messages', 'chat_answers', 'served_model', 'answer_with_api', 'Served', 'serve']
+__all__ = ['log', 'SERVE_FAMILIES', 'MALFORMED', 'QUIETER', 'ServeFamily', 'servable_problems', 'ApiKeyGate', 'harden_app',
+           'ModelServer', 'image_part', 'api_messages', 'chat_answers', 'served_model', 'answer_with_api', 'Served',
+           'serve']
 
 # %% ../nbs/05b_serve.ipynb #82172279
 log = get_logger("llavamed.serve")
@@ -152,6 +153,8 @@ class ModelServer:
         from transformers.utils.import_utils import is_serve_available
         if not is_serve_available():
             raise ImportError("serving needs fastapi and uvicorn: pip install 'transformers[serving]'")
+        if log_level.lower() not in QUIETER:
+            raise ValueError(f"--log-level {log_level}: expected one of {', '.join(QUIETER)}")
         _check_port(host, port)  # before the model loads: a busy port fails in a second, not a minute
         self.host, self.port, self.started_at = host, port, time.perf_counter()
         folder, self._tmp = _model_folder(model, seed)
@@ -173,20 +176,25 @@ class ModelServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/v1"
 
-# %% ../nbs/05b_serve.ipynb #63ea3663
+# %% ../nbs/05b_serve.ipynb #5fd23809
+QUIETER = {"debug": "info", "info": "warning", "warning": "error", "error": "error", "critical": "critical"}
+# our level (uvicorn's) -> transformers' level: one step quieter, since it logs configs at info, requests at warning
+
 def _build_serve(name: str, host: str, port: int, device: str, dtype: str, log_level: str):
     "transformers' `Serve` pinned to `name`, its uvicorn server built but not started."
-    import logging
     from transformers.cli.serve import Serve
 
     class Deferred(Serve):
         "`Serve` that leaves starting to the caller (its `non_blocking` path starts a thread at once)."
         def start_server(self): pass
 
+    level = log_level.lower()
     serve = Deferred(force_model=name, host=host, port=port, device=device, dtype=dtype,
-                     log_level=log_level, non_blocking=True)
+                     log_level=QUIETER[level], non_blocking=True)
     for logger in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # Serve fixes uvicorn at 'info'
-        logging.getLogger(logger).setLevel(log_level.upper())
+        logging.getLogger(logger).setLevel(level.upper())
+    for handler in logging.getLogger("uvicorn.access").handlers:  # stdout is the command's result alone
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout: handler.setStream(sys.stderr)
     return serve
 
 # %% ../nbs/05b_serve.ipynb #4ba693b6
@@ -402,7 +410,7 @@ def serve(model: str = None,  # a preset, a model folder, a raw LLaVA-Med releas
     main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     previous = {s: signal.signal(s, remember) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        log.info(f"serving {srv.name} at {srv.base_url} (model name: {srv.name})")
+        logging.getLogger("uvicorn.error").info(f"model name for requests: {srv.name}")  # with uvicorn's lines
         srv.server.run()
     finally:
         for s, handler in previous.items(): signal.signal(s, handler)

@@ -221,6 +221,8 @@ def test_bad_serve_arguments_are_one_line_errors(capsys, model_dir, monkeypatch,
         busy.bind(("127.0.0.1", 0)); busy.listen()
         assert main(["serve", "--model", str(model_dir), "--port", str(busy.getsockname()[1])]) == 2
     assert "cannot listen there" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model_dir), "--log-level", "loud"]) == 2
+    assert "--log-level loud: expected one of debug, info" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
 
