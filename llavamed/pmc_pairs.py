@@ -93,6 +93,7 @@ def _read_pmids(path) -> set[str]:
         out.add(s)
     return out
 
+# %% ../nbs/02d_pmc_pairs.ipynb #c1sel1
 def _is_day(text: str) -> bool:
     "Whether `text` is a calendar day written YYYY-MM-DD."
     import datetime
@@ -106,6 +107,7 @@ def _text_lines(f, undecodable: set[int]):
         try: yield raw.decode("utf-8")
         except UnicodeDecodeError: undecodable.add(n); yield raw.decode("utf-8", "replace")
 
+# %% ../nbs/02d_pmc_pairs.ipynb #c1sel3
 def select_packages(path: str | Path,  # the package list, oa_file_list.csv
                     license: str = "any",  # 'any', 'comm' (CC BY, CC0) or 'noncomm' (other CC licences)
                     since: str | None = None,  # keep articles last updated on or after this day (YYYY-MM-DD)
@@ -243,13 +245,14 @@ def _license(front) -> str:
             return _attr(el, "href") or _attr(el, "license-type")
     return ""
 
-def _figures(el, out: list, depth: int = 0) -> list:
-    "The `<fig>` elements under `el`, not looking inside supplementary material."
+def _outermost(el, name: str, skip: frozenset, out: list | None = None, depth: int = 0) -> list:
+    "The outermost elements named `name` under `el`, in document order, not looking inside those in `skip`."
     if depth > 200: raise ArticleRefused("XML nested too deeply")
+    out = [] if out is None else out
     for child in el:
         tag = _local(child.tag)
-        if tag == "fig": out.append(child)
-        elif tag != "supplementary-material": _figures(child, out, depth + 1)
+        if tag == name: out.append(child)
+        elif tag not in skip: _outermost(child, name, skip, out, depth + 1)
     return out
 
 def _graphic(fig) -> str | None:
@@ -277,8 +280,9 @@ def read_article(root,  # the root from `parse_xml`
     title = _first(meta, "article-title")
     pmcid = ids.get("pmc") or ids.get("pmcid") or ids.get("pmcaid", "")
     pmcid = f"PMC{pmcid}" if pmcid.isdigit() else pmcid
+    figs = _outermost(root, "fig", frozenset({"supplementary-material"}))  # not a supplement's figures
     figures = [Figure((_attr(f, "id") or "").strip(), flat_text(_child(f, "label")),
-                      flat_text(_child(f, "caption")), _graphic(f)) for f in _figures(root, [])]
+                      flat_text(_child(f, "caption")), _graphic(f)) for f in figs]
     body = _child(root, "body")
     if body is not None: cite_figures(body, figures, max_mentions)
     return Article(ids.get("pmid", ""), pmcid, flat_text(title), _license(front), figures)
@@ -324,15 +328,6 @@ def cited_numbers(sentence: str) -> set[int]:
 # %% ../nbs/02d_pmc_pairs.ipynb #c4cite
 _NOT_BODY_TEXT = frozenset({"fig", "fig-group", "table-wrap", "supplementary-material", "caption", "ref-list"})
 
-def _paragraphs(el, out: list, depth: int = 0) -> list:
-    "The outermost `<p>`s under `el`, outside figures, tables and their captions."
-    if depth > 200: raise ArticleRefused("XML nested too deeply")
-    for child in el:
-        tag = _local(child.tag)
-        if tag == "p": out.append(child)
-        elif tag not in _NOT_BODY_TEXT: _paragraphs(child, out, depth + 1)
-    return out
-
 def _marked_text(p, xrefs: list[set[str]], fig_ids: set[str]) -> str:
     "A paragraph's flat text with a marker before each xref to a figure; the xrefs' figure ids go to `xrefs`."
     pieces = []
@@ -354,7 +349,7 @@ def cite_figures(body,  # the article's `<body>` element
     "Give each figure the body sentences that cite it (by xref, or by number after 'Fig.'), in document order."
     by_id = {f.fig_id: f for f in figures if f.fig_id}
     by_number = {n: f for f in figures if (n := label_number(f.label)) is not None}
-    for p in _paragraphs(body, []):
+    for p in _outermost(body, "p", _NOT_BODY_TEXT):  # outside figures, tables and their captions
         xrefs: list[set[str]] = []
         for sentence in split_sentences(_marked_text(p, xrefs, set(by_id))):
             cited = [by_id[r] for i in _MARK.findall(sentence) for r in sorted(xrefs[int(i)])]
@@ -710,6 +705,7 @@ def _count(res: PairsResult, rows: list[dict], article: dict) -> None:
         res.pairs += 1; res.bytes_kept += r["bytes"]; res.compound += r["record"]["compound"]
         res.domains[primary_domain(r["record"]["domain"])] += 1
 
+# %% ../nbs/02d_pmc_pairs.ipynb #c10cmd2
 def fetch_pairs(file_list: str = None,  # the Open Access subset's package list (oa_file_list.csv); required
                 out: str = None,  # output folder: images/, fig_captions.json, manifest.jsonl; required
                 mirror: str = PMC_FTP,  # base URL (http(s):// or file://) the list's package paths are below

@@ -371,9 +371,9 @@ def load_vqa_rad(src: str | Path,  # the VQA-RAD JSON file or its folder, or the
         answer = row.get("answer", "")
         if variant == "yesno": answer_type = "CLOSED" if is_yes_no(answer) else "OPEN"
         else: answer_type = row.get("answer_type", "")
-        collected.add(split, _prefixed("vqa-rad", _row_id(row.get("qid"), str(i))), row.get("image_name", ""), row.get("question", ""),
-                      answer, answer_type, row.get("question_type"), phrase_type=row.get("phrase_type"),
-                      organ=row.get("image_organ"))
+        collected.add(split, _prefixed("vqa-rad", _row_id(row.get("qid"), str(i))), row.get("image_name", ""),
+                      row.get("question", ""), answer, answer_type, row.get("question_type"),
+                      phrase_type=row.get("phrase_type"), organ=row.get("image_organ"))
     return collected
 
 # %% ../nbs/02b_vqa.ipynb #f641c119
@@ -676,8 +676,9 @@ def convert_vqa(dataset: str = None,  # 'vqa-rad', 'slake', 'pathvqa', 'pmc-vqa'
         collected, option = _load(dataset, hub_snapshot(src, dataset), staging, variant, lang, release, max_bad)
         collected.bad.check(collected.n_read)
         if not collected.splits:
-            why = ", ".join(f"{k} {v:,}" for k, v in collected.skipped.items()) or "it holds none"
-            raise ValueError(f"{src}: no question could be converted ({why}); nothing was written to {out}")
+            why = ", ".join(f"{k} {v:,} (first: {collected.first[k]})" for k, v in collected.skipped.items())
+            raise ValueError(f"{src}: no question could be converted ({why or 'it holds none'}); "
+                             f"nothing was written to {out}")
         _write_splits(out, collected.splits, _SPLITS[dataset], collected.inputs)
         for f in sorted(p for p in staging.rglob("*") if p.is_file()):
             target = out / f.relative_to(staging); target.parent.mkdir(parents=True, exist_ok=True)

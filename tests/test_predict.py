@@ -118,30 +118,19 @@ def test_answers_from_before_protocols_resume_as_llava_med(vqa, model_dir):
     assert (res.skipped, res.answered) == (1, 1)
 
 
-@pytest.mark.parametrize("options, needle", [(["only"], "question mc10: 1 options"),
-                                             ([f"o{i}" for i in range(27)], "question mc10: 27 options")])
-def test_a_choice_question_without_two_options_stops_before_the_model(vqa, capsys, options, needle):
+@pytest.mark.parametrize("options, needle", [
+    (["only"], "question mc10: 1 options"), ([f"o{i}" for i in range(27)], "question mc10: 27 options"),
+    (["liver", {"text": "spleen"}], "question mc10: option B is a dict, not text"),
+    (["liver", "x" * 200_000], "question mc10: 200,026 characters (question and options) > max_question_chars")])
+def test_a_choice_question_without_two_text_options_of_a_sane_size_stops_before_the_model(vqa, capsys, options,
+                                                                                           needle):
     recs = json.loads((vqa / "vqa.json").read_text())
     recs[-1]["options"] = options
     (vqa / "vqa.json").write_text(json.dumps(recs))
     code, _, err = run_cli(capsys, "predict", "--model", "/would/not/load", "--data", vqa / "vqa.json",
                            "--out", vqa / "a.jsonl", "--quiet")
     assert code == 2 and last_line(err).startswith("llavamed predict: error: ") and needle in last_line(err)
-    assert not (vqa / "a.jsonl").exists()
-
-
-@pytest.mark.parametrize("options, needle", [
-    (["liver", {"text": "spleen"}], "question mc10: option B is a dict, not text"),
-    (["liver", "x" * 200_000], "question mc10: 200,026 characters (question and options) > max_question_chars"),
-])
-def test_options_of_the_wrong_type_or_size_stop_before_the_model(vqa, capsys, options, needle):
-    recs = json.loads((vqa / "vqa.json").read_text())
-    recs[-1]["options"] = options
-    (vqa / "vqa.json").write_text(json.dumps(recs))
-    code, _, err = run_cli(capsys, "predict", "--model", "/would/not/load", "--data", vqa / "vqa.json",
-                           "--out", vqa / "a.jsonl", "--quiet")
-    assert code == 2 and needle in last_line(err) and len(err.strip().splitlines()) == 1
-    assert not (vqa / "a.jsonl").exists()
+    assert len(err.strip().splitlines()) == 1 and not (vqa / "a.jsonl").exists()
 
 
 def test_an_out_that_is_a_folder_is_a_one_line_error(vqa, capsys):
