@@ -110,7 +110,8 @@ def main(argv=None):
             print(f"{preset:22} skipped: needs {' and '.join(missing)}"); continue
         r = bench(preset, args.records, args.steps)
         print(f"{preset:22} {r['image_tokens_336']:>13} {r['params']:>8,} {r['mean_len']:>8.0f} "
-              f"{r['train_tok_s']:>11,.0f} {r['gen_tok_s']:>9,.0f} {r['pad_random']:>10.1%} {r['pad_grouped']:>11.1%}")
+              f"{r['train_tok_s']:>11,.0f} {r['gen_tok_s']:>9,.0f} {r['pad_random']:>10.1%} "
+              f"{r['pad_grouped']:>11.1%}")
         sys.stdout.flush()
 
 

@@ -1,4 +1,4 @@
-"""Today's vision-language model families beside LLaVA as one table: parts, image tokens, special tokens, limits; tiny presets, label masks and stage freezing for each.
+"""Today's vision-language model families beside LLaVA as one table (parts, image tokens, special tokens, limits), with tiny presets, label masks and stage freezing for each.
 
 Docs: https://llavamed.github.io/llavamed/families.html.md"""
 
@@ -20,7 +20,7 @@ __all__ = ['FAMILIES', 'ALIASES', 'PART_NAMES', 'STAGE_PARTS', 'FAMILY_TEMPLATES
 # %% ../nbs/05c_families.ipynb #66e94f57
 @dataclass(frozen=True)
 class Family:
-    "One vision-language model family as data: its classes, parts, image-token rule, special tokens and limits."
+    "One vision-language model family as data: classes, parts, image-token rule, special tokens, limits."
     name: str  # transformers `model_type` of the whole model
     model_class: str  # transformers class `AutoModelForImageTextToText` maps the type to
     processor_class: str  # transformers class `AutoProcessor` maps the type to
@@ -47,7 +47,14 @@ FAMILIES = {f.name: f for f in (
     Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
            tower=("model.visual.patch_embed.", "model.visual.blocks."), connector=("model.visual.merger.",),
            lm=("model.language_model.", "lm_head."),
-           image_rule="size-dependent: (h / 28) * (w / 28) after resizing to a multiple of 28 within the pixel limits",
+           image_rule="size-dependent: (h / 28) * (w / 28), sides resized to multiples of 28 in pixel limits",
+           fixed_tokens=False, placeholder="<|image_pad|>", image_token="<|image_pad|>",
+           end_of_turn="<|im_end|>", max_images=None, lacks=(), needs=("torchvision",)),
+    Family("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor",
+           tower=("model.visual.patch_embed.", "model.visual.pos_embed.", "model.visual.blocks."),
+           connector=("model.visual.merger.", "model.visual.deepstack_merger_list."),
+           lm=("model.language_model.", "lm_head."),
+           image_rule="size-dependent: (h / 32) * (w / 32), sides resized to multiples of 32 in pixel limits",
            fixed_tokens=False, placeholder="<|image_pad|>", image_token="<|image_pad|>",
            end_of_turn="<|im_end|>", max_images=None, lacks=(), needs=("torchvision",)),
     Family("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Processor",
@@ -57,7 +64,8 @@ FAMILIES = {f.name: f for f in (
            placeholder="<start_of_image>", image_token="<image_soft_token>", end_of_turn="<end_of_turn>",
            max_images=None, lacks=("dynamic resolution",)),
     Family("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
-           tower=("model.vision_model.",), connector=("model.connector.",), lm=("model.text_model.", "lm_head."),
+           tower=("model.vision_model.",), connector=("model.connector.",),
+           lm=("model.text_model.", "lm_head."),
            image_rule="size-dependent: image_seq_len per tile, (rows x cols) tiles plus one global view",
            fixed_tokens=False, placeholder="<image>", image_token="<image>", end_of_turn="<end_of_utterance>",
            max_images=None, lacks=(), needs=("torchvision", "num2words")),
@@ -76,7 +84,8 @@ def family_of(model_or_config) -> Family:
     "The `Family` row of a model, a config, a config dict or a model type name."
     x = model_or_config
     if hasattr(x, "config") and not isinstance(x, dict): x = x.config
-    kind = x if isinstance(x, str) else x.get("model_type") if isinstance(x, dict) else getattr(x, "model_type", None)
+    kind = x if isinstance(x, str) else x.get("model_type") if isinstance(x, dict) else \
+        getattr(x, "model_type", None)
     if isinstance(x, str) and x.startswith("tiny"): kind = x.removeprefix("tiny").removeprefix("-") or "llava"
     if kind is None:  # a processor: its class names the family
         kind = next((f.name for f in FAMILIES.values() if f.processor_class == type(x).__name__), None)
@@ -86,7 +95,7 @@ def family_of(model_or_config) -> Family:
     return FAMILIES[kind]
 
 def require(family: Family | str) -> Family:
-    "`family` (a row or name) when the installed transformers and packages can run it; else a ValueError naming it."
+    "`family` (a row or name) if the installed transformers and packages run it; else a ValueError naming it."
     import importlib.util, transformers
     fam = family_of(family) if isinstance(family, str) else family
     for cls in (fam.model_class, fam.processor_class):
@@ -118,10 +127,11 @@ def parts(model) -> dict[str, dict[str, Any]]:
 STAGE_PARTS = {"align": ("connector",), "instruct": ("connector", "lm"), "finetune": ("connector", "lm")}
 
 def set_stage(model, stage: str | tuple[str, ...]) -> dict[str, int]:
-    "Train only the stage's parts (`STAGE_PARTS`, or a tuple of part names); returns trainable counts per part."
+    "Train only the stage's parts (`STAGE_PARTS`, or a tuple of part names); returns trainable counts."
     train = STAGE_PARTS[stage] if isinstance(stage, str) and stage in STAGE_PARTS else stage
     if isinstance(train, str) or not set(train) <= set(PART_NAMES):
-        raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGE_PARTS)} or parts from {PART_NAMES}")
+        raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGE_PARTS)} "
+                         f"or parts from {PART_NAMES}")
     counts = {}
     for part, params in parts(model).items():
         for p in params.values(): p.requires_grad_(part in train)
@@ -135,15 +145,49 @@ FAMILY_TEMPLATES = {
         "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
         "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-        "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+        "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ "
+        "message['content'] }}<|im_end|>\n"
         "{% else %}{% for content in message['content'] %}"
         "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-        "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+        "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ "
+        "image_count.value }}: "
         "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-        "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-        "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-        "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = "
+        "video_count.value + 1 %}"
+        "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+        "<|vision_start|><|video_pad|><|vision_end|>"
+        "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% "
+        "endif %}{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    # Qwen3-VL-Instruct's chat template (its tool-call branches left out: no default system prompt)
+    "qwen3_vl": (
+        "{%- if messages[0].role == 'system' -%}{{- '<|im_start|>system\n' -}}{%- if "
+        "messages[0].content is string -%}"
+        "{{- messages[0].content -}}{%- else -%}{%- for content in messages[0].content -%}{%- if "
+        "'text' in content -%}"
+        "{{- content.text -}}{%- endif -%}{%- endfor -%}{%- endif -%}{{- '<|im_end|>\n' -}}{%- endif -%}"
+        "{%- set image_count = namespace(value=0) -%}{%- set video_count = namespace(value=0) -%}"
+        "{%- for message in messages -%}{%- if message.role == 'user' -%}{{- '<|im_start|>' + "
+        "message.role + '\n' -}}"
+        "{%- if message.content is string -%}{{- message.content -}}{%- else -%}{%- for content in "
+        "message.content -%}"
+        "{%- if content.type == 'image' or 'image' in content or 'image_url' in content -%}"
+        "{%- set image_count.value = image_count.value + 1 -%}{%- if add_vision_id -%}Picture {{ "
+        "image_count.value }}: "
+        "{%- endif -%}<|vision_start|><|image_pad|><|vision_end|>"
+        "{%- elif content.type == 'video' or 'video' in content -%}{%- set video_count.value = "
+        "video_count.value + 1 -%}"
+        "{%- if add_vision_id -%}Video {{ video_count.value }}: {%- endif -%}"
+        "<|vision_start|><|video_pad|><|vision_end|>"
+        "{%- elif 'text' in content -%}{{- content.text -}}{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{{- '<|im_end|>\n' -}}{%- elif message.role == 'assistant' -%}{{- '<|im_start|>' + "
+        "message.role + '\n' -}}"
+        "{%- if message.content is string -%}{{- message.content -}}{%- else -%}{%- for item in "
+        "message.content -%}"
+        "{%- if 'text' in item -%}{{- item.text -}}{%- endif -%}{%- endfor -%}{%- endif -%}{{- "
+        "'<|im_end|>\n' -}}"
+        "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}"
+        "}{%- endif -%}"),
     # google/gemma-3-4b-it's chat template
     "gemma3": (
         "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- if messages[0]['content'] is string -%}"
@@ -152,14 +196,16 @@ FAMILY_TEMPLATES = {
         "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
         "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
         "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-        "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+        "{{ raise_exception(\"Conversation roles must alternate "
+        "user/assistant/user/assistant/...\") }}{%- endif -%}"
         "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
         "{%- set role = message['role'] -%}{%- endif -%}"
         "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
         "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
         "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
         "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}"
-        "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- else -%}{{ raise_exception(\"Invalid content type\") }}"
+        "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- else -%}{{ "
+        "raise_exception(\"Invalid content type\") }}"
         "{%- endif -%}{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}"
         "{{'<start_of_turn>model\n'}}{%- endif -%}"),
     # HuggingFaceTB/SmolVLM-Instruct's chat template
@@ -167,15 +213,19 @@ FAMILY_TEMPLATES = {
         "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
         "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
         "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-        "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+        "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+        "<end_of_utterance>\n{% endfor %}"
         "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"),
     # llava-hf/llava-onevision-qwen2-0.5b-ov-hf's chat template
     "llava_onevision": (
         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ "
+        "'<image>\n' }}{% endfor %}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ "
+        "'<video>\n' }}{% endfor %}"
         "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
-        "{% endfor %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+        "{% endfor %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
+        "'<|im_start|>assistant\n' }}"
         "{% endif %}"),
 }
 
@@ -184,8 +234,12 @@ FAMILY_TOKENS = {  # family: (named special tokens of its tokenizer, further spe
     "qwen2_5_vl": ({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "image_token": "<|image_pad|>",
                     "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>",
                     "vision_end_token": "<|vision_end|>"}, ["<|im_start|>", "<|vision_pad|>"]),
+    "qwen3_vl": ({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "image_token": "<|image_pad|>",
+                  "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>",
+                  "vision_end_token": "<|vision_end|>"}, ["<|im_start|>", "<|vision_pad|>"]),
     "gemma3": ({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-                "image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+                "image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                "eoi_token": "<end_of_image>"},
                ["<start_of_turn>", "<end_of_turn>"]),
     "smolvlm": ({"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|endoftext|>",
                  "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
@@ -222,7 +276,8 @@ TINY_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 def _ids(tok) -> dict:
     "The BOS, EOS and pad ids a text config names, from the tokenizer."
-    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
 
 # %% ../nbs/05c_families.ipynb #f5b8e121
 def _tiny_qwen2_5_vl(tok):
@@ -232,18 +287,38 @@ def _tiny_qwen2_5_vl(tok):
     t = tok.convert_tokens_to_ids
     text = dict(TINY_TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                 "mrope_section": [2, 3, 3]}, **_ids(tok))
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                  fullatt_block_indexes=[1])
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=t("<|image_pad|>"),
                            video_token_id=t("<|video_pad|>"), vision_start_token_id=t("<|vision_start|>"),
                            vision_end_token_id=t("<|vision_end|>"))
     pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 64)  # at most 64 image tokens
-    ip = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]})
-    vp = Qwen2VLVideoProcessor(size={"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]})
+    size = {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}
+    ip, vp = Qwen2VLImageProcessorPil(size=size), Qwen2VLVideoProcessor(size=size)
     return cfg, Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
                                     chat_template=FAMILY_TEMPLATES["qwen2_5_vl"])
 
-# %% ../nbs/05c_families.ipynb #64edef09
+# %% ../nbs/05c_families.ipynb #74abba23
+def _tiny_qwen3_vl(tok):
+    "Config and processor of a tiny Qwen3-VL (32 px merged patches, dynamic resolution, one DeepStack layer)."
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    t = tok.convert_tokens_to_ids
+    text = dict(TINY_TEXT, vocab_size=len(tok), head_dim=16, rope_parameters={"rope_type": "default",
+                "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}, **_ids(tok))
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=t("<|image_pad|>"),
+                        video_token_id=t("<|video_pad|>"), vision_start_token_id=t("<|vision_start|>"),
+                        vision_end_token_id=t("<|vision_end|>"))
+    size = {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 64}  # at most 64 image tokens
+    ip = Qwen2VLImageProcessorPil(size=size, patch_size=16, merge_size=2)
+    vp = Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2)
+    return cfg, Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
+                                 chat_template=FAMILY_TEMPLATES["qwen3_vl"])
+
+# %% ../nbs/05c_families.ipynb #23c1a9cc
 def _tiny_gemma3(tok):
     "Config and processor of a tiny Gemma 3 (SigLIP tower on 64 px, 16 image tokens, pan-and-scan off)."
     from transformers import Gemma3Config, Gemma3ImageProcessorPil, Gemma3Processor
@@ -258,7 +333,7 @@ def _tiny_gemma3(tok):
     return cfg, Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=FAMILY_TEMPLATES["gemma3"],
                                 image_seq_length=16)
 
-# %% ../nbs/05c_families.ipynb #ec30c1b9
+# %% ../nbs/05c_families.ipynb #d2fd2d64
 def _tiny_smolvlm(tok):
     "Config and processor of a tiny SmolVLM (64 px tiles of 16 tokens, images split into tiles)."
     from transformers import SmolVLMConfig, SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMVideoProcessor
@@ -271,7 +346,7 @@ def _tiny_smolvlm(tok):
     return cfg, SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_len=16,
                                  chat_template=FAMILY_TEMPLATES["smolvlm"])
 
-# %% ../nbs/05c_families.ipynb #9356be2f
+# %% ../nbs/05c_families.ipynb #f8b0c204
 def _tiny_llava_onevision(tok):
     "Config and processor of a tiny LLaVA-OneVision (SigLIP on 32 px tiles, anyres grid up to 2 x 2)."
     from transformers import LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
@@ -281,22 +356,22 @@ def _tiny_llava_onevision(tok):
     vision = dict(TINY_TOWER, model_type="siglip_vision_model", image_size=32, patch_size=8)
     grid = [[32, 32], [32, 64], [64, 32], [64, 64]]
     cfg = LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=t("<image>"),
-                               video_token_index=t("<video>"), image_grid_pinpoints=grid, vision_feature_layer=-1,
-                               vision_aspect_ratio="anyres_max_9")
+                               video_token_index=t("<video>"), image_grid_pinpoints=grid,
+                               vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
     ip = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=grid)
     vp = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32})
     return cfg, LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
                                         num_image_tokens=16, vision_feature_select_strategy="full",
                                         chat_template=FAMILY_TEMPLATES["llava_onevision"])
 
-# %% ../nbs/05c_families.ipynb #903b622e
-_TINY = {"qwen2_5_vl": _tiny_qwen2_5_vl, "gemma3": _tiny_gemma3, "smolvlm": _tiny_smolvlm,
-         "llava_onevision": _tiny_llava_onevision}
+# %% ../nbs/05c_families.ipynb #50670b50
+_TINY = {"qwen2_5_vl": _tiny_qwen2_5_vl, "qwen3_vl": _tiny_qwen3_vl, "gemma3": _tiny_gemma3,
+         "smolvlm": _tiny_smolvlm, "llava_onevision": _tiny_llava_onevision}
 
 TINY_PRESETS = ("tiny", *(f"tiny-{k}" for k in _TINY))
 
 def build_family(preset: str = "tiny-gemma3",  # a name in `TINY_PRESETS` ('tiny' is LLaVA from llavamed.model)
-                 tokenizer_texts: list[str] | None = None,  # text the tokenizer is trained on (synthetic corpus)
+                 tokenizer_texts: list[str] | None = None,  # text the tokenizer learns (the corpus' text)
                  vocab_size: int = 1024,  # size of the trained BPE, specials included
                  seed: int = 0,  # seed of the random weights
                 ):
@@ -318,13 +393,13 @@ def build_family(preset: str = "tiny-gemma3",  # a name in `TINY_PRESETS` ('tiny
     gen.eos_token_id = proc.tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn)
     return model.eval(), proc
 
-# %% ../nbs/05c_families.ipynb #0c3c8b9c
+# %% ../nbs/05c_families.ipynb #5e35fa57
 def record_images(sample: Sample) -> list:
     "The record's images as a list (`image` may be one name or a list of names)."
     if sample.image is None: return []
     return list(sample.image) if isinstance(sample.image, (list, tuple)) else [sample.image]
 
-def record_messages(sample: Sample | dict,  # a LLaVA record; `image` may be a list with as many `<image>` markers
+def record_messages(sample: Sample | dict,  # a LLaVA record; `image` may be a list (one `<image>` marker each)
                     family: Family | str,  # the family whose limits apply
                    ) -> list[dict]:
     "A record as chat messages for `family`: an image part where each `<image>` marker stands, checked first."
@@ -337,10 +412,12 @@ def record_messages(sample: Sample | dict,  # a LLaVA record; `image` may be a l
                          f"{fam.max_images} per record")
     if len(images) != marks and not (len(images) == 1 and marks == 0):
         raise ValueError(f"record {sample.id!r}: {len(images)} images but {marks} {IMAGE_TOKEN} markers")
-    if len(images) <= 1: return sample_to_messages(dataclasses.replace(sample, image=images[0] if images else None))
+    if len(images) <= 1:
+        return sample_to_messages(dataclasses.replace(sample, image=images[0] if images else None))
     roles, msgs = {HUMAN: "user", GPT: "assistant"}, []
     for i, turn in enumerate(sample.conversations):
-        if turn.role not in roles: raise ValueError(f"record {sample.id!r} turn {i}: unknown speaker {turn.role!r}")
+        if turn.role not in roles:
+            raise ValueError(f"record {sample.id!r} turn {i}: unknown speaker {turn.role!r}")
         pieces, content = turn.text.split(IMAGE_TOKEN), []
         for k, piece in enumerate(pieces):
             if k: content.append({"type": "image"})
@@ -348,7 +425,7 @@ def record_messages(sample: Sample | dict,  # a LLaVA record; `image` may be a l
         msgs.append({"role": roles[turn.role], "content": content})
     return msgs
 
-# %% ../nbs/05c_families.ipynb #4f2decb7
+# %% ../nbs/05c_families.ipynb #0445a0df
 def min_image_side(config) -> int:
     "The smallest image side in pixels a model of this config accepts (its patch, or merged patch, size)."
     vision = config.vision_config
@@ -360,11 +437,11 @@ def check_images(sample: Sample, images: list, config) -> list[tuple[int, int]]:
     side, fam = min_image_side(config), family_of(config)
     for k, im in enumerate(images):
         if min(im.size) < side:
-            raise ValueError(f"record {sample.id!r} image {k + 1}: {im.size[0]}x{im.size[1]} px is smaller than "
-                             f"family {fam.name}'s {side} px patch")
+            raise ValueError(f"record {sample.id!r} image {k + 1}: {im.size[0]}x{im.size[1]} px is smaller "
+                             f"than family {fam.name}'s {side} px patch")
     return [im.size for im in images]
 
-# %% ../nbs/05c_families.ipynb #222bb6b1
+# %% ../nbs/05c_families.ipynb #883b62ca
 def image_expansion(processor, image) -> str:
     "The text `processor` puts in place of one image placeholder for `image` (its size decides it)."
     from llavamed.train import _special_affixes
@@ -375,7 +452,7 @@ def image_expansion(processor, image) -> str:
     if post and ids[-len(post):] == post: ids = ids[:-len(post)]
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-# %% ../nbs/05c_families.ipynb #940e75c2
+# %% ../nbs/05c_families.ipynb #03e5891b
 def image_tokens(processor, size: tuple[int, int] = (336, 336)) -> int:
     "How many image tokens the model gets for one image of `size` (width, height) through `processor`."
     from PIL import Image
@@ -383,7 +460,7 @@ def image_tokens(processor, size: tuple[int, int] = (336, 336)) -> int:
     ids = tok(image_expansion(processor, Image.new("RGB", size)), add_special_tokens=False).input_ids
     return ids.count(tok.convert_tokens_to_ids(family_of(processor).image_token))
 
-# %% ../nbs/05c_families.ipynb #8c6087fa
+# %% ../nbs/05c_families.ipynb #3b787b92
 def _expand_text(text: str, spans: list[tuple[int, int]], placeholder: str, expansions: list[str], where: str):
     "`text` with its k-th `placeholder` replaced by `expansions[k]`, and the reply spans moved to match."
     pieces = text.split(placeholder)
@@ -409,7 +486,8 @@ def family_tokens(sample: Sample | dict,  # a LLaVA record (`image` one name or 
     fam, tok, images = family_of(processor), processor.tokenizer, list(images or [])
     msgs = record_messages(sample, fam)
     if len(images) != len(record_images(sample)):
-        raise ValueError(f"record {sample.id!r}: {len(record_images(sample))} images named, {len(images)} given")
+        raise ValueError(f"record {sample.id!r}: {len(record_images(sample))} images named, "
+                         f"{len(images)} given")
     replies = _render_replies(tok, msgs, resolve_template(processor, template))
     if not replies: raise ValueError(f"record {sample.id!r}: no assistant reply to train on")
     text, spans = replies[-1][1], [r[2] for r in replies]

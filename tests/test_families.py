@@ -62,7 +62,7 @@ def test_table_rows_name_installed_classes():
         assert hasattr(transformers, fam.model_class) and hasattr(transformers, fam.processor_class), fam.name
         assert set(PART_NAMES) <= set(dataclasses.asdict(fam))
     assert family_of("idefics3").name == "smolvlm" and family_of({"model_type": "qwen2_5_vl"}).name == "qwen2_5_vl"
-    assert [family_of(p).name for p in TINY_PRESETS] == ["llava", "qwen2_5_vl", "gemma3", "smolvlm",
+    assert [family_of(p).name for p in TINY_PRESETS] == ["llava", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm",
                                                          "llava_onevision"]
 
 
@@ -80,13 +80,15 @@ def test_saved_preset_loads_in_vanilla_transformers_and_generates(preset, tmp_pa
     from transformers import AutoModelForImageTextToText, AutoProcessor
     model, proc = _tiny(preset)
     model.save_pretrained(tmp_path); proc.save_pretrained(tmp_path)
-    back, back_proc = AutoModelForImageTextToText.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)
+    back = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    back_proc = AutoProcessor.from_pretrained(tmp_path)
     assert type(back) is type(model) and type(back_proc) is type(proc)
     assert back_proc.chat_template == proc.chat_template
     msgs = record_messages(dict(RECORD, conversations=RECORD["conversations"][:1]), family_of(model))
     text = back_proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     back_proc.tokenizer.padding_side = "left"
-    batch = back_proc(text=[text, text], images=[[_image()], [_image((70, 100))]], return_tensors="pt", padding=True)
+    batch = back_proc(text=[text, text], images=[[_image()], [_image((70, 100))]], return_tensors="pt",
+                      padding=True)
     out = back.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (2, batch["input_ids"].shape[1] + 3)
     ref = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -157,8 +159,9 @@ def test_several_images_in_marker_order():
 def test_bad_input_errors_name_the_record_or_family():
     with pytest.raises(ValueError, match="model type 'mllama' is not a known family"): family_of("mllama")
     with pytest.raises(ValueError, match="preset 'tiny-mllama'"): build_family("tiny-mllama")
-    lacking = dataclasses.replace(FAMILIES["qwen2_5_vl"], name="qwen9_vl", model_class="Qwen9VLForConditionalGeneration")
-    with pytest.raises(ValueError, match=r"family qwen9_vl: transformers [\d.]+ has no Qwen9VLForConditionalGeneration"):
+    lacking = dataclasses.replace(FAMILIES["qwen2_5_vl"], name="qwen9_vl",
+                                  model_class="Qwen9VLForConditionalGeneration")
+    with pytest.raises(ValueError, match=r"family qwen9_vl: transformers [\d.]+ has no Qwen9VLForCondition"):
         require(lacking)
     three = {"id": "p7", "image": ["a.png", "b.png"], "conversations": [
         {"from": "human", "value": "<image> What is it?"}, {"from": "gpt", "value": "A CT."}]}
@@ -167,16 +170,19 @@ def test_bad_input_errors_name_the_record_or_family():
     with pytest.raises(ValueError, match="record 'p7': 2 images, but family llava takes at most 1"):
         record_messages(three, "llava")
     model, proc = _tiny("tiny-gemma3")
-    with pytest.raises(ValueError, match="record 'r1' image 1: 7x30 px is smaller than family gemma3's 8 px patch"):
+    with pytest.raises(ValueError, match="record 'r1' image 1: 7x30 px is smaller than family gemma3's 8 px"):
         check_images(Sample.from_json(RECORD), [_image((7, 30))], model.config)
     with pytest.raises(ValueError, match="record 'r1': 1 images named, 2 given"):
         family_tokens(RECORD, proc, [_image(), _image()])
 
 
-@pytest.mark.skipif(bool(_missing("tiny-qwen2_5_vl")), reason="Qwen2.5-VL's processor needs torchvision")
-def test_qwen_image_tokens_follow_image_size_and_small_images_are_refused():
-    model, proc = _tiny("tiny-qwen2_5_vl")
-    assert image_tokens(proc, (56, 56)) == 4 and image_tokens(proc, (112, 56)) == 8
-    assert image_tokens(proc, (336, 336)) <= 64  # the preset's max_pixels cap
-    with pytest.raises(ValueError, match="20x20 px is smaller than family qwen2_5_vl's 28 px patch"):
-        check_images(Sample.from_json(RECORD), [_image((20, 20))], model.config)
+@pytest.mark.parametrize("preset,merged", [("tiny-qwen2_5_vl", 28), ("tiny-qwen3_vl", 32)])
+def test_qwen_image_tokens_follow_image_size_and_small_images_are_refused(preset, merged):
+    if _missing(preset): pytest.skip(f"{preset}'s processor needs torchvision (not installed)")
+    model, proc = _tiny(preset)
+    assert image_tokens(proc, (2 * merged, 2 * merged)) == 4 and image_tokens(proc, (4 * merged, 2 * merged)) == 8
+    assert image_tokens(proc, (336, 336)) <= 64  # the preset's pixel cap
+    small = merged - 4
+    with pytest.raises(ValueError, match=f"{small}x{small} px is smaller than family {family_of(preset).name}'s "
+                                         f"{merged} px patch"):
+        check_images(Sample.from_json(RECORD), [_image((small, small))], model.config)
