@@ -357,6 +357,7 @@ def fetch_figures(urls: str = None,  # the image URL list (llava_med_image_urls.
                       max_member_mb=max_member_mb, jpeg=jpeg)
     if mirror and urllib.parse.urlsplit(mirror).scheme.lower() not in ("http", "https", "file"):
         raise ValueError(f"fetch_figures: --mirror {mirror!r}: expected an http(s):// or file:// URL")
+    if limit is not None and limit < 1: raise ValueError(f"--limit {limit}: want at least 1 figure")
     refs, skipped = read_url_list(urls, limit, shard=parse_shard(shard))  # a bad list stops here, before `out`
     out = Path(out); images = out / "images"; images.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"; repair_torn_tail(manifest)  # a killed run's torn last line

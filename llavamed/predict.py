@@ -219,13 +219,14 @@ def _check_prompts(questions: list[Question], prompts: dict[str, str], tokenizer
                              f"{max_prompt_tokens:,}")
 
 def _check_request(model, data, out, image_ablation: str, batch_size: int, max_new_tokens: int | None,
-                   protocol: str) -> None:
+                   protocol: str, limit: int | None = None) -> None:
     "A `ValueError` naming the first argument of `predict` that is missing or out of range."
     if not (model and data and out): raise ValueError("predict needs --model, --data and --out")
     if image_ablation not in ABLATIONS:
         raise ValueError(f"image_ablation={image_ablation!r}: expected one of {ABLATIONS}")
     get_protocol(protocol)
     if batch_size < 1: raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if limit is not None and limit < 1: raise ValueError(f"limit={limit}: must be >= 1 (leave it out for all)")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     if not Path(data).is_file(): raise FileNotFoundError(f"data {data}: no such file")
@@ -373,7 +374,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             max_question_chars: int = 100_000,  # refuse a longer question text (before the model loads)
            ) -> Predictions:
     "Answer the questions of `data` with `model`, appending official-format answers to `out` (resumable)."
-    _check_request(model, data, out, image_ablation, batch_size, max_new_tokens, protocol)
+    _check_request(model, data, out, image_ablation, batch_size, max_new_tokens, protocol, limit)
     rank, world, local_rank = launch_rank()
     data, out = Path(data), Path(out)
     images = Path(images) if images else data.parent

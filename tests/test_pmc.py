@@ -168,4 +168,10 @@ def test_shard_splits_the_list_into_disjoint_shares(server, tmp_path, llavamed_c
     r = subprocess.run([llavamed_cmd, "pmc", "--urls", urls, "--out", str(tmp_path / "bad"), "--shard", "3/3"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "shard 3/3" in r.stderr and "Traceback" not in r.stderr
+    for bad in (["--shard=-1/3"], ["--shard", "1/0"], ["--shard", "a/b"], ["--limit", "0"], ["--limit", "-2"]):
+        r = subprocess.run([llavamed_cmd, "pmc", "--urls", urls, "--out", str(tmp_path / "bad"), *bad],
+                           capture_output=True, text=True, timeout=60)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and err[0].startswith("llavamed pmc: error: "), (bad, r.stderr)
+        assert bad[-1].removeprefix("--shard=") in err[0], (bad, err)
     assert not (tmp_path / "bad").exists()

@@ -133,6 +133,14 @@ def test_a_choice_question_without_two_text_options_of_a_sane_size_stops_before_
     assert len(err.strip().splitlines()) == 1 and not (vqa / "a.jsonl").exists()
 
 
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_below_one_is_a_one_line_error(vqa, capsys, limit):
+    code, _, err = run_cli(capsys, "predict", "--model", "/would/not/load", "--data", vqa / "vqa.json",
+                           "--out", vqa / "a.jsonl", "--limit", limit, "--quiet")
+    assert code == 2 and last_line(err).endswith(f"limit={limit}: must be >= 1 (leave it out for all)")
+    assert not (vqa / "a.jsonl").exists()
+
+
 def test_an_out_that_is_a_folder_is_a_one_line_error(vqa, capsys):
     code, _, err = run_cli(capsys, "predict", "--model", "/would/not/load", "--data", vqa / "vqa.json",
                            "--out", vqa / "images", "--quiet")
