@@ -8,10 +8,12 @@ placeholder worth 576 tokens (LLaVA-1.5's 336 px / 14 px grid) and the records r
   already loaded);
 - time to first batch, cold (empty cache: tokenise, write, map, image preflight, grouped order, first
   collated batch) and warm (the same with the cache in place);
-- tokenisation throughput: records / cold tokenising seconds / processes;
-- memory after a full pass over the data (every item, collated in batches of 64) with no data-loader
-  workers and with 4, as the sum of the processes' PSS (shared pages split between them), minus the
-  parent's PSS before the dataset was made;
+- tokenisation throughput: records / cold dataset seconds / the machine's cores;
+- memory after a full pass over the data (every item, collated in batches of 64; the collator's pixels at
+  64 px so a pass takes minutes, the items keep their 576 image tokens) with no data-loader workers and
+  with 4: the sum of the processes' PSS (pages shared between them counted once in all) after the first
+  batch and after the pass (its growth is what copy-on-write of the dataset would add), beside the
+  process's PSS just before the dataset was made;
 - two processes mapping one cache: the sum of their PSS on the cache files vs one process's RSS on them.
 
     OMP_NUM_THREADS=1 python bench/bench_data_scale.py --sizes 10000 100000 [600000] [--images 2000]
@@ -82,7 +84,7 @@ def child(args) -> None:
     root, what = Path(args.root), args.child
     proc = processor_576(root)
     data = root / f"align_{args.n}.jsonl"
-    before, t0 = rss_mb(), time.perf_counter()
+    before, before_pss, t0 = rss_mb(), pss_mb(os.getpid())[0], time.perf_counter()
     peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if what in ("cold", "warm"):
         ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
@@ -98,15 +100,21 @@ def child(args) -> None:
         from torch.utils.data import DataLoader
         ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
         workers = 4 if what == "pass4" else 0
+        proc.image_processor.crop_size = {"height": 64, "width": 64}  # the items keep their 576 image tokens;
+        proc.image_processor.size = {"shortest_edge": 64}  # 64 px pixels keep a full pass within minutes
         dl = DataLoader(ds, batch_size=64, collate_fn=Collator(proc), num_workers=workers,
                         persistent_workers=workers > 0)
-        base = pss_mb(os.getpid())[0] if False else None
-        n = 0
-        for b in dl: n += b["input_ids"].shape[0]
-        pids = [os.getpid()] + [p.pid for p in multiprocessing.active_children()]
-        total = sum(pss_mb(p)[0] for p in pids)
-        print(json.dumps({"what": what, "items": n, "processes": len(pids), "pss_total_mb": round(total, 1),
-                          "pss_before_dataset_mb": round(args.base_pss, 1)}))
+        def total():  # PSS of this process and its data-loader workers
+            pids = [os.getpid()] + [p.pid for p in multiprocessing.active_children()]
+            return sum(pss_mb(p)[0] for p in pids), len(pids)
+        n, first = 0, None
+        for b in dl:
+            n += b["input_ids"].shape[0]
+            if first is None: first = total()[0]
+        end, n_proc = total()
+        print(json.dumps({"what": what, "items": n, "processes": n_proc, "pss_before_dataset_mb": round(before_pss, 1),
+                          "pss_first_batch_mb": round(first, 1), "pss_after_pass_mb": round(end, 1),
+                          "growth_over_pass_mb": round(end - first, 1)}))
     elif what == "map":  # touch every page of the cache's token files, then wait to be measured
         ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
         s = int(np.asarray(ds.tokens.ids).sum()) + int(np.asarray(ds.tokens.mask).sum())
@@ -140,7 +148,6 @@ def main():
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--no-pass", action="store_true", help="skip the full passes over the data")
     ap.add_argument("--child"); ap.add_argument("--root"); ap.add_argument("--n", type=int)
-    ap.add_argument("--base-pss", type=float, default=0.0)
     args = ap.parse_args()
     if args.child: return child(args)
     root = Path(tempfile.mkdtemp(prefix="bench-data-"))
@@ -149,15 +156,14 @@ def main():
     for n in args.sizes:
         make_data(root, n, args.images)
         cold = run_child(root, n, "cold")
-        meta = json.loads(next((root / "cache" / "tokens").glob("*/meta.json")).read_text()) if False else None
         warm = run_child(root, n, "warm")
         res = {"records": n, "distinct_images": args.images, "cores": cores, "cold": cold, "warm": warm,
                "records_per_s_per_core_cold": round(n / cold["dataset_s"] / cores)}
         if not args.no_pass:
             res["pass_no_workers"] = run_child(root, n, "pass0")
             res["pass_4_workers"] = run_child(root, n, "pass4")
-            res["ratio_4_workers_to_none"] = round(res["pass_4_workers"]["pss_total_mb"]
-                                                   / res["pass_no_workers"]["pss_total_mb"], 2)
+            res["ratio_4_workers_to_none_after_pass"] = round(res["pass_4_workers"]["pss_after_pass_mb"]
+                                                              / res["pass_no_workers"]["pss_after_pass_mb"], 2)
         res["two_processes"] = two_processes(root, n)
         print(json.dumps(res), flush=True)
 
