@@ -1,6 +1,6 @@
 """Bad-input table: every command fed the hostile-but-fair inputs of issue 19, each run as a real `llavamed`.
 
-For validate, align, instruct, train, predict, score, judge and vqa-convert, each case builds its inputs in a
+For validate, align, instruct, train, predict, score, judge, vqa-convert and pmc-pairs, each case builds its inputs in a
 temporary folder (an empty file, a truncated one, one bad line, the wrong top-level type, missing keys,
 non-UTF-8 bytes, a huge line, image paths that escape the image folder (absolute, `..`, a symlink), a PNG
 header claiming 100000x100000 pixels, zero-byte and fake images, DICOM without pixel data, a missing image,
@@ -630,8 +630,424 @@ def vqa_cases() -> list:
              check=stale_check)]
 
 
+# ----- pmc-pairs: the package list, the packages (served from a file:// mirror), the output folder
+def pmc_tar(members: dict, symlinks: dict | None = None) -> bytes:
+    from tar_server import make_tar
+    return make_tar(members, symlinks=symlinks)
+
+
+def pmc_article(pmcid: str, pmid: str, href: str = "g1", caption: str = "<p>Axial CT of the chest.</p>") -> bytes:
+    from tar_server import jats_article
+    fig = {"id": "F1", "label": "Figure 1", "caption": caption, "href": href}
+    return jats_article(pmid, pmcid, [fig], ["The CT (Figure 1) shows a mass."])
+
+
+def pmc_package_path(pmcid: str) -> str: return f"oa_package/{pmcid[-2:]}/{pmcid[-4:-2]}/{pmcid}.tar.gz"
+
+
+def pmc_mirror(d: Path, packages: dict[str, bytes]) -> str:
+    "Write {pmcid: .tar.gz bytes} below d/mirror as the list's paths name them; the mirror's file:// URL."
+    for pmcid, data in packages.items():
+        p = d / "mirror" / pmc_package_path(pmcid); p.parent.mkdir(parents=True, exist_ok=True); p.write_bytes(data)
+    return (d / "mirror").as_uri()
+
+
+def pmc_good_packages(n: int = 6, first: int = 5000) -> dict[str, bytes]:
+    from tar_server import image_bytes
+    jpg = image_bytes(fmt="JPEG")
+    return {f"PMC{first + k}": pmc_tar({f"PMC{first + k}/a.nxml": pmc_article(f"PMC{first + k}", str(first + k)),
+                                        f"PMC{first + k}/g1.jpg": jpg}) for k in range(n)}
+
+
+def pmc_list(rows: list[dict]) -> str:
+    from tar_server import oa_file_list
+    return oa_file_list(rows)
+
+
+def pmc_rows(packages: dict) -> list[dict]: return [{"pmcid": p, "pmid": p[3:]} for p in packages]
+
+
+def pairs_argv(d: Path, file_list, mirror: str, *extra) -> list:
+    return ["pmc-pairs", "--file-list", file_list, "--out", d / "out", "--mirror", mirror, "--workers", "2",
+            "--retries", "0", "--quiet", *extra]
+
+
+PAIRS_OUT = ("out/fig_captions.json", "out/manifest.jsonl", "out/images")  # a good earlier output
+
+
+def good_pairs(d, fx):
+    mirror = pmc_mirror(d, pmc_good_packages())
+    (d / "oa.csv").write_text(pmc_list(pmc_rows(pmc_good_packages())))
+    must(pairs_argv(d, d / "oa.csv", mirror))
+
+
+def nothing_outside(d, proc):
+    "A check that no file was written beside the case's inputs and its --out."
+    strays = [p.name for p in d.rglob("*") if p.is_file() and not p.is_relative_to(d / "out")
+              and not p.is_relative_to(d / "mirror") and p.suffix not in (".csv", ".txt")]
+    if strays: return "clobbered", "wrote outside --out: " + ", ".join(strays[:3])
+
+
+def pmc_pairs_cases() -> list:
+    setup = earlier("pmc_pairs", good_pairs)
+    packages = pmc_good_packages()
+
+    def list_case(make_list: Callable[[str], bytes]):
+        "A case whose package list is `make_list(good list text)`, over an earlier good output."
+        def build(d, fx):
+            setup(d, fx); mirror = pmc_mirror(d, packages)
+            (d / "oa.csv").write_bytes(make_list(pmc_list(pmc_rows(packages))))
+            return pairs_argv(d, d / "oa.csv", mirror, "--max-bad", "0")
+        return build
+
+    def line(text: str, i: int, change: Callable[[str], str]) -> bytes:
+        lines = text.splitlines(keepends=True); lines[i] = change(lines[i]); return "".join(lines).encode()
+
+    def package_case(make: Callable[[Path], dict], extra=()):
+        "A case whose one article's package is `make(d)` ({pmcid: tar bytes}); nothing may land outside --out."
+        def build(d, fx):
+            pkgs = make(d); mirror = pmc_mirror(d, pkgs)
+            (d / "oa.csv").write_text(pmc_list(pmc_rows(pkgs)))
+            return pairs_argv(d, d / "oa.csv", mirror, *extra)
+        return build
+
+    def escaping_members(d):
+        from tar_server import image_bytes
+        art = pmc_article("PMC7001", "7001", href="../../../escaped")
+        return {"PMC7001": pmc_tar({"PMC7001/a.nxml": art, "../../escaped.jpg": image_bytes(fmt="JPEG"),
+                                    str(d / "absolute.jpg"): image_bytes(fmt="JPEG")},
+                                   symlinks={"PMC7001/g1.jpg": "/etc/passwd"})}
+
+    laughs = ('<?xml version="1.0"?><!DOCTYPE article [<!ENTITY a "lol"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">'
+              '<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;">]><article><front/><body><p>&c;</p></body></article>').encode()
+    external = ('<?xml version="1.0"?><!DOCTYPE article [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+                '<article><front/><body><p>&x;</p></body></article>').encode()
+
+    def xml_package(xml: bytes):
+        return lambda d: {"PMC7002": pmc_tar({"PMC7002/a.nxml": xml})}
+
+    def skipped(reason: str):
+        "A check that the run counted the package under `reason` and exited 1 (no pair), echoing no file."
+        def check(d, proc):
+            if PASSWD_MARK in proc.stdout + proc.stderr: return "silent", "echoed the contents of /etc/passwd"
+            if found := nothing_outside(d, proc): return found
+            if proc.returncode == 1 and reason in proc.stdout: return "clear", ""
+            return "unclear", f"exit {proc.returncode}; no '{reason}' in the summary"
+        return check
+
+    def all_missing(d, fx):
+        setup(d, fx)
+        (d / "oa.csv").write_text(pmc_list([{"pmcid": "PMC9901", "pmid": "9901"}]))
+        return pairs_argv(d, d / "oa.csv", (d / "empty_mirror").as_uri())
+
+    def out_is_list(d, fx):
+        (d / "oa.csv").write_text(pmc_list(pmc_rows(packages)))
+        return ["pmc-pairs", "--file-list", d / "oa.csv", "--out", d / "oa.csv", "--quiet"]
+
+    def pmids_latin(d, fx):
+        (d / "oa.csv").write_text(pmc_list(pmc_rows(packages))); (d / "pmids.txt").write_bytes(b"5000\n\xff5001\n")
+        return pairs_argv(d, d / "oa.csv", pmc_mirror(d, packages), "--pmids", d / "pmids.txt")
+
+    def shard(text):
+        def build(d, fx):
+            (d / "oa.csv").write_text(pmc_list(pmc_rows(packages)))
+            return pairs_argv(d, d / "oa.csv", pmc_mirror(d, packages), f"--shard={text}")
+        return build
+
+    def killed_then_rerun(d, fx):
+        "A run SIGKILLed after its first package, then the rerun measured here (its output: as an uninterrupted run)."
+        import signal
+        many = pmc_good_packages(40, 6000); mirror = pmc_mirror(d, many)
+        (d / "oa.csv").write_text(pmc_list(pmc_rows(many)))
+        argv = pairs_argv(d, d / "oa.csv", mirror)
+        argv[argv.index("--workers") + 1] = "1"
+        proc = subprocess.Popen([str(EXE), *map(str, argv)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t = time.monotonic()
+        while time.monotonic() - t < 60 and proc.poll() is None:
+            if (d / "out" / "articles.jsonl").exists() and (d / "out" / "articles.jsonl").stat().st_size: break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL); proc.wait()
+        whole = pairs_argv(d, d / "oa.csv", mirror); whole[whole.index("--out") + 1] = d / "whole"
+        must(whole)
+        return argv
+
+    def same_as_whole(d, proc):
+        if proc.returncode: return None
+        a, b = (json.loads((d / o / "fig_captions.json").read_text()) for o in ("out", "whole"))
+        files = lambda o: sorted(p.name for p in (d / o / "images").iterdir())
+        return ("ok", "the same pairs as an uninterrupted run") if a == b and files("out") == files("whole") else \
+            ("clobbered", "the resumed output differs from an uninterrupted run")
+
+    return [
+        Case("pmc-pairs", "empty list", list_case(lambda t: b""), names=("oa.csv",), guard=PAIRS_OUT),
+        Case("pmc-pairs", "header only", list_case(lambda t: t.splitlines(keepends=True)[0].encode()),
+             names=("oa.csv",), guard=PAIRS_OUT),
+        Case("pmc-pairs", "truncated list", list_case(lambda t: t[: len(t) // 2].encode()), names=("oa.csv", "line"),
+             guard=PAIRS_OUT),
+        Case("pmc-pairs", "non-UTF-8 row", list_case(lambda t: t.encode().replace(b"J Test", b"J \xffT", 1)),
+             names=("oa.csv", "line 2"), guard=PAIRS_OUT),
+        Case("pmc-pairs", "huge field", list_case(lambda t: line(t, 3, lambda s: s.replace("J Test", "J" + "x" * 300_000))),
+             names=("oa.csv", "line 4"), guard=PAIRS_OUT),
+        Case("pmc-pairs", "path escapes in list", list_case(
+            lambda t: line(t, 1, lambda s: s.replace("oa_package/00/50/PMC5000.tar.gz", "../../../etc/x.tar.gz"))),
+             names=("oa.csv", "line 2"), guard=PAIRS_OUT),
+        Case("pmc-pairs", "duplicate ids", list_case(lambda t: (t + "".join(t.splitlines(keepends=True)[1:3])).encode()),
+             names=("oa.csv", "repeated article"), guard=PAIRS_OUT),
+        Case("pmc-pairs", "wrong columns", list_case(lambda t: b"pmcid,url\nPMC1,x\n"), names=("oa.csv",),
+             guard=PAIRS_OUT),
+        Case("pmc-pairs", "--shard 4/4", shard("4/4"), names=("4/4",), guard=("out",)),
+        Case("pmc-pairs", "--shard 1/0", shard("1/0"), names=("1/0",), guard=("out",)),
+        Case("pmc-pairs", "--out equal to --file-list", out_is_list, names=("oa.csv",), guard=("oa.csv",)),
+        Case("pmc-pairs", "--pmids not UTF-8", pmids_latin, names=("pmids.txt", "line 2"), guard=("out",)),
+        Case("pmc-pairs", "every package missing over earlier output", all_missing, codes=(1,), where="stdout",
+             names=("not_found",), guard=PAIRS_OUT),
+        Case("pmc-pairs", "tar members escaping, symlink", package_case(escaping_members), codes=(1,), where="stdout",
+             guard=(), check=skipped("graphic member refused")),
+        Case("pmc-pairs", "billion laughs XML", package_case(xml_package(laughs)), codes=(1,), where="stdout",
+             guard=(), check=skipped("XML declares entities")),
+        Case("pmc-pairs", "external entity XML", package_case(xml_package(external)), codes=(1,), where="stdout",
+             guard=(), check=skipped("XML declares entities")),
+        Case("pmc-pairs", "SIGKILL then rerun", killed_then_rerun, codes=(0,), guard=(), check=same_as_whole),
+    ]
+
+
+# ----- vqa-convert: the hub layouts (parquet with image bytes, SLAKE json + imgs.zip, PMC-VQA csv, OmniMedVQA json)
+def hub_image(seed: int = 0) -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO(); Image.new("RGB", (16, 16), (seed * 40 % 256, 90, 30)).save(buf, "JPEG"); return buf.getvalue()
+
+
+def hub_parquet(path: Path, rows: list[dict], image_type=None, columns=("image", "question", "answer")):
+    import pyarrow as pa, pyarrow.parquet as pq
+    image_type = image_type or pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    types = {"image": image_type, "question": pa.string(), "answer": pa.string()}
+    schema = pa.schema([(c, types.get(c, pa.string())) for c in columns])
+    path.parent.mkdir(parents=True, exist_ok=True); pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def hub_rows(n: int, **change) -> list[dict]:
+    return [{"image": {"bytes": hub_image(i % 3), "path": None}, "question": f"is there a mass {i}?",
+             "answer": "yes" if i % 2 else "no", **change} for i in range(n)]
+
+
+def slake_rows(n: int, first: int = 0, img: str = "xmlab0/source.jpg") -> list[dict]:
+    return [{"qid": first + i, "img_name": img, "question": "Is this a CT?", "answer": "Yes", "q_lang": "en",
+             "answer_type": "CLOSED", "content_type": "Modality"} for i in range(n)]
+
+
+def zip_file(path: Path, members: dict, links: dict | None = None):
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items(): z.writestr(name, data)
+        for name, target in (links or {}).items():
+            info = zipfile.ZipInfo(name); info.external_attr = 0o120777 << 16; z.writestr(info, target)
+
+
+def slake_src(d: Path, test: list | dict | None = None, zip_members: dict | None = None, links=None) -> Path:
+    src = d / "SLAKE"; src.mkdir()
+    for name, rows in (("train.json", slake_rows(20)), ("validation.json", slake_rows(10, 100)),
+                       ("test.json", slake_rows(10, 200) if test is None else test)):
+        (src / name).write_text(json.dumps(rows))
+    zip_file(src / "imgs.zip", {"imgs/xmlab0/source.jpg": hub_image()} if zip_members is None else zip_members, links)
+    return src
+
+
+PMC_VQA_HEADER = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C", "Choice D",
+                  "Answer", "split"]
+
+
+def pmc_vqa_row(i: int, figure: str | None = None, answer: str = "B", choices=("CT", "MRI", "PET", "X-ray")) -> list:
+    return [i, figure or f"PMC{i}_F1.jpg", "a caption", f"Which modality {i}?",
+            *[f"{l}:{c}" if c else "" for l, c in zip("ABCD", choices)], answer, "test"]
+
+
+def pmc_vqa_src(d: Path, rows: list, header=PMC_VQA_HEADER) -> Path:
+    import csv
+    src = d / "PMC-VQA"; (src / "figures").mkdir(parents=True)
+    for i in range(60): (src / "figures" / f"PMC{i}_F1.jpg").write_bytes(hub_image(i))
+    with open(src / "test_2.csv", "w", newline="") as f: w = csv.writer(f); w.writerow(header); w.writerows(rows)
+    return src
+
+
+def omni_src(d: Path, rows: list) -> Path:
+    qa = d / "Omni" / "QA_information" / "Open-access"; qa.mkdir(parents=True)
+    (qa / "Set.json").write_text(json.dumps(rows))
+    return d / "Omni"
+
+
+def omni_rows(n: int, **change) -> list[dict]:
+    return [{"question_id": f"q{i}", "image_path": "Images/Set/a.png", "question": "Which organ?", "option_A": "liver",
+             "option_B": "lung", "gt_answer": "lung", "modality_type": "CT", "dataset": "Set", **change}
+            for i in range(n)]
+
+
+def vqa_hub_cases() -> list:
+    setup = earlier("vqa", good_vqa)  # an earlier good conversion in out/
+
+    def convert(dataset: str, make_src: Callable[[Path], Path], *extra):
+        "A case converting `make_src(d)` as `dataset` over the earlier good output."
+        def build(d, fx):
+            setup(d, fx)
+            return ["vqa-convert", "--dataset", dataset, "--src", make_src(d), "--out", d / "out", *extra]
+        return build
+
+    def parquet(rows, **kw):
+        def make(d): hub_parquet(d / "rad" / "test-00000-of-00001.parquet", rows, **kw); return d / "rad"
+        return make
+
+    def truncated(d):
+        parquet(hub_rows(10))(d); p = d / "rad" / "test-00000-of-00001.parquet"; p.write_bytes(p.read_bytes()[:300])
+        return d / "rad"
+
+    def path_column():
+        import pyarrow as pa
+        return parquet([{**r, "image": f"../../synpic{i}.jpg"} for i, r in enumerate(hub_rows(10))], image_type=pa.string())
+
+    def wrong_columns():
+        return parquet([{"img": "a.jpg", "q": "is it?"}], columns=("img", "q"))
+
+    rows = hub_rows(20); rows[3] = {**rows[3], "image": {"bytes": b"GIF89a" + bytes(20), "path": None}}
+    struct_paths = hub_rows(20); struct_paths[5] = {**struct_paths[5], "image": {"bytes": None, "path": "/etc/passwd"}}
+    escape = slake_rows(10, 200); escape[0]["img_name"] = "../../../../etc/passwd"
+    bomb = {"imgs/xmlab0/source.jpg": bytes(120 * 2**20)}  # 120 MB of zeros: over the member limit, 1000x ratio
+    pmc_escape = [pmc_vqa_row(0, "/etc/passwd"), pmc_vqa_row(1, "../../x.jpg")] + [pmc_vqa_row(i) for i in range(2, 40)]
+    pmc_letter = [pmc_vqa_row(i, answer="F") for i in range(5)]
+    pmc_one = [pmc_vqa_row(i, choices=("CT", "", "", "")) for i in range(5)]
+    misspelt = [h.replace("Figure_path", "Figure_pth") for h in PMC_VQA_HEADER]
+    omni_escape = omni_rows(10); omni_escape[0]["image_path"] = "/etc/passwd"
+    omni_types = omni_rows(10); omni_types[2]["option_A"] = {"text": "liver"}
+
+    def out_is_src(d, fx):
+        src = slake_src(d)
+        return ["vqa-convert", "--dataset", "slake", "--src", src, "--out", src]
+
+    def out_is_file(d, fx):
+        src = slake_src(d); (d / "out.json").write_text("{}")
+        return ["vqa-convert", "--dataset", "slake", "--src", src, "--out", d / "out.json"]
+
+    return [
+        Case("vqa-convert", "parquet without the hub columns", convert("vqa-rad", wrong_columns()),
+             names=("test-00000-of-00001.parquet",)),
+        Case("vqa-convert", "parquet image column of paths", convert("vqa-rad", path_column()),
+             names=("test-00000-of-00001.parquet", "paths")),
+        Case("vqa-convert", "parquet image struct with a path only", convert("pathvqa", parquet(struct_paths)),
+             names=("pathvqa_test_5", "row 6")),
+        Case("vqa-convert", "parquet truncated", convert("vqa-rad", truncated), names=("test-00000-of-00001.parquet",)),
+        Case("vqa-convert", "parquet fake image bytes", convert("vqa-rad", parquet(rows)),
+             names=("vqa-rad_test_3", "row 4")),
+        Case("vqa-convert", "SLAKE question of a list type", convert("slake", lambda d: slake_src(
+            d, [{**r, "question": ["is", "it"]} for r in slake_rows(10, 200)])), names=("slake_200", "test.json")),
+        Case("vqa-convert", "SLAKE img_name escapes", convert("slake", lambda d: slake_src(d, escape)),
+             names=("slake_200", "test.json")),
+        Case("vqa-convert", "SLAKE imgs.zip bomb", convert("slake", lambda d: slake_src(d, zip_members=bomb)),
+             names=("slake_0", "image member refused"), memory=True),
+        Case("vqa-convert", "SLAKE imgs.zip symlink member", convert("slake", lambda d: slake_src(
+            d, zip_members={}, links={"imgs/xmlab0/source.jpg": "../../../../etc/passwd"})), names=("slake_",),
+             check=no_passwd),
+        Case("vqa-convert", "SLAKE test.json wrong top-level type", convert("slake", lambda d: slake_src(d, {"a": 1})),
+             names=("test.json",)),
+        Case("vqa-convert", "PMC-VQA misspelt header", convert("pmc-vqa", lambda d: pmc_vqa_src(
+            d, [pmc_vqa_row(i) for i in range(5)], misspelt)), names=("test_2.csv", "Figure_pth")),
+        Case("vqa-convert", "PMC-VQA Figure_path escapes", convert("pmc-vqa", lambda d: pmc_vqa_src(d, pmc_escape)),
+             names=("pmc-vqa_test_0", "test_2.csv")),
+        Case("vqa-convert", "PMC-VQA answer letter outside options", convert("pmc-vqa", lambda d: pmc_vqa_src(
+            d, pmc_letter)), names=("pmc-vqa_test_0", "test_2.csv:line 2", "answer letter outside the options")),
+        Case("vqa-convert", "PMC-VQA fewer than two options", convert("pmc-vqa", lambda d: pmc_vqa_src(d, pmc_one)),
+             names=("pmc-vqa_test_0", "test_2.csv:line 2", "fewer than two options")),
+        Case("vqa-convert", "OmniMedVQA absolute image_path", convert("omnimedvqa", lambda d: omni_src(d, omni_escape)),
+             names=("omnimedvqa_q0",)),
+        Case("vqa-convert", "OmniMedVQA option of a dict type", convert("omnimedvqa", lambda d: omni_src(d, omni_types)),
+             names=("omnimedvqa_q2",)),
+        Case("vqa-convert", "--out equal to SLAKE --src", out_is_src, names=("train.json",), guard=("SLAKE",)),
+        Case("vqa-convert", "--out is a file", out_is_file, names=("out.json",), guard=("out.json",)),
+    ]
+
+
+# ----- predict: --protocol, choice questions, ranks of a data-parallel run
+def predict_protocol_cases() -> list:
+    setup = earlier("predict", good_predict)
+
+    def with_choice(options):
+        def build(d, fx):
+            setup(d, fx); recs = json.loads(json.dumps(fx.vqa))
+            recs[-1].update(answer_type="CHOICE", options=options)
+            (d / "data.json").write_text(json.dumps(recs))
+            return predict_argv(fx, d / "data.json", d / "out" / "answers.jsonl")
+        return build
+
+    def argv_with(*extra):
+        def build(d, fx):
+            setup(d, fx); (d / "data.json").write_text(json.dumps(fx.vqa))
+            return predict_argv(fx, d / "data.json", d / "out" / "answers.jsonl") + list(extra)
+        return build
+
+    def out_folder(d, fx):
+        setup(d, fx); (d / "data.json").write_text(json.dumps(fx.vqa))
+        return predict_argv(fx, d / "data.json", d / "out")
+
+    def other_settings_part(d, fx):
+        (d / "data.json").write_text(json.dumps(fx.vqa))
+        part = d / "out" / "answers.jsonl.parts" / "rank1-of-2.jsonl"; part.parent.mkdir(parents=True)
+        md = {"decoding": {"do_sample": True, "max_new_tokens": 4, "seed": 0, "temperature": 0.7}, "model": "m",
+              "image_ablation": "none", "prompt_suffix": None, "protocol": "llava-med"}
+        part.write_text(json.dumps({"question_id": fx.vqa[1]["id"], "text": "no", "metadata": md}) + "\n")
+        return predict_argv(fx, d / "data.json", d / "out" / "answers.jsonl")
+
+    def ranks_killed(d, fx):
+        "Rank 0 of 2 SIGKILLed after two answers (a torn line added), rank 1 killed at start; rank 1 reruns, then 0."
+        import signal
+        (d / "data.json").write_text(json.dumps(fx.vqa)); out = d / "out" / "answers.jsonl"; out.parent.mkdir()
+        argv = [str(EXE), *map(str, predict_argv(fx, d / "data.json", out))]
+        argv[argv.index("--batch-size") + 1] = "2"
+        env = lambda rank: {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                            "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        part0 = out.parent / "answers.jsonl.parts" / "rank0-of-2.jsonl"
+        proc = subprocess.Popen(argv, env=env(0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t = time.monotonic()
+        while time.monotonic() - t < 120 and proc.poll() is None:
+            if part0.exists() and part0.read_bytes().count(b"\n") >= 2: break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL); proc.wait()
+        with open(part0, "ab") as f: f.write(b'{"question_id": "torn", "te')
+        proc = subprocess.Popen(argv, env=env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0); proc.send_signal(signal.SIGKILL); proc.wait()
+        subprocess.run(argv, env=env(1), capture_output=True, check=True)
+        single = [a if a != str(out) else str(d / "one.jsonl") for a in argv]
+        subprocess.run(single, env={k: v for k, v in env(0).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+                       capture_output=True, check=True)
+        return argv[1:]
+
+    def merged_like_one(d, proc):
+        if proc.returncode: return None
+        out, one = d / "out" / "answers.jsonl", d / "one.jsonl"
+        if not out.exists(): return "unclear", "the parts were not merged"
+        if out.read_bytes() != one.read_bytes(): return "clobbered", "the merged answers differ from one process's"
+        return "ok", "merged answers identical to one process's"
+
+    ranks_case = Case("predict", "two ranks killed, then rerun", ranks_killed, codes=(0,), guard=(), model=True,
+                      check=merged_like_one, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    return [
+        Case("predict", "--protocol unknown", argv_with("--protocol", "vqav2"), names=("vqav2",), model=True),
+        Case("predict", "choice with one option", with_choice(["only"]), names=(LAST_QUESTION,), model=True),
+        Case("predict", "choice with 27 options", with_choice([f"o{i}" for i in range(27)]), names=(LAST_QUESTION,),
+             model=True),
+        Case("predict", "choice option of a dict type", with_choice(["CT", {"text": "MRI"}]), names=(LAST_QUESTION,),
+             model=True),
+        Case("predict", "choice option of 5 MB", with_choice(["CT", "MRI " * 1_250_000]), names=(LAST_QUESTION,),
+             model=True, memory=True),
+        Case("predict", "--out is a folder", out_folder, names=("out",), model=True),
+        Case("predict", "RANK outside WORLD_SIZE", argv_with(), names=("RANK=2",), model=True,
+             env={"RANK": "2", "WORLD_SIZE": "2"}),
+        Case("predict", "a rank's part made with other settings", other_settings_part, names=("other settings",),
+             model=True, guard=("out",)),
+        ranks_case,
+    ]
+
+
 COMMANDS = {"validate": validate_cases, "align": align_cases, "instruct": instruct_cases, "train": train_cases,
-            "predict": predict_cases, "score": score_cases, "judge": judge_cases, "vqa-convert": vqa_cases}
+            "predict": lambda: predict_cases() + predict_protocol_cases(), "score": score_cases, "judge": judge_cases,
+            "vqa-convert": lambda: vqa_cases() + vqa_hub_cases(), "pmc-pairs": pmc_pairs_cases}
 
 
 def all_cases(commands=None, model=True) -> list:
