@@ -135,8 +135,10 @@ def _model_folder(model: str, seed: int) -> tuple[Path, Path | None]:
     from llavamed.model import build_model, save_model
     log.warning(f"--model {model}: a preset, built now with random weights (seed {seed}) for trying the API")
     torch.manual_seed(seed)
+    built = build_model(src)
     tmp = Path(tempfile.mkdtemp(prefix=f"llavamed-serve-{src}-"))
-    return save_model(*build_model(src), tmp / src), tmp
+    try: return save_model(*built, tmp / src), tmp
+    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
 
 # %% ../nbs/05b_serve.ipynb #ee3be616
 class ModelServer:
@@ -404,16 +406,21 @@ def serve(model: str = None,  # a preset, a model folder, a raw LLaVA-Med releas
     "Serve `model` behind an OpenAI-compatible chat API (transformers serve) until Ctrl-C or SIGTERM."
     if not model: raise ValueError("serve needs --model")
     key = _api_key(api_key_env)
-    srv = ModelServer(model, host, port, key, device, dtype, log_level, seed)
-    stopped = []
-    def remember(sig, frame): stopped.append(signal.Signals(sig).name)  # uvicorn hands the signal back here
+    stopped, serving = [], []
+    def remember(sig, frame):
+        "Note the signal; uvicorn hands it back here after its clean stop. While loading: stop at once."
+        stopped.append(signal.Signals(sig).name)
+        if not serving: raise KeyboardInterrupt(f"{stopped[-1]} while the model loaded")  # a preset's folder goes
     main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     previous = {s: signal.signal(s, remember) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        logging.getLogger("uvicorn.error").info(f"model name for requests: {srv.name}")  # with uvicorn's lines
-        srv.server.run()
+        srv = ModelServer(model, host, port, key, device, dtype, log_level, seed)
+        serving.append(True)
+        try:
+            logging.getLogger("uvicorn.error").info(f"model name for requests: {srv.name}")  # with uvicorn's lines
+            srv.server.run()
+        finally: srv.stop()
     finally:
         for s, handler in previous.items(): signal.signal(s, handler)
-        srv.stop()
     return Served(str(model), srv.name, srv.base_url, bool(key), round(srv.load_seconds, 2),
                   round(time.perf_counter() - srv.started_at, 2), stopped[0] if stopped else "shutdown")

@@ -302,3 +302,18 @@ def test_a_signal_stops_a_served_preset_cleanly(llavamed_cmd, tmp_path, sig):
     served = json.loads(proc.stdout.read())
     assert served["stopped_by"] == sig.name and served["name"] == name and not served["api_key"]
     assert port_is_free(port) and not Path(name).exists()
+
+
+@pytest.mark.slow
+def test_a_signal_while_a_preset_loads_leaves_no_folder_behind(llavamed_cmd, tmp_path):
+    "SIGTERM before the port opens: the command ends at once (130, 'interrupted') and the preset's folder goes."
+    log = tmp_path / "log"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen([llavamed_cmd, "serve", "--model", "tiny", "--port", str(free_port())],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+    deadline = time.monotonic() + 120
+    while "a preset, built now" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    code = stop(proc, signal.SIGTERM)
+    assert code in (130, 0), log.read_text()[-2000:]  # 0: the server was up already, and stopped cleanly
+    assert not list(tmp_path.glob("llavamed-serve-tiny-*"))
