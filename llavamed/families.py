@@ -14,8 +14,8 @@ from .core import IMAGE_TOKEN, HUMAN, GPT, Sample
 # %% auto #0
 __all__ = ['FAMILIES', 'ALIASES', 'PART_NAMES', 'STAGE_PARTS', 'FAMILY_TEMPLATES', 'FAMILY_TOKENS', 'TINY_TEXT', 'TINY_TOWER',
            'TINY_PRESETS', 'Family', 'family_of', 'require', 'part_of', 'parts', 'set_stage', 'family_tokenizer',
-           'build_family', 'record_images', 'record_messages', 'min_image_side', 'check_images', 'image_expansion',
-           'image_tokens', 'family_tokens']
+           'build_family', 'lora_targets', 'record_images', 'record_messages', 'min_image_side', 'check_images',
+           'image_expansion', 'image_tokens', 'family_tokens']
 
 # %% ../nbs/05c_families.ipynb #66e94f57
 @dataclass(frozen=True)
@@ -393,7 +393,15 @@ def build_family(preset: str = "tiny-gemma3",  # a name in `TINY_PRESETS` ('tiny
     gen.eos_token_id = proc.tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn)
     return model.eval(), proc
 
-# %% ../nbs/05c_families.ipynb #5e35fa57
+# %% ../nbs/05c_families.ipynb #31c735b8
+def lora_targets(model) -> list[str]:
+    "Names of the language model's linear layers (its output head left out): where LoRA goes on any family."
+    import torch.nn as nn
+    fam = family_of(model)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")
+            and part_of(fam, n + ".") == "lm"]
+
+# %% ../nbs/05c_families.ipynb #022003ee
 def record_images(sample: Sample) -> list:
     "The record's images as a list (`image` may be one name or a list of names)."
     if sample.image is None: return []
@@ -425,7 +433,7 @@ def record_messages(sample: Sample | dict,  # a LLaVA record; `image` may be a l
         msgs.append({"role": roles[turn.role], "content": content})
     return msgs
 
-# %% ../nbs/05c_families.ipynb #0445a0df
+# %% ../nbs/05c_families.ipynb #0689d85b
 def min_image_side(config) -> int:
     "The smallest image side in pixels a model of this config accepts (its patch, or merged patch, size)."
     vision = config.vision_config
@@ -441,7 +449,7 @@ def check_images(sample: Sample, images: list, config) -> list[tuple[int, int]]:
                              f"than family {fam.name}'s {side} px patch")
     return [im.size for im in images]
 
-# %% ../nbs/05c_families.ipynb #883b62ca
+# %% ../nbs/05c_families.ipynb #d94f6632
 def image_expansion(processor, image) -> str:
     "The text `processor` puts in place of one image placeholder for `image` (its size decides it)."
     from llavamed.train import _special_affixes
@@ -452,7 +460,7 @@ def image_expansion(processor, image) -> str:
     if post and ids[-len(post):] == post: ids = ids[:-len(post)]
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-# %% ../nbs/05c_families.ipynb #03e5891b
+# %% ../nbs/05c_families.ipynb #63525257
 def image_tokens(processor, size: tuple[int, int] = (336, 336)) -> int:
     "How many image tokens the model gets for one image of `size` (width, height) through `processor`."
     from PIL import Image
@@ -460,7 +468,7 @@ def image_tokens(processor, size: tuple[int, int] = (336, 336)) -> int:
     ids = tok(image_expansion(processor, Image.new("RGB", size)), add_special_tokens=False).input_ids
     return ids.count(tok.convert_tokens_to_ids(family_of(processor).image_token))
 
-# %% ../nbs/05c_families.ipynb #3b787b92
+# %% ../nbs/05c_families.ipynb #721f5787
 def _expand_text(text: str, spans: list[tuple[int, int]], placeholder: str, expansions: list[str], where: str):
     "`text` with its k-th `placeholder` replaced by `expansions[k]`, and the reply spans moved to match."
     pieces = text.split(placeholder)
@@ -494,7 +502,12 @@ def family_tokens(sample: Sample | dict,  # a LLaVA record (`image` one name or 
     if not all(text[s:e].rstrip().endswith(fam.end_of_turn) for s, e in spans):  # a template that leaves
         text, spans = _close_replies(tok, text, spans)  # replies open gets the end token after each
     spans = [(s, s + len(text[s:e].rstrip())) for s, e in spans]  # what follows the end token is not generated
-    text, spans = _expand_text(text, spans, fam.placeholder, [image_expansion(processor, im) for im in images],
-                               f"record {sample.id!r}")
+    expansions = []
+    for k, im in enumerate(images):
+        try: expansions.append(image_expansion(processor, im))
+        except ValueError as e:  # e.g. Qwen's resize refusing an image under its merged patch
+            raise ValueError(f"record {sample.id!r} image {k + 1}: family {fam.name}'s processor refused "
+                             f"it: {e}") from e
+    text, spans = _expand_text(text, spans, fam.placeholder, expansions, f"record {sample.id!r}")
     ids, mask = _tokens_and_mask(tok, text, spans)
     return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]}

@@ -5,8 +5,9 @@ import pytest
 torch = pytest.importorskip("torch")
 from PIL import Image
 from llavamed.core import IGNORE_INDEX, Sample
-from llavamed.families import (FAMILIES, PART_NAMES, TINY_PRESETS, build_family, check_images, family_of,
-                               family_tokens, image_tokens, parts, record_messages, require, set_stage)
+from llavamed.families import (FAMILIES, PART_NAMES, TINY_PRESETS, build_family, check_images, family_of, part_of,
+                               family_tokens, image_tokens, lora_targets, parts, record_messages, require,
+                               set_stage)
 
 TEXTS = ["The chest X-ray shows a nodule in the left lung.", "Is there a pleural effusion? No.",
          "Axial CT of the abdomen with a mass on the right side.", "What modality is this? MRI of the brain."] * 5
@@ -186,3 +187,34 @@ def test_qwen_image_tokens_follow_image_size_and_small_images_are_refused(preset
     with pytest.raises(ValueError, match=f"{small}x{small} px is smaller than family {family_of(preset).name}'s "
                                          f"{merged} px patch"):
         check_images(Sample.from_json(RECORD), [_image((small, small))], model.config)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_lora_wraps_only_the_language_models_linear_layers(preset):
+    from peft import LoraConfig, get_peft_model
+    model, _ = build_family(preset, tokenizer_texts=TEXTS, vocab_size=400)
+    targets = lora_targets(model)
+    assert targets and all(part_of(family_of(model), t + ".") == "lm" for t in targets)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    wrapped = {n.split(".lora_A")[0].removeprefix("base_model.model.")
+               for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    assert wrapped == set(targets)
+
+
+def test_tokenizer_learns_the_synthetic_corpus(tmp_path):
+    from llavamed.synth import corpus_texts, make_corpus
+    make_corpus(str(tmp_path / "corpus"), n_train=8, n_test=4, n_chat=2, size=64, quiet=True)
+    texts = corpus_texts(tmp_path / "corpus")
+    model, proc = build_family("tiny-gemma3", tokenizer_texts=texts, vocab_size=500)
+    tok = proc.tokenizer
+    assert len(tok) == 500 and model.config.text_config.vocab_size == len(tok)
+    fallback = build_family("tiny-gemma3", vocab_size=500)[1].tokenizer
+    # the corpus' own words take fewer tokens with the tokenizer trained on them
+    assert sum(len(tok(t).input_ids) for t in texts) < sum(len(fallback(t).input_ids) for t in texts)
+
+
+@pytest.mark.skipif(bool(_missing("tiny-qwen2_5_vl")), reason="tiny-qwen2_5_vl's processor needs torchvision")
+def test_processor_refusal_of_an_image_names_the_record():
+    _, proc = _tiny("tiny-qwen2_5_vl")
+    with pytest.raises(ValueError, match="record 'r1' image 1: family qwen2_5_vl's processor refused it"):
+        family_tokens(RECORD, proc, [_image((6000, 28))])  # aspect ratio over 200: Qwen's resize refuses it
