@@ -145,11 +145,11 @@ class ModelServer:
     "transformers' OpenAI-compatible server on one resolved LLaVA checkpoint, with the key check."
     def __init__(self, model: str,  # a preset, a model folder, a raw release or a hub id
                  host: str = "127.0.0.1",  # address to listen on (loopback: this machine only)
-                 port: int = 8000,  # TCP port
+                 port: int = 8000,  # TCP port (0: any free one, known once started)
                  api_key: str | None = None,  # the key every request must carry (None: no key)
                  device: str = "auto",  # 'auto', 'cpu', 'cuda:0', ...
                  dtype: str = "auto",  # 'auto' (the weights'), 'bfloat16', 'float32', ...
-                 log_level: str = "info",  # uvicorn's and transformers' log level ('warning': quieter)
+                 log_level: str = "info",  # uvicorn's log level (transformers' is one step quieter)
                  seed: int = 0):  # seed of a preset's random weights
         "Resolve and check the model, load it, build the app; nothing listens until `start` or `run`."
         from transformers.utils.import_utils import is_serve_available
