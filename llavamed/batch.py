@@ -85,24 +85,49 @@ def read_journal(path: str | Path) -> dict[str, dict]:
     chunks: dict[str, dict] = {}
     if not Path(path).exists(): return chunks
     repair_torn_tail(path)
+    skipped = 0
     for row in read_jsonl(path, skip_bad=True):
-        if not isinstance(row, dict) or "chunk" not in row: continue
+        if not isinstance(row, dict) or not isinstance(row.get("chunk"), str): skipped += 1; continue
         state = chunks.setdefault(row["chunk"], {"chunk": row["chunk"]})
         state.update({k: v for k, v in row.items() if k != "event"}, state=row.get("event"))
+    if skipped: log.warning(f"{path}: skipped {skipped} line(s) that are no journal event")
+    for key, state in chunks.items():
+        ids = state.get("ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{path}: chunk {key!r} has no list of request ids (an edited journal?); its batch "
+                             "cannot be collected: remove the chunk's lines to send its requests again")
     return chunks
 
 # %% ../nbs/03a_batch.ipynb #9fcc9c58
 def _reason(line: dict, secrets: tuple) -> tuple[str, bool]:
     "Why a batch line failed, safe to log, and whether another attempt could succeed."
-    err, resp = line.get("error"), line.get("response") or {}
+    err, resp = line.get("error"), line.get("response")
+    resp = resp if isinstance(resp, dict) else {}
     if err:
+        err = err if isinstance(err, dict) else {"message": err}
         code = str(err.get("code") or "error")
         return f"batch {code}: {redact(str(err.get('message') or ''), *secrets)[:160]}".rstrip(": "), True
-    code = resp.get("status_code")
-    msg = redact(str(((resp.get("body") or {}).get("error") or {}).get("message") or ""), *secrets)[:160]
+    code, body = resp.get("status_code"), resp.get("body")
+    error = body.get("error") if isinstance(body, dict) else None
+    msg = redact(str((error.get("message") if isinstance(error, dict) else error) or ""), *secrets)[:160]
+    if code is None: return "batch line without an error or a response status", True
     if code == 429: return "batch HTTP 429 rate limited", True
     if isinstance(code, int) and (code >= 500 or code in (408, 409)): return f"batch HTTP {code} server error", True
     return f"batch HTTP {code}: {msg}", False
+
+def _line_result(line: dict, parse, secrets: tuple) -> tuple[str, str | None, Any, str | None, tuple, bool]:
+    "(status, text, parsed, reason, usage, retryable) of one output or error line."
+    resp = line.get("response")
+    if line.get("error") or not isinstance(resp, dict) or resp.get("status_code") != 200:
+        reason, again = _reason(line, secrets)
+        return "failed", None, None, reason, (0, 0), again
+    try: reply = reply_of(resp.get("body") or {})
+    except RequestError as e: return "failed", None, None, f"batch {e.reason}", (0, 0), True
+    usage = (reply.prompt_tokens, reply.completion_tokens)
+    try: parsed = parse(reply.text) if parse else None
+    except Exception as e:
+        return "unparsed", reply.text, None, f"unparsed ({type(e).__name__}: {str(e)[:120]})", usage, True
+    return "done", reply.text, parsed, None, usage, False
 
 def result_rows(output: str,  # the output file's text
                 errors: str,  # the error file's text
@@ -111,9 +136,10 @@ def result_rows(output: str,  # the output file's text
                 model: str | None = None,  # the client's name, saved in each row
                 batch_id: str = "", secrets: tuple = (),
                 status: str = "completed",  # the batch's final status (names the reason of a missing id)
+                ignored: Counter | None = None,  # if given, counts the lines left out, by reason
                ) -> tuple[dict[str, dict], set[str]]:
     "Checkpoint rows by id from a batch's output and error files; and the ids whose failure may be retried."
-    rows, retryable = {}, set()
+    rows, retryable, ignored = {}, set(), Counter() if ignored is None else ignored
     def row(rid, status, text=None, parsed=None, reason=None, usage=(0, 0)):
         rows[rid] = dict(id=rid, status=status, text=text, parsed=parsed, reason=reason, attempts=1,
                          errors=[reason] if reason else [], usage=dict(prompt_tokens=usage[0],
@@ -123,27 +149,20 @@ def result_rows(output: str,  # the output file's text
         for raw in (text or "").splitlines():
             if not raw.strip(): continue
             try: line = json.loads(raw)
-            except json.JSONDecodeError: continue
+            except json.JSONDecodeError: line = None
+            if not isinstance(line, dict): ignored["not a JSON object"] += 1; continue
             rid = str(line.get("custom_id"))
-            if rid not in wanted: continue
-            resp = line.get("response") or {}
-            if not line.get("error") and resp.get("status_code") == 200:
-                try: reply = reply_of(resp.get("body") or {})
-                except RequestError as e: row(rid, "failed", reason=f"batch {e.reason}"); retryable.add(rid); continue
-                usage = (reply.prompt_tokens, reply.completion_tokens)
-                try: parsed = parse(reply.text) if parse else None
-                except Exception as e:
-                    row(rid, "unparsed", reply.text, reason=f"unparsed ({type(e).__name__}: {str(e)[:120]})",
-                        usage=usage)
-                    retryable.add(rid); continue
-                row(rid, "done", reply.text, parsed, usage=usage)
-            else:
-                reason, again = _reason(line, secrets)
-                row(rid, "failed", reason=reason)
-                if again: retryable.add(rid)
+            if rid not in wanted: ignored["custom_id not in this batch"] += 1; continue
+            if rid in rows:  # a repeated id: an answer is kept over a failure, the first answer over a later one
+                ignored["repeated custom_id"] += 1
+                if rows[rid]["status"] == "done": continue
+            st, reply, parsed, reason, usage, again = _line_result(line, parse, secrets)
+            row(rid, st, reply, parsed, reason, usage)
+            (retryable.add if again else retryable.discard)(rid)
     for rid in ids:
         if rid not in rows:
             row(rid, "failed", reason=f"batch {status}: no result for this request"); retryable.add(rid)
+    if ignored: log.warning(f"batch {batch_id}: left out of its results: {dict(ignored)}")
     return rows, retryable
 
 # %% ../nbs/03a_batch.ipynb #ea8587f4
@@ -157,10 +176,15 @@ class BatchStats(RunStats):
     rounds: int = 0  # batch rounds (the first and its retries)
     loop_requests: int = 0  # requests the request loop sent (retry='loop')
     pending: int = 0  # requests still in unfinished batches when the run stopped polling
+    ignored_lines: Counter = field(default_factory=Counter)  # result lines left out (malformed, unknown id)
+    already_done: int = 0  # batch results for requests the checkpoint already had an answer for (not saved)
+
+    def to_json(self) -> dict: return {**super().to_json(), "ignored_lines": dict(self.ignored_lines)}
 
     def summary(self) -> str:
         "One line for logs and progress output."
         more = f", {self.pending} still in batches (run again to collect)" if self.pending else ""
+        if self.ignored_lines: more += f", {sum(self.ignored_lines.values())} result lines left out"
         return (f"{super().summary()}; {self.batches} batch(es), {self.batch_requests} batch requests, "
                 f"{self.upload_bytes:,} bytes uploaded, {self.polls} polls{more}")
 
@@ -231,15 +255,19 @@ class _Run:
 
     async def adopt(self, state: dict) -> dict:
         "A chunk an earlier run left unfinished: find its batch by the key in the metadata, or create it now."
-        key, scanned = state["chunk"], 0
+        key = state["chunk"]
         if state.get("file_id"):
-            async for b in self.api.batches.list(limit=100):
-                if (b.metadata or {}).get("llavamed_chunk") == key:
-                    self.note("created", key, batch_id=b.id)
-                    log.info(f"batch {b.id}: found by its metadata ({key})")
-                    return {**state, "batch_id": b.id, "state": "created"}
-                scanned += 1
-                if scanned >= 1000: break
+            async def find():  # the newest 1000 batches are enough: this chunk's was created minutes before
+                scanned = 0
+                async for b in self.api.batches.list(limit=100):
+                    if (b.metadata or {}).get("llavamed_chunk") == key: return b
+                    scanned += 1
+                    if scanned >= 1000: return None
+            b = await self.call(f"listing of batches (looking for {key})", find)
+            if b is not None:
+                self.note("created", key, batch_id=b.id)
+                log.info(f"batch {b.id}: found by its metadata ({key})")
+                return {**state, "batch_id": b.id, "state": "created"}
         missing = [r for r in state["ids"] if r not in self.requests]
         if missing and not state.get("file_id"):  # cannot rebuild lines for requests this run does not have
             self.note("merged", key, status="dropped", done=0, failed=0)
@@ -274,7 +302,8 @@ class _Run:
                 content = await self.call(f"download of {fid}", lambda: self.api.files.content(fid))
                 text[kind] = content.text
         rows, again = result_rows(text.get("output_file_id", ""), text.get("error_file_id", ""), state["ids"],
-                                  self.parse, self.client.name, batch.id, self.client._held(), batch.status)
+                                  self.parse, self.client.name, batch.id, self.client._held(), batch.status,
+                                  self.stats.ignored_lines)
         if batch.status == "failed":
             why = "; ".join(e.message for e in (getattr(batch.errors, "data", None) or [])[:2]) or "no reason given"
             for row in rows.values():
@@ -282,6 +311,11 @@ class _Run:
                 row["errors"] = [row["reason"]]
             again = set()
         previous = load_checkpoint(self.checkpoint)
+        done_before = {rid for rid in rows if (previous.get(rid) or {}).get("status") == "done"}
+        if done_before:  # answered meanwhile (by the loop, another run): a batch result never replaces an answer
+            log.warning(f"batch {batch.id}: {len(done_before)} result(s) for requests already done; not saved")
+            self.stats.already_done += len(done_before)
+            rows, again = {r: row for r, row in rows.items() if r not in done_before}, again - done_before
         for rid, row in rows.items():  # attempts and errors add up over rounds and runs
             old = previous.get(rid)
             if old and old.get("status") != "done":
@@ -300,7 +334,8 @@ class _Run:
         waiting, again, attempt = {s["batch_id"]: s for s in states}, set(), 0
         while waiting:
             for bid in list(waiting):
-                batch = await self.call(f"status of {bid}", lambda: self.api.batches.retrieve(bid))
+                batch = await self.call(f"status of {bid} (journal {self.journal.name})",
+                                        lambda: self.api.batches.retrieve(bid))
                 self.stats.polls += 1
                 if batch.status in TERMINAL: again |= await self.collect(waiting.pop(bid), batch)
             self.bar.set_postfix(batches=len(waiting), done=self.stats.done, refresh=False)

@@ -123,9 +123,22 @@ def reply_of(completion) -> Reply:
     if not isinstance(text, str) or not text.strip():
         raise RequestError(f"empty reply (finish_reason={get(choices[0], 'finish_reason')})")
     u = get(completion, "usage") or {}
-    return Reply(text, get(u, "prompt_tokens") or 0, get(u, "completion_tokens") or 0)
+    tokens = lambda k: n if isinstance(n := get(u, k), int) and not isinstance(n, bool) and n >= 0 else 0
+    return Reply(text, tokens("prompt_tokens"), tokens("completion_tokens"))
 
 # %% ../nbs/03_client.ipynb #3fa6001a
+# the fields the client sets itself, with the flag that sets each
+_OWN_FIELDS = {"model": "--model", "messages": None, "temperature": "--temperature", "max_tokens": "--max-tokens",
+               "max_completion_tokens": "--max-tokens", "stream": None, "n": None}
+
+def _own_fields(extra: dict) -> str | None:
+    "Why `extra` may not go into a request body (it sets a field the client owns), or None."
+    own = [k for k in _OWN_FIELDS if k in extra]
+    if not own: return None
+    flags = sorted({_OWN_FIELDS[k] for k in own if _OWN_FIELDS[k]})
+    once = "; llavamed asks for one reply, not a stream" if {"stream", "n"} & set(own) else ""
+    return f"sets {', '.join(own)}, which llavamed sets itself" + (f" (use {', '.join(flags)})" if flags else once)
+
 @dataclass
 class ChatClient:
     "An OpenAI-compatible chat-completions client that raises `RequestError` with a retry decision."
@@ -148,6 +161,7 @@ class ChatClient:
         if self.timeout <= 0: raise ValueError(f"ChatClient.timeout={self.timeout}: must be > 0")
         if not isinstance(self.extra_body, dict):
             raise ValueError(f"ChatClient.extra_body: want a JSON object, got {type(self.extra_body).__name__}")
+        if why := _own_fields(self.extra_body): raise ValueError(f"ChatClient.extra_body {why}")
         self.base_url, userinfo = split_userinfo(self.base_url)  # the credentials never stay in the URL
         self._api, self._key, self._headers, self._secrets = None, None, {}, ()
         if userinfo:
@@ -212,11 +226,11 @@ class ChatClient:
 def parse_extra_body(text: str | dict | None) -> dict:
     "The `--extra-body` JSON object as a dict ({} for None); a `ValueError` naming the flag for anything else."
     if text is None or text == "": return {}
-    if isinstance(text, dict): return text
-    try: value = json.loads(text)
+    try: value = text if isinstance(text, dict) else json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"--extra-body: not JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(value, dict): raise ValueError(f"--extra-body: want a JSON object, got {type(value).__name__}")
+    if why := _own_fields(value): raise ValueError(f"--extra-body {why}")
     return value
 
 # %% ../nbs/03_client.ipynb #531da19e

@@ -237,7 +237,9 @@ def run_eval_closed_hit(pred: str,  # once-normalised prediction
 
 def load_candidates(path: str | Path) -> list[str]:
     "The answers of a `run_eval.py` candidate file (`{\"0\": [answer, ...]}` as released, or a plain list)."
-    data = read_json(path)
+    if not Path(path).is_file(): raise FileNotFoundError(f"--candidates {path}: no such file")
+    try: data = read_json(path)
+    except UnicodeDecodeError as e: raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     items = data.get("0") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise ValueError(f"{path}: expected a non-empty candidate list (JSON {{\"0\": [...]}} or a list)")

@@ -6,16 +6,16 @@ Docs: https://llavamed.github.io/llavamed/instruct.html.md"""
 
 # %% ../nbs/04_instruct.ipynb #e513c0b0
 from __future__ import annotations
-import random, re
+import json, random, re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sample, asset_path,
-                           domain_flags, get_logger, iter_records, parse_shard, primary_domain,
+                           atomic_write, domain_flags, get_logger, iter_records, parse_shard, primary_domain,
                            refuse_outputs_over_inputs, write_json, write_jsonl)
 from .images import ImageError, resolve_image
-from .data import MAX_CAPTION_CHARS, iter_caption_pairs
+from .data import MAX_CAPTION_CHARS, check_record, iter_caption_pairs
 from .client import (ChatClient, Reply, image_part, load_checkpoint, parse_extra_body,
                              run_chat_requests)
 from .batch import BatchSettings, run_batch_requests
@@ -269,8 +269,6 @@ def record_problems(d: dict) -> list[str]:
     if not s.image: errs.append("no image")
     if not isinstance(s.domain, dict) or set(s.domain) != set(DOMAINS):
         errs.append("domain must hold the five domain flags")
-    try: from llavamed.data import check_record
-    except ImportError: return errs
     return errs + [msg for _, msg in check_record(d, require_image=True)]
 
 # %% ../nbs/04_instruct.ipynb #951ec61f
@@ -542,11 +540,13 @@ class MergeReport(Result):
     inputs: dict[str, int]  # records per input file
     quiet: bool = False  # the command's --quiet: no text
     rule_hits: dict[str, int] = field(default_factory=dict)  # conversations duplicated across shards, dropped
+    bad_records: dict[str, int] = field(default_factory=dict)  # unreadable or invalid records skipped, by reason
 
     def __str__(self) -> str:
         if self.quiet: return ""
         dropped = f"; dropped: {self.rule_hits}" if self.rule_hits else ""
-        return f"{self.records} records from {len(self.inputs)} files -> {self.out}{dropped}"
+        skipped = f"; skipped bad records: {self.bad_records}" if self.bad_records else ""
+        return f"{self.records} records from {len(self.inputs)} files -> {self.out}{dropped}{skipped}"
 
 def _pairs_of(record: dict) -> list[tuple[str, str]]:
     "The question-answer pairs of an instruction record, without the image token (as cleaning saw them)."
@@ -554,6 +554,9 @@ def _pairs_of(record: dict) -> list[tuple[str, str]]:
     return list(zip(turns[0::2], turns[1::2]))
 
 _SIDECARS = (".raw.jsonl", ".batches.jsonl")  # a run's own checkpoint and batch journal: a glob skips them
+def _same(a, b) -> bool:
+    "Whether paths `a` and `b` are one existing file (a glob skips the merge's own output)."
+    return Path(a).exists() and Path(b).exists() and Path(a).samefile(b)
 
 def merge_instruct(inputs: str = None,  # the shards' instruction files: paths or globs, comma-separated
                    out: str = None,  # the merged JSONL file
@@ -565,30 +568,36 @@ def merge_instruct(inputs: str = None,  # the shards' instruction files: paths o
     if not inputs or not out: raise ValueError("merge: both --inputs and --out are required")
     files = []
     for p in (x.strip() for x in inputs.split(",") if x.strip()):
-        hits = sorted(h for h in glob.glob(p) if not h.endswith(_SIDECARS)) if any(c in p for c in "*?[") else [p]
+        hits = sorted(h for h in glob.glob(p) if not h.endswith(_SIDECARS) and not _same(h, out)) \
+            if any(c in p for c in "*?[") else [p]
         if not hits or not all(Path(h).is_file() for h in hits): raise FileNotFoundError(f"merge: no file {p!r}")
         files += [h for h in hits if h not in files]
     refuse_outputs_over_inputs({"out": out}, {f"inputs ({f})": f for f in files})
     record_rules = load_rules(rules)["record"] if rules else {}
-    rows, where, counts, hits, seen = [], {}, Counter(), Counter(), ({}, {})
-    for f in files:
-        for line, rec in iter_records(f):
-            if isinstance(rec, RecordError): raise ValueError(f"merge: {rec.msg}")
-            if not isinstance(rec, dict) or "id" not in rec or "conversations" not in rec:
-                raise ValueError(f"merge: {f}:{line}: not an instruction record (no 'id' and 'conversations')")
-            rid = str(rec["id"])
-            if rid in where:
-                raise ValueError(f"merge: {f}:{line}: record id {rid!r} is also at {where[rid]}; the shards overlap "
-                                 "(give every machine the same N in --shard K/N, and each output once)")
-            where[rid] = f"{f}:{line}"
-            keys = conversation_keys(_pairs_of(rec))
-            dup = next((name for key, known, rule, name in zip(keys, seen, ("dedupe_exact", "dedupe_near"),
-                                                               ("duplicate", "near_duplicate"))
-                        if record_rules.get(rule) and key in known), None)
-            if dup: hits[f"record:{dup}"] += 1; continue
-            for key, known in zip(keys, seen): known.setdefault(key, rid)
-            counts[f] += 1
-            rows.append(rec)
-    if not rows: raise ValueError(f"merge: no records in {', '.join(files)}")
-    write_jsonl(out, rows)
-    return MergeReport(str(out), len(rows), {f: counts[f] for f in files}, quiet, dict(hits))
+    where, counts, hits, seen, skipped = {}, Counter(), Counter(), ({}, {}), Counter()
+    with atomic_write(out) as sink:  # streamed: a refusal or an empty result leaves `out` as it was
+        for f in files:
+            bad, n_read = BadRecords(f), 0
+            for n_read, (line, rec) in enumerate(iter_records(f), 1):
+                problems = ([("unreadable", rec.msg.split(" (")[0])] if isinstance(rec, RecordError)
+                            else check_record(rec))
+                if problems: bad.skip(problems[0][1], f"line {line}"); continue
+                rid = str(rec["id"])
+                if rid in where:
+                    raise ValueError(f"merge: {f}:{line}: record id {rid!r} is also at {where[rid]}; the shards "
+                                     "overlap (give every machine the same N in --shard K/N, and each output once)")
+                where[rid] = f"{f}:{line}"
+                keys = conversation_keys(_pairs_of(rec))
+                dup = next((name for key, known, rule, name in zip(keys, seen, ("dedupe_exact", "dedupe_near"),
+                                                                   ("duplicate", "near_duplicate"))
+                            if record_rules.get(rule) and key in known), None)
+                if dup: hits[f"record:{dup}"] += 1; continue
+                for key, known in zip(keys, seen): known.setdefault(key, rid)
+                counts[f] += 1
+                sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            bad.check(n_read)
+            if bad.total: log.warning(f"merge: {f}: skipped {bad.summary()}")
+            skipped.update(bad.counts)
+        if not counts: raise ValueError(f"merge: no records in {', '.join(files)}")
+    return MergeReport(str(out), sum(counts.values()), {f: counts[f] for f in files}, quiet, dict(hits),
+                       dict(skipped))

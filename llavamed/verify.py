@@ -56,16 +56,17 @@ def verify_messages(record: dict, caption: str, prompt: dict | None = None,
 
 # %% ../nbs/04a_verify.ipynb #2a692c3f
 def parse_scores(text: str, prompt: dict | None = None) -> dict[str, int]:
-    "{criterion: score} from a verifier reply; `ValueError` when a criterion is missing or off the scale."
+    "{criterion: score} of a verifier reply; `ValueError` for a criterion missing, off the scale or given twice."
     prompt = prompt or load_verify_prompt()
     lo, hi = prompt["scale"]
     scores = {}
     for name in prompt["criteria"]:
-        m = re.search(rf"^\W*{re.escape(name)}\W*[:=]\s*\**\s*(\d+(?:\.\d+)?)", text or "", re.I | re.M)
-        if not m: raise ValueError(f"no score for {name!r}")
-        value = float(m.group(1))
+        found = re.findall(rf"(?<![\w-]){re.escape(name)}\W*[:=]\s*\**\s*(\d+(?:\.\d+)?)", text or "", re.I)
+        if not found: raise ValueError(f"no score for {name!r}")
+        if len({float(v) for v in found}) > 1: raise ValueError(f"{name}: different scores ({', '.join(found)})")
+        value = float(found[0])
         if value != int(value) or not lo <= value <= hi:
-            raise ValueError(f"{name}={m.group(1)}: off the scale {lo}-{hi}")
+            raise ValueError(f"{name}={found[0]}: off the scale {lo}-{hi}")
         scores[name] = int(value)
     return scores
 
@@ -137,6 +138,12 @@ def _image_files(records: list[dict], root: Path, bad: BadRecords) -> dict[str, 
     bad.check(len(records))
     return paths
 
+def _rated(parsed, template: dict) -> bool:
+    "Whether a checkpoint row's parsed value is a score for each of the prompt's criteria (an older prompt's is not)."
+    lo, hi = template["scale"]
+    return (isinstance(parsed, dict) and set(parsed) == set(template["criteria"])
+            and all(isinstance(v, int) and lo <= v <= hi for v in parsed.values()))
+
 def verify(pairs: str = None,  # instruction records to check (`llavamed instruct --out`)
            captions: str = None,  # the teacher input they were made from (their captions, by pair id)
            out: str = None,  # JSONL of the records kept; scores go to OUT.scores.jsonl
@@ -191,7 +198,7 @@ def verify(pairs: str = None,  # instruction records to check (`llavamed instruc
     parse = lambda text: parse_scores(text, template)
     if backend == "batch":
         stats = run_batch_requests(client, requests, checkpoint, BatchSettings(poll_interval=poll_interval,
-                                   poll_max=poll_max), parse, price_prompt, price_completion, seed=seed,
+                                   poll_max=poll_max, rounds=max_attempts), parse, price_prompt, price_completion, seed=seed,
                                    progress=not quiet, desc=f"verify ({client.name}, batch)")
     else:
         stats = run_chat_requests(client, requests, checkpoint, concurrency=concurrency, max_attempts=max_attempts,
@@ -202,7 +209,7 @@ def verify(pairs: str = None,  # instruction records to check (`llavamed instruc
     kept, counts, sums, rated, unrated = [], Counter(), Counter(), 0, 0
     for r in records:
         row = ck.get(str(r["id"]))
-        if not row or row["status"] != "done" or not isinstance(row.get("parsed"), dict):
+        if not row or row["status"] != "done" or not _rated(row.get("parsed"), template):
             unrated += 1
             if keep_unrated: kept.append(r)
             continue

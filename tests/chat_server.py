@@ -29,7 +29,10 @@ each line's action comes from `batch_script` (per custom id) or `batch_fault_rat
 (the line is in neither file), `garbage`. The batches whose creation index is in `expire_batches` end
 `expired` (the first half of their lines answered, the rest `batch_expired`); those in `fail_batches`
 end `failed` (validation errors, no output). A batch over `batch_max_lines` lines or an input file over
-`batch_max_bytes` bytes fails validation, as the provider's limits do. Image parts (`image_url` with a
+`batch_max_bytes` bytes fails validation, as the provider's limits do. `batch_output_extra` holds raw lines
+added to every output file (malformed JSON, unknown or repeated custom ids). `api_faults` maps a files/batches
+route (`files.create`, `files.content`, `batches.create`, `batches.retrieve`, `batches.list`) to the HTTP
+codes its 1st, 2nd, ... calls answer (401, 404, 500: a JSON error; 0 answers normally). Image parts (`image_url` with a
 data URL) are decoded and counted in `stats()["image_parts"]`; `OpenAI-Organization` / `OpenAI-Project`
 headers are counted in `stats()["headers_seen"]`.
 
@@ -49,7 +52,7 @@ DEFAULTS = dict(latency=0.0, latency_jitter=0.0, script={}, fault_rate=0.0,
                 replies={}, reply_text=None, require_key=None, require_auth=None, seed=0,
                 model="loopback-chat", batch_seconds=0.5, validate_seconds=0.05, batch_script={},
                 batch_fault_rate=0.0, batch_faults=["500", "expire", "drop"], expire_batches=[], fail_batches=[],
-                batch_max_lines=50_000, batch_max_bytes=200 * 1024 * 1024)
+                batch_max_lines=50_000, batch_max_bytes=200 * 1024 * 1024, batch_output_extra=[], api_faults={})
 BATCH_ACTIONS = ("ok", "500", "429", "400", "expire", "drop", "garbage")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -94,6 +97,7 @@ class _Server(ThreadingHTTPServer):
             self.batches: dict[str, dict] = {}  # id -> {"obj": batch object, "lines": [...], "index": n}
             self.batch_by_key, self.image_parts, self.headers_seen = collections.Counter(), 0, collections.Counter()
             self.upload_bytes = self.uploads = 0
+            self.api_calls = collections.Counter()  # files/batches calls per route (for `api_faults`)
             self.body_keys = collections.Counter()  # top-level request fields seen (chat requests and batch lines)
 
     def decide(self, key: str) -> tuple[str, float]:
@@ -247,13 +251,23 @@ class _Server(ThreadingHTTPServer):
                                                             "param": None}}}})
         expired = d["index"] in cfg["expire_batches"]
         dump = lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()
-        if out: obj["output_file_id"] = self.new_file(dump(out), f"{bid}_output.jsonl", "batch_output")["id"]
+        extra = "".join(line + "\n" for line in cfg["batch_output_extra"]).encode()
+        if out or extra:
+            obj["output_file_id"] = self.new_file(dump(out) + extra, f"{bid}_output.jsonl", "batch_output")["id"]
         if err: obj["error_file_id"] = self.new_file(dump(err), f"{bid}_error.jsonl", "batch_output")["id"]
         now = int(time.time())
         obj["request_counts"].update(completed=len(out), failed=total - len(out))
         obj.update(status="expired" if expired else "completed", finalizing_at=now,
                    **({"expired_at": now} if expired else {"completed_at": now}))
         return obj
+
+    def api_fault(self, route: str) -> int:
+        "The HTTP code `api_faults` scripts for this call of `route` (0: answer normally)."
+        with self.lock:
+            n = self.api_calls[route]
+            self.api_calls[route] += 1
+            codes = self.config["api_faults"].get(route) or []
+            return int(codes[n]) if n < len(codes) else 0
 
     def enter(self):
         with self.lock: self.inflight += 1; self.max_inflight = max(self.max_inflight, self.inflight)
@@ -296,6 +310,13 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _faulted(self, route: str) -> bool:
+        "Whether `api_faults` answers this call of `route` with an error (sent here)."
+        code = self.server.api_fault(route)
+        if code:
+            self._error(code, f"simulated {code} on {route}", "server_error" if code >= 500 else "invalid_request_error")
+        return bool(code)
+
     def _batch_get(self, path: str) -> bool:
         "Answer the files and batches GET routes; False when `path` is none of them."
         srv, parts = self.server, urllib.parse.urlsplit(path)
@@ -303,6 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
         if "files" in segs:
             rest = segs[segs.index("files") + 1:]
             if not self._authorised(): return True
+            if self._faulted("files.content" if rest[1:] == ["content"] else "files.retrieve"): return True
             f = srv.files.get(rest[0]) if rest else None
             if f is None: self._error(404, f"No such File object: {rest[:1]}", "invalid_request_error")
             elif rest[1:] == ["content"]: self._send(200, f["content"], "application/octet-stream")
@@ -311,6 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
         if "batches" in segs:
             rest = segs[segs.index("batches") + 1:]
             if not self._authorised(): return True
+            if self._faulted("batches.retrieve" if rest else "batches.list"): return True
             if rest:
                 if rest[0] not in srv.batches: self._error(404, f"No such Batch object: {rest[0]}", "not_found")
                 else: self._json(200, srv.batch_object(rest[0]))
@@ -360,11 +383,12 @@ class _Handler(BaseHTTPRequestHandler):
             with srv.lock: srv.config.update(upd)
             return self._json(200, srv.config)
         if path.endswith("/files"):
-            if not self._authorised(): self.rfile.read(int(self.headers.get("Content-Length") or 0)); return
+            if not self._authorised() or self._faulted("files.create"):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0)); return
             return self._upload()
         if path.endswith("/batches"):
             body = self._body()
-            if not self._authorised(): return
+            if not self._authorised() or self._faulted("batches.create"): return
             try: return self._json(200, srv.create_batch(body))
             except KeyError as e: return self._error(404, str(e).strip("'\""), "invalid_request_error")
         if not path.endswith("/chat/completions"): return self._error(404, f"no route {self.path}", "not_found")

@@ -360,3 +360,21 @@ def test_score_choice_letter_outside_the_options_is_unparsed(scored, tmp_path, c
     res = json.loads(capsys.readouterr().out)
     # q0 'B' right; q1 'C' is no option (two options): unparsed; q2 two letters: unparsed; q3 the option text: B
     assert (res["choice_accuracy"], res["n_unparsed"], res["n_choice"]) == (50.0, 2, 4)
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "cand.json: no such file"),
+    (b"\xff\xfe{}", "cand.json: not UTF-8 text (byte 0)"),
+    (b'{"0": "yes"}', "expected a non-empty candidate list"),
+    (b'{"0": [["yes"]]}', "candidate 0 is a list, expected text or an integer"),
+])
+def test_score_candidates_that_are_no_list_are_one_line_and_keep_the_old_score(scored, tmp_path, capsys,
+                                                                                  content, says):
+    gt, pred, out, before = scored
+    cand = tmp_path / "cand.json"
+    if content is not None: cand.write_bytes(content)
+    capsys.readouterr()
+    assert main(["score", "--pred", str(pred), "--gt", str(gt), "--out", str(out), "--protocol",
+                 "llava-med-run-eval", "--candidates", str(cand)]) == 2
+    _one_error_line(capsys, "score", says)
+    assert out.read_bytes() == before
