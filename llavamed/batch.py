@@ -200,6 +200,7 @@ async def _api_call(client, what: str, settings: BatchSettings, call, rng: rando
             log.info(f"batch API: {what}: {err.reason}; attempt {attempt}/{settings.api_attempts}")
             await asyncio.sleep(backoff_delay(attempt, 1.0, 30.0, err.retry_after, rng))
 
+# %% ../nbs/03a_batch.ipynb #88c7f886
 class _Run:
     "One run of the batch backend: the client, the checkpoint and journal, the stats and the progress bar."
     def __init__(self, client, requests, checkpoint, settings, parse, price_prompt, price_completion, seed, bar):
@@ -350,6 +351,7 @@ class _Run:
             await asyncio.sleep(delay)
         return again
 
+# %% ../nbs/03a_batch.ipynb #c236610d
 async def arun_batch_requests(client, requests: Iterable[dict], checkpoint: str | Path,
                               settings: BatchSettings | None = None, parse: Callable[[str], Any] | None = None,
                               price_prompt: float = 0.0, price_completion: float = 0.0, retry_failed: bool = True,

@@ -76,16 +76,28 @@ def round_robin(records: list[dict], limit: int | None = None) -> list[dict]:
     return out[:limit] if limit is not None else out
 
 # %% ../nbs/04_instruct.ipynb #eb0e9aaa
+def _yaml_asset(version: str,  # a version among the package's assets ('v1') or a path to a .yaml file
+                stem: str,  # the asset's name before the version: 'instruct_prompt', 'instruct_clean', ...
+                what: str,  # what the file is, named in errors
+                keys: tuple = (),  # the keys the mapping must have
+               ) -> tuple[Path, dict]:
+    "The path and YAML mapping of asset `{stem}_{version}.yaml` (or of a path); errors name the file."
+    import yaml
+    p = Path(version) if version.endswith((".yaml", ".yml")) else asset_path(f"{stem}_{version}.yaml")
+    if not p.exists(): raise FileNotFoundError(f"no {what} {p}")
+    try: d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {p}: not a YAML text ({type(e).__name__})") from None
+    if not isinstance(d, dict): raise ValueError(f"{what} {p}: want a YAML mapping, got {type(d).__name__}")
+    missing = [k for k in keys if k not in d]
+    if missing: raise ValueError(f"{what} {p}: missing keys {missing}")
+    return p, d
+
 @lru_cache(maxsize=None)
 def load_prompt(version: str = "v1") -> dict:
     "The self-instruct prompt template `instruct_prompt_{version}.yaml` (or a path to such a file)."
-    import yaml
-    p = Path(version) if version.endswith((".yaml", ".yml")) else asset_path(f"instruct_prompt_{version}.yaml")
-    if not p.exists(): raise FileNotFoundError(f"no prompt template {p}")
-    d = yaml.safe_load(p.read_text(encoding="utf-8"))
-    missing = [k for k in ("version", "system", "examples", "target", "mentions", "mention_item") if k not in d]
-    if missing: raise ValueError(f"prompt template {p}: missing keys {missing}")
-    return d
+    return _yaml_asset(version, "instruct_prompt", "prompt template",
+                       ("version", "system", "examples", "target", "mentions", "mention_item"))[1]
 
 # %% ../nbs/04_instruct.ipynb #3ceadc12
 def mention_texts(m) -> list[str]:
@@ -158,16 +170,16 @@ _RECORD_RULES = {"turn_chars": list, "conversation_chars": list, "min_pairs": in
 @lru_cache(maxsize=None)
 def load_rules(version: str = "v1") -> dict[str, dict]:
     "Compiled cleaning rules {'drop': {name: regex}, 'strip': {name: regex}, 'record': {name: value}} of a version."
-    import yaml
-    p = Path(version) if version.endswith((".yaml", ".yml")) else asset_path(f"instruct_clean_{version}.yaml")
-    if not p.exists(): raise FileNotFoundError(f"no cleaning rules {p}")
-    d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    p, d = _yaml_asset(version, "instruct_clean", "cleaning rules")
     out = {}
+    for kind in ("drop", "strip", "record"):
+        if not isinstance(d.get(kind) or {}, dict): raise ValueError(f"{p}: {kind}: want a mapping of rules")
     for kind in ("drop", "strip"):
         out[kind] = {}
         for name, pat in (d.get(kind) or {}).items():
             try: out[kind][name] = re.compile(pat, re.I)
-            except re.error as e: raise ValueError(f"{p}: rule {kind}.{name}: bad pattern ({e})") from None
+            except (re.error, TypeError) as e:
+                raise ValueError(f"{p}: rule {kind}.{name}: bad pattern ({e})") from None
     out["record"] = dict(d.get("record") or {})
     for name, value in out["record"].items():
         want = _RECORD_RULES.get(name)
@@ -410,6 +422,7 @@ class InstructReport(Result):
                 f"cleaning: {self.pairs_out}/{self.pairs_in} question-answer pairs kept; rule hits: "
                 f"{self.rule_hits or 'none'}; samples dropped: {self.samples_dropped or 'none'}{skipped}")
 
+# %% ../nbs/04_instruct.ipynb #5d673619
 def _teacher(name: str | None, records: list[dict], seed: int, model: str | None, **client_args):
     "The teacher to ask: the template teacher (default when every record has facts) or an OpenAI-compatible model."
     name = name or ("template" if all(r.get("facts") for r in records) else "openai")
@@ -442,6 +455,7 @@ def _lazy_messages(record, template, inline_mentions, image: Path | None, image_
     if image is None: return build_messages(record, template, inline_mentions)
     return lambda: build_messages(record, template, inline_mentions, image_part(image, image_size))
 
+# %% ../nbs/04_instruct.ipynb #687da8d5
 def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (official layout), JSON list, JSONL
                   out: str = None,  # JSONL of cleaned LLaVA instruction records; raw replies go to OUT.raw.jsonl
                   teacher: str = None,  # 'openai' or 'template' (default: template when every record has 'facts')

@@ -16,7 +16,7 @@ from .core import (GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, ass
 from .client import ChatClient, image_part, load_checkpoint, parse_extra_body, run_chat_requests
 from .images import ImageError, resolve_image
 from .batch import BatchSettings, run_batch_requests
-from .instruct import load_captions
+from .instruct import _yaml_asset, load_captions
 
 # %% auto #0
 __all__ = ['log', 'load_verify_prompt', 'conversation_text', 'verify_messages', 'parse_scores', 'VerifyReport', 'scores_path',
@@ -29,12 +29,14 @@ log = get_logger("verify")
 @lru_cache(maxsize=None)
 def load_verify_prompt(version: str = "v1") -> dict:
     "The verifier prompt `verify_prompt_{version}.yaml` (or a path to such a file)."
-    import yaml
-    p = Path(version) if version.endswith((".yaml", ".yml")) else asset_path(f"verify_prompt_{version}.yaml")
-    if not p.exists(): raise FileNotFoundError(f"no verifier prompt {p}")
-    d = yaml.safe_load(p.read_text(encoding="utf-8"))
-    missing = [k for k in ("version", "scale", "criteria", "system", "target") if k not in d]
-    if missing: raise ValueError(f"verifier prompt {p}: missing keys {missing}")
+    p, d = _yaml_asset(version, "verify_prompt", "verifier prompt",
+                       ("version", "scale", "criteria", "system", "target"))
+    scale, criteria = d["scale"], d["criteria"]
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not (isinstance(scale, list) and len(scale) == 2 and all(map(whole, scale)) and scale[0] < scale[1]):
+        raise ValueError(f"verifier prompt {p}: scale={scale!r}: want [lowest, highest] whole numbers")
+    if not (isinstance(criteria, list) and criteria and all(isinstance(c, str) and c for c in criteria)):
+        raise ValueError(f"verifier prompt {p}: criteria={criteria!r}: want a list of names")
     return d
 
 # %% ../nbs/04a_verify.ipynb #b0bc4158
@@ -144,6 +146,7 @@ def _rated(parsed, template: dict) -> bool:
     return (isinstance(parsed, dict) and set(parsed) == set(template["criteria"])
             and all(isinstance(v, int) and lo <= v <= hi for v in parsed.values()))
 
+# %% ../nbs/04a_verify.ipynb #8620d41e
 def verify(pairs: str = None,  # instruction records to check (`llavamed instruct --out`)
            captions: str = None,  # the teacher input they were made from (their captions, by pair id)
            out: str = None,  # JSONL of the records kept; scores go to OUT.scores.jsonl

@@ -329,3 +329,37 @@ def test_cli_process_with_a_broken_batch_output_has_no_traceback(tmp_path, llava
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     assert "left out of its results" in p.stderr and len(list(read_jsonl(out))) == 3
     no_secret_in(tmp_path, p.stdout, p.stderr)
+
+
+# ---------------------------------------------------------------- prompt and rules files
+@pytest.mark.parametrize("content, says", [
+    (b"", "want a YAML mapping, got NoneType"),
+    (b"- a\n- b\n", "want a YAML mapping, got list"),
+    (b"a: [unclosed\n", "not a YAML text (ParserError)"),
+    (b"\xff\xfe\x00", "not a YAML text (UnicodeDecodeError)"),
+])
+@pytest.mark.parametrize("command, flag, what", [("instruct", "--rules", "cleaning rules"),
+                                                 ("instruct", "--prompt", "prompt template"),
+                                                 ("verify", "--prompt", "verifier prompt")])
+def test_a_prompt_or_rules_file_that_is_no_yaml_mapping_is_one_line(tmp_path, capsys, content, says, command,
+                                                                     flag, what):
+    cap = write_teacher_input(tmp_path / "captions.json", 2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    args = {"instruct": ["instruct", "--captions", str(cap), "--out", str(out), "--quiet"],
+            "verify": ["verify", "--pairs", str(cap), "--captions", str(cap), "--out", str(out), "--model", "m",
+                       "--api-key-env", "none", "--base-url", "http://127.0.0.1:9/v1"]}[command]
+    assert main([*args, flag, str(bad)]) == 2
+    one_error_line(capsys.readouterr().err, command, f"{what} {bad}: {says}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rules, says", [("drop: [a, b]\n", "drop: want a mapping of rules"),
+                                         ("drop:\n  x: 5\n", "rule drop.x: bad pattern")])
+def test_cleaning_rules_of_the_wrong_shape_are_one_line(tmp_path, capsys, rules, says):
+    cap = write_teacher_input(tmp_path / "captions.json", 2)
+    (tmp_path / "r.yaml").write_text(rules)
+    assert main(["instruct", "--captions", str(cap), "--out", str(tmp_path / "o.jsonl"), "--rules",
+                 str(tmp_path / "r.yaml")]) == 2
+    one_error_line(capsys.readouterr().err, "instruct", says)
