@@ -46,6 +46,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-li
     "report": ("llavamed.report", "report", "Write a Markdown report with figures from scores and reviews"),
     "evaluate": ("llavamed.report", "evaluate",
                  "Answer with and without images, score both modes, judge the benchmark, write the report"),
+    "serve": ("llavamed.serve", "serve",
+              "Serve a model behind an OpenAI-compatible chat API (transformers serve) until stopped"),
     "info": ("llavamed.cli", "info", "Show versions, devices and which optional features are installed"),
     "demo": ("llavamed.pipeline", "demo",
              "Run the whole pipeline on the built-in synthetic corpus (what `make demo` runs)"),
