@@ -17,7 +17,7 @@ from .client import (ChatRunError, RequestError, RunStats, _checked_requests, _c
 
 # %% auto #0
 __all__ = ['log', 'RETRY_MODES', 'TERMINAL', 'BatchSettings', 'batch_line', 'split_batches', 'journal_path', 'read_journal',
-           'result_rows', 'BatchStats', 'arun_batch_requests', 'run_batch_requests']
+           'pending_ids', 'result_rows', 'BatchStats', 'arun_batch_requests', 'run_batch_requests']
 
 # %% ../nbs/03a_batch.ipynb #4c22cf1e
 log = get_logger("batch")
@@ -97,6 +97,13 @@ def read_journal(path: str | Path) -> dict[str, dict]:
             raise ValueError(f"{path}: chunk {key!r} has no list of request ids (an edited journal?); its batch "
                              "cannot be collected: remove the chunk's lines to send its requests again")
     return chunks
+
+# %% ../nbs/03a_batch.ipynb #90674027
+def pending_ids(checkpoint: str | Path) -> set[str]:
+    "The request ids in batches an earlier run left unfinished (journal beside `checkpoint`; empty when unreadable)."
+    try: chunks = read_journal(journal_path(checkpoint))
+    except ValueError: return set()  # a damaged journal stops a batch run, never a run of the request loop
+    return {rid for state in chunks.values() if state.get("state") != "merged" for rid in state["ids"]}
 
 # %% ../nbs/03a_batch.ipynb #9fcc9c58
 def _reason(line: dict, secrets: tuple) -> tuple[str, bool]:

@@ -18,7 +18,7 @@ from .images import ImageError, resolve_image
 from .data import MAX_CAPTION_CHARS, check_record, iter_caption_pairs
 from .client import (ChatClient, Reply, image_part, load_checkpoint, parse_extra_body,
                              run_chat_requests)
-from .batch import BatchSettings, run_batch_requests
+from .batch import BatchSettings, journal_path, pending_ids, run_batch_requests
 
 # %% auto #0
 __all__ = ['log', 'load_captions', 'round_robin', 'load_prompt', 'mention_texts', 'format_target', 'format_conversation',
@@ -450,6 +450,13 @@ def _image_paths(records: list[dict], root: Path, names: dict[str, str], bad: Ba
     bad.check(len(records))
     return paths
 
+def _warn_pending(checkpoint: Path, requests: list[dict]):
+    "Warn that the request loop is about to send again requests an earlier batch run still has in a batch."
+    held = pending_ids(checkpoint) & {str(r["id"]) for r in requests}
+    if held: log.warning(f"{len(held)} of these requests are still in unfinished batches "
+                         f"({journal_path(checkpoint).name}); the request loop sends them again "
+                         "(--backend batch collects those batches instead)")
+
 def _lazy_messages(record, template, inline_mentions, image: Path | None, image_size: int):
     "The figure's messages, built when sent (an image part is read and encoded then, not held for the whole run)."
     if image is None: return build_messages(record, template, inline_mentions)
@@ -529,6 +536,7 @@ def self_instruct(captions: str = None,  # teacher input: JSON keyed by domain (
         stats = run_batch_requests(client, requests, checkpoint, settings, parse, price_prompt, price_completion,
                                    seed=seed, progress=not quiet, desc=desc)
     else:
+        _warn_pending(checkpoint, requests)
         stats = run_chat_requests(client, requests, checkpoint, concurrency=concurrency, max_attempts=max_attempts,
                                   parse=parse, backoff=backoff, price_prompt=price_prompt,
                                   price_completion=price_completion, seed=seed, progress=not quiet, desc=desc)

@@ -16,7 +16,7 @@ from .core import (GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, ass
 from .client import ChatClient, image_part, load_checkpoint, parse_extra_body, run_chat_requests
 from .images import ImageError, resolve_image
 from .batch import BatchSettings, run_batch_requests
-from .instruct import _yaml_asset, load_captions
+from .instruct import _warn_pending, _yaml_asset, load_captions
 
 # %% auto #0
 __all__ = ['log', 'load_verify_prompt', 'conversation_text', 'verify_messages', 'parse_scores', 'VerifyReport', 'scores_path',
@@ -204,6 +204,7 @@ def verify(pairs: str = None,  # instruction records to check (`llavamed instruc
                                    poll_max=poll_max, rounds=max_attempts), parse, price_prompt, price_completion, seed=seed,
                                    progress=not quiet, desc=f"verify ({client.name}, batch)")
     else:
+        _warn_pending(checkpoint, requests)
         stats = run_chat_requests(client, requests, checkpoint, concurrency=concurrency, max_attempts=max_attempts,
                                   parse=parse, backoff=backoff, price_prompt=price_prompt,
                                   price_completion=price_completion, seed=seed, progress=not quiet,

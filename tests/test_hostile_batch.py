@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from chat_server import ChatServer
 from teacher_input import pair_ids, write_teacher_input
-from llavamed.batch import journal_path, read_journal, result_rows
+from llavamed.batch import journal_path, pending_ids, read_journal, result_rows
 from llavamed.cli import main
 from llavamed.client import ChatClient, load_checkpoint, parse_extra_body
 from llavamed.core import read_jsonl
@@ -81,13 +81,16 @@ def test_result_line_shapes_that_are_no_response_are_failures_not_crashes():
     assert rows["e"]["usage"] == {"prompt_tokens": 0, "completion_tokens": 0} and again == {"a", "b", "c"}
 
 
-def test_a_batch_result_never_replaces_an_answer_the_loop_gave_meanwhile(tmp_path, capsys):
+def test_a_batch_result_never_replaces_an_answer_the_loop_gave_meanwhile(tmp_path, capsys, caplog):
     cap = write_teacher_input(tmp_path / "captions.json", 4, facts=False)
     first, out = pair_ids(cap)[0], tmp_path / "out.jsonl"
     with ChatServer(batch_seconds=0.5, batch_script={first: ["500"]}) as srv:
         assert main(batch_args(cap, out, srv, "--batch-wait", "0.05")) == 1  # the batch is still running
+        assert pending_ids(sidecar_path(out)) == set(pair_ids(cap))
         loop = [a if a != "batch" else "loop" for a in batch_args(cap, out, srv)]
+        caplog.clear()
         assert main(loop) == 0 and len(list(read_jsonl(out))) == 4
+        assert "4 of these requests are still in unfinished batches (out.raw.batches.jsonl)" in caplog.text
         before = out.read_bytes()
         time.sleep(0.5)
         capsys.readouterr()
