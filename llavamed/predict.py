@@ -372,8 +372,21 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             quiet: bool = False,  # no progress bar
             max_prompt_tokens: int = 2048,  # refuse a question whose prompt has more tokens (before generating)
             max_question_chars: int = 100_000,  # refuse a longer question text (before the model loads)
+            backend: str = "local",  # 'local' (the model in this process) or 'openai' (a server at --base-url)
+            base_url: str = None,  # with --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1
+            api_key_env: str = "none",  # with --backend openai: variable holding its key ('none': keyless)
+            concurrency: int = 8,  # with --backend openai: requests in flight at once
            ) -> Predictions:
     "Answer the questions of `data` with `model`, appending official-format answers to `out` (resumable)."
+    if backend not in ("local", "openai"): raise ValueError(f"backend={backend!r}: expected 'local' or 'openai'")
+    if backend == "openai":  # --model is then the served model's name (default: the one the server lists)
+        if not base_url: raise ValueError("--backend openai needs --base-url (the server's API root)")
+        from llavamed.serve import answer_with_api
+        return answer_with_api(data=data, out=out, base_url=base_url, model=model, images=images,
+                               api_key_env=api_key_env, concurrency=concurrency, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, protocol=protocol, prompt_suffix=prompt_suffix,
+                               image_ablation=image_ablation, do_sample=do_sample, temperature=temperature,
+                               seed=seed, limit=limit, quiet=quiet, max_question_chars=max_question_chars)
     _check_request(model, data, out, image_ablation, batch_size, max_new_tokens, protocol, limit)
     rank, world, local_rank = launch_rank()
     data, out = Path(data), Path(out)

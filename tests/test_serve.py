@@ -170,6 +170,21 @@ def test_greedy_answers_equal_llavamed_predict(server, model_dir, vqa, tmp_path)
         assert got["metadata"]["model"] == server[1] and got["metadata"]["backend"] == "openai"
 
 
+def test_predict_backend_openai_answers_through_the_server(server, vqa, tmp_path, capsys):
+    "`llavamed predict --backend openai --base-url URL` is `answer_with_api`: the same rows, from the command."
+    out = tmp_path / "cli.jsonl"
+    assert main(["predict", "--backend", "openai", "--base-url", server[0], "--api-key-env", KEY_ENV,
+                 "--data", str(vqa), "--out", str(out), "--max-new-tokens", "8", "--quiet"]) == 0
+    answer_with_api(str(vqa), str(tmp_path / "api.jsonl"), server[0], api_key_env=KEY_ENV, max_new_tokens=8,
+                    quiet=True)
+    rows = lambda p: {r["question_id"]: (r["prompt"], r["text"]) for r in map(json.loads, p.read_text().splitlines())}
+    assert rows(out) == rows(tmp_path / "api.jsonl") and len(rows(out)) == 8
+    assert all(json.loads(l)["metadata"]["backend"] == "openai" for l in out.read_text().splitlines())
+    capsys.readouterr()
+    assert main(["predict", "--backend", "openai", "--data", str(vqa), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "--backend openai needs --base-url" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
 def test_an_interrupted_run_resumes_without_asking_twice(server, vqa, tmp_path):
     out = tmp_path / "a.jsonl"
     first = answer_with_api(str(vqa), str(out), server[0], api_key_env=KEY_ENV, max_new_tokens=4, limit=3,
