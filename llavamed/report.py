@@ -64,9 +64,29 @@ def paper_dataset(path_or_name: str) -> str | None:
     return None
 
 # %% ../nbs/07c_report.ipynb #703b7a6c
+_SCORE_KEYS = ("dataset", "gt", "gt_sha256", "decoding", "n_open", "n_closed", "n_missing")  # what the tables read
+_HEADLINES = ("open_recall", "open_accuracy", "closed_accuracy", "overall_accuracy", "choice_accuracy")
+
+def _score_problem(d: dict) -> str | None:
+    "Why a score result cannot go in a report (a key missing, protocols or numbers of the wrong shape), or None."
+    missing = [k for k in _SCORE_KEYS if k not in d]
+    if missing: return f"missing {', '.join(missing)}"
+    names = d.get("protocols")
+    if names is None: return None  # a result of an earlier release: one mode, its numbers at the top
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        return f"'protocols' is {names!r}, expected a list of protocol names"
+    try: [protocol_name(n) for n in names]
+    except ValueError as e: return str(e)
+    metrics = [d] if len(names) == 1 else [d.get(n) for n in names]
+    for n, m in zip(names, metrics):
+        if not isinstance(m, dict): return f"protocol {n!r} has no metrics object"
+        bad = [k for k in _HEADLINES if m.get(k) is not None and not isinstance(m[k], (int, float))]
+        if bad: return f"protocol {n!r}: {bad[0]}={m[bad[0]]!r} is not a number"
+    return None
+
 def load_inputs(inputs: str | list[str],  # paths or globs, a list or one comma-separated string
                ) -> tuple[list[dict], list[dict]]:
-    "(score results, judge summaries) read from the given files."
+    "(score results, judge summaries) read from the given files; a file of neither kind is refused by name."
     parts = inputs.split(",") if isinstance(inputs, str) else list(inputs)
     files = []
     for p in (str(x).strip() for x in parts if str(x).strip()):
@@ -75,8 +95,11 @@ def load_inputs(inputs: str | list[str],  # paths or globs, a list or one comma-
         files += hits
     scores, judged = [], []
     for f in files:
-        d = read_json(f)
-        if isinstance(d, dict) and "gt_sha256" in d: scores.append({**d, "_file": f})
+        try: d = read_json(f)
+        except UnicodeDecodeError as e: raise ValueError(f"{f}: not UTF-8 text (byte {e.start})") from None
+        if isinstance(d, dict) and "gt_sha256" in d:
+            if why := _score_problem(d): raise ValueError(f"{f}: not a usable score result: {why}")
+            scores.append({**d, "_file": f})
         elif isinstance(d, dict) and "groups" in d: judged.append({**d, "_file": f})
         else: raise ValueError(f"{f}: neither a score result (llavamed score --out) nor a judge summary")
     return scores, judged

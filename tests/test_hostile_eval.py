@@ -378,3 +378,26 @@ def test_score_candidates_that_are_no_list_are_one_line_and_keep_the_old_score(s
                  "llava-med-run-eval", "--candidates", str(cand)]) == 2
     _one_error_line(capsys, "score", says)
     assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda d: {**d, "protocols": "llava-med"}, "'protocols' is 'llava-med', expected a list of protocol names"),
+    (lambda d: {**d, "protocols": []}, "'protocols' is [], expected a list"),
+    (lambda d: {**d, "protocols": ["bogus"]}, "protocol 'bogus': expected one of"),
+    (lambda d: {**d, "closed_accuracy": "high"}, "protocol 'llava-med': closed_accuracy='high' is not a number"),
+    (lambda d: {k: v for k, v in d.items() if k != "n_missing"}, "missing n_missing"),
+])
+def test_report_refuses_an_edited_score_result_in_one_line(scored, tmp_path, capsys, edit, says):
+    _, _, out, _ = scored
+    out.write_text(json.dumps(edit(json.loads(out.read_text()))))
+    capsys.readouterr()
+    assert main(["report", "--inputs", str(out), "--out", str(tmp_path / "rep")]) == 2
+    _one_error_line(capsys, "report", str(out), "not a usable score result", says)
+    assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def test_report_names_a_score_file_that_is_not_utf8(tmp_path, capsys):
+    bad = tmp_path / "s.json"
+    bad.write_bytes(b"\xff\xfe{}")
+    assert main(["report", "--inputs", str(bad), "--out", str(tmp_path / "rep")]) == 2
+    _one_error_line(capsys, "report", f"{bad}: not UTF-8 text (byte 0)")
