@@ -47,6 +47,8 @@ class BatchSettings:
                              "want 0 < poll_interval <= poll_max")
         if self.retry not in RETRY_MODES:
             raise ValueError(f"BatchSettings.retry={self.retry!r}: expected one of {', '.join(RETRY_MODES)}")
+        if self.wait is not None and not self.wait >= 0:
+            raise ValueError(f"BatchSettings.wait={self.wait}: must be >= 0 seconds (or None: until every batch ends)")
         if not 0 <= self.price_factor <= 1:
             raise ValueError(f"BatchSettings.price_factor={self.price_factor}: must be in [0, 1]")
 

@@ -366,3 +366,9 @@ def test_cleaning_rules_of_the_wrong_shape_are_one_line(tmp_path, capsys, rules,
     assert main(["instruct", "--captions", str(cap), "--out", str(tmp_path / "o.jsonl"), "--rules",
                  str(tmp_path / "r.yaml")]) == 2
     one_error_line(capsys.readouterr().err, "instruct", says)
+
+
+def test_a_negative_batch_wait_is_refused_before_anything_is_read(tmp_path, capsys):
+    cap = write_teacher_input(tmp_path / "captions.json", 2)
+    assert main(["instruct", "--captions", str(cap), "--out", str(tmp_path / "o.jsonl"), "--batch-wait", "-1"]) == 2
+    one_error_line(capsys.readouterr().err, "instruct", "BatchSettings.wait=-1.0: must be >= 0 seconds")
