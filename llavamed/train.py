@@ -23,7 +23,7 @@ __all__ = ['log', 'PARTS', 'SCHEDULERS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CK
            'TokenCache', 'build_token_cache', 'open_token_cache', 'load_records', 'DroppedError', 'SupervisedDataset',
            'Collator', 'data_sources', 'MixedDataset', 'grouped_order', 'GroupedSampler', 'padding_share', 'part_of',
            'set_trainable', 'add_lora', 'last_checkpoint', 'TrainResult', 'memory_estimate', 'DryRunResult', 'train',
-           'merge_lora']
+           'TokenizeResult', 'tokenize', 'merge_lora']
 
 # %% ../nbs/06_train.ipynb #61bcdf9c
 log = get_logger("llavamed.train")
@@ -1193,7 +1193,7 @@ class DryRunResult(Result):
                 ("records", self.dataset.get("kept")), ("tokens", fmt_num(self.tokens, 0)),
                 ("longest record", self.longest), ("steps", self.steps),
                 ("parameters", fmt_num(self.params["total"], 0)), ("trainable", fmt_num(self.params["trainable"], 0)),
-                *((f"GiB per GPU: {k}", v) for k, v in self.memory_gib.items())]
+                *((f"GiB per GPU: {k}", f"{v:.3g}") for k, v in self.memory_gib.items())]
 
 def _dry_run(cfg: StageConfig, run: RunConfig, args, model, ds) -> DryRunResult:
     "The plan of a run: counts from the dataset, steps from the stage, memory from the model's sizes."
@@ -1273,6 +1273,37 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
                       best_checkpoint=trainer.state.best_model_checkpoint)
     log.info(f"stage {cfg.name}: {res.to_json()}")
     return res
+
+# %% ../nbs/06_train.ipynb #09717ceb
+@dataclass
+class TokenizeResult(Result):
+    "What `tokenize` left in the cache: where, whether it was there already, records kept and refused."
+    folder: str  # the cache entry
+    warm: bool  # the entry existed: nothing was tokenised
+    records: int  # records tokenised and kept
+    dropped: dict  # refused records by reason (images are checked by `train`'s preflight, not here)
+    tokens: int  # tokens of the kept records, image tokens expanded
+    seconds: float  # wall time
+
+def tokenize(data: str = None,  # training file (LLaVA JSON/JSONL/parquet); required
+             model: str = "tiny",  # the run's --model: preset or saved model folder
+             stage: str = "instruct",  # the run's --stage (preset or recipe): its template and max_length
+             template: str | None = None,  # chat template name or text (None: the stage's)
+             max_length: int | None = None,  # longest sequence (None: the stage's)
+             workers: int = 0,  # tokenising processes (0: cores - 1 for files over 4 MB, else 1)
+             quiet: bool = False,  # no progress bar
+            ) -> TokenizeResult:
+    "Tokenise a data file into the token cache now, so that a later `train` on it starts warm on every rank."
+    t0 = time.perf_counter()
+    if data is None: raise ValueError("tokenize: --data is required")
+    if not Path(data).is_file(): raise FileNotFoundError(f"data {data}: no such file")
+    cfg = StageConfig.load(stage, template=template, max_length=max_length)
+    _, processor, _ = _start_model(RunConfig(model=model, data=data), "float32")
+    tokens, warm = open_token_cache(data, processor, cfg.template, cfg.max_length, workers)
+    drops = Counter()
+    for d in tokens.meta["drops"]: drops[d["reason"]] += d["count"]
+    return TokenizeResult(folder=str(tokens.folder), warm=warm, records=len(tokens), dropped=dict(drops),
+                          tokens=int(tokens.length.sum()), seconds=round(time.perf_counter() - t0, 2))
 
 # %% ../nbs/06_train.ipynb #9dcfe145
 def merge_lora(adapter: str | Path,  # folder with adapter_config.json (a LoRA stage's `out/adapter`)

@@ -629,3 +629,17 @@ def test_trainer_options_reach_the_run(base_dir, data, tmp_path):
     assert "(q_proj|v_proj)" in ad["target_modules"] and r.steps == 2
     with pytest.raises(ValueError, match="StageConfig.scheduler: expected one of"): T.StageConfig(scheduler="step")
     with pytest.raises(ValueError, match="RunConfig.precision: expected one of"): T.RunConfig(precision="fp8")
+
+
+def test_tokenize_command_fills_the_cache_a_run_then_maps(base_dir, data, tmp_path, monkeypatch, capsys):
+    from llavamed.cli import main
+    monkeypatch.setenv("LLAVAMED_CACHE", str(tmp_path / "c"))
+    assert main(["--json", "tokenize", "--data", str(data), "--model", base_dir, "--stage", "align"]) in (0, None)
+    res = json.loads(capsys.readouterr().out)
+    assert (res["warm"], res["records"], res["dropped"]) == (False, 32, {})
+    tokens = tmp_path / "c" / "tokens"
+    (lock,) = tokens.glob("*.lock"); lock.unlink()  # only a cache miss takes the build lock again
+    T.train("align", T.RunConfig(model=base_dir, data=str(data), images=str(data.parent / "images"), max_steps=1,
+                                 out=str(tmp_path / "o"), num_workers=0, quiet=True))
+    assert not list(tokens.glob("*.lock")) and [p.name for p in tokens.iterdir()] == [Path(res["folder"]).name]
+    assert main(["tokenize", "--data", str(tmp_path / "none.json"), "--model", base_dir]) == 2
