@@ -693,6 +693,10 @@ class Scores(Result):
     setting: str = "unknown"  # 'zero-shot', 'fine-tuned' or 'unknown', as the user states it
     prompt_suffix: str | None = None  # the answers' prompt suffix (from their metadata)
     inputs: dict = field(default_factory=dict)  # what else the protocols read: candidates and hash, the judge
+    failure: str = ""  # why nothing was written (the judge gave no verdict at all); earlier output left as it was
+
+    @property
+    def exit_code(self) -> int: return 1 if self.failure else 0
 
     def counts(self) -> dict:
         "Questions scored per answer type (the same in every protocol)."
@@ -728,7 +732,8 @@ class Scores(Result):
                                                for k in self.metrics)]
         for label, vals in self.table():
             rows.append(f"{label:{w}}  " + "  ".join(f"{fmt_num(v, 2):>18}" for v in vals))
-        return "\n".join(self.heading() + [""] + rows)
+        failed = [f"\nnothing written: {self.failure}"] if self.failure else []
+        return "\n".join(self.heading() + [""] + rows + failed)
 
     def _repr_markdown_(self) -> str:
         "The table as Markdown, headed by the dataset, the setting, the decoding and the data hash."
@@ -850,6 +855,9 @@ def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from 
                       max_tokens=512)
         judged = judge_open_answers(pairs, cache, client, concurrency, quiet)
         inputs.update(judge_cache=str(cache), n_judge_failed=sum(v is None for v in judged.values()))
+    failure = (f"the judge gave no verdict on any of the {len(judged):,} open answers (its replies are in "
+               f"{cache.name}); the medevalkit numbers would be exact match only" if judged and
+               inputs["n_judge_failed"] == len(judged) else "")
     per_q = {n: [] if details else None for n in names}
     matcher = CandidateMatcher(matcher_texts, norm) if candidates else None
     metrics = {n: score_pairs(pairs, n, norm, per_q[n], matcher, judged) for n in names}
@@ -858,9 +866,9 @@ def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from 
                  gt=str(gt), gt_sha256=file_sha256(gt), decoding=describe_decoding(answers),
                  image_ablation=ablations.pop() if len(ablations) == 1 else "mixed", mode=spec,
                  metrics=metrics, pairing=info, setting=setting,
-                 prompt_suffix=_answers_setting(answers, "prompt_suffix"), inputs=inputs)
+                 prompt_suffix=_answers_setting(answers, "prompt_suffix"), inputs=inputs, failure=failure)
     texts = {out: json.dumps(res.to_json(), indent=2, ensure_ascii=False)} if out else {}
     if details: texts[details] = "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                          for r in _detail_rows(pairs, per_q))
-    write_set(texts)
+    if not failure: write_set(texts)
     return res

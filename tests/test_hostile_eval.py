@@ -401,3 +401,17 @@ def test_report_names_a_score_file_that_is_not_utf8(tmp_path, capsys):
     bad.write_bytes(b"\xff\xfe{}")
     assert main(["report", "--inputs", str(bad), "--out", str(tmp_path / "rep")]) == 2
     _one_error_line(capsys, "report", f"{bad}: not UTF-8 text (byte 0)")
+
+
+@pytest.mark.slow  # each reply without a verdict is asked again, backing off: about 13 s
+def test_score_with_no_judge_verdict_at_all_exits_1_and_keeps_the_old_score(scored, tmp_path, capsys):
+    gt, pred, out, before = scored
+    gt.write_text(json.dumps([_vqa(i, "left lobe", "OPEN") for i in range(2)]))  # each reply retried: few
+    pred.write_text("".join(_answer(i, "the left lobe") for i in range(2)))
+    with ChatServer(reply_text="Looks right to me.") as srv:  # never a <judge> verdict
+        capsys.readouterr()
+        assert main(["score", "--pred", str(pred), "--gt", str(gt), "--out", str(out), "--protocol", "medevalkit",
+                     "--judge-model", "j", "--base-url", srv.base_url, "--api-key-env", "none", "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "nothing written: the judge gave no verdict on any of the 2 open answers" in printed
+    assert out.read_bytes() == before
