@@ -14,7 +14,7 @@ from .core import (IMAGE_TOKEN, IGNORE_INDEX, RecordError, Result, Sample, fmt_n
                            write_json, write_jsonl, append_jsonl, get_logger, seed_everything, plot_losses)
 from .images import (ImageError, ImageOutsideRootError, ImageTooLargeError, load_image, pixel_values,
                              resolve_image)
-from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, save_model
+from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, resolve_model, save_model
 
 # %% auto #0
 __all__ = ['log', 'PARTS', 'SCHEDULERS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'REPORT_TO', 'PRECISIONS', 'ATTENTIONS',
@@ -1013,12 +1013,13 @@ def _attention(model, device: str, choice: str = "auto") -> str:
 
 def _start_model(run: RunConfig, dtype: str):
     "`(model, processor, base_dir)`: the starting model on the CPU in `dtype` and the folder holding it."
-    base_dir = run.model if Path(run.model).is_dir() else None
+    src = resolve_model(run.model)  # a preset, a LLaVA folder (a raw release converted into the cache first)
+    base_dir = str(src) if isinstance(src, Path) else None
     samples = [] if base_dir else (r for f, _ in data_sources(run.data)  # the dataset counts the bad ones
                                    for r in iter_samples(f, skip_bad=True))
     texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in samples if isinstance(r, Sample)
                                    for t in r.conversations]
-    model, processor = load_model(run.model, dtype=dtype, device="cpu", tokenizer_texts=texts)
+    model, processor = load_model(src, dtype=dtype, device="cpu", tokenizer_texts=texts)
     return model, processor, base_dir
 
 def _save_base(model, processor, run: RunConfig, base_dir: str | None, rank: int) -> str | None:
@@ -1101,8 +1102,7 @@ def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
                           f"(pip install {need[0]}); or pass report_to='none'")
     if run.images is not None and not Path(run.images).is_dir():
         raise FileNotFoundError(f"images {run.images}: no such folder")
-    if str(run.model) not in PRESETS and not Path(run.model).is_dir():  # not a hub repo id lookup
-        raise FileNotFoundError(f"model {run.model}: no such directory (and not a preset: {sorted(PRESETS)})")
+    resolve_model(run.model)  # a preset, a folder, a hub id or a raw release; else one line naming it
     if run.lora and "llm" not in cfg.train:
         raise ValueError(f"RunConfig.lora: stage {cfg.name!r} does not train the language model")
     if run.dry_run: return None  # a dry run writes nothing: what `out` holds does not matter

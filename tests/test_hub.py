@@ -191,6 +191,30 @@ def test_train_starts_from_a_raw_release_directory(hub, tmp_path):
     assert type(model).__name__ == "LlavaForConditionalGeneration"
 
 
+
+def test_train_and_predict_take_a_hub_id(hub, tmp_path, capsys):
+    "`train --model org/name` and `predict --model org/name` load from the hub cache, offline, like every command."
+    torch.manual_seed(0)
+    save_model(*build_model("tiny"), tmp_path / "saved")
+    to_hub_cache(tmp_path / "saved", "org/tiny-llava", hub)
+    (tmp_path / "images").mkdir()
+    _img().save(tmp_path / "images" / "f0.png")
+    recs = [{"id": f"q{i}", "image": "f0.png", "conversations": [
+        {"from": "human", "value": "<image>\nIs there a lesion?"}, {"from": "gpt", "value": "yes"}]} for i in range(2)]
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    common = ["--data", str(tmp_path / "train.json"), "--images", str(tmp_path / "images")]
+    assert main(["train", "--stage", "finetune", "--model", "org/tiny-llava", *common, "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--global-batch-size", "2", "--per-device-batch-size", "2",
+                 "--num-workers", "0"]) in (0, None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_type"] == "llava"
+    assert main(["predict", "--model", "org/tiny-llava", *common, "--out", str(tmp_path / "a.jsonl"),
+                 "--max-new-tokens", "2", "--quiet"]) == 0
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert main(["train", "--model", "org/not-cached", *common, "--out", str(tmp_path / "r2")]) == 2
+    _one_line(capsys, "org/not-cached", "hf download org/not-cached")
+    assert not (tmp_path / "r2").exists()
+
 def test_v1_llava_config_is_a_release_and_converts_like_v1_5(hub, tmp_path):
     "A v1.0-style `llava` config (LLaVA's mm_* keys, a Llama LM, no text_config) converts automatically too."
     from llavamed.model import is_release
