@@ -458,8 +458,8 @@ def _warn_pending(checkpoint: Path, requests: list[dict]):
                          "(--backend batch collects those batches instead)")
 
 def _lazy_messages(record, template, inline_mentions, image: Path | None, image_size: int):
-    "The figure's messages, built when sent (an image part is read and encoded then, not held for the whole run)."
-    if image is None: return build_messages(record, template, inline_mentions)
+    "The figure's messages, built when sent: a run holds no prompt (9 KB with the examples) or image per figure."
+    if image is None: return lambda: build_messages(record, template, inline_mentions)
     return lambda: build_messages(record, template, inline_mentions, image_part(image, image_size))
 
 # %% ../nbs/04_instruct.ipynb #687da8d5

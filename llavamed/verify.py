@@ -194,7 +194,7 @@ def verify(pairs: str = None,  # instruction records to check (`llavamed instruc
                         max_completion_tokens=max_completion_tokens)
     def messages(r):
         rid = str(r["id"])
-        if rid not in paths: return verify_messages(r, by_id[rid], template)
+        if rid not in paths: return lambda: verify_messages(r, by_id[rid], template)  # built when sent
         return lambda: verify_messages(r, by_id[rid], template, image_part(paths[rid], image_size))  # read when sent
     requests = [{"id": str(r["id"]), "messages": messages(r),
                  "meta": {"verify_prompt": template["version"]}} for r in records]

@@ -372,3 +372,12 @@ def test_a_negative_batch_wait_is_refused_before_anything_is_read(tmp_path, caps
     cap = write_teacher_input(tmp_path / "captions.json", 2)
     assert main(["instruct", "--captions", str(cap), "--out", str(tmp_path / "o.jsonl"), "--batch-wait", "-1"]) == 2
     one_error_line(capsys.readouterr().err, "instruct", "BatchSettings.wait=-1.0: must be >= 0 seconds")
+
+
+def test_requests_hold_no_prompt_until_sent():
+    "600K figures with 9 KB of few-shot prompt each would hold 5 GB: messages are built when a request is sent."
+    from llavamed.instruct import _lazy_messages, build_messages, load_prompt
+    rec = {"pair_id": "1_F1", "fig_caption": "Axial CT of the abdomen.", "in_text_mention": "A mass (Figure 1)."}
+    lazy = _lazy_messages(rec, load_prompt(), True, None, 768)
+    assert callable(lazy) and lazy() == build_messages(rec, load_prompt(), True)
+    assert ChatClient("m").body(lazy)["messages"] == build_messages(rec, load_prompt(), True)
