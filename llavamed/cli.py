@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-li
                 "Convert a released LLaVA-Med checkpoint (v1.5 or v1.0) to the transformers format"),
     "chat": ("llavamed.generate", "chat", "Talk with a model about an image (PNG/JPEG/DICOM/NIfTI)"),
     "train": ("llavamed.train", "train", "Train a curriculum stage: align, instruct or finetune"),
+    "tokenize": ("llavamed.train", "tokenize", "Tokenise a training file into the token cache ahead of a run"),
     "predict": ("llavamed.predict", "predict",
                 "Answer a VQA file with a model (batched, resumable, data-parallel, with image ablations)"),
     "score": ("llavamed.eval", "score", "Score VQA answers under a named protocol (llava-med, strict, lmms-eval, ...)"),
@@ -91,6 +92,13 @@ def _dataclass_in(anno):
     "The dataclass an annotation names (`Config`, `Config | None`, `Config | str`), or None."
     return next((a for a in _parts(anno) if dataclasses.is_dataclass(a)), None)
 
+class _Extend(argparse.Action):
+    "A list flag given several times adds up (`--data a.json --data b.json:2`); its first use replaces the default."
+    def __call__(self, parser, namespace, values, option_string=None):
+        "Append these values to those of the flag's earlier uses in this command line."
+        earlier = list(getattr(namespace, self.dest) or []) if getattr(self, "used", False) else []
+        setattr(namespace, self.dest, earlier + list(values)); self.used = True
+
 def _flag_kwargs(anno, default, doc: str | None, override: bool) -> dict | None:
     "`add_argument` keywords for one setting (None: no flag can express it); overrides default to None."
     usable = lambda a: a in (str, int, float, bool) or typing.get_origin(a) in (tuple, list)
@@ -98,7 +106,7 @@ def _flag_kwargs(anno, default, doc: str | None, override: bool) -> dict | None:
     doc, required = doc or "", default is inspect.Parameter.empty and not override
     default = None if override or required else default
     if typing.get_origin(kind) in (tuple, list):
-        return dict(nargs="+", type=str, metavar="NAME", default=default, help=doc)
+        return dict(nargs="+", action=_Extend, type=str, metavar="NAME", default=default, help=doc)
     if kind is bool and not override:
         return dict(action="store_false" if default else "store_true", default=bool(default), help=doc)
     if kind is bool: return dict(type=bool_arg, metavar="{true,false}", default=None, help=doc)

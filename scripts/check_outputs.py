@@ -22,7 +22,7 @@ Both modes report an output that cannot be the same on another machine or anothe
 a timing, a timestamp, or the version of Python, torch, transformers or numpy that ran it (unless the cell's
 source holds it as a literal). Those are errors: the lesson should show a relative path, a name, a count.
 """
-import argparse, copy, json, os, platform, re, sys, tempfile, traceback
+import argparse, copy, json, os, platform, re, shutil, sys, tempfile, traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,8 @@ def run_notebook(path, flags=(), cell_timeout=None, basepath=None, profile=True)
     if basepath and str(basepath) not in sys.path: sys.path.insert(0, str(basepath))
     os.environ["IN_TEST"] = "1"
     os.environ["COLUMNS"] = "80"  # argparse and tqdm wrap to the terminal's width: one width everywhere
+    cache = tempfile.mkdtemp(prefix="llavamed-nb-cache-")  # a cold token cache: what a first reader sees
+    os.environ["LLAVAMED_CACHE"] = cache
     nb = NBProcessor(path, rm_directives=False, process=True).nb
     run_ids = {c.id for c in nb_test_cells(path, flags)}
     shell = CaptureShell(path, profile=profile)
@@ -62,7 +64,8 @@ def run_notebook(path, flags=(), cell_timeout=None, basepath=None, profile=True)
             shell.run_all(nb, exc_stop=True, preproc=lambda c: c.id not in run_ids, cell_timeout=cell_timeout)
     except BaseException:
         return dict(path=str(path), error=shell.prettytb(fname=path) or traceback.format_exc())
-    finally: shell.close()
+    finally:
+        shell.close(); shutil.rmtree(cache, ignore_errors=True)
     cells = {c.id: dict(source=c.source, outputs=json.loads(json.dumps(c.get("outputs", []))))
              for c in nb.cells if c.id in run_ids}
     return dict(path=str(path), error=None, cells=cells)

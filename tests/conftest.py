@@ -1,9 +1,16 @@
-import os, sys, shutil
+import os, sys, shutil, tempfile
 from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# The token cache and converted releases of every test (and of the commands tests start) go to a folder of
+# this run's own, never into the user's ~/.cache/llavamed; removed when the run ends.
+CACHE = tempfile.mkdtemp(prefix="llavamed-test-cache-")
+os.environ["LLAVAMED_CACHE"] = CACHE
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 @pytest.fixture(scope="session")
 def llavamed_cmd():

@@ -139,3 +139,12 @@ def test_json_stdout_holds_the_json_alone(tmp_path, monkeypatch, capfd):
     assert main(["noisy"]) == 0  # without --json the notices stay where the library put them
     out, _ = capfd.readouterr()
     assert "notice from Python" in out and "answer" in out
+
+
+def test_a_list_flag_given_twice_adds_up():
+    "`--data a --data b` trains on both (argparse alone would keep only the last)."
+    from llavamed.cli import command_parser, settings_kwargs
+    func, parser = command_parser("train")
+    args = vars(parser.parse_args(["--data", "a.json", "--data", "b.json:2", "c.json"]))
+    args.pop("pdb", None); args.pop("xtra", None)
+    assert settings_kwargs(func, args)["run"].data == ("a.json", "b.json:2", "c.json")
