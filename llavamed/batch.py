@@ -226,16 +226,18 @@ class _Run:
     def call(self, what, make): return _api_call(self.client, what, self.settings, make, self.rng)
 
     async def submit(self, ids: list[str], round_no: int) -> list[dict]:
-        "Plan, upload and create the batches for `ids`; their journal states (too-big requests recorded failed)."
-        lines = ((rid, batch_line(self.client, self.requests[rid])) for rid in ids)
-        states, known = [], len(read_journal(self.journal))
-        for chunk, too_big in split_batches(lines, self.settings.max_requests, self.settings.max_bytes):
-            if too_big:
-                limit = self.settings.max_bytes
-                self.save({rid: dict(id=rid, status="failed", text=None, parsed=None, attempts=0, errors=[],
-                                     reason=f"request of {n:,} bytes is over the batch file limit ({limit:,} bytes)",
-                                     model=self.client.name, usage=dict(prompt_tokens=0, completion_tokens=0))
-                           for rid, n in too_big})
+        "Plan, upload and create the batches for `ids`; their journal states (too-big or unbuilt requests failed)."
+        unbuilt: dict[str, str] = {}  # id: why its line could not be made (an unreadable figure)
+        def lines():
+            for rid in ids:
+                try: line = batch_line(self.client, self.requests[rid])
+                except (ValueError, OSError) as e:
+                    unbuilt[rid] = f"request not built: {self.client.redact(str(e))[:200]}"; continue
+                yield rid, line
+        states, known, limit = [], len(read_journal(self.journal)), self.settings.max_bytes
+        for chunk, too_big in split_batches(lines(), self.settings.max_requests, limit):
+            self.fail({rid: f"request of {n:,} bytes is over the batch file limit ({limit:,} bytes)"
+                       for rid, n in too_big})
             if not chunk: continue
             rids = [rid for rid, _ in chunk]
             key = f"c{known + len(states):05d}-" + hashlib.sha1("\n".join(rids).encode()).hexdigest()[:10]
@@ -243,7 +245,14 @@ class _Run:
             del chunk  # the file's bytes are all this run holds of the batch
             self.note("planned", key, round=round_no, ids=rids, bytes=len(data))
             states.append(await self.create({"chunk": key, "ids": rids, "round": round_no}, data))
+        self.fail(unbuilt)  # one unreadable figure fails its request, not the run
         return states
+
+    def fail(self, reasons: dict[str, str]):
+        "Save requests that were never sent as failed, each with its reason."
+        self.save({rid: dict(id=rid, status="failed", text=None, parsed=None, attempts=0, errors=[why], reason=why,
+                             model=self.client.name, usage=dict(prompt_tokens=0, completion_tokens=0))
+                   for rid, why in reasons.items()})
 
     async def create(self, state: dict, data: bytes | None) -> dict:
         "Upload `data` (unless the state has its file) and create the batch, journalling each step."

@@ -211,8 +211,11 @@ class ChatClient:
         "Send one chat request; return its `Reply` or raise `RequestError`."
         from openai.types.chat import ChatCompletion
         api = self._client()
+        try: body = self.body(messages)  # a figure that cannot be read fails its request, once, not the run
+        except (ValueError, OSError) as e:
+            raise RequestError(f"request not built: {self.redact(str(e))[:200]}", retryable=False) from None
         try:
-            r = await api.post("/chat/completions", cast_to=ChatCompletion, body=self.body(messages),
+            r = await api.post("/chat/completions", cast_to=ChatCompletion, body=body,
                                options={"headers": {"X-Client-Request-Id": str(id)}} if _header_safe(id) else {})
         except Exception as e: raise _classify(e, self.timeout, self._held()) from None
         return reply_of(r)

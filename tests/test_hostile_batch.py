@@ -381,3 +381,23 @@ def test_requests_hold_no_prompt_until_sent():
     lazy = _lazy_messages(rec, load_prompt(), True, None, 768)
     assert callable(lazy) and lazy() == build_messages(rec, load_prompt(), True)
     assert ChatClient("m").body(lazy)["messages"] == build_messages(rec, load_prompt(), True)
+
+
+@pytest.mark.parametrize("backend", ["loop", "batch"])
+def test_an_unreadable_figure_fails_its_request_once_not_the_run(tmp_path, capsys, backend):
+    from PIL import Image
+    cap = write_teacher_input(tmp_path / "captions.json", 60, facts=False)
+    (tmp_path / "images").mkdir()
+    ids = pair_ids(cap)
+    for i, pid in enumerate(ids):
+        if i == 3: (tmp_path / "images" / f"{pid}.jpg").write_text("not an image")
+        else: Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / "images" / f"{pid}.jpg")
+    out = tmp_path / "out.jsonl"
+    with ChatServer(batch_seconds=0.05) as srv:
+        args = [a if a != "batch" else backend for a in batch_args(cap, out, srv, "--teacher-sees-image")]
+        assert main(args) == 0
+        st = srv.stats()
+    row = load_checkpoint(sidecar_path(out))[ids[3]]
+    assert row["status"] == "failed" and row["attempts"] <= 1
+    assert row["reason"].startswith("request not built: ") and "it holds text" in row["reason"]
+    assert len(list(read_jsonl(out))) == 59 and st["requests"] + st["batch_lines"] == 59
