@@ -398,6 +398,9 @@ def choice_label(q: Question) -> str:
     "The correct letter of a multiple-choice question; `ValueError` when its options or letter are unusable."
     opts = q.options or []
     if len(opts) < 2: raise ValueError(f"fewer than two options ({len(opts)})")
+    odd = [o for o in opts if not (isinstance(o, str) and o.strip())]
+    if odd: raise ValueError(f"an option that is no text ({odd[0]!r})")
+    if len(set(opts)) < len(opts): raise ValueError("two options alike (the answer could name either)")
     label = q.extra.get("answer_label")
     if label is None:
         if q.answer not in opts: raise ValueError("no 'answer_label' and the answer is none of the options")

@@ -326,6 +326,9 @@ def _choice(i, options=("left", "right"), label="B"):
     (dict(options=()), "fewer than two options at id q7 (1)"),
     (dict(label="E"), "answer_label outside the options at id q7 (1)"),
     (dict(label="AB"), "answer_label outside the options at id q7 (1)"),
+    (dict(options=(1, 2)), "an option that is no text at id q7 (1)"),
+    (dict(options=("left", None)), "an option that is no text at id q7 (1)"),
+    (dict(options=("left", "left")), "two options alike at id q7 (1)"),
 ])
 def test_score_counts_an_unusable_choice_record(scored, tmp_path, capsys, bad, reason):
     gt, pred, out, _ = scored
