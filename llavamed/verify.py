@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from .core import (GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, asset_path, get_logger,
-                           iter_records, refuse_outputs_over_inputs, write_json, write_jsonl)
+from .core import (GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, append_jsonl, asset_path,
+                           get_logger, iter_records, refuse_outputs_over_inputs, write_json, write_jsonl)
 from .client import ChatClient, image_part, load_checkpoint, parse_extra_body, run_chat_requests
 from .images import ImageError, resolve_image
 from .batch import BatchSettings, run_batch_requests
@@ -140,6 +140,25 @@ def _image_files(records: list[dict], root: Path, bad: BadRecords) -> dict[str, 
     bad.check(len(records))
     return paths
 
+def _signature(record: dict, caption: str, template: dict, sees_image: bool) -> str:
+    "A hash of what the verifier is asked about a record: its conversation and caption, the prompt, the image."
+    import hashlib
+    text = "\n".join([template["version"], str(sees_image), caption, conversation_text(record)])
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+def _mark_stale(checkpoint: Path, signatures: dict[str, str]) -> int:
+    "Append a 'stale' row for each score whose record changed since (the runner then asks again); their count."
+    why = "the conversation, caption or prompt changed since it was scored"
+    rows = [dict(id=rid, status="stale", text=None, parsed=None, reason=why, attempts=0, errors=[],
+                 usage=dict(prompt_tokens=0, completion_tokens=0))
+            for rid, row in load_checkpoint(checkpoint).items()
+            if rid in signatures and row.get("status") == "done"
+            and (row.get("meta") or {}).get("signature") not in (None, signatures[rid])]
+    if rows:
+        append_jsonl(checkpoint, *rows)
+        log.warning(f"{checkpoint}: {len(rows)} scored record(s) changed since; they are rated again")
+    return len(rows)
+
 def _rated(parsed, template: dict) -> bool:
     "Whether a checkpoint row's parsed value is a score for each of the prompt's criteria (an older prompt's is not)."
     lo, hi = template["scale"]
@@ -196,13 +215,16 @@ def verify(pairs: str = None,  # instruction records to check (`llavamed instruc
         rid = str(r["id"])
         if rid not in paths: return lambda: verify_messages(r, by_id[rid], template)  # built when sent
         return lambda: verify_messages(r, by_id[rid], template, image_part(paths[rid], image_size))  # read when sent
+    signatures = {str(r["id"]): _signature(r, by_id[str(r["id"])], template, sees_image) for r in records}
+    _mark_stale(checkpoint, signatures)
     requests = [{"id": str(r["id"]), "messages": messages(r),
-                 "meta": {"verify_prompt": template["version"]}} for r in records]
+                 "meta": {"verify_prompt": template["version"], "signature": signatures[str(r["id"])]}}
+                for r in records]
     parse = lambda text: parse_scores(text, template)
     if backend == "batch":
-        stats = run_batch_requests(client, requests, checkpoint, BatchSettings(poll_interval=poll_interval,
-                                   poll_max=poll_max, rounds=max_attempts), parse, price_prompt, price_completion, seed=seed,
-                                   progress=not quiet, desc=f"verify ({client.name}, batch)")
+        settings = BatchSettings(poll_interval=poll_interval, poll_max=poll_max, rounds=max_attempts)
+        stats = run_batch_requests(client, requests, checkpoint, settings, parse, price_prompt, price_completion,
+                                   seed=seed, progress=not quiet, desc=f"verify ({client.name}, batch)")
     else:
         _warn_pending(checkpoint, requests)
         stats = run_chat_requests(client, requests, checkpoint, concurrency=concurrency, max_attempts=max_attempts,

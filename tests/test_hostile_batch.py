@@ -401,3 +401,25 @@ def test_an_unreadable_figure_fails_its_request_once_not_the_run(tmp_path, capsy
     assert row["status"] == "failed" and row["attempts"] <= 1
     assert row["reason"].startswith("request not built: ") and "it holds text" in row["reason"]
     assert len(list(read_jsonl(out))) == 59 and st["requests"] + st["batch_lines"] == 59
+
+
+def test_verify_rates_again_a_record_whose_conversation_changed(tmp_path, capsys):
+    cap = write_teacher_input(tmp_path / "captions.json", 5)
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["instruct", "--captions", str(cap), "--out", str(pairs), "--quiet"]) == 0
+    recs = list(read_jsonl(pairs))
+    out = tmp_path / "kept.jsonl"
+    args = ["--json", "verify", "--pairs", str(pairs), "--captions", str(cap), "--out", str(out), "--model", "v",
+            "--api-key-env", "none", "--quiet"]
+    with ChatServer(reply_text="faithful: 5\nanswerable: 5\nplausible: 5") as srv:
+        assert main([*args, "--base-url", srv.base_url]) == 0 and srv.stats()["requests"] == 5
+        assert main([*args, "--base-url", srv.base_url]) == 0 and srv.stats()["requests"] == 5  # nothing changed
+        recs[2]["conversations"][1]["value"] = "A different answer the teacher gave on a rerun."
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        srv.configure(replies={recs[2]["id"]: "faithful: 1\nanswerable: 5\nplausible: 5"})
+        capsys.readouterr()
+        assert main([*args, "--base-url", srv.base_url]) == 0
+        assert srv.stats()["requests"] == 6  # only the changed record is asked again
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["kept"] == 4 and rep["dropped"] == 1
+    assert recs[2]["id"] not in [r["id"] for r in read_jsonl(out)]
