@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("pdb", None); args.pop("xtra", None)
     if not debug:  # transformers' own warnings (read when it is imported) would stand beside our one-line errors
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.get("quiet"):  # --quiet: no bars from transformers and huggingface_hub either (read at import)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules: sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         with _stray_output_to_stderr() if as_json else contextlib.nullcontext():  # stdout: the JSON alone
             if _flattens(func): args = settings_kwargs(func, args)  # building the settings checks their values

@@ -311,3 +311,13 @@ def test_torchrun_two_processes_match_one(vqa, model_dir):
     assert "rank 0 of 2" in two.stdout and "rank 1 of 2" in two.stdout and "holds 11 answers" in two.stdout
     assert (vqa / "two.jsonl").read_bytes() == (vqa / "one.jsonl").read_bytes()
     assert not (vqa / "two.jsonl.parts").exists()
+
+
+def test_quiet_means_no_bars_at_all(vqa, model_dir):
+    "`--quiet` silences transformers' and huggingface_hub's bars (loading weights) as well as predict's own."
+    llavamed = Path(sys.executable).parent / "llavamed"
+    r = subprocess.run([str(llavamed), "predict", "--model", str(model_dir), "--data", str(vqa / "vqa.json"),
+                        "--images", str(vqa / "images"), "--out", str(vqa / "a.jsonl"), "--max-new-tokens", "2",
+                        "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "it/s]" not in r.stderr and "Loading weights" not in r.stderr, r.stderr[-2000:]
