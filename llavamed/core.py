@@ -15,10 +15,10 @@ from typing import Any, Iterable, Iterator
 __all__ = ['IMAGE_TOKEN', 'IGNORE_INDEX', 'HUMAN', 'GPT', 'DOMAINS', 'DOMAIN_NAMES', 'Turn', 'Sample', 'RecordError',
            'read_jsonl', 'read_json', 'json_layout', 'fix_keys', 'iter_records', 'iter_samples', 'TooManyBadRecords',
            'BadRecords', 'domain_flags', 'primary_domain', 'Question', 'question_from_json', 'load_questions',
-           'atomic_write', 'write_json', 'write_jsonl', 'write_set', 'refuse_outputs_over_inputs', 'append_jsonl',
-           'repair_torn_tail', 'seed_everything', 'pick_device', 'pick_dtype', 'get_logger', 'set_verbosity',
-           'asset_path', 'fmt_num', 'to_jsonable', 'Result', 'pyplot', 'loss_figure', 'plot_losses', 'Shard',
-           'parse_shard']
+           'atomic_write', 'cache_dir', 'file_lock', 'write_json', 'write_jsonl', 'write_set',
+           'refuse_outputs_over_inputs', 'append_jsonl', 'repair_torn_tail', 'seed_everything', 'pick_device',
+           'pick_dtype', 'get_logger', 'set_verbosity', 'asset_path', 'fmt_num', 'to_jsonable', 'Result', 'pyplot',
+           'loss_figure', 'plot_losses', 'Shard', 'parse_shard']
 
 # %% ../nbs/00_core.ipynb #ffad75ed
 IMAGE_TOKEN = "<image>"  # placeholder for the image in a human turn
@@ -451,6 +451,24 @@ def atomic_write(path: str | Path,  # the file to (re)write
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+
+# %% ../nbs/00_core.ipynb #d6653103
+def cache_dir() -> Path:
+    "llavamed's cache (token caches, converted releases): `$LLAVAMED_CACHE`, else `llavamed` in `$XDG_CACHE_HOME` or `~/.cache`."
+    if os.environ.get("LLAVAMED_CACHE"): return Path(os.environ["LLAVAMED_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "llavamed"
+
+@contextlib.contextmanager
+def file_lock(path: str | Path,  # the lock file (created if missing; its content does not matter)
+              wait: bool = True,  # False: raise `BlockingIOError` at once when another process holds it
+             ):
+    "Hold an exclusive lock on `path` for the block, released when the block ends or the process dies (POSIX)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try: import fcntl
+        except ImportError: fcntl = None  # Windows: no lock
+        if fcntl: fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield path
 
 # %% ../nbs/00_core.ipynb #7f827cfa
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:

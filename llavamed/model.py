@@ -10,7 +10,8 @@ import contextlib, dataclasses, functools, json, math, os, re, shutil, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from .core import IMAGE_TOKEN, HUMAN, GPT, Result, Sample, get_logger, pick_device, pick_dtype
+from .core import (IMAGE_TOKEN, HUMAN, GPT, Result, Sample, cache_dir, file_lock, get_logger,
+                           pick_device, pick_dtype)
 from .images import load_image, pixel_values
 
 # %% auto #0
@@ -18,8 +19,8 @@ __all__ = ['log', 'VICUNA_SYSTEM', 'TEMPLATES', 'PROJECTORS', 'ASPECTS', 'TINY_V
            'CLIP_MEAN', 'CLIP_STD', 'TOWERS', 'RELEASE_TYPES', 'sample_to_messages', 'ModelConfig', 'train_tokenizer',
            'add_special_tokens', 'make_image_processor', 'make_processor', 'set_template', 'template_name',
            'linear_llava_class', 'model_class', 'tower_type', 'build_model', 'check_image_tokens', 'hub_cache',
-           'hub_offline', 'resolve_source', 'is_release', 'llavamed_cache', 'resolve_model', 'save_model', 'load_model',
-           'pretrain_tower', 'infer_clip_config', 'ConvertedCheckpoint', 'convert_checkpoint', 'train_sentencepiece',
+           'hub_offline', 'resolve_source', 'is_release', 'resolve_model', 'save_model', 'load_model', 'pretrain_tower',
+           'infer_clip_config', 'ConvertedCheckpoint', 'convert_checkpoint', 'train_sentencepiece',
            'tiny_release_checkpoint', 'BuiltModel', 'build']
 
 # %% ../nbs/05_model.ipynb #39750108
@@ -490,11 +491,6 @@ def is_release(cfg: dict) -> bool:
     if mt == "llava": return "text_config" not in cfg and any(k.startswith("mm_") for k in cfg)
     return mt in RELEASE_TYPES
 
-def llavamed_cache() -> Path:
-    "Where raw releases are converted: `LLAVAMED_CACHE`, else `XDG_CACHE_HOME`/llavamed, else ~/.cache/llavamed."
-    if os.environ.get("LLAVAMED_CACHE"): return Path(os.environ["LLAVAMED_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "llavamed"
-
 # %% ../nbs/05_model.ipynb #ee6294cc
 def _release_key(src: Path) -> str:
     "A short hash of a release's real path and its files' sizes and times: a changed release converts anew."
@@ -514,20 +510,10 @@ def _has_tower_weights(src: Path) -> bool:
     else: return True  # PyTorch .bin files: only loading them tells; the converter says so if not
     return any(k.startswith("model.vision_tower.vision_tower.") for k in names)
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    "Hold an exclusive lock on `lock_path` for the block (POSIX; elsewhere no lock)."
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        try: import fcntl
-        except ImportError: fcntl = None
-        if fcntl: fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
 def _auto_convert(src: Path, cfg: dict, name) -> Path:
-    "The converted copy of the raw release `src` (given as `name`) in `llavamed_cache()`, made on first use."
+    "The converted copy of the raw release `src` (given as `name`) in `cache_dir()`, made on first use."
     label = src.parent.parent.name.removeprefix("models--") if src.parent.name == "snapshots" else src.name
-    out = llavamed_cache() / "converted" / f"{label}-{_release_key(src)}"
+    out = cache_dir() / "converted" / f"{label}-{_release_key(src)}"
     if (out / "config.json").is_file(): return out
     command, mt = f"llavamed convert --src {name} --out DIR", cfg.get("model_type")
     if not any(src.glob("*.safetensors")) and not any(src.glob("pytorch_model*.bin")):
@@ -535,7 +521,7 @@ def _auto_convert(src: Path, cfg: dict, name) -> Path:
     if not _has_tower_weights(src):
         raise ValueError(f"{name}: a raw {mt} release without its vision tower's weights; run `{command} --tower "
                          f"{cfg.get('mm_vision_tower', 'CLIP_DIR')}` and pass --model DIR")
-    with _exclusive(out.parent / f".{out.name}.lock"):  # the ranks of one run: one converts, the others wait
+    with file_lock(out.parent / f".{out.name}.lock"):  # the ranks of one run: one converts, the others wait
         if (out / "config.json").is_file(): return out
         log.warning(f"{name} is a raw {mt} release: converting it once into {out} (what `{command}` does)")
         try: convert_checkpoint(str(src), str(out))

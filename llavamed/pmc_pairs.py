@@ -12,8 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from .core import (DOMAINS, BadRecords, Result, append_jsonl, atomic_write, get_logger, parse_shard,
-                           primary_domain, read_jsonl, repair_torn_tail)
+from .core import (DOMAINS, BadRecords, Result, append_jsonl, atomic_write, file_lock, get_logger,
+                           parse_shard, primary_domain, read_jsonl, repair_torn_tail)
 from .pmc import FetchConfig, _norm, _refuse, _SAFE_ID, prepare_image, run_jobs, stream_url
 
 # %% auto #0
@@ -747,26 +747,36 @@ def fetch_pairs(file_list: str = None,  # the Open Access subset's package list 
     picked, left_out = select_packages(file_list, license, since, until, _read_pmids(pmids) if pmids else None,
                                        limit, shard, bad)
     if not picked: raise ValueError(f"{file_list}: no article passes the filters (left out: {dict(left_out)})")
-    images = out / "images"; images.mkdir(parents=True, exist_ok=True)
-    manifest, articles = out / "manifest.jsonl", out / "articles.jsonl"
-    for f in (manifest, articles): repair_torn_tail(f)  # a killed run's torn last line
-    done = finished_articles(out)
-    todo = [p for p in picked if p.pmcid not in done]
-    res = PairsResult(already_done=len(picked) - len(todo), reasons=Counter(), domains=Counter(),
-                      left_out=dict(left_out), bad_rows=dict(bad.counts))
-    def work(pkg, stop):
-        if article_url:
-            return fetch_article(pkg, article_url, figure_url, images, cfg, classify, max_mentions, stop)
-        url = mirror.rstrip("/") + "/" + pkg.path.lstrip("/")
-        return fetch_package(pkg, url, images, cfg, classify, max_mentions, stop)
-    with tqdm(total=len(todo), unit="article", desc="pmc-pairs", disable=quiet) as bar:
-        def finished(result):
-            if result is None: return
-            rows, article = result
-            if rows: append_jsonl(manifest, *rows)  # figures first: an article row means its figures are saved
-            append_jsonl(articles, article)
-            _count(res, rows, article); bar.update(1); bar.set_postfix(pairs=res.pairs, refresh=False)
-        run_jobs(todo, work, finished, cfg.workers)
-    res.total_pairs = sum(write_captions(out, drop_other).values())
-    res.reasons, res.domains = dict(res.reasons), dict(res.domains)
-    return res
+    out.mkdir(parents=True, exist_ok=True)
+    run_lock = contextlib.ExitStack()  # one run per --out: a second one would interleave the manifest
+    lock = out / ".pmc-pairs.lock"
+    try: run_lock.enter_context(file_lock(lock, wait=False))
+    except BlockingIOError:
+        raise ValueError(f"--out {out}: another pmc-pairs run is writing there (wait for it, or use another)")
+    run_lock.callback(lock.unlink, missing_ok=True)  # removed before it is released: no file left behind
+    with run_lock:
+        images = out / "images"; images.mkdir(parents=True, exist_ok=True)
+        for partial in [*images.glob(".*.tmp"), *out.glob(".*.tmp")]:  # a killed run's unfinished writes
+            partial.unlink(missing_ok=True)
+        manifest, articles = out / "manifest.jsonl", out / "articles.jsonl"
+        for f in (manifest, articles): repair_torn_tail(f)  # a killed run's torn last line
+        done = finished_articles(out)
+        todo = [p for p in picked if p.pmcid not in done]
+        res = PairsResult(already_done=len(picked) - len(todo), reasons=Counter(), domains=Counter(),
+                          left_out=dict(left_out), bad_rows=dict(bad.counts))
+        def work(pkg, stop):
+            if article_url:
+                return fetch_article(pkg, article_url, figure_url, images, cfg, classify, max_mentions, stop)
+            url = mirror.rstrip("/") + "/" + pkg.path.lstrip("/")
+            return fetch_package(pkg, url, images, cfg, classify, max_mentions, stop)
+        with tqdm(total=len(todo), unit="article", desc="pmc-pairs", disable=quiet) as bar:
+            def finished(result):
+                if result is None: return
+                rows, article = result
+                if rows: append_jsonl(manifest, *rows)  # figures first: an article row means its figures are saved
+                append_jsonl(articles, article)
+                _count(res, rows, article); bar.update(1); bar.set_postfix(pairs=res.pairs, refresh=False)
+            run_jobs(todo, work, finished, cfg.workers)
+        res.total_pairs = sum(write_captions(out, drop_other).values())
+        res.reasons, res.domains = dict(res.reasons), dict(res.domains)
+        return res

@@ -10,8 +10,9 @@ import dataclasses, functools, importlib.util, json, os, random, time, types, ty
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (IMAGE_TOKEN, IGNORE_INDEX, RecordError, Result, Sample, fmt_num, iter_samples, read_json,
-                           write_json, write_jsonl, append_jsonl, get_logger, seed_everything, plot_losses)
+from .core import (IMAGE_TOKEN, IGNORE_INDEX, RecordError, Result, Sample, cache_dir, file_lock, fmt_num,
+                           iter_samples, read_json, write_json, write_jsonl, append_jsonl, get_logger,
+                           seed_everything, plot_losses)
 from .images import (ImageError, ImageOutsideRootError, ImageTooLargeError, load_image, pixel_values,
                              resolve_image)
 from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, resolve_model, save_model
@@ -19,9 +20,9 @@ from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, resolve_m
 # %% auto #0
 __all__ = ['log', 'PARTS', 'SCHEDULERS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'REPORT_TO', 'PRECISIONS', 'ATTENTIONS',
            'RECIPES', 'CACHE_VERSION', 'StageConfig', 'deepspeed_config', 'RunConfig', 'Recipe', 'recipe_yaml',
-           'resolve_template', 'image_token_count', 'TemplateError', 'tokenize_sample', 'cache_root', 'cache_key',
-           'TokenCache', 'build_token_cache', 'open_token_cache', 'load_records', 'DroppedError', 'SupervisedDataset',
-           'Collator', 'data_sources', 'MixedDataset', 'grouped_order', 'GroupedSampler', 'padding_share', 'part_of',
+           'resolve_template', 'image_token_count', 'TemplateError', 'tokenize_sample', 'cache_key', 'TokenCache',
+           'build_token_cache', 'open_token_cache', 'load_records', 'DroppedError', 'SupervisedDataset', 'Collator',
+           'data_sources', 'MixedDataset', 'grouped_order', 'GroupedSampler', 'padding_share', 'part_of',
            'set_trainable', 'add_lora', 'last_checkpoint', 'TrainResult', 'memory_estimate', 'DryRunResult', 'train',
            'TokenizeResult', 'tokenize', 'merge_lora']
 
@@ -425,11 +426,6 @@ def tokenize_sample(sample: Sample,  # one LLaVA record
 # %% ../nbs/06_train.ipynb #599cb0b8
 CACHE_VERSION = 1  # changes when the cached layout or the tokenisation rules change
 
-def cache_root() -> Path:
-    "Folder of tokenised-data caches: `$LLAVAMED_CACHE`, else `llavamed` in `$XDG_CACHE_HOME` or `~/.cache`."
-    if os.environ.get("LLAVAMED_CACHE"): return Path(os.environ["LLAVAMED_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llavamed"
-
 def _file_fingerprint(path: Path) -> dict:
     "Size, modification time and content hash of a data file."
     import hashlib
@@ -604,15 +600,14 @@ def open_token_cache(data: str | Path,  # a LLaVA JSON/JSONL/parquet file
                      workers: int = 0,  # tokenising processes (0: cores - 1 for files over 4 MB, else 1)
                     ) -> tuple[TokenCache, bool]:
     "`(cache, warm)`: the data file's tokens from the cache, built first when missing (by one process at a time)."
-    import fcntl, shutil, tempfile
+    import shutil, tempfile
     tpl = resolve_template(processor, template)
     key = cache_key(data, processor, tpl, max_length)
-    root = cache_root() / "tokens"
+    root = cache_dir() / "tokens"
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
     if (final / "meta.json").exists(): return TokenCache(final), True
-    with open(root / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait here, then map what it wrote
+    with file_lock(root / f"{key}.lock"):  # one process builds; the others wait here, then map what it wrote
         if (final / "meta.json").exists(): return TokenCache(final), True
         # the parent reads and parses the file: the workers get the other cores
         n = workers or (max(1, _cpus() - 1) if Path(data).stat().st_size > 4 << 20 else 1)

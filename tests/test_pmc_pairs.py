@@ -218,6 +218,25 @@ def _tree(out: Path) -> dict:
             "articles": {k: {f: v for f, v in r.items()} for k, r in last(out / "articles.jsonl", "pmcid").items()}}
 
 
+
+def test_one_run_at_a_time_per_out_and_a_killed_runs_partial_files_go(server, tmp_path, llavamed_cmd):
+    "A second run into a folder another run holds is refused in one line; a dead run's unfinished writes are removed."
+    from llavamed.core import file_lock
+    serve(server, "PMC3100", {"PMC3100/a.nxml": jats_article("3100", "PMC3100", [fig(1, "<p>CT.</p>", "g1")], []),
+                              "PMC3100/g1.png": PNG})
+    csv = write(tmp_path / "oa.csv", oa_file_list([{"pmcid": "PMC3100", "pmid": "3100"}]))
+    out = tmp_path / "out"
+    cmd = [llavamed_cmd, "pmc-pairs", "--file-list", csv, "--mirror", server.base, "--out", str(out), "--quiet"]
+    with file_lock(out / ".pmc-pairs.lock"):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "another pmc-pairs run is writing there" in r.stderr, r.stderr
+    assert not (out / "images").exists()
+    (out / "images").mkdir(); (out / "images" / ".3100_F1.png.x1y2z3.tmp").write_bytes(b"half an image")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["3100_F1.png"]
+    assert not (out / ".pmc-pairs.lock").exists()
+
 @pytest.mark.slow
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path, llavamed_cmd):
     n = 30
