@@ -26,3 +26,19 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
     for it in items:
         if "cuda" in it.keywords and not has_cuda: it.add_marker(skip)
+
+
+def save_tiny_parts(d: Path, texts: list[str] | None = None) -> Path:
+    "A tiny CLIP tower, a tiny SigLIP tower and a tiny Llama LM with its tokenizer, saved under `d` as downloads are."
+    import torch
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig,
+                              SiglipVisionModel)
+    from llavamed.model import TINY_LM, TINY_VISION, train_tokenizer
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(d / "clip")
+    SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2)).save_pretrained(d / "siglip")
+    tok = train_tokenizer(texts, vocab_size=400)
+    LlamaForCausalLM(LlamaConfig(**TINY_LM, vocab_size=len(tok))).save_pretrained(d / "lm")
+    tok.save_pretrained(d / "lm")
+    return d

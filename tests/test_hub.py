@@ -2,6 +2,7 @@
 import hashlib, json, logging, os
 from pathlib import Path
 import pytest
+from conftest import save_tiny_parts
 
 torch = pytest.importorskip("torch")
 from PIL import Image
@@ -50,17 +51,7 @@ def hub(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     "A tiny CLIP tower, a tiny SigLIP tower and a tiny Llama LM with its tokenizer, saved as downloads are."
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig,
-                              SiglipVisionModel)
-    d = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(d / "clip")
-    SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=2)).save_pretrained(d / "siglip")
-    tok = train_tokenizer(vocab_size=400)
-    LlamaForCausalLM(LlamaConfig(**TINY_LM, vocab_size=len(tok))).save_pretrained(d / "lm")
-    tok.save_pretrained(d / "lm")
-    return d
+    return save_tiny_parts(tmp_path_factory.mktemp("parts"), None)
 
 
 def _img():

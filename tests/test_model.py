@@ -2,6 +2,7 @@
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
+from conftest import save_tiny_parts
 
 torch = pytest.importorskip("torch")
 from PIL import Image
@@ -424,19 +425,8 @@ def test_converted_checkpoint_serves_with_vanilla_transformers(tmp_path):
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    "A tiny CLIP tower, a tiny SigLIP tower and a tiny Llama LM with its own tokenizer, saved to disk."
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig,
-                              SiglipVisionModel)
-    from llavamed.model import TINY_LM, TINY_VISION
-    d = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(d / "clip")
-    SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=2)).save_pretrained(d / "siglip")
-    tok = train_tokenizer(TEXTS, vocab_size=400)
-    LlamaForCausalLM(LlamaConfig(**TINY_LM, vocab_size=len(tok))).save_pretrained(d / "lm")
-    tok.save_pretrained(d / "lm")
-    return d
+    "A tiny CLIP tower, a tiny SigLIP tower and a tiny Llama LM with its tokenizer, saved as downloads are."
+    return save_tiny_parts(tmp_path_factory.mktemp("parts"), TEXTS)
 
 
 @pytest.mark.parametrize("tower, tokens, strategy", [("clip", 64, "default"), ("siglip", 16, "full")])
