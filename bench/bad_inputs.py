@@ -405,7 +405,7 @@ def align_cases() -> list:
                          guard=("pairs.jsonl",))]
 
 
-INSTRUCT_OUT = ("out/instruct.jsonl", "out/instruct.jsonl.raw.jsonl")  # the records and the raw replies
+INSTRUCT_OUT = ("out/instruct.jsonl", "out/instruct.raw.jsonl")  # the records and the raw replies
 
 
 def instruct_cases() -> list:
