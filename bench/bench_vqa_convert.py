@@ -5,9 +5,10 @@ Writes a VQA-RAD-shaped parquet file the way `datasets` writes it (`image` {byte
 fastest of `--repeat` runs: this machine is shared) and the children's highest peak RSS (VmHWM), beside
 the peak of a child that only imports the same modules (the floor) and the file's size. Memory should
 stay near the floor whatever the file's size, since the rows are read one record batch at a time; a
-second, smaller file shows that. pyarrow's `ParquetFile` pre-buffers the whole file by default:
-'pre_buffer off' measures the reader opened with `pre_buffer=False, buffer_size=1 MiB`, which streams
-pages even from a file written as one row group.
+second, smaller file shows that. pyarrow's `ParquetFile` pre-buffers the whole file by default; the
+project's reader (`core._iter_parquet`) opens it with `pre_buffer=False, buffer_size=1 MiB`, which streams
+pages even from a file written as one row group. 'pre_buffer on' forces pyarrow's default back, for the
+side-by-side figure; 'off' is what `vqa-convert` does.
 
     .venv/bin/python bench/bench_vqa_convert.py                      # 20,000 and 5,000 rows
     .venv/bin/python bench/bench_vqa_convert.py --rows 20000 --image-px 384 --distinct 4000
@@ -19,11 +20,11 @@ from pathlib import Path
 CHILD = """
 import json, os, resource, sys, time
 import pyarrow.parquet as pq
-if os.environ.get("BENCH_PRE_BUFFER") == "off":  # `core._iter_parquet` with ParquetFile(pre_buffer=False, buffer_size=1 MiB)
-    class NoPreBuffer(pq.ParquetFile):
+if os.environ.get("BENCH_PRE_BUFFER") == "on":  # pyarrow's default, in place of what core._iter_parquet asks for
+    class PreBuffered(pq.ParquetFile):
         def __init__(self, *args, **kw):
-            kw.setdefault("pre_buffer", False); kw.setdefault("buffer_size", 1 << 20); super().__init__(*args, **kw)
-    pq.ParquetFile = NoPreBuffer
+            kw["pre_buffer"] = True; kw.pop("buffer_size", None); super().__init__(*args, **kw)
+    pq.ParquetFile = PreBuffered
 from llavamed.vqa import convert_vqa
 def peak_kb():  # this process's own peak: ru_maxrss would carry the parent's peak over the exec
     try: return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
@@ -81,8 +82,8 @@ if __name__ == "__main__":
     ap.add_argument("--image-px", type=int, default=256, help="picture side in pixels")
     ap.add_argument("--row-group", type=int, default=100, help="rows per row group (0: all in one, pyarrow's default)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each; the fastest time and the highest peak are shown")
-    ap.add_argument("--pre-buffer", default="on,off", help="'on': pyarrow's ParquetFile default, as core reads today; "
-                    "'off': ParquetFile(pre_buffer=False, buffer_size=1 MiB)")
+    ap.add_argument("--pre-buffer", default="on,off", help="'on': pyarrow's ParquetFile default (forced); "
+                    "'off': ParquetFile(pre_buffer=False, buffer_size=1 MiB), as core reads")
     args = ap.parse_args()
     pictures = images(args.distinct, args.image_px)
     floor = child("floor")["rss_kb"] / 1024
