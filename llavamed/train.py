@@ -13,8 +13,8 @@ from pathlib import Path
 from .core import (IMAGE_TOKEN, IGNORE_INDEX, RecordError, Result, Sample, cache_dir, file_lock, fmt_num,
                            iter_samples, read_json, write_json, write_jsonl, append_jsonl, get_logger,
                            seed_everything, plot_losses)
-from .images import (ImageError, ImageOutsideRootError, ImageTooLargeError, load_image, pixel_values,
-                             resolve_image)
+from .images import load_image, pixel_values, resolve_image
+from .data import image_problem
 from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, resolve_model, save_model
 
 # %% auto #0
@@ -631,16 +631,15 @@ def load_records(path: str | Path) -> list[Sample]:
 class DroppedError(ValueError):
     "Too many records lost all supervision; the message lists the reasons with counts."
 
+_IMAGE_REASONS = {"image_outside_root": "image outside the images folder", "image_missing": "image file missing",
+                  "image_too_large": "image too large", "image_unreadable": "image unreadable"}
+
 def _image_problem(images: Path | None, name: str) -> tuple[Path | None, str | None]:
-    "`(real path, None)` for an image inside `images`, present and decodable; else `(None, reason)`."
+    "`(real path, None)` for an image inside `images`, present and decodable; else `(None, reason: detail)`."
     if images is None: return None, "no images folder given"
-    try: path = resolve_image(images, name)
-    except ImageOutsideRootError: return None, f"image outside the images folder: {name!r}"
-    if not path.is_file(): return None, f"image file missing: {name!r}"
-    try: load_image(path)  # decoded once here, so a bad file stops the run now, not mid-epoch
-    except ImageTooLargeError as e: return None, f"image too large: {e}"
-    except (ImageError, OSError) as e: return None, f"image unreadable: {e}"
-    return path, None
+    problem = image_problem(images, name)  # decoded once here, so a bad file stops the run now, not mid-epoch
+    if problem: return None, f"{_IMAGE_REASONS[problem[0]]}: {problem[1]}"
+    return resolve_image(images, name), None
 
 def _check_images(images: Path | None, names: list[str], workers: int) -> list[tuple]:
     "`_image_problem` of each image name, checked in `workers` threads (image decoding releases the GIL)."
@@ -705,13 +704,7 @@ class SupervisedDataset:
     def _stop_or_warn(self, n: int, max_dropped_share: float) -> None:
         "Raise `DroppedError` when over `max_dropped_share` of the `n` records were refused; else log them."
         if self.skipped: log.info(f"skipped {self.skipped} text-only records: the LLM is frozen")
-        if self.dropped:
-            msg = f"{self.source}{sum(self.dropped.values())} of {n} records dropped: " + "; ".join(
-                f"{k} x{v} (e.g. {self.examples[k]})" for k, v in self.dropped.most_common())
-            if sum(self.dropped.values()) > max_dropped_share * n:
-                raise DroppedError(msg + f" > max_dropped_share {max_dropped_share}")
-            log.warning(msg)
-        if not len(self.index): raise DroppedError(f"{self.source}no trainable records among {n}")
+        _refuse_drops(self.source, self.dropped, self.examples, n, len(self.index), max_dropped_share)
 
     def __len__(self): return len(self.index)
 
@@ -737,6 +730,16 @@ class SupervisedDataset:
         return {"kept": len(self), "dropped": dict(self.dropped), "skipped_text_only": self.skipped,
                 "supervised_tokens": int(self.tokens.supervised[self.index].sum()),
                 "images_checked": self.preflight["images"]}
+
+def _refuse_drops(source: str, dropped: Counter, examples: dict, n: int, kept: int, max_dropped_share: float):
+    "Raise `DroppedError` when over `max_dropped_share` of `n` records were refused or none is kept; else log."
+    if dropped:
+        msg = f"{source}{sum(dropped.values())} of {n} records dropped: " + "; ".join(
+            f"{k} x{v} (e.g. {examples[k]})" for k, v in dropped.most_common())
+        if sum(dropped.values()) > max_dropped_share * n:
+            raise DroppedError(msg + f" > max_dropped_share {max_dropped_share}")
+        log.warning(msg)
+    if not kept: raise DroppedError(f"{source}no trainable records among {n}")
 
 # %% ../nbs/06_train.ipynb #128bd757
 class Collator:
@@ -1295,8 +1298,11 @@ def tokenize(data: str = None,  # training file (LLaVA JSON/JSONL/parquet); requ
     cfg = StageConfig.load(stage, template=template, max_length=max_length)
     _, processor, _ = _start_model(RunConfig(model=model, data=data), "float32")
     tokens, warm = open_token_cache(data, processor, cfg.template, cfg.max_length, workers)
-    drops = Counter()
-    for d in tokens.meta["drops"]: drops[d["reason"]] += d["count"]
+    drops, examples = Counter(), {}
+    for d in tokens.meta["drops"]:
+        drops[d["reason"]] += d["count"]; examples.setdefault(d["reason"], d["example"])
+    # the verdict `train` would give (an empty or broken file is no success); images are checked by train
+    _refuse_drops(f"{data}: ", drops, examples, tokens.meta["rows"], len(tokens), cfg.max_dropped_share)
     return TokenizeResult(folder=str(tokens.folder), warm=warm, records=len(tokens), dropped=dict(drops),
                           tokens=int(tokens.length.sum()), seconds=round(time.perf_counter() - t0, 2))
 

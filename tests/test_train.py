@@ -643,3 +643,15 @@ def test_tokenize_command_fills_the_cache_a_run_then_maps(base_dir, data, tmp_pa
                                  out=str(tmp_path / "o"), num_workers=0, quiet=True))
     assert not list(tokens.glob("*.lock")) and [p.name for p in tokens.iterdir()] == [Path(res["folder"]).name]
     assert main(["tokenize", "--data", str(tmp_path / "none.json"), "--model", base_dir]) == 2
+
+
+def test_tokenize_refuses_an_empty_or_broken_file(tmp_path, capsys):
+    "`llavamed tokenize` gives train's verdict: a file with nothing to train on is one line and exit 2, not a success."
+    from llavamed.cli import main
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "broken.json").write_text('[{"id": "x", "conversations": [')
+    for name, said in (("empty.json", "no trainable records among 0"), ("broken.json", "malformed record x2")):
+        capsys.readouterr()
+        assert main(["tokenize", "--data", str(tmp_path / name), "--model", "tiny", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("llavamed tokenize: error:") and said in err and "\n" not in err, err
