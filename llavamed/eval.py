@@ -834,7 +834,8 @@ def score(pred: str = None,  # answers JSONL (`question_id`, `text`), e.g. from 
         raise ValueError(f"--mode {mode!r} and --protocol {protocol!r} disagree (--mode is an old name)")
     spec = protocol or mode or "llava-med"
     try: names = parse_protocols(spec)
-    except ValueError as e: raise ValueError(f"mode={spec!r}: {e}") from None
+    except ValueError as e:  # the message names the protocol already; --mode is named as the old flag it is
+        raise ValueError(str(e) if protocol else f"mode={spec!r}: {e}") from None
     _protocol_inputs(names, candidates, judge_model, setting)
     cache = Path(judge_cache) if judge_cache else Path(out or pred).with_name(Path(out or pred).stem
                                                                              + ".judge.jsonl")
