@@ -34,6 +34,7 @@ class TarServer:
         self.routes: dict[str, dict] = {}
         self.requests: Counter = Counter()
         self.latency, self.lock = latency, threading.Lock()
+        self.last_request = time.monotonic()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,6 +42,7 @@ class TarServer:
             def do_GET(self):
                 with server.lock:
                     server.requests[self.path] += 1
+                    server.last_request = time.monotonic()
                     n = server.requests[self.path]
                 r = server.routes.get(self.path)
                 time.sleep(server.latency + (r or {}).get("delay", 0))
@@ -69,6 +71,13 @@ class TarServer:
         "Register `path` and return its full URL."
         self.routes[path] = {"body": body, "kind": kind, **kw}
         return self.base + path
+
+    def settle(self, quiet: float = 0.5, timeout: float = 15.0) -> Counter:
+        """Wait until no request has arrived for `quiet` seconds (a killed client's queued connections are still
+        accepted and counted for a moment after it dies), then return a copy of the counts."""
+        t0 = time.monotonic()
+        while time.monotonic() - self.last_request < quiet and time.monotonic() - t0 < timeout: time.sleep(0.05)
+        with self.lock: return Counter(self.requests)
 
     def __enter__(self): self.thread.start(); return self
     def __exit__(self, *a): self.httpd.shutdown(); self.httpd.server_close()

@@ -137,7 +137,7 @@ def test_sigkill_midway_then_resume_refetches_nothing_finished(tmp_path, llavame
         proc.send_signal(signal.SIGKILL); proc.wait()
         done_first = {r["pair_id"] for r in manifest(out)}
         assert 10 <= len(done_first) < 2 * n
-        before = dict(server.requests)
+        before = dict(server.settle())
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         final = {row["pair_id"]: row["status"] for row in manifest(out)}

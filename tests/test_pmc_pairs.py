@@ -263,7 +263,7 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path, llavam
         proc.send_signal(signal.SIGKILL); proc.wait()
         done_first = set(last(arts, "pmcid"))
         assert 6 <= len(done_first) < n and not (out / "fig_captions.json").exists()
-        before = dict(server.requests)
+        before = dict(server.settle())
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert f"already_done {len(done_first)}," in r.stdout
