@@ -13,7 +13,8 @@ spec.loader.exec_module(mv)
 # What the package imports, by distribution: each must be declared with a floor.
 DIRECT = {"transformers", "tokenizers", "accelerate", "huggingface-hub", "safetensors", "numpy", "pillow", "fastcore",
           "tqdm", "pyyaml", "matplotlib", "sentencepiece", "protobuf", "defusedxml", "pydicom", "nibabel", "openai",
-          "deepspeed", "peft", "ipywidgets", "pyarrow", "fastapi", "uvicorn", "torch"}
+          "deepspeed", "peft", "ipywidgets", "pyarrow", "fastapi", "uvicorn", "torch",
+          "torchvision", "num2words"}
 
 def run(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
