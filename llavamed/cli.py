@@ -57,7 +57,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {  # name: (module, function, one-li
 # %% ../nbs/10_cli.ipynb #87ea8adc
 _OPTIONAL = {"pydicom": "DICOM images", "nibabel": "NIfTI images",
              "openai": "OpenAI-compatible teachers and judges", "deepspeed": "DeepSpeed training",
-             "peft": "LoRA", "ipywidgets": "Jupyter widgets"}
+             "peft": "LoRA", "ipywidgets": "Jupyter widgets", "fastapi": "llavamed serve",
+             "torchvision": "Qwen-VL, SmolVLM, OneVision", "num2words": "SmolVLM"}
 
 @dataclasses.dataclass
 class Info(Result):
@@ -79,6 +80,12 @@ def info() -> Info:
     except ImportError: out["torch"] = None
     for mod, what in _OPTIONAL.items():
         out[f"{mod} ({what})"] = importlib.util.find_spec(mod) is not None
+    from llavamed.families import FAMILIES, require
+    from llavamed.model import PRESETS
+    out["presets"] = ", ".join([*PRESETS, *(f"tiny-{f}" for f in FAMILIES if f != "llava")])
+    for name in FAMILIES:  # whether this install runs the family, else what it lacks
+        try: require(name); out[f"family {name}"] = True
+        except ValueError as e: out[f"family {name}"] = str(e).split(": ", 1)[1]
     return Info(out)
 
 # %% ../nbs/10_cli.ipynb #685e2e54

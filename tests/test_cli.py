@@ -23,6 +23,18 @@ def test_info_runs(llavamed_cmd):
     r = run(llavamed_cmd, "info")
     assert r.returncode == 0 and "torch" in r.stdout
 
+def test_info_lists_every_preset_and_whether_each_family_runs(llavamed_cmd):
+    import importlib.util, json
+    from llavamed.families import FAMILIES, TINY_PRESETS
+    r = run(llavamed_cmd, "--json", "info")
+    values = json.loads(r.stdout)["values"]
+    assert set(TINY_PRESETS) <= set(values["presets"].split(", ")), values["presets"]
+    have_tv = importlib.util.find_spec("torchvision") is not None
+    for name, fam in FAMILIES.items():
+        ok = values[f"family {name}"]
+        if "torchvision" in fam.needs and not have_tv: assert "torchvision" in ok, (name, ok)
+        elif not fam.needs: assert ok is True, (name, ok)
+
 def test_main_returns_status():
     assert main(["--version"]) == 0 and main([]) == 2
 
