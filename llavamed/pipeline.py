@@ -14,13 +14,14 @@ from typing import Callable
 from .core import (DOMAINS, DOMAIN_NAMES, GPT, HUMAN, IMAGE_TOKEN, Question, RecordError, Result,
                            fmt_num, get_logger, iter_records, load_questions, plot_losses, read_json,
                            write_json)
+from .families import ALIASES, FAMILIES
 from .train import RunConfig, StageConfig
 from .eval import load_answers
 from .report import bar_chart, evaluate, report
 
 # %% auto #0
-__all__ = ['log', 'DEMO_STAGES', 'STAGE_PRESETS', 'STEP_NAMES', 'STEP_KEYS', 'STEP_INPUTS', 'DemoConfig', 'Steps', 'group_vqa',
-           'pick_examples', 'write_report', 'DemoReport', 'run_pipeline', 'demo']
+__all__ = ['log', 'DEMO_STAGES', 'STAGE_PRESETS', 'FAMILY_STAGES', 'STEP_NAMES', 'STEP_KEYS', 'STEP_INPUTS', 'DemoConfig',
+           'Steps', 'group_vqa', 'pick_examples', 'write_report', 'DemoReport', 'run_pipeline', 'demo']
 
 # %% ../nbs/09_pipeline.ipynb #c898fcf0
 log = get_logger("llavamed.pipeline")
@@ -32,18 +33,21 @@ DEMO_STAGES = {  # the demo's changes to the paper's stage presets: one device, 
     "stage2": {"lr": 1e-3, "epochs": 2.0, "global_batch_size": 16, "per_device_batch_size": 16},
 }
 STAGE_PRESETS = {"stage1": "align", "stage2": "instruct"}  # the `llavamed.train.STAGES` preset of each stage
+FAMILY_STAGES = {  # a family's changes to DEMO_STAGES (its tiny preset is smaller than the tiny LLaVA)
+}
 
 @dataclass
 class DemoConfig:
-    "Settings of `llavamed demo`: corpus size, tiny-model shape, the three training stages and evaluation."
+    "Settings of `llavamed demo`: model family, corpus size, tiny-model shape, the training stages, evaluation."
+    family: str = "llava"  # model family (`llavamed.families.FAMILIES`): the demo trains its `tiny-<family>`
     seed: int = 0  # seed of the corpus, the teacher, initialisation and data order
     n_train: int = 2000  # training figures (alignment pairs, instruction conversations, VQA train images)
     n_test: int = 200  # test figures (the VQA test split asks about 5.5 questions per figure)
     n_chat: int = 20  # test figures in the conversation benchmark (4 questions each)
     size: int = 64  # figure side in pixels = the tiny tower's input size
     patch: int = 16  # tower patch size: (64 / 16)^2 = 16 image tokens per figure
-    vision: dict = field(default_factory=dict)  # overrides of the tiny CLIP tower's config (`TINY_VISION`)
-    lm: dict = field(default_factory=dict)  # overrides of the tiny language model config (`model.TINY_LM`)
+    vision: dict = field(default_factory=dict)  # overrides of the tiny tower's config (LLaVA: `TINY_VISION`)
+    lm: dict = field(default_factory=dict)  # overrides of the tiny language model config (LLaVA: `TINY_LM`)
     vocab_size: int = 1024  # byte-level BPE trained on the corpus text
     tower_steps: int = 600  # stage 0: supervised steps of the tower on labels.json
     tower_lr: float = 1e-3  # stage 0 learning rate
@@ -61,6 +65,10 @@ class DemoConfig:
 
     def __post_init__(self):
         "Check every field, naming the one at fault; fill each stage's settings with the demo's defaults."
+        if isinstance(self.family, str): self.family = ALIASES.get(self.family, self.family)
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
+            raise ValueError(f"DemoConfig.family: unknown family {self.family!r}; known families: "
+                             f"{', '.join(FAMILIES)}")
         for k in ("n_train", "n_test", "size", "vocab_size", "tower_steps", "tower_batch", "vqa_repeats",
                   "max_new_tokens", "chat_max_new_tokens", "eval_batch_size"):
             v = getattr(self, k)
@@ -72,13 +80,19 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.size: {self.size} must be >= 16 and a multiple of the patch size")
         if not self.tower_lr > 0: raise ValueError(f"DemoConfig.tower_lr: must be > 0, got {self.tower_lr}")
         for k in STAGE_PRESETS:
-            setattr(self, k, {**DEMO_STAGES[k], **(getattr(self, k) or {})})
+            family_stage = FAMILY_STAGES.get(self.family, {}).get(k, {})
+            setattr(self, k, {**DEMO_STAGES[k], **family_stage, **(getattr(self, k) or {})})
             try: self.stage(k)
             except ValueError as e: raise ValueError(f"DemoConfig.{k}: {e}") from None
 
     def stage(self, name: str) -> StageConfig:
         "The `StageConfig` of 'stage1' or 'stage2': the paper's preset with this config's fields (and seed)."
         return StageConfig.load(STAGE_PRESETS[name], **{**getattr(self, name), "seed": self.seed})
+
+    @property
+    def preset(self) -> str:
+        "The tiny preset the demo builds: `tiny` for LLaVA, else `tiny-<family>` (`families.TINY_PRESETS`)."
+        return "tiny" if self.family == "llava" else f"tiny-{self.family}"
 
     def to_json(self) -> dict:
         "The settings as a JSON-ready dict."
@@ -233,6 +247,45 @@ def _tower_step(cfg: DemoConfig, corpus: Path, quiet: bool):
                            "lm": n(model.model.language_model) + n(model.lm_head)}}
     return step
 
+# %% ../nbs/09_pipeline.ipynb #3b6b9eaa
+_STAGE0_SKIPPED = ("stage 0 (tower pretraining on labels.json) skipped: it trains LLaVA's tower through the "
+                   "layer and tokens LLaVA's projector reads (`vision_feature_layer`, "
+                   "`vision_feature_select_strategy`), which a {family} model has not; its tiny {tower} "
+                   "keeps its random init")
+
+def _resized(model, cfg: DemoConfig):
+    "`model` rebuilt (seeded) with `cfg.vision` / `cfg.lm` over its tower and language-model configs."
+    import torch
+    from transformers import AutoModelForImageTextToText
+    config = model.config
+    for name, sub, over in (("vision", config.vision_config, cfg.vision), ("lm", config.text_config, cfg.lm)):
+        for k, v in over.items():
+            if k in ("image_size", "patch_size", "vocab_size") or not hasattr(sub, k):
+                raise ValueError(f"DemoConfig.{name}: {k!r} is not a field the demo may set on "
+                                 f"{cfg.family}'s {sub.model_type} config")
+            setattr(sub, k, v)
+    torch.manual_seed(cfg.seed)
+    resized = AutoModelForImageTextToText.from_config(config)
+    resized.generation_config = model.generation_config  # its BOS, pad and end-of-turn ids
+    return resized.eval()
+
+def _family_step(cfg: DemoConfig, corpus: Path, quiet: bool):
+    "Step 'tower' for a family beside LLaVA: its tiny preset on the corpus's text, saved; no stage 0."
+    def step(d: Path) -> dict:
+        from llavamed.families import build_family, image_tokens, parts
+        from llavamed.model import save_model
+        from llavamed.synth import corpus_texts
+        model, proc = build_family(cfg.preset, tokenizer_texts=corpus_texts(corpus), vocab_size=cfg.vocab_size,
+                                   seed=cfg.seed)
+        if cfg.vision or cfg.lm: model = _resized(model, cfg)
+        save_model(model, proc, d)
+        n = {part: sum(p.numel() for p in ps.values()) for part, ps in parts(model).items()}
+        tower = model.config.vision_config.model_type
+        return {"model": cfg.preset, "image_tokens": image_tokens(proc, (cfg.size, cfg.size)),
+                "params": {"vision": n["tower"], "projector": n["connector"], "lm": n["lm"]},
+                "skipped": _STAGE0_SKIPPED.format(family=cfg.family, tower=tower)}
+    return step
+
 # %% ../nbs/09_pipeline.ipynb #3bf0a67d
 def _train_step(cfg: DemoConfig, stage: str, model_dir: Path, data: Path, images: Path, quiet: bool):
     def step(d: Path) -> dict:
@@ -350,16 +403,19 @@ def _training_md(rep: dict, cfg: DemoConfig) -> list[str]:
     sizes, heads = rep["sizes"], rep["tower"]["train_accuracy_last20pct"]
     vqa = " + the VQA train split grouped per image" if cfg.vqa_in_instruct else ""
     accuracy = ", ".join(f"{h} {100 * v:.0f}%" for h, v in heads.items() if v is not None)
+    tower = (f"How the vision tower was made: {rep['tower']['how']}. Its training accuracy per head over the "
+             f"last 20% of stage-0 steps: {accuracy}." if cfg.family == "llava" else
+             f"The vision tower: {rep['tower']['how']}.")
+    tokens = (f"{(cfg.size // cfg.patch) ** 2} image tokens from {cfg.patch} px patches" if cfg.family == "llava"
+              else f"{sizes['image_tokens']} image tokens per figure through the {cfg.family} processor")
     return [
-        "## Training", "",
-        f"How the vision tower was made: {rep['tower']['how']}. Its training accuracy per head over the last "
-        f"20% of stage-0 steps: {accuracy}.", "",
+        "## Training", "", tower, "",
         f"Stage 1 trains the projector only ({sizes['stage1_steps']} steps, lr {cfg.stage1['lr']}); "
         f"stage 2 trains projector + LM ({sizes['stage2_steps']} steps, lr {cfg.stage2['lr']}) on "
         f"{sizes['stage2_records']} records (template-teacher conversations{vqa}); the tower stays frozen "
         "in both.", "", "![loss curves](report_files/loss.png)", "", "## Sizes, seeds and time", "",
         f"- corpus: {sizes['train_figures']} train / {sizes['test_figures']} test figures at {cfg.size} px "
-        f"({(cfg.size // cfg.patch) ** 2} image tokens from {cfg.patch} px patches); "
+        f"({tokens}); "
         f"VQA test questions {sizes['vqa_test']}; benchmark questions {sizes['chat_eval']}",
         "- parameters: " + ", ".join(f"{k} {fmt_num(v)}" for k, v in sizes["params"].items()),
         f"- seeds: {rep['seeds']}",
@@ -370,13 +426,20 @@ def _training_md(rep: dict, cfg: DemoConfig) -> list[str]:
         f"- settings: `{json.dumps(rep['config'])}`", ""]
 
 _PIPELINE = ("The whole LLaVA-Med pipeline on the built-in synthetic corpus, on CPU, with no network: "
-             "synthetic figures -> self-instruct (offline template teacher) -> stage 0 tower pretraining -> "
+             "synthetic figures -> self-instruct (offline template teacher) -> {stage0} -> "
              "stage 1 alignment -> stage 2 instruction tuning -> VQA evaluation (official and strict "
              "metrics, blank-image ablation) -> conversation benchmark with an offline proxy judge.")
 
+def _model_md(rep: dict) -> list[str]:
+    "The model line: preset, family and class; and the steps the family skipped, each with its reason."
+    lines = [f"Model: `{rep['model']}` (family `{rep['family']}`, transformers `{rep['model_class']}`), "
+             "random init, its tokenizer trained on the corpus's text.", ""]
+    return lines + [f"Skipped: {why}." for why in rep["skipped"].values()] + ([""] if rep["skipped"] else [])
+
 def _write_md(root: Path, rep: dict, examples: list[dict], cfg: DemoConfig, images: Path, files: Path):
     "Write `report.md` from the content of `report.json`, the examples and the settings."
-    lines = ["# llavamed demo report", "", _PIPELINE, ""]
+    stage0 = "stage 0 tower pretraining" if cfg.family == "llava" else "(stage 0 skipped)"
+    lines = ["# llavamed demo report", "", _PIPELINE.format(stage0=stage0), "", *_model_md(rep)]
     lines += _headline_md(rep) + _groups_md(rep) + _training_md(rep, cfg)
     lines += ["The evaluation report of `llavamed report` on the same answers (tables of every metric, the "
               "paper's layout): [report_files/eval/report.md](report_files/eval/report.md).", "",
@@ -400,8 +463,13 @@ def _report_json(root: Path, cfg: DemoConfig, steps: Steps, wall: float) -> dict
     sizes = {**done["corpus"], "stage2_records": done["instruct"]["stage2_records"], "image_size": cfg.size,
              "params": done["tower"]["params"], "stage1_steps": done["stage1"]["steps"],
              "stage2_steps": done["stage2"]["steps"]}
-    tower = _TOWER_HOW.format(steps=cfg.tower_steps, batch=cfg.tower_batch, lr=cfg.tower_lr)
+    sizes["image_tokens"] = done["tower"].get("image_tokens", (cfg.size // cfg.patch) ** 2)
+    skipped = {"tower": done["tower"]["skipped"]} if "skipped" in done["tower"] else {}
+    tower = skipped.get("tower") or _TOWER_HOW.format(steps=cfg.tower_steps, batch=cfg.tower_batch,
+                                                      lr=cfg.tower_lr)
     return {
+        "family": cfg.family, "model": cfg.preset, "model_class": FAMILIES[cfg.family].model_class,
+        "skipped": skipped,
         "closed_accuracy": official["closed_accuracy"], "open_recall": official["open_recall"],
         "closed_accuracy_blank_image": blank_official["closed_accuracy"],
         "open_recall_blank_image": blank_official["open_recall"],
@@ -419,7 +487,7 @@ def _report_json(root: Path, cfg: DemoConfig, steps: Steps, wall: float) -> dict
         "step_seconds": steps.seconds, "steps_run_now": steps.ran,
         "seeds": {"corpus": cfg.seed, "teacher": cfg.seed, "init": cfg.seed, "data_order": cfg.seed},
         "sizes": sizes,
-        "tower": {"how": tower, "train_accuracy_last20pct": done["tower"]["train_accuracy_last20pct"]},
+        "tower": {"how": tower, "train_accuracy_last20pct": done["tower"].get("train_accuracy_last20pct", {})},
         "per_domain": run_files["per_domain"], "per_question_kind": run_files["per_kind"],
         "chat_groups": chat_groups,
         "targets": {"closed_accuracy>=85": official["closed_accuracy"] >= 85,
@@ -470,7 +538,8 @@ STEP_NAMES = ("corpus", "instruct", "tower", "stage1", "stage2", "evaluate", "ju
 STEP_KEYS = {  # the settings each step depends on (every DemoConfig field is somebody's)
     "corpus": ("seed", "n_train", "n_test", "n_chat", "size"),
     "instruct": ("vqa_in_instruct", "vqa_repeats", "vqa_grouped", "vqa_single_kinds"),
-    "tower": ("vocab_size", "patch", "vision", "lm", "tower_steps", "tower_lr", "tower_batch", "threads"),
+    "tower": ("family", "vocab_size", "patch", "vision", "lm", "tower_steps", "tower_lr", "tower_batch",
+              "threads"),
     "stage1": ("stage1", "threads"),
     "stage2": ("stage2", "threads"),
     "evaluate": ("max_new_tokens", "eval_batch_size", "threads"),
@@ -504,8 +573,9 @@ def _steps(cfg: DemoConfig, root: Path, quiet: bool) -> list[tuple[str, Callable
     return [
         ("corpus", _synth_step(cfg, quiet), "synthesise the figure corpus"),
         ("instruct", _instruct_step(cfg, corpus, quiet), "self-instruct with the template teacher"),
-        ("tower", _tower_step(cfg, corpus, quiet),
-         "stage 0: pretrain the tiny tower on labels.json, then freeze it"),
+        ("tower", _tower_step(cfg, corpus, quiet), "stage 0: pretrain the tiny tower on labels.json, then freeze it")
+        if cfg.family == "llava" else
+        ("tower", _family_step(cfg, corpus, quiet), f"build {cfg.preset} (stage 0 skipped: written for LLaVA)"),
         ("stage1", _train_step(cfg, "stage1", root / "tower", corpus / "alignment.json", images, quiet),
          "stage 1: concept alignment (projector only)"),
         ("stage2", _train_step(cfg, "stage2", root / "stage1", stage2_data, images, quiet),
@@ -522,7 +592,9 @@ def run_pipeline(cfg: DemoConfig | None = None,  # the settings (default: `DemoC
                 ) -> DemoReport:
     "Run every demo step (reusing finished ones) and write `report.md` and `report.json`."
     import torch
+    from llavamed.families import require
     cfg, root, t0 = cfg or DemoConfig(), Path(out), time.perf_counter()
+    require(cfg.family)  # a family the installed transformers cannot run stops here, before any output
     if cfg.threads: torch.set_num_threads(cfg.threads)
     if fresh:
         for n in (*STEP_NAMES, "steps", "report_files"): shutil.rmtree(root / n, ignore_errors=True)
@@ -538,6 +610,7 @@ def demo(out: str = "demo_out",  # output folder (steps, report.md, report.json)
          fresh: bool = False,  # redo every step instead of reusing finished ones
          seed: int = None,  # seed of corpus, teacher, initialisation, data order (default: the config's, else 0)
          config: str = None,  # JSON or YAML file of `DemoConfig` fields to change (e.g. {"n_train": 500})
+         family: str = None,  # model family whose tiny preset is trained (default: the config's, else llava)
          quiet: bool = False,  # no progress output
         ) -> DemoReport:
     "Run the whole pipeline on the built-in synthetic corpus and write DIR/report.md and DIR/report.json."
@@ -548,4 +621,5 @@ def demo(out: str = "demo_out",  # output folder (steps, report.md, report.json)
         bad = sorted(set(over) - {f.name for f in dataclasses.fields(DemoConfig)})
         if bad: raise ValueError(f"config {config}: unknown DemoConfig fields {bad}")
     if seed is not None: over["seed"] = seed  # an explicit --seed wins over the config file's
+    if family is not None: over["family"] = family  # so does an explicit --family
     return run_pipeline(DemoConfig(**over), out, fresh, quiet)

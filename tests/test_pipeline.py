@@ -41,7 +41,10 @@ def test_every_artefact_and_report_key(demo_dir):
     assert rep["sizes"]["train_figures"] == 40 and rep["sizes"]["test_figures"] == 10
     assert rep["train_seconds"] > 0 and rep["total_seconds"] >= rep["train_seconds"]
     assert "labels.json" in rep["tower"]["how"] and "frozen" in rep["tower"]["how"]
+    assert (rep["family"], rep["model"], rep["skipped"], rep["sizes"]["image_tokens"]) == ("llava", "tiny", {}, 16)
     md = (demo_dir / "report.md").read_text()
+    assert "Model: `tiny` (family `llava`, transformers `LlavaForConditionalGeneration`)" in md
+    assert "Skipped:" not in md and "stage 0 tower pretraining ->" in md
     for name in ("loss.png", "metrics.png", "ablation.png", "domains.png", "example_1.png", "example_2.png", "example_3.png"):
         f = demo_dir / "report_files" / name
         assert f.stat().st_size > 500, name
