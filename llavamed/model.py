@@ -1,4 +1,4 @@
-"""Build, load and save LLaVA-Med models as transformers' `LlavaForConditionalGeneration`; chat templates; presets; stage-0 tower pretraining.
+"""Build, load and save LLaVA-Med models as transformers' `LlavaForConditionalGeneration`, and models of every other family through the Auto classes; chat templates; presets; stage-0 tower pretraining.
 
 Docs: https://llavamed.github.io/llavamed/model.html.md"""
 
@@ -16,10 +16,11 @@ from .images import load_image, pixel_values
 
 # %% auto #0
 __all__ = ['log', 'VICUNA_SYSTEM', 'TEMPLATES', 'PROJECTORS', 'ASPECTS', 'TINY_VISION', 'TINY_LM', 'PRESETS', 'SPECIALS',
-           'CLIP_MEAN', 'CLIP_STD', 'TOWERS', 'RELEASE_TYPES', 'sample_to_messages', 'ModelConfig', 'train_tokenizer',
-           'add_special_tokens', 'make_image_processor', 'make_processor', 'set_template', 'template_name',
-           'linear_llava_class', 'model_class', 'tower_type', 'build_model', 'check_image_tokens', 'hub_cache',
-           'hub_offline', 'resolve_source', 'is_release', 'resolve_model', 'save_model', 'load_model', 'pretrain_tower',
+           'CLIP_MEAN', 'CLIP_STD', 'TOWERS', 'RELEASE_TYPES', 'sample_to_messages', 'ModelConfig', 'all_presets',
+           'is_preset', 'train_tokenizer', 'add_special_tokens', 'make_image_processor', 'make_processor',
+           'set_template', 'template_name', 'linear_llava_class', 'model_class', 'tower_type', 'build_model',
+           'image_token_id', 'fixed_image_tokens', 'check_image_tokens', 'hub_cache', 'hub_offline', 'resolve_source',
+           'is_release', 'resolve_model', 'model_metadata', 'save_model', 'load_model', 'pretrain_tower',
            'infer_clip_config', 'ConvertedCheckpoint', 'convert_checkpoint', 'train_sentencepiece',
            'tiny_release_checkpoint', 'BuiltModel', 'build']
 
@@ -133,6 +134,15 @@ PRESETS = {
     "tiny": ModelConfig(vision=TINY_VISION, lm=TINY_LM, projector="mlp2x_gelu", template="mistral_instruct",
                         aspect="pad"),
 }
+
+def all_presets() -> tuple[str, ...]:
+    "Every preset name `--model` takes: LLaVA's (`PRESETS`) and the other families' tiny ones."
+    from llavamed.families import TINY_PRESETS
+    return tuple(dict.fromkeys([*PRESETS, *TINY_PRESETS]))
+
+def is_preset(name) -> bool:
+    "Whether `name` is a preset name (LLaVA's or a family's tiny preset such as 'tiny-gemma3')."
+    return str(name) in all_presets()
 
 # %% ../nbs/05_model.ipynb #e668d92d
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -346,12 +356,24 @@ def _assemble(tower, lm, tokenizer, cfg: ModelConfig):
     return model
 
 # %% ../nbs/05_model.ipynb #bc330fac
+def _family_preset(preset: str, tokenizer_texts, vocab_size: int = 1024, dtype: str | None = None,
+                   **overrides):
+    "A tiny preset of another family (`families.build_family`), in `dtype`; only vocab_size/dtype change."
+    from llavamed.families import build_family
+    if overrides:
+        raise ValueError(f"preset {preset}: takes only vocab_size/dtype overrides, got {sorted(overrides)}")
+    import torch
+    model, proc = build_family(preset, tokenizer_texts=tokenizer_texts, vocab_size=vocab_size)
+    return (model.to(getattr(torch, dtype)) if dtype else model), proc
+
 def build_model(preset: str | ModelConfig = "tiny",  # a preset, a `ModelConfig`, a LLaVA checkpoint or hub id
                 tokenizer_texts: list[str] | None = None,  # text to train the tiny preset's tokenizer on
                 **overrides,  # `ModelConfig` fields to change (e.g. template='plain', projector='linear')
                ):
     "Compose a LLaVA model and its processor; returns `(model, processor)`."
     from transformers import AutoTokenizer
+    if is_preset(preset) and str(preset) not in PRESETS and not Path(preset).is_dir():
+        return _family_preset(str(preset), tokenizer_texts, **overrides)
     if isinstance(preset, ModelConfig): cfg = dataclasses.replace(preset, **overrides)
     elif str(preset) in PRESETS and not Path(preset).is_dir():
         cfg = dataclasses.replace(PRESETS[str(preset)], **overrides)
@@ -386,19 +408,33 @@ def _from_checkpoint(path, template: str | None = None, aspect: str | None = Non
     return model, proc
 
 # %% ../nbs/05_model.ipynb #3679d81c
+def image_token_id(config) -> int:
+    "The id of the token whose embeddings a model of `config` (any family) replaces by image features."
+    tid = getattr(config, "image_token_id", None)
+    return tid if tid is not None else config.image_token_index
+
+def fixed_image_tokens(config) -> int | None:
+    "Image tokens per image of a family giving every image as many (LLaVA, Gemma 3); None where size decides."
+    from llavamed.families import family_of
+    if not family_of(config).fixed_tokens: return None
+    return getattr(config, "image_seq_length", None) or config.mm_tokens_per_image
+
 def check_image_tokens(input_ids,  # (b, t) token ids
                        n_images,  # images per sample (list of ints), or one int for every sample
-                       config,  # the model's LlavaConfig
+                       config,  # the model's config (any family)
                        ids: list | None = None,  # sample ids for the message
                       ) -> None:
-    "Raise `ValueError` naming both counts when a sample's image tokens do not match its image features."
-    per = config.image_seq_length
-    counts = (input_ids == config.image_token_id).sum(-1).tolist()
+    "Raise `ValueError` naming both counts when a sample's image tokens do not match its images."
+    per = fixed_image_tokens(config)
+    counts = (input_ids == image_token_id(config)).sum(-1).tolist()
     n_images = [n_images] * len(counts) if isinstance(n_images, int) else list(n_images)
     for i, (c, k) in enumerate(zip(counts, n_images)):
-        if c != k * per:
-            name = f"sample {ids[i]!r}" if ids else f"sample {i}"
+        name = f"sample {ids[i]!r}" if ids else f"sample {i}"
+        if per is not None and c != k * per:
             raise ValueError(f"{name}: {c} image tokens, expected {k * per} ({k} image(s) x {per} features)")
+        if per is None and (c < k or (c > 0) != (k > 0)):  # the size decides how many: at least one each
+            raise ValueError(f"{name}: {c} image tokens for {k} image(s) (family {config.model_type}: "
+                             f"at least one per image, none without)")
 
 # %% ../nbs/05_model.ipynb #affd8878
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")  # org/name[@revision]
@@ -459,14 +495,14 @@ def resolve_source(name: str | Path,  # a preset name, a local directory or a hu
     "A preset name as is; a local directory, or a hub id's snapshot folder in the hub cache, as a `Path`."
     if name is None or str(name) == "": raise ValueError(f"{what}: a preset, directory or hub id is needed")
     path = Path(name).expanduser()
-    if str(name) in PRESETS and not path.is_dir(): return str(name)
+    if is_preset(name) and not path.is_dir(): return str(name)
     if path.is_dir(): return path
     if path.exists(): raise ValueError(f"{what} {name}: a file, not a model directory")
     if _HUB_ID.fullmatch(str(name)): return _snapshot(str(name), what)
     if len(path.parts) == 1:  # a bare word: most likely a preset misspelt
-        raise ValueError(f"unknown preset {str(name)!r}: expected one of {tuple(PRESETS)}, a model directory "
+        raise ValueError(f"unknown preset {str(name)!r}: expected one of {all_presets()}, a model directory "
                          f"or a hub id (org/name[@revision])")
-    raise FileNotFoundError(f"{what} {name}: no such directory, not a preset ({', '.join(PRESETS)}) "
+    raise FileNotFoundError(f"{what} {name}: no such directory, not a preset ({', '.join(all_presets())}) "
                             f"and not a hub id (org/name[@revision])")
 
 # %% ../nbs/05_model.ipynb #7911d56c
@@ -538,19 +574,35 @@ def resolve_model(name: str | Path,  # a preset, a model directory, a raw releas
     if isinstance(src, str): return src
     cfg = _read_config(src, what)
     if is_release(cfg): return _auto_convert(src, cfg, name)
-    if cfg.get("model_type") != "llava":
-        raise ValueError(f"{what} {name}: model_type {cfg.get('model_type')!r} is not a LLaVA model; compose one "
-                         f"with `llavamed build --vision TOWER --lm LM --out DIR`")
+    if cfg.get("model_type") != "llava": _folder_family(cfg, name, what)
     return src
 
+def _folder_family(cfg: dict, name, what: str):
+    "The `Family` of a model folder's config.json, runnable here; one line naming the type otherwise."
+    from llavamed.families import FAMILIES, family_of, require
+    try: fam = family_of(cfg)
+    except ValueError:
+        raise ValueError(f"{what} {name}: model_type {cfg.get('model_type')!r} is not a vision-language model "
+                         f"family llavamed knows ({', '.join(FAMILIES)}); a vision tower or a causal LM is "
+                         f"composed into one with `llavamed build --vision TOWER --lm LM --out DIR`") from None
+    return require(fam)
+
 # %% ../nbs/05_model.ipynb #872e1b1f
+def model_metadata(model, processor) -> dict:
+    "The `llavamed` entry of a model's config, true to `processor`: family, chat template (LLaVA: aspect)."
+    from llavamed.families import FAMILY_TEMPLATES, family_of
+    fam = family_of(model)
+    meta = dict(getattr(model.config, "llavamed", None) or {})
+    own = FAMILY_TEMPLATES.get(fam.name) == processor.chat_template  # the family's released template
+    meta.update(family=fam.name, template=template_name(processor) or (fam.name if own else "custom"))
+    if fam.name == "llava":
+        meta["aspect"] = "pad" if getattr(processor.image_processor, "do_pad", False) else "crop"
+    return meta
+
 def save_model(model, processor, out: str | Path) -> Path:
     "Save `model` (safetensors) and `processor` to the directory `out`; returns it."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    meta = dict(getattr(model.config, "llavamed", None) or {})  # keep the metadata true to the processor saved
-    meta.update(template=template_name(processor) or "custom",
-                aspect="pad" if getattr(processor.image_processor, "do_pad", False) else "crop")
-    model.config.llavamed = meta
+    model.config.llavamed = model_metadata(model, processor)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     # the image processor alone too: loaders older than transformers 5 (and servers built on them) read this file
@@ -562,8 +614,8 @@ def load_model(path_or_preset: str | Path,  # a preset, model folder, raw releas
                device: str | None = None,  # 'cpu', 'cuda', ... (default: `pick_device()`)
                tokenizer_texts: list[str] | None = None,  # a preset only: text its tiny tokenizer is trained on
               ):
-    "`(model, processor)` from a preset, a saved or hub LLaVA checkpoint, or a raw release (converted once)."
-    from transformers import AutoConfig, AutoProcessor
+    "`(model, processor)` from a preset, a saved or hub checkpoint of any family, or a raw release (converted)."
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
     src = resolve_model(path_or_preset)
@@ -572,13 +624,14 @@ def load_model(path_or_preset: str | Path,  # a preset, model folder, raw releas
         model, proc = build_model(src, tokenizer_texts, dtype=dtype_name)
         return model.to(device, torch_dtype), proc
     config, proc = AutoConfig.from_pretrained(src), AutoProcessor.from_pretrained(src)
-    rows = config.text_config.vocab_size
+    rows = config.get_text_config().vocab_size
     if len(proc.tokenizer) > rows:
         raise ValueError(f"model {path_or_preset}: the tokenizer has {len(proc.tokenizer)} tokens but the "
                          f"embeddings {rows} rows: tokenizer and weights are from different models")
     # on the CPU no device map: DeepSpeed ZeRO-3 partitions the weights as they load, which a map forbids
     placement = {} if device == "cpu" else {"device_map": device}
-    model = model_class(config).from_pretrained(src, dtype=torch_dtype, **placement)
+    cls = model_class(config) if config.model_type == "llava" else AutoModelForImageTextToText
+    model = cls.from_pretrained(src, dtype=torch_dtype, **placement)
     return model.eval(), proc
 
 # %% ../nbs/05_model.ipynb #162995ed

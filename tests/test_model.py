@@ -141,7 +141,8 @@ def test_save_load_without_llavamed(tiny, tmp_path):
     with torch.no_grad(): np.save(tmp_path / "expected.npy", model(**enc).logits.numpy())
     assert (tmp_path / "model.safetensors").exists()
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["llavamed"] == {"projector": "mlp2x_gelu", "template": "mistral_instruct", "aspect": "pad"}
+    assert cfg["llavamed"] == {"projector": "mlp2x_gelu", "family": "llava", "template": "mistral_instruct",
+                               "aspect": "pad"}
     env = {**os.environ, "PYTHONPATH": ""}
     r = subprocess.run([sys.executable, "-c", NO_LLAVAMED, str(tmp_path)], capture_output=True, text=True,
                        cwd=tmp_path, env=env, timeout=300)

@@ -1,0 +1,134 @@
+"Loading, saving, generation, predict and chat on every model family's tiny preset (and folders / hub ids of them)."
+import importlib.util, json
+from pathlib import Path
+import pytest
+
+torch = pytest.importorskip("torch")
+from PIL import Image
+from test_hub import to_hub_cache
+from llavamed.cli import main
+from llavamed.core import IMAGE_TOKEN
+from llavamed.families import TINY_PRESETS, family_of
+from llavamed.model import load_model, resolve_model, save_model
+
+TEXTS = ["The chest X-ray shows a nodule in the left lung.", "Is there a pleural effusion? no yes",
+         "Which organ is shown? liver spleen kidney", "Describe the figure: axial CT of the abdomen."] * 5
+FAMILY_PRESETS = [p for p in TINY_PRESETS if p != "tiny"]
+
+
+def _missing(preset):
+    return [p for p in family_of(preset).needs if importlib.util.find_spec(p) is None]
+
+
+PRESETS = [pytest.param(p, marks=pytest.mark.skipif(bool(_missing(p)), reason=f"{p}'s processor needs "
+                                                    f"{' and '.join(_missing(p))} (not installed)"))
+           for p in FAMILY_PRESETS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_LOADED = {}
+
+def _tiny(preset):
+    "The preset loaded once per module through `load_model` (as every command loads it)."
+    if preset not in _LOADED:
+        torch.manual_seed(0)
+        _LOADED[preset] = load_model(preset, device="cpu", dtype="float32", tokenizer_texts=TEXTS)
+    return _LOADED[preset]
+
+
+def _image(size=(100, 70), colour=(200, 30, 30)):
+    im = Image.new("RGB", size, colour)
+    im.paste((255, 255, 255), (0, 0, size[0] // 2, size[1] // 3))
+    return im
+
+
+def _one_line(capsys, *parts):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for p in parts: assert p in err, err
+    return err
+
+
+def _logits(model, processor):
+    "Logits of one image question (the same input for a model and its reloaded copy)."
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    enc = processor(text=[text], images=[[_image()]], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad(): return model(**enc).logits
+
+
+# ---------------------------------------------------------------- loading and saving
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_saves_and_loads_back_as_a_folder(preset, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    model, proc = _tiny(preset)
+    assert resolve_model(preset) == preset and family_of(model).name == preset.removeprefix("tiny-")
+    save_model(model, proc, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["llavamed"] == {"family": family_of(model).name, "template": family_of(model).name}
+    assert resolve_model(tmp_path / "m") == tmp_path / "m"
+    back, back_proc = load_model(tmp_path / "m", device="cpu", dtype="float32")
+    assert type(back) is type(model) and type(back_proc) is type(proc)
+    # one encoding for both: a saved processor may come back with the torchvision image backend
+    assert torch.equal(_logits(back, back_proc), _logits(model, back_proc))
+    vanilla = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")  # no llavamed needed
+    assert torch.equal(_logits(vanilla, back_proc), _logits(model, back_proc))
+
+
+def test_a_family_preset_loads_in_the_dtype_asked(tmp_path):
+    model, _ = load_model("tiny-gemma3", device="cpu", dtype="bfloat16", tokenizer_texts=TEXTS)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.skipif(bool(_missing("tiny-qwen2_5_vl")), reason="tiny-qwen2_5_vl's processor needs torchvision")
+def test_a_family_hub_id_resolves_from_the_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, proc = _tiny("tiny-qwen2_5_vl")
+    save_model(model, proc, tmp_path / "saved")
+    snap = to_hub_cache(tmp_path / "saved", "org/tiny-qwen", tmp_path / "hf" / "hub")
+    assert resolve_model("org/tiny-qwen") == snap
+    back, back_proc = load_model("org/tiny-qwen", device="cpu", dtype="float32")
+    assert torch.equal(_logits(back, back_proc), _logits(model, back_proc))
+
+
+def _folder(tmp_path, model_type, name="m"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return d
+
+
+@pytest.mark.parametrize("model_type", ["mllama", "made_up_vlm", "llama"])
+def test_a_folder_of_an_unknown_family_is_one_line_naming_its_type(tmp_path, capsys, model_type):
+    d = _folder(tmp_path, model_type)
+    with pytest.raises(ValueError, match=f"model_type '{model_type}' is not a vision-language model family "
+                                         f"llavamed knows \\(llava, qwen2_5_vl, qwen3_vl, gemma3, smolvlm, "
+                                         f"llava_onevision\\)"):
+        resolve_model(d)
+    vqa = tmp_path / "vqa.json"
+    vqa.write_text(json.dumps([{"id": "q1", "conversations": [{"from": "human", "value": "Hi?"},
+                                                              {"from": "gpt", "value": "yes"}]}]))
+    assert main(["predict", "--model", str(d), "--data", str(vqa), "--out", str(tmp_path / "a.jsonl")]) == 2
+    _one_line(capsys, f"model_type '{model_type}'", "llava_onevision")
+    assert main(["chat", "--model", str(d), "--image", str(vqa), "--question", "Hi?"]) == 2
+    _one_line(capsys, f"model_type '{model_type}'")
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_an_idefics3_folder_is_the_smolvlm_family(tmp_path):
+    from llavamed.model import _folder_family
+    assert _folder_family({"model_type": "idefics3"}, "x", "model").name == "smolvlm"
+
+
+def test_a_family_preset_misspelt_lists_every_preset():
+    with pytest.raises(ValueError, match="unknown preset 'tiny-gemma'.*'tiny-gemma3'.*'tiny-llava_onevision'"):
+        resolve_model("tiny-gemma")
