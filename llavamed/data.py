@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .core import (DOMAINS, GPT, HUMAN, IMAGE_TOKEN, BadRecords, RecordError, Result, Sample,
                            asset_path, atomic_write, domain_flags, fix_keys, fmt_num, iter_records)
 from .images import (MAX_PIXELS, ImageError, ImageOutsideRootError, ImageTooLargeError, load_image,
-                             relative_image_name, resolve_image)
+                             parse_slice_ref, relative_image_name, resolve_image)
 
 # %% auto #0
 __all__ = ['REASONS', 'MAX_RECORD_CHARS', 'MAX_CAPTION_CHARS', 'check_record', 'Problem', 'ValidationReport', 'image_problem',
@@ -207,7 +207,15 @@ def image_problem(root: Path, name: str, max_pixels: int | None = MAX_PIXELS) ->
     "Why the image `name` under `root` is outside it, missing, too large or unreadable; None when it decodes."
     try: path = resolve_image(root, name)
     except ImageOutsideRootError as e: return ("image_outside_root", e.msg)  # never opened, never quoted
-    if not path.is_file(): return ("image_missing", f"image {name!r} not found in {root}")
+    except ImageError as e: return ("image_unreadable", e.msg)  # a malformed slice reference
+    ref = parse_slice_ref(name)  # a slice: its volume (a file, or a series folder 'name/') is what is on disk
+    series = (name if ref is None else ref[0]).endswith("/")
+    on_disk = path if ref is None else Path(str(path).removesuffix(f"#slice={ref[1]}/{ref[2]}"))
+    if series and not on_disk.is_dir():
+        return ("image_missing", f"DICOM series folder {name!r} not found in {root}")
+    if not series and on_disk.is_dir():
+        return ("image_unreadable", f"image {name!r} is a folder (a DICOM series is named with a trailing '/')")
+    if not series and not on_disk.is_file(): return ("image_missing", f"image {name!r} not found in {root}")
     try: load_image(path, max_pixels=max_pixels)
     except ImageTooLargeError as e: return ("image_too_large", f"image {name!r}: {e.msg}")
     except (ImageError, OSError, ImportError) as e:

@@ -6,14 +6,16 @@ Docs: https://llavamed.github.io/llavamed/images.html.md"""
 
 # %% ../nbs/01_images.ipynb #b3ad0976
 from __future__ import annotations
-import gzip, io, re, warnings
+import dataclasses, functools, gzip, io, os, re, warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
+from .core import IMAGE_TOKEN, Question, Sample, Turn
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'MAX_VOXELS', 'ImageError', 'UnsupportedImageError', 'CorruptImageError', 'ImageTooLargeError',
-           'sniff_format', 'image_format', 'to_uint8', 'load_image', 'ImageOutsideRootError', 'resolve_image',
-           'relative_image_name', 'pixel_values']
+__all__ = ['MAX_PIXELS', 'MAX_VOXELS', 'VOLUME_SUFFIXES', 'ImageError', 'UnsupportedImageError', 'CorruptImageError',
+           'ImageTooLargeError', 'sniff_format', 'image_format', 'to_uint8', 'is_volume', 'slice_ref',
+           'parse_slice_ref', 'load_image', 'ImageOutsideRootError', 'resolve_image', 'relative_image_name',
+           'SliceCountError', 'volume_slices', 'expand_volumes', 'pixel_values']
 
 # %% ../nbs/01_images.ipynb #3be37e45
 class ImageError(ValueError):
@@ -192,10 +194,8 @@ def _dicom_window(a, ds, window, percentiles, apply_voi_lut):
     return to_uint8(a, percentiles=percentiles)
 
 # %% ../nbs/01_images.ipynb #834a8ef4
-def _load_nifti(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | None,
-                percentiles: tuple[float, float], gz: bool):
-    "Decode one axial slice of a (gzipped) NIfTI volume, size-checked before decompression; RGB out."
-    from PIL import Image
+def _read_nifti(fp: BinaryIO, name: str, max_voxels: int | None, gz: bool):
+    "A (gzipped) NIfTI volume, size-checked before decompression: `(image, orientation, axial array axis)`."
     import numpy as np
     try: import nibabel as nib
     except ImportError:
@@ -208,7 +208,7 @@ def _load_nifti(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | No
         hdr = cls.header_class.from_fileobj(io.BytesIO(head))
         shape = hdr.get_data_shape()
         n = int(np.prod(shape)) if shape else 0
-        _check_size(name, n, max_pixels, "voxels")
+        _check_size(name, n, max_voxels, "voxels")
         limit = int(hdr["vox_offset"]) + n * hdr.get_data_dtype().itemsize
         data = head + stream.read(max(limit - len(head), 0))
     except ImageError: raise
@@ -216,22 +216,69 @@ def _load_nifti(fp: BinaryIO, name: str, max_pixels: int | None, frame: int | No
     if len(data) < limit: raise CorruptImageError(name, f"truncated NIfTI: {len(data):,} of {limit:,} bytes")
     try:
         img = cls.from_bytes(data)
-        shape = tuple(img.shape[:3]) + (1,) * max(0, 3 - len(img.shape))
         ornt = nib.io_orientation(img.affine)  # per array axis: (RAS axis it runs along, +1/-1)
         if np.isnan(ornt).any(): ornt = np.array([[0, 1], [1, 1], [2, 1]])  # degenerate affine: axes as stored
         ax = int(np.flatnonzero(ornt[:, 0] == 2)[0])  # the array axis running inferior -> superior
-        k = shape[ax] // 2 if frame is None else frame
-        if not 0 <= k < shape[ax]:
-            raise CorruptImageError(name, f"no axial slice {k} (the volume has {shape[ax]})")
+    except Exception as e: raise CorruptImageError(name, f"cannot decode NIfTI data ({e})") from None
+    return img, ornt, ax
+
+def _nifti_shape(img) -> tuple:
+    "The volume's first three dimensions (a 2-D image counts as one slice)."
+    return tuple(img.shape[:3]) + (1,) * max(0, 3 - len(img.shape))
+
+def _nifti_slice(volume, name: str, k: int, percentiles: tuple[float, float]):
+    "Axial slice `k` (0: the most inferior) of a volume `_read_nifti` returned, windowed by percentiles; RGB out."
+    from PIL import Image
+    import numpy as np, nibabel as nib
+    img, ornt, ax = volume
+    shape = _nifti_shape(img)
+    if not 0 <= k < shape[ax]: raise CorruptImageError(name, f"no axial slice {k} (the volume has {shape[ax]})")
+    try:
         sel = [slice(None)] * 3 + [0] * max(0, len(img.shape) - 3)  # 4-D (time, components): the first volume
         sel[ax] = slice(*((k, k + 1) if ornt[ax, 1] > 0 else (shape[ax] - 1 - k, shape[ax] - k)))
         src = img.dataobj if len(img.shape) >= 3 else np.asanyarray(img.dataobj).reshape(shape)
         slab = np.asanyarray(src[tuple(sel)])  # only this slice is read and scaled, not the volume
         sl = nib.orientations.apply_orientation(slab, ornt)[:, :, 0]  # (x, y) in RAS order
-    except ImageError: raise
     except Exception as e: raise CorruptImageError(name, f"cannot decode NIfTI data ({e})") from None
     sl = np.rot90(sl)  # rows = anterior..posterior, columns = patient's right..left
     return Image.fromarray(to_uint8(sl, percentiles=percentiles)).convert("RGB")
+
+def _load_nifti(fp: BinaryIO, name: str, max_voxels: int | None, frame: int | None,
+                percentiles: tuple[float, float], gz: bool):
+    "Decode one axial slice (default: the middle one) of a (gzipped) NIfTI volume; RGB out."
+    volume = _read_nifti(fp, name, max_voxels, gz)
+    n = _nifti_shape(volume[0])[volume[2]]
+    return _nifti_slice(volume, name, n // 2 if frame is None else frame, percentiles)
+
+# %% ../nbs/01_images.ipynb #d6b3bacc
+VOLUME_SUFFIXES = (".nii", ".nii.gz")  # NIfTI volumes; a DICOM series is a name ending in "/"
+_SLICE_REF = re.compile(r"(?s)(?P<volume>.+(?:\.nii|\.nii\.gz|/))#slice=(?P<spec>.*)", re.IGNORECASE)
+_SLICE_SPEC = re.compile(r"(?P<index>[1-9][0-9]*)/(?P<count>[1-9][0-9]*)")
+
+def is_volume(name: str,  # a record's image name
+             ) -> bool:
+    "Whether `name` stands for a volume (a `.nii`/`.nii.gz` file, a DICOM series `folder/`), by name alone."
+    return isinstance(name, str) and (name.endswith("/") or name.lower().endswith(VOLUME_SUFFIXES))
+
+def slice_ref(volume: str,  # a volume name (`is_volume`)
+              index: int,  # which slice, 1..count
+              count: int,  # how many slices are taken from the volume (k)
+             ) -> str:
+    "The image name of slice `index` of the `count` evenly spaced slices of `volume`: 'VOLUME#slice=I/K'."
+    if not is_volume(volume): raise ValueError(f"{volume!r} is not a volume name (.nii, .nii.gz or a folder/)")
+    if not 1 <= index <= count: raise ValueError(f"slice {index} of {count}: expected 1 <= index <= count")
+    return f"{volume}#slice={index}/{count}"
+
+def parse_slice_ref(name: str,  # an image name
+                   ) -> tuple[str, int, int] | None:
+    "`(volume, index, count)` of a slice reference, None for any other name; `ImageError` for a malformed one."
+    m = _SLICE_REF.fullmatch(name) if isinstance(name, str) else None
+    if m is None: return None
+    spec = _SLICE_SPEC.fullmatch(m["spec"])
+    if spec is None or int(spec["index"]) > int(spec["count"]):
+        raise ImageError(name, "malformed slice reference: expected VOLUME#slice=I/K with 1 <= I <= K "
+                               "(no leading zeros)")
+    return m["volume"], int(spec["index"]), int(spec["count"])
 
 # %% ../nbs/01_images.ipynb #7181b6a7
 _LOADERS = {"png", "jpeg", "gif", "tiff", "bmp", "webp"}
@@ -244,7 +291,7 @@ def _what_it_is(head: bytes) -> str:
     return "it holds text" if is_text else "its first bytes match no image format"
 
 def load_image(src: str | Path | bytes,  # an image file, or its bytes
-               frame: int | None = None,  # frame (DICOM, GIF, TIFF) or axial slice (NIfTI); default middle/first
+               frame: int | None = None,  # frame (DICOM/GIF/TIFF), axial slice (NIfTI, series); default middle/first
                window: tuple[float, float] | None = None,  # DICOM (centre, width) in modality units, over the file's
                percentiles: tuple[float, float] = (1.0, 99.0),  # window for NIfTI and for DICOM that names none
                max_pixels: int | None = MAX_PIXELS,  # refuse images (frames) with more pixels than this
@@ -252,6 +299,13 @@ def load_image(src: str | Path | bytes,  # an image file, or its bytes
               ):
     "Load a PNG/JPEG/GIF/TIFF/BMP/WebP, DICOM or NIfTI image (format judged by content) as an RGB PIL image."
     name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
+    if not isinstance(src, (bytes, bytearray)):
+        if (ref := parse_slice_ref(name)) is not None:  # one of k slices: the volume is read once for all k
+            return _volume_slice(*ref, window, percentiles, max_pixels, max_voxels)
+        if Path(src).is_dir():  # a DICOM series folder: slice `frame` in anatomical order (default: middle)
+            files = _series_files(name)
+            return load_image(files[len(files) // 2 if frame is None else _in_series(name, frame, len(files))],
+                              None, window, percentiles, max_pixels)
     with (io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else open(src, "rb")) as fp:
         head = fp.read(1024); fp.seek(0)
         if not head: raise CorruptImageError(name, "empty file")
@@ -273,18 +327,21 @@ class ImageOutsideRootError(ImageError):
     "An image path that leaves its images folder (absolute, `..`, or a symlink pointing out)."
 
 def resolve_image(root: str | Path,  # the images folder the record's paths are relative to
-                  name: str,  # the record's image path
+                  name: str,  # the record's image path, or a slice reference into a volume there
                   record: str | None = None,  # the record's id, named in the error
                  ) -> Path:
     "The real path of image `name` under `root`; `ImageOutsideRootError` when it would leave `root`."
     where = f"record {record}: " if record is not None else ""
     if not isinstance(name, str) or not name.strip():
         raise ImageOutsideRootError(root, f"{where}image path {name!r} is empty or not a string")
+    try: ref = parse_slice_ref(name)  # a slice reference: its volume is what lies on disk
+    except ImageError as e: raise ImageError(root, f"{where}image path {name!r}: {e.msg}") from None
     base = Path(root).resolve()
-    target = (base / name).resolve()  # follows symlinks, folds `..`; an absolute `name` replaces `base`
+    target = (base / (name if ref is None else ref[0])).resolve()  # follows symlinks, folds `..`; absolute wins
     if target != base and base not in target.parents:
         raise ImageOutsideRootError(root, f"{where}image path {name!r} is outside the images folder")
-    return target
+    if ref is None: return target
+    return Path(f"{target}{'/' if ref[0].endswith('/') else ''}#slice={ref[1]}/{ref[2]}")
 
 # %% ../nbs/01_images.ipynb #32fceaa7
 def relative_image_name(name: str,  # an image path from a data file
@@ -299,6 +356,147 @@ def relative_image_name(name: str,  # an image path from a data file
         raise ImageOutsideRootError("image path",
                                     f"{where}image path {name!r} is absolute or climbs out with '..'")
     return name
+
+# %% ../nbs/01_images.ipynb #2be4507b
+class SliceCountError(ImageError):
+    "A volume with fewer slices than the k asked for."
+
+def _spaced(n: int, k: int) -> list[int]:
+    "Indices of `k` evenly spaced slices among `n`: the middle of each of k equal runs (every slice when k == n)."
+    return [(2 * i + 1) * n // (2 * k) for i in range(k)]
+
+def _in_series(name: str, frame: int, n: int) -> int:
+    "`frame` when the series has it, else `CorruptImageError`."
+    if not 0 <= frame < n: raise CorruptImageError(name, f"no slice {frame} (the series has {n})")
+    return frame
+
+def _slice_position(ds) -> float | None:
+    "Where a DICOM slice lies along its normal (ImagePositionPatient on row x column direction), or None."
+    import numpy as np
+    try:
+        position = np.array([float(v) for v in ds.ImagePositionPatient])  # (3,) mm, patient coordinates
+        if "ImageOrientationPatient" not in ds: return float(position[2])  # no orientation: axial assumed
+        rows_cols = np.array([float(v) for v in ds.ImageOrientationPatient]).reshape(2, 3)
+        return float(np.cross(rows_cols[0], rows_cols[1]) @ position)
+    except (AttributeError, TypeError, ValueError, IndexError): return None
+
+def _instance_number(ds) -> int | None:
+    "The slice's InstanceNumber, or None."
+    try: return int(ds.InstanceNumber)
+    except (AttributeError, TypeError, ValueError): return None
+
+# %% ../nbs/01_images.ipynb #a8ff92ec
+def _series_file(folder: Path, path: Path):
+    "The header (no pixels) of one file of a series folder; an `ImageError` naming it when it is no slice."
+    import pydicom
+    if not path.is_file(): raise UnsupportedImageError(folder, f"series folder holds {path.name!r}, not a file")
+    head = _head(path, 1024)
+    if sniff_format(head) != "dicom":
+        raise UnsupportedImageError(folder, f"series file {path.name!r} is not DICOM ({_what_it_is(head)})")
+    try: ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as e:
+        raise CorruptImageError(folder, f"series file {path.name!r}: unreadable DICOM ({e})") from None
+    if "Rows" not in ds: raise UnsupportedImageError(folder, f"series file {path.name!r} holds no image")
+    if (frames := int(ds.get("NumberOfFrames", 1) or 1)) > 1:
+        raise UnsupportedImageError(folder, f"series file {path.name!r} holds {frames} frames; a series folder "
+                                            "holds one slice per file")
+    return ds
+
+def _series_files(folder: str | Path) -> list[Path]:
+    "The slice files of a DICOM series folder in anatomical order (position, else InstanceNumber, else name)."
+    try: import pydicom  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{folder}: reading DICOM needs pydicom (pip install 'llavamed[medical]')") from None
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))  # hidden files: not slices
+    if not files: raise CorruptImageError(folder, "series folder holds no DICOM files")
+    headers = [_series_file(folder, p) for p in files]
+    series = {str(ds.SeriesInstanceUID) for ds in headers if "SeriesInstanceUID" in ds}
+    if len(series) > 1:
+        raise UnsupportedImageError(folder, f"series folder mixes {len(series)} series (SeriesInstanceUID)")
+    positions, numbers = [_slice_position(ds) for ds in headers], [_instance_number(ds) for ds in headers]
+    if None not in positions: key = lambda j: (positions[j], numbers[j] or 0, files[j].name)
+    elif None not in numbers: key = lambda j: (numbers[j], files[j].name)
+    else: key = lambda j: files[j].name
+    return [files[j] for j in sorted(range(len(files)), key=key)]
+
+# %% ../nbs/01_images.ipynb #44df8d15
+def _check_count(name: str, n: int, k: int):
+    "`SliceCountError` when a volume of `n` slices cannot give `k`."
+    if n < k: raise SliceCountError(name, f"the volume has {n} slices, fewer than the k={k} asked for")
+
+def volume_slices(path: str | Path,  # a NIfTI file (.nii, .nii.gz) or a DICOM series folder
+                  k: int = 8,  # how many evenly spaced slices to take
+                  window: tuple[float, float] | None = None,  # DICOM (centre, width), as `load_image`
+                  percentiles: tuple[float, float] = (1.0, 99.0),  # window for NIfTI and DICOM naming none
+                  max_pixels: int | None = MAX_PIXELS,  # refuse DICOM slices with more pixels than this
+                  max_voxels: int | None = MAX_VOXELS,  # refuse NIfTI volumes with more voxels than this
+                 ) -> list:
+    "`k` evenly spaced slices (RGB PIL images) of a volume, inferior to superior, windowed as `load_image` does."
+    name = str(path)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name}: k must be a positive number of slices, got {k!r}")
+    if Path(path).is_dir():
+        files = _series_files(path)
+        _check_count(name, len(files), k)
+        return [load_image(files[i], None, window, percentiles, max_pixels) for i in _spaced(len(files), k)]
+    fmt = image_format(path)
+    if fmt not in ("nifti", "nifti.gz"):
+        found = f"a {fmt.upper()} file" if fmt else "no known format"
+        raise UnsupportedImageError(name, f"not a NIfTI volume or a DICOM series folder ({found})")
+    with open(path, "rb") as fp: volume = _read_nifti(fp, name, max_voxels, gz=fmt == "nifti.gz")
+    n = _nifti_shape(volume[0])[volume[2]]
+    _check_count(name, n, k)
+    return [_nifti_slice(volume, name, i, percentiles) for i in _spaced(n, k)]
+
+# %% ../nbs/01_images.ipynb #eb6a2ad2
+def _stamp(path: Path) -> tuple:
+    "Sizes and modification times of a volume file, or of every file of a series folder."
+    if not path.is_dir(): st = path.stat(); return (st.st_size, st.st_mtime_ns)
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)))
+
+@functools.lru_cache(maxsize=4)  # a record's k references arrive one after another: one decode serves them
+def _cached_slices(path: str, stamp: tuple, k: int, window, percentiles, max_pixels, max_voxels) -> tuple:
+    "`volume_slices` of one version (`stamp`) of a volume."
+    return tuple(volume_slices(path, k, window, percentiles, max_pixels, max_voxels))
+
+def _volume_slice(volume: str, index: int, count: int, window, percentiles, max_pixels, max_voxels):
+    "Slice `index` (1-based) of the `count` evenly spaced slices of `volume` (a file, or a folder ending in '/')."
+    path = Path(volume)
+    if not path.exists(): raise FileNotFoundError(f"{volume}: no such volume")
+    if volume.endswith("/") != path.is_dir():  # the name says which it is; the disk must agree
+        raise UnsupportedImageError(volume, "named as a DICOM series folder, but it is not a folder"
+                                    if volume.endswith("/") else "a folder, but not named as a series (add '/')")
+    window = None if window is None else tuple(window)
+    slices = _cached_slices(str(path), _stamp(path), count, window, tuple(percentiles), max_pixels, max_voxels)
+    return slices[index - 1].copy()
+
+# %% ../nbs/01_images.ipynb #5589d2ba
+def _image_list(image) -> list:
+    "A record's `image` field as a list of names."
+    return [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+
+def expand_volumes(sample: Sample | Question,  # a record whose `image` is one name or a list of names
+                   k: int = 8,  # slices taken from each volume
+                  ) -> Sample | Question:
+    "`sample` with each volume image replaced by its `k` slice references and its `<image>` marker by k markers."
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"record {sample.id!r}: k must be a positive number of slices, got {k!r}")
+    images = _image_list(sample.image)
+    if not any(is_volume(n) for n in images): return sample
+    names = [ref for n in images
+             for ref in ([slice_ref(n, i, k) for i in range(1, k + 1)] if is_volume(n) else [n])]
+    if isinstance(sample, Question): return dataclasses.replace(sample, image=names)
+    turns, marks = sample.conversations, sum(t.text.count(IMAGE_TOKEN) for t in sample.conversations)
+    if marks == 0 and len(images) == 1 and turns:  # LLaVA's unmarked image stands before the first turn's text
+        turns = [Turn(turns[0].role, IMAGE_TOKEN * k + "\n" + turns[0].text), *turns[1:]]
+    elif marks != len(images):
+        raise ValueError(f"record {sample.id!r}: {len(images)} images but {marks} {IMAGE_TOKEN} markers")
+    else:
+        repeats = iter([k if is_volume(n) else 1 for n in images])  # one per marker, in reading order
+        turns = [Turn(t.role, re.sub(re.escape(IMAGE_TOKEN), lambda _: IMAGE_TOKEN * next(repeats), t.text))
+                 for t in turns]
+    return dataclasses.replace(sample, image=names, conversations=turns)
 
 # %% ../nbs/01_images.ipynb #e58b5e18
 def _fast_plan(processor):
