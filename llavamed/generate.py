@@ -11,7 +11,7 @@ from .core import Result, get_logger, seed_everything
 from .model import check_image_tokens, _open_image, load_model
 
 # %% auto #0
-__all__ = ['log', 'encode_prompts', 'generate_batch', 'ChatResult', 'chat']
+__all__ = ['log', 'image_list', 'encode_prompts', 'generation_kwargs', 'generate_batch', 'ChatResult', 'chat']
 
 # %% ../nbs/05a_generate.ipynb #d31f89a2
 log = get_logger("llavamed.generate")
@@ -22,38 +22,71 @@ def _n_image_parts(messages) -> int:
     return sum(1 for m in messages if not isinstance(m.get("content"), str)
                for c in m["content"] if c.get("type") == "image")
 
-def encode_prompts(model, processor, conversations: list[list[dict]], images: list,
+def image_list(images) -> list:
+    "A conversation's images as a list: None gives [], one image [it], a list or tuple its items."
+    if images is None: return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+def _on_model(enc, model):
+    "`enc` on the model's device, each floating tensor (any family's pixel values) in the model's dtype."
+    for k, v in enc.items():
+        if hasattr(v, "is_floating_point"):
+            enc[k] = v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
+    return enc
+
+def encode_prompts(model, processor, conversations: list[list[dict]],
+                   images: list,  # per conversation: None, an image (PIL, path) or a list (one per part)
                    ids: list | None = None,  # names of the conversations in error messages (default: 0, 1, ...)
                   ) -> dict:
     "Left-padded model inputs for `conversations` (each ending with a user turn) and their images."
+    from llavamed.families import family_of
     ids = list(range(len(conversations))) if ids is None else ids
     if len(conversations) != len(images):
         raise ValueError(f"{len(conversations)} conversations but {len(images)} images")
-    prompts, imgs, n_img = [], [], []
+    fam = family_of(model)
+    prompts, per_conv, n_img = [], [], []
     for i, conv, img in zip(ids, conversations, images):
-        k = _n_image_parts(conv)
+        k, given = _n_image_parts(conv), image_list(img)
         if conv[-1]["role"] != "user":
             raise ValueError(f"conversation {i}: ends with a {conv[-1]['role']!r} turn, expected 'user'")
-        if k > 1 or (k == 1) != (img is not None):
-            given = "an image" if img is not None else "no image"
-            raise ValueError(f"conversation {i}: {k} image parts but {given} given")
+        if k != len(given):
+            raise ValueError(f"conversation {i}: {k} image parts but {len(given)} images given")
+        if fam.max_images is not None and k > fam.max_images:
+            raise ValueError(f"conversation {i}: {k} images, but family {fam.name} takes at most "
+                             f"{fam.max_images}")
         prompts.append(processor.apply_chat_template(conv, add_generation_prompt=True))
-        if img is not None: imgs.append(_open_image(img))
-        n_img.append(k)
+        per_conv.append([_open_image(x) for x in given]); n_img.append(k)
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = processor(text=prompts, images=imgs or None, padding=True, return_tensors="pt",
-                        add_special_tokens=False)
+    try:  # images nested per conversation: how every family's processor pairs them with their prompts
+        enc = processor(text=prompts, images=per_conv if any(n_img) else None, padding=True,
+                        return_tensors="pt", add_special_tokens=False)
     finally: tok.padding_side = side
     check_image_tokens(enc["input_ids"], n_img, model.config, ids=ids)
-    return enc.to(model.device)
+    return _on_model(enc, model)
 
 # %% ../nbs/05a_generate.ipynb #3a96fce0
-def generate_batch(model,  # a LLaVA model (`load_model`)
+def generation_kwargs(model, processor,
+                      max_new_tokens: int = 64,  # new tokens per answer at most
+                      do_sample: bool = False,  # sample instead of greedy decoding
+                      temperature: float = 0.7,  # sampling temperature
+                     ) -> dict:
+    "transformers `generate` settings: stop at EOS or the family's end of turn, pad, greedy or plain sampling."
+    from llavamed.families import family_of
+    tok, gen = processor.tokenizer, model.generation_config
+    ends = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    ends = [tok.eos_token_id, tok.convert_tokens_to_ids(family_of(model).end_of_turn), *ends]
+    ends = [t for t in dict.fromkeys(ends) if t is not None and t != tok.unk_token_id]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else ends[0]
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=ends)
+    kw.update(dict(temperature=temperature, top_p=1.0, top_k=0) if do_sample
+              else dict(temperature=None, top_p=None, top_k=None))
+    return kw
+
+def generate_batch(model,  # a model of any family (`load_model`)
                    processor,  # its processor (chat template, image processor)
                    conversations: list[list[dict]],  # message lists, each ending with a user turn
-                   images: list,  # one image (PIL, path) or None per conversation
+                   images: list,  # per conversation: None, an image (PIL, path) or a list (one per part)
                    max_new_tokens: int = 64,  # new tokens per answer at most
                    do_sample: bool = False,  # sample instead of greedy decoding
                    temperature: float = 0.7,  # sampling temperature (the paper's 0.7)
@@ -68,18 +101,15 @@ def generate_batch(model,  # a LLaVA model (`load_model`)
     if len(conversations) != len(images):
         raise ValueError(f"{len(conversations)} conversations but {len(images)} images")
     tok = processor.tokenizer
-    order = sorted(range(len(conversations)), key=lambda i: (images[i] is None, -len(str(conversations[i]))))
+    order = sorted(range(len(conversations)),  # image-less last, longest first: less padding per batch
+                   key=lambda i: (not image_list(images[i]), -len(str(conversations[i]))))
     out: list[str | None] = [None] * len(conversations)
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
-               eos_token_id=tok.eos_token_id)
-    gen.update(dict(temperature=temperature, top_p=1.0, top_k=0) if do_sample
-               else dict(temperature=None, top_p=None, top_k=None))
+    gen = generation_kwargs(model, processor, max_new_tokens, do_sample, temperature)
     bar = tqdm(total=len(order), desc="generate", disable=not progress)
     for b, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
         enc = encode_prompts(model, processor, [conversations[i] for i in idx], [images[i] for i in idx],
                              ids=idx)
-        if "pixel_values" in enc: enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
         if do_sample: torch.manual_seed(seed + b)
         with torch.inference_mode(): ids = model.generate(**enc, **gen)
         new = ids[:, enc["input_ids"].shape[1]:]  # (b, new tokens)
@@ -94,11 +124,8 @@ def _answer(model, processor, messages, image, max_new_tokens, do_sample, temper
     import torch
     from transformers import TextStreamer
     enc = encode_prompts(model, processor, [messages], [image])
-    if "pixel_values" in enc: enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     tok = processor.tokenizer
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
-               eos_token_id=tok.eos_token_id)
-    gen.update(dict(temperature=temperature) if do_sample else dict(temperature=None, top_p=None, top_k=None))
+    gen = generation_kwargs(model, processor, max_new_tokens, do_sample, temperature)
     if stream: gen["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode(): ids = model.generate(**enc, **gen)
     return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

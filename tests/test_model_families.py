@@ -132,3 +132,60 @@ def test_an_idefics3_folder_is_the_smolvlm_family(tmp_path):
 def test_a_family_preset_misspelt_lists_every_preset():
     with pytest.raises(ValueError, match="unknown preset 'tiny-gemma'.*'tiny-gemma3'.*'tiny-llava_onevision'"):
         resolve_model("tiny-gemma")
+
+
+# ---------------------------------------------------------------- generation
+
+def _conv(question, images=1):
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": question}]}]
+
+
+@pytest.mark.parametrize("preset", ["tiny", *PRESETS])
+def test_batched_left_padded_greedy_answers_equal_one_at_a_time(preset):
+    from llavamed.generate import generate_batch
+    model, proc = _tiny(preset)
+    several = family_of(model).max_images is None
+    convs = [_conv("What is shown?"), _conv("Is there a nodule in the left lung of this patient?"),
+             [{"role": "user", "content": "Name a lung finding."}]]
+    imgs = [_image((100, 70)), _image((64, 96), (30, 140, 200)), None]
+    if several:  # two images in one conversation, one image part each
+        convs.append(_conv("Compare the two.", 2)); imgs.append([_image((80, 80)), _image((120, 60), (0, 90, 0))])
+    batched = generate_batch(model, proc, convs, imgs, max_new_tokens=6, batch_size=len(convs))
+    alone = [generate_batch(model, proc, [c], [i], max_new_tokens=6)[0] for c, i in zip(convs, imgs)]
+    assert batched == alone and all(isinstance(a, str) for a in batched)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_generation_stops_at_the_familys_end_of_turn(preset):
+    from llavamed.generate import encode_prompts, generation_kwargs
+    model, proc = _tiny(preset)
+    end = proc.tokenizer.convert_tokens_to_ids(family_of(model).end_of_turn)
+    kw = generation_kwargs(model, proc, max_new_tokens=4)
+    assert end in kw["eos_token_id"] and proc.tokenizer.eos_token_id in kw["eos_token_id"]
+    enc = encode_prompts(model, proc, [_conv("What is shown?")], [_image()])
+    assert all(v.dtype == model.dtype for v in enc.values() if v.is_floating_point())
+    # a model whose every next token is the end of turn answers nothing and stops after one token
+    with torch.no_grad():
+        model.lm_head.weight.data, saved = torch.zeros_like(model.lm_head.weight), model.lm_head.weight.data
+        bias = torch.full((model.lm_head.weight.shape[0],), -1e4); bias[end] = 1e4
+        model.lm_head.bias = torch.nn.Parameter(bias)
+    try: ids = model.generate(**enc, **kw)
+    finally: model.lm_head.weight.data, model.lm_head.bias = saved, None
+    assert ids.shape[1] == enc["input_ids"].shape[1] + 1 and ids[0, -1].item() == end
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_image_parts_and_images_must_agree(preset):
+    from llavamed.generate import encode_prompts
+    model, proc = _tiny(preset)
+    with pytest.raises(ValueError, match="conversation 0: 2 image parts but 1 images given"):
+        encode_prompts(model, proc, [_conv("Compare.", 2)], [_image()])
+    with pytest.raises(ValueError, match="conversation 7: 1 image parts but 0 images given"):
+        encode_prompts(model, proc, [_conv("What?")], [None], ids=[7])
+
+
+def test_llava_takes_one_image_per_conversation():
+    from llavamed.generate import encode_prompts
+    model, proc = _tiny("tiny")
+    with pytest.raises(ValueError, match="conversation 0: 2 images, but family llava takes at most 1"):
+        encode_prompts(model, proc, [_conv("Compare.", 2)], [[_image(), _image()]])
