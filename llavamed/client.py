@@ -120,8 +120,9 @@ def reply_of(completion) -> Reply:
     if not choices or not isinstance(choices, list): raise RequestError("malformed response (no choices)")
     message = get(choices[0], "message") or {}
     text = get(message, "content")
-    if not isinstance(text, str) or not text.strip():
-        raise RequestError(f"empty reply (finish_reason={get(choices[0], 'finish_reason')})")
+    if text is None: text = ""  # the server answered, with nothing: an answer (a parse callback may reject it)
+    if not isinstance(text, str):
+        raise RequestError(f"malformed response (message content is {type(text).__name__}, not text)")
     u = get(completion, "usage") or {}
     tokens = lambda k: n if isinstance(n := get(u, k), int) and not isinstance(n, bool) and n >= 0 else 0
     return Reply(text, tokens("prompt_tokens"), tokens("completion_tokens"))

@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/serve.html.md"""
 
 # %% ../nbs/05b_serve.ipynb #8a355923
 from __future__ import annotations
-import base64, hmac, io, json, logging, os, shutil, signal, socket, sys, tempfile, threading, time
+import hmac, json, logging, os, shutil, signal, socket, sys, tempfile, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,18 +14,22 @@ from .core import Result, append_jsonl, get_logger, repair_torn_tail
 from .client import ChatClient, run_chat_requests
 
 # %% auto #0
-__all__ = ['log', 'SERVE_FAMILIES', 'MALFORMED', 'QUIETER', 'ServeFamily', 'servable_problems', 'ApiKeyGate', 'harden_app',
-           'ModelServer', 'image_part', 'api_messages', 'chat_answers', 'served_model', 'answer_with_api', 'Served',
+__all__ = ['log', 'SERVE_NEEDS', 'SERVE_FAMILIES', 'MALFORMED', 'QUIETER', 'ServeFamily', 'servable_problems', 'ApiKeyGate',
+           'harden_app', 'ModelServer', 'api_messages', 'chat_answers', 'served_model', 'answer_with_api', 'Served',
            'serve']
 
 # %% ../nbs/05b_serve.ipynb #82172279
 log = get_logger("llavamed.serve")
 
 # %% ../nbs/05b_serve.ipynb #9f77f75d
+SERVE_NEEDS = {"chat template": ("chat_template.jinja", "chat_template.json"),
+               "processor config": ("processor_config.json", "preprocessor_config.json"),
+               "generation config": ("generation_config.json",)}  # what -> file names, any one of which carries it
+
 @dataclass(frozen=True)
 class ServeFamily:
     "What servers need from one model family's checkpoint: files (any of the names) and a refusal rule."
-    needs: dict  # what -> file names, any one of which carries it
+    needs: dict = field(default_factory=lambda: dict(SERVE_NEEDS))  # what -> file names, any one carries it
     refuse: Callable[[dict], str | None] = lambda config: None  # config.json -> why no server loads it, or None
 
 def _llava_refusal(config: dict) -> str | None:
@@ -35,11 +39,8 @@ def _llava_refusal(config: dict) -> str | None:
                 "LLaVA's two-layer projector and would leave it random")
     return None
 
-SERVE_FAMILIES = {  # model_type in config.json: what its checkpoints must carry to be served unchanged
-    "llava": ServeFamily(needs={"chat template": ("chat_template.jinja", "chat_template.json"),
-                                "processor config": ("processor_config.json", "preprocessor_config.json"),
-                                "generation config": ("generation_config.json",)},
-                         refuse=_llava_refusal),
+SERVE_FAMILIES = {  # family name (llavamed.families.FAMILIES) -> its row, where it is not the default one
+    "llava": ServeFamily(refuse=_llava_refusal),
 }
 
 # %% ../nbs/05b_serve.ipynb #27e29954
@@ -51,21 +52,34 @@ def _embedded_template(folder: Path) -> bool:
         if isinstance(cfg, dict) and cfg.get("chat_template"): return True
     return False
 
+def _end_of_turn_problem(folder: Path, family) -> str | None:
+    "Why the generation config would not end a reply at the family's end-of-turn token (None: it would)."
+    try: gen, tok = (json.loads((folder / n).read_text()) for n in ("generation_config.json", "tokenizer.json"))
+    except (OSError, ValueError): return None  # a missing generation config is named with the other files
+    ids = {t.get("content"): t.get("id") for t in tok.get("added_tokens") or [] if isinstance(t, dict)}
+    want, eos = ids.get(family.end_of_turn), gen.get("eos_token_id")
+    if want is None or want in (eos if isinstance(eos, list) else [eos]): return None
+    return (f"generation_config.json: eos_token_id {eos} holds no {family.end_of_turn} (id {want}), the token "
+            f"that ends a {family.name} reply: a server would write on past the turn")
+
 def servable_problems(path: str | Path,  # a model folder (as `llavamed.model.resolve_model` returns it)
                      ) -> list[str]:
     "What keeps a server from loading the checkpoint at `path` unchanged ([] when nothing does)."
+    from llavamed.families import family_of, require
     folder = Path(path)
     try: config = json.loads((folder / "config.json").read_text())
     except FileNotFoundError: return [f"{folder}: no config.json"]
     except ValueError as e: return [f"{folder}/config.json: not JSON ({e})"]
-    family = SERVE_FAMILIES.get(config.get("model_type"))
-    if family is None:
-        return [f"{folder}: model_type {config.get('model_type')!r} has no serving row "
-                f"(served families: {', '.join(SERVE_FAMILIES)})"]
-    problems = [f"{folder}: no {what} ({' or '.join(names)})" for what, names in family.needs.items()
+    try: family = family_of(config if isinstance(config, dict) else {})
+    except ValueError as e: return [f"{folder}: {e}"]
+    row = SERVE_FAMILIES.get(family.name, ServeFamily())
+    problems = [f"{folder}: no {what} ({' or '.join(names)})" for what, names in row.needs.items()
                 if not any((folder / n).is_file() for n in names)
                 and not (what == "chat template" and _embedded_template(folder))]
-    if why := family.refuse(config): problems.append(f"{folder}: {why}")
+    if why := row.refuse(config): problems.append(f"{folder}: {why}")
+    if why := _end_of_turn_problem(folder, family): problems.append(f"{folder}/{why}")
+    try: require(family)
+    except ValueError as e: problems.append(f"{folder}: {e} (the server here cannot load it)")
     return problems
 
 # %% ../nbs/05b_serve.ipynb #a15a6996
@@ -132,18 +146,19 @@ def _model_folder(model: str, seed: int) -> tuple[Path, Path | None]:
     src = resolve_model(model)
     if not isinstance(src, str): return Path(src).resolve(), None
     import torch
+    from llavamed.families import TINY_PRESETS, build_family
     from llavamed.model import build_model, save_model
     log.warning(f"--model {model}: a preset, built now with random weights (seed {seed}) for trying the API")
     torch.manual_seed(seed)
-    built = build_model(src)
+    built = build_family(src, seed=seed) if src in TINY_PRESETS and src != "tiny" else build_model(src)
     tmp = Path(tempfile.mkdtemp(prefix=f"llavamed-serve-{src}-"))
     try: return save_model(*built, tmp / src), tmp
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
 
 # %% ../nbs/05b_serve.ipynb #ee3be616
 class ModelServer:
-    "transformers' OpenAI-compatible server on one resolved LLaVA checkpoint, with the key check."
-    def __init__(self, model: str,  # a preset, a model folder, a raw release or a hub id
+    "transformers' OpenAI-compatible server on one resolved checkpoint (any family), with the key check."
+    def __init__(self, model: str,  # a preset ('tiny-gemma3', ...), a model folder, a raw release or a hub id
                  host: str = "127.0.0.1",  # address to listen on (loopback: this machine only)
                  port: int = 8000,  # TCP port (0: any free one, known once started)
                  api_key: str | None = None,  # the key every request must carry (None: no key)
@@ -231,39 +246,34 @@ ModelServer.start, ModelServer.stop, ModelServer._remove_tmp = _start, _stop, _r
 ModelServer.__enter__ = lambda self: self.start()
 ModelServer.__exit__ = lambda self, *exc: self.stop()
 
-# %% ../nbs/05b_serve.ipynb #3448d512
-def image_part(image,  # a path (PNG/JPEG/DICOM/NIfTI... through `llavamed.images.load_image`) or a PIL image
-              ) -> dict:
-    "An `image_url` chat part holding the image losslessly as a PNG data URL (RGB, its own size)."
-    from llavamed.images import load_image
-    img = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    return {"type": "image_url", "image_url": {"url": url}}
-
 # %% ../nbs/05b_serve.ipynb #fa1e45f7
+def _image_error(parts: int, images: int) -> str:
+    "Why `parts` image parts and `images` images do not pair up."
+    if not images: return "api_messages: an image part but no image given"
+    if not parts: return "api_messages: an image given but no image part"
+    return f"api_messages: {parts} image parts but {images} images given"
+
 def api_messages(messages: list[dict],  # transformers chat messages; an image part is `{"type": "image"}`
-                 image=None,  # the image of the image part (path or PIL image; None: no image part)
+                 image=None,  # the image (path or PIL image), a list of them (one per image part), or None
                 ) -> list[dict]:
-    "The messages in the OpenAI chat format, the image part holding `image` as a PNG data URL."
-    out, placed = [], False
+    "The messages in the OpenAI chat format, each image part holding its image as a lossless PNG data URL."
+    from llavamed.client import image_part
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    placeholders = sum(c.get("type") == "image" for m in messages if isinstance(m["content"], list)
+                       for c in m["content"])
+    if placeholders != len(images): raise ValueError(_image_error(placeholders, len(images)))
+    pending, out = iter(images), []
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
-            parts = []
-            for c in content:
-                if c.get("type") != "image": parts.append(c); continue
-                if image is None: raise ValueError("api_messages: an image part but no image given")
-                parts.append(image_part(image)); placed = True
-            content = parts
+            content = [image_part(next(pending), max_side=None, fmt="PNG") if c.get("type") == "image" else c
+                       for c in content]
         out.append({**m, "content": content})
-    if image is not None and not placed: raise ValueError("api_messages: an image given but no image part")
     return out
 
 # %% ../nbs/05b_serve.ipynb #532bce6b
 def chat_answers(conversations: list[list[dict]],  # transformers chat messages, each ending with a user turn
-                 images: list,  # one image (path or PIL image) or None per conversation
+                 images: list,  # per conversation: an image (path or PIL image), a list of them, or None
                  client,  # a `llavamed.client.ChatClient` (temperature 0 for greedy answers)
                  concurrency: int = 8,  # requests in flight at once
                  max_attempts: int = 3,  # attempts per request (a greedy reply does not change on a retry)
@@ -281,12 +291,11 @@ def chat_answers(conversations: list[list[dict]],  # transformers chat messages,
         run_chat_requests(client, requests, ckpt, concurrency=concurrency, max_attempts=max_attempts,
                           backoff=0.5, progress=progress, desc="answers")
         rows = {r["id"]: r for r in map(json.loads, ckpt.read_text().splitlines())}
-    bad = [r for r in rows.values() if r["status"] != "done" and not str(r["reason"]).startswith("empty reply")]
+    bad = [r for r in rows.values() if r["status"] != "done"]
     if bad:
         raise ValueError(f"{len(bad)} of {len(requests)} requests to {client.base_url} failed "
                          f"(first: conversation {bad[0]['id']}: {bad[0]['reason']})")
-    return [(rows[str(i)]["text"] or "").strip() if rows[str(i)]["status"] == "done" else ""
-            for i in range(len(requests))]
+    return [rows[str(i)]["text"].strip() for i in range(len(requests))]  # an empty reply is an empty answer
 
 # %% ../nbs/05b_serve.ipynb #6c91c26a
 def served_model(base_url: str,  # the API root, e.g. 'http://127.0.0.1:8000/v1'

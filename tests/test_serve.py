@@ -11,7 +11,7 @@ import openai
 from PIL import Image
 from llavamed.cli import main
 from llavamed.core import IMAGE_TOKEN
-from llavamed.serve import ModelServer, answer_with_api, api_messages, image_part, servable_problems
+from llavamed.serve import ModelServer, answer_with_api, api_messages, servable_problems
 
 KEY_ENV = "LLAVAMED_TEST_SERVE_KEY"
 KEY = secrets.token_hex(12)
@@ -245,13 +245,16 @@ def test_bad_serve_arguments_are_one_line_errors(capsys, model_dir, monkeypatch,
 # ---------------------------------------------------------------- checkpoints and images
 
 
-def test_image_part_sends_dicom_and_nifti_pixels_losslessly():
+def test_api_messages_send_dicom_and_nifti_pixels_losslessly():
+    "The one image part (`llavamed.client.image_part`), as serving calls it: PNG, its own size, the very pixels."
     import base64, io
     from pydicom.data import get_testdata_file
     nib_testing = pytest.importorskip("nibabel.testing")
     from llavamed.images import load_image
+    import llavamed.serve
+    assert not hasattr(llavamed.serve, "image_part")  # one function, in the client
     for path in (get_testdata_file("CT_small.dcm"), Path(nib_testing.data_path) / "anatomical.nii"):
-        url = image_part(path)["image_url"]["url"]
+        url = ask(path)[0]["content"][0]["image_url"]["url"]
         assert url.startswith("data:image/png;base64,")
         sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
         assert np.array_equal(np.asarray(sent), np.asarray(load_image(path)))
