@@ -6,7 +6,7 @@ Docs: https://llavamed.github.io/llavamed/images.html.md"""
 
 # %% ../nbs/01_images.ipynb #b3ad0976
 from __future__ import annotations
-import dataclasses, functools, gzip, io, os, re, warnings
+import collections, dataclasses, gzip, io, os, re, threading, warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 from .core import IMAGE_TOKEN, Question, Sample, Turn
@@ -391,8 +391,9 @@ def _series_file(folder: Path, path: Path):
     import pydicom
     if not path.is_file(): raise UnsupportedImageError(folder, f"series folder holds {path.name!r}, not a file")
     head = _head(path, 1024)
-    if sniff_format(head) != "dicom":
-        raise UnsupportedImageError(folder, f"series file {path.name!r} is not DICOM ({_what_it_is(head)})")
+    if (fmt := sniff_format(head)) != "dicom":
+        found = f"a {fmt.upper()} file" if fmt else _what_it_is(head)
+        raise UnsupportedImageError(folder, f"series file {path.name!r} is not DICOM ({found})")
     try: ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception as e:
         raise CorruptImageError(folder, f"series file {path.name!r}: unreadable DICOM ({e})") from None
@@ -455,10 +456,34 @@ def _stamp(path: Path) -> tuple:
     if not path.is_dir(): st = path.stat(); return (st.st_size, st.st_mtime_ns)
     return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)))
 
-@functools.lru_cache(maxsize=4)  # a record's k references arrive one after another: one decode serves them
-def _cached_slices(path: str, stamp: tuple, k: int, window, percentiles, max_pixels, max_voxels) -> tuple:
-    "`volume_slices` of one version (`stamp`) of a volume."
-    return tuple(volume_slices(path, k, window, percentiles, max_pixels, max_voxels))
+class _RenderedSlices:
+    "The rendered slices of the last `size` volumes; while one thread renders a volume, others asking wait."
+    def __init__(self, size: int = 4):
+        "Empty, holding at most `size` volumes."
+        self.size, self.done, self.busy, self.lock = size, collections.OrderedDict(), {}, threading.Lock()
+
+    def get(self, key: tuple, render) -> tuple:
+        "The slices stored under `key`, rendered by `render()` the first time (in one thread only)."
+        with self.lock:
+            if key in self.done: self.done.move_to_end(key); return self.done[key]
+            busy = self.busy.setdefault(key, threading.Lock())
+        with busy:  # the preflight checks a record's k references at once: they share one decode
+            with self.lock:
+                if key in self.done: return self.done[key]
+            try: slices = tuple(render())
+            except BaseException:
+                with self.lock: self.busy.pop(key, None)
+                raise
+            with self.lock:
+                self.done[key] = slices; self.busy.pop(key, None)
+                while len(self.done) > self.size: self.done.popitem(last=False)
+            return slices
+
+    def clear(self):
+        "Forget every volume."
+        with self.lock: self.done.clear()
+
+_SLICES = _RenderedSlices(4)
 
 def _volume_slice(volume: str, index: int, count: int, window, percentiles, max_pixels, max_voxels):
     "Slice `index` (1-based) of the `count` evenly spaced slices of `volume` (a file, or a folder ending in '/')."
@@ -467,8 +492,9 @@ def _volume_slice(volume: str, index: int, count: int, window, percentiles, max_
     if volume.endswith("/") != path.is_dir():  # the name says which it is; the disk must agree
         raise UnsupportedImageError(volume, "named as a DICOM series folder, but it is not a folder"
                                     if volume.endswith("/") else "a folder, but not named as a series (add '/')")
-    window = None if window is None else tuple(window)
-    slices = _cached_slices(str(path), _stamp(path), count, window, tuple(percentiles), max_pixels, max_voxels)
+    window, percentiles = None if window is None else tuple(window), tuple(percentiles)
+    key = (str(path), _stamp(path), count, window, percentiles, max_pixels, max_voxels)
+    slices = _SLICES.get(key, lambda: volume_slices(path, count, window, percentiles, max_pixels, max_voxels))
     return slices[index - 1].copy()
 
 # %% ../nbs/01_images.ipynb #5589d2ba

@@ -143,12 +143,17 @@ def test_series_windowing_is_the_loaders(tmp_path):
 def test_hostile_series_folders(tmp_path):
     series = write_series(tmp_path / "notes", 4)
     (series / "report.txt").write_text("Impression: no acute findings.")
-    with pytest.raises(UnsupportedImageError, match=r"notes: series file 'report.txt' is not DICOM \(it holds text\)"):
+    with pytest.raises(UnsupportedImageError,
+                       match=r"notes: series file 'report.txt' is not DICOM \(it holds text\)"):
         volume_slices(series, 2)
     series = write_series(tmp_path / "nested", 4)
     (series / "sub").mkdir()
     with pytest.raises(UnsupportedImageError, match="series folder holds 'sub', not a file"):
         volume_slices(series, 2)
+    pngs = write_series(tmp_path / "pngs", 2)
+    (pngs / "key.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(UnsupportedImageError, match=r"series file 'key.png' is not DICOM \(a PNG file\)"):
+        volume_slices(pngs, 2)
     series = write_series(tmp_path / "plan", 2)
     shutil.copy(get_testdata_file("rtplan.dcm"), series / "plan.dcm")
     with pytest.raises(UnsupportedImageError, match="series file 'plan.dcm' holds no image"):
@@ -281,3 +286,29 @@ def test_expanded_record_reaches_the_families(tmp_path):
     assert [part["type"] for part in messages[0]["content"]] == ["image"] * 4 + ["text"]
     with pytest.raises(ValueError, match="record 'r7': 4 images, but family llava takes at most 1"):
         families.record_messages(sample, "llava")
+
+
+def test_threads_loading_one_volumes_slices_share_one_decode(tmp_path, monkeypatch):
+    import threading
+    import llavamed.images as images
+    path = write_nifti(tmp_path / "ct.nii.gz", random_volume((16, 16, 40)))
+    renders, real = [], images.volume_slices
+    monkeypatch.setattr(images, "volume_slices", lambda *a, **kw: renders.append(a[0]) or real(*a, **kw))
+    refs, got, start = [f"{path}#slice={i}/8" for i in range(1, 9)], {}, threading.Barrier(8)
+
+    def load(ref):
+        start.wait(); got[ref] = arr(load_image(ref)).tolist()
+    threads = [threading.Thread(target=load, args=(ref,)) for ref in refs]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert len(renders) == 1  # eight threads asked at once; one decoded, seven waited for it
+    assert [got[ref] for ref in refs] == pixels(real(path, 8))
+    for i in range(5):  # the last four volumes are kept: a fifth pushes the oldest out
+        write_nifti(tmp_path / f"v{i}.nii", random_volume((4, 4, 8), seed=i))
+        load_image(f"{tmp_path}/v{i}.nii#slice=1/2")
+    load_image(refs[0])
+    assert len(renders) == 1 + 5 + 1
+    bad = write_nifti(tmp_path / "short.nii", random_volume((4, 4, 3)))
+    for _ in range(2):  # a failed render is not kept: the error comes again, not a stale value
+        with pytest.raises(SliceCountError):
+            load_image(f"{bad}#slice=1/8")
