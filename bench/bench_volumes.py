@@ -12,7 +12,7 @@ pydicom's CT test slice), one process, the best of `--repeats` runs of each figu
 
     OMP_NUM_THREADS=1 python bench/bench_volumes.py [--size 256 --depth 160 --files 128 --k 8 --repeats 3]
 """
-import argparse, os, sys, tempfile, time
+import argparse, copy, os, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,8 +35,9 @@ def make_series(folder: Path, n: int):
     from pydicom.data import get_testdata_file
     folder.mkdir()
     template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    stored = template.pixel_array
     for j in range(n):
-        ds = template.copy(); ds.ImagePositionPatient = [0, 0, 1.25 * j]; ds.InstanceNumber = j + 1
+        ds = copy.deepcopy(template); ds.ImagePositionPatient = [0, 0, 1.25 * j]; ds.InstanceNumber = j + 1
         ds.save_as(folder / f"IM{(7919 * j) % 10007:05d}.dcm")
 
 

@@ -1,5 +1,5 @@
 "Volumes as k slices: NIfTI files and DICOM series folders on disk, slice references, records expanded."
-import os, shutil
+import copy, os, shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +32,20 @@ def write_nifti(path, vol, affine=None):
 
 
 def write_series(folder, n, positions=True, numbers=True, names=None, orientation=None, series_uid=None):
-    """`n` single-frame CT files in `folder`; slice j (anatomical order) is 40 HU brighter than slice j - 1,
+    """`n` single-frame CT files in `folder`; slice j (anatomical order) is 10 HU brighter than slice j - 1,
     stored under file names (and instance numbers) that run in another order."""
     folder.mkdir(parents=True)
     template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    stored = template.pixel_array
     for j in range(n):
-        ds = template.copy()
+        ds = copy.deepcopy(template)
         if orientation is None: ds.ImagePositionPatient = [0, 0, 2.5 * j]
         else: ds.ImageOrientationPatient, ds.ImagePositionPatient = orientation, [0, 2.5 * j, 0]
         if not positions: del ds.ImagePositionPatient
         ds.InstanceNumber = n - j  # reversed: positions, when present, must win
         if not numbers: del ds.InstanceNumber
         if series_uid: ds.SeriesInstanceUID = series_uid(j)
-        ds.PixelData = (template.pixel_array + 40 * j).astype(template.pixel_array.dtype).tobytes()
+        ds.PixelData = (stored + 10 * j).astype(stored.dtype).tobytes()
         ds.save_as(folder / (names(j) if names else f"IM{(7919 * j) % 10007:05d}.dcm"))  # names out of order
     return folder
 
