@@ -13,7 +13,8 @@ Two shapes (`--model`):
 
     python bench/gpu_step.py                           # LLaVA shape on one 80 GB GPU (16 of 32 layers, batch 4)
     python bench/gpu_step.py --model qwen2_5_vl        # Qwen2.5-VL-7B shape (14 of 28 layers, batch 4)
-    python bench/gpu_step.py --model qwen2_5_vl --layers 28 --batch 2   # the whole 7B (fits 141 GB H200)
+    python bench/gpu_step.py --model qwen2_5_vl --layers 28 --batch 2   # the whole 7B (bf16 weights, gradients
+                                                       # and AdamW states: about 63 GB before activations)
     python bench/gpu_step.py --tiny [--model qwen2_5_vl]                # tiny shapes on CPU (what the tests run)
 
 MFU = model FLOPs per second / peak dense bf16 FLOP/s of the GPU. Model FLOPs per LLM token of a step =
