@@ -217,6 +217,7 @@ def image_problem(root: Path, name: str, max_pixels: int | None = MAX_PIXELS) ->
         return ("image_unreadable", f"image {name!r} is a folder (a DICOM series is named with a trailing '/')")
     if not series and not on_disk.is_file(): return ("image_missing", f"image {name!r} not found in {root}")
     try: load_image(path, max_pixels=max_pixels)
+    except ImageOutsideRootError as e: return ("image_outside_root", f"image {name!r}: {e.msg}")  # a series' link
     except ImageTooLargeError as e: return ("image_too_large", f"image {name!r}: {e.msg}")
     except (ImageError, OSError, ImportError) as e:
         return ("image_unreadable", f"image {name!r} unreadable: {getattr(e, 'msg', e)}")

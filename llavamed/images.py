@@ -390,6 +390,8 @@ def _series_file(folder: Path, path: Path):
     "The header (no pixels) of one file of a series folder; an `ImageError` naming it when it is no slice."
     import pydicom
     if not path.is_file(): raise UnsupportedImageError(folder, f"series folder holds {path.name!r}, not a file")
+    if folder.resolve() not in path.resolve().parents:  # the folder was checked against the images root
+        raise ImageOutsideRootError(folder, f"series file {path.name!r} is a link out of the series folder")
     head = _head(path, 1024)
     if (fmt := sniff_format(head)) != "dicom":
         found = f"a {fmt.upper()} file" if fmt else _what_it_is(head)

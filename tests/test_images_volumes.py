@@ -172,6 +172,14 @@ def test_hostile_series_folders(tmp_path):
     short = write_series(tmp_path / "short", 3)
     with pytest.raises(SliceCountError, match="short: the volume has 3 slices, fewer than the k=8"):
         volume_slices(short, 8)
+    linked = write_series(tmp_path / "linked", 2)
+    shutil.copy(sorted(linked.iterdir())[0], tmp_path / "secret.dcm")  # a slice outside the folder
+    (linked / "IM99999.dcm").symlink_to(tmp_path / "secret.dcm")
+    with pytest.raises(ImageOutsideRootError, match="series file 'IM99999.dcm' is a link out of the series"):
+        volume_slices(linked, 2)
+    assert image_problem(tmp_path, "linked/#slice=1/2")[0] == "image_outside_root"
+    (linked / "IM99999.dcm").unlink(); (linked / "IM99999.dcm").symlink_to(next(linked.iterdir()).name)
+    assert len(volume_slices(linked, 3)) == 3  # a link that stays inside the folder is a file like any other
     hidden = write_series(tmp_path / "hidden", 3)
     (hidden / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden files are not slices
     assert len(volume_slices(hidden, 3)) == 3
