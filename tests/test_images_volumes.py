@@ -276,6 +276,7 @@ def test_expand_volumes_on_records_and_questions():
     assert later.conversations[2].text == "<image> and <image><image>?"
     unmarked = expand_volumes(record("Describe it.", "ct.nii"), 2)
     assert unmarked.conversations[0].text == "<image><image>\nDescribe it." and len(unmarked.image) == 2
+    assert expand_volumes(got, 3) is got  # slice references are no volumes: expanding twice changes nothing
     plain = record("<image> hi", "a.png")
     assert expand_volumes(plain, 8) is plain
     q = expand_volumes(Question("q1", "Is there a mass?", image="ct.nii.gz", answer="no"), 2)
