@@ -15,8 +15,8 @@ from .client import ChatClient, run_chat_requests
 
 # %% auto #0
 __all__ = ['log', 'SERVE_NEEDS', 'SERVE_FAMILIES', 'MALFORMED', 'QUIETER', 'ServeFamily', 'servable_problems', 'ApiKeyGate',
-           'harden_app', 'ModelServer', 'api_messages', 'chat_answers', 'served_model', 'answer_with_api', 'Served',
-           'serve']
+           'undecodable_image', 'harden_app', 'ModelServer', 'api_messages', 'chat_answers', 'served_model',
+           'answer_with_api', 'Served', 'serve']
 
 # %% ../nbs/05b_serve.ipynb #82172279
 log = get_logger("llavamed.serve")
@@ -111,15 +111,31 @@ class ApiKeyGate:
 # %% ../nbs/05b_serve.ipynb #46890694
 MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)  # what a misshapen body raises
 
+def undecodable_image(exc: BaseException) -> bool:
+    "Whether `exc` is an image decoder refusing a request's bytes (torchvision's or Pillow's), not a server fault."
+    from PIL import UnidentifiedImageError
+    text = str(exc)
+    return isinstance(exc, UnidentifiedImageError) or isinstance(exc, RuntimeError) and (
+        text.startswith("decode_image") or "Unsupported image file" in text)
+
 def harden_app(app,  # transformers' FastAPI app (`transformers.cli.serving.server.build_server`)
                key: str | None = None,  # the API key every request must carry (None: no key)
               ):
-    "Add the key check and 400 replies to malformed requests to `app`; returns it."
+    "Add the key check and 400 replies to malformed requests and undecodable images to `app`; returns it."
+    from PIL import UnidentifiedImageError
     async def malformed(request, exc):
         "A 400 naming the exception (the server's state is untouched)."
         return _json_reply(400, f"malformed request: {type(exc).__name__}: {str(exc)[:200]}",
                            "invalid_request_error")
+    async def failed(request, exc):
+        "A 400 for an image no decoder reads; any other failure a 500, logged with its traceback."
+        if undecodable_image(exc):
+            return _json_reply(400, f"malformed request: an image cannot be decoded ({str(exc)[:160]})",
+                               "invalid_request_error")
+        log.error(f"{request.method} {request.url.path}: {type(exc).__name__}", exc_info=exc)
+        return _json_reply(500, f"server error: {type(exc).__name__}", "server_error")
     for kind in MALFORMED: app.add_exception_handler(kind, malformed)
+    for kind in (RuntimeError, UnidentifiedImageError): app.add_exception_handler(kind, failed)
     if key: app.add_middleware(ApiKeyGate, key=key)  # added last: the outermost layer, before any route
     return app
 

@@ -199,6 +199,27 @@ def test_an_interrupted_run_resumes_without_asking_twice(server, vqa, tmp_path):
         answer_with_api(str(vqa), str(out), server[0], api_key_env=KEY_ENV, max_new_tokens=5, quiet=True)
 
 
+def test_an_empty_reply_is_an_empty_answer_asked_once(tmp_path):
+    "A server that answers with nothing answered: one request each, '' the answer; a parse callback still retries."
+    from chat_server import ChatServer
+    from llavamed.client import ChatClient, run_chat_requests
+    from llavamed.serve import chat_answers
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Is there an effusion?"}]}]
+    def parse(text):
+        if not text.strip(): raise ValueError("no answer in an empty reply")
+        return text
+    with ChatServer(reply_text="") as srv:
+        client = ChatClient(model="m", base_url=srv.base_url, api_key_env="none", temperature=0.0, max_tokens=4)
+        assert chat_answers([conv, conv], [None, None], client, max_attempts=3) == ["", ""]
+        assert srv.stats()["requests"] == 2
+        srv.reset()
+        stats = run_chat_requests(client, [{"id": "a", "messages": conv}], tmp_path / "c.jsonl", max_attempts=3,
+                                  backoff=0.01, parse=parse, progress=False)
+        assert (stats.unparsed, stats.requests, srv.stats()["requests"]) == (1, 3, 3)
+    row = json.loads((tmp_path / "c.jsonl").read_text())
+    assert row["status"] == "unparsed" and row["text"] == "" and "no answer in an empty reply" in row["reason"]
+
+
 # ---------------------------------------------------------------- refusals
 
 
@@ -224,6 +245,11 @@ def test_a_malformed_request_is_an_error_and_the_server_stays_up(api, server):
     for body in (b"{not json", b'{"messages": [{"content": "no role"}]}', b'{"messages": [], "bogus": 1}'):
         status, reply = http(f"{base}/chat/completions", body, KEY)
         assert 400 <= status < 500, (body, status, reply)
+    for url in ("data:image/png;base64,AAAA", "data:text/plain;base64,aGk="):  # no picture in it: not a 500
+        parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]
+        body = json.dumps({"model": name, "messages": [{"role": "user", "content": parts}], "max_tokens": 2})
+        status, reply = http(f"{base}/chat/completions", body.encode(), KEY)
+        assert status == 400 and "malformed request" in reply["error"]["message"], (url, status, reply)
     r = api.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
 
