@@ -75,6 +75,13 @@ def _token_problems(d: dict, conv: list) -> list[tuple[str, str]]:
     total = sum(counts)
     if "image" not in d:
         return [("missing_field", f"no 'image' field but {total} {IMAGE_TOKEN} token(s) in the text")] if total else []
+    if isinstance(d["image"], list):  # several images: one marker each, in the human turns, in image order
+        n = len(d["image"])
+        if total != n: return [("image_token_count", f"{total} {IMAGE_TOKEN} tokens for {n} images, expected {n}")]
+        in_reply = next((i for i, c in enumerate(counts) if c and i % 2), None)
+        if in_reply is not None:
+            return [("image_token_position", f"{IMAGE_TOKEN} in turn {in_reply}, a reply (expected human turns)")]
+        return []
     if total != 1: return [("image_token_count", f"{total} {IMAGE_TOKEN} tokens, expected 1")]
     if counts[0] != 1:
         return [("image_token_position", f"{IMAGE_TOKEN} in turn {counts.index(1)}, expected the first human turn")]
@@ -119,7 +126,11 @@ def _id_image_problems(d: dict, require_image: bool) -> list[tuple[str, str]]:
     elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
         out.append(("bad_field", f"'id' is a {type(rid).__name__}"))
     elif str(rid).strip() == "": out.append(("empty_field", "'id' is empty"))
-    if "image" in d and not (isinstance(img, str) and img.strip()):
+    if isinstance(img, list):  # several images (families that take them): a non-empty list of names
+        if not img: out.append(("empty_field", "'image' is an empty list"))
+        bad = [x for x in img if not (isinstance(x, str) and x.strip())]
+        if bad: out.append(("bad_field", f"'image' list holds {bad[0]!r}, expected image names"))
+    elif "image" in d and not (isinstance(img, str) and img.strip()):
         out.append(("empty_field" if not img else "bad_field", f"'image' is {img!r}"))
     elif "image" not in d and require_image: out.append(("missing_field", "no 'image'"))
     return out
@@ -294,9 +305,9 @@ def validate_records(records: Iterable,  # dicts, `Sample`s, `RecordError`s, or 
         if on_problem: on_problem(problem)
     def settle(found):
         "Report image problems that finished after their record was seen."
-        for (index, rid, line, was_invalid), (reason, message) in found:
+        for (index, rid, line, invalid), (reason, message) in found:
             add(index, rid, line, reason, message)
-            if not was_invalid: rep.n_invalid += 1
+            if not invalid[0]: rep.n_invalid += 1; invalid[0] = True  # a record counts once, however many images
     try: _validate_loop(records, rep, seen, checker, require_image, add, settle)
     except BaseException:
         if checker is not None: checker.close()
@@ -334,9 +345,13 @@ def _validate_loop(records, rep, seen, checker, require_image, add, settle):
             if rid in seen: problems.append(("duplicate_id", f"id {rid!r} already used by record {seen[rid]}"))
             else: seen[rid] = i
         image = d.get("image") if isinstance(d, dict) else None
-        if checker is not None and isinstance(image, str) and image.strip():
-            image_problem = checker.check(image, (i, rid, line, bool(problems)))
+        names = image if isinstance(image, list) else [image]
+        invalid = [bool(problems)]  # shared by this record's pending image checks
+        for name in (names if checker is not None else []):
+            if not (isinstance(name, str) and name.strip()): continue
+            image_problem = checker.check(name, (i, rid, line, invalid))
             if image_problem is not None and image_problem is not _PENDING: problems.append(image_problem)
+        invalid[0] = bool(problems)
         for reason, message in problems: add(i, rid, line, reason, message)
         if problems: rep.n_invalid += 1
         if checker is not None: settle(checker.ready())

@@ -508,3 +508,37 @@ def test_synthetic_corpus_validates_clean(tmp_path):
     out = tmp_path / "realign.json"
     assert build_alignment(str(tmp_path / "c" / "instruct_captions.json"), str(out), quiet=True).written == 12
     assert main(["validate", str(out), "--images", str(tmp_path / "c" / "images"), "--quiet"]) == 0
+
+
+def test_image_lists_one_marker_per_image_in_human_turns(tmp_path):
+    "A record may carry several images (families that take them): one <image> per image, none in a reply."
+    two = "Compare <image> with <image>."
+    rows = [rec(1, q=two, image=["a.png", "b.png"]),
+            rec(2, q="What is shown?\n<image>", image=["a.png", "b.png"]),
+            rec(3, q=two, image=[]),
+            rec(4, q=two, image=["a.png", 7]),
+            {"id": "5_F1", "image": ["a.png", "b.png"], "conversations": [
+                {"from": "human", "value": "Look: <image>"}, {"from": "gpt", "value": "And <image>."}]},
+            rec(6, q=two, image=["a.png", "ct.nii.gz"])]
+    rep = validate_records(rows)
+    by_id = {p.id: (p.reason, p.message) for p in rep.problems}
+    assert {p.reason for p in rep.problems if p.id == "3_F1"} == {"empty_field", "image_token_count"}
+    assert "1_F1" not in by_id and "6_F1" not in by_id, by_id
+    assert by_id["2_F1"] == ("image_token_count", "1 <image> tokens for 2 images, expected 2")
+    assert by_id["4_F1"] == ("bad_field", "'image' list holds 7, expected image names")
+    assert by_id["5_F1"] == ("image_token_position", "<image> in turn 1, a reply (expected human turns)")
+    assert rep.n_invalid == 4
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_each_image_of_a_list_is_checked_and_the_record_counted_once(tmp_path, workers):
+    img = tmp_path / "img"; img.mkdir()
+    Image.new("RGB", (8, 8), "red").save(img / "a.png")
+    (img / "bad.png").write_text("not an image")
+    rows = [rec(1, q="<image> vs <image>", image=["a.png", "missing.png"]),
+            rec(2, q="<image> vs <image>", image=["bad.png", "missing.png"]),
+            rec(3, q="<image> vs <image>", image=["a.png", "a.png"])]
+    rep = validate_records(rows, images=img, workers=workers)
+    got = sorted((p.id, p.reason) for p in rep.problems)
+    assert got == [("1_F1", "image_missing"), ("2_F1", "image_missing"), ("2_F1", "image_unreadable")], got
+    assert rep.n_invalid == 2
