@@ -6,18 +6,19 @@ Docs: https://llavamed.github.io/llavamed/predict.html.md"""
 
 # %% ../nbs/07a_predict.ipynb #8fe31780
 from __future__ import annotations
-import hashlib, os, random, time
+import dataclasses, hashlib, os, random, time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from .core import (HUMAN, BadRecords, Question, RecordError, Result, Sample, Turn, append_jsonl, fmt_num,
-                           get_logger, load_questions, read_jsonl, repair_torn_tail, write_jsonl)
+                           get_logger, load_questions, read_json, read_jsonl, repair_torn_tail, write_jsonl)
+from .families import Family
 
 # %% auto #0
 __all__ = ['ABLATIONS', 'log', 'CHOICE_INSTRUCTION', 'LETTERS', 'PROMPT_PROTOCOLS', 'MAX_NEW_TOKENS', 'shuffled_images',
            'ablate_image', 'PromptProtocol', 'get_protocol', 'render_choices', 'question_prompt', 'question_messages',
-           'default_max_new_tokens', 'check_images', 'launch_rank', 'part_path', 'merge_answers', 'Predictions',
-           'predict']
+           'default_max_new_tokens', 'check_images', 'model_family', 'fit_family', 'check_image_sizes', 'launch_rank',
+           'part_path', 'merge_answers', 'Predictions', 'predict']
 
 # %% ../nbs/07a_predict.ipynb #ac68f1fc
 ABLATIONS = ("none", "blank", "noise", "shuffle")
@@ -126,14 +127,19 @@ def question_prompt(q: Question,  # the question (its `question`, `kind`, `optio
     return q.question + (getattr(p, kind) if kind else "")
 
 # %% ../nbs/07a_predict.ipynb #23d20ba1
-def question_messages(q: Question,  # the question to ask (its `id`, `image` and `question`)
+def question_messages(q: Question,  # the question to ask (`id`, `image`: a name or a list, `question`)
                       prompt_suffix: str | None = None,  # replaces the protocol's suffix
                       protocol: str = "llava-med",  # a key of `PROMPT_PROTOCOLS`
                      ) -> tuple[list[dict], str]:
-    "The chat messages asking `q` (image part first when it has an image) and the prompt text."
+    "The chat messages asking `q` (one image part per image, first; none without) and the prompt text."
+    from llavamed.generate import image_list
     from llavamed.model import sample_to_messages
-    text = question_prompt(q, protocol, prompt_suffix)
-    return sample_to_messages(Sample(id=q.id, conversations=[Turn(HUMAN, text)], image=q.image)), text
+    text, names = question_prompt(q, protocol, prompt_suffix), image_list(q.image)
+    if len(names) > 1:  # several images (or a volume's slices): their parts first, in order, then the text
+        return [{"role": "user", "content": [{"type": "image"}] * len(names)
+                 + [{"type": "text", "text": text.strip()}]}], text
+    image = names[0] if names else None
+    return sample_to_messages(Sample(id=q.id, conversations=[Turn(HUMAN, text)], image=image)), text
 
 # %% ../nbs/07a_predict.ipynb #da099402
 MAX_NEW_TOKENS = {"vqa": 32, "choice": 32, "benchmark": 1024}  # question kind: default answer length in tokens
@@ -153,11 +159,11 @@ def check_images(questions: list[Question],  # the questions about to be answere
     "Image name -> real path for every image the questions will be shown; one `ValueError` counting the bad ones."
     from concurrent.futures import ThreadPoolExecutor
     from llavamed.data import image_problem
+    from llavamed.generate import image_list
     from llavamed.images import resolve_image
     shown = {}  # image name -> the first question shown it
-    for q in questions:
-        name = (swap or {}).get(q.id, q.image)
-        if name: shown.setdefault(name, q.id)
+    for q in questions:  # a question's image may be a list (several images, or a volume's slices)
+        for name in image_list((swap or {}).get(q.id, q.image)): shown.setdefault(name, q.id)
     with ThreadPoolExecutor(max(1, min(workers, len(shown)))) as pool:
         problems = list(pool.map(lambda name: image_problem(Path(images), name), shown))
     counts, first, paths = Counter(), {}, {}
@@ -171,6 +177,66 @@ def check_images(questions: list[Question],  # the questions about to be answere
         raise ValueError(f"{sum(counts.values())} of {len(shown)} images cannot be shown, nothing was answered: "
                          f"{listed}")
     return paths
+
+# %% ../nbs/07a_predict.ipynb #95e344a8
+def model_family(model: str | Path,  # `--model`: a preset, a model folder or a hub id
+                ) -> Family:
+    "The family of `model`, read off its preset name or its `config.json` (nothing loads)."
+    from llavamed.families import family_of
+    from llavamed.model import resolve_model
+    src = resolve_model(model)
+    return family_of(src if isinstance(src, str) else read_json(Path(src) / "config.json"))
+
+def _has_volume(questions: list[Question]) -> bool:
+    "Whether an image of `questions` is a NIfTI volume or a DICOM series (`llavamed.images.is_volume`)."
+    from llavamed.generate import image_list
+    from llavamed.images import is_volume
+    return any(is_volume(name) for q in questions for name in image_list(q.image))
+
+def fit_family(questions: list[Question],  # from `llavamed.core.load_questions`
+               family: Family,  # the model's family (`model_family`)
+               slices: int = 8,  # slices each volume becomes where the family takes several images
+              ) -> tuple[list[Question], int]:
+    "The questions as `family` takes them (volumes as `slices` slices) and how many had a volume."
+    from llavamed.generate import image_list
+    from llavamed.images import expand_volumes
+    fitted = [expand_volumes(q, slices) for q in questions] if family.max_images != 1 else list(questions)
+    for q in fitted:
+        n = len(image_list(q.image))
+        if family.max_images is not None and n > family.max_images:
+            raise ValueError(f"question {q.id}: {n} images, but family {family.name} takes at most "
+                             f"{family.max_images} per question")
+    return fitted, sum(a is not b for a, b in zip(fitted, questions))
+
+# %% ../nbs/07a_predict.ipynb #ee32feb0
+def _image_size(path: Path) -> tuple[int, int]:
+    "(width, height) of an image: from the header for PNG/JPEG, else decoded (DICOM, NIfTI, a slice)."
+    from PIL import Image, UnidentifiedImageError
+    from llavamed.images import load_image
+    try:
+        with Image.open(path) as im: return im.size
+    except (UnidentifiedImageError, OSError, ValueError): return load_image(path).size
+
+def check_image_sizes(questions: list[Question],  # the questions about to be answered
+                      paths: dict[str, Path],  # image name -> path (`check_images`)
+                      config,  # the loaded model's config
+                      swap: dict | None = None,  # question id -> the image shown instead
+                     ) -> int:
+    "Images checked against the family's smallest side; one `ValueError` counting those too small."
+    from llavamed.families import family_of, min_image_side
+    from llavamed.generate import image_list
+    fam = family_of(config)
+    if fam.fixed_tokens: return 0  # every image is resized to the tower's square
+    side, small, first, seen = min_image_side(config), 0, None, 0
+    for q in questions:
+        for k, name in enumerate(image_list((swap or {}).get(q.id, q.image))):
+            (w, h), seen = _image_size(paths[name]), seen + 1
+            if min(w, h) < side:
+                small += 1; first = first or f"question {q.id} image {k + 1}: {w}x{h} px"
+    if small:
+        raise ValueError(f"{small} of {seen} images are smaller than family {fam.name}'s {side} px patch, "
+                         f"nothing was answered (first: {first})")
+    return seen
 
 # %% ../nbs/07a_predict.ipynb #c9672993
 def _answer_rows_in(path: Path) -> list[dict]:
@@ -194,7 +260,7 @@ def _answered(files: list[Path]) -> tuple[set[str], dict | None]:
 def _settings(md: dict | None) -> dict:
     "The settings in an answer's metadata that must agree within one answers file."
     md = md or {}
-    return {**{k: md.get(k) for k in ("decoding", "image_ablation", "prompt_suffix", "model")},
+    return {**{k: md.get(k) for k in ("decoding", "image_ablation", "prompt_suffix", "model", "slices")},
             "protocol": md.get("protocol", "llava-med")}  # answers from before protocols: asked as llava-med asks
 
 # %% ../nbs/07a_predict.ipynb #a02a0393
@@ -219,13 +285,14 @@ def _check_prompts(questions: list[Question], prompts: dict[str, str], tokenizer
                              f"{max_prompt_tokens:,}")
 
 def _check_request(model, data, out, image_ablation: str, batch_size: int, max_new_tokens: int | None,
-                   protocol: str, limit: int | None = None) -> None:
+                   protocol: str, limit: int | None = None, slices: int = 8) -> None:
     "A `ValueError` naming the first argument of `predict` that is missing or out of range."
     if not (model and data and out): raise ValueError("predict needs --model, --data and --out")
     if image_ablation not in ABLATIONS:
         raise ValueError(f"image_ablation={image_ablation!r}: expected one of {ABLATIONS}")
     get_protocol(protocol)
     if batch_size < 1: raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if slices < 1: raise ValueError(f"slices={slices}: must be >= 1 (slices taken from each volume)")
     if limit is not None and limit < 1: raise ValueError(f"limit={limit}: must be >= 1 (leave it out for all)")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -249,16 +316,19 @@ def _batches(xs: list, n: int):
 def _answer_rows(chunk: list[Question], answer, paths: dict[str, Path], swap: dict, meta: dict,
                  model: str) -> list[dict]:
     "Official-format answer rows of one batch; `answer(messages, images)` generates the texts."
+    from llavamed.generate import image_list
     from llavamed.images import ImageError, load_image
     convs, prompts, imgs, shown = [], [], [], []
     for q in chunk:
-        msgs, prompt = question_messages(q, meta["prompt_suffix"], meta["protocol"])
-        name = swap.get(q.id, q.image)
-        try: img = load_image(paths[name]) if name else None
+        name = swap.get(q.id, q.image)  # one name, or a list: one image part each
+        msgs, prompt = question_messages(dataclasses.replace(q, image=name), meta["prompt_suffix"],
+                                         meta["protocol"])
+        try: pictures = [load_image(paths[n]) for n in image_list(name)]
         except ImageError as e: raise ValueError(f"question {q.id}: {e}") from None  # changed since the check
         convs.append(msgs); prompts.append(prompt); shown.append(name)
-        if img: img = ablate_image(img, meta["image_ablation"], q.id, meta["decoding"]["seed"])
-        imgs.append(img)
+        seed, how = meta["decoding"]["seed"], meta["image_ablation"]  # noise of image k > 0 keyed 'ID:k'
+        imgs.append([ablate_image(im, how, q.id if k == 0 else f"{q.id}:{k}", seed)
+                     for k, im in enumerate(pictures)] or None)
     texts = answer(convs, imgs)
     return [{"question_id": q.id, "prompt": p, "text": t.strip(),
              "answer_id": hashlib.sha1(f"{model}|{q.id}|{t}".encode()).hexdigest()[:22],
@@ -335,6 +405,9 @@ class Predictions(Result):
     share: int | None = None  # questions in this process's share (None: one process, all of them)
     part: str = ""  # this process's part file ('' with one process)
     merged: int | None = None  # answers in `out` after this process merged the parts (None: it did not)
+    family: str = ""  # the model's family (`llavamed.families`)
+    volumes: int = 0  # questions whose volume was shown as slices (families taking several images)
+    slices: int | None = None  # slices per volume (None: no volume was sliced)
 
     def __str__(self) -> str:
         "What was answered, what was there, how fast; how the questions were asked; any repair or merge."
@@ -345,6 +418,8 @@ class Predictions(Result):
         notes = [f"protocol {self.protocol}, max_new_tokens {fmt_num(self.max_new_tokens)}"
                  + (f" ({self.max_new_tokens_from})" if self.max_new_tokens_from else "")
                  + (f", {fmt_num(self.images_checked)} images checked first" if self.images_checked else "")]
+        if self.volumes:
+            notes.append(f"{fmt_num(self.volumes)} questions show a volume as {self.slices} slices")
         if self.bad_records: notes.append(f"skipped {self.bad_records}")
         if self.repaired_bytes:
             notes.append(f"cut a torn last line ({fmt_num(self.repaired_bytes)} bytes) off "
@@ -376,6 +451,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
             base_url: str = None,  # with --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1
             api_key_env: str = "none",  # with --backend openai: variable holding its key ('none': keyless)
             concurrency: int = 8,  # with --backend openai: requests in flight at once
+            slices: int = 8,  # slices a NIfTI volume or DICOM series becomes (families taking several images)
            ) -> Predictions:
     "Answer the questions of `data` with `model`, appending official-format answers to `out` (resumable)."
     if backend not in ("local", "openai"): raise ValueError(f"backend={backend!r}: expected 'local' or 'openai'")
@@ -387,7 +463,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
                                max_new_tokens=max_new_tokens, protocol=protocol, prompt_suffix=prompt_suffix,
                                image_ablation=image_ablation, do_sample=do_sample, temperature=temperature,
                                seed=seed, limit=limit, quiet=quiet, max_question_chars=max_question_chars)
-    _check_request(model, data, out, image_ablation, batch_size, max_new_tokens, protocol, limit)
+    _check_request(model, data, out, image_ablation, batch_size, max_new_tokens, protocol, limit, slices)
     rank, world, local_rank = launch_rank()
     data, out = Path(data), Path(out)
     images = Path(images) if images else data.parent
@@ -398,6 +474,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
     if do_sample: decoding["temperature"] = temperature
     meta = {"decoding": decoding, "image_ablation": image_ablation, "prompt_suffix": prompt_suffix,
             "model": str(model), "protocol": protocol}
+    if _has_volume(questions): meta["slices"] = slices  # a resumed run must slice its volumes alike
     done, prev = _answered(_answer_files(out))
     if prev is not None and _settings(prev) != _settings(meta):
         raise ValueError(f"{out} holds answers made with other settings ({_settings(prev)}); this run: "
@@ -411,7 +488,7 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
                       max_new_tokens_from=tokens_from, rank=rank, world=world,
                       share=len(share) if world > 1 else None, part=str(target) if world > 1 else "")
     if todo: _answer_all(res, todo, questions, prompts, model, images, target, meta, batch_size, device,
-                         dtype, local_rank, quiet, max_prompt_tokens)
+                         dtype, local_rank, quiet, max_prompt_tokens, slices)
     else: log.info(f"{target}: all {len(share)} questions already answered")
     res.merged = merge_answers(out, questions)  # None unless parts exist and every question is answered
     return res
@@ -419,16 +496,24 @@ def predict(model: str = None,  # saved model directory (or a preset name such a
 # %% ../nbs/07a_predict.ipynb #c8480e4c
 def _answer_all(res: Predictions, todo: list[Question], questions: list[Question], prompts: dict[str, str],
                 model, images: Path, target: Path, meta: dict, batch_size: int, device, dtype, local_rank: int,
-                quiet: bool, max_prompt_tokens: int) -> None:
-    "Check the images, load the model, and append the answers to `todo` to `target` batch by batch (into `res`)."
+                quiet: bool, max_prompt_tokens: int, slices: int = 8) -> None:
+    "Check the images, fit the family, load the model, append the answers to `todo` to `target` (into `res`)."
     from tqdm.auto import tqdm
     from llavamed.model import load_model
     from llavamed.generate import generate_batch
+    from llavamed.images import expand_volumes
     dec = meta["decoding"]
     swap = shuffled_images(questions, dec["seed"]) if meta["image_ablation"] == "shuffle" else {}
-    paths = check_images(todo, images, swap)
-    res.images_checked = len(paths)
+    paths = check_images(todo, images, swap)  # before anything resolves or loads
+    family = model_family(model)
+    todo, res.volumes = fit_family(todo, family, slices)
+    if family.max_images != 1 and swap:  # a volume shown instead is sliced as well
+        swap = {k: expand_volumes(Question(k, "", image=v), slices).image for k, v in swap.items()}
+    if res.volumes or _has_volume([Question(k, "", image=v) for k, v in swap.items()]):
+        paths.update(check_images(todo, images, swap))  # the slices: is each volume deep enough?
+    res.family, res.slices, res.images_checked = family.name, slices if res.volumes else None, len(paths)
     mdl, proc = load_model(model, dtype=dtype, device=_rank_device(device, local_rank, res.world))
+    check_image_sizes(todo, paths, mdl.config, swap)
     _check_prompts(todo, prompts, proc.tokenizer, max_prompt_tokens)
     gen = dict(max_new_tokens=dec["max_new_tokens"], do_sample=dec["do_sample"], seed=dec["seed"],
                temperature=dec.get("temperature", 0.7), batch_size=batch_size)

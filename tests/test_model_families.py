@@ -189,3 +189,151 @@ def test_llava_takes_one_image_per_conversation():
     model, proc = _tiny("tiny")
     with pytest.raises(ValueError, match="conversation 0: 2 images, but family llava takes at most 1"):
         encode_prompts(model, proc, [_conv("Compare.", 2)], [[_image(), _image()]])
+
+
+# ---------------------------------------------------------------- predict and chat
+
+def _vqa(tmp_path, sizes=((100, 70), (64, 96), (80, 80))):
+    "images/ with a few pictures and vqa.json with questions about them (one per image, one text-only)."
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for k, size in enumerate(sizes): _image(size, (40 * k, 90, 200 - 30 * k)).save(tmp_path / "images" / f"i{k}.png")
+    recs = [{"id": f"q{k}", "image": f"i{k}.png", "answer_type": "CLOSED", "conversations": [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\nIs the organ enlarged? ({k})"},
+        {"from": "gpt", "value": "yes" if k % 2 else "no"}]} for k in range(len(sizes))]
+    recs.append({"id": "text", "conversations": [{"from": "human", "value": "Name a lung finding."},
+                                                 {"from": "gpt", "value": "a nodule"}]})
+    (tmp_path / "vqa.json").write_text(json.dumps(recs))
+    return tmp_path / "vqa.json"
+
+
+def _at(tmp_path):
+    return {"images": str(tmp_path / "images")}
+
+
+def _answers(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_predict_answers_a_vqa_file_with_every_family(preset, tmp_path):
+    from llavamed.predict import predict
+    model, proc = _tiny(preset)
+    save_model(model, proc, tmp_path / "m")
+    data = _vqa(tmp_path)
+    res = predict(str(tmp_path / "m"), str(data), **_at(tmp_path),
+                  out=str(tmp_path / "a.jsonl"), batch_size=4, max_new_tokens=3,
+                  quiet=True, device="cpu", dtype="float32")
+    assert (res.answered, res.family, res.exit_code) == (4, family_of(model).name, 0)
+    rows = _answers(tmp_path / "a.jsonl")
+    assert [r["question_id"] for r in rows] == ["q0", "q1", "q2", "text"]
+    assert set(rows[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert rows[0]["metadata"]["image"] == "i0.png" and rows[3]["metadata"]["image"] is None
+    blank = predict(str(tmp_path / "m"), str(data), **_at(tmp_path),
+                    out=str(tmp_path / "b.jsonl"), batch_size=4, max_new_tokens=3,
+                    quiet=True, device="cpu", dtype="float32", image_ablation="shuffle")
+    assert blank.answered == 4
+    assert [r["metadata"]["image"] for r in _answers(tmp_path / "b.jsonl")][:3] != ["i0.png", "i1.png", "i2.png"]
+
+
+def test_predict_takes_a_family_preset_by_name_on_the_command_line(tmp_path, capsys):
+    data = _vqa(tmp_path)
+    assert main(["predict", "--model", "tiny-gemma3", "--data", str(data),
+                 "--images", str(tmp_path / "images"), "--out", str(tmp_path / "a.jsonl"),
+                 "--max-new-tokens", "2", "--quiet", "--device", "cpu", "--image-ablation", "noise"]) == 0
+    rows = _answers(tmp_path / "a.jsonl")
+    assert len(rows) == 4 and rows[0]["model_id"] == "tiny-gemma3"
+    assert rows[0]["metadata"]["image_ablation"] == "noise"
+
+
+@pytest.mark.skipif(bool(_missing("tiny-qwen2_5_vl")), reason="tiny-qwen2_5_vl's processor needs torchvision")
+def test_a_record_with_an_image_list_is_answered_with_every_image(tmp_path):
+    from llavamed.predict import predict
+    data = _vqa(tmp_path)
+    recs = json.loads(data.read_text())
+    recs.append({"id": "pair", "image": ["i0.png", "i2.png"], "conversations": [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\nWhich is larger?"},
+        {"from": "gpt", "value": "the first"}]})
+    data.write_text(json.dumps(recs))
+    model, proc = _tiny("tiny-qwen2_5_vl")
+    save_model(model, proc, tmp_path / "m")
+    kw = dict(batch_size=8, max_new_tokens=3, quiet=True, device="cpu", dtype="float32")
+    res = predict(str(tmp_path / "m"), str(data), **_at(tmp_path),
+                  out=str(tmp_path / "a.jsonl"), **kw)
+    assert res.answered == 5
+    pair = _answers(tmp_path / "a.jsonl")[-1]
+    assert pair["question_id"] == "pair" and pair["metadata"]["image"] == ["i0.png", "i2.png"]
+    from llavamed.generate import generate_batch
+    from llavamed.images import load_image
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                         {"type": "text", "text": "Which is larger?"}]}]
+    back, back_proc = load_model(tmp_path / "m", device="cpu", dtype="float32")
+    alone = generate_batch(back, back_proc, [msgs], [[load_image(tmp_path / "images" / n) for n in
+                                                      ("i0.png", "i2.png")]], max_new_tokens=3)
+    assert pair["text"] == alone[0]
+    # LLaVA-1.5 takes one image: the pair stops the run before anything loads, naming the question
+    with pytest.raises(ValueError, match="question pair: 2 images, but family llava takes at most 1 per question"):
+        predict("tiny", str(data), **_at(tmp_path), out=str(tmp_path / "l.jsonl"), **kw)
+    assert not (tmp_path / "l.jsonl").exists()
+
+
+@pytest.mark.skipif(bool(_missing("tiny-qwen2_5_vl")), reason="tiny-qwen2_5_vl's processor needs torchvision")
+def test_an_image_smaller_than_the_familys_patch_stops_the_run_naming_the_question(tmp_path, capsys):
+    data = _vqa(tmp_path, sizes=((100, 70), (20, 90), (80, 80)))
+    model, proc = _tiny("tiny-qwen2_5_vl")
+    save_model(model, proc, tmp_path / "m")
+    (tmp_path / "a.jsonl").write_text('{"question_id": "earlier", "text": "kept"}\n')
+    before = (tmp_path / "a.jsonl").read_bytes()
+    assert main(["predict", "--model", str(tmp_path / "m"), "--data", str(data),
+                 "--images", str(tmp_path / "images"), "--out", str(tmp_path / "a.jsonl"),
+                 "--quiet", "--device", "cpu"]) == 2
+    _one_line(capsys, "1 of 3 images are smaller than family qwen2_5_vl's 28 px patch, nothing was answered",
+              "question q1 image 1: 20x90 px")
+    assert (tmp_path / "a.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-smolvlm"])
+def test_a_volume_becomes_k_slices_for_a_family_taking_several_images(preset, tmp_path):
+    if _missing(preset): pytest.skip(f"{preset}'s processor needs {_missing(preset)}")
+    np = pytest.importorskip("numpy"); nib = pytest.importorskip("nibabel")
+    from llavamed.predict import predict
+    data = _vqa(tmp_path)
+    vol = np.stack([np.full((40, 48), 10.0 * z) for z in range(12)], axis=-1)  # 12 axial slices
+    vol[5:20, 5:20, :] += 300.0
+    nib.save(nib.Nifti1Image(vol.astype("float32"), np.eye(4)), tmp_path / "images" / "ct.nii.gz")
+    recs = json.loads(data.read_text()) + [{"id": "ct", "image": "ct.nii.gz", "conversations": [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\nIs there a lesion?"}, {"from": "gpt", "value": "yes"}]}]
+    data.write_text(json.dumps(recs))
+    model, proc = _tiny(preset)
+    save_model(model, proc, tmp_path / "m")
+    res = predict(str(tmp_path / "m"), str(data), **_at(tmp_path),
+                  out=str(tmp_path / "a.jsonl"), batch_size=8, max_new_tokens=2,
+                  quiet=True, device="cpu", dtype="float32", slices=3)
+    assert (res.answered, res.volumes, res.slices) == (5, 1, 3)
+    ct = _answers(tmp_path / "a.jsonl")[-1]
+    assert ct["metadata"]["image"] == [f"ct.nii.gz#slice={i}/3" for i in (1, 2, 3)] and ct["metadata"]["slices"] == 3
+    assert "1 questions show a volume as 3 slices" in str(res)
+    # a resumed run may not slice its volumes otherwise
+    with pytest.raises(ValueError, match="holds answers made with other settings"):
+        predict(str(tmp_path / "m"), str(data), **_at(tmp_path),
+                out=str(tmp_path / "a.jsonl"), quiet=True, device="cpu",
+                max_new_tokens=2, slices=4)
+    with pytest.raises(ValueError, match="ct.nii.gz.*12.*20|20.*12"):  # fewer slices than asked
+        predict(str(tmp_path / "m"), str(data), **_at(tmp_path),
+                out=str(tmp_path / "c.jsonl"), quiet=True, device="cpu",
+                max_new_tokens=2, slices=20)
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_chat_answers_with_a_family_folder(preset, tmp_path, capsys):
+    from llavamed.generate import chat, generate_batch
+    model, proc = _tiny(preset)
+    save_model(model, proc, tmp_path / "m")
+    _image().save(tmp_path / "x.png")
+    assert main(["chat", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--question",
+                 "What is shown?", "--max-new-tokens", "4", "--no-stream", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.strip()
+    back, back_proc = load_model(tmp_path / "m", device="cpu", dtype="float32")
+    assert printed == generate_batch(back, back_proc, [_conv("What is shown?")], [_image()], max_new_tokens=4)[0]
+    two = chat((back, back_proc), str(tmp_path / "x.png"), question="Again?", max_new_tokens=3, no_stream=True)
+    assert len(two.answers) == 1
