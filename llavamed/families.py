@@ -15,7 +15,7 @@ from .core import IMAGE_TOKEN, HUMAN, GPT, Sample
 __all__ = ['FAMILIES', 'ALIASES', 'PART_NAMES', 'STAGE_PARTS', 'FAMILY_TEMPLATES', 'FAMILY_TOKENS', 'TINY_TEXT', 'TINY_TOWER',
            'TINY_PRESETS', 'Family', 'family_of', 'require', 'part_of', 'parts', 'set_stage', 'family_tokenizer',
            'build_family', 'lora_targets', 'record_images', 'record_messages', 'min_image_side', 'check_images',
-           'image_expansion', 'image_tokens', 'family_tokens']
+           'image_expansion', 'record_expansions', 'image_tokens', 'family_tokens']
 
 # %% ../nbs/05c_families.ipynb #66e94f57
 @dataclass(frozen=True)
@@ -35,6 +35,11 @@ class Family:
     max_images: int | None  # images one record may carry (None: any number)
     lacks: tuple[str, ...]  # features of the issue's pipeline this family does not have
     needs: tuple[str, ...] = ()  # packages its processor needs beyond transformers and PIL
+    vision_keys: tuple[str, ...] = ("pixel_values",)  # processor outputs of a record's images the forward takes
+    padded: tuple[str, ...] = ()  # vision keys whose dim 1 (tiles) is padded to the batch's most before joining
+    token_types: str | None = None  # text-aligned key the forward takes: 1 on image tokens, else 0
+    fast_pixels: bool = False  # True: training resizes its images with `llavamed.images.pixel_values` in the batch
+    image_text: str | None = None  # what its chat template writes for an image, when more than `placeholder`
 
 # %% ../nbs/05c_families.ipynb #a93e13a4
 FAMILIES = {f.name: f for f in (
@@ -43,38 +48,44 @@ FAMILIES = {f.name: f for f in (
            lm=("model.language_model.", "lm_head."),
            image_rule="fixed: (image_size / patch_size)^2 patches (CLS dropped)", fixed_tokens=True,
            placeholder="<image>", image_token="<image>", end_of_turn="</s>", max_images=1,
-           lacks=("several images", "volumes", "dynamic resolution")),
+           lacks=("several images", "volumes", "dynamic resolution"), fast_pixels=True),
     Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
            tower=("model.visual.patch_embed.", "model.visual.blocks."), connector=("model.visual.merger.",),
            lm=("model.language_model.", "lm_head."),
            image_rule="size-dependent: (h / 28) * (w / 28), sides resized to multiples of 28 in pixel limits",
            fixed_tokens=False, placeholder="<|image_pad|>", image_token="<|image_pad|>",
-           end_of_turn="<|im_end|>", max_images=None, lacks=(), needs=("torchvision",)),
+           end_of_turn="<|im_end|>", max_images=None, lacks=(), needs=("torchvision",),
+           vision_keys=("pixel_values", "image_grid_thw"), token_types="mm_token_type_ids",
+           image_text="<|vision_start|><|image_pad|><|vision_end|>"),
     Family("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor",
            tower=("model.visual.patch_embed.", "model.visual.pos_embed.", "model.visual.blocks."),
            connector=("model.visual.merger.", "model.visual.deepstack_merger_list."),
            lm=("model.language_model.", "lm_head."),
            image_rule="size-dependent: (h / 32) * (w / 32), sides resized to multiples of 32 in pixel limits",
            fixed_tokens=False, placeholder="<|image_pad|>", image_token="<|image_pad|>",
-           end_of_turn="<|im_end|>", max_images=None, lacks=(), needs=("torchvision",)),
+           end_of_turn="<|im_end|>", max_images=None, lacks=(), needs=("torchvision",),
+           vision_keys=("pixel_values", "image_grid_thw"), token_types="mm_token_type_ids",
+           image_text="<|vision_start|><|image_pad|><|vision_end|>"),
     Family("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Processor",
            tower=("model.vision_tower.",), connector=("model.multi_modal_projector.",),
            lm=("model.language_model.", "lm_head."),
            image_rule="fixed: mm_tokens_per_image (256) per image, pan-and-scan off", fixed_tokens=True,
            placeholder="<start_of_image>", image_token="<image_soft_token>", end_of_turn="<end_of_turn>",
-           max_images=None, lacks=("dynamic resolution",)),
+           max_images=None, lacks=("dynamic resolution",), token_types="token_type_ids"),
     Family("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
            tower=("model.vision_model.",), connector=("model.connector.",),
            lm=("model.text_model.", "lm_head."),
            image_rule="size-dependent: image_seq_len per tile, (rows x cols) tiles plus one global view",
            fixed_tokens=False, placeholder="<image>", image_token="<image>", end_of_turn="<end_of_utterance>",
-           max_images=None, lacks=(), needs=("torchvision", "num2words")),
+           max_images=None, lacks=(), needs=("torchvision", "num2words"),
+           vision_keys=("pixel_values", "pixel_attention_mask"), padded=("pixel_values", "pixel_attention_mask")),
     Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor",
            tower=("model.vision_tower.",), connector=("model.multi_modal_projector.", "model.image_newline"),
            lm=("model.language_model.", "lm_head."),
            image_rule="size-dependent: anyres grid of tiles plus base view, with a newline token per row",
            fixed_tokens=False, placeholder="<image>", image_token="<image>", end_of_turn="<|im_end|>",
-           max_images=None, lacks=(), needs=("torchvision",)),
+           max_images=None, lacks=(), needs=("torchvision",),
+           vision_keys=("pixel_values", "image_sizes", "batch_num_images"), padded=("pixel_values",)),
 )}
 
 ALIASES = {"idefics3": "smolvlm", "llava_next": "llava_onevision"}
@@ -460,6 +471,27 @@ def image_expansion(processor, image) -> str:
     if post and ids[-len(post):] == post: ids = ids[:-len(post)]
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+# %% ../nbs/05c_families.ipynb #8253a51d
+def record_expansions(processor, images: list) -> tuple[list[list[int]], dict]:
+    "`(token ids per image, vision tensors)`: what `processor` makes of a record's images, in one call."
+    from llavamed.train import _special_affixes
+    if not images: return [], {}
+    fam, tok = family_of(processor), processor.tokenizer
+    # placeholders split by a special token the expansions never hold; a record's images go in one call,
+    # since a family may treat several images unlike one (LLaVA-OneVision: no anyres tiles then)
+    sep = tok.eos_token
+    out = processor(text=[sep.join([fam.placeholder] * len(images))], images=[list(images)], return_tensors="pt")
+    ids, (pre, post) = out["input_ids"][0].tolist(), _special_affixes(tok)
+    if pre and ids[:len(pre)] == pre: ids = ids[len(pre):]
+    if post and ids[-len(post):] == post: ids = ids[:-len(post)]
+    pieces, sep_id = [[]], tok.convert_tokens_to_ids(sep)
+    for t in ids:
+        if t == sep_id: pieces.append([])
+        else: pieces[-1].append(t)
+    if len(pieces) != len(images):
+        raise ValueError(f"family {fam.name}: {len(images)} images gave {len(pieces)} expansions")
+    return pieces, {k: out[k] for k in fam.vision_keys if k in out}
+
 # %% ../nbs/05c_families.ipynb #63525257
 def image_tokens(processor, size: tuple[int, int] = (336, 336)) -> int:
     "How many image tokens the model gets for one image of `size` (width, height) through `processor`."
@@ -502,12 +534,13 @@ def family_tokens(sample: Sample | dict,  # a LLaVA record (`image` one name or 
     if not all(text[s:e].rstrip().endswith(fam.end_of_turn) for s, e in spans):  # a template that leaves
         text, spans = _close_replies(tok, text, spans)  # replies open gets the end token after each
     spans = [(s, s + len(text[s:e].rstrip())) for s, e in spans]  # what follows the end token is not generated
-    expansions = []
     for k, im in enumerate(images):
-        try: expansions.append(image_expansion(processor, im))
+        try: image_expansion(processor, im)
         except ValueError as e:  # e.g. Qwen's resize refusing an image under its merged patch
             raise ValueError(f"record {sample.id!r} image {k + 1}: family {fam.name}'s processor refused "
                              f"it: {e}") from e
+    expansions = [tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                  for ids in record_expansions(processor, images)[0]]  # all at once, as the processor does
     text, spans = _expand_text(text, spans, fam.placeholder, expansions, f"record {sample.id!r}")
     ids, mask = _tokens_and_mask(tok, text, spans)
     return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]}

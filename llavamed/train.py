@@ -13,9 +13,12 @@ from pathlib import Path
 from .core import (IMAGE_TOKEN, IGNORE_INDEX, RecordError, Result, Sample, cache_dir, file_lock, fmt_num,
                            iter_samples, read_json, write_json, write_jsonl, append_jsonl, get_logger,
                            seed_everything, plot_losses)
-from .images import load_image, pixel_values, resolve_image
+from .images import expand_volumes, is_volume, load_image, pixel_values, resolve_image
 from .data import image_problem
 from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, resolve_model, save_model
+from .families import (ALIASES, FAMILIES, TINY_PRESETS, build_family, check_images, family_of, image_expansion,
+                               lora_targets, min_image_side, record_expansions, record_images, record_messages, set_stage)
+from .families import _expand_text
 
 # %% auto #0
 __all__ = ['log', 'PARTS', 'SCHEDULERS', 'STAGES', 'DEEPSPEED_CONFIGS', 'GRAD_CKPT', 'REPORT_TO', 'PRECISIONS', 'ATTENTIONS',
@@ -203,6 +206,7 @@ class RunConfig:
     attention: str = "auto"  # 'auto' (flash-attention 2 on CUDA when installed, else sdpa), 'sdpa', 'eager', ...
     dry_run: bool = False  # resolve settings, count data and tokens, estimate steps and memory; do not train
     report_to: str = "none"  # also log to 'tensorboard' or 'wandb' (their package must be installed), or 'none'
+    volume_slices: int = 8  # slices taken from each NIfTI volume or DICOM series entry (each one image)
 
     def __post_init__(self):
         "Check every field, naming the one at fault."
@@ -211,7 +215,7 @@ class RunConfig:
         _check_types(self)
         if self.grad_ckpt not in GRAD_CKPT:
             raise ValueError(f"RunConfig.grad_ckpt: expected one of {GRAD_CKPT}, got {self.grad_ckpt!r}")
-        for k in ("save_steps", "save_total_limit", "logging_steps", "max_steps", "eval_steps"):
+        for k in ("save_steps", "save_total_limit", "logging_steps", "max_steps", "eval_steps", "volume_slices"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ValueError(f"RunConfig.{k}: must be a positive integer, got {getattr(self, k)}")
         for k in ("num_workers", "tokenize_workers"):
@@ -290,7 +294,10 @@ def resolve_template(processor, name: str | None = None) -> str:
         return tpl
     if "{%" in name or "{{" in name: return name
     if isinstance(tpl, dict) and name in tpl: return tpl[name]
-    if name in TEMPLATES: return TEMPLATES[name]
+    if name in TEMPLATES:  # LLaVA's templates write `<image>`: another family gets its own image text there
+        try: fam = family_of(processor)
+        except ValueError: return TEMPLATES[name]  # a processor of no known family writes `<image>`
+        return TEMPLATES[name].replace(IMAGE_TOKEN, fam.image_text or fam.placeholder)
     known = sorted(tpl) if isinstance(tpl, dict) else ["default"]
     raise ValueError(f"template {name!r} unknown: the processor has {known}")
 
@@ -302,6 +309,18 @@ def image_token_count(processor) -> int:
     h, w = (size["height"], size["width"]) if isinstance(size, dict) and "height" in size else (32, 32)
     out = processor(text=processor.image_token, images=[Image.new("RGB", (w, h))])
     return sum(1 for i in out["input_ids"][0] if i == processor.image_token_id)
+
+def _image_settings(processor) -> dict:
+    "How the cache stores images for the processor's family: its image token id, tokens per image, image text."
+    import re
+    from PIL import Image
+    fam, tok = family_of(processor), processor.tokenizer
+    settings = {"family": fam, "image_id": tok.convert_tokens_to_ids(fam.image_token), "n_img": 1, "expansion": None}
+    if fam.fixed_tokens:  # the processor's text for an image, its run of image tokens written once
+        text = image_expansion(processor, Image.new("RGB", (336, 336)))
+        settings["n_img"] = text.count(fam.image_token)
+        settings["expansion"] = re.sub(f"(?:{re.escape(fam.image_token)})+", fam.image_token, text)
+    return settings
 
 # %% ../nbs/06_train.ipynb #38957305
 class TemplateError(ValueError):
@@ -339,10 +358,12 @@ def _render_replies(tok, msgs: list[dict], template: str) -> list[tuple[int, str
     return out
 
 # %% ../nbs/06_train.ipynb #2a6a16fe
-def _close_replies(tok, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+def _close_replies(tok, text: str, spans: list[tuple[int, int]],
+                   end: str | None = None,  # the family's end-of-turn token (None: the tokenizer's EOS)
+                  ) -> tuple[str, list[tuple[int, int]]]:
     "`text` with the end token after each reply that does not end in a special token; the new reply spans."
-    ends = tuple(t for t in tok.all_special_tokens if t)
-    eos, parts, new, pos, shift = tok.eos_token or "", [], [], 0, 0
+    eos, parts, new, pos, shift = end or tok.eos_token or "", [], [], 0, 0
+    ends = tuple(t for t in (*tok.all_special_tokens, eos) if t)
     for s, e in spans:
         reply = text[s:e]
         core = reply.rstrip()
@@ -381,32 +402,60 @@ def _tokens_and_mask(tok, text: str, spans: list[tuple[int, int]]) -> tuple[list
     return ids, mask
 
 # %% ../nbs/06_train.ipynb #070e19c5
-def _compact_tokens(sample: Sample, tok, template: str, max_length: int, n_img: int, image_id: int):
-    "`(ids, mask, n_turns)` with one image placeholder for a trainable record, else the reason it is refused."
-    n_marks = sum(t.text.count(IMAGE_TOKEN) for t in sample.conversations)
-    if n_marks != (1 if sample.image else 0): return f"{n_marks} {IMAGE_TOKEN} tokens with image={sample.image!r}"
-    replies = _render_replies(tok, sample_to_messages(sample), template)
+def _image_refusal(sample: Sample, fam) -> str | None:
+    "Why the record's images and `<image>` markers do not fit `fam` (its image limit, their counts), or None."
+    images, n_marks = record_images(sample), sum(t.text.count(IMAGE_TOKEN) for t in sample.conversations)
+    if fam.max_images is not None and len(images) > fam.max_images:
+        sliced = any("#slice=" in n for n in images)  # a volume entry became `volume_slices` images
+        sliced = " (a volume entry is volume_slices images)" if sliced else ""
+        return f"{len(images)} images, family {fam.name} takes at most {fam.max_images}{sliced}"
+    if n_marks == len(images): return None
+    if isinstance(sample.image, (list, tuple)): return f"{len(images)} images but {n_marks} {IMAGE_TOKEN} markers"
+    return f"{n_marks} {IMAGE_TOKEN} tokens with image={sample.image!r}"
+
+def _compact_tokens(sample: Sample, tok, template: str, max_length: int, n_img: int, image_id: int,
+                    family=None,  # the model's `Family` (None: LLaVA)
+                    expansion: str | None = None,  # a fixed-token family's image text, its image tokens as one
+                   ):
+    "`(ids, mask, n_turns)` with one image id per image for a trainable record, else the reason it is refused."
+    fam = family or FAMILIES["llava"]
+    refused = _image_refusal(sample, fam)
+    if refused: return refused
+    n_images = len(record_images(sample))
+    msgs = record_messages(sample, fam) if isinstance(sample.image, (list, tuple)) else sample_to_messages(sample)
+    replies = _render_replies(tok, msgs, template)
     if not replies: return "no supervised tokens"
     for keep in range(len(replies), 0, -1):  # drop later exchanges until it fits
-        text, spans = _close_replies(tok, replies[keep - 1][1], [r[2] for r in replies[:keep]])
+        text, spans = _close_replies(tok, replies[keep - 1][1], [r[2] for r in replies[:keep]], fam.end_of_turn)
+        spans = [(s, s + len(text[s:e].rstrip())) for s, e in spans]  # what follows the end token is no reply
+        if expansion not in (None, fam.placeholder):  # the processor's text around each image (Gemma 3)
+            if text.count(fam.placeholder) != n_images:
+                return f"template produced {text.count(fam.placeholder)} image tokens, expected {n_images}"
+            text, spans = _expand_text(text, spans, fam.placeholder, [expansion] * n_images, sample.id)
         ids, mask = _tokens_and_mask(tok, text, spans)
         n_at = ids.count(image_id)
-        if n_at != (1 if sample.image else 0):
-            return f"template produced {n_at} image tokens, expected {1 if sample.image else 0}"
-        n = len(ids) + (n_img - 1) * n_at  # one placeholder -> n_img tokens
+        if n_at != n_images: return f"template produced {n_at} image tokens, expected {n_images}"
+        n = len(ids) + (n_img - 1) * n_at  # one image id -> n_img tokens
         if n <= max_length: break
     else: return f"too long: first exchange is {n} tokens > max_length {max_length}"
     if not any(mask): return "no supervised tokens"
     return ids, mask, replies[keep - 1][0]
 
+def _splice(ids: list[int], labels: list[int], image_id: int, expansions: list[list[int]]):
+    "`(ids, labels)` with the k-th `image_id` replaced by `expansions[k]`, its labels ignored."
+    out_ids, out_labels, start = [], [], 0
+    for exp in expansions:
+        j = ids.index(image_id, start)
+        out_ids += ids[start:j]; out_ids += exp
+        out_labels += labels[start:j]; out_labels += [IGNORE_INDEX] * len(exp)
+        start = j + 1
+    return out_ids + ids[start:], out_labels + labels[start:]
+
 def _expand(ids, mask, image_id: int, n_img: int) -> tuple[list[int], list[int]]:
-    "`(input_ids, labels)`: the image placeholder repeated `n_img` times, labels on the reply tokens only."
+    "`(input_ids, labels)`: each image id repeated `n_img` times, labels on the reply tokens only."
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    if image_id in ids:
-        j = ids.index(image_id)
-        ids = ids[:j] + [image_id] * n_img + ids[j + 1:]
-        labels = labels[:j] + [IGNORE_INDEX] * n_img + labels[j + 1:]
-    return ids, labels
+    if image_id not in ids: return ids, labels
+    return _splice(ids, labels, image_id, [[image_id] * n_img] * ids.count(image_id))
 
 # %% ../nbs/06_train.ipynb #dfd653e9
 def tokenize_sample(sample: Sample,  # one LLaVA record
@@ -415,16 +464,17 @@ def tokenize_sample(sample: Sample,  # one LLaVA record
                     template: str | None = None,  # chat template name or text (None: the processor's)
                     n_image_tokens: int | None = None,  # tokens per image (None: ask the processor)
                    ) -> tuple[dict | None, str | None]:
-    "`({'input_ids', 'labels', 'n_turns'}, None)` for a trainable record, else `(None, reason)`."
-    tpl = resolve_template(processor, template)
-    n_img = image_token_count(processor) if n_image_tokens is None else n_image_tokens
-    got = _compact_tokens(sample, processor.tokenizer, tpl, max_length, n_img, processor.image_token_id)
+    "`({'input_ids', 'labels', 'n_turns'}, None)` for a trainable record, else `(None, reason)`; size-dependent families keep one id per image."
+    tpl, image = resolve_template(processor, template), _image_settings(processor)
+    n_img = image["n_img"] if n_image_tokens is None else n_image_tokens
+    got = _compact_tokens(sample, processor.tokenizer, tpl, max_length, n_img, image["image_id"], image["family"],
+                          image["expansion"])
     if isinstance(got, str): return None, got
-    ids, labels = _expand(got[0], got[1], processor.image_token_id, n_img)
+    ids, labels = _expand(got[0], got[1], image["image_id"], n_img)
     return {"input_ids": ids, "labels": labels, "n_turns": got[2]}, None
 
 # %% ../nbs/06_train.ipynb #599cb0b8
-CACHE_VERSION = 1  # changes when the cached layout or the tokenisation rules change
+CACHE_VERSION = 2  # changes when the cached layout or the tokenisation rules change
 
 def _file_fingerprint(path: Path) -> dict:
     "Size, modification time and content hash of a data file."
@@ -446,13 +496,15 @@ def cache_key(data: str | Path,  # the data file
               processor,  # the model's processor
               template: str,  # the resolved chat template text
               max_length: int,  # longest sequence in tokens
+              volume_slices: int = 8,  # slices of each volume entry
              ) -> str:
-    "The cache entry name of a data file tokenised with this tokenizer, template and length limit."
+    "The cache entry name of a data file tokenised with this tokenizer, template, length limit and slice count."
     import hashlib
+    image = _image_settings(processor)
     parts = {"version": CACHE_VERSION, "data": _file_fingerprint(Path(data)),
              "tokenizer": _tokenizer_fingerprint(processor.tokenizer), "template": template,
-             "max_length": max_length, "image_tokens": image_token_count(processor),
-             "image_token_id": processor.image_token_id}
+             "max_length": max_length, "family": image["family"].name, "image_tokens": image["n_img"],
+             "image_token_id": image["image_id"], "image_text": image["expansion"], "volume_slices": volume_slices}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 # %% ../nbs/06_train.ipynb #152175c7
@@ -468,7 +520,8 @@ def _tokenize_chunk(samples: list[Sample]) -> list:
     import numpy as np
     w, out = _WORKER, []
     for s in samples:
-        got = _compact_tokens(s, w["tok"], w["template"], w["max_length"], w["n_img"], w["image_id"])
+        got = _compact_tokens(s, w["tok"], w["template"], w["max_length"], w["n_img"], w["image_id"], w["family"],
+                              w["expansion"])
         out.append(got if isinstance(got, str) else
                    (np.asarray(got[0], dtype=np.int32), np.asarray(got[1], dtype=np.uint8), got[2]))
     return out
@@ -488,7 +541,7 @@ class _Builder:
         import array
         self.folder, self.n_img = folder, n_img
         self.ids, self.mask = open(folder / "ids.bin", "wb"), open(folder / "mask.bin", "wb")
-        self.offsets, self.image = array.array("q", [0]), array.array("i")
+        self.offsets, self.image_offsets, self.image = array.array("q", [0]), array.array("q", [0]), array.array("i")
         self.length, self.supervised = array.array("i"), array.array("i")
         self.names, self.record_ids = {}, open(folder / "record_ids.jsonl", "w", encoding="utf-8")
         self.drops, self.n_rows = {}, 0  # (modality, reason) -> [count, first row, example]
@@ -499,14 +552,16 @@ class _Builder:
 
     def add(self, sample: Sample, got) -> None:
         "Append one tokenised record, or count why it is refused."
-        modality = "image" if sample.image else "text"
+        images = record_images(sample)
+        modality = "image" if images else "text"
         if isinstance(got, str): self.drop(modality, got.split(":")[0], f"{sample.id}: {got}")
         else:
             ids, mask, _ = got
             self.ids.write(ids.tobytes()); self.mask.write(mask.tobytes())
             self.offsets.append(self.offsets[-1] + len(ids))
-            self.image.append(self.names.setdefault(sample.image, len(self.names)) if sample.image else -1)
-            self.length.append(len(ids) + (self.n_img - 1 if sample.image else 0))
+            self.image.extend(self.names.setdefault(name, len(self.names)) for name in images)
+            self.image_offsets.append(len(self.image))
+            self.length.append(len(ids) + (self.n_img - 1) * len(images))
             self.supervised.append(int(mask.sum()))
             self.record_ids.write(json.dumps(sample.id) + "\n")
         self.n_rows += 1
@@ -515,14 +570,15 @@ class _Builder:
         "Write the index arrays and `meta.json` (last: a folder with it is complete)."
         import numpy as np
         for f in (self.ids, self.mask, self.record_ids): f.close()
-        for name, arr, dtype in (("offsets", self.offsets, np.int64), ("image", self.image, np.int32),
-                                 ("length", self.length, np.int32), ("supervised", self.supervised, np.int32)):
+        for name, arr, dtype in (("offsets", self.offsets, np.int64), ("image_offsets", self.image_offsets, np.int64),
+                                 ("image", self.image, np.int32), ("length", self.length, np.int32),
+                                 ("supervised", self.supervised, np.int32)):
             np.save(self.folder / f"{name}.npy", np.frombuffer(arr, dtype=dtype) if len(arr) else
                     np.zeros(0, dtype))
         drops = sorted(self.drops.items(), key=lambda kv: kv[1][1])  # in the order they first occurred
         write_json(self.folder / "images.json", list(self.names))
         write_json(self.folder / "meta.json", {**meta, "version": CACHE_VERSION, "rows": self.n_rows,
-                                               "records": len(self.image), "drops": [
+                                               "records": len(self.length), "drops": [
             {"modality": m, "reason": k, "count": c, "example": ex} for (m, k), (c, _, ex) in drops]})
 
 # %% ../nbs/06_train.ipynb #2e0ae051
@@ -536,14 +592,20 @@ class TokenCache:
             p = self.folder / name
             return np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype)
         self.ids, self.mask = mapped("ids.bin", np.int32), mapped("mask.bin", np.uint8)
-        self.offsets, self.image, self.length, self.supervised = (
-            np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in ("offsets", "image", "length", "supervised"))
+        self.offsets, self.image_offsets, self.image, self.length, self.supervised = (
+            np.load(self.folder / f"{n}.npy", mmap_mode="r")
+            for n in ("offsets", "image_offsets", "image", "length", "supervised"))
         self.images = read_json(self.folder / "images.json")  # unique image names; `image` indexes them
+        self.n_images = np.diff(self.image_offsets)  # images of each record; record i's are image[a:b]
 
-    def __len__(self): return len(self.image)
+    def __len__(self): return len(self.length)
+
+    def images_of(self, i: int) -> list[int]:
+        "Indexes into `images` of record `i`'s images, in marker order."
+        return self.image[int(self.image_offsets[i]):int(self.image_offsets[i + 1])].tolist()
 
     def tokens(self, i: int) -> tuple[list[int], list[int]]:
-        "Compact token ids and reply mask of record `i` (one image placeholder)."
+        "Compact token ids and reply mask of record `i` (one image id per image)."
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.ids[a:b].tolist(), self.mask[a:b].tolist()
 
@@ -559,12 +621,13 @@ def build_token_cache(rows,  # `Sample`s and `RecordError`s (`iter_samples(path,
                       folder: str | Path,  # empty folder to write into
                       workers: int = 1,  # tokenising processes (1: this one)
                       meta: dict | None = None,  # extra values for meta.json (the key's inputs)
+                      volume_slices: int = 8,  # slices of each volume entry (NIfTI, DICOM series): that many images
                      ) -> TokenCache:
     "Tokenise `rows` into a `TokenCache` folder, in `workers` forked processes, reading the rows once."
     import multiprocessing
-    n_img, folder = image_token_count(processor), Path(folder)
-    settings = {"tok": processor.tokenizer, "template": template, "max_length": max_length, "n_img": n_img,
-                "image_id": processor.image_token_id}
+    image, folder = _image_settings(processor), Path(folder)
+    settings = {"tok": processor.tokenizer, "template": template, "max_length": max_length, **image}
+    n_img = image["n_img"]
     build = _Builder(folder, n_img)
     def tokenised(chunks):  # (chunk, results) pairs, in file order
         if workers <= 1:
@@ -577,10 +640,17 @@ def build_token_cache(rows,  # `Sample`s and `RecordError`s (`iter_samples(path,
                 pending.append((c, pool.apply_async(_tokenize_chunk, (c,))))
                 if len(pending) >= 4 * workers: c, job = pending.popleft(); yield c, job.get()
             while pending: c, job = pending.popleft(); yield c, job.get()
-    for chunk, results in tokenised(_chunks(r for r in rows if _count_bad(r, build))):
+    rows = (_with_slices(r, volume_slices) for r in rows if _count_bad(r, build))
+    for chunk, results in tokenised(_chunks(rows)):
         for s, got in zip(chunk, results): build.add(s, got)
     build.finish({**(meta or {}), "image_tokens": n_img, "max_length": max_length})
     return TokenCache(folder)
+
+def _with_slices(sample: Sample, k: int) -> Sample:
+    "`sample` with each volume entry as `k` slice images and markers (as it is where its markers do not fit)."
+    if not any(is_volume(n) for n in record_images(sample)): return sample
+    try: return expand_volumes(sample, k)
+    except ValueError: return sample  # the marker count is refused, with its reason, by `_image_refusal`
 
 def _count_bad(row, build: _Builder) -> bool:
     "False for a malformed row (counted, first in the drop list, as the whole-file reader reported them)."
@@ -598,11 +668,12 @@ def open_token_cache(data: str | Path,  # a LLaVA JSON/JSONL/parquet file
                      template: str | None = None,  # chat template name or text (None: the processor's)
                      max_length: int = 2048,  # longest sequence in tokens
                      workers: int = 0,  # tokenising processes (0: cores - 1 for files over 4 MB, else 1)
+                     volume_slices: int = 8,  # slices of each volume entry (NIfTI, DICOM series)
                     ) -> tuple[TokenCache, bool]:
     "`(cache, warm)`: the data file's tokens from the cache, built first when missing (by one process at a time)."
     import shutil, tempfile
     tpl = resolve_template(processor, template)
-    key = cache_key(data, processor, tpl, max_length)
+    key = cache_key(data, processor, tpl, max_length, volume_slices)
     root = cache_dir() / "tokens"
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
@@ -615,7 +686,7 @@ def open_token_cache(data: str | Path,  # a LLaVA JSON/JSONL/parquet file
         try:
             t0 = time.perf_counter()
             build_token_cache(iter_samples(data, skip_bad=True), processor, tpl, max_length, tmp, n,
-                              {"source": str(data)})
+                              {"source": str(data), "volume_slices": volume_slices}, volume_slices)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True); raise
@@ -658,43 +729,101 @@ class SupervisedDataset:
                  text_only: bool = True,  # keep text-only records (False: LLM frozen)
                  image_workers: int = 8,  # threads checking that the images are present and decodable
                  tokenize_workers: int = 0,  # processes tokenising a file (0: cores - 1 for files over 4 MB, else 1)
+                 config=None,  # the model's config: its patch size refuses smaller images (None: no such check)
+                 volume_slices: int = 8,  # slices of each volume entry (NIfTI, DICOM series): that many images
                 ):
         import numpy as np
         self.source = "" if isinstance(records, list) else f"{records}: "  # named in messages about the file
-        self.images, self.image_id = Path(images) if images else None, processor.image_token_id
-        self.n_image_tokens = image_token_count(processor)
+        image = _image_settings(processor)
+        self.processor, self.family, self.max_length = processor, image["family"], max_length
+        self.images, self.image_id, self.n_image_tokens = Path(images) if images else None, image["image_id"], image["n_img"]
+        self.config, self.real_length = config, None
         if isinstance(records, list):  # records in memory: tokenised into a folder that goes with the dataset
             import tempfile
             self._tmp = tempfile.TemporaryDirectory(prefix="llavamed-tokens-")
             self.tokens, self.warm = build_token_cache(records, processor, resolve_template(processor, template),
-                                                       max_length, self._tmp.name), False
-        else: self.tokens, self.warm = open_token_cache(records, processor, template, max_length, tokenize_workers)
+                                                       max_length, self._tmp.name, volume_slices=volume_slices), False
+        else: self.tokens, self.warm = open_token_cache(records, processor, template, max_length, tokenize_workers,
+                                                        volume_slices)
         drops = [d for d in self.tokens.meta["drops"] if text_only or d["modality"] != "text"]
         self.dropped, self.examples = Counter(), {}
         for d in drops:
             self.dropped[d["reason"]] += d["count"]; self.examples.setdefault(d["reason"], d["example"])
-        rows, has_image = np.arange(len(self.tokens)), self.tokens.image >= 0
+        rows, has_image = np.arange(len(self.tokens)), self.tokens.n_images > 0
         self.skipped = 0 if text_only else int((~has_image).sum()) + sum(
             d["count"] for d in self.tokens.meta["drops"] if d["modality"] == "text")
         self.index = self._preflight(rows if text_only else rows[has_image], image_workers)
         self._stop_or_warn(self.tokens.meta["rows"] - self.skipped, max_dropped_share)
 
-    def _preflight(self, rows, workers: int):
-        "The `rows` whose image passes `_image_problem`; each distinct image is checked once, in threads."
+    def _entries(self, rows):
+        "`(row, image index)` of every image of `rows`: two aligned arrays."
         import numpy as np
-        t0, image = time.perf_counter(), self.tokens.image
-        used = [int(k) for k in np.unique(image[rows]) if k >= 0]
+        starts, counts = self.tokens.image_offsets[rows], self.tokens.n_images[rows]
+        before = np.cumsum(counts) - counts  # entries of the earlier rows
+        at = np.repeat(starts - before, counts) + np.arange(int(counts.sum()))
+        return np.repeat(rows, counts), np.asarray(self.tokens.image[at])
+
+    def _preflight(self, rows, workers: int):
+        "The `rows` whose images pass `_image_problem`; each distinct image is checked once, in threads."
+        import numpy as np
+        t0 = time.perf_counter()
+        entry_rows, entry_images = self._entries(rows)
+        used = [int(k) for k in np.unique(entry_images)]
         checks = _check_images(self.images, [self.tokens.images[k] for k in used], workers)
         self.paths = {k: path for k, (path, _) in zip(used, checks) if path is not None}
         bad = {k: why for k, (_, why) in zip(used, checks) if why}
         self.preflight = {"images": len(used), "ok": len(self.paths),
                           **Counter(why.split(":")[0] for why in bad.values())}
         log.info(f"{self.source}image preflight: {self.preflight} in {time.perf_counter() - t0:.1f} s")
-        if not bad: return rows
-        is_bad = np.isin(image[rows], list(bad))
-        record_ids = self.tokens.record_ids()
-        for j in rows[is_bad]: self._drop(record_ids[j], bad[int(image[j])])
-        return rows[~is_bad]
+        if bad: rows = self._drop_rows(rows, entry_rows, entry_images, bad)
+        return rows if self.family.fixed_tokens else self._fit_lengths(rows, workers)
+
+    def _drop_rows(self, rows, entry_rows, entry_images, bad: dict):
+        "`rows` without those with an image in `bad` (index: reason), each counted under its first bad image's reason."
+        import numpy as np
+        is_bad, record_ids, seen = np.isin(entry_images, list(bad)), self.tokens.record_ids(), set()
+        for j, k in zip(entry_rows[is_bad].tolist(), entry_images[is_bad].tolist()):
+            if j not in seen: seen.add(j); self._drop(record_ids[j], bad[k])
+        return rows[~np.isin(rows, list(seen))]
+
+    def _fit_lengths(self, rows, workers: int):
+        "Real lengths of a size-dependent family (its image tokens counted per image size); too long rows dropped."
+        import numpy as np
+        from concurrent.futures import ThreadPoolExecutor
+        from PIL import Image
+        used = [int(k) for k in np.unique(self._entries(rows)[1])]
+        with ThreadPoolExecutor(max(1, workers)) as pool: sizes = dict(zip(used, pool.map(self._size, used)))
+        record_ids, tokens = self.tokens.record_ids(), {}
+        side = min_image_side(self.config) if self.config is not None else 1
+        def n_tokens(size, several):  # image tokens of one image of this size (one call per distinct size)
+            if (size, several) not in tokens:
+                images = [Image.new("RGB", size)] * (2 if several else 1)
+                tokens[size, several] = len(record_expansions(self.processor, images)[0][0])
+            return tokens[size, several]
+        length, keep = np.array(self.tokens.length, dtype=np.int64), []
+        for j in rows.tolist():
+            ks = self.tokens.images_of(j)
+            if any(min(sizes[k]) < side for k in ks):  # the check's message, from the images' sizes alone
+                try: check_images(Sample(id=record_ids[j], conversations=[]),
+                                  [types.SimpleNamespace(size=sizes[k]) for k in ks], self.config)
+                except ValueError as e: self._drop(record_ids[j], f"image smaller than the patch: {e}")
+                continue
+            try: length[j] += sum(n_tokens(sizes[k], len(ks) > 1) - 1 for k in ks)
+            except ValueError as e:  # the processor refuses the size (e.g. an extreme aspect ratio)
+                self._drop(record_ids[j], f"image refused by the processor: family {self.family.name}: {e}"); continue
+            if length[j] > self.max_length:
+                self._drop(record_ids[j], f"too long with its image tokens: {length[j]} tokens > max_length "
+                                          f"{self.max_length}"); continue
+            keep.append(j)
+        self.real_length = length
+        return np.asarray(keep, dtype=rows.dtype)
+
+    def _size(self, k: int) -> tuple[int, int]:
+        "(width, height) of image `k` (a header read where PIL can, else the decoded image)."
+        from PIL import Image
+        try:
+            with Image.open(self.paths[k]) as im: return im.size
+        except Exception: return load_image(self.paths[k]).size
 
     def _drop(self, rid: str, why: str) -> None:
         "Count a refused record under its reason (the text before the first colon), keeping a first example."
@@ -711,19 +840,25 @@ class SupervisedDataset:
     @property
     def lengths(self) -> list[int]:
         "Token length of each item (image tokens included), read from the cache's index."
-        return self.tokens.length[self.index].tolist()
+        return (self.tokens.length if self.real_length is None else self.real_length)[self.index].tolist()
 
     @property
     def has_image(self) -> list[bool]:
         "Whether each item carries an image."
-        return (self.tokens.image[self.index] >= 0).tolist()
+        return (self.tokens.n_images[self.index] > 0).tolist()
 
     def __getitem__(self, i: int) -> dict:
-        "Item `i` with its image placeholder expanded and its image decoded."
+        "Item `i` with its image ids expanded and its images decoded (LLaVA) or processed (other families)."
         row = int(self.index[i])
-        ids, labels = _expand(*self.tokens.tokens(row), self.image_id, self.n_image_tokens)
-        k = int(self.tokens.image[row])
-        return {"input_ids": ids, "labels": labels, "image": load_image(self.paths[k]) if k >= 0 else None}
+        ids, mask = self.tokens.tokens(row)
+        images = [load_image(self.paths[k]) for k in self.tokens.images_of(row)]
+        if self.family.fast_pixels:  # the collator resizes LLaVA's one image
+            ids, labels = _expand(ids, mask, self.image_id, self.n_image_tokens)
+            return {"input_ids": ids, "labels": labels, "image": images[0] if images else None}
+        expansions, vision = record_expansions(self.processor, images)  # (one call: all of the record's images)
+        if self.family.fixed_tokens: expansions = [[self.image_id] * self.n_image_tokens] * len(images)
+        ids, labels = _splice(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], self.image_id, expansions)
+        return {"input_ids": ids, "labels": labels, "vision": vision or None}
 
     def summary(self) -> dict:
         "Counts worth logging: records kept, dropped by reason, skipped, supervised tokens, images checked."
@@ -742,12 +877,25 @@ def _refuse_drops(source: str, dropped: Counter, examples: dict, n: int, kept: i
     if not kept: raise DroppedError(f"{source}no trainable records among {n}")
 
 # %% ../nbs/06_train.ipynb #128bd757
+def _join_vision(items: list[dict], padded: tuple[str, ...]) -> dict:
+    "Per-record vision tensors as one batch: joined on dim 0, the `padded` keys' dim 1 zero-padded to the most."
+    import torch
+    out = {}
+    for key in items[0]:
+        parts = [torch.as_tensor(it[key]) for it in items]
+        if key in padded:
+            n = max(t.shape[1] for t in parts)
+            parts = [torch.cat([t, t.new_zeros((t.shape[0], n - t.shape[1], *t.shape[2:]))], 1) for t in parts]
+        out[key] = torch.cat(parts)
+    return out
+
 class Collator:
-    "Pad token sequences and preprocess images into a LLaVA training batch."
+    "Pad token sequences and join images into a training batch of the processor's family."
     def __init__(self, processor, pad_to_multiple_of: int | None = None):
-        self.processor, self.multiple = processor, pad_to_multiple_of
+        self.processor, self.multiple, self.family = processor, pad_to_multiple_of, family_of(processor)
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.image_id = tok.convert_tokens_to_ids(self.family.image_token)
 
     def __call__(self, items: list[dict]) -> dict:
         import torch
@@ -764,6 +912,9 @@ class Collator:
         imgs = [it["image"] for it in items if it.get("image") is not None]
         if imgs:
             batch["pixel_values"] = pixel_values(imgs, self.processor.image_processor)  # (N, 3, H, W)
+        vision = [it["vision"] for it in items if it.get("vision")]
+        if vision: batch.update(_join_vision(vision, self.family.padded))
+        if self.family.token_types: batch[self.family.token_types] = (ids == self.image_id).long()  # (B, T)
         return batch
 
 # %% ../nbs/06_train.ipynb #ea733944
@@ -872,24 +1023,37 @@ def part_of(name: str) -> str:
     if "multi_modal_projector" in name: return "projector"
     return "llm"
 
+_FAMILY_PARTS = {"vision": "tower", "projector": "connector", "llm": "lm"}  # `PARTS` as `families.PART_NAMES`
+
 def set_trainable(model, train: tuple[str, ...]) -> dict[str, int]:
-    "Freeze every parameter outside the `train` parts; returns trainable parameter counts per part."
-    counts = Counter()
-    for n, p in model.named_parameters():
-        p.requires_grad_(part_of(n) in train)
-        if p.requires_grad: counts[part_of(n)] += p.numel()
-    return dict(counts)
+    "Freeze every parameter outside the `train` parts (of `PARTS`), on any family; trainable counts per part."
+    counts = set_stage(model, tuple(_FAMILY_PARTS[p] for p in train))
+    return {p: counts[_FAMILY_PARTS[p]] for p in PARTS if p in train}
 
 # %% ../nbs/06_train.ipynb #610af7fc
-def add_lora(model, cfg: StageConfig):
-    "Wrap `model` with peft LoRA on the LM's `cfg.lora_targets` (default: every linear layer); the projector trains fully."
+def _connector_modules(model) -> list[str]:
+    "Names of the family's connector modules (a module list: its members), as `modules_to_save` takes them."
     import torch.nn as nn
+    names = []
+    for prefix in family_of(model).connector:
+        name = prefix.rstrip(".")
+        try: module = model.get_submodule(name)
+        except AttributeError: continue  # a bare parameter (LLaVA-OneVision's image_newline)
+        names += [f"{name}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [name]
+    return names
+
+def add_lora(model, cfg: StageConfig):
+    "Wrap `model` with peft LoRA on the LM's `cfg.lora_targets` (default: every linear layer); the connector trains fully."
     from peft import LoraConfig, get_peft_model
-    targets = list(cfg.lora_targets) or sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                      if isinstance(m, nn.Linear) and part_of(n) == "llm" and not n.endswith("lm_head")})
+    import re
+    names = sorted({n.rsplit(".", 1)[-1] for n in lora_targets(model)})  # the LM's linear layers, by short name
+    names = [n for n in names if n in cfg.lora_targets] if cfg.lora_targets else names
+    if not names: raise ValueError(f"StageConfig.lora_targets: {list(cfg.lora_targets)} name no linear layer "
+                                   f"of the language model")
+    lm = "|".join(re.escape(p.removeprefix("model.").rstrip(".")) for p in family_of(model).lm if p != "lm_head.")
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=rf".*language_model.*\.({'|'.join(targets)})$",
-                      modules_to_save=["multi_modal_projector"] if "projector" in cfg.train else None)
+                      target_modules=rf".*({lm}).*\.({'|'.join(names)})$",
+                      modules_to_save=_connector_modules(model) if "projector" in cfg.train else None)
     return get_peft_model(model, lcfg)
 
 # %% ../nbs/06_train.ipynb #f009ffb4
@@ -900,25 +1064,34 @@ def _zero_missing_grads(optimizer, args, kwargs):
         for p in g["params"]:
             if p.requires_grad and p.grad is None: p.grad = torch.zeros_like(p)
 
+def _is_connector(family, name: str) -> bool:
+    "Whether the parameter `name` (possibly wrapped: peft, DeepSpeed) is in the family's connector."
+    return any(prefix.rstrip(".") in name for prefix in family.connector)
+
 def _trainable_projector(model):
-    "The (possibly wrapped) projector module of `model` when any of its weights train, else None."
+    "The (possibly wrapped) connector of `model` when any of its weights train, else None; LLaVA's is a module."
+    fam = family_of(getattr(model, "module", model))
+    if fam.name != "llava":  # the connector's trainable weights
+        params = [p for n, p in model.named_parameters() if p.requires_grad and _is_connector(fam, n)]
+        return params or None
     for name, m in model.named_modules():
         if name.endswith("multi_modal_projector"):
             return m if any(p.requires_grad for p in m.parameters()) else None
     return None
 
 def _zero_touch(projector):
-    "`0 x` the projector's output on a zero feature vector: a 0 whose backward reaches every projector weight."
+    "A 0 whose backward reaches every connector weight: `0 x` LLaVA's projector on a zero feature, else its weights."
     import torch
+    if isinstance(projector, list): return 0.0 * sum(p.sum() for p in projector)
     lin = next(m for m in projector.modules() if isinstance(m, torch.nn.Linear))
     w = next(p for p in projector.parameters())
     return 0.0 * projector(torch.zeros(1, 1, lin.in_features, device=w.device, dtype=w.dtype)).sum()
 
 def _param_groups(model, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
     "Optimiser groups of the trainable weights: the projector at `projector_lr` (None: `lr`), the rest at `lr`."
-    groups = {"rest": [], "projector": []}
+    groups, fam = {"rest": [], "projector": []}, family_of(getattr(model, "module", model))
     for n, p in model.named_parameters():
-        if p.requires_grad: groups["projector" if part_of(n) == "projector" else "rest"].append(p)
+        if p.requires_grad: groups["projector" if _is_connector(fam, n) else "rest"].append(p)
     rates = {"rest": lr, "projector": projector_lr or lr}
     return [{"params": ps, "lr": rates[k], "weight_decay": weight_decay} for k, ps in groups.items() if ps]
 
@@ -1009,15 +1182,44 @@ def _attention(model, device: str, choice: str = "auto") -> str:
         log.warning(f"attention {impl} unavailable ({e}); keeping {model.config._attn_implementation}")
     return model.config._attn_implementation
 
+def _family_source(name) -> str | Path | None:
+    "A family's tiny preset ('tiny-gemma3') or a saved model folder of a family other than LLaVA; else None."
+    if str(name) in TINY_PRESETS and str(name) != "tiny" and not Path(name).is_dir(): return str(name)
+    config = Path(name) / "config.json"
+    kind = read_json(config).get("model_type") if config.is_file() else None
+    return Path(name) if kind != "llava" and ALIASES.get(kind, kind) in FAMILIES else None
+
+def _load_any(src, dtype: str, tokenizer_texts: list[str] | None = None):
+    "`(model, processor)` on the CPU from a LLaVA source (`load_model`) or another family's preset or folder."
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    family_src = _family_source(src)
+    if family_src is None: return load_model(src, dtype=dtype, device="cpu", tokenizer_texts=tokenizer_texts)
+    if isinstance(family_src, str):
+        model, processor = build_family(family_src, tokenizer_texts=tokenizer_texts)
+        return model.to(getattr(torch, dtype)), processor
+    model = AutoModelForImageTextToText.from_pretrained(family_src, dtype=getattr(torch, dtype))
+    return model.eval(), AutoProcessor.from_pretrained(family_src)
+
+def _end_of_turn_eos(model, processor) -> None:
+    "Make the family's end-of-turn token one of the generation config's EOS ids (so a checkpoint stops there)."
+    gen, fam = model.generation_config, family_of(model)
+    end = processor.tokenizer.convert_tokens_to_ids(fam.end_of_turn)
+    eos = [] if gen.eos_token_id is None else list(gen.eos_token_id) if isinstance(gen.eos_token_id, list) \
+        else [gen.eos_token_id]
+    if end not in eos: gen.eos_token_id = [*eos, end] if eos else end
+
 def _start_model(run: RunConfig, dtype: str):
     "`(model, processor, base_dir)`: the starting model on the CPU in `dtype` and the folder holding it."
-    src = resolve_model(run.model)  # a preset, a LLaVA folder (a raw release converted into the cache first)
+    # a LLaVA preset or folder (a raw release converted into the cache first), or another family's
+    src = _family_source(run.model) or resolve_model(run.model)
     base_dir = str(src) if isinstance(src, Path) else None
     samples = [] if base_dir else (r for f, _ in data_sources(run.data)  # the dataset counts the bad ones
                                    for r in iter_samples(f, skip_bad=True))
     texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in samples if isinstance(r, Sample)
                                    for t in r.conversations]
-    model, processor = load_model(src, dtype=dtype, device="cpu", tokenizer_texts=texts)
+    model, processor = _load_any(src, dtype, tokenizer_texts=texts)
+    _end_of_turn_eos(model, processor)
     return model, processor, base_dir
 
 def _save_base(model, processor, run: RunConfig, base_dir: str | None, rank: int) -> str | None:
@@ -1100,7 +1302,8 @@ def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
                           f"(pip install {need[0]}); or pass report_to='none'")
     if run.images is not None and not Path(run.images).is_dir():
         raise FileNotFoundError(f"images {run.images}: no such folder")
-    resolve_model(run.model)  # a preset, a folder, a hub id or a raw release; else one line naming it
+    if _family_source(run.model) is None:  # a LLaVA preset, folder, hub id or raw release; else one line naming it
+        resolve_model(run.model)
     if run.lora and "llm" not in cfg.train:
         raise ValueError(f"RunConfig.lora: stage {cfg.name!r} does not train the language model")
     if run.dry_run: return None  # a dry run writes nothing: what `out` holds does not matter
@@ -1209,13 +1412,14 @@ def _dry_run(cfg: StageConfig, run: RunConfig, args, model, ds) -> DryRunResult:
                         tokens=sum(lengths), longest=max(lengths), steps=steps, params=params, memory_gib=mem)
 
 # %% ../nbs/06_train.ipynb #765c8284
-def _train_dataset(cfg: StageConfig, run: RunConfig, processor, checkers: int):
+def _train_dataset(cfg: StageConfig, run: RunConfig, processor, checkers: int, config=None):
     "The run's dataset: one `SupervisedDataset`, or a `MixedDataset` of its weighted sources; counts logged."
     sources, parts = data_sources(run.data), []
     for path, weight in sources:
         parts.append(SupervisedDataset(path, processor, run.images, cfg.max_length, cfg.template,
                                        cfg.max_dropped_share, text_only="llm" in cfg.train, image_workers=checkers,
-                                       tokenize_workers=run.tokenize_workers))
+                                       tokenize_workers=run.tokenize_workers, config=config,
+                                       volume_slices=run.volume_slices))
         log.info(f"data {path}: {len(parts[-1])} records kept, weight {weight:g}, token cache "
                  f"{'warm' if parts[-1].warm else 'built now'} ({parts[-1].tokens.folder.name})")
     if len(parts) == 1 and sources[0][1] == 1: return parts[0]
@@ -1238,10 +1442,11 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
     model, processor, base_dir = _start_model(run, dtype)
     # every record and image is checked before anything in `out` changes
     checkers = max(run.num_workers, min(8, os.cpu_count() or 1))  # threads checking the images
-    ds = _train_dataset(cfg, run, processor, checkers)
+    ds = _train_dataset(cfg, run, processor, checkers, model.config)
     eval_ds = None if run.eval_data is None else SupervisedDataset(
         run.eval_data, processor, run.images, cfg.max_length, cfg.template, cfg.max_dropped_share,
-        text_only="llm" in cfg.train, image_workers=checkers, tokenize_workers=run.tokenize_workers)
+        text_only="llm" in cfg.train, image_workers=checkers, tokenize_workers=run.tokenize_workers,
+        config=model.config, volume_slices=run.volume_slices)
     base_dir = _save_base(model, processor, run, base_dir, rank)
     found = {"attention": _attention(model, device, run.attention), "trainable": set_trainable(model, cfg.train)}
     if run.lora: model = add_lora(model, cfg)
@@ -1289,6 +1494,7 @@ def tokenize(data: str = None,  # training file (LLaVA JSON/JSONL/parquet); requ
              template: str | None = None,  # chat template name or text (None: the stage's)
              max_length: int | None = None,  # longest sequence (None: the stage's)
              workers: int = 0,  # tokenising processes (0: cores - 1 for files over 4 MB, else 1)
+             volume_slices: int = 8,  # slices of each volume entry (the run's --volume-slices)
              quiet: bool = False,  # no progress bar
             ) -> TokenizeResult:
     "Tokenise a data file into the token cache now, so that a later `train` on it starts warm on every rank."
@@ -1297,7 +1503,7 @@ def tokenize(data: str = None,  # training file (LLaVA JSON/JSONL/parquet); requ
     if not Path(data).is_file(): raise FileNotFoundError(f"data {data}: no such file")
     cfg = StageConfig.load(stage, template=template, max_length=max_length)
     _, processor, _ = _start_model(RunConfig(model=model, data=data), "float32")
-    tokens, warm = open_token_cache(data, processor, cfg.template, cfg.max_length, workers)
+    tokens, warm = open_token_cache(data, processor, cfg.template, cfg.max_length, workers, volume_slices)
     drops, examples = Counter(), {}
     for d in tokens.meta["drops"]:
         drops[d["reason"]] += d["count"]; examples.setdefault(d["reason"], d["example"])
@@ -1315,6 +1521,6 @@ def merge_lora(adapter: str | Path,  # folder with adapter_config.json (a LoRA s
     from peft import PeftModel
     from transformers import AutoProcessor
     base = base or read_json(Path(adapter) / "adapter_config.json")["base_model_name_or_path"]
-    model, _ = load_model(base, dtype="float32", device="cpu")
+    model, _ = _load_any(base, "float32")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return save_model(merged, AutoProcessor.from_pretrained(str(adapter)), out)
