@@ -31,7 +31,10 @@ def conversation(text: str, n_images: int = 1) -> list[dict]:
 
 
 def local_answers(folder: Path, convs: list, imgs: list, max_new_tokens: int) -> list[str]:
-    "Greedy answers of the saved model in this process: `generate` on its processor's inputs, one at a time."
+    """Greedy answers of the saved model in this process: `generate` on its processor's inputs, one at a time,
+    stopping where the checkpoint's generation config says (as every server does). `generate_batch` also stops
+    at the tokenizer's end of text, which the tiny presets' generation configs do not list, so a random model
+    that writes it mid-answer ends earlier there."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
