@@ -970,13 +970,13 @@ def tiny_release_checkpoint(out: str | Path,  # directory to write
 # %% ../nbs/05_model.ipynb #97f97094
 @dataclass
 class BuiltModel(Result):
-    "What `build` wrote: an untrained LLaVA (fresh projector) and its processor, where stage 1 starts."
+    "What `build` wrote: an untrained model (fresh projector or connector) and its processor, stage 1's start."
     out: str  # the new model folder
     vision: str  # the tower's folder or hub id
     vision_type: str  # 'clip_vision_model' or 'siglip_vision_model'
     lm: str  # the LM's folder or hub id
     lm_type: str  # the LM's model_type ('mistral', 'llama', 'qwen2', ...)
-    projector: str  # 'mlp2x_gelu' or 'linear'
+    projector: str  # 'mlp2x_gelu' or 'linear' (another family: its connector module)
     image_tokens: int  # placeholders per image
     template: str  # the chat template's name, or 'custom' (from a file)
     parameters: int  # weights in all
@@ -999,6 +999,24 @@ def _template_text(template: str) -> str:
     return text
 
 # %% ../nbs/05_model.ipynb #0268f040
+def _build_preset(preset: str, out, seed: int, dtype: str | None) -> BuiltModel:
+    "Write the tiny `preset` (random weights, a BPE trained on a built-in paragraph) as the folder `out`."
+    import torch
+    from llavamed.families import TINY_PRESETS, build_family, family_of, image_tokens
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"--preset {preset!r}: expected one of {', '.join(TINY_PRESETS)}")
+    if not out: raise ValueError("build --preset needs --out DIR")
+    out, dt = _check_new_dir(out), getattr(torch, dtype or "float32", None)
+    if not isinstance(dt, torch.dtype): raise ValueError(f"--dtype {dtype!r}: not a torch dtype")
+    model, proc = build_family(preset, seed=seed)
+    with _staged_dir(out) as tmp: save_model(model.to(dt), proc, tmp)
+    fam, cfg = family_of(model), model.config
+    connector = cfg.llavamed["projector"] if fam.name == "llava" else fam.connector[0].rstrip(".")
+    log.info(f"built preset {preset} ({fam.name}) -> {out}")
+    return BuiltModel(str(out), preset, cfg.vision_config.model_type, preset, cfg.get_text_config().model_type,
+                      connector, image_tokens(proc), model_metadata(model, proc)["template"],
+                      sum(p.numel() for p in model.parameters()))
+
 def build(vision: str = None,  # vision tower: folder or hub id (a transformers CLIP or SigLIP model)
           lm: str = None,  # causal LM: folder or hub id, with its tokenizer
           out: str = None,  # the new model folder (absent or empty)
@@ -1008,10 +1026,15 @@ def build(vision: str = None,  # vision tower: folder or hub id (a transformers 
           aspect: str = "pad",  # 'pad' to square with the mean colour (v1.5) or 'crop' (v1.0)
           template: str = "mistral_instruct",  # mistral_instruct, vicuna_v1, plain, or a Jinja file
           dtype: str = None,  # weights' dtype, e.g. 'bfloat16' (default: bf16 on CUDA, else float32)
+          preset: str = None,  # a tiny preset to write as a folder instead (tiny, tiny-gemma3, ...)
+          seed: int = 0,  # with --preset: seed of its random weights
          ) -> BuiltModel:
-    "Compose an untrained LLaVA from a vision tower and a causal LM; `train --stage align --model OUT` goes on."
+    "Compose an untrained LLaVA from a tower and an LM, or write a tiny preset; `train --stage align` goes on."
+    if preset is not None:
+        if vision or lm: raise ValueError("build takes --preset NAME or --vision and --lm, not both")
+        return _build_preset(preset, out, seed, dtype)
     if not (vision and lm and out):
-        raise ValueError("build needs --vision ID_OR_DIR, --lm ID_OR_DIR and --out DIR")
+        raise ValueError("build needs --vision ID_OR_DIR, --lm ID_OR_DIR and --out DIR (or --preset NAME)")
     out = _check_new_dir(out)
     chat_template = _template_text(template)
     vision_dir = _source_dir(vision, "vision")

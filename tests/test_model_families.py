@@ -337,3 +337,45 @@ def test_chat_answers_with_a_family_folder(preset, tmp_path, capsys):
     assert printed == generate_batch(back, back_proc, [_conv("What is shown?")], [_image()], max_new_tokens=4)[0]
     two = chat((back, back_proc), str(tmp_path / "x.png"), question="Again?", max_new_tokens=3, no_stream=True)
     assert len(two.answers) == 1
+
+
+def test_a_family_folder_whose_tokenizer_outgrew_its_embeddings_is_refused(tmp_path):
+    from transformers import AutoProcessor
+    model, proc = _tiny("tiny-gemma3")
+    save_model(model, proc, tmp_path / "m")
+    grown = AutoProcessor.from_pretrained(tmp_path / "m")
+    rows = model.get_input_embeddings().weight.shape[0]
+    grown.tokenizer.add_tokens([f"<extra_{i}>" for i in range(rows - len(grown.tokenizer) + 3)])
+    grown.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=f"the tokenizer has {rows + 3} tokens but the embeddings {rows} rows"):
+        load_model(tmp_path / "m", device="cpu")
+
+
+# ---------------------------------------------------------------- build --preset
+
+@pytest.mark.skipif(bool(_missing("tiny-qwen2_5_vl")), reason="tiny-qwen2_5_vl's processor needs torchvision")
+def test_build_writes_a_family_preset_as_a_folder_every_command_loads(tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    assert main(["--json", "build", "--preset", "tiny-qwen2_5_vl", "--out", str(tmp_path / "q")]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert (built["values"] if "values" in built else built)["template"] == "qwen2_5_vl"
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "q")).__name__ == \
+        "Qwen2_5_VLForConditionalGeneration"
+    assert type(AutoProcessor.from_pretrained(tmp_path / "q")).__name__ == "Qwen2_5_VLProcessor"
+    data = _vqa(tmp_path)
+    assert main(["predict", "--model", str(tmp_path / "q"), "--data", str(data), "--images", str(tmp_path / "images"),
+                 "--out", str(tmp_path / "a.jsonl"), "--max-new-tokens", "2", "--quiet", "--device", "cpu"]) == 0
+    assert len(_answers(tmp_path / "a.jsonl")) == 4
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "q").iterdir())
+    assert main(["build", "--preset", "tiny-gemma3", "--out", str(tmp_path / "q")]) == 2  # not a new folder
+    _one_line(capsys, "exists and is not empty")
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == before
+
+
+def test_build_preset_refuses_parts_and_unknown_presets_in_one_line(tmp_path, capsys):
+    assert main(["build", "--preset", "tiny-gemma3", "--vision", "org/clip", "--out", str(tmp_path / "x")]) == 2
+    _one_line(capsys, "build takes --preset NAME or --vision and --lm, not both")
+    assert main(["build", "--preset", "tiny-mllama", "--out", str(tmp_path / "x")]) == 2
+    _one_line(capsys, "--preset 'tiny-mllama': expected one of tiny, tiny-qwen2_5_vl")
+    assert not (tmp_path / "x").exists()
