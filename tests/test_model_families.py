@@ -379,3 +379,19 @@ def test_build_preset_refuses_parts_and_unknown_presets_in_one_line(tmp_path, ca
     assert main(["build", "--preset", "tiny-mllama", "--out", str(tmp_path / "x")]) == 2
     _one_line(capsys, "--preset 'tiny-mllama': expected one of tiny, tiny-qwen2_5_vl")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"model_class": "Gemma9ForConditionalGeneration"},
+     "has no Gemma9ForConditionalGeneration; install a transformers"),
+    ({"needs": ("a_package_not_installed",)}, "its processor needs a_package_not_installed, not installed")])
+def test_a_family_this_environment_cannot_run_is_one_line(tmp_path, capsys, monkeypatch, change, needle):
+    "A row whose class the installed transformers lacks, or whose package is missing: `families.require`'s line."
+    import dataclasses
+    from llavamed.families import FAMILIES
+    monkeypatch.setitem(FAMILIES, "gemma3", dataclasses.replace(FAMILIES["gemma3"], **change))
+    d = _folder(tmp_path, "gemma3")
+    with pytest.raises(ValueError, match=needle): resolve_model(d)
+    _image().save(tmp_path / "x.png")
+    assert main(["chat", "--model", str(d), "--image", str(tmp_path / "x.png"), "--question", "Hi?"]) == 2
+    _one_line(capsys, "family gemma3", needle)
