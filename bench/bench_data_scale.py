@@ -8,17 +8,28 @@ placeholder worth 576 tokens (LLaVA-1.5's 336 px / 14 px grid) and the records r
   already loaded);
 - time to first batch, cold (empty cache: tokenise, write, map, image preflight, grouped order, first
   collated batch) and warm (the same with the cache in place);
-- tokenisation throughput: records / cold dataset seconds / the machine's cores;
+- tokenisation throughput: records / cold dataset seconds / the machine's cores, for each
+  `--tokenize-workers` count (0: the library's default), and a cold start split into its phases (reading the
+  file alone, building the cache, the dataset on the warm cache: image preflight and index);
 - memory after a full pass over the data (every item, collated in batches of 64; the collator's pixels at
   64 px so a pass takes minutes, the items keep their 576 image tokens) with no data-loader workers and
-  with 4: the sum of the processes' PSS (pages shared between them counted once in all) after the first
-  batch and after the pass (its growth is what copy-on-write of the dataset would add), beside the
-  process's PSS just before the dataset was made;
+  with 4, from /proc/PID/smaps of the main process and of each worker, split by kind of mapping (the token
+  cache's files, other files such as libraries, anonymous memory, shared memory): RSS, PSS (pages shared
+  between processes divided among them) and USS (pages of that process alone), after the first batch and
+  after the pass (the growth of USS between them), and the ratios with workers to without of RSS, PSS and
+  USS, of all memory and of the processes' own (anonymous + shared memory + cache pages: the libraries'
+  pages are shared with every Python process on the machine, so their PSS depends on what else runs).
+  The passes with workers: `pass4` as they run today; `pass4_mmap_threshold`: each worker's glibc malloc
+  with a fixed mmap threshold of 64 KiB, so the batch buffers it frees go back to the system (glibc raises
+  its threshold after each freed mapped block, the next batches then come from the heap, which keeps them);
+  `pass4_freeze`, `pass4_collect_freeze`, `pass4_worker_freeze`: `gc.freeze()` in the parent or in each
+  worker (copy-on-write through the workers' garbage collector, for comparison);
 - two processes mapping one cache: the sum of their PSS on the cache files vs one process's RSS on them.
 
     OMP_NUM_THREADS=1 python bench/bench_data_scale.py --sizes 10000 100000 [600000] [--images 2000]
+        [--tokenize-workers 0 2] [--passes pass0 pass4 pass4_mmap_threshold pass4_freeze] [--no-pass]
 """
-import argparse, json, multiprocessing, os, random, resource, subprocess, sys, tempfile, time
+import argparse, gc, json, multiprocessing, os, random, re, resource, subprocess, sys, tempfile, time
 from pathlib import Path
 
 WORDS = ("the chest x-ray shows a small nodule in the left lower lobe with no pleural effusion axial ct of the "
@@ -64,16 +75,55 @@ def rss_mb(pid="self") -> float:
 
 def pss_mb(pid, only: str | None = None) -> tuple[float, float]:
     "(PSS, RSS) in MB of process `pid`, of all its memory or only of mappings whose path contains `only`."
-    if only is None:
-        vals = dict(l.split(":", 1) for l in open(f"/proc/{pid}/smaps_rollup") if ":" in l and not l[0].isdigit() and not l.startswith(("5", "7")))
-        return int(vals["Pss"].split()[0]) / 1024, int(vals["Rss"].split()[0]) / 1024
-    pss = rss = 0; inside = False
+    got = memory_mb(pid, only)
+    if only is None: return sum(k["pss"] for k in got.values()), sum(k["rss"] for k in got.values())
+    return got["cache"]["pss"], got["cache"]["rss"]
+
+
+KINDS = ("cache", "file", "anon", "shmem")  # token cache files, other files (libraries), anonymous, shared memory
+
+
+def _kind(path: str, cache: str | None) -> str:
+    "Which of `KINDS` a mapping with this path is."
+    if cache and cache in path: return "cache"
+    if path.startswith(("/dev/shm/", "/memfd:", "/SYSV")) or path.endswith("(deleted)"): return "shmem"
+    return "file" if path.startswith("/") else "anon"  # '', [heap], [stack], [anon:...]
+
+
+def memory_mb(pid, cache: str | None = None) -> dict:
+    "RSS, PSS and USS (private clean + dirty) in MB of process `pid` by `KINDS`, from /proc/PID/smaps."
+    out, kind = {k: {"rss": 0, "pss": 0, "uss": 0} for k in KINDS}, "anon"
     for line in open(f"/proc/{pid}/smaps"):
-        head = line.split()
-        if "-" in head[0] and len(head) >= 5: inside = len(head) >= 6 and only in head[-1]
-        elif inside and head[0] == "Pss:": pss += int(head[1])
-        elif inside and head[0] == "Rss:": rss += int(head[1])
-    return pss / 1024, rss / 1024
+        head = line.split(None, 5)
+        if re.match(r"[0-9a-f]+-[0-9a-f]+$", head[0]):
+            kind = _kind(head[5].strip() if len(head) > 5 else "", cache)
+        elif head[0] == "Rss:": out[kind]["rss"] += int(head[1])
+        elif head[0] == "Pss:": out[kind]["pss"] += int(head[1])
+        elif head[0] in ("Private_Clean:", "Private_Dirty:"): out[kind]["uss"] += int(head[1])
+    return {k: {m: round(v / 1024, 1) for m, v in d.items()} for k, d in out.items()}
+
+
+def _total(per_process: list[dict], measure: str) -> float:
+    "The sum of `measure` over every process and kind."
+    return round(sum(d[measure] for p in per_process for d in p.values()), 1)
+
+
+def _freeze_in_worker(_):
+    "A data-loader worker's first act: its collector leaves the objects it inherited alone."
+    gc.freeze()
+
+
+def _fixed_mmap_threshold(_=None):
+    "glibc's malloc: blocks of 64 KiB and over mapped (and unmapped when freed), the threshold no longer raised."
+    import ctypes
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD; setting it ends the dynamic threshold
+
+
+PASSES = {  # a full pass: (data-loader workers, their init function); the freezes keep the parent's objects
+    "pass0": (0, None),  # out of the workers' garbage collections, each in another way
+    "pass4": (4, None), "pass4_freeze": (4, None), "pass4_collect_freeze": (4, None),
+    "pass4_worker_freeze": (4, _freeze_in_worker),
+    "pass4_mmap_threshold": (4, _fixed_mmap_threshold)}  # each worker's malloc returns freed batch buffers
 
 
 def child(args) -> None:
@@ -87,7 +137,8 @@ def child(args) -> None:
     before, before_pss, t0 = rss_mb(), pss_mb(os.getpid())[0], time.perf_counter()
     peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if what in ("cold", "warm"):
-        ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
+        ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False,
+                               tokenize_workers=args.tokenize_workers[0])
         t_ds = time.perf_counter() - t0
         order = grouped_order(ds.lengths, ds.has_image, 16, 8, seed=0)
         batch = Collator(proc)([ds[i] for i in order[:16]])
@@ -96,25 +147,44 @@ def child(args) -> None:
         print(json.dumps({"what": what, "dataset_s": round(t_ds, 2), "first_batch_s": round(t_first, 2),
                           "dataset_peak_rss_mb": round(max(peak, peak0) - before, 1), "records": len(ds),
                           "batch_shape": list(batch["input_ids"].shape)}))
-    elif what in ("pass0", "pass4"):
+    elif what == "phases":  # where a cold start's time goes: reading, tokenising, the rest of the dataset
+        from llavamed.core import iter_samples
+        from llavamed.train import open_token_cache
+        n_read = sum(1 for _ in iter_samples(data, skip_bad=True))
+        t_read = time.perf_counter() - t0
+        _, warm = open_token_cache(data, proc, template="plain", max_length=2048, workers=args.tokenize_workers[0])
+        t_tokens = time.perf_counter() - t0 - t_read
+        ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
+        t_rest = time.perf_counter() - t0 - t_read - t_tokens
+        batch = Collator(proc)([ds[i] for i in grouped_order(ds.lengths, ds.has_image, 16, 8, seed=0)[:16]])
+        print(json.dumps({"what": what, "tokenize_workers": args.tokenize_workers[0], "was_warm": warm,
+                          "read_s": round(t_read, 2), "read_records_per_s": round(n_read / t_read),
+                          "cache_build_s": round(t_tokens, 2), "dataset_on_warm_cache_s": round(t_rest, 2),
+                          "first_batch_s": round(time.perf_counter() - t0 - t_read - t_tokens - t_rest, 2),
+                          "preflight_images": ds.preflight["images"], "batch_shape": list(batch["input_ids"].shape)}))
+    elif what in PASSES:
         from torch.utils.data import DataLoader
         ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
-        workers = 4 if what == "pass4" else 0
+        workers = PASSES[what][0]
         proc.image_processor.crop_size = {"height": 64, "width": 64}  # the items keep their 576 image tokens;
         proc.image_processor.size = {"shortest_edge": 64}  # 64 px pixels keep a full pass within minutes
         dl = DataLoader(ds, batch_size=64, collate_fn=Collator(proc), num_workers=workers,
-                        persistent_workers=workers > 0)
-        def total():  # PSS of this process and its data-loader workers
-            pids = [os.getpid()] + [p.pid for p in multiprocessing.active_children()]
-            return sum(pss_mb(p)[0] for p in pids), len(pids)
+                        persistent_workers=workers > 0, worker_init_fn=PASSES[what][1])
+        if what == "pass4_collect_freeze": gc.collect()
+        if what in ("pass4_freeze", "pass4_collect_freeze"): gc.freeze()
+        cache = str(ds.tokens.folder)
+        def measure():  # by process (this one first, then its data-loader workers) and kind of mapping
+            return [memory_mb(p, cache) for p in [os.getpid()] + [c.pid for c in multiprocessing.active_children()]]
         n, first = 0, None
         for b in dl:
             n += b["input_ids"].shape[0]
-            if first is None: first = total()[0]
-        end, n_proc = total()
-        print(json.dumps({"what": what, "items": n, "processes": n_proc, "pss_before_dataset_mb": round(before_pss, 1),
-                          "pss_first_batch_mb": round(first, 1), "pss_after_pass_mb": round(end, 1),
-                          "growth_over_pass_mb": round(end - first, 1)}))
+            if first is None: first = measure()
+        end = measure()
+        growth = [{k: round(e[k]["uss"] - f[k]["uss"], 1) for k in KINDS} for f, e in zip(first, end)]
+        print(json.dumps({"what": what, "items": n, "processes": len(end), "pss_before_dataset_mb": round(before_pss, 1),
+                          **{f"{m}_{when}_mb": _total(got, m) for when, got in (("first_batch", first), ("after_pass", end))
+                             for m in ("rss", "pss", "uss")},
+                          "uss_growth_over_pass_mb": growth, "after_pass": end}))
     elif what == "map":  # touch every page of the cache's token files, then wait to be measured
         ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
         s = int(np.asarray(ds.tokens.ids).sum()) + int(np.asarray(ds.tokens.mask).sum())
@@ -122,8 +192,16 @@ def child(args) -> None:
         sys.stdin.readline()
 
 
-def run_child(root, n, what, extra=()):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def pass_ratios(workers: dict, none: dict) -> dict:
+    "After the pass, with workers over without: RSS, PSS and USS of all memory and of the processes' own."
+    own = lambda r, m: sum(p[k][m] for p in r["after_pass"] for k in ("anon", "shmem", "cache"))
+    return {**{m: round(workers[f"{m}_after_pass_mb"] / none[f"{m}_after_pass_mb"], 2) for m in ("rss", "pss", "uss")},
+            **{f"own_{m}": round(own(workers, m) / own(none, m), 2) for m in ("rss", "pss", "uss")}}
+
+
+def run_child(root, n, what, extra=(), cache=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           **({"LLAVAMED_CACHE": str(cache)} if cache else {})}
     p = subprocess.run([sys.executable, __file__, "--child", what, "--root", str(root), "--n", str(n), *extra],
                        env=env, capture_output=True, text=True)
     if p.returncode: raise SystemExit(p.stderr[-3000:])
@@ -147,6 +225,10 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--no-pass", action="store_true", help="skip the full passes over the data")
+    ap.add_argument("--passes", nargs="+", default=["pass0", "pass4", "pass4_mmap_threshold"], choices=PASSES,
+                    help="full passes to measure (pass0: no workers, the denominator of the ratios)")
+    ap.add_argument("--tokenize-workers", type=int, nargs="+", default=[0],
+                    help="cold starts with these tokenising processes (0: the default, cores - 1)")
     ap.add_argument("--child"); ap.add_argument("--root"); ap.add_argument("--n", type=int)
     args = ap.parse_args()
     if args.child: return child(args)
@@ -155,15 +237,18 @@ def main():
     cores = len(os.sched_getaffinity(0))
     for n in args.sizes:
         make_data(root, n, args.images)
-        cold = run_child(root, n, "cold")
-        warm = run_child(root, n, "warm")
-        res = {"records": n, "distinct_images": args.images, "cores": cores, "cold": cold, "warm": warm,
-               "records_per_s_per_core_cold": round(n / cold["dataset_s"] / cores)}
+        res = {"records": n, "distinct_images": args.images, "cores": cores}
+        for i, w in enumerate(args.tokenize_workers):  # the first fills the cache the rest of the run maps
+            cold = run_child(root, n, "cold", ["--tokenize-workers", str(w)],
+                             cache=None if i == 0 else Path(tempfile.mkdtemp(dir=root, prefix="cold-")))
+            res[f"cold_tokenize_workers_{w}"] = {**cold, "records_per_s_per_core": round(n / cold["dataset_s"] / cores)}
+        res["warm"] = run_child(root, n, "warm")
+        res["cold_phases"] = run_child(root, n, "phases", ["--tokenize-workers", str(args.tokenize_workers[0])],
+                                       cache=Path(tempfile.mkdtemp(dir=root, prefix="phases-")))
         if not args.no_pass:
-            res["pass_no_workers"] = run_child(root, n, "pass0")
-            res["pass_4_workers"] = run_child(root, n, "pass4")
-            res["ratio_4_workers_to_none_after_pass"] = round(res["pass_4_workers"]["pss_after_pass_mb"]
-                                                              / res["pass_no_workers"]["pss_after_pass_mb"], 2)
+            for what in dict.fromkeys(["pass0", *args.passes]): res[what] = run_child(root, n, what)
+            for what in args.passes:  # own memory: anonymous + shared memory + the cache's pages (the target: < 1.2x)
+                if what != "pass0": res[f"ratio_{what}_to_pass0"] = pass_ratios(res[what], res["pass0"])
         res["two_processes"] = two_processes(root, n)
         print(json.dumps(res), flush=True)
 
