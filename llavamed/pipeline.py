@@ -20,8 +20,8 @@ from .eval import load_answers
 from .report import bar_chart, evaluate, report
 
 # %% auto #0
-__all__ = ['log', 'DEMO_STAGES', 'STAGE_PRESETS', 'FAMILY_STAGES', 'STEP_NAMES', 'STEP_KEYS', 'STEP_INPUTS', 'DemoConfig',
-           'Steps', 'group_vqa', 'pick_examples', 'write_report', 'DemoReport', 'run_pipeline', 'demo']
+__all__ = ['log', 'DEMO_STAGES', 'STAGE_PRESETS', 'FAMILY_STAGES', 'STAGE0_FEATURES', 'STEP_NAMES', 'STEP_KEYS', 'STEP_INPUTS',
+           'DemoConfig', 'Steps', 'group_vqa', 'pick_examples', 'write_report', 'DemoReport', 'run_pipeline', 'demo']
 
 # %% ../nbs/09_pipeline.ipynb #c898fcf0
 log = get_logger("llavamed.pipeline")
@@ -248,10 +248,23 @@ def _tower_step(cfg: DemoConfig, corpus: Path, quiet: bool):
     return step
 
 # %% ../nbs/09_pipeline.ipynb #3b6b9eaa
-_STAGE0_SKIPPED = ("stage 0 (tower pretraining on labels.json) skipped: it trains LLaVA's tower through the "
-                   "layer and tokens LLaVA's projector reads (`vision_feature_layer`, "
-                   "`vision_feature_select_strategy`), which a {family} model has not; its tiny {tower} "
-                   "keeps its random init")
+STAGE0_FEATURES = {  # families whose tower stage 0 trains: (tower kind, layer and tokens their connector reads)
+    "gemma3": ("SigLIP", -1, "full"),  # Gemma 3's projector pools every patch of the tower's last layer
+}
+_STAGE0_SKIPPED = ("stage 0 (tower pretraining on labels.json) skipped: it trains a CLIP or SigLIP "
+                   "`vision_tower` through the layer its connector reads, and a {family} model's {tower} "
+                   "tower is not one; it keeps its random init")
+
+def _family_stage0(model, proc, corpus: Path, cfg: DemoConfig, quiet: bool) -> dict:
+    "Stage 0 on a family of `STAGE0_FEATURES`: `pretrain_tower` through the layer its connector reads."
+    from llavamed.model import pretrain_tower
+    config = model.config  # pretrain_tower reads LLaVA's two feature settings; the family's saved config keeps none
+    config.vision_feature_layer, config.vision_feature_select_strategy = STAGE0_FEATURES[cfg.family][1:]
+    try:
+        return pretrain_tower(model, str(corpus / "images"), read_json(corpus / "labels.json"),
+                              steps=cfg.tower_steps, lr=cfg.tower_lr, batch_size=cfg.tower_batch,
+                              processor=proc, seed=cfg.seed, freeze=True, progress=not quiet)
+    finally: del config.vision_feature_layer, config.vision_feature_select_strategy
 
 def _resized(model, cfg: DemoConfig):
     "`model` rebuilt (seeded) with `cfg.vision` / `cfg.lm` over its tower and language-model configs."
@@ -270,7 +283,7 @@ def _resized(model, cfg: DemoConfig):
     return resized.eval()
 
 def _family_step(cfg: DemoConfig, corpus: Path, quiet: bool):
-    "Step 'tower' for a family beside LLaVA: its tiny preset on the corpus's text, saved; no stage 0."
+    "Step 'tower' for a family beside LLaVA: its tiny preset on the corpus's text, stage 0 where it can run."
     def step(d: Path) -> dict:
         from llavamed.families import build_family, image_tokens, parts
         from llavamed.model import save_model
@@ -278,12 +291,17 @@ def _family_step(cfg: DemoConfig, corpus: Path, quiet: bool):
         model, proc = build_family(cfg.preset, tokenizer_texts=corpus_texts(corpus), vocab_size=cfg.vocab_size,
                                    seed=cfg.seed)
         if cfg.vision or cfg.lm: model = _resized(model, cfg)
-        save_model(model, proc, d)
         n = {part: sum(p.numel() for p in ps.values()) for part, ps in parts(model).items()}
         tower = model.config.vision_config.model_type
-        return {"model": cfg.preset, "image_tokens": image_tokens(proc, (cfg.size, cfg.size)),
-                "params": {"vision": n["tower"], "projector": n["connector"], "lm": n["lm"]},
-                "skipped": _STAGE0_SKIPPED.format(family=cfg.family, tower=tower)}
+        out = {"model": cfg.preset, "image_tokens": image_tokens(proc, (cfg.size, cfg.size)), "tower": tower,
+               "params": {"vision": n["tower"], "projector": n["connector"], "lm": n["lm"]}}
+        if cfg.family in STAGE0_FEATURES:
+            hist = _family_stage0(model, proc, corpus, cfg, quiet)
+            write_json(d / "tower_history.json", hist)
+            out["train_accuracy_last20pct"] = hist["accuracy"]
+        else: out["skipped"] = _STAGE0_SKIPPED.format(family=cfg.family, tower=tower)
+        save_model(model, proc, d)
+        return out
     return step
 
 # %% ../nbs/09_pipeline.ipynb #3bf0a67d
@@ -404,7 +422,7 @@ def _training_md(rep: dict, cfg: DemoConfig) -> list[str]:
     vqa = " + the VQA train split grouped per image" if cfg.vqa_in_instruct else ""
     accuracy = ", ".join(f"{h} {100 * v:.0f}%" for h, v in heads.items() if v is not None)
     tower = (f"How the vision tower was made: {rep['tower']['how']}. Its training accuracy per head over the "
-             f"last 20% of stage-0 steps: {accuracy}." if cfg.family == "llava" else
+             f"last 20% of stage-0 steps: {accuracy}." if heads else
              f"The vision tower: {rep['tower']['how']}.")
     tokens = (f"{(cfg.size // cfg.patch) ** 2} image tokens from {cfg.patch} px patches" if cfg.family == "llava"
               else f"{sizes['image_tokens']} image tokens per figure through the {cfg.family} processor")
@@ -438,7 +456,7 @@ def _model_md(rep: dict) -> list[str]:
 
 def _write_md(root: Path, rep: dict, examples: list[dict], cfg: DemoConfig, images: Path, files: Path):
     "Write `report.md` from the content of `report.json`, the examples and the settings."
-    stage0 = "stage 0 tower pretraining" if cfg.family == "llava" else "(stage 0 skipped)"
+    stage0 = "(stage 0 skipped)" if rep["skipped"] else "stage 0 tower pretraining"
     lines = ["# llavamed demo report", "", _PIPELINE.format(stage0=stage0), "", *_model_md(rep)]
     lines += _headline_md(rep) + _groups_md(rep) + _training_md(rep, cfg)
     lines += ["The evaluation report of `llavamed report` on the same answers (tables of every metric, the "
@@ -448,7 +466,7 @@ def _write_md(root: Path, rep: dict, examples: list[dict], cfg: DemoConfig, imag
     (root / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 # %% ../nbs/09_pipeline.ipynb #f0bafc46
-_TOWER_HOW = ("stage 0: the tiny CLIP tower (random init) trained {steps} steps (batch {batch}, lr {lr}) "
+_TOWER_HOW = ("stage 0: the tiny {kind} tower (random init) trained {steps} steps (batch {batch}, lr {lr}) "
               "to predict the corpus's ground-truth labels (labels.json: domain, presence, finding, side, "
               "region, size, count) from mean-pooled patch features of the layer the projector reads, then "
               "frozen for stages 1 and 2")
@@ -465,7 +483,8 @@ def _report_json(root: Path, cfg: DemoConfig, steps: Steps, wall: float) -> dict
              "stage2_steps": done["stage2"]["steps"]}
     sizes["image_tokens"] = done["tower"].get("image_tokens", (cfg.size // cfg.patch) ** 2)
     skipped = {"tower": done["tower"]["skipped"]} if "skipped" in done["tower"] else {}
-    tower = skipped.get("tower") or _TOWER_HOW.format(steps=cfg.tower_steps, batch=cfg.tower_batch,
+    kind = STAGE0_FEATURES.get(cfg.family, ("CLIP",))[0]
+    tower = skipped.get("tower") or _TOWER_HOW.format(kind=kind, steps=cfg.tower_steps, batch=cfg.tower_batch,
                                                       lr=cfg.tower_lr)
     return {
         "family": cfg.family, "model": cfg.preset, "model_class": FAMILIES[cfg.family].model_class,
@@ -575,7 +594,9 @@ def _steps(cfg: DemoConfig, root: Path, quiet: bool) -> list[tuple[str, Callable
         ("instruct", _instruct_step(cfg, corpus, quiet), "self-instruct with the template teacher"),
         ("tower", _tower_step(cfg, corpus, quiet), "stage 0: pretrain the tiny tower on labels.json, then freeze it")
         if cfg.family == "llava" else
-        ("tower", _family_step(cfg, corpus, quiet), f"build {cfg.preset} (stage 0 skipped: written for LLaVA)"),
+        ("tower", _family_step(cfg, corpus, quiet), f"build {cfg.preset}" + (
+            ", stage 0: pretrain its tower on labels.json, then freeze it" if cfg.family in STAGE0_FEATURES
+            else " (stage 0 skipped: it trains CLIP or SigLIP towers)")),
         ("stage1", _train_step(cfg, "stage1", root / "tower", corpus / "alignment.json", images, quiet),
          "stage 1: concept alignment (projector only)"),
         ("stage2", _train_step(cfg, "stage2", root / "stage1", stage2_data, images, quiet),
