@@ -240,7 +240,7 @@ def main(argv=None):
     head = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
                           capture_output=True, text=True).stdout.strip() or "?"
     print(f"llavamed at {head}, torch {torch.__version__}, transformers {transformers.__version__}, 1 thread, "
-          f"batches of {BATCH}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, batches of {BATCH}, "
           f"{args.steps} timed steps, {args.records} records, {NEW_TOKENS} new tokens per answer")
     print(f"{'preset':22} {'img tok/336px':>13} {'params':>8} {'mean len':>8} {'train tok/s':>11} "
           f"{'e2e tok/s':>9} {'gen tok/s':>9} {'pad run':>8} {'pad random':>10} {'pad grouped':>11}")
@@ -259,7 +259,7 @@ def main(argv=None):
             failures += [(preset, part, msg) for part, msg in r["failed"].items()]
             sys.stdout.flush()
     print("train: llavamed.train (stage instruct); gen: llavamed.generate.generate_batch; * a bare loop instead"
-          + ("" if failures else " (none)"))
+          + (" (--bare)" if args.bare else f"; llavamed's path failed {len(failures)} time(s)"))
     for preset, part, msg in failures:
         print(f"  {preset} {part}: llavamed's path failed: {msg}")
 

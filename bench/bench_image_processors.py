@@ -22,7 +22,7 @@ processors (`build_family`).
     OMP_NUM_THREADS=1 python bench/bench_image_processors.py [--sizes 336x336,1024x1024] [--repeats 10]
         [--settings hub,tiny] [--threads 1]
 """
-import argparse, statistics, sys, tempfile, time
+import argparse, os, statistics, sys, tempfile, time
 
 CLIP_MEAN, HALF = [0.48145466, 0.4578275, 0.40821073], [0.5] * 3
 
@@ -130,7 +130,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}"
-          f", {args.threads} thread(s), median of {args.repeats} calls; ms per image (1 per call | {args.batch} per"
+          f", {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+          f", median of {args.repeats} calls; ms per image (1 per call | {args.batch} per"
           f" call); |diff| of normalised pixel_values; level = one 8-bit step after normalisation")
     print(f"{'family':28} {'size':>9} {'PIL ms':>15} {'fast ms':>15} {'speedup':>11} {'max|diff|':>9} "
           f"{'mean|diff|':>10} {'differ':>7} {'level':>6} {'others':>6}  pixel_values")
