@@ -22,9 +22,10 @@ __all__ = ['log', 'SERVE_NEEDS', 'SERVE_FAMILIES', 'MALFORMED', 'QUIETER', 'Serv
 log = get_logger("llavamed.serve")
 
 # %% ../nbs/05b_serve.ipynb #9f77f75d
+# what a server reads -> the file names, any one of which carries it
 SERVE_NEEDS = {"chat template": ("chat_template.jinja", "chat_template.json"),
                "processor config": ("processor_config.json", "preprocessor_config.json"),
-               "generation config": ("generation_config.json",)}  # what -> file names, any one of which carries it
+               "generation config": ("generation_config.json",)}
 
 @dataclass(frozen=True)
 class ServeFamily:
@@ -112,7 +113,7 @@ class ApiKeyGate:
 MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)  # what a misshapen body raises
 
 def undecodable_image(exc: BaseException) -> bool:
-    "Whether `exc` is an image decoder refusing a request's bytes (torchvision's or Pillow's), not a server fault."
+    "Whether `exc` is an image decoder (torchvision's, Pillow's) refusing a request's bytes, not a server fault."
     from PIL import UnidentifiedImageError
     text = str(exc)
     return isinstance(exc, UnidentifiedImageError) or isinstance(exc, RuntimeError) and (

@@ -104,7 +104,8 @@ def test_a_streamed_reply_is_the_same_text(server, api):
     family, base, name, folder = server
     msgs = api_messages(conversation(QUESTIONS[2]), images()[1])
     whole = api.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0)
-    chunks = list(api.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0, stream=True))
+    chunks = list(api.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0,
+                                              stream=True))
     assert len(chunks) > 2  # several deltas, not one body
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
     text = whole.choices[0].message.content.strip()
@@ -152,14 +153,51 @@ def test_a_malformed_request_is_an_error_and_the_server_stays_up(server, api):
     family, base, name, folder = server
     with pytest.raises(openai.BadRequestError, match="malformed request"):
         api.chat.completions.create(model=name, messages="not a list", max_tokens=2)
-    bad_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-                                              {"type": "text", "text": "hi"}]}]
+    no_picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    bad_image = [{"role": "user", "content": [no_picture, {"type": "text", "text": "hi"}]}]
     for body in (b"{not json", b'{"messages": [{"content": "no role"}]}', json.dumps({"model": name,
                  "messages": bad_image, "max_tokens": 2}).encode()):
         status, reply = http(f"{base}/chat/completions", body, KEY)
         assert 400 <= status < 500, (body[:60], status, reply)
-    r = api.chat.completions.create(model=name, messages=api_messages(conversation("hi"), images()[3]), max_tokens=2)
+    r = api.chat.completions.create(model=name, messages=api_messages(conversation("hi"), images()[3]),
+                                    max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_answers_through_the_api_equal_llavamed_predict(family_dir, tmp_path):
+    """A VQA file answered by `llavamed predict` in process and through the family's server: the same rows
+    (prompt, text, image). The checkpoint's generation config lists every token `llavamed.generate` stops at
+    (released Gemma 3 and Qwen checkpoints list end of turn and end of text; the tiny presets only the former)."""
+    import shutil
+    from llavamed.core import IMAGE_TOKEN
+    from llavamed.generate import generation_kwargs
+    from llavamed.model import load_model
+    from llavamed.predict import predict
+    from llavamed.serve import ModelServer, answer_with_api
+    family, folder = family_dir
+    ckpt = shutil.copytree(folder, tmp_path / "model")
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    gen["eos_token_id"] = generation_kwargs(*load_model(ckpt, device="cpu", dtype="float32"))["eos_token_id"]
+    (ckpt / "generation_config.json").write_text(json.dumps(gen))
+    (tmp_path / "images").mkdir()
+    recs = []
+    for k, (q, im) in enumerate(zip(QUESTIONS, images())):
+        im.save(tmp_path / "images" / f"i{k}.png")
+        recs.append({"id": f"q{k}", "image": f"images/i{k}.png", "answer_type": "OPEN",
+                     "conversations": [{"from": "human", "value": f"{q}\n{IMAGE_TOKEN}"},
+                                       {"from": "gpt", "value": "yes"}]})
+    (tmp_path / "vqa.json").write_text(json.dumps(recs))
+    predict(model=str(ckpt), data=str(tmp_path / "vqa.json"), out=str(tmp_path / "local.jsonl"), batch_size=4,
+            max_new_tokens=8, device="cpu", dtype="float32", quiet=True)
+    with ModelServer(str(ckpt), port=0, log_level="warning", device="cpu") as srv:
+        res = answer_with_api(str(tmp_path / "vqa.json"), str(tmp_path / "api.jsonl"), srv.base_url,
+                              max_new_tokens=8, concurrency=4, quiet=True)
+    assert res.answered == 4
+    rows = lambda p: {r["question_id"]: (r["prompt"], r["text"], r["metadata"]["image"])
+                      for r in map(json.loads, p.read_text().splitlines())}
+    local, remote = rows(tmp_path / "local.jsonl"), rows(tmp_path / "api.jsonl")
+    assert any(text for _, text, _ in local.values())  # a model answering nothing would prove nothing
+    assert remote == local
 
 
 # ---------------------------------------------------------------- checks without a server
