@@ -258,7 +258,7 @@ _STAGE0_SKIPPED = ("stage 0 (tower pretraining on labels.json) skipped: it train
 def _family_stage0(model, proc, corpus: Path, cfg: DemoConfig, quiet: bool) -> dict:
     "Stage 0 on a family of `STAGE0_FEATURES`: `pretrain_tower` through the layer its connector reads."
     from llavamed.model import pretrain_tower
-    config = model.config  # pretrain_tower reads LLaVA's two feature settings; the family's saved config keeps none
+    config = model.config  # pretrain_tower reads LLaVA's two feature settings; the saved config keeps neither
     config.vision_feature_layer, config.vision_feature_select_strategy = STAGE0_FEATURES[cfg.family][1:]
     try:
         return pretrain_tower(model, str(corpus / "images"), read_json(corpus / "labels.json"),
@@ -424,8 +424,9 @@ def _training_md(rep: dict, cfg: DemoConfig) -> list[str]:
     tower = (f"How the vision tower was made: {rep['tower']['how']}. Its training accuracy per head over the "
              f"last 20% of stage-0 steps: {accuracy}." if heads else
              f"The vision tower: {rep['tower']['how']}.")
-    tokens = (f"{(cfg.size // cfg.patch) ** 2} image tokens from {cfg.patch} px patches" if cfg.family == "llava"
-              else f"{sizes['image_tokens']} image tokens per figure through the {cfg.family} processor")
+    tokens = (f"{(cfg.size // cfg.patch) ** 2} image tokens from {cfg.patch} px patches"
+              if cfg.family == "llava" else
+              f"{sizes['image_tokens']} image tokens per figure through the {cfg.family} processor")
     return [
         "## Training", "", tower, "",
         f"Stage 1 trains the projector only ({sizes['stage1_steps']} steps, lr {cfg.stage1['lr']}); "
@@ -592,7 +593,8 @@ def _steps(cfg: DemoConfig, root: Path, quiet: bool) -> list[tuple[str, Callable
     return [
         ("corpus", _synth_step(cfg, quiet), "synthesise the figure corpus"),
         ("instruct", _instruct_step(cfg, corpus, quiet), "self-instruct with the template teacher"),
-        ("tower", _tower_step(cfg, corpus, quiet), "stage 0: pretrain the tiny tower on labels.json, then freeze it")
+        ("tower", _tower_step(cfg, corpus, quiet),
+         "stage 0: pretrain the tiny tower on labels.json, then freeze it")
         if cfg.family == "llava" else
         ("tower", _family_step(cfg, corpus, quiet), f"build {cfg.preset}" + (
             ", stage 0: pretrain its tower on labels.json, then freeze it" if cfg.family in STAGE0_FEATURES

@@ -59,10 +59,11 @@ def test_gemma3_demo_writes_the_same_report_naming_family_and_model(gemma_dir):
 
 
 def test_family_without_stage0_skips_it_with_the_reason(tmp_path):
-    "Qwen2.5-VL's tower is no CLIP or SigLIP `vision_tower`: the model step builds it and says why stage 0 is not run."
+    "Qwen2.5-VL has no CLIP or SigLIP `vision_tower`: the model step builds it and says why stage 0 is skipped."
     from llavamed.pipeline import _family_step, _model_md, _synth_step
     cfg = DemoConfig(family="qwen2_5_vl", n_train=8, n_test=2, n_chat=1)
-    for name, step in (("corpus", _synth_step(cfg, True)), ("tower", _family_step(cfg, tmp_path / "corpus", True))):
+    corpus = tmp_path / "corpus"
+    for name, step in (("corpus", _synth_step(cfg, True)), ("tower", _family_step(cfg, corpus, True))):
         (tmp_path / name).mkdir()
         summary = step(tmp_path / name)
     assert summary["model"] == "tiny-qwen2_5_vl" and "train_accuracy_last20pct" not in summary
@@ -108,8 +109,9 @@ def test_family_the_packages_cannot_run_is_requires_message(tmp_path, capsys, mo
     out = tmp_path / "o"
     assert main(["demo", "--family", "smolvlm", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [f"llavamed demo: error: family smolvlm: its processor needs "
-                                f"llavamed_no_such_package, not installed (pip install llavamed_no_such_package)"]
+    missing = "llavamed_no_such_package"
+    assert err.splitlines() == [f"llavamed demo: error: family smolvlm: its processor needs {missing}, "
+                                f"not installed (pip install {missing})"]
     assert not out.exists()
 
 
