@@ -145,6 +145,14 @@ class ChatResult(Result):
         "The answers, one per line, unless they were shown already."
         return "" if self.shown else "\n".join(self.answers)
 
+def _chat_images(image: str, model, slices: int):
+    "The image chat shows: one image, or a volume's `slices` slices for a family taking several images."
+    from llavamed.families import family_of
+    from llavamed.images import is_volume, volume_slices
+    if family_of(model).max_images == 1 or not is_volume(str(image)): return _open_image(image)
+    if slices < 1: raise ValueError(f"slices={slices}: must be >= 1 (slices taken from the volume)")
+    return volume_slices(image, slices)  # LLaVA-1.5 sees the middle slice (`load_image`) instead
+
 def chat(model: str = None,  # a preset, model folder, raw release or hub id (or a `(model, processor)` pair)
          image: str = None,  # the image file: PNG/JPEG/DICOM/NIfTI
          question: str = None,  # answer this one question and exit (otherwise: interactive)
@@ -155,11 +163,12 @@ def chat(model: str = None,  # a preset, model folder, raw release or hub id (or
          device: str = None,  # 'cpu', 'cuda', ... (default: the best available)
          dtype: str = None,  # 'bfloat16' or 'float32' (default: bf16 on CUDA, else float32)
          no_stream: bool = False,  # print each answer when complete instead of token by token
+         slices: int = 8,  # slices of a NIfTI volume or DICOM series `dir/` (families taking several images)
         ) -> ChatResult:
     "Talk with a model about an image: interactive multi-turn, or one `question`; returns the answers."
     if model is None or image is None: raise ValueError("chat needs --model DIR and --image FILE")
     mdl, proc = model if isinstance(model, (tuple, list)) else load_model(model, dtype=dtype, device=device)
-    img = _open_image(image)
+    img = _chat_images(image, mdl, slices)
     seed_everything(seed)
     messages, answers, first = [], [], True
     while True:
@@ -169,7 +178,7 @@ def chat(model: str = None,  # a preset, model folder, raw release or hub id (or
             except EOFError: print(); break
             if q.lower() in ("", "exit", "quit"): break
             print("assistant> ", end="", flush=True)
-        content = ([{"type": "image"}] if first else []) + [{"type": "text", "text": q}]
+        content = ([{"type": "image"}] * len(image_list(img)) if first else []) + [{"type": "text", "text": q}]
         messages.append({"role": "user", "content": content})
         a = _answer(mdl, proc, messages, img, max_new_tokens, do_sample, temperature, not no_stream)
         if no_stream and question is None: print(a)  # the conversation goes on: show the reply now

@@ -330,11 +330,12 @@ def test_chat_answers_with_a_family_folder(preset, tmp_path, capsys):
     model, proc = _tiny(preset)
     save_model(model, proc, tmp_path / "m")
     _image().save(tmp_path / "x.png")
+    back, back_proc = load_model(tmp_path / "m", device="cpu", dtype="float32")
+    expected = generate_batch(back, back_proc, [_conv("What is shown?")], [_image()], max_new_tokens=4)[0]
+    capsys.readouterr()
     assert main(["chat", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--question",
                  "What is shown?", "--max-new-tokens", "4", "--no-stream", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out.strip()
-    back, back_proc = load_model(tmp_path / "m", device="cpu", dtype="float32")
-    assert printed == generate_batch(back, back_proc, [_conv("What is shown?")], [_image()], max_new_tokens=4)[0]
+    assert capsys.readouterr().out.strip() == expected
     two = chat((back, back_proc), str(tmp_path / "x.png"), question="Again?", max_new_tokens=3, no_stream=True)
     assert len(two.answers) == 1
 
@@ -395,3 +396,26 @@ def test_a_family_this_environment_cannot_run_is_one_line(tmp_path, capsys, monk
     _image().save(tmp_path / "x.png")
     assert main(["chat", "--model", str(d), "--image", str(tmp_path / "x.png"), "--question", "Hi?"]) == 2
     _one_line(capsys, "family gemma3", needle)
+
+
+def _nifti(path, depth=12):
+    np = pytest.importorskip("numpy"); nib = pytest.importorskip("nibabel")
+    vol = np.stack([np.full((40, 48), 10.0 * z) for z in range(depth)], axis=-1)
+    vol[5:20, 5:20, :] += 300.0
+    nib.save(nib.Nifti1Image(vol.astype("float32"), np.eye(4)), path)
+    return path
+
+
+def test_chat_shows_a_volume_as_slices_to_a_family_taking_several_images(tmp_path, capsys):
+    from llavamed.generate import chat, generate_batch
+    from llavamed.images import load_image, volume_slices
+    ct = _nifti(tmp_path / "ct.nii.gz")
+    gemma = _tiny("tiny-gemma3")
+    res = chat(gemma, str(ct), question="Is there a lesion?", max_new_tokens=4, no_stream=True, slices=3)
+    assert res.answers == generate_batch(*gemma, [_conv("Is there a lesion?", 3)], [volume_slices(ct, 3)],
+                                         max_new_tokens=4)
+    llava = _tiny("tiny")  # one image: the volume's middle slice, as before
+    one = chat(llava, str(ct), question="Is there a lesion?", max_new_tokens=4, no_stream=True, slices=3)
+    assert one.answers == generate_batch(*llava, [_conv("Is there a lesion?")], [load_image(ct)], max_new_tokens=4)
+    with pytest.raises(ValueError, match="slices=0: must be >= 1"):
+        chat(gemma, str(ct), question="?", slices=0)
