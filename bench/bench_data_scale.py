@@ -80,7 +80,7 @@ def pss_mb(pid, only: str | None = None) -> tuple[float, float]:
     return got["cache"]["pss"], got["cache"]["rss"]
 
 
-KINDS = ("cache", "file", "anon", "shmem")  # token cache files, other files (libraries), anonymous, shared memory
+KINDS = ("cache", "file", "anon", "shmem")  # token cache files, other files (libraries), anonymous, shared
 
 
 def _kind(path: str, cache: str | None) -> str:
@@ -114,7 +114,7 @@ def _freeze_in_worker(_):
 
 
 def _fixed_mmap_threshold(_=None):
-    "glibc's malloc: blocks of 64 KiB and over mapped (and unmapped when freed), the threshold no longer raised."
+    "glibc's malloc: blocks of 64 KiB and over mapped (unmapped when freed), the threshold no longer raised."
     import ctypes
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD; setting it ends the dynamic threshold
 
@@ -152,7 +152,8 @@ def child(args) -> None:
         from llavamed.train import open_token_cache
         n_read = sum(1 for _ in iter_samples(data, skip_bad=True))
         t_read = time.perf_counter() - t0
-        _, warm = open_token_cache(data, proc, template="plain", max_length=2048, workers=args.tokenize_workers[0])
+        _, warm = open_token_cache(data, proc, template="plain", max_length=2048,
+                                   workers=args.tokenize_workers[0])
         t_tokens = time.perf_counter() - t0 - t_read
         ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
         t_rest = time.perf_counter() - t0 - t_read - t_tokens
@@ -161,7 +162,8 @@ def child(args) -> None:
                           "read_s": round(t_read, 2), "read_records_per_s": round(n_read / t_read),
                           "cache_build_s": round(t_tokens, 2), "dataset_on_warm_cache_s": round(t_rest, 2),
                           "first_batch_s": round(time.perf_counter() - t0 - t_read - t_tokens - t_rest, 2),
-                          "preflight_images": ds.preflight["images"], "batch_shape": list(batch["input_ids"].shape)}))
+                          "preflight_images": ds.preflight["images"],
+                          "batch_shape": list(batch["input_ids"].shape)}))
     elif what in PASSES:
         from torch.utils.data import DataLoader
         ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
@@ -174,16 +176,18 @@ def child(args) -> None:
         if what in ("pass4_freeze", "pass4_collect_freeze"): gc.freeze()
         cache = str(ds.tokens.folder)
         def measure():  # by process (this one first, then its data-loader workers) and kind of mapping
-            return [memory_mb(p, cache) for p in [os.getpid()] + [c.pid for c in multiprocessing.active_children()]]
+            pids = [os.getpid()] + [c.pid for c in multiprocessing.active_children()]
+            return [memory_mb(p, cache) for p in pids]
         n, first = 0, None
         for b in dl:
             n += b["input_ids"].shape[0]
             if first is None: first = measure()
         end = measure()
         growth = [{k: round(e[k]["uss"] - f[k]["uss"], 1) for k in KINDS} for f, e in zip(first, end)]
-        print(json.dumps({"what": what, "items": n, "processes": len(end), "pss_before_dataset_mb": round(before_pss, 1),
-                          **{f"{m}_{when}_mb": _total(got, m) for when, got in (("first_batch", first), ("after_pass", end))
-                             for m in ("rss", "pss", "uss")},
+        totals = {f"{m}_{when}_mb": _total(got, m) for m in ("rss", "pss", "uss")
+                  for when, got in (("first_batch", first), ("after_pass", end))}
+        print(json.dumps({"what": what, "items": n, "processes": len(end),
+                          "pss_before_dataset_mb": round(before_pss, 1), **totals,
                           "uss_growth_over_pass_mb": growth, "after_pass": end}))
     elif what == "map":  # touch every page of the cache's token files, then wait to be measured
         ds = SupervisedDataset(data, proc, root / "images", template="plain", text_only=False)
@@ -195,7 +199,8 @@ def child(args) -> None:
 def pass_ratios(workers: dict, none: dict) -> dict:
     "After the pass, with workers over without: RSS, PSS and USS of all memory and of the processes' own."
     own = lambda r, m: sum(p[k][m] for p in r["after_pass"] for k in ("anon", "shmem", "cache"))
-    return {**{m: round(workers[f"{m}_after_pass_mb"] / none[f"{m}_after_pass_mb"], 2) for m in ("rss", "pss", "uss")},
+    whole = lambda r, m: r[f"{m}_after_pass_mb"]
+    return {**{m: round(whole(workers, m) / whole(none, m), 2) for m in ("rss", "pss", "uss")},
             **{f"own_{m}": round(own(workers, m) / own(none, m), 2) for m in ("rss", "pss", "uss")}}
 
 
@@ -241,13 +246,14 @@ def main():
         for i, w in enumerate(args.tokenize_workers):  # the first fills the cache the rest of the run maps
             cold = run_child(root, n, "cold", ["--tokenize-workers", str(w)],
                              cache=None if i == 0 else Path(tempfile.mkdtemp(dir=root, prefix="cold-")))
-            res[f"cold_tokenize_workers_{w}"] = {**cold, "records_per_s_per_core": round(n / cold["dataset_s"] / cores)}
+            res[f"cold_tokenize_workers_{w}"] = {**cold,
+                                                 "records_per_s_per_core": round(n / cold["dataset_s"] / cores)}
         res["warm"] = run_child(root, n, "warm")
         res["cold_phases"] = run_child(root, n, "phases", ["--tokenize-workers", str(args.tokenize_workers[0])],
                                        cache=Path(tempfile.mkdtemp(dir=root, prefix="phases-")))
         if not args.no_pass:
             for what in dict.fromkeys(["pass0", *args.passes]): res[what] = run_child(root, n, what)
-            for what in args.passes:  # own memory: anonymous + shared memory + the cache's pages (the target: < 1.2x)
+            for what in args.passes:  # own memory: anonymous + shared memory + cache pages (the target: < 1.2x)
                 if what != "pass0": res[f"ratio_{what}_to_pass0"] = pass_ratios(res[what], res["pass0"])
         res["two_processes"] = two_processes(root, n)
         print(json.dumps(res), flush=True)
