@@ -10,8 +10,9 @@ import dataclasses, hashlib, os, random, time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (HUMAN, BadRecords, Question, RecordError, Result, Sample, Turn, append_jsonl, fmt_num,
-                           get_logger, load_questions, read_json, read_jsonl, repair_torn_tail, write_jsonl)
+from .core import (HUMAN, IMAGE_TOKEN, BadRecords, Question, RecordError, Result, Sample, Turn,
+                           append_jsonl, fmt_num, get_logger, iter_records, load_questions, read_json, read_jsonl,
+                           repair_torn_tail, write_jsonl)
 from .families import Family
 
 # %% auto #0
@@ -264,10 +265,26 @@ def _settings(md: dict | None) -> dict:
             "protocol": md.get("protocol", "llava-med")}  # answers from before protocols: asked as llava-med asks
 
 # %% ../nbs/07a_predict.ipynb #a02a0393
+def _image_marker_problems(data: Path) -> dict[str, str]:
+    "Record id -> what is wrong, for each record of `data` whose image list and `<image>` markers disagree."
+    problems = {}
+    for _, rec in iter_records(data):
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), list): continue
+        turns = rec.get("conversations") if isinstance(rec.get("conversations"), list) else []
+        marks = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in turns if isinstance(t, dict))
+        if marks != len(rec["image"]):
+            problems[str(rec.get("id"))] = f"{len(rec['image'])} images but {marks} {IMAGE_TOKEN} markers"
+    return problems
+
 def _read_questions(data: Path, max_question_chars: int) -> tuple[list[Question], BadRecords]:
     "The questions of `data`, bad records skipped and counted (`core.BadRecords`); an over-long one stops the run."
     bad = BadRecords(str(data))
     questions = load_questions(data, bad=bad)
+    if unmarked := _image_marker_problems(data):  # an image list must have one <image> marker per image
+        for q in questions:
+            if q.id in unmarked: bad.skip("image_markers", f"record {q.id} ({unmarked[q.id]})")
+        bad.check(len(questions))
+        questions = [q for q in questions if q.id not in unmarked]
     for q in questions:  # the options count: a choice question's prompt holds them all
         chars = len(q.question) + sum(len(o) for o in q.options or () if isinstance(o, str))
         if chars > max_question_chars:

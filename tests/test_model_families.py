@@ -419,3 +419,22 @@ def test_chat_shows_a_volume_as_slices_to_a_family_taking_several_images(tmp_pat
     assert one.answers == generate_batch(*llava, [_conv("Is there a lesion?")], [load_image(ct)], max_new_tokens=4)
     with pytest.raises(ValueError, match="slices=0: must be >= 1"):
         chat(gemma, str(ct), question="?", slices=0)
+
+
+def test_an_image_list_without_a_marker_per_image_is_a_counted_skip_naming_the_record(tmp_path):
+    from llavamed.predict import predict
+    data = _vqa(tmp_path)
+    ok = {"from": "gpt", "value": "the first"}
+    recs = json.loads(data.read_text()) * 20  # enough good records that one bad one stays under the 2% share
+    recs = [dict(r, id=f"{r['id']}-{k}") for k, r in enumerate(recs)]
+    recs.append({"id": "short", "image": ["i0.png", "i2.png"], "conversations": [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\nWhich is larger?"}, ok]})
+    data.write_text(json.dumps(recs))
+    res = predict("tiny-gemma3", str(data), **_at(tmp_path), out=str(tmp_path / "a.jsonl"), max_new_tokens=1,
+                  batch_size=16, quiet=True, device="cpu", limit=2)
+    assert res.bad_records == "1 bad: image_markers at record short (2 images but 1 <image> markers) (1)"
+    assert res.questions == 80 and "short" not in {r["question_id"] for r in _answers(tmp_path / "a.jsonl")}
+    with pytest.raises(ValueError, match="image_markers"):  # past the share: the run stops, nothing written
+        data.write_text(json.dumps(recs[:3] + recs[-1:]))
+        predict("tiny-gemma3", str(data), **_at(tmp_path), out=str(tmp_path / "b.jsonl"), quiet=True, device="cpu")
+    assert not (tmp_path / "b.jsonl").exists()
