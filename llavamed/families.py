@@ -35,10 +35,10 @@ class Family:
     max_images: int | None  # images one record may carry (None: any number)
     lacks: tuple[str, ...]  # features of the pipeline this family does not have
     needs: tuple[str, ...] = ()  # packages its processor needs beyond transformers and PIL
-    vision_keys: tuple[str, ...] = ("pixel_values",)  # processor outputs of a record's images the forward takes
-    padded: tuple[str, ...] = ()  # vision keys whose dim 1 (tiles) is padded to the batch's most before joining
+    vision_keys: tuple[str, ...] = ("pixel_values",)  # processor outputs for the images that the forward takes
+    padded: tuple[str, ...] = ()  # vision keys whose dim 1 (tiles) is zero-padded to the batch's most
     token_types: str | None = None  # text-aligned key the forward takes: 1 on image tokens, else 0
-    fast_pixels: bool = False  # True: training resizes its images with `llavamed.images.pixel_values` in the batch
+    fast_pixels: bool = False  # True: training resizes images in the batch (`llavamed.images.pixel_values`)
     image_text: str | None = None  # what its chat template writes for an image, when more than `placeholder`
 
 # %% ../nbs/05c_families.ipynb #a93e13a4
@@ -78,7 +78,8 @@ FAMILIES = {f.name: f for f in (
            image_rule="size-dependent: image_seq_len per tile, (rows x cols) tiles plus one global view",
            fixed_tokens=False, placeholder="<image>", image_token="<image>", end_of_turn="<end_of_utterance>",
            max_images=None, lacks=(), needs=("torchvision", "num2words"),
-           vision_keys=("pixel_values", "pixel_attention_mask"), padded=("pixel_values", "pixel_attention_mask")),
+           vision_keys=("pixel_values", "pixel_attention_mask"),
+           padded=("pixel_values", "pixel_attention_mask")),
     Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor",
            tower=("model.vision_tower.",), connector=("model.multi_modal_projector.", "model.image_newline"),
            lm=("model.language_model.", "lm_head."),
@@ -480,7 +481,8 @@ def record_expansions(processor, images: list) -> tuple[list[list[int]], dict]:
     # placeholders split by a special token the expansions never hold; a record's images go in one call,
     # since a family may treat several images unlike one (LLaVA-OneVision: no anyres tiles then)
     sep = tok.eos_token
-    out = processor(text=[sep.join([fam.placeholder] * len(images))], images=[list(images)], return_tensors="pt")
+    text = sep.join([fam.placeholder] * len(images))
+    out = processor(text=[text], images=[list(images)], return_tensors="pt")
     ids, (pre, post) = out["input_ids"][0].tolist(), _special_affixes(tok)
     if pre and ids[:len(pre)] == pre: ids = ids[len(pre):]
     if post and ids[-len(post):] == post: ids = ids[:-len(post)]

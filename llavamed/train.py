@@ -16,8 +16,9 @@ from .core import (IMAGE_TOKEN, IGNORE_INDEX, RecordError, Result, Sample, cache
 from .images import expand_volumes, is_volume, load_image, pixel_values, resolve_image
 from .data import image_problem
 from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, resolve_model, save_model
-from .families import (ALIASES, FAMILIES, TINY_PRESETS, build_family, check_images, family_of, image_expansion,
-                               lora_targets, min_image_side, record_expansions, record_images, record_messages, set_stage)
+from .families import (ALIASES, FAMILIES, TINY_PRESETS, build_family, check_images, family_of,
+                               image_expansion, lora_targets, min_image_side, record_expansions, record_images,
+                               record_messages, set_stage)
 from .families import _expand_text
 
 # %% auto #0
@@ -215,7 +216,8 @@ class RunConfig:
         _check_types(self)
         if self.grad_ckpt not in GRAD_CKPT:
             raise ValueError(f"RunConfig.grad_ckpt: expected one of {GRAD_CKPT}, got {self.grad_ckpt!r}")
-        for k in ("save_steps", "save_total_limit", "logging_steps", "max_steps", "eval_steps", "volume_slices"):
+        for k in ("save_steps", "save_total_limit", "logging_steps", "max_steps", "eval_steps",
+                  "volume_slices"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ValueError(f"RunConfig.{k}: must be a positive integer, got {getattr(self, k)}")
         for k in ("num_workers", "tokenize_workers"):
@@ -315,7 +317,8 @@ def _image_settings(processor) -> dict:
     import re
     from PIL import Image
     fam, tok = family_of(processor), processor.tokenizer
-    settings = {"family": fam, "image_id": tok.convert_tokens_to_ids(fam.image_token), "n_img": 1, "expansion": None}
+    settings = {"family": fam, "image_id": tok.convert_tokens_to_ids(fam.image_token), "n_img": 1,
+                "expansion": None}
     if fam.fixed_tokens:  # the processor's text for an image, its run of image tokens written once
         text = image_expansion(processor, Image.new("RGB", (336, 336)))
         settings["n_img"] = text.count(fam.image_token)
@@ -410,7 +413,8 @@ def _image_refusal(sample: Sample, fam) -> str | None:
         sliced = " (a volume entry is volume_slices images)" if sliced else ""
         return f"{len(images)} images, family {fam.name} takes at most {fam.max_images}{sliced}"
     if n_marks == len(images): return None
-    if isinstance(sample.image, (list, tuple)): return f"{len(images)} images but {n_marks} {IMAGE_TOKEN} markers"
+    if isinstance(sample.image, (list, tuple)):
+        return f"{len(images)} images but {n_marks} {IMAGE_TOKEN} markers"
     return f"{n_marks} {IMAGE_TOKEN} tokens with image={sample.image!r}"
 
 def _compact_tokens(sample: Sample, tok, template: str, max_length: int, n_img: int, image_id: int,
@@ -422,11 +426,13 @@ def _compact_tokens(sample: Sample, tok, template: str, max_length: int, n_img: 
     refused = _image_refusal(sample, fam)
     if refused: return refused
     n_images = len(record_images(sample))
-    msgs = record_messages(sample, fam) if isinstance(sample.image, (list, tuple)) else sample_to_messages(sample)
+    several = isinstance(sample.image, (list, tuple))
+    msgs = record_messages(sample, fam) if several else sample_to_messages(sample)
     replies = _render_replies(tok, msgs, template)
     if not replies: return "no supervised tokens"
     for keep in range(len(replies), 0, -1):  # drop later exchanges until it fits
-        text, spans = _close_replies(tok, replies[keep - 1][1], [r[2] for r in replies[:keep]], fam.end_of_turn)
+        spans = [r[2] for r in replies[:keep]]
+        text, spans = _close_replies(tok, replies[keep - 1][1], spans, fam.end_of_turn)
         spans = [(s, s + len(text[s:e].rstrip())) for s, e in spans]  # what follows the end token is no reply
         if expansion not in (None, fam.placeholder):  # the processor's text around each image (Gemma 3)
             if text.count(fam.placeholder) != n_images:
@@ -464,11 +470,11 @@ def tokenize_sample(sample: Sample,  # one LLaVA record
                     template: str | None = None,  # chat template name or text (None: the processor's)
                     n_image_tokens: int | None = None,  # tokens per image (None: ask the processor)
                    ) -> tuple[dict | None, str | None]:
-    "`({'input_ids', 'labels', 'n_turns'}, None)` for a trainable record, else `(None, reason)`; size-dependent families keep one id per image."
+    "`({'input_ids', 'labels', 'n_turns'}, None)` for a trainable record, else `(None, reason)`."
     tpl, image = resolve_template(processor, template), _image_settings(processor)
     n_img = image["n_img"] if n_image_tokens is None else n_image_tokens
-    got = _compact_tokens(sample, processor.tokenizer, tpl, max_length, n_img, image["image_id"], image["family"],
-                          image["expansion"])
+    got = _compact_tokens(sample, processor.tokenizer, tpl, max_length, n_img, image["image_id"],
+                          image["family"], image["expansion"])  # a size-dependent family: one id per image
     if isinstance(got, str): return None, got
     ids, labels = _expand(got[0], got[1], image["image_id"], n_img)
     return {"input_ids": ids, "labels": labels, "n_turns": got[2]}, None
@@ -498,13 +504,14 @@ def cache_key(data: str | Path,  # the data file
               max_length: int,  # longest sequence in tokens
               volume_slices: int = 8,  # slices of each volume entry
              ) -> str:
-    "The cache entry name of a data file tokenised with this tokenizer, template, length limit and slice count."
+    "The cache entry name of a data file tokenised with this tokenizer, template, length and slice count."
     import hashlib
     image = _image_settings(processor)
     parts = {"version": CACHE_VERSION, "data": _file_fingerprint(Path(data)),
              "tokenizer": _tokenizer_fingerprint(processor.tokenizer), "template": template,
              "max_length": max_length, "family": image["family"].name, "image_tokens": image["n_img"],
-             "image_token_id": image["image_id"], "image_text": image["expansion"], "volume_slices": volume_slices}
+             "image_token_id": image["image_id"], "image_text": image["expansion"],
+             "volume_slices": volume_slices}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 # %% ../nbs/06_train.ipynb #152175c7
@@ -520,8 +527,8 @@ def _tokenize_chunk(samples: list[Sample]) -> list:
     import numpy as np
     w, out = _WORKER, []
     for s in samples:
-        got = _compact_tokens(s, w["tok"], w["template"], w["max_length"], w["n_img"], w["image_id"], w["family"],
-                              w["expansion"])
+        got = _compact_tokens(s, w["tok"], w["template"], w["max_length"], w["n_img"], w["image_id"],
+                              w["family"], w["expansion"])
         out.append(got if isinstance(got, str) else
                    (np.asarray(got[0], dtype=np.int32), np.asarray(got[1], dtype=np.uint8), got[2]))
     return out
@@ -541,7 +548,8 @@ class _Builder:
         import array
         self.folder, self.n_img = folder, n_img
         self.ids, self.mask = open(folder / "ids.bin", "wb"), open(folder / "mask.bin", "wb")
-        self.offsets, self.image_offsets, self.image = array.array("q", [0]), array.array("q", [0]), array.array("i")
+        self.offsets, self.image_offsets = array.array("q", [0]), array.array("q", [0])
+        self.image = array.array("i")  # the records' image indexes, one after another
         self.length, self.supervised = array.array("i"), array.array("i")
         self.names, self.record_ids = {}, open(folder / "record_ids.jsonl", "w", encoding="utf-8")
         self.drops, self.n_rows = {}, 0  # (modality, reason) -> [count, first row, example]
@@ -570,9 +578,9 @@ class _Builder:
         "Write the index arrays and `meta.json` (last: a folder with it is complete)."
         import numpy as np
         for f in (self.ids, self.mask, self.record_ids): f.close()
-        for name, arr, dtype in (("offsets", self.offsets, np.int64), ("image_offsets", self.image_offsets, np.int64),
-                                 ("image", self.image, np.int32), ("length", self.length, np.int32),
-                                 ("supervised", self.supervised, np.int32)):
+        for name, arr, dtype in (("offsets", self.offsets, np.int64),
+                                 ("image_offsets", self.image_offsets, np.int64), ("image", self.image, np.int32),
+                                 ("length", self.length, np.int32), ("supervised", self.supervised, np.int32)):
             np.save(self.folder / f"{name}.npy", np.frombuffer(arr, dtype=dtype) if len(arr) else
                     np.zeros(0, dtype))
         drops = sorted(self.drops.items(), key=lambda kv: kv[1][1])  # in the order they first occurred
@@ -621,7 +629,7 @@ def build_token_cache(rows,  # `Sample`s and `RecordError`s (`iter_samples(path,
                       folder: str | Path,  # empty folder to write into
                       workers: int = 1,  # tokenising processes (1: this one)
                       meta: dict | None = None,  # extra values for meta.json (the key's inputs)
-                      volume_slices: int = 8,  # slices of each volume entry (NIfTI, DICOM series): that many images
+                      volume_slices: int = 8,  # slices of each volume entry (NIfTI, DICOM series)
                      ) -> TokenCache:
     "Tokenise `rows` into a `TokenCache` folder, in `workers` forked processes, reading the rows once."
     import multiprocessing
@@ -729,22 +737,25 @@ class SupervisedDataset:
                  text_only: bool = True,  # keep text-only records (False: LLM frozen)
                  image_workers: int = 8,  # threads checking that the images are present and decodable
                  tokenize_workers: int = 0,  # processes tokenising a file (0: cores - 1 for files over 4 MB, else 1)
-                 config=None,  # the model's config: its patch size refuses smaller images (None: no such check)
+                 config=None,  # the model's config: images under its patch size are refused (None: no check)
                  volume_slices: int = 8,  # slices of each volume entry (NIfTI, DICOM series): that many images
                 ):
         import numpy as np
         self.source = "" if isinstance(records, list) else f"{records}: "  # named in messages about the file
         image = _image_settings(processor)
         self.processor, self.family, self.max_length = processor, image["family"], max_length
-        self.images, self.image_id, self.n_image_tokens = Path(images) if images else None, image["image_id"], image["n_img"]
+        self.images = Path(images) if images else None
+        self.image_id, self.n_image_tokens = image["image_id"], image["n_img"]
         self.config, self.real_length = config, None
         if isinstance(records, list):  # records in memory: tokenised into a folder that goes with the dataset
             import tempfile
             self._tmp = tempfile.TemporaryDirectory(prefix="llavamed-tokens-")
-            self.tokens, self.warm = build_token_cache(records, processor, resolve_template(processor, template),
-                                                       max_length, self._tmp.name, volume_slices=volume_slices), False
-        else: self.tokens, self.warm = open_token_cache(records, processor, template, max_length, tokenize_workers,
-                                                        volume_slices)
+            tpl = resolve_template(processor, template)
+            self.tokens = build_token_cache(records, processor, tpl, max_length, self._tmp.name,
+                                            volume_slices=volume_slices)
+            self.warm = False
+        else: self.tokens, self.warm = open_token_cache(records, processor, template, max_length,
+                                                        tokenize_workers, volume_slices)
         drops = [d for d in self.tokens.meta["drops"] if text_only or d["modality"] != "text"]
         self.dropped, self.examples = Counter(), {}
         for d in drops:
@@ -779,7 +790,7 @@ class SupervisedDataset:
         return rows if self.family.fixed_tokens else self._fit_lengths(rows, workers)
 
     def _drop_rows(self, rows, entry_rows, entry_images, bad: dict):
-        "`rows` without those with an image in `bad` (index: reason), each counted under its first bad image's reason."
+        "`rows` without those with an image in `bad` (index: reason), counted under their first bad image's."
         import numpy as np
         is_bad, record_ids, seen = np.isin(entry_images, list(bad)), self.tokens.record_ids(), set()
         for j, k in zip(entry_rows[is_bad].tolist(), entry_images[is_bad].tolist()):
@@ -787,7 +798,7 @@ class SupervisedDataset:
         return rows[~np.isin(rows, list(seen))]
 
     def _fit_lengths(self, rows, workers: int):
-        "Real lengths of a size-dependent family (its image tokens counted per image size); too long rows dropped."
+        "Real lengths of a size-dependent family (image tokens by image size); rows too long are dropped."
         import numpy as np
         from concurrent.futures import ThreadPoolExecutor
         from PIL import Image
@@ -810,7 +821,8 @@ class SupervisedDataset:
                 continue
             try: length[j] += sum(n_tokens(sizes[k], len(ks) > 1) - 1 for k in ks)
             except ValueError as e:  # the processor refuses the size (e.g. an extreme aspect ratio)
-                self._drop(record_ids[j], f"image refused by the processor: family {self.family.name}: {e}"); continue
+                self._drop(record_ids[j], f"image refused by the processor: family {self.family.name}: {e}")
+                continue
             if length[j] > self.max_length:
                 self._drop(record_ids[j], f"too long with its image tokens: {length[j]} tokens > max_length "
                                           f"{self.max_length}"); continue
@@ -857,7 +869,8 @@ class SupervisedDataset:
             return {"input_ids": ids, "labels": labels, "image": images[0] if images else None}
         expansions, vision = record_expansions(self.processor, images)  # (one call: all of the record's images)
         if self.family.fixed_tokens: expansions = [[self.image_id] * self.n_image_tokens] * len(images)
-        ids, labels = _splice(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], self.image_id, expansions)
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+        ids, labels = _splice(ids, labels, self.image_id, expansions)
         return {"input_ids": ids, "labels": labels, "vision": vision or None}
 
     def summary(self) -> dict:
@@ -1043,14 +1056,15 @@ def _connector_modules(model) -> list[str]:
     return names
 
 def add_lora(model, cfg: StageConfig):
-    "Wrap `model` with peft LoRA on the LM's `cfg.lora_targets` (default: every linear layer); the connector trains fully."
+    "Wrap `model` with peft LoRA on the LM's `cfg.lora_targets` (default: every linear layer); the connector trains."
     from peft import LoraConfig, get_peft_model
     import re
     names = sorted({n.rsplit(".", 1)[-1] for n in lora_targets(model)})  # the LM's linear layers, by short name
     names = [n for n in names if n in cfg.lora_targets] if cfg.lora_targets else names
     if not names: raise ValueError(f"StageConfig.lora_targets: {list(cfg.lora_targets)} name no linear layer "
                                    f"of the language model")
-    lm = "|".join(re.escape(p.removeprefix("model.").rstrip(".")) for p in family_of(model).lm if p != "lm_head.")
+    lm = [re.escape(p.removeprefix("model.").rstrip(".")) for p in family_of(model).lm if p != "lm_head."]
+    lm = "|".join(lm)  # the LM's module names (language_model, text_model)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=rf".*({lm}).*\.({'|'.join(names)})$",
                       modules_to_save=_connector_modules(model) if "projector" in cfg.train else None)
@@ -1080,7 +1094,7 @@ def _trainable_projector(model):
     return None
 
 def _zero_touch(projector):
-    "A 0 whose backward reaches every connector weight: `0 x` LLaVA's projector on a zero feature, else its weights."
+    "A 0 whose backward reaches every connector weight: `0 x` LLaVA's projector on zeros, else its weights."
     import torch
     if isinstance(projector, list): return 0.0 * sum(p.sum() for p in projector)
     lin = next(m for m in projector.modules() if isinstance(m, torch.nn.Linear))

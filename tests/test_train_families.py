@@ -109,6 +109,11 @@ def test_items_equal_the_processors_tokens_and_batches_supervise_the_replies(pre
     model.train()
     out = model(**batch)  # the forward takes the batch as collated
     assert torch.isfinite(out.loss)
+    text = T.Collator(proc)([ds[j] for j in range(len(ds)) if not ds.has_image[j]])
+    assert "pixel_values" not in text and (text["labels"] != IGNORE_INDEX).any()
+    loss = model(**text).loss + T._zero_touch(T._trainable_projector(model))  # what a text-only step adds
+    loss.backward()
+    assert all(p.grad is not None for p in parts(model)["connector"].values())  # the connector joins the backward
 
 
 @pytest.mark.parametrize("preset", PRESETS)
