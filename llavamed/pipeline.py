@@ -20,7 +20,7 @@ from .eval import load_answers
 from .report import bar_chart, evaluate, report
 
 # %% auto #0
-__all__ = ['log', 'DEMO_STAGES', 'STAGE_PRESETS', 'FAMILY_STAGES', 'STAGE0_FEATURES', 'STEP_NAMES', 'STEP_KEYS', 'STEP_INPUTS',
+__all__ = ['log', 'DEMO_STAGES', 'STAGE_PRESETS', 'FAMILY_DEMO', 'STAGE0_FEATURES', 'STEP_NAMES', 'STEP_KEYS', 'STEP_INPUTS',
            'DemoConfig', 'Steps', 'group_vqa', 'pick_examples', 'write_report', 'DemoReport', 'run_pipeline', 'demo']
 
 # %% ../nbs/09_pipeline.ipynb #c898fcf0
@@ -33,7 +33,11 @@ DEMO_STAGES = {  # the demo's changes to the paper's stage presets: one device, 
     "stage2": {"lr": 1e-3, "epochs": 2.0, "global_batch_size": 16, "per_device_batch_size": 16},
 }
 STAGE_PRESETS = {"stage1": "align", "stage2": "instruct"}  # the `llavamed.train.STAGES` preset of each stage
-FAMILY_STAGES = {  # a family's changes to DEMO_STAGES (its tiny preset is smaller than the tiny LLaVA)
+FAMILY_DEMO = {  # a family's demo defaults under the fields it gives (`vision`, `lm`, `stage1`, `stage2`)
+    # Gemma 3's tiny preset slides a 64-token window in every layer, so replies later in a record could not
+    # see the image; the demo widens it past any record, and the LM to the tiny LLaVA's width
+    "gemma3": {"lm": {"sliding_window": 2048, "hidden_size": 128, "intermediate_size": 384,
+                      "num_attention_heads": 8, "num_key_value_heads": 4}},
 }
 
 @dataclass
@@ -46,8 +50,8 @@ class DemoConfig:
     n_chat: int = 20  # test figures in the conversation benchmark (4 questions each)
     size: int = 64  # figure side in pixels = the tiny tower's input size
     patch: int = 16  # tower patch size: (64 / 16)^2 = 16 image tokens per figure
-    vision: dict = field(default_factory=dict)  # overrides of the tiny tower's config (LLaVA: `TINY_VISION`)
-    lm: dict = field(default_factory=dict)  # overrides of the tiny language model config (LLaVA: `TINY_LM`)
+    vision: dict = field(default_factory=dict)  # tiny tower config changes (LLaVA: `TINY_VISION`), over FAMILY_DEMO
+    lm: dict = field(default_factory=dict)  # tiny language model config changes (LLaVA: `TINY_LM`), over it too
     vocab_size: int = 1024  # byte-level BPE trained on the corpus text
     tower_steps: int = 600  # stage 0: supervised steps of the tower on labels.json
     tower_lr: float = 1e-3  # stage 0 learning rate
@@ -79,11 +83,15 @@ class DemoConfig:
         if self.size < 16 or self.patch < 1 or self.size % self.patch:
             raise ValueError(f"DemoConfig.size: {self.size} must be >= 16 and a multiple of the patch size")
         if not self.tower_lr > 0: raise ValueError(f"DemoConfig.tower_lr: must be > 0, got {self.tower_lr}")
+        for k in ("vision", "lm"): setattr(self, k, {**self._family_default(k), **(getattr(self, k) or {})})
         for k in STAGE_PRESETS:
-            family_stage = FAMILY_STAGES.get(self.family, {}).get(k, {})
-            setattr(self, k, {**DEMO_STAGES[k], **family_stage, **(getattr(self, k) or {})})
+            setattr(self, k, {**DEMO_STAGES[k], **self._family_default(k), **(getattr(self, k) or {})})
             try: self.stage(k)
             except ValueError as e: raise ValueError(f"DemoConfig.{k}: {e}") from None
+
+    def _family_default(self, name: str) -> dict:
+        "The family's demo default of field `name` (`FAMILY_DEMO`), empty where it has none."
+        return FAMILY_DEMO.get(self.family, {}).get(name, {})
 
     def stage(self, name: str) -> StageConfig:
         "The `StageConfig` of 'stage1' or 'stage2': the paper's preset with this config's fields (and seed)."
