@@ -16,9 +16,8 @@ from .core import (IMAGE_TOKEN, IGNORE_INDEX, RecordError, Result, Sample, cache
 from .images import expand_volumes, is_volume, load_image, pixel_values, resolve_image
 from .data import image_problem
 from .model import PRESETS, TEMPLATES, sample_to_messages, load_model, resolve_model, save_model
-from .families import (ALIASES, FAMILIES, TINY_PRESETS, build_family, check_images, family_of,
-                               image_expansion, lora_targets, min_image_side, record_expansions, record_images,
-                               record_messages, set_stage)
+from .families import (FAMILIES, check_images, family_of, image_expansion, lora_targets, min_image_side,
+                               record_expansions, record_images, record_messages, set_stage)
 from .families import _expand_text
 
 # %% auto #0
@@ -1196,25 +1195,6 @@ def _attention(model, device: str, choice: str = "auto") -> str:
         log.warning(f"attention {impl} unavailable ({e}); keeping {model.config._attn_implementation}")
     return model.config._attn_implementation
 
-def _family_source(name) -> str | Path | None:
-    "A family's tiny preset ('tiny-gemma3') or a saved model folder of a family other than LLaVA; else None."
-    if str(name) in TINY_PRESETS and str(name) != "tiny" and not Path(name).is_dir(): return str(name)
-    config = Path(name) / "config.json"
-    kind = read_json(config).get("model_type") if config.is_file() else None
-    return Path(name) if kind != "llava" and ALIASES.get(kind, kind) in FAMILIES else None
-
-def _load_any(src, dtype: str, tokenizer_texts: list[str] | None = None):
-    "`(model, processor)` on the CPU from a LLaVA source (`load_model`) or another family's preset or folder."
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    family_src = _family_source(src)
-    if family_src is None: return load_model(src, dtype=dtype, device="cpu", tokenizer_texts=tokenizer_texts)
-    if isinstance(family_src, str):
-        model, processor = build_family(family_src, tokenizer_texts=tokenizer_texts)
-        return model.to(getattr(torch, dtype)), processor
-    model = AutoModelForImageTextToText.from_pretrained(family_src, dtype=getattr(torch, dtype))
-    return model.eval(), AutoProcessor.from_pretrained(family_src)
-
 def _end_of_turn_eos(model, processor) -> None:
     "Make the family's end-of-turn token one of the generation config's EOS ids (so a checkpoint stops there)."
     gen, fam = model.generation_config, family_of(model)
@@ -1225,14 +1205,14 @@ def _end_of_turn_eos(model, processor) -> None:
 
 def _start_model(run: RunConfig, dtype: str):
     "`(model, processor, base_dir)`: the starting model on the CPU in `dtype` and the folder holding it."
-    # a LLaVA preset or folder (a raw release converted into the cache first), or another family's
-    src = _family_source(run.model) or resolve_model(run.model)
+    # a preset or folder of any family, a hub id, or a LLaVA raw release (converted into the cache first)
+    src = resolve_model(run.model)
     base_dir = str(src) if isinstance(src, Path) else None
     samples = [] if base_dir else (r for f, _ in data_sources(run.data)  # the dataset counts the bad ones
                                    for r in iter_samples(f, skip_bad=True))
     texts = None if base_dir else [t.text.replace(IMAGE_TOKEN, "") for r in samples if isinstance(r, Sample)
                                    for t in r.conversations]
-    model, processor = _load_any(src, dtype, tokenizer_texts=texts)
+    model, processor = load_model(src, dtype=dtype, device="cpu", tokenizer_texts=texts)
     _end_of_turn_eos(model, processor)
     return model, processor, base_dir
 
@@ -1316,8 +1296,7 @@ def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
                           f"(pip install {need[0]}); or pass report_to='none'")
     if run.images is not None and not Path(run.images).is_dir():
         raise FileNotFoundError(f"images {run.images}: no such folder")
-    if _family_source(run.model) is None:  # a LLaVA preset, folder, hub id or raw release; else one line naming it
-        resolve_model(run.model)
+    resolve_model(run.model)  # a preset, a folder, a hub id or a raw release; else one line naming it
     if run.lora and "llm" not in cfg.train:
         raise ValueError(f"RunConfig.lora: stage {cfg.name!r} does not train the language model")
     if run.dry_run: return None  # a dry run writes nothing: what `out` holds does not matter
@@ -1535,6 +1514,6 @@ def merge_lora(adapter: str | Path,  # folder with adapter_config.json (a LoRA s
     from peft import PeftModel
     from transformers import AutoProcessor
     base = base or read_json(Path(adapter) / "adapter_config.json")["base_model_name_or_path"]
-    model, _ = _load_any(base, "float32")
+    model, _ = load_model(base, dtype="float32", device="cpu")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return save_model(merged, AutoProcessor.from_pretrained(str(adapter)), out)
