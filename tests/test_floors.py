@@ -14,7 +14,7 @@ spec.loader.exec_module(mv)
 DIRECT = {"transformers", "tokenizers", "accelerate", "huggingface-hub", "safetensors", "numpy", "pillow", "fastcore",
           "tqdm", "pyyaml", "matplotlib", "sentencepiece", "protobuf", "defusedxml", "pydicom", "nibabel", "openai",
           "deepspeed", "peft", "ipywidgets", "pyarrow", "fastapi", "uvicorn", "torch",
-          "torchvision", "num2words"}
+          "torchvision", "num2words", "tensorboard"}
 
 def run(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
