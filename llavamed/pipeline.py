@@ -259,9 +259,9 @@ def _tower_step(cfg: DemoConfig, corpus: Path, quiet: bool):
 STAGE0_FEATURES = {  # families whose tower stage 0 trains: (tower kind, layer and tokens their connector reads)
     "gemma3": ("SigLIP", -1, "full"),  # Gemma 3's projector pools every patch of the tower's last layer
 }
-_STAGE0_SKIPPED = ("stage 0 (tower pretraining on labels.json) skipped: it trains a CLIP or SigLIP "
-                   "`vision_tower` through the layer its connector reads, and a {family} model's {tower} "
-                   "tower is not one; it keeps its random init")
+_STAGE0_SKIPPED = ("stage 0 (tower pretraining on labels.json): it runs on the towers whose connector input "
+                   "it knows (LLaVA's CLIP, and `STAGE0_FEATURES`: Gemma 3's SigLIP), so {family}'s {tower} "
+                   "tower keeps its random init")
 
 def _family_stage0(model, proc, corpus: Path, cfg: DemoConfig, quiet: bool) -> dict:
     "Stage 0 on a family of `STAGE0_FEATURES`: `pretrain_tower` through the layer its connector reads."
@@ -606,7 +606,7 @@ def _steps(cfg: DemoConfig, root: Path, quiet: bool) -> list[tuple[str, Callable
         if cfg.family == "llava" else
         ("tower", _family_step(cfg, corpus, quiet), f"build {cfg.preset}" + (
             ", stage 0: pretrain its tower on labels.json, then freeze it" if cfg.family in STAGE0_FEATURES
-            else " (stage 0 skipped: it trains CLIP or SigLIP towers)")),
+            else " (stage 0 skipped: not for this tower)")),
         ("stage1", _train_step(cfg, "stage1", root / "tower", corpus / "alignment.json", images, quiet),
          "stage 1: concept alignment (projector only)"),
         ("stage2", _train_step(cfg, "stage2", root / "stage1", stage2_data, images, quiet),

@@ -59,7 +59,7 @@ def test_gemma3_demo_writes_the_same_report_naming_family_and_model(gemma_dir):
 
 
 def test_family_without_stage0_skips_it_with_the_reason(tmp_path):
-    "Qwen2.5-VL has no CLIP or SigLIP `vision_tower`: the model step builds it and says why stage 0 is skipped."
+    "Stage 0 does not know Qwen2.5-VL's tower: the model step builds the model and says why stage 0 is skipped."
     from llavamed.pipeline import _family_step, _model_md, _synth_step
     cfg = DemoConfig(family="qwen2_5_vl", n_train=8, n_test=2, n_chat=1)
     corpus = tmp_path / "corpus"
@@ -67,7 +67,7 @@ def test_family_without_stage0_skips_it_with_the_reason(tmp_path):
         (tmp_path / name).mkdir()
         summary = step(tmp_path / name)
     assert summary["model"] == "tiny-qwen2_5_vl" and "train_accuracy_last20pct" not in summary
-    assert summary["skipped"].startswith("stage 0 (tower pretraining on labels.json) skipped: it trains a CLIP")
+    assert summary["skipped"].startswith("stage 0 (tower pretraining on labels.json): it runs on the towers")
     assert "qwen2_5_vl" in summary["skipped"] and not (tmp_path / "tower" / "tower_history.json").exists()
     assert (tmp_path / "tower" / "config.json").exists() and summary["image_tokens"] > 0
     lines = _model_md({"model": "tiny-qwen2_5_vl", "family": "qwen2_5_vl", "model_class": "C",
