@@ -402,7 +402,8 @@ def build_family(preset: str = "tiny-gemma3",  # a name in `TINY_PRESETS` ('tiny
     model = AutoModelForImageTextToText.from_config(cfg)
     gen = model.generation_config
     gen.bos_token_id, gen.pad_token_id = proc.tokenizer.bos_token_id, proc.tokenizer.pad_token_id
-    gen.eos_token_id = proc.tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn)
+    end = proc.tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn)  # as released checkpoints list them:
+    gen.eos_token_id = list(dict.fromkeys([end, proc.tokenizer.eos_token_id]))  # end of turn, then the EOS
     return model.eval(), proc
 
 # %% ../nbs/05c_families.ipynb #31c735b8

@@ -1312,10 +1312,11 @@ def _check_run(cfg: StageConfig, run: RunConfig) -> Path | None:
     return last if run.resume else None
 
 def _clear_run(out: Path) -> None:
-    "Remove what an earlier run left in `out` (its loss log and checkpoints): this run starts afresh there."
+    "Remove what an earlier run left in `out` (its loss logs, checkpoints, TensorBoard runs): it starts afresh."
     import shutil
     for name in ("log_history.jsonl", "eval_history.jsonl"): (out / name).unlink(missing_ok=True)
     for ckpt in out.glob("checkpoint-*"): shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(out / "runs", ignore_errors=True)  # `Trainer`'s TensorBoard folder (OUT/runs/<time>_<host>/)
 
 def _write_settings(out: Path, cfg: StageConfig, run: RunConfig, args, base_dir, found: dict) -> None:
     "Write `stage_config.json`: the stage's fields, the run's, and what the run found (`found`)."

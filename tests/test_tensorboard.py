@@ -78,8 +78,6 @@ def test_event_files_hold_the_eval_losses(run):
     assert got["eval/loss"] == [(r["step"], float(np.float32(r["eval_loss"]))) for r in evals]
 
 
-@pytest.mark.xfail(strict=True, reason="--overwrite keeps the earlier run's event files in OUT/runs/ (train's "
-                   "_clear_run removes the loss logs and checkpoints only), so TensorBoard shows both runs")
 def test_overwrite_leaves_only_the_new_runs_events(run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run, out)

@@ -134,8 +134,8 @@ def test_stages_freeze_their_parts_and_checkpoints_reload(preset, tmp_path_facto
     moved = {part[n] for n, p in s2.named_parameters() if not torch.equal(before[n], p)}
     assert "tower" not in moved and "lm" in moved, moved
     fam = family_of(s2)
-    assert s2.generation_config.eos_token_id in (proc.tokenizer.convert_tokens_to_ids(fam.end_of_turn),) or \
-        proc.tokenizer.convert_tokens_to_ids(fam.end_of_turn) in s2.generation_config.eos_token_id
+    eos = s2.generation_config.eos_token_id
+    assert proc.tokenizer.convert_tokens_to_ids(fam.end_of_turn) in (eos if isinstance(eos, list) else [eos])
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     batch = proc(text=[text], images=[[Image.open(data.parent / "images" / "fig1.png").convert("RGB")]],
