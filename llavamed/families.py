@@ -294,7 +294,7 @@ def _ids(tok) -> dict:
 # %% ../nbs/05c_families.ipynb #f5b8e121
 def _tiny_qwen2_5_vl(tok):
     "Config and processor of a tiny Qwen2.5-VL (28 px merged patches, dynamic resolution)."
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
     from transformers import Qwen2VLVideoProcessor
     t = tok.convert_tokens_to_ids
     text = dict(TINY_TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -307,14 +307,15 @@ def _tiny_qwen2_5_vl(tok):
                            vision_end_token_id=t("<|vision_end|>"))
     pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 64)  # at most 64 image tokens
     size = {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}
-    ip, vp = Qwen2VLImageProcessorPil(size=size), Qwen2VLVideoProcessor(size=size)
+    # the torchvision image processor: what AutoProcessor loads back from the saved folder (its Pil twin differs)
+    ip, vp = Qwen2VLImageProcessor(size=size), Qwen2VLVideoProcessor(size=size)
     return cfg, Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
                                     chat_template=FAMILY_TEMPLATES["qwen2_5_vl"])
 
 # %% ../nbs/05c_families.ipynb #74abba23
 def _tiny_qwen3_vl(tok):
     "Config and processor of a tiny Qwen3-VL (32 px merged patches, dynamic resolution, one DeepStack layer)."
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
     t = tok.convert_tokens_to_ids
     text = dict(TINY_TEXT, vocab_size=len(tok), head_dim=16, rope_parameters={"rope_type": "default",
                 "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}, **_ids(tok))
@@ -325,7 +326,7 @@ def _tiny_qwen3_vl(tok):
                         video_token_id=t("<|video_pad|>"), vision_start_token_id=t("<|vision_start|>"),
                         vision_end_token_id=t("<|vision_end|>"))
     size = {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 64}  # at most 64 image tokens
-    ip = Qwen2VLImageProcessorPil(size=size, patch_size=16, merge_size=2)
+    ip = Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2)
     vp = Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2)
     return cfg, Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
                                  chat_template=FAMILY_TEMPLATES["qwen3_vl"])
@@ -348,12 +349,12 @@ def _tiny_gemma3(tok):
 # %% ../nbs/05c_families.ipynb #d2fd2d64
 def _tiny_smolvlm(tok):
     "Config and processor of a tiny SmolVLM (64 px tiles of 16 tokens, images split into tiles)."
-    from transformers import SmolVLMConfig, SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMVideoProcessor
+    from transformers import SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
     text = dict(TINY_TEXT, model_type="llama", vocab_size=len(tok), **_ids(tok))
     vision = dict(TINY_TOWER, image_size=64, patch_size=8)
     cfg = SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2,
                         image_token_id=tok.convert_tokens_to_ids("<image>"))
-    ip = SmolVLMImageProcessorPil(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
+    ip = SmolVLMImageProcessor(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
     vp = SmolVLMVideoProcessor(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
     return cfg, SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_len=16,
                                  chat_template=FAMILY_TEMPLATES["smolvlm"])
