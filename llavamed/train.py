@@ -1093,12 +1093,36 @@ def _trainable_projector(model):
     return None
 
 def _zero_touch(projector):
-    "A 0 whose backward reaches every connector weight: `0 x` LLaVA's projector on zeros, else its weights."
+    "`0 x` LLaVA's projector on a zero feature vector: a 0 whose backward reaches every projector weight."
     import torch
-    if isinstance(projector, list): return 0.0 * sum(p.sum() for p in projector)
     lin = next(m for m in projector.modules() if isinstance(m, torch.nn.Linear))
     w = next(p for p in projector.parameters())
     return 0.0 * projector(torch.zeros(1, 1, lin.in_features, device=w.device, dtype=w.dtype)).sum()
+
+def _blank_vision(processor, config) -> dict | None:
+    "The vision inputs of one blank image of the family's smallest size (None for LLaVA: its touch needs none)."
+    from PIL import Image
+    if family_of(processor).name == "llava": return None  # its projector takes a zero feature directly
+    side = 2 * min_image_side(config)
+    return record_expansions(processor, [Image.new("RGB", (side, side))])[1]
+
+def _tensors(x) -> list:
+    "Every tensor in a model output (a tensor, a tuple or list, or a `ModelOutput`)."
+    import torch
+    if torch.is_tensor(x): return [x]
+    if isinstance(x, (list, tuple)): return [t for y in x for t in _tensors(y)]
+    return [t for y in x.values() for t in _tensors(y)] if hasattr(x, "values") else []
+
+def _connector_touch(model, blank: dict | None):
+    "A 0 whose backward reaches every trainable connector weight (a text-only batch's), or None when none trains."
+    proj = _trainable_projector(model)
+    if proj is None: return None
+    if blank is None: return _zero_touch(proj)  # LLaVA: its projector on a zero feature
+    # another family: 0 x its image features of a blank image (the modules' forward gathers ZeRO-3's partitions)
+    inner = getattr(model, "module", model)
+    w = next(inner.parameters())
+    blank = {k: v.to(w.device, w.dtype) if v.is_floating_point() else v.to(w.device) for k, v in blank.items()}
+    return 0.0 * sum(t.float().sum() for t in _tensors(inner.get_image_features(**blank)))
 
 def _param_groups(model, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
     "Optimiser groups of the trainable weights: the projector at `projector_lr` (None: `lr`), the rest at `lr`."
@@ -1125,8 +1149,8 @@ def _trainer_class():
 
     class LlavaTrainer(Trainer):
         "`Trainer` with a separate projector learning rate and modality/length-grouped batches."
-        def __init__(self, *a, stage: StageConfig, **kw):
-            self.stage = stage
+        def __init__(self, *a, stage: StageConfig, blank: dict | None = None, **kw):
+            self.stage, self.blank = stage, blank  # `blank`: `_blank_vision`, a text-only batch's connector touch
             super().__init__(*a, **kw)
 
         def create_optimizer(self, model=None):
@@ -1142,10 +1166,10 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
-            proj = None if "pixel_values" in inputs else _trainable_projector(model)
-            if proj is None: return out
+            touch = None if "pixel_values" in inputs else _connector_touch(model, self.blank)
+            if touch is None: return out
             loss = out[0] if return_outputs else out
-            loss = loss + _zero_touch(proj)  # the projector joins the backward pass with a zero gradient
+            loss = loss + touch  # the connector joins the backward pass with a zero gradient
             return (loss, *out[1:]) if return_outputs else loss
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -1452,7 +1476,7 @@ def train(stage: StageConfig | str = "instruct",  # preset (align, instruct, fin
                         **({"eval_dataset": eval_ds.summary()} if eval_ds else {})})
     callbacks = [_log_callback(out / "log_history.jsonl"), *(callbacks or [])]
     trainer = _trainer_class()(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds,
-                               data_collator=Collator(processor),
+                               data_collator=Collator(processor), blank=_blank_vision(processor, model.config),
                                stage=cfg, callbacks=callbacks)
     if run.quiet:  # without a progress bar `Trainer` prints every log line instead
         from transformers.trainer_callback import PrinterCallback

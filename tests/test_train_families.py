@@ -111,7 +111,7 @@ def test_items_equal_the_processors_tokens_and_batches_supervise_the_replies(pre
     assert torch.isfinite(out.loss)
     text = T.Collator(proc)([ds[j] for j in range(len(ds)) if not ds.has_image[j]])
     assert "pixel_values" not in text and (text["labels"] != IGNORE_INDEX).any()
-    loss = model(**text).loss + T._zero_touch(T._trainable_projector(model))  # what a text-only step adds
+    loss = model(**text).loss + T._connector_touch(model, T._blank_vision(proc, model.config))  # a text-only step's
     loss.backward()
     assert all(p.grad is not None for p in parts(model)["connector"].values())  # the connector joins the backward
 
@@ -235,3 +235,35 @@ def test_a_volume_entry_becomes_k_slices_or_a_counted_drop(tmp_path_factory, tmp
     assert ds.dropped == {"3 images, family llava takes at most 1 (a volume entry is volume_slices images)": 1}
     one = T.SupervisedDataset(str(tmp_path / "llava.json"), proc, ldata.parent / "images", volume_slices=1)
     assert not one.dropped and len(one) == len(recs)  # one slice per volume: LLaVA takes it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_missing("tiny-qwen2_5_vl")), reason="tiny-qwen2_5_vl's processor needs torchvision")
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_two_processes_match_one_on_a_family(zero, tmp_path_factory, tmp_path):
+    "Qwen2.5-VL under ZeRO-2/3 on 2 processes: the loss curve of 1 process x 2 accumulation steps, text-only step included."
+    import signal, subprocess, sys
+    from llavamed.core import read_jsonl
+    base, data = _base("tiny-qwen2_5_vl", tmp_path_factory)
+    recs = [r for r in json.loads(data.read_text()) if isinstance(r.get("image"), str)][:8]
+    recs += [{"id": f"text{i}", "conversations": _conversation(0, 1 + i % 2)} for i in range(8)]  # a text-only step
+    (tmp_path / "mix.json").write_text(json.dumps(recs))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = ["train", "--stage", "instruct", "--model", str(base), "--data", str(tmp_path / "mix.json"), "--images",
+            str(data.parent / "images"), "--max-steps", "2", "--global-batch-size", "8", "--per-device-batch-size",
+            "4", "--num-workers", "0", "--save-steps", "100", "--lr", "1e-3"]
+    def run(cmd, out):
+        p = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+        try: _, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL); _, err = p.communicate(); pytest.fail(f"timed out: {err[-2000:]}")
+        assert p.returncode == 0, err[-3000:]
+        return [r["loss"] for r in read_jsonl(out / "log_history.jsonl")]
+    single = run([str(bin_dir / "llavamed"), *args], tmp_path / "one")
+    port = str(29500 + random.randint(401, 800))
+    two = run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", port, str(bin_dir / "llavamed"),
+               *args, "--deepspeed", zero], tmp_path / zero)
+    assert len(single) == len(two) == 2 and two == pytest.approx(single, rel=1e-4), (single, two)
+    assert family_of(_load(tmp_path / zero)[0]).name == "qwen2_5_vl"
