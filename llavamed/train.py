@@ -1503,7 +1503,7 @@ class TokenizeResult(Result):
     warm: bool  # the entry existed: nothing was tokenised
     records: int  # records tokenised and kept
     dropped: dict  # refused records by reason (images are checked by `train`'s preflight, not here)
-    tokens: int  # tokens of the kept records, image tokens expanded
+    tokens: int  # tokens of the kept records, image tokens expanded (size-dependent families: one per image)
     seconds: float  # wall time
 
 def tokenize(data: str = None,  # training file (LLaVA JSON/JSONL/parquet); required
