@@ -116,7 +116,8 @@ def _freeze_in_worker(_):
 def _fixed_mmap_threshold(_=None):
     "glibc's malloc: blocks of 64 KiB and over mapped (unmapped when freed), the threshold no longer raised."
     import ctypes
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD; setting it ends the dynamic threshold
+    threshold = int(os.environ.get("BENCH_MMAP_THRESHOLD", 1 << 16))  # bytes; 64 KiB unless the environment says
+    ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it ends the dynamic threshold
 
 
 PASSES = {  # a full pass: (data-loader workers, their init function); the freezes keep the parent's objects

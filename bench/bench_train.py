@@ -43,10 +43,12 @@ def conversations(n: int, images: Path | None, size=(512, 400), seed=0, text_onl
     return recs
 
 
-def padding(proc, n=2000, bs=16):
+def padding(proc, root: Path, n=2000, bs=16):
     from llavamed.core import Sample
     from llavamed.train import SupervisedDataset, grouped_order, padding_share
-    ds = SupervisedDataset([Sample.from_json(r) for r in conversations(n, None)], proc)
+    (root / "pad_images").mkdir(exist_ok=True)  # the records' 64 distinct images: the image preflight checks them
+    ds = SupervisedDataset([Sample.from_json(r) for r in conversations(n, root / "pad_images", size=(64, 48))], proc,
+                           root / "pad_images")
     L, I = ds.lengths, ds.has_image
     rnd = list(range(len(L))); random.Random(0).shuffle(rnd)
     g = grouped_order(L, I, bs, seed=0)
@@ -140,7 +142,7 @@ def main(argv=None):
     out = {}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        out["padding"] = padding(proc, n=300 if a.quick else 2000)
+        out["padding"] = padding(proc, d, n=300 if a.quick else 2000)
         print(json.dumps({"padding": out["padding"]}), flush=True)
         out["collator"] = collator(d, n=48 if a.quick else 320)
         print(json.dumps({"collator": out["collator"]}), flush=True)

@@ -901,6 +901,19 @@ def _join_vision(items: list[dict], padded: tuple[str, ...]) -> dict:
         out[key] = torch.cat(parts)
     return out
 
+_TRIM_EVERY = 4  # batches between a data-loader worker's returns of freed heap memory to the system
+_TRIM = []  # glibc's `malloc_trim` once looked up (None where the C library has none)
+
+def _return_freed_memory() -> None:
+    "In a data-loader worker: give the heap pages that freed batch buffers left back to the system (glibc)."
+    import torch.utils.data
+    if torch.utils.data.get_worker_info() is None: return  # the main process: the trainer's memory, left alone
+    if not _TRIM:
+        import ctypes
+        try: _TRIM.append(ctypes.CDLL(None).malloc_trim)
+        except (OSError, AttributeError): _TRIM.append(None)  # not glibc (e.g. macOS): nothing to give back
+    if _TRIM[0] is not None: _TRIM[0](0)
+
 class Collator:
     "Pad token sequences and join images into a training batch of the processor's family."
     def __init__(self, processor, pad_to_multiple_of: int | None = None):
@@ -911,6 +924,8 @@ class Collator:
 
     def __call__(self, items: list[dict]) -> dict:
         import torch
+        self.calls = getattr(self, "calls", 0) + 1  # counted per process: each worker has its own copy
+        if self.calls % _TRIM_EVERY == 0: _return_freed_memory()  # glibc keeps freed pixel buffers otherwise
         n = max(len(it["input_ids"]) for it in items)
         if self.multiple: n = -(-n // self.multiple) * self.multiple
         ids = torch.full((len(items), n), self.pad_id, dtype=torch.long)  # (B, T)
