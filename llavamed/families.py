@@ -333,11 +333,13 @@ def _tiny_qwen3_vl(tok):
 
 # %% ../nbs/05c_families.ipynb #23c1a9cc
 def _tiny_gemma3(tok):
-    "Config and processor of a tiny Gemma 3 (SigLIP tower on 64 px, 16 image tokens, pan-and-scan off)."
+    "Config and processor of a tiny Gemma 3 (SigLIP tower on 64 px, 16 image tokens, pan-and-scan off, a sliding and a global layer)."
     from transformers import Gemma3Config, Gemma3ImageProcessorPil, Gemma3Processor
     t = tok.convert_tokens_to_ids
+    # the real model alternates five sliding-window layers with one global one: here one of each, so a reply late
+    # in a long record still sees the image (two 64-token windows would hide it)
     text = dict(TINY_TEXT, vocab_size=len(tok), head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
-                **_ids(tok))
+                layer_types=["sliding_attention", "full_attention"], **_ids(tok))
     vision = dict(TINY_TOWER, model_type="siglip_vision_model", image_size=64, patch_size=8)
     cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
                        boi_token_index=t("<start_of_image>"), eoi_token_index=t("<end_of_image>"),
