@@ -648,3 +648,19 @@ def test_tokenize_refuses_an_empty_or_broken_file(tmp_path, capsys):
         assert main(["tokenize", "--data", str(tmp_path / name), "--model", "tiny", "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("llavamed tokenize: error:") and said in err and "\n" not in err, err
+
+
+def test_token_cache_files_are_the_same_from_one_process_or_a_pool(tiny, data, tmp_path):
+    "The pool sends rows as tuples and gets one blob per chunk back: the files equal the in-process build's."
+    from llavamed.core import Sample, Turn
+    _, proc = tiny
+    recs = T.load_records(data) + [Sample("bad", [Turn("human", "<image> <image> two?"), Turn("gpt", "No.")], "a.png"),
+                                   Sample("text", [Turn("human", "Define nodule."), Turn("gpt", "A small lesion.")])]
+    tpl = T.resolve_template(proc)
+    built = {}
+    for workers in (1, 2):
+        folder = tmp_path / f"w{workers}"; folder.mkdir()
+        cache = T.build_token_cache(recs * 3, proc, tpl, 2048, folder, workers=workers)  # > one pool chunk
+        built[workers] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+        assert len(cache) == 3 * (len(recs) - 1) and cache.meta["drops"][0]["count"] == 3
+    assert built[1] == built[2]
