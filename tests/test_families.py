@@ -1,5 +1,5 @@
 "Mechanism tests of llavamed.families: the family table, tiny presets, label masks, stage freezing, bad input."
-import dataclasses, importlib.util
+import dataclasses
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -8,6 +8,7 @@ from llavamed.core import IGNORE_INDEX, Sample
 from llavamed.families import (FAMILIES, PART_NAMES, TINY_PRESETS, build_family, check_images, family_of, part_of,
                                family_tokens, image_tokens, lora_targets, parts, record_messages, require,
                                set_stage)
+from families_util import missing as _missing, one_thread, preset_params  # noqa: F401 (a fixture)
 
 TEXTS = ["The chest X-ray shows a nodule in the left lung.", "Is there a pleural effusion? No.",
          "Axial CT of the abdomen with a mass on the right side.", "What modality is this? MRI of the brain."] * 5
@@ -18,21 +19,11 @@ RECORD = {"id": "r1", "image": "a.png", "conversations": [
     {"from": "human", "value": "Which side?"}, {"from": "gpt", "value": REPLIES[2]}]}
 
 
-def _missing(preset):
-    "The packages the preset's processor needs that are not installed."
-    return [p for p in family_of(preset).needs if importlib.util.find_spec(p) is None]
 
 
-PRESETS = [pytest.param(p, marks=pytest.mark.skipif(bool(_missing(p)), reason=f"{p}'s processor needs "
-                                                    f"{' and '.join(_missing(p))} (not installed)"))
-           for p in TINY_PRESETS]
+PRESETS = preset_params(TINY_PRESETS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 _BUILT = {}

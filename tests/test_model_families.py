@@ -1,5 +1,5 @@
 "Loading, saving, generation, predict and chat on every model family's tiny preset (and folders / hub ids of them)."
-import importlib.util, json
+import json
 from pathlib import Path
 import pytest
 
@@ -10,26 +10,18 @@ from llavamed.cli import main
 from llavamed.core import IMAGE_TOKEN
 from llavamed.families import TINY_PRESETS, family_of
 from llavamed.model import load_model, resolve_model, save_model
+from families_util import missing as _missing, one_thread, preset_params  # noqa: F401 (a fixture)
 
 TEXTS = ["The chest X-ray shows a nodule in the left lung.", "Is there a pleural effusion? no yes",
          "Which organ is shown? liver spleen kidney", "Describe the figure: axial CT of the abdomen."] * 5
 FAMILY_PRESETS = [p for p in TINY_PRESETS if p != "tiny"]
 
 
-def _missing(preset):
-    return [p for p in family_of(preset).needs if importlib.util.find_spec(p) is None]
 
 
-PRESETS = [pytest.param(p, marks=pytest.mark.skipif(bool(_missing(p)), reason=f"{p}'s processor needs "
-                                                    f"{' and '.join(_missing(p))} (not installed)"))
-           for p in FAMILY_PRESETS]
+PRESETS = preset_params(FAMILY_PRESETS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 _LOADED = {}

@@ -1,13 +1,14 @@
 "Training on every model family through llavamed.train's public API: cache, batches, stages, LoRA, checkpoints, CLI."
-import importlib.util, json, os, random, tempfile
+import json, os, random, tempfile
 from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
 from PIL import Image, ImageDraw
-from llavamed.core import IGNORE_INDEX, Sample
+from llavamed.core import IGNORE_INDEX
 from llavamed.families import TINY_PRESETS, build_family, family_of, family_tokens, image_tokens, parts
 from llavamed import train as T
+from families_util import missing as _missing, one_thread, preset_params  # noqa: F401 (a fixture)
 
 CACHE = tempfile.mkdtemp(prefix="llavamed-test-cache-")  # token caches of this module's runs, not the user's
 os.environ["LLAVAMED_CACHE"] = CACHE
@@ -15,20 +16,11 @@ REPLIES = ["A chest X-ray with a nodule.", "No effusion.", "The left lung."]
 SIZES = [(64, 64), (96, 64), (64, 96), (80, 80)]  # Qwen's and SmolVLM's token counts follow the size
 
 
-def _missing(preset):
-    return [p for p in family_of(preset).needs if importlib.util.find_spec(p) is None]
 
 
-PRESETS = [pytest.param(p, marks=pytest.mark.skipif(bool(_missing(p)), reason=f"{p}'s processor needs "
-                                                    f"{' and '.join(_missing(p))} (not installed)"))
-           for p in TINY_PRESETS]
+PRESETS = preset_params(TINY_PRESETS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _conversation(images: int, turns: int = 3) -> list[dict]:
