@@ -916,7 +916,7 @@ def _join_vision(items: list[dict], padded: tuple[str, ...]) -> dict:
         out[key] = torch.cat(parts)
     return out
 
-_TRIM_EVERY = 4  # batches between a data-loader worker's returns of freed heap memory to the system
+_TRIM_EVERY = 1  # batches between a data-loader worker's returns of freed heap memory to the system
 _TRIM = []  # glibc's `malloc_trim` once looked up (None where the C library has none)
 
 def _return_freed_memory() -> None:
