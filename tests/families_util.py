@@ -2,6 +2,7 @@
 import importlib.util
 import pytest
 import torch
+from llavamed.core import IGNORE_INDEX
 from llavamed.families import family_of
 
 
@@ -23,3 +24,12 @@ def one_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def supervised_runs(tok, labels) -> list[str]:
+    "The decoded runs of supervised (not ignored) labels, in order."
+    runs, cur = [], []
+    for t in list(labels) + [IGNORE_INDEX]:
+        if t != IGNORE_INDEX: cur.append(t)
+        elif cur: runs.append(tok.decode(cur)); cur = []
+    return runs

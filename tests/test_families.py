@@ -8,7 +8,7 @@ from llavamed.core import IGNORE_INDEX, Sample
 from llavamed.families import (FAMILIES, PART_NAMES, TINY_PRESETS, build_family, check_images, family_of, part_of,
                                family_tokens, image_tokens, lora_targets, parts, record_messages, require,
                                set_stage)
-from families_util import missing as _missing, one_thread, preset_params  # noqa: F401 (a fixture)
+from families_util import missing as _missing, one_thread, preset_params, supervised_runs as _runs  # noqa: F401 (a fixture)
 
 TEXTS = ["The chest X-ray shows a nodule in the left lung.", "Is there a pleural effusion? No.",
          "Axial CT of the abdomen with a mass on the right side.", "What modality is this? MRI of the brain."] * 5
@@ -38,14 +38,6 @@ def _image(size=(100, 70)):
     im = Image.new("RGB", size, (200, 30, 30))
     im.paste((255, 255, 255), (0, 0, size[0] // 2, size[1] // 3))
     return im
-
-
-def _runs(tok, labels):
-    runs, cur = [], []
-    for t in list(labels) + [IGNORE_INDEX]:
-        if t != IGNORE_INDEX: cur.append(t)
-        elif cur: runs.append(tok.decode(cur)); cur = []
-    return runs
 
 
 def test_table_rows_name_installed_classes():

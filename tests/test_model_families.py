@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from PIL import Image
-from test_hub import to_hub_cache
+from test_hub import _one_line, to_hub_cache
 from llavamed.cli import main
 from llavamed.core import IMAGE_TOKEN
 from llavamed.families import TINY_PRESETS, family_of
@@ -38,13 +38,6 @@ def _image(size=(100, 70), colour=(200, 30, 30)):
     im = Image.new("RGB", size, colour)
     im.paste((255, 255, 255), (0, 0, size[0] // 2, size[1] // 3))
     return im
-
-
-def _one_line(capsys, *parts):
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for p in parts: assert p in err, err
-    return err
 
 
 def _logits(model, processor):

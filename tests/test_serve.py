@@ -223,16 +223,20 @@ def test_an_empty_reply_is_an_empty_answer_asked_once(tmp_path):
 # ---------------------------------------------------------------- refusals
 
 
-def test_a_request_without_the_key_is_refused(server):
-    base, name = server
+def assert_key_refused(base: str, name: str, key: str = KEY) -> None:
+    "Without the key, with a wrong one or a prefix of it: 401 (raw HTTP and the openai client); with it: 200."
     body = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
-    for key in (None, "wrong", KEY[:-1]):
-        status, reply = http(f"{base}/chat/completions", body, key)
-        assert status == 401 and reply["error"]["code"] == "invalid_api_key", (key, status, reply)
+    for bad in (None, "wrong", key[:-1]):
+        status, reply = http(f"{base}/chat/completions", body, bad)
+        assert status == 401 and reply["error"]["code"] == "invalid_api_key", (bad, status, reply)
     assert http(f"{base}/models")[0] == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
-    assert http(f"{base}/chat/completions", body, KEY)[0] == 200
+    assert http(f"{base}/chat/completions", body, key)[0] == 200
+
+
+def test_a_request_without_the_key_is_refused(server):
+    assert_key_refused(*server)
 
 
 def test_a_malformed_request_is_an_error_and_the_server_stays_up(api, server):

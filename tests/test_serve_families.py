@@ -12,7 +12,7 @@ from PIL import Image
 from llavamed.client import ChatClient
 from llavamed.families import FAMILIES, require
 from llavamed.serve import api_messages, chat_answers, servable_problems
-from test_serve import KEY_ENV, free_port, http, start, stop
+from test_serve import KEY_ENV, assert_key_refused, free_port, http, start, stop
 
 KEY = secrets.token_hex(12)
 FAST = "gemma3"  # the family of the fast set; the others run with the slow tests
@@ -139,14 +139,7 @@ def test_several_images_in_one_question(server):
 
 def test_a_request_without_the_key_is_refused(server):
     family, base, name, folder = server
-    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
-    for key in (None, "wrong", KEY[:-1]):
-        status, reply = http(f"{base}/chat/completions", body, key)
-        assert status == 401 and reply["error"]["code"] == "invalid_api_key", (key, status, reply)
-    assert http(f"{base}/models")[0] == 401
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
-    assert http(f"{base}/chat/completions", body, KEY)[0] == 200
+    assert_key_refused(base, name, KEY)
 
 
 def test_a_malformed_request_is_an_error_and_the_server_stays_up(server, api):

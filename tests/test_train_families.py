@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 from llavamed.core import IGNORE_INDEX
 from llavamed.families import TINY_PRESETS, build_family, family_of, family_tokens, image_tokens, parts
 from llavamed import train as T
-from families_util import missing as _missing, one_thread, preset_params  # noqa: F401 (a fixture)
+from families_util import missing as _missing, one_thread, preset_params, supervised_runs as _runs  # noqa: F401 (a fixture)
 
 CACHE = tempfile.mkdtemp(prefix="llavamed-test-cache-")  # token caches of this module's runs, not the user's
 os.environ["LLAVAMED_CACHE"] = CACHE
@@ -67,14 +67,6 @@ def _base(preset, tmp_path_factory):
 def _load(folder):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     return AutoModelForImageTextToText.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
-
-
-def _runs(tok, labels):
-    runs, cur = [], []
-    for t in list(labels) + [IGNORE_INDEX]:
-        if t != IGNORE_INDEX: cur.append(t)
-        elif cur: runs.append(tok.decode(cur)); cur = []
-    return runs
 
 
 @pytest.mark.parametrize("preset", PRESETS)
