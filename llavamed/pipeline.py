@@ -648,7 +648,12 @@ def demo(out: str = "demo_out",  # output folder (steps, report.md, report.json)
     over = {}
     if config:
         import yaml
-        over = yaml.safe_load(Path(config).read_text()) or {}
+        if not Path(config).is_file(): raise FileNotFoundError(f"config {config}: no such file")
+        try: over = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"config {config}: not a JSON or YAML file ({str(e).splitlines()[0]})") from None
+        if not isinstance(over, dict):
+            raise ValueError(f"config {config}: expected a mapping of DemoConfig fields, got a {type(over).__name__}")
         bad = sorted(set(over) - {f.name for f in dataclasses.fields(DemoConfig)})
         if bad: raise ValueError(f"config {config}: unknown DemoConfig fields {bad}")
     if seed is not None: over["seed"] = seed  # an explicit --seed wins over the config file's

@@ -145,3 +145,15 @@ def test_demo_seed_from_the_config_unless_given(tmp_path, monkeypatch):
     P.demo(str(tmp_path / "o"), config=str(tmp_path / "c.yaml"), seed=5)
     P.demo(str(tmp_path / "o"))
     assert seen == [3, 5, 0]
+
+
+@pytest.mark.parametrize("text, words", [('[{"id": "x", "conv', "not a JSON or YAML file"), ("[1, 2]", "expected a mapping"),
+                                         (None, "no such file")])
+def test_a_bad_config_file_is_one_line_and_nothing_is_written(tmp_path, capsys, text, words):
+    from llavamed.cli import main
+    cfg = tmp_path / "cfg.json"
+    if text is not None: cfg.write_text(text)
+    assert main(["demo", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
